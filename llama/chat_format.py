@@ -1,0 +1,65 @@
+"""The Llama 2 chat prompt: ``[INST]`` turns, a ``<<SYS>>`` block, one BOS/EOS pair per exchange."""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Sequence, TypedDict
+
+from .tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = List[Message]
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+def validate_dialog(dialog: Sequence[Message], index: Optional[int] = None) -> None:
+    """Optional system message, then user/assistant alternating, ending with user; else a ValueError saying where."""
+    where = "dialog" if index is None else f"dialog {index}"
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ValueError(f"{where} must be a non-empty list of messages, got {dialog!r}")
+    for pos, msg in enumerate(dialog):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise ValueError(f"{where}, message {pos}: expected {{'role': str, 'content': str}}, got {msg!r}")
+    start = 1 if dialog[0]["role"] == "system" else 0
+    for pos in range(start, len(dialog)):
+        expected = "user" if (pos - start) % 2 == 0 else "assistant"
+        if dialog[pos]["role"] != expected:
+            raise ValueError(f"{where}, message {pos}: role {dialog[pos]['role']!r} where {expected!r} was expected "
+                             "(roles go: optional 'system', then 'user' and 'assistant' alternating)")
+    if dialog[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a 'user' message, but message {len(dialog) - 1} is "
+                         f"{dialog[-1]['role']!r}")
+
+
+def has_special_tags(dialog: Sequence[Message]) -> bool:
+    """True when a message smuggles in the prompt's own tags (a prompt injection)."""
+    return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
+
+
+class ChatFormat:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+        """The exact prompt tokens of a dialog: BOS [INST] user [/INST] answer EOS ... BOS [INST] user [/INST]."""
+        validate_dialog(dialog)
+        turns = [{"role": m["role"], "content": m["content"].strip()} for m in dialog]
+        if turns[0]["role"] == "system":
+            system, first = turns[0]["content"], turns[1]["content"]
+            turns = [{"role": "user", "content": f"{B_SYS}{system}{E_SYS}{first}"}] + turns[2:]
+        tokens: List[int] = []
+        for user, answer in zip(turns[0::2], turns[1::2]):
+            text = f"{B_INST} {user['content']} {E_INST} {answer['content']} "
+            tokens += self.tokenizer.encode(text, bos=True, eos=True)
+        tokens += self.tokenizer.encode(f"{B_INST} {turns[-1]['content']} {E_INST}", bos=True, eos=False)
+        return tokens

@@ -1,0 +1,270 @@
+"""Meta's checkpoint layout: ``consolidated.NN.pth`` shards plus ``params.json``.
+
+This is the one module that knows how weights are split. A column-parallel weight (wq, wk, wv, w1, w3, output)
+is split on dim 0, a row-parallel one (wo, w2, tok_embeddings) on dim 1, everything else (norms, rope.freqs) is
+copied into every shard. From that table it gives any of M processes its slice of a checkpoint of S shards, and
+writes checkpoints of any shard count (resharding, test fixtures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from .model import ModelArgs
+
+SPLIT_DIM: Dict[str, int] = {
+    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+    "wo": 1, "w2": 1, "tok_embeddings": 1,
+}
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+PathLike = Union[str, os.PathLike]
+
+
+def split_dim(key: str) -> Optional[int]:
+    """The dim a state-dict entry is split on across shards, None where every shard holds all of it."""
+    parts = key.split(".")
+    return SPLIT_DIM.get(parts[-2]) if len(parts) >= 2 else None
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+def find_shards(ckpt_dir: PathLike) -> List[Path]:
+    """consolidated.00.pth ... in order; errors if the folder or the shards are missing or not numbered 0..S-1."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
+    found = {}
+    for path in folder.glob("*.pth"):
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    if not found:
+        raise FileNotFoundError(f"no consolidated.NN.pth checkpoint files in {str(folder)!r}")
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"checkpoint shards in {str(folder)!r} are not numbered 00..{len(found) - 1:02d}: "
+                         f"found {[found[i].name for i in sorted(found)]}")
+    return [found[i] for i in range(len(found))]
+
+
+def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
+    path = Path(ckpt_dir) / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"params.json not found in {str(Path(ckpt_dir))!r}")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
+    return params
+
+
+def open_shard(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Memory-map one shard. weights_only: a checkpoint is data, and a pickle that would run code is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to load {str(path)!r}: it is not a plain tensor checkpoint "
+                         f"(loading it would run code or it is corrupt): {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+@dataclass
+class CheckpointInfo:
+    """What can be learned about a checkpoint without reading its weights."""
+
+    folder: Path
+    shards: List[Path]
+    params: Dict[str, Any]
+    vocab_rows: int  # rows of tok_embeddings: the vocabulary the weights were trained with
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+
+def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
+    shards = find_shards(ckpt_dir)
+    params = read_params(ckpt_dir)
+    first = open_shard(shards[0])  # memory-mapped: reading shapes touches no weights
+    if "tok_embeddings.weight" not in first:
+        raise ValueError(f"{str(shards[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
+    return CheckpointInfo(Path(ckpt_dir), shards, params, first["tok_embeddings.weight"].shape[0])
+
+
+def valid_model_parallel_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
+    """Process counts M that split every split dimension of this model evenly."""
+    sizes = (args.n_heads, args.kv_heads, args.dim, args.ffn_hidden_dim, args.vocab_size)
+    return [m for m in range(1, limit + 1) if all(size % m == 0 for size in sizes)]
+
+
+def check_model_parallel_size(args: ModelArgs, world: int) -> None:
+    valid = valid_model_parallel_sizes(args)
+    if world not in valid:
+        raise ValueError(f"this checkpoint cannot be split over {world} model-parallel processes "
+                         f"({args.n_heads} heads, {args.kv_heads} KV heads, dim {args.dim}, "
+                         f"FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}); valid process counts: {valid}")
+
+
+def _piece_bounds(full: int, parts: int, index: int) -> range:
+    size = full // parts
+    return range(index * size, (index + 1) * size)
+
+
+def load_rank_state(
+    shards: Sequence[PathLike],
+    rank: int,
+    world: int,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> Dict[str, torch.Tensor]:
+    """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
+
+    Shards are memory-mapped. With as many shards as processes the rank's own shard is used as is (on CPU in
+    the stored dtype no byte is copied); otherwise shards are visited one at a time and only the slices this
+    rank needs are copied out, so memory stays near this rank's share plus one shard's mapping.
+    """
+    if len(shards) == world:
+        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in open_shard(shards[rank]).items()}
+
+    out: Dict[str, torch.Tensor] = {}
+    n_src = len(shards)
+    for src_index, path in enumerate(shards):
+        src = open_shard(path)
+        for key, piece in src.items():
+            dim = split_dim(key)
+            if dim is None:
+                if src_index == 0:
+                    out[key] = piece.to(device=device, dtype=dtype or piece.dtype, copy=True)
+                continue
+            full = piece.shape[dim] * n_src
+            if full % world:
+                raise ValueError(f"{key} has {full} entries on dim {dim}, not divisible by {world} processes")
+            want, have = _piece_bounds(full, world, rank), _piece_bounds(full, n_src, src_index)
+            lo, hi = max(want.start, have.start), min(want.stop, have.stop)
+            if lo >= hi:
+                continue
+            if key not in out:
+                shape = list(piece.shape)
+                shape[dim] = len(want)
+                out[key] = torch.empty(shape, dtype=dtype or piece.dtype, device=device)
+            out[key].narrow(dim, lo - want.start, hi - lo).copy_(piece.narrow(dim, lo - have.start, hi - lo))
+        del src
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def split_state(state: Dict[str, torch.Tensor], n_shards: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """Meta-layout shards of a full (unsplit) state dict, one at a time."""
+    for index in range(n_shards):
+        shard = {}
+        for key, tensor in state.items():
+            dim = split_dim(key)
+            if dim is None:
+                shard[key] = tensor.clone()
+            else:
+                if tensor.shape[dim] % n_shards:
+                    raise ValueError(f"{key} ({tensor.shape[dim]} on dim {dim}) cannot be split in {n_shards} shards")
+                shard[key] = tensor.chunk(n_shards, dim=dim)[index].clone()
+        yield shard
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """Write through a temporary file in the same folder, so no half-written file ever has the final name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(obj, (dict, list)) and path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_empty_destination(folder: PathLike) -> Path:
+    """A checkpoint is never written over another one."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{str(folder)!r} exists and is not a directory")
+    existing = [p.name for p in folder.glob("*.pth")] + (["params.json"] if (folder / "params.json").exists() else [])
+    if existing:
+        raise FileExistsError(f"{str(folder)!r} already holds a checkpoint ({sorted(existing)}); "
+                              "refusing to overwrite it: choose an empty or new directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_checkpoint(folder: PathLike, params: Dict[str, Any], shards: Iterator[Dict[str, torch.Tensor]]) -> Path:
+    """Write shards (in order) and params.json into an empty folder; params.json goes last."""
+    folder = ensure_empty_destination(folder)
+    for index, shard in enumerate(shards):
+        atomic_save(shard, folder / f"consolidated.{index:02d}.pth")
+    atomic_save(dict(params), folder / "params.json")
+    return folder
+
+
+def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
+    """A full (unsplit) random state dict in Meta's naming, for tests and benchmarks.
+
+    Weights are scaled like a trained model's (rows of unit-ish output variance), so activations stay sane and
+    greedy decoding is not dominated by ties.
+    """
+    if args.vocab_size < 1:
+        raise ValueError("random_state needs a concrete vocab_size")
+    gen = torch.Generator().manual_seed(seed)
+    kv_dim, hidden = args.kv_heads * args.head_dim, args.ffn_hidden_dim
+
+    def mat(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=gen) / cols ** 0.5).to(dtype)
+
+    def norm() -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(args.dim, generator=gen)).to(dtype)
+
+    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=gen).to(dtype)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        state[p + "attention.wq.weight"] = mat(args.dim, args.dim)
+        state[p + "attention.wk.weight"] = mat(kv_dim, args.dim)
+        state[p + "attention.wv.weight"] = mat(kv_dim, args.dim)
+        state[p + "attention.wo.weight"] = mat(args.dim, args.dim)
+        state[p + "feed_forward.w1.weight"] = mat(hidden, args.dim)
+        state[p + "feed_forward.w2.weight"] = mat(args.dim, hidden)
+        state[p + "feed_forward.w3.weight"] = mat(hidden, args.dim)
+        state[p + "attention_norm.weight"] = norm()
+        state[p + "ffn_norm.weight"] = norm()
+    state["norm.weight"] = norm()
+    state["output.weight"] = mat(args.vocab_size, args.dim)
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    state["rope.freqs"] = inv_freq.to(dtype)
+    return state
+
+
+def params_of(args: ModelArgs, vocab_size: Optional[int] = None) -> Dict[str, Any]:
+    """params.json contents for `args`, in the released files' style."""
+    params: Dict[str, Any] = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
+                              "n_layers": args.n_layers, "norm_eps": args.norm_eps,
+                              "vocab_size": args.vocab_size if vocab_size is None else vocab_size}
+    if args.n_kv_heads is not None:
+        params["n_kv_heads"] = args.n_kv_heads
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    return params

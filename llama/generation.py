@@ -1,0 +1,331 @@
+"""Llama: build a model-parallel generator from a checkpoint, then complete text and dialogs.
+
+One decode loop serves everything: `_stream_steps` prefills the whole (ragged) batch in one forward pass,
+then decodes one token per step for all rows at once, each row at its own position, until every row has
+finished. `generate` collects what it yields; the streaming methods yield text as it comes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
+from .checkpoint import check_model_parallel_size, inspect_checkpoint, load_rank_state
+from .model import ModelArgs, Transformer, count_parameters
+from .sampling import check_sampling_args, next_token
+from .tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # with logprobs=True: each token as text
+    logprobs: List[float]  # with logprobs=True
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]
+    logprobs: List[float]
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """None: bfloat16 where the device supports it (any CPU, recent GPUs), else float16."""
+    if dtype is None:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be 'bfloat16', 'float16', 'float32' (or that torch.dtype), got {dtype!r}")
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class _Step:
+    """One decode step for the whole batch: each row's new token, whether the row produced it, its log-prob."""
+
+    tokens: List[int]
+    emitted: List[bool]
+    logprobs: Optional[List[float]]
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+    ) -> "Llama":
+        """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
+
+        Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
+        divides the model's split dimensions works, whatever the checkpoint's shard count.
+        """
+        start = time.perf_counter()
+        _positive_int("max_seq_len", max_seq_len)
+        _positive_int("max_batch_size", max_batch_size)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        # Cheap checks first: the files, the tokenizer and the shapes, before any process group or weight.
+        tokenizer = Tokenizer(tokenizer_path)
+        info = inspect_checkpoint(ckpt_dir)
+        args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if args.vocab_size == -1:
+            args.vocab_size = tokenizer.n_words
+        if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
+            raise ValueError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the checkpoint in "
+                             f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
+                             f"{info.params.get('vocab_size', -1)}): they do not belong together")
+
+        runtime = distributed.setup(model_parallel_size, device)
+        check_model_parallel_size(args, runtime.model_parallel_size)
+        torch.manual_seed(seed)
+        model_dtype = resolve_dtype(dtype, runtime.device)
+        weight_bytes = count_parameters(args) * model_dtype.itemsize // runtime.model_parallel_size
+        cache_bytes = (2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim
+                       * model_dtype.itemsize // runtime.model_parallel_size)
+        distributed.print0(
+            f"Loading {info.n_shards} shard(s) from {ckpt_dir} into {runtime.model_parallel_size} process(es) "
+            f"on {runtime.device.type}, {str(model_dtype).removeprefix('torch.')}: per process "
+            f"{weight_bytes / 2**30:.2f} GiB of weights + {cache_bytes / 2**30:.2f} GiB of KV cache "
+            f"({max_batch_size} x {max_seq_len} tokens)")
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
+                                dtype=model_dtype, device=runtime.device)
+        state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
+        _check_state(model, state, ckpt_dir)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.setup_cache(runtime.device, model_dtype)
+        model.eval()
+        distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
+        return Llama(model, tokenizer, seed=seed, device=runtime.device)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1,
+                 device: Union[str, torch.device, None] = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.sampler = torch.Generator(device=self.device).manual_seed(seed)
+
+    # --- the decode loop ---------------------------------------------------------------------------------
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+        params = self.model.params
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token lists")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}")
+        for i, prompt in enumerate(prompt_tokens):
+            if not isinstance(prompt, (list, tuple)) or not prompt:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r}")
+            if len(prompt) > params.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len {params.max_seq_len}")
+            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < params.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
+
+    def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                 prompt_logprobs: Optional[List[List[float]]]) -> torch.Tensor:
+        """One forward pass over the right-padded batch; the logits at each row's last prompt token (B, V).
+
+        Padding sits after each row's prompt, so causal attention never lets a prompt token see it; decoding
+        then overwrites it. Logits are computed at every position only when prompt log-probs are wanted.
+        """
+        want_all = prompt_logprobs is not None
+        logits = self.model(tokens, 0, logits_at=None if want_all else (lengths - 1).unsqueeze(1))
+        if not want_all:
+            return logits[:, -1]
+        lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for i, n in enumerate(lengths.tolist()):
+            prompt_logprobs.append([0.0] + lp[i, : n - 1].tolist())
+        return logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
+
+    def _batch(self, prompt_tokens: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, longest) token tensor and the (B,) prompt lengths."""
+        lengths = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
+        tokens = torch.zeros(len(prompt_tokens), int(lengths.max()), dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(prompt_tokens):
+            tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return tokens, lengths
+
+    def _stream_steps(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        prompt_logprobs: Optional[List[List[float]]] = None,
+    ) -> Iterator[_Step]:
+        """Prefill every prompt in one pass, then yield one _Step per decoded position until all rows stop.
+
+        A row stops at its EOS (which is yielded, so callers can drop it) or after max_gen_len tokens, or at
+        max_seq_len. When prompt_logprobs is a list, the log-probability of each prompt token is appended to
+        it (0.0 for the first, which nothing predicts), as `echo` needs.
+        """
+        params = self.model.params
+        tokens, lengths = self._batch(prompt_tokens)
+        bsz = len(prompt_tokens)
+        budget = torch.clamp(params.max_seq_len - lengths, max=max_gen_len)  # tokens each row may add
+
+        logits = self._prefill(tokens, lengths, prompt_logprobs)
+        active = budget > 0
+        positions = lengths.clone()  # where each row's next token goes
+        produced = torch.zeros(bsz, dtype=torch.long, device=self.device)
+        while bool(active.any()):
+            nxt = next_token(logits, temperature, top_p, self.sampler)
+            lps = F.log_softmax(logits, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1) if logprobs else None
+            emitted = active.clone()
+            produced += emitted.long()
+            active = active & (nxt != self.tokenizer.eos_id) & (produced < budget)
+            yield _Step(nxt.tolist(), emitted.tolist(), lps.tolist() if logprobs else None)
+            if not bool(active.any()):
+                break
+            # Finished rows keep a fixed place in the batch; they rewrite their last slot, which nobody reads.
+            step_pos = torch.where(active, positions, positions - 1).clamp(max=params.max_seq_len - 1)
+            logits = self.model(nxt.unsqueeze(1), step_pos)[:, -1]
+            positions += active.long()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt; returns the new tokens (the prompt too with echo) without EOS, and log-probs."""
+        self._check_prompts(prompt_tokens)
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        check_sampling_args(temperature, top_p)
+        bsz = len(prompt_tokens)
+        out_tokens: List[List[int]] = [list(p) if echo else [] for p in prompt_tokens]
+        out_logprobs: List[List[float]] = [[] for _ in range(bsz)]
+        prompt_lps: Optional[List[List[float]]] = [] if (echo and logprobs) else None
+        done = [False] * bsz
+        if max_gen_len > 0:
+            for step in self._stream_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, prompt_lps):
+                for i in range(bsz):
+                    if not step.emitted[i] or done[i]:
+                        continue
+                    if step.tokens[i] == self.tokenizer.eos_id:
+                        done[i] = True
+                        continue
+                    out_tokens[i].append(step.tokens[i])
+                    if logprobs:
+                        out_logprobs[i].append(step.logprobs[i])
+        elif prompt_lps is not None:
+            self._prefill(*self._batch(prompt_tokens), prompt_lps)
+        if prompt_lps is not None:
+            out_logprobs = [p + g for p, g in zip(prompt_lps, out_logprobs)]
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    # --- text and chat -----------------------------------------------------------------------------------
+
+    def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> List[List[int]]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}: {prompt!r}")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        prompt_tokens = self._encode_prompts(prompts)
+        tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
+                                    logprobs, echo)
+        results: List[CompletionPrediction] = []
+        for i, toks in enumerate(tokens):
+            result: CompletionPrediction = {"generation": self.tokenizer.decode(toks)}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                result["logprobs"] = lps[i]
+            results.append(result)
+        return results
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog. A dialog that smuggles in [INST] or <<SYS>> tags is answered with an error
+        message and costs no compute; the rest of the batch is answered normally."""
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise ValueError(f"dialogs must be a non-empty list of dialogs, got {dialogs!r}")
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, index=i)
+        safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
+        results: List[ChatPrediction] = [
+            {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, **({"tokens": [], "logprobs": []}
+                                                                           if logprobs else {})}
+            for _ in dialogs
+        ]
+        if safe:
+            prompt_tokens = [self.formatter.encode_dialog_prompt(dialogs[i]) for i in safe]
+            tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
+                                        logprobs)
+            for j, i in enumerate(safe):
+                result: ChatPrediction = {"generation": {"role": "assistant",
+                                                         "content": self.tokenizer.decode(tokens[j])}}
+                if logprobs:
+                    result["tokens"] = [self.tokenizer.decode([t]) for t in tokens[j]]
+                    result["logprobs"] = lps[j]
+                results[i] = result
+        return results
+
+
+def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:
+    """Every weight the model needs, of the right shape: otherwise say which, before assigning anything."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs params.json {tuple(expected[k])}"
+             for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint in {ckpt_dir!r} does not match its params.json: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+
+
+__all__ = ["Llama", "Dialog", "Message", "CompletionPrediction", "ChatPrediction", "resolve_dtype"]

@@ -1,0 +1,317 @@
+"""The Llama 2 Transformer, model-parallel over fairscale's layers.
+
+Read top to bottom: ModelArgs, RMSNorm, rotary embeddings, the KV cache, Attention, FeedForward,
+TransformerBlock, Transformer. Nothing here touches files or picks a device: the model is built on whatever
+device is current (``torch.device("meta")`` while loading) and receives its weights from ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters, as in Meta's params.json (plus the two sizes the KV cache is allocated for)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a params.json mapping; an unknown key is an error naming it (a typo must not pass)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"params.json has unknown key(s) {unknown}; known keys are {sorted(known)}")
+        args = cls(**{**params, **overrides})
+        args.validate()
+        return args
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size by the released rule: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+        if not isinstance(self.kv_heads, int) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads {self.n_kv_heads!r} must be a positive divisor of n_heads {self.n_heads}")
+        if not (isinstance(self.vocab_size, int) and (self.vocab_size == -1 or self.vocab_size > 0)):
+            raise ValueError(f"vocab_size must be -1 or a positive integer, got {self.vocab_size!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.ffn_dim_multiplier is not None and not (
+            isinstance(self.ffn_dim_multiplier, (int, float)) and self.ffn_dim_multiplier > 0
+        ):
+            raise ValueError(f"ffn_dim_multiplier must be a positive number, got {self.ffn_dim_multiplier!r}")
+
+
+# --- fairscale's parallel layers, built without initialising weights ---------------------------------------
+# fairscale's constructors fill a full-size float32 "master weight" and scatter it, which costs a full copy of
+# every matrix per rank and breaks on the meta device. These subclasses keep fairscale's forward (and so its
+# collectives) but only allocate the local shard, on the current device, uninitialised: checkpoint.py fills it.
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """Output features split over ranks (Meta's dim 0); optionally all-gathered."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.output_size_per_partition = _split(out_features, "output features")
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features), requires_grad=False)
+        self.register_parameter("bias", None)
+        self.master_weight = None
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """Input features split over ranks (Meta's dim 1); the partial products are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
+        self.input_size_per_partition = _split(in_features, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition), requires_grad=False)
+        self.register_parameter("bias", None)
+        self.master_weight = None
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    """Embedding split on the embedding dimension (Meta's dim 1); the pieces are all-gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.embedding_dim_per_partition = _split(embedding_dim, "embedding dimension")
+        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition), requires_grad=False)
+        self.master_weight = None
+
+
+def _split(size: int, what: str) -> int:
+    world = get_model_parallel_world_size()
+    if size % world:
+        raise ValueError(f"{what} ({size}) cannot be split over {world} model-parallel processes")
+    return size // world
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the model's dtype, as the released model was."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> torch.Tensor:
+    """cos and sin of every position's rotation angles, shape (max_pos, head_dim // 2, 2), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head, as Meta's checkpoints expect.
+
+    x: (B, S, H, D); table: (B, S, D/2, 2) holding cos and sin for each token's own position.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = table[..., 0].unsqueeze(2), table[..., 1].unsqueeze(2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated once for (max_batch, kv_heads, max_seq, head_dim)."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        """Store k, v (B, S, H, D) at each row's positions (B, S); return the first `length` cached positions."""
+        bsz = k.shape[0]
+        rows = torch.arange(bsz, device=k.device).unsqueeze(1)
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
+        return self.k[:bsz, :, :length], self.v[:bsz, :, :length]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; each rank holds n_heads/M query heads and n_kv_heads/M KV heads."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        world = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.kv_heads // world
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        keys, values = self.cache.update(positions, k, v, length=mask.shape[-1])
+
+        # Query head h reads KV head h // n_rep. Grouping the n_rep query heads of a KV head along the sequence
+        # axis lets one attention call serve them all without copying K/V n_rep times.
+        q = q.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        q = q.permute(0, 2, 3, 1, 4).reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
+        grouped_mask = mask.unsqueeze(1).expand(bsz, self.n_rep, seqlen, mask.shape[-1])
+        grouped_mask = grouped_mask.reshape(bsz, 1, self.n_rep * seqlen, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=grouped_mask)
+        out = out.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim)
+        out = out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim)
+        self.w2 = RowParallelLinear(hidden_dim, dim)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, rope, positions, mask):
+        h = x + self.attention(self.attention_norm(x), rope, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids in, float32 logits out; keeps its own KV cache between calls."""
+
+    def __init__(self, params: ModelArgs) -> None:
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ValueError("Transformer needs a concrete vocab_size (resolve -1 from the tokenizer first)")
+        self.params = params
+        self.vocab_size, self.n_layers = params.vocab_size, params.n_layers
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+
+    def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
+        """Allocate the rotary tables and the KV caches on the model's device (after weights are loaded)."""
+        p = self.params
+        self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta).to(device), persistent=False)
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor] = 0,
+        logits_at: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run `tokens` (B, S) placed at positions start_pos.. of each row and return logits.
+
+        start_pos: one int for the whole batch (as in the released reference) or a (B,) tensor, one per row, so
+        a ragged batch can be prefilled in one pass and then decoded with each row at its own position.
+        logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
+        output projection over the vocabulary is the costliest matrix at a single position). Default: all.
+        Each row attends to its own cached positions 0..its position, never beyond.
+        """
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size {self.params.max_batch_size}")
+        start = torch.as_tensor(start_pos, device=tokens.device).reshape(-1).expand(bsz)
+        positions = start.unsqueeze(1) + torch.arange(seqlen, device=tokens.device)  # (B, S)
+        length = int(positions.max()) + 1
+        if int(positions.min()) < 0 or length > self.params.max_seq_len:
+            raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
+        mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
+
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[positions]
+        for layer in self.layers:
+            h = layer(h, rope, positions, mask)
+        if logits_at is not None:
+            h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return self.output(self.norm(h)).float()
+
+
+def count_parameters(args: ModelArgs) -> int:
+    """Parameters of the full (unsplit) model, for memory estimates."""
+    d, v, kv = args.dim, args.vocab_size, args.kv_heads * args.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * args.ffn_hidden_dim + 2 * d
+    return args.n_layers * per_layer + 2 * v * d + d
+
+
+__all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVCache",
+           "count_parameters"]

@@ -1,0 +1,44 @@
+"""The SentencePiece tokenizer of Llama 2 (32000 BPE pieces with byte fallback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Sequence, Union
+
+from sentencepiece import SentencePieceProcessor
+
+
+class Tokenizer:
+    """Text <-> token ids, with the BOS/EOS handling of the released reference."""
+
+    def __init__(self, model_path: Union[str, os.PathLike]) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{str(path)!r} is not a SentencePiece model: {err}") from None
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama 2: it has no pad token
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{str(path)!r} defines no BOS or EOS token; Llama needs both")
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
+        ids = self.sp_model.encode(s)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, t: Sequence[int]) -> str:
+        bad = [i for i in t if not 0 <= int(i) < self.n_words]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_words}")
+        return self.sp_model.decode([int(i) for i in t])
+
+    def id_to_piece(self, token: int) -> str:
+        return self.sp_model.id_to_piece(int(token))
