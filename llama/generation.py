@@ -248,6 +248,75 @@ class Llama:
             out_logprobs = [p + g for p, g in zip(prompt_lps, out_logprobs)]
         return out_tokens, (out_logprobs if logprobs else None)
 
+    # --- streaming -------------------------------------------------------------------------------------------
+
+    def stream_generate(
+        self,
+        prompt_tokens: List[int],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt as text, chunk by chunk, as tokens are produced.
+
+        The chunks join to exactly `tokenizer.decode` of the generated tokens: SentencePiece word-boundary
+        spaces are kept, and bytes of a character split over byte-fallback tokens are held back until the
+        character is complete. Every rank yields the same chunks, so model-parallel ranks stay in step as long
+        as they all consume (or stop consuming) the stream at the same chunk. Closing the iterator early
+        leaves the generator ready for the next call.
+        """
+        self._check_prompts([prompt_tokens])
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        check_sampling_args(temperature, top_p)
+        if max_gen_len == 0:
+            return
+        generated: List[int] = []
+        sent = ""
+        with torch.inference_mode():
+            steps = self._stream_steps([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
+            try:
+                for step in steps:
+                    if step.tokens[0] == self.tokenizer.eos_id:
+                        break
+                    generated.append(step.tokens[0])
+                    text = self.tokenizer.decode(generated)
+                    if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
+                        continue  # an incomplete UTF-8 character: wait for its remaining bytes
+                    chunk, sent = text[len(sent):], text
+                    yield chunk
+            finally:
+                steps.close()
+        final = self.tokenizer.decode(generated)
+        if len(final) > len(sent):
+            yield final[len(sent):]
+
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+    ) -> Iterator[str]:
+        """text_completion for one prompt, yielding text chunks as they are produced."""
+        (tokens,) = self._encode_prompts([prompt])
+        yield from self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+    ) -> Iterator[str]:
+        """chat_completion for one dialog, yielding the answer's text chunks as they are produced."""
+        validate_dialog(dialog)
+        if has_special_tags(dialog):
+            yield UNSAFE_ERROR
+            return
+        tokens = self.formatter.encode_dialog_prompt(dialog)
+        yield from self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
+
     # --- text and chat -----------------------------------------------------------------------------------
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:

@@ -209,7 +209,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        keys, values = self.cache.update(positions, k, v, length=mask.shape[-1])
+        if self.cache is not None:
+            keys, values = self.cache.update(positions, k, v, length=mask.shape[-1])
+        else:  # no cache (training): attend within this call's tokens only
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
 
         # Query head h reads KV head h // n_rep. Grouping the n_rep query heads of a KV head along the sequence
         # axis lets one attention call serve them all without copying K/V n_rep times.
@@ -264,15 +267,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
 
+    def setup_rope(self, device: Union[str, torch.device]) -> None:
+        p = self.params
+        self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta).to(device), persistent=False)
+
     def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
         """Allocate the rotary tables and the KV caches on the model's device (after weights are loaded)."""
         p = self.params
-        self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta).to(device), persistent=False)
+        self.setup_rope(device)
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
-    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
@@ -285,7 +291,9 @@ class Transformer(nn.Module):
         a ragged batch can be prefilled in one pass and then decoded with each row at its own position.
         logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
         output projection over the vocabulary is the costliest matrix at a single position). Default: all.
-        Each row attends to its own cached positions 0..its position, never beyond.
+        Each row attends to its own cached positions 0..its position, never beyond. Weights are loaded with
+        requires_grad=False, so no autograd graph is built; `setup_cache` is skipped only to train (no cache,
+        start_pos 0, the whole sequence in one call).
         """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
@@ -297,6 +305,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
         mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
 
+        if self.layers[0].attention.cache is None and int(start.max()) != 0:
+            raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
         h = self.tok_embeddings(tokens)
         rope = self.rope[positions]
         for layer in self.layers:

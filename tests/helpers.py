@@ -1,0 +1,40 @@
+"""Shared test helpers: random checkpoints in Meta's layout, the tokenizer fixture, small model shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from llama import ModelArgs
+from llama.checkpoint import params_of, random_state, split_state, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
+VOCAB = 32000  # the fixture's vocabulary
+
+# A multi-head shape and a grouped-query shape with ffn_dim_multiplier (as 70B has), both tiny.
+MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, multiple_of=32)
+GQA = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=VOCAB, multiple_of=64,
+                ffn_dim_multiplier=1.3, rope_theta=500000.0)
+SHAPES = {"mha": MHA, "gqa": GQA}
+
+
+def make_checkpoint(folder: Path, args: ModelArgs, n_shards: int = 1, seed: int = 0,
+                    state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write a random bfloat16 checkpoint with n_shards shards; params.json says vocab_size -1, as Meta's do."""
+    state = random_state(args, seed=seed) if state is None else state
+    return write_checkpoint(folder, params_of(args, vocab_size=-1), split_state(state, n_shards))
+
+
+def run_torchrun(script: Path, args: Sequence[str], nproc: int, timeout: int = 300,
+                 extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Launch `torchrun --nproc_per_node nproc script args` on this machine and return the finished process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra,
+           str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
