@@ -33,8 +33,10 @@ def make_checkpoint(folder: Path, args: ModelArgs, n_shards: int = 1, seed: int 
 
 def run_torchrun(script: Path, args: Sequence[str], nproc: int, timeout: int = 300,
                  extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """Launch `torchrun --nproc_per_node nproc script args` on this machine and return the finished process."""
+    """Launch `torchrun --nproc_per_node nproc script args` on this machine and return the finished process.
+
+    With no `extra` launcher flags, --standalone picks a free local port, so tests may run side by side."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *(extra or ["--standalone"]),
            str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
