@@ -1,0 +1,57 @@
+"""Answer a few chat dialogs. Run: torchrun --nproc_per_node MP example_chat_completion.py --ckpt_dir ...
+
+With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `python` is enough for it); the demo
+is not a chat model and answers in its own style.
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Dialog, Llama
+from llama.cli import resolve_checkpoint
+from llama.distributed import print0
+
+DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
+    [
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+        {"role": "assistant", "content": "Paris, the capital of France, is known for the Eiffel Tower, the Louvre "
+                                         "Museum and Notre-Dame cathedral."},
+        {"role": "user", "content": "What is so great about #1?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with Haiku"},
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with emojis"},
+        {"role": "user", "content": "How to go from Beijing to NY?"},
+    ],
+]
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                            max_batch_size=max_batch_size, device=device, dtype=dtype)
+    results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for dialog, result in zip(DIALOGS, results):
+        for msg in dialog:
+            print0(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print0(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        print0("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
