@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="Llama 2 reference inference: model-parallel on GPU and CPU, exact and fast",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.9",
+    install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
+    extras_require={
+        # Test-only: an independent implementation to check numerics against, and the test runner.
+        "test": ["pytest", "transformers>=4.40"],
+        # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
+        "train": ["matplotlib"],
+    },
+)
