@@ -149,29 +149,25 @@ class Llama:
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
 
-    def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor,
+    def _prefill(self, prompt_tokens: Sequence[Sequence[int]],
                  prompt_logprobs: Optional[List[List[float]]]) -> torch.Tensor:
-        """One forward pass over the right-padded batch; the logits at each row's last prompt token (B, V).
+        """One packed forward pass over all prompts; the logits (B, V) at each prompt's last token.
 
-        Padding sits after each row's prompt, so causal attention never lets a prompt token see it; decoding
-        then overwrites it. Logits are computed at every position only when prompt log-probs are wanted.
+        Logits at every prompt position are computed only when prompt log-probs are wanted (echo + logprobs);
+        they are appended to `prompt_logprobs`, 0.0 first, since nothing predicts a prompt's first token.
         """
-        want_all = prompt_logprobs is not None
-        logits = self.model(tokens, 0, logits_at=None if want_all else (lengths - 1).unsqueeze(1))
-        if not want_all:
-            return logits[:, -1]
-        lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for i, n in enumerate(lengths.tolist()):
-            prompt_logprobs.append([0.0] + lp[i, : n - 1].tolist())
-        return logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
-
-    def _batch(self, prompt_tokens: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (B, longest) token tensor and the (B,) prompt lengths."""
-        lengths = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
-        tokens = torch.zeros(len(prompt_tokens), int(lengths.max()), dtype=torch.long, device=self.device)
-        for i, prompt in enumerate(prompt_tokens):
-            tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        return tokens, lengths
+        if prompt_logprobs is None:
+            return self.model.prefill(prompt_tokens)
+        logits = self.model.prefill(prompt_tokens, all_logits=True)
+        flat = torch.tensor([t for p in prompt_tokens for t in p], device=logits.device)
+        logprobs = F.log_softmax(logits[:-1], dim=-1).gather(-1, flat[1:].unsqueeze(-1)).squeeze(-1).tolist()
+        last, start = [], 0
+        for prompt in prompt_tokens:
+            end = start + len(prompt)
+            prompt_logprobs.append([0.0] + logprobs[start:end - 1])
+            last.append(end - 1)
+            start = end
+        return logits[last]
 
     def _stream_steps(
         self,
@@ -182,18 +178,17 @@ class Llama:
         logprobs: bool,
         prompt_logprobs: Optional[List[List[float]]] = None,
     ) -> Iterator[_Step]:
-        """Prefill every prompt in one pass, then yield one _Step per decoded position until all rows stop.
+        """Prefill all prompts in one packed pass, then yield one _Step per decoded position until all rows stop.
 
         A row stops at its EOS (which is yielded, so callers can drop it) or after max_gen_len tokens, or at
         max_seq_len. When prompt_logprobs is a list, the log-probability of each prompt token is appended to
         it (0.0 for the first, which nothing predicts), as `echo` needs.
         """
         params = self.model.params
-        tokens, lengths = self._batch(prompt_tokens)
+        lengths = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
         bsz = len(prompt_tokens)
         budget = torch.clamp(params.max_seq_len - lengths, max=max_gen_len)  # tokens each row may add
-
-        logits = self._prefill(tokens, lengths, prompt_logprobs)
+        logits = self._prefill(prompt_tokens, prompt_logprobs)
         active = budget > 0
         positions = lengths.clone()  # where each row's next token goes
         produced = torch.zeros(bsz, dtype=torch.long, device=self.device)
@@ -243,7 +238,7 @@ class Llama:
                     if logprobs:
                         out_logprobs[i].append(step.logprobs[i])
         elif prompt_lps is not None:
-            self._prefill(*self._batch(prompt_tokens), prompt_lps)
+            self._prefill(prompt_tokens, prompt_lps)
         if prompt_lps is not None:
             out_logprobs = [p + g for p, g in zip(prompt_lps, out_logprobs)]
         return out_tokens, (out_logprobs if logprobs else None)

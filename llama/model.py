@@ -8,7 +8,7 @@ device is current (``torch.device("meta")`` while loading) and receives its weig
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,22 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+@dataclass
+class Placement:
+    """Where a call's tokens sit: which cache row and position each token has, and what it may attend to.
+
+    Two layouts. Row layout: tokens (B, S), token (b, s) belongs to cache row b, and attends to that row's cached
+    positions allowed by `mask` (B, S, T). Packed layout (a ragged prefill): all prompts concatenated into one
+    row (1, N); `segments` gives each prompt's (start, end) in it; every prompt starts at position 0 and
+    attends causally within itself, so no padding is computed and no mask is materialised.
+    """
+
+    rows: torch.Tensor  # (B, S) cache row of each token
+    positions: torch.Tensor  # (B, S) position of each token in its sequence
+    mask: Optional[torch.Tensor] = None  # row layout: (B, S, T) which cached positions each token sees
+    segments: Optional[List[Tuple[int, int]]] = None  # packed layout
+
+
 class KVCache(nn.Module):
     """Keys and values of every position so far, preallocated once for (max_batch, kv_heads, max_seq, head_dim)."""
 
@@ -178,12 +194,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
-        """Store k, v (B, S, H, D) at each row's positions (B, S); return the first `length` cached positions."""
-        bsz = k.shape[0]
-        rows = torch.arange(bsz, device=k.device).unsqueeze(1)
-        self.k[rows, :, positions] = k
-        self.v[rows, :, positions] = v
+    def update(self, where: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, S, H, D) at each token's cache row and position."""
+        self.k[where.rows, :, where.positions] = k
+        self.v[where.rows, :, where.positions] = v
+
+    def read(self, bsz: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.k[:bsz, :, :length], self.v[:bsz, :, :length]
 
 
@@ -203,27 +219,42 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.cache is not None:
-            keys, values = self.cache.update(positions, k, v, length=mask.shape[-1])
-        else:  # no cache (training): attend within this call's tokens only
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            self.cache.update(where, k, v)
+        if where.segments is not None:
+            out = self._packed(q, k, v, where.segments)
+        elif seqlen == 1 and self.cache is not None:
+            out = self._single_step(q, *self.cache.read(bsz, where.mask.shape[-1]), where.mask)
+        else:
+            keys, values = (self.cache.read(bsz, where.mask.shape[-1]) if self.cache is not None
+                            else (k.transpose(1, 2), v.transpose(1, 2)))  # no cache: training
+            out = self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
+        return self.wo(out.reshape(bsz, seqlen, -1))
 
-        # Query head h reads KV head h // n_rep. Grouping the n_rep query heads of a KV head along the sequence
-        # axis lets one attention call serve them all without copying K/V n_rep times.
-        q = q.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        q = q.permute(0, 2, 3, 1, 4).reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
-        grouped_mask = mask.unsqueeze(1).expand(bsz, self.n_rep, seqlen, mask.shape[-1])
-        grouped_mask = grouped_mask.reshape(bsz, 1, self.n_rep * seqlen, mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=grouped_mask)
-        out = out.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim)
-        out = out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)
-        return self.wo(out)
+    def _attend(self, q, keys, values, mask=None, causal=False):
+        """q (B, H, S, D) over keys/values (B, KV, T, D): prefill-sized calls, where copying K/V is cheap."""
+        if self.n_rep > 1:
+            keys, values = keys.repeat_interleave(self.n_rep, 1), values.repeat_interleave(self.n_rep, 1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal).transpose(1, 2)
+
+    def _single_step(self, q, keys, values, mask):
+        """One new token per row. Query head h reads KV head h // n_rep; grouping a KV head's n_rep query heads
+        along the sequence axis serves them in one attention call without copying K/V n_rep times."""
+        bsz = q.shape[0]
+        q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+        return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
+
+    def _packed(self, q, k, v, segments):
+        """Causal attention within each prompt of a packed (1, N) prefill."""
+        outs = [self._attend(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2), v[:, a:b].transpose(1, 2),
+                             causal=True) for a, b in segments]
+        return torch.cat(outs, dim=1)
 
 
 class FeedForward(nn.Module):
@@ -248,8 +279,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, rope, positions, mask):
-        h = x + self.attention(self.attention_norm(x), rope, positions, mask)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, where)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -279,6 +310,10 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
+    @property
+    def has_cache(self) -> bool:
+        return self.layers[0].attention.cache is not None
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -288,12 +323,12 @@ class Transformer(nn.Module):
         """Run `tokens` (B, S) placed at positions start_pos.. of each row and return logits.
 
         start_pos: one int for the whole batch (as in the released reference) or a (B,) tensor, one per row, so
-        a ragged batch can be prefilled in one pass and then decoded with each row at its own position.
+        each row of a batch can decode at its own position. Each row attends to its own cached positions up to
+        its own, never beyond.
         logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
         output projection over the vocabulary is the costliest matrix at a single position). Default: all.
-        Each row attends to its own cached positions 0..its position, never beyond. Weights are loaded with
-        requires_grad=False, so no autograd graph is built; `setup_cache` is skipped only to train (no cache,
-        start_pos 0, the whole sequence in one call).
+        Weights are loaded with requires_grad=False, so no autograd graph is built; `setup_cache` is skipped
+        only to train (no cache, start_pos 0, the whole sequence in one call).
         """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
@@ -303,14 +338,35 @@ class Transformer(nn.Module):
         length = int(positions.max()) + 1
         if int(positions.min()) < 0 or length > self.params.max_seq_len:
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
-        mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
-
-        if self.layers[0].attention.cache is None and int(start.max()) != 0:
+        if not self.has_cache and int(start.max()) != 0:
             raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
+        rows = torch.arange(bsz, device=tokens.device).unsqueeze(1).expand(bsz, seqlen)
+        mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
+        return self._run(tokens, Placement(rows, positions, mask=mask), logits_at)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
+        """Fill cache rows 0..B-1 with the given prompts in one packed forward pass. No padding is computed,
+        however ragged the prompts. Returns the logits (B, V) of each prompt's last token, or with all_logits
+        those of every token, (N, V) for the N tokens of all prompts in order."""
+        device = self.rope.device
+        lengths = [len(p) for p in prompts]
+        if len(prompts) > self.params.max_batch_size or max(lengths) > self.params.max_seq_len:
+            raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens do not fit the cache "
+                             f"({self.params.max_batch_size} x {self.params.max_seq_len})")
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device).unsqueeze(0)
+        rows = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                       torch.tensor(lengths, device=device)).unsqueeze(0)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
+        ends = torch.tensor(lengths, device=device).cumsum(0)
+        segments = list(zip((ends - torch.tensor(lengths, device=device)).tolist(), ends.tolist()))
+        logits_at = None if all_logits else (ends - 1).unsqueeze(0)
+        return self._run(tokens, Placement(rows, positions, segments=segments), logits_at)[0]
+
+    def _run(self, tokens: torch.Tensor, where: Placement, logits_at: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        rope = self.rope[positions]
+        rope = self.rope[where.positions]
         for layer in self.layers:
-            h = layer(h, rope, positions, mask)
+            h = layer(h, rope, where)
         if logits_at is not None:
             h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         return self.output(self.norm(h)).float()
@@ -324,4 +380,4 @@ def count_parameters(args: ModelArgs) -> int:
 
 
 __all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVCache",
-           "count_parameters"]
+           "Placement", "count_parameters"]

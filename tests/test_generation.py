@@ -30,24 +30,32 @@ def ragged_prompts(n=4):
 
 
 class CountingModel:
-    """Wraps generator.model to count forward calls (and optionally rewrite the logits)."""
+    """Wraps generator.model's prefill and forward to record each call, optionally rewriting the logits.
+
+    `edit(call_index, logits)` gets the (B, V) next-token logits of call 1 (the prefill), 2, ... and returns
+    the logits to use instead."""
 
     def __init__(self, gen, edit=None):
-        self.gen, self.model, self.edit, self.calls = gen, gen.model, edit, []
+        self.model, self.edit, self.calls = gen.model, edit, []
 
     def __enter__(self):
-        model = self.model
+        model, cls = self.model, type(self.model)
+
+        def prefill(prompts, all_logits=False):
+            self.calls.append(("prefill", len(prompts), sum(len(p) for p in prompts)))
+            logits = cls.prefill(model, prompts, all_logits)
+            return self.edit(len(self.calls), logits) if self.edit and not all_logits else logits
 
         def forward(tokens, start_pos=0, logits_at=None):
-            self.calls.append(tuple(tokens.shape))
-            logits = type(model).forward(model, tokens, start_pos, logits_at)
-            return self.edit(len(self.calls), logits) if self.edit else logits
+            self.calls.append(("forward", *tokens.shape))
+            logits = cls.forward(model, tokens, start_pos, logits_at)
+            return self.edit(len(self.calls), logits[:, -1]).unsqueeze(1) if self.edit else logits
 
-        model.forward = forward
+        model.prefill, model.forward = prefill, forward
         return self
 
     def __exit__(self, *exc):
-        del self.model.forward
+        del self.model.prefill, self.model.forward
 
 
 def test_ragged_batch_equals_one_prompt_at_a_time(gen):
@@ -63,8 +71,8 @@ def test_whole_batch_is_prefilled_in_one_forward_pass(gen):
     prompts = ragged_prompts()
     with CountingModel(gen) as counter:
         gen.generate(prompts, max_gen_len=3, temperature=0)
-    # one prefill over the longest prompt, then one call per further token for the whole batch
-    assert counter.calls == [(4, 16), (4, 1), (4, 1)]
+    # one packed prefill of all 46 prompt tokens (no padding), then one call per further token for the batch
+    assert counter.calls == [("prefill", 4, 16 + 13 + 10 + 7), ("forward", 4, 1), ("forward", 4, 1)]
 
 
 def test_each_row_stops_at_its_own_eos_and_decoding_ends_when_all_have(gen):
@@ -74,9 +82,9 @@ def test_each_row_stops_at_its_own_eos_and_decoding_ends_when_all_have(gen):
         logits = logits.clone()
         for row, at_call in ((0, 2), (1, 4)):
             if call == at_call:
-                logits[row, -1, eos] = 1e4
+                logits[row, eos] = 1e4
         for row in (2, 3):
-            logits[row, -1, eos] = -1e4
+            logits[row, eos] = -1e4
         return logits
 
     prompts = ragged_prompts()
@@ -89,7 +97,7 @@ def test_each_row_stops_at_its_own_eos_and_decoding_ends_when_all_have(gen):
 
     def all_eos(call, logits):
         logits = logits.clone()
-        logits[:, -1, eos] = 1e4
+        logits[:, eos] = 1e4
         return logits
 
     with CountingModel(gen, all_eos) as counter:
