@@ -41,10 +41,22 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: bool = False,
 ):
+    """stream: print each answer token by token as it is generated, one dialog at a time."""
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype)
+    if stream:
+        for dialog in DIALOGS:
+            for msg in dialog:
+                print0(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print0("> Assistant: ", end="")
+            for chunk in generator.stream_chat_completion(dialog, max_gen_len=max_gen_len,
+                                                          temperature=temperature, top_p=top_p):
+                print0(chunk, end="")
+            print0("\n\n==================================\n")
+        return
     results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for dialog, result in zip(DIALOGS, results):
         for msg in dialog:

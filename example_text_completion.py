@@ -40,10 +40,21 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: bool = False,
 ):
+    """stream: print each completion token by token as it is generated, one prompt at a time."""
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype)
+    if stream:
+        for prompt in PROMPTS:
+            print0(prompt)
+            print0("> ", end="")
+            for chunk in generator.stream_text_completion(prompt, max_gen_len=max_gen_len,
+                                                          temperature=temperature, top_p=top_p):
+                print0(chunk, end="")
+            print0("\n\n==================================\n")
+        return
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for prompt, result in zip(PROMPTS, results):
         print0(prompt)

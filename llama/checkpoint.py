@@ -14,7 +14,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -105,23 +105,40 @@ def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     return CheckpointInfo(Path(ckpt_dir), shards, params, first["tok_embeddings.weight"].shape[0])
 
 
-def valid_model_parallel_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
-    """Process counts M that split every split dimension of this model evenly."""
+def valid_model_parallel_sizes(args: ModelArgs) -> List[int]:
+    """Process counts M that split every split dimension of this model evenly (heads, KV heads, dim, FFN, vocab).
+
+    M must divide the KV heads, so none above them is ever valid. Llama 2 7B: 1, 2, 4, 8, 16, 32; 13B: 1, 2, 4, 8
+    (its FFN, 13824, has no factor 16); 70B (8 KV heads): 1, 2, 4, 8.
+    """
+    if args.vocab_size < 1:
+        raise ValueError("valid_model_parallel_sizes needs a concrete vocab_size (the checkpoint's embedding rows)")
     sizes = (args.n_heads, args.kv_heads, args.dim, args.ffn_hidden_dim, args.vocab_size)
-    return [m for m in range(1, limit + 1) if all(size % m == 0 for size in sizes)]
+    return [m for m in range(1, args.kv_heads + 1) if all(size % m == 0 for size in sizes)]
 
 
 def check_model_parallel_size(args: ModelArgs, world: int) -> None:
+    """A clear error, naming the valid values, when `world` processes cannot share this model."""
     valid = valid_model_parallel_sizes(args)
     if world not in valid:
         raise ValueError(f"this checkpoint cannot be split over {world} model-parallel processes "
                          f"({args.n_heads} heads, {args.kv_heads} KV heads, dim {args.dim}, "
-                         f"FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}); valid process counts: {valid}")
+                         f"FFN {args.ffn_hidden_dim}, vocab {args.vocab_size} must all divide evenly); "
+                         f"valid process counts: {valid}")
 
 
 def _piece_bounds(full: int, parts: int, index: int) -> range:
     size = full // parts
     return range(index * size, (index + 1) * size)
+
+
+def shards_for_rank(n_shards: int, rank: int, world: int) -> List[int]:
+    """The shards whose slices rank `rank` of `world` needs.
+
+    Every split entry is cut into equal pieces, so shard s holds the fraction [s/S, (s+1)/S) of each and rank r
+    wants [r/M, (r+1)/M): the same shards for every entry. Replicated entries come from the first of them.
+    """
+    return [s for s in range(n_shards) if s * world < (rank + 1) * n_shards and rank * n_shards < (s + 1) * world]
 
 
 def load_rank_state(
@@ -134,22 +151,39 @@ def load_rank_state(
     """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
 
     Shards are memory-mapped. With as many shards as processes the rank's own shard is used as is (on CPU in
-    the stored dtype no byte is copied); otherwise shards are visited one at a time and only the slices this
-    rank needs are copied out, so memory stays near this rank's share plus one shard's mapping.
+    the stored dtype no byte is copied); otherwise only the shards overlapping this rank's share are opened,
+    one at a time, and only the slices this rank needs are copied out, so memory stays near this rank's share
+    plus one shard's mapping. The caller checks `world` against the model's heads first
+    (check_model_parallel_size): here only the split dimensions' sizes are checked.
     """
+    if not shards:
+        raise ValueError("no checkpoint shards given")
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
     if len(shards) == world:
         return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in open_shard(shards[rank]).items()}
 
-    out: Dict[str, torch.Tensor] = {}
     n_src = len(shards)
-    for src_index, path in enumerate(shards):
+    out: Dict[str, torch.Tensor] = {}
+    reference: Optional[Dict[str, torch.Size]] = None  # keys and piece shapes of the first shard opened
+    for src_index in shards_for_rank(n_src, rank, world):
+        path = shards[src_index]
         src = open_shard(path)
+        shapes = {k: v.shape for k, v in src.items()}
+        if reference is None:
+            reference, ref_path = shapes, path
+        elif shapes != reference:
+            diff = sorted(set(shapes) ^ set(reference)) or sorted(k for k in shapes if shapes[k] != reference[k])
+            raise ValueError(f"shards {Path(ref_path).name} and {Path(path).name} of the same checkpoint do not "
+                             f"hold the same entries with the same shapes (first differences: {diff[:5]})")
         for key, piece in src.items():
             dim = split_dim(key)
             if dim is None:
-                if src_index == 0:
+                if key not in out:
                     out[key] = piece.to(device=device, dtype=dtype or piece.dtype, copy=True)
                 continue
+            if dim >= piece.dim():
+                raise ValueError(f"{key} in {str(path)!r} has shape {tuple(piece.shape)}: no dim {dim} to split")
             full = piece.shape[dim] * n_src
             if full % world:
                 raise ValueError(f"{key} has {full} entries on dim {dim}, not divisible by {world} processes")
@@ -162,7 +196,8 @@ def load_rank_state(
                 shape[dim] = len(want)
                 out[key] = torch.empty(shape, dtype=dtype or piece.dtype, device=device)
             out[key].narrow(dim, lo - want.start, hi - lo).copy_(piece.narrow(dim, lo - have.start, hi - lo))
-        del src
+        piece = None
+        del src  # drop every reference into this shard's mapping before the next one is opened
     return out
 
 
@@ -185,38 +220,84 @@ def split_state(state: Dict[str, torch.Tensor], n_shards: int) -> Iterator[Dict[
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """Write through a temporary file in the same folder, so no half-written file ever has the final name."""
+    """Write through a temporary file in the same folder, so no half-written file ever has the final name.
+
+    `obj`: bytes (written as they are), a dict or list for a .json path, else anything torch.save takes. The
+    data is flushed to disk before the rename, so after a crash the final name holds the whole file or nothing.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if isinstance(obj, (dict, list)) and path.suffix == ".json":
-            tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        else:
-            torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            if isinstance(obj, (bytes, bytearray)):
+                handle.write(obj)
+            elif isinstance(obj, (dict, list)) and path.suffix == ".json":
+                handle.write((json.dumps(obj, indent=2) + "\n").encode())
+            else:
+                torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; best effort (not every platform can open a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def ensure_empty_destination(folder: PathLike) -> Path:
-    """A checkpoint is never written over another one."""
+    """A checkpoint is never written over another one (nor over the remains of an interrupted write)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{str(folder)!r} exists and is not a directory")
-    existing = [p.name for p in folder.glob("*.pth")] + (["params.json"] if (folder / "params.json").exists() else [])
-    if existing:
-        raise FileExistsError(f"{str(folder)!r} already holds a checkpoint ({sorted(existing)}); "
-                              "refusing to overwrite it: choose an empty or new directory")
+    shards = sorted(p.name for p in folder.glob("*.pth"))
+    has_params = (folder / "params.json").exists()
+    if shards and not has_params:
+        raise FileExistsError(f"{str(folder)!r} holds checkpoint shards ({shards}) but no params.json: an "
+                              "incomplete checkpoint, probably from an interrupted write; refusing to overwrite "
+                              "it: delete it yourself or choose an empty or new directory")
+    if shards or has_params:
+        raise FileExistsError(f"{str(folder)!r} already holds a checkpoint ({shards + ['params.json'] * has_params});"
+                              " refusing to overwrite it: choose an empty or new directory")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def write_checkpoint(folder: PathLike, params: Dict[str, Any], shards: Iterator[Dict[str, torch.Tensor]]) -> Path:
-    """Write shards (in order) and params.json into an empty folder; params.json goes last."""
+def write_checkpoint(folder: PathLike, params: Union[Dict[str, Any], bytes],
+                     shards: Iterable[Dict[str, torch.Tensor]]) -> Path:
+    """Write shards (in order) and params.json into an empty folder; params.json goes last.
+
+    `params`: a mapping (written as JSON) or the bytes of a params.json to copy verbatim. Each shard is taken
+    from the iterable, written and dropped before the next is asked for. If writing fails (an error, Ctrl-C)
+    the shards this call wrote are removed again; after a hard kill, complete shards and no params.json remain,
+    which ensure_empty_destination recognises as an interrupted write.
+    """
     folder = ensure_empty_destination(folder)
-    for index, shard in enumerate(shards):
-        atomic_save(shard, folder / f"consolidated.{index:02d}.pth")
-    atomic_save(dict(params), folder / "params.json")
+    written: List[Path] = []
+    try:
+        # Not enumerate(): its reused result tuple would keep the previous shard alive while the next is built.
+        for shard in shards:
+            path = folder / f"consolidated.{len(written):02d}.pth"
+            written.append(path)
+            atomic_save(shard, path)
+            del shard
+        atomic_save(params if isinstance(params, (bytes, bytearray)) else dict(params), folder / "params.json")
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return folder
 
 
