@@ -134,20 +134,22 @@ class Llama:
 
     # --- the decode loop ---------------------------------------------------------------------------------
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], names: Optional[Sequence[str]] = None) -> None:
+        """Errors name each prompt as `names[i]` (the caller's own numbering), by default "prompt i"."""
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise ValueError("prompt_tokens must be a non-empty list of token lists")
         if len(prompt_tokens) > params.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}")
         for i, prompt in enumerate(prompt_tokens):
+            name = names[i] if names else f"prompt {i}"
             if not isinstance(prompt, (list, tuple)) or not prompt:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r}")
+                raise ValueError(f"{name} must be a non-empty list of token ids, got {prompt!r}")
             if len(prompt) > params.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len {params.max_seq_len}")
+                raise ValueError(f"{name} has {len(prompt)} tokens, more than max_seq_len {params.max_seq_len}")
             bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < params.vocab_size]
             if bad:
-                raise ValueError(f"prompt {i} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
+                raise ValueError(f"{name} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
 
     def _prefill(self, prompt_tokens: Sequence[Sequence[int]],
                  prompt_logprobs: Optional[List[List[float]]]) -> torch.Tensor:
@@ -268,20 +270,21 @@ class Llama:
             return
         generated: List[int] = []
         sent = ""
-        with torch.inference_mode():
-            steps = self._stream_steps([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
-            try:
-                for step in steps:
-                    if step.tokens[0] == self.tokenizer.eos_id:
-                        break
-                    generated.append(step.tokens[0])
-                    text = self.tokenizer.decode(generated)
-                    if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
-                        continue  # an incomplete UTF-8 character: wait for its remaining bytes
-                    chunk, sent = text[len(sent):], text
-                    yield chunk
-            finally:
-                steps.close()
+        steps = self._stream_steps([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
+        try:
+            while True:
+                with torch.inference_mode():  # only while computing: never across a yield, into the caller
+                    step = next(steps, None)
+                if step is None or step.tokens[0] == self.tokenizer.eos_id:
+                    break
+                generated.append(step.tokens[0])
+                text = self.tokenizer.decode(generated)
+                if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
+                    continue  # an incomplete UTF-8 character: wait for its remaining bytes
+                chunk, sent = text[len(sent):], text
+                yield chunk
+        finally:
+            steps.close()
         final = self.tokenizer.decode(generated)
         if len(final) > len(sent):
             yield final[len(sent):]
@@ -368,6 +371,7 @@ class Llama:
         ]
         if safe:
             prompt_tokens = [self.formatter.encode_dialog_prompt(dialogs[i]) for i in safe]
+            self._check_prompts(prompt_tokens, names=[f"dialog {i}" for i in safe])
             tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
                                         logprobs)
             for j, i in enumerate(safe):

@@ -83,6 +83,16 @@ class ModelArgs:
             raise ValueError(f"ffn_dim_multiplier must be a positive number, got {self.ffn_dim_multiplier!r}")
 
 
+# Shapes of the released models (their params.json) and of the 1.1B shape used by the benchmarks, as data.
+PRESETS = {
+    "1.1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, vocab_size=32000),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, vocab_size=32000),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
+                vocab_size=32000),
+}
+
+
 # --- fairscale's parallel layers, built without initialising weights ---------------------------------------
 # fairscale's constructors fill a full-size float32 "master weight" and scatter it, which costs a full copy of
 # every matrix per rank and breaks on the meta device. These subclasses keep fairscale's forward (and so its

@@ -12,9 +12,9 @@ import torch
 
 
 def check_sampling_args(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:  # nan fails too
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -14,6 +15,8 @@ class Tokenizer:
 
     def __init__(self, model_path: Union[str, os.PathLike]) -> None:
         path = Path(model_path)
+        if path.is_dir():
+            raise FileNotFoundError(f"tokenizer model {str(path)!r} is a directory; give the tokenizer.model file")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
         self.sp_model = SentencePieceProcessor()
@@ -35,10 +38,17 @@ class Tokenizer:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, t: Sequence[int]) -> str:
-        bad = [i for i in t if not 0 <= int(i) < self.n_words]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_words}")
-        return self.sp_model.decode([int(i) for i in t])
+        return self.sp_model.decode([self._check_id(i) for i in t])
 
     def id_to_piece(self, token: int) -> str:
-        return self.sp_model.id_to_piece(int(token))
+        return self.sp_model.id_to_piece(self._check_id(token))
+
+    def _check_id(self, token) -> int:
+        """An integer id (Python, NumPy or 0-d tensor) inside the vocabulary; anything else is named."""
+        try:
+            value = operator.index(token)
+        except TypeError:
+            raise ValueError(f"token id {token!r} is not an integer") from None
+        if not 0 <= value < self.n_words:
+            raise ValueError(f"token id {value} is outside the vocabulary of {self.n_words} (0..{self.n_words - 1})")
+        return value

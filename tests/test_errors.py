@@ -341,9 +341,6 @@ def test_dialog_longer_than_max_seq_len(generator):
     assert str(MAX_SEQ_LEN) in message(err)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: chat_completion drops unsafe dialogs before calling generate, "
-                                       "so generate's errors index the safe sub-list ('prompt 0') instead of the "
-                                       "caller's dialog index (1)")
 def test_dialog_too_long_after_an_unsafe_one_names_its_own_index(generator):
     with pytest.raises(ValueError) as err:
         generator.chat_completion([UNSAFE, [{"role": "user", "content": "word " * 100}]], max_gen_len=1)
@@ -388,8 +385,6 @@ def test_bad_temperature(generator, temperature):
     assert "temperature" in message(err) and repr(temperature) in message(err)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: check_sampling_args lets temperature=nan through "
-                                       "(nan < 0 is False) and generation runs on NaN probabilities")
 def test_nan_temperature(generator):
     with pytest.raises(ValueError) as err:
         generator.text_completion(["hi"], temperature=float("nan"), max_gen_len=1)

@@ -223,8 +223,6 @@ def test_decode_out_of_range_is_a_value_error(tok, ids, bad):
     assert "32000" in str(err.value)  # the vocabulary size, so the user sees the range
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: Tokenizer.id_to_piece lets SentencePiece's IndexError "
-                                       "('piece id is out of range.') leak, without naming the id")
 @pytest.mark.parametrize("token", [32000, -1])
 def test_id_to_piece_out_of_range_is_a_value_error(tok, token):
     with pytest.raises(ValueError) as err:
@@ -232,8 +230,6 @@ def test_id_to_piece_out_of_range_is_a_value_error(tok, token):
     assert str(token) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: Tokenizer.decode truncates float ids with int() "
-                                       "(decode([1.7]) silently decodes id 1) instead of rejecting them")
 def test_decode_float_id_is_rejected(tok):
     with pytest.raises((TypeError, ValueError)) as err:
         tok.decode([15043, 1.7])

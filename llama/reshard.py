@@ -1,0 +1,111 @@
+"""Rewrite a checkpoint in Meta's layout with another number of shards.
+
+    python -m llama.reshard SRC_DIR DST_DIR --mp N
+
+Reads a checkpoint of any number of shards and writes one of N shards (bfloat16 unless --dtype says
+otherwise; params.json copied byte for byte; rope.freqs and the other replicated entries kept in every shard).
+Target shards are built one at a time from memory-mapped source shards (``checkpoint.load_rank_state``), so
+memory holds one target shard plus one source shard's mapping, never the whole model unless N is 1. Every file
+is written under a temporary name and renamed when complete, params.json last; DST_DIR must not already hold
+a checkpoint. Loading does not need this: ``Llama.build`` takes any checkpoint into any valid process count.
+Resharding saves the slicing work at every start, and gives files that match the process count one to one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from .checkpoint import (
+    PathLike,
+    check_model_parallel_size,
+    ensure_empty_destination,
+    inspect_checkpoint,
+    load_rank_state,
+    valid_model_parallel_sizes,
+    write_checkpoint,
+)
+from .model import ModelArgs
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def reshard(
+    src_dir: PathLike,
+    dst_dir: PathLike,
+    n_shards: int,
+    dtype: torch.dtype = torch.bfloat16,
+    log: Optional[Callable[[str], None]] = None,
+) -> Path:
+    """Write the checkpoint in `src_dir` into the new or empty `dst_dir` as `n_shards` shards of `dtype`.
+
+    Raises FileNotFoundError / ValueError / FileExistsError, before writing anything, for a missing or
+    unreadable source, an `n_shards` the model's heads cannot be split into (the message lists the valid
+    values) or a destination that already holds a checkpoint.
+    """
+    log = log or (lambda message: None)
+    info = inspect_checkpoint(src_dir)
+    # The vocabulary is split too: take its size from the weights, as params.json says -1 in Meta's files.
+    args = ModelArgs.from_params(info.params)
+    args.vocab_size = info.vocab_rows
+    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
+        raise ValueError(f"--mp must be a positive integer, got {n_shards!r}; valid values for this checkpoint: "
+                         f"{valid_model_parallel_sizes(args)}")
+    check_model_parallel_size(args, n_shards)
+    src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    if src == dst:
+        raise FileExistsError(f"source and destination are the same directory {str(src)!r}; choose a new one")
+    ensure_empty_destination(dst)  # also checked by write_checkpoint; here so nothing is read before it fails
+    params_bytes = (Path(src_dir) / "params.json").read_bytes()
+    log(f"resharding {info.n_shards} shard(s) of {src_dir} into {n_shards} shard(s) in {dst_dir} "
+        f"({str(dtype).removeprefix('torch.')})")
+
+    def shards() -> Iterator[dict]:
+        for index in range(n_shards):
+            start = time.perf_counter()
+            state = load_rank_state(info.shards, index, n_shards, dtype=dtype)
+            size = sum(t.numel() * t.element_size() for t in state.values())
+            yield state
+            del state
+            log(f"  [{index + 1}/{n_shards}] consolidated.{index:02d}.pth: {size / 2**20:.1f} MiB "
+                f"in {time.perf_counter() - start:.2f} s")
+
+    write_checkpoint(dst_dir, params_bytes, shards())
+    log(f"done: {dst_dir} (params.json copied)")
+    return Path(dst_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.reshard",
+        description="Rewrite a Llama checkpoint (consolidated.NN.pth + params.json) with N shards, "
+                    "one per model-parallel process.",
+    )
+    parser.add_argument("src_dir", help="checkpoint to read (any number of shards)")
+    parser.add_argument("dst_dir", help="new or empty directory to write the resharded checkpoint into")
+    parser.add_argument("--mp", type=int, required=True, metavar="N",
+                        help="number of shards to write: the model-parallel process count it will run on")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype of the written weights (default: bfloat16, as Meta's files)")
+    opts = parser.parse_args(argv)
+    try:
+        reshard(opts.src_dir, opts.dst_dir, opts.mp, DTYPES[opts.dtype], log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions: say so without a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no shard was left under its final name", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
