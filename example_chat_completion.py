@@ -6,10 +6,8 @@ is not a chat model and answers in its own style.
 
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
-from llama.cli import resolve_checkpoint
+from llama.cli import resolve_checkpoint, run
 from llama.distributed import print0
 
 DIALOGS: List[Dialog] = [
@@ -66,4 +64,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

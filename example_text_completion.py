@@ -5,10 +5,8 @@ With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `pytho
 
 from typing import Optional
 
-import fire
-
 from llama import Llama
-from llama.cli import resolve_checkpoint
+from llama.cli import resolve_checkpoint, run
 from llama.distributed import print0
 
 PROMPTS = [
@@ -63,4 +61,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

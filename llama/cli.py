@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
+
+import fire
 
 from . import distributed
 
@@ -20,3 +23,12 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
         missing = "--ckpt_dir" if ckpt_dir is None else "--tokenizer_path"
         raise ValueError(f"{missing} is missing: give both --ckpt_dir and --tokenizer_path, or neither for the demo")
     return str(ckpt_dir), str(tokenizer_path)
+
+
+def run(main: Callable) -> None:
+    """fire.Fire(main), with the library's input errors shown as one line on rank 0 and exit status 2."""
+    try:
+        fire.Fire(main)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        distributed.print0(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -41,6 +41,15 @@ def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     return dev
 
 
+def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
+    """The model-parallel size `setup` will use, known before any rendezvous (for early checks)."""
+    if model_parallel_size is not None:
+        return model_parallel_size
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.device]]) -> Runtime:
     """Join (or create) the process group and the model-parallel group; choose this rank's device."""
     dev = pick_device(device)

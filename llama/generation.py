@@ -99,10 +99,10 @@ class Llama:
                              f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
                              f"{info.params.get('vocab_size', -1)}): they do not belong together")
 
+        model_dtype = resolve_dtype(dtype, distributed.pick_device(device))
+        check_model_parallel_size(args, distributed.planned_model_parallel_size(model_parallel_size))
         runtime = distributed.setup(model_parallel_size, device)
-        check_model_parallel_size(args, runtime.model_parallel_size)
         torch.manual_seed(seed)
-        model_dtype = resolve_dtype(dtype, runtime.device)
         weight_bytes = count_parameters(args) * model_dtype.itemsize // runtime.model_parallel_size
         cache_bytes = (2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim
                        * model_dtype.itemsize // runtime.model_parallel_size)
