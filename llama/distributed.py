@@ -42,12 +42,13 @@ def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
 
 
 def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
-    """The model-parallel size `setup` will use, known before any rendezvous (for early checks)."""
-    if model_parallel_size is not None:
-        return model_parallel_size
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The model-parallel size `setup` will use, known (and checked) before any rendezvous."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    mp = world if model_parallel_size is None else model_parallel_size
+    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or world % mp:
+        raise ValueError(f"model_parallel_size {model_parallel_size!r} must be a positive divisor of the "
+                         f"{world} launched processes")
+    return mp
 
 
 def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.device]]) -> Runtime:
@@ -60,11 +61,7 @@ def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         atexit.register(teardown)
-    world = dist.get_world_size()
-    mp = world if model_parallel_size is None else model_parallel_size
-    if not isinstance(mp, int) or mp < 1 or world % mp:
-        raise ValueError(f"model_parallel_size {model_parallel_size!r} must be a positive divisor of the "
-                         f"{world} launched processes")
+    mp = planned_model_parallel_size(model_parallel_size)
     if not fs_init.model_parallel_is_initialized():
         _quietly(fs_init.initialize_model_parallel, mp)
     elif fs_init.get_model_parallel_world_size() != mp:
