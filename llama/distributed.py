@@ -71,7 +71,7 @@ def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    return Runtime(dist.get_rank(), world, fs_init.get_model_parallel_rank(), mp, dev)
+    return Runtime(dist.get_rank(), dist.get_world_size(), fs_init.get_model_parallel_rank(), mp, dev)
 
 
 def _quietly(fn, *args):
