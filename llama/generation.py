@@ -77,11 +77,13 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
-        divides the model's split dimensions works, whatever the checkpoint's shard count.
+        divides the model's split dimensions works, whatever the checkpoint's shard count. compile=True runs
+        the decode step through torch.compile (the first calls are slow while it compiles).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -122,15 +124,17 @@ class Llama:
         model.setup_cache(runtime.device, model_dtype)
         model.eval()
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, device=runtime.device)
+        return Llama(model, tokenizer, seed=seed, device=runtime.device, compile=compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1,
-                 device: Union[str, torch.device, None] = None) -> None:
+                 device: Union[str, torch.device, None] = None, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.sampler = torch.Generator(device=self.device).manual_seed(seed)
+        # The decode step is the hot loop; with compile, `length` is dynamic so one graph serves every position.
+        self._compiled_decode = torch.compile(model.decode, dynamic=True) if compile else None
 
     # --- the decode loop ---------------------------------------------------------------------------------
 
@@ -205,7 +209,8 @@ class Llama:
                 break
             # Finished rows keep a fixed place in the batch; they rewrite their last slot, which nobody reads.
             step_pos = torch.where(active, positions, positions - 1).clamp(max=params.max_seq_len - 1)
-            logits = self.model(nxt.unsqueeze(1), step_pos)[:, -1]
+            decode = self._compiled_decode or self.model.decode
+            logits = decode(nxt, step_pos, int(step_pos.max()) + 1)
             positions += active.long()
 
     @torch.inference_mode()

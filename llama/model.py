@@ -354,6 +354,16 @@ class Transformer(nn.Module):
         mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
         return self._run(tokens, Placement(rows, positions, mask=mask), logits_at)
 
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One new token per row: tokens (B,) at positions (B,), all below `length` (a host int, so that this
+        step has no data-dependent shapes and no device sync: it is what `compile=True` compiles).
+        Returns the next-token logits (B, V)."""
+        bsz = tokens.shape[0]
+        rows = torch.arange(bsz, device=tokens.device).unsqueeze(1)
+        pos = positions.unsqueeze(1)
+        mask = torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)  # (B, 1, length)
+        return self._run(tokens.unsqueeze(1), Placement(rows, pos, mask=mask), None)[:, 0]
+
     def prefill(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
         """Fill cache rows 0..B-1 with the given prompts in one packed forward pass. No padding is computed,
         however ragged the prompts. Returns the logits (B, V) of each prompt's last token, or with all_logits

@@ -438,7 +438,8 @@ def test_chat_dialog_not_a_list_of_messages(generator, bad):
 
 def test_bad_dialog_is_reported_before_any_compute(generator, monkeypatch):
     calls = []
-    monkeypatch.setattr(generator.model, "forward", lambda *a, **k: calls.append(a) or pytest.fail("model ran"))
+    for entry in ("forward", "prefill", "decode"):
+        monkeypatch.setattr(generator.model, entry, lambda *a, **k: calls.append(a) or pytest.fail("model ran"))
     with pytest.raises(ValueError):
         generator.chat_completion([SAFE, [{"role": "assistant", "content": "x"}]], max_gen_len=1)
     assert calls == []
@@ -449,15 +450,16 @@ def test_bad_dialog_is_reported_before_any_compute(generator, monkeypatch):
 
 @pytest.fixture
 def forward_batches(generator, monkeypatch):
-    """Record the batch size of every forward pass the model makes."""
+    """Record the batch size of every pass the model makes (prompts prefilled, rows decoded, rows forwarded)."""
     batches = []
-    original = generator.model.forward
+    for entry in ("forward", "prefill", "decode"):
+        original = getattr(generator.model, entry)
 
-    def recording(tokens, *args, **kwargs):
-        batches.append(tokens.shape[0])
-        return original(tokens, *args, **kwargs)
+        def recording(tokens, *args, _original=original, **kwargs):
+            batches.append(len(tokens))
+            return _original(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(generator.model, "forward", recording)
+        monkeypatch.setattr(generator.model, entry, recording)
     return batches
 
 

@@ -30,7 +30,7 @@ def ragged_prompts(n=4):
 
 
 class CountingModel:
-    """Wraps generator.model's prefill and forward to record each call, optionally rewriting the logits.
+    """Wraps generator.model's prefill and decode step to record each call, optionally rewriting the logits.
 
     `edit(call_index, logits)` gets the (B, V) next-token logits of call 1 (the prefill), 2, ... and returns
     the logits to use instead."""
@@ -46,16 +46,16 @@ class CountingModel:
             logits = cls.prefill(model, prompts, all_logits)
             return self.edit(len(self.calls), logits) if self.edit and not all_logits else logits
 
-        def forward(tokens, start_pos=0, logits_at=None):
-            self.calls.append(("forward", *tokens.shape))
-            logits = cls.forward(model, tokens, start_pos, logits_at)
-            return self.edit(len(self.calls), logits[:, -1]).unsqueeze(1) if self.edit else logits
+        def decode(tokens, positions, length):
+            self.calls.append(("decode", *tokens.shape))
+            logits = cls.decode(model, tokens, positions, length)
+            return self.edit(len(self.calls), logits) if self.edit else logits
 
-        model.prefill, model.forward = prefill, forward
+        model.prefill, model.decode = prefill, decode
         return self
 
     def __exit__(self, *exc):
-        del self.model.prefill, self.model.forward
+        del self.model.prefill, self.model.decode
 
 
 def test_ragged_batch_equals_one_prompt_at_a_time(gen):
@@ -72,7 +72,7 @@ def test_whole_batch_is_prefilled_in_one_forward_pass(gen):
     with CountingModel(gen) as counter:
         gen.generate(prompts, max_gen_len=3, temperature=0)
     # one packed prefill of all 46 prompt tokens (no padding), then one call per further token for the batch
-    assert counter.calls == [("prefill", 4, 16 + 13 + 10 + 7), ("forward", 4, 1), ("forward", 4, 1)]
+    assert counter.calls == [("prefill", 4, 16 + 13 + 10 + 7), ("decode", 4), ("decode", 4)]
 
 
 def test_each_row_stops_at_its_own_eos_and_decoding_ends_when_all_have(gen):
