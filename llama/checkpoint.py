@@ -68,10 +68,11 @@ def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
     return params
 
 
-def open_shard(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Memory-map one shard. weights_only: a checkpoint is data, and a pickle that would run code is refused."""
+def open_shard(path: PathLike, mmap: bool = True) -> Dict[str, torch.Tensor]:
+    """Memory-map one shard (or read it, each tensor in its own buffer, with mmap=False).
+    weights_only: a checkpoint is data, and a pickle that would run code is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise ValueError(f"refusing to load {str(path)!r}: it is not a plain tensor checkpoint "
                          f"(loading it would run code or it is corrupt): {str(err).splitlines()[0]}") from None
@@ -147,6 +148,7 @@ def load_rank_state(
     world: int,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
+    mmap: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
 
@@ -154,14 +156,17 @@ def load_rank_state(
     the stored dtype no byte is copied); otherwise only the shards overlapping this rank's share are opened,
     one at a time, and only the slices this rank needs are copied out, so memory stays near this rank's share
     plus one shard's mapping. The caller checks `world` against the model's heads first
-    (check_model_parallel_size): here only the split dimensions' sizes are checked.
+    (check_model_parallel_size): here only the split dimensions' sizes are checked. mmap=False reads the
+    rank's own shard into one buffer per tensor instead, so that a caller replacing tensors one by one (weight
+    packing) frees each as it goes, which a shared mapping would not.
     """
     if not shards:
         raise ValueError("no checkpoint shards given")
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
     if len(shards) == world:
-        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in open_shard(shards[rank]).items()}
+        state = open_shard(shards[rank], mmap=mmap)
+        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
 
     n_src = len(shards)
     out: Dict[str, torch.Tensor] = {}

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from . import cpu_linear, distributed
 from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
 from .checkpoint import check_model_parallel_size, inspect_checkpoint, load_rank_state
 from .model import ModelArgs, Transformer, count_parameters
@@ -78,12 +78,14 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
+        fast: bool = True,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
         divides the model's split dimensions works, whatever the checkpoint's shard count. compile=True runs
-        the decode step through torch.compile (the first calls are slow while it compiles).
+        the decode step through torch.compile (the first calls are slow while it compiles). fast=False turns
+        off the faster kernels chosen where they help (today: oneDNN-packed weights for bfloat16 on CPU).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -116,11 +118,17 @@ class Llama:
 
         with torch.device("meta"):
             model = Transformer(args)
+        pack = fast and cpu_linear.supported(runtime.device, model_dtype)
+        # Packing replaces each weight by a new buffer: read tensors into buffers of their own (not one shared
+        # mapping) so that each original is freed as soon as it is packed.
         state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
-                                dtype=model_dtype, device=runtime.device)
+                                dtype=model_dtype, device=runtime.device, mmap=not pack)
         state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
         _check_state(model, state, ckpt_dir)
         model.load_state_dict(state, strict=True, assign=True)
+        del state
+        if pack:
+            model.pack_for_cpu()
         model.setup_cache(runtime.device, model_dtype)
         model.eval()
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")

@@ -13,8 +13,11 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings as fs_mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
+
+from . import cpu_linear
 
 
 @dataclass
@@ -99,7 +102,20 @@ PRESETS = {
 # collectives) but only allocate the local shard, on the current device, uninitialised: checkpoint.py fills it.
 
 
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+class _PackableLinear:
+    """The weight may be replaced by oneDNN's packed layout (cpu_linear), a faster bfloat16 CPU path."""
+
+    packed = False
+
+    def pack_for_cpu(self) -> None:
+        self.weight = nn.Parameter(cpu_linear.pack(self.weight.data), requires_grad=False)
+        self.packed = True
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear(x, self.weight, self.packed)
+
+
+class ColumnParallelLinear(_PackableLinear, fs_layers.ColumnParallelLinear):
     """Output features split over ranks (Meta's dim 0); optionally all-gathered."""
 
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
@@ -110,8 +126,12 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
+        out = self._matmul(fs_mappings.copy_to_model_parallel_region(x))
+        return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
 
-class RowParallelLinear(fs_layers.RowParallelLinear):
+
+class RowParallelLinear(_PackableLinear, fs_layers.RowParallelLinear):
     """Input features split over ranks (Meta's dim 1); the partial products are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -121,6 +141,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition), requires_grad=False)
         self.register_parameter("bias", None)
         self.master_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
+        return fs_mappings.reduce_from_model_parallel_region(self._matmul(x))
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -319,6 +342,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
+
+    def pack_for_cpu(self) -> int:
+        """Pack every linear weight for oneDNN (see cpu_linear); returns how many. Each original weight is
+        released as its packed copy is made, so memory stays near one copy of the model."""
+        layers = [m for m in self.modules() if isinstance(m, _PackableLinear) and not m.packed]
+        for layer in layers:
+            layer.pack_for_cpu()
+        return len(layers)
 
     @property
     def has_cache(self) -> bool:

@@ -1,0 +1,35 @@
+"""bfloat16 matrix products on x86 CPUs through oneDNN, with weights packed once into its blocked layout.
+
+At one or a few tokens per step (decoding), PyTorch's eager bfloat16 matrix-vector product reads the weights
+far below the memory bandwidth. oneDNN's inner product over pre-packed weights uses the AVX-512 BF16
+instructions and streams them more than twice as fast (measured on this project's 2-core machine, one thread,
+over 1.1B-shape layers: 15.5 GB/s eager, 34.5 GB/s packed); prefill-sized products run at the same speed either
+way. The results are those of the same bfloat16 products; only the summation order inside oneDNN may differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where packing helps: bfloat16 on a CPU whose oneDNN build has bfloat16 kernels."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    try:
+        return bool(ops._is_mkldnn_bf16_supported()) and hasattr(ops, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight (out, in) reordered for oneDNN; usable only through `linear(..., packed=True)`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: bool) -> torch.Tensor:
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
