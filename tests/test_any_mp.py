@@ -117,7 +117,7 @@ def test_load_rank_state_is_exact_for_every_split(tmp_path, name, states, ckpts)
 def test_each_rank_opens_only_the_shards_it_needs(monkeypatch, ckpts):
     opened: List[str] = []
     real_open = ckpt_mod.open_shard
-    monkeypatch.setattr(ckpt_mod, "open_shard", lambda p: opened.append(Path(p).name) or real_open(p))
+    monkeypatch.setattr(ckpt_mod, "open_shard", lambda p, **kw: opened.append(Path(p).name) or real_open(p, **kw))
     shards = find_shards(ckpts["mha"][4])
     load_rank_state(shards, 1, 2)
     assert opened == ["consolidated.02.pth", "consolidated.03.pth"]
