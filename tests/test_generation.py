@@ -167,3 +167,21 @@ def test_greedy_matches_argmax_of_forward(gen):
         logits = gen.model(torch.tensor([seq]), 0)
         seq.append(int(logits[0, -1].argmax()))
     assert toks == seq[len(prompt):]
+
+
+def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
+    """bfloat16 on CPU packs weights for oneDNN by default; greedy tokens equal those of plain F.linear."""
+    from llama import cpu_linear
+
+    if not cpu_linear.supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU's oneDNN has no bfloat16 kernels")
+    runs = {}
+    for fast in (False, True):
+        g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
+                        dtype="bfloat16", fast=fast)
+        packed = [m.packed for m in g.model.modules() if hasattr(m, "packed")]
+        assert packed and all(packed) == fast and any(packed) == fast
+        runs[fast] = g.generate(ragged_prompts(), max_gen_len=8, temperature=0, logprobs=True, echo=True)
+    assert runs[True][0] == runs[False][0]
+    torch.testing.assert_close(torch.tensor(sum(runs[True][1], [])), torch.tensor(sum(runs[False][1], [])),
+                               atol=2e-2, rtol=0)
