@@ -185,3 +185,15 @@ def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
     assert runs[True][0] == runs[False][0]
     torch.testing.assert_close(torch.tensor(sum(runs[True][1], [])), torch.tensor(sum(runs[False][1], [])),
                                atol=2e-2, rtol=0)
+
+
+def test_compiled_decode_gives_the_eager_tokens(ckpt):
+    """compile=True (torch.compile of the decode step) changes speed, not results."""
+    runs = {}
+    for compile in (False, True):
+        g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
+                        dtype="float32", compile=compile)
+        runs[compile] = g.generate(ragged_prompts(2), max_gen_len=6, temperature=0, logprobs=True)
+    assert runs[True][0] == runs[False][0]
+    torch.testing.assert_close(torch.tensor(sum(runs[True][1], [])), torch.tensor(sum(runs[False][1], [])),
+                               atol=1e-4, rtol=0)
