@@ -3,8 +3,8 @@
     torchrun --nproc_per_node M tests/mp_worker.py OUT_DIR CKPT [CKPT ...]
 
 Every rank builds each checkpoint in turn (the process group is set up once and reused), generates from a
-fixed ragged batch of prompts (temperature 0, log-probs, echo) and writes OUT_DIR/rank{R}.json:
-{"rank", "world", "results": {CKPT: {"tokens", "logprobs"}}}. The tests compare these files
+fixed ragged batch of prompts (temperature 0, log-probs, echo; then sampled) and writes OUT_DIR/rank{R}.json:
+{"rank", "world", "results": {CKPT: {"tokens", "logprobs", "sampled"}}}. The tests compare these files
 with the single-process run of the merged weights (`generate_for` below, run in the test process itself).
 """
 
@@ -40,8 +40,11 @@ def generate_for(ckpt_dir: str, dtype: str = "float32") -> Dict[str, object]:
     prompt_tokens: List[List[int]] = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = generator.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=0.0,
                                           logprobs=True, echo=True)
+    # Sampled too: every rank draws with the same seeded generator from the same gathered logits, so the
+    # ranks' outputs (compared whole by the tests) must agree here as well.
+    sampled, _ = generator.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=1.0, top_p=0.9)
     del generator
-    return {"tokens": tokens, "logprobs": logprobs}
+    return {"tokens": tokens, "logprobs": logprobs, "sampled": sampled}
 
 
 def main(argv: List[str]) -> int:
