@@ -40,3 +40,30 @@ def run_torchrun(script: Path, args: Sequence[str], nproc: int, timeout: int = 3
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *(extra or ["--standalone"]),
            str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def hf_llama_tokenizer(sp, **options):
+    """transformers.LlamaTokenizer (Rust `tokenizers` BPE with byte fallback) over a SentencePiece model's
+    vocabulary: an independent second opinion on tokenization. Skips the calling test where transformers can't
+    be set up. Why it is built this way is explained in tests/test_tokenizer.py's `reference` fixture."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    normalizers = pytest.importorskip("tokenizers.normalizers")
+    try:
+        from transformers.tokenization_utils_base import generate_merges
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no generate_merges")
+    transformers.logging.set_verbosity_error()
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    scores = {piece: sp.get_score(i) for i, piece in enumerate(pieces)}
+    try:
+        tokenizer = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=True,
+                                                add_prefix_space=True, **options)
+    except TypeError as err:
+        pytest.skip(f"transformers {transformers.__version__}: LlamaTokenizer(vocab=, merges=) unsupported: {err}")
+    tokenizer._tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer._tokenizer.pre_tokenizer = None
+    return tokenizer

@@ -7,7 +7,7 @@ import re
 import pytest
 from sentencepiece import SentencePieceProcessor
 
-from helpers import TOKENIZER
+from helpers import TOKENIZER, hf_llama_tokenizer
 from llama import ChatFormat, Tokenizer
 from llama.chat_format import SPECIAL_TAGS, UNSAFE_ERROR, has_special_tags, validate_dialog
 
@@ -171,25 +171,7 @@ def hf(sp):
     """transformers.LlamaTokenizer over the fixture's vocabulary, set up as in tests/test_tokenizer.py's
     `reference` fixture (score-ranked merges, the legacy "prepend ▁, spaces to ▁" normalizer). Its BPE is Hugging
     Face's Rust implementation, so it does not share our wrapper's or SentencePiece's encoder."""
-    transformers = pytest.importorskip("transformers")
-    normalizers = pytest.importorskip("tokenizers.normalizers")
-    try:
-        from transformers.tokenization_utils_base import generate_merges
-    except ImportError:
-        pytest.skip(f"transformers {transformers.__version__} has no generate_merges")
-    transformers.logging.set_verbosity_error()
-    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    scores = {piece: sp.get_score(i) for i, piece in enumerate(pieces)}
-    try:
-        tokenizer = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=True,
-                                                add_prefix_space=True)
-    except TypeError as err:
-        pytest.skip(f"transformers {transformers.__version__}: LlamaTokenizer(vocab=, merges=) unsupported: {err}")
-    tokenizer._tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tokenizer._tokenizer.pre_tokenizer = None
-    return tokenizer
+    return hf_llama_tokenizer(sp)
 
 
 TEMPLATE_DIALOGS = [

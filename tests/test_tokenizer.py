@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sentencepiece import SentencePieceProcessor
 
-from helpers import TOKENIZER
+from helpers import TOKENIZER, hf_llama_tokenizer
 from llama import Tokenizer
 
 README = TOKENIZER.parent / "README.md"
@@ -349,24 +349,7 @@ def reference(sp):
       * split_special_tokens=True when encoding plain text: "<s>" in a text is text for Llama's reference
         tokenizer, not the BOS token.
     """
-    transformers = pytest.importorskip("transformers")
-    normalizers = pytest.importorskip("tokenizers.normalizers")
-    try:
-        from transformers.tokenization_utils_base import generate_merges
-    except ImportError:
-        pytest.skip(f"transformers {transformers.__version__} has no generate_merges")
-    transformers.logging.set_verbosity_error()
-    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    scores = {piece: sp.get_score(i) for i, piece in enumerate(pieces)}
-    try:
-        hf = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=True,
-                                         add_prefix_space=True, add_bos_token=True, add_eos_token=True)
-    except TypeError as err:
-        pytest.skip(f"transformers {transformers.__version__}: LlamaTokenizer(vocab=, merges=) unsupported: {err}")
-    hf._tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    hf._tokenizer.pre_tokenizer = None
-    return hf
+    return hf_llama_tokenizer(sp, add_bos_token=True, add_eos_token=True)
 
 
 CROSS_CHECK_CORPUS = [
