@@ -141,6 +141,7 @@ class Llama:
         self.formatter = ChatFormat(tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.sampler = torch.Generator(device=self.device).manual_seed(seed)
+        self._runs = 0  # generations started; see _stream_steps
         # The decode step is the hot loop; with compile, `length` is dynamic so one graph serves every position.
         self._compiled_decode = torch.compile(model.decode, dynamic=True) if compile else None
 
@@ -198,6 +199,8 @@ class Llama:
         max_seq_len. When prompt_logprobs is a list, the log-probability of each prompt token is appended to
         it (0.0 for the first, which nothing predicts), as `echo` needs.
         """
+        self._runs += 1
+        run = self._runs  # the cache is shared: a newer run makes this one's rows stale
         params = self.model.params
         lengths = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
         bsz = len(prompt_tokens)
@@ -215,6 +218,9 @@ class Llama:
             yield _Step(nxt.tolist(), emitted.tolist(), lps.tolist() if logprobs else None)
             if not bool(active.any()):
                 break
+            if self._runs != run:
+                raise RuntimeError("another generation ran on this Llama while this one was paused (they share "
+                                   "one KV cache): finish or close a stream before starting another call")
             # Finished rows keep a fixed place in the batch; they rewrite their last slot, which nobody reads.
             step_pos = torch.where(active, positions, positions - 1).clamp(max=params.max_seq_len - 1)
             decode = self._compiled_decode or self.model.decode
@@ -233,8 +239,7 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns the new tokens (the prompt too with echo) without EOS, and log-probs."""
         self._check_prompts(prompt_tokens)
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        _check_gen_len(max_gen_len)
         check_sampling_args(temperature, top_p)
         bsz = len(prompt_tokens)
         out_tokens: List[List[int]] = [list(p) if echo else [] for p in prompt_tokens]
@@ -273,12 +278,16 @@ class Llama:
         spaces are kept, and bytes of a character split over byte-fallback tokens are held back until the
         character is complete. Every rank yields the same chunks, so model-parallel ranks stay in step as long
         as they all consume (or stop consuming) the stream at the same chunk. Closing the iterator early
-        leaves the generator ready for the next call.
+        leaves the generator ready for the next call. One generation at a time: the KV cache is shared, so a
+        stream resumed after another call ran raises RuntimeError. Arguments are checked here, at the call.
         """
         self._check_prompts([prompt_tokens])
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        _check_gen_len(max_gen_len)
         check_sampling_args(temperature, top_p)
+        return self._stream_text(prompt_tokens, max_gen_len, temperature, top_p)
+
+    def _stream_text(self, prompt_tokens: List[int], max_gen_len: int, temperature: float,
+                     top_p: float) -> Iterator[str]:
         if max_gen_len == 0:
             return
         generated: List[int] = []
@@ -311,7 +320,7 @@ class Llama:
     ) -> Iterator[str]:
         """text_completion for one prompt, yielding text chunks as they are produced."""
         (tokens,) = self._encode_prompts([prompt])
-        yield from self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
+        return self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
 
     def stream_chat_completion(
         self,
@@ -323,10 +332,10 @@ class Llama:
         """chat_completion for one dialog, yielding the answer's text chunks as they are produced."""
         validate_dialog(dialog)
         if has_special_tags(dialog):
-            yield UNSAFE_ERROR
-            return
+            check_sampling_args(temperature, top_p)
+            return iter([UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
-        yield from self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
+        return self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p)
 
     # --- text and chat -----------------------------------------------------------------------------------
 
@@ -395,6 +404,11 @@ class Llama:
                     result["logprobs"] = lps[j]
                 results[i] = result
         return results
+
+
+def _check_gen_len(max_gen_len) -> None:
+    if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
 
 
 def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:

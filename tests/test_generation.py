@@ -197,3 +197,22 @@ def test_compiled_decode_gives_the_eager_tokens(ckpt):
     assert runs[True][0] == runs[False][0]
     torch.testing.assert_close(torch.tensor(sum(runs[True][1], [])), torch.tensor(sum(runs[False][1], [])),
                                atol=1e-4, rtol=0)
+
+
+def test_a_paused_stream_refuses_to_resume_after_another_call(gen):
+    stream = gen.stream_generate([1, 450, 4996], max_gen_len=20, temperature=0)
+    next(stream)
+    gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)  # reuses the cache rows the stream was using
+    with pytest.raises(RuntimeError, match="another generation ran"):
+        list(stream)
+    # the generator itself stays usable
+    assert len(gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)[0][0]) == 2
+
+
+def test_stream_arguments_are_checked_at_the_call(gen):
+    with pytest.raises(ValueError, match="temperature"):
+        gen.stream_text_completion("hi", temperature=-1)
+    with pytest.raises(ValueError, match="max_gen_len"):
+        gen.stream_generate([1, 2], max_gen_len=-3)
+    with pytest.raises(ValueError, match="dialog"):
+        gen.stream_chat_completion([{"role": "assistant", "content": "x"}])
