@@ -12,9 +12,10 @@ import json
 import os
 import pickle
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -149,6 +150,7 @@ def load_rank_state(
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
     mmap: bool = True,
+    progress: Optional[Callable[[int, int, Path, float], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
 
@@ -158,20 +160,26 @@ def load_rank_state(
     plus one shard's mapping. The caller checks `world` against the model's heads first
     (check_model_parallel_size): here only the split dimensions' sizes are checked. mmap=False reads the
     rank's own shard into one buffer per tensor instead, so that a caller replacing tensors one by one (weight
-    packing) frees each as it goes, which a shared mapping would not.
+    packing) frees each as it goes, which a shared mapping would not. `progress(i, n, path, seconds)` is called
+    after each of the n shards this rank reads.
     """
     if not shards:
         raise ValueError("no checkpoint shards given")
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
+    started = time.perf_counter()
     if len(shards) == world:
         state = open_shard(shards[rank], mmap=mmap)
-        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+        state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+        if progress:
+            progress(1, 1, Path(shards[rank]), time.perf_counter() - started)
+        return state
 
     n_src = len(shards)
     out: Dict[str, torch.Tensor] = {}
     reference: Optional[Dict[str, torch.Size]] = None  # keys and piece shapes of the first shard opened
-    for src_index in shards_for_rank(n_src, rank, world):
+    needed = shards_for_rank(n_src, rank, world)
+    for done, src_index in enumerate(needed, start=1):
         path = shards[src_index]
         src = open_shard(path)
         shapes = {k: v.shape for k, v in src.items()}
@@ -203,6 +211,8 @@ def load_rank_state(
             out[key].narrow(dim, lo - want.start, hi - lo).copy_(piece.narrow(dim, lo - have.start, hi - lo))
         piece = None
         del src  # drop every reference into this shard's mapping before the next one is opened
+        if progress:
+            progress(done, len(needed), Path(path), time.perf_counter() - started)
     return out
 
 

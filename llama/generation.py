@@ -122,7 +122,7 @@ class Llama:
         # Packing replaces each weight by a new buffer: read tensors into buffers of their own (not one shared
         # mapping) so that each original is freed as soon as it is packed.
         state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
-                                dtype=model_dtype, device=runtime.device, mmap=not pack)
+                                dtype=model_dtype, device=runtime.device, mmap=not pack, progress=_report_shard)
         state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
         _check_state(model, state, ckpt_dir)
         model.load_state_dict(state, strict=True, assign=True)
@@ -404,6 +404,10 @@ class Llama:
                     result["logprobs"] = lps[j]
                 results[i] = result
         return results
+
+
+def _report_shard(done: int, total: int, path, seconds: float) -> None:
+    distributed.print0(f"  rank 0 read shard {done}/{total} ({path.name}) after {seconds:.1f} s")
 
 
 def _check_gen_len(max_gen_len) -> None:
