@@ -133,6 +133,18 @@ def test_example_scripts_run_with_no_arguments(script):
     assert proc.stdout.count("> ") >= 4, proc.stdout[-2000:]
 
 
+def test_chat_script_runs_the_demo_with_no_arguments():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--temperature", "0", "--max_gen_len", "24"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          input="The secret of success is\n/quit\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "demo" in line.lower()]
+    assert lines and "fortune-llama" in lines[0], proc.stdout[:2000]
+    answer = proc.stdout.split("The secret of success is", 1)[1]
+    assert sum(ch.isalpha() for ch in answer) >= 10, proc.stdout[-2000:]
+
+
 # --- the training script --------------------------------------------------------------------------------------
 
 PROVERBS = [
