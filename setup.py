@@ -14,7 +14,7 @@ setup(
     install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
     extras_require={
         # Test-only: an independent implementation to check numerics against, and the test runner.
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=4.40", "matplotlib"],
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
         "train": ["matplotlib"],
     },
