@@ -106,6 +106,7 @@ class _PackableLinear:
     """The weight may be replaced by oneDNN's packed layout (cpu_linear), a faster bfloat16 CPU path."""
 
     packed = False
+    world = 1  # model-parallel processes, set at construction
 
     def pack_for_cpu(self) -> None:
         self.weight = nn.Parameter(cpu_linear.pack(self.weight.data), requires_grad=False)
@@ -115,18 +116,32 @@ class _PackableLinear:
         return cpu_linear.linear(x, self.weight, self.packed)
 
 
+def pack_fused(layers: Sequence["ColumnParallelLinear"]) -> Tuple[torch.Tensor, List[int]]:
+    """One packed weight for several column-parallel layers that read the same input (wq/wk/wv, w1/w3): one
+    larger product streams faster than several small ones. Their own weights are released."""
+    sizes = [layer.weight.shape[0] for layer in layers]
+    fused = cpu_linear.pack(torch.cat([layer.weight.data for layer in layers]))
+    for layer in layers:
+        layer.weight = nn.Parameter(layer.weight.data.new_empty(0), requires_grad=False)
+        layer.packed = True
+    return fused, sizes
+
+
 class ColumnParallelLinear(_PackableLinear, fs_layers.ColumnParallelLinear):
     """Output features split over ranks (Meta's dim 0); optionally all-gathered."""
 
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.world = get_model_parallel_world_size()
         self.output_size_per_partition = _split(out_features, "output features")
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features), requires_grad=False)
         self.register_parameter("bias", None)
         self.master_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
+        if self.world == 1:  # the collectives are identities: skip their per-call cost on the decode path
+            return self._matmul(x)
         out = self._matmul(fs_mappings.copy_to_model_parallel_region(x))
         return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
 
@@ -137,13 +152,15 @@ class RowParallelLinear(_PackableLinear, fs_layers.RowParallelLinear):
     def __init__(self, in_features: int, out_features: int) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
+        self.world = get_model_parallel_world_size()
         self.input_size_per_partition = _split(in_features, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition), requires_grad=False)
         self.register_parameter("bias", None)
         self.master_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
-        return fs_mappings.reduce_from_model_parallel_region(self._matmul(x))
+        out = self._matmul(x)
+        return out if self.world == 1 else fs_mappings.reduce_from_model_parallel_region(out)
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -251,12 +268,22 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
+        self.qkv_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `qkv`
+
+    def pack_for_cpu(self) -> None:
+        qkv, self.qkv_sizes = pack_fused([self.wq, self.wk, self.wv])
+        self.register_buffer("qkv", qkv, persistent=False)
+        self.wo.pack_for_cpu()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.qkv_sizes is not None:
+            q, k, v = cpu_linear.packed_linear(x, self.qkv).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
+        k = apply_rope(k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         if self.cache is not None:
             self.cache.update(where, k, v)
         if where.segments is not None:
@@ -298,9 +325,19 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim)
         self.w2 = RowParallelLinear(hidden_dim, dim)
         self.w3 = ColumnParallelLinear(dim, hidden_dim)
+        self.w13_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `w13`
+
+    def pack_for_cpu(self) -> None:
+        w13, self.w13_sizes = pack_fused([self.w1, self.w3])
+        self.register_buffer("w13", w13, persistent=False)
+        self.w2.pack_for_cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13_sizes is not None:
+            gate, up = cpu_linear.packed_linear(x, self.w13).split(self.w13_sizes, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -343,13 +380,14 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
-    def pack_for_cpu(self) -> int:
-        """Pack every linear weight for oneDNN (see cpu_linear); returns how many. Each original weight is
-        released as its packed copy is made, so memory stays near one copy of the model."""
-        layers = [m for m in self.modules() if isinstance(m, _PackableLinear) and not m.packed]
-        for layer in layers:
-            layer.pack_for_cpu()
-        return len(layers)
+    def pack_for_cpu(self) -> None:
+        """Pack the linear weights for oneDNN (see cpu_linear), fusing wq/wk/wv and w1/w3. Each original weight
+        is released as its packed copy is made, so memory stays near one copy of the model. Afterwards the
+        state dict no longer holds Meta's layout: take weights from the checkpoint, not from a packed model."""
+        for layer in self.layers:
+            layer.attention.pack_for_cpu()
+            layer.feed_forward.pack_for_cpu()
+        self.output.pack_for_cpu()
 
     @property
     def has_cache(self) -> bool:
