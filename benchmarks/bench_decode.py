@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from llama import distributed  # noqa: E402
+from llama import cpu_linear, distributed  # noqa: E402
 from llama.generation import resolve_dtype  # noqa: E402
-from llama.model import PRESETS  # noqa: E402
+from llama.model import PRESETS, count_parameters  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM at batch 1")
+    parser.add_argument("--plain", action="store_true", help="without the fast kernels (Llama.build(fast=False))")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -108,15 +109,23 @@ def main() -> None:
         shape["n_layers"] = opts.n_layers
     args = ModelArgs(**shape, max_batch_size=8, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
     model = random_model(args, device, dtype)
+    hf = None
+    if opts.hf:  # the same weights in the Hugging Face layout, converted before ours are packed
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
+
+        hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
+    if not opts.plain and cpu_linear.supported(device, dtype):
+        model.pack_for_cpu()  # what Llama.build does by default (fast=True)
     gen = Llama(model, Tokenizer(TOKENIZER), device=device)
     gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    read_per_step = weight_bytes - model.tok_embeddings.weight.numel() * dtype.itemsize  # one embedding row
+    # Every weight is read once per decode step, except the embedding table (one row of it).
+    read_per_step = (count_parameters(args) - args.vocab_size * args.dim) * dtype.itemsize
     bandwidth = read_bandwidth(device)
     result = {"shape": opts.shape, "n_layers": args.n_layers, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "dtype": str(dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "fast": not opts.plain,
               "weight_bytes_read_per_step": read_per_step,
               "measured_read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
 
@@ -130,11 +139,7 @@ def main() -> None:
         result[f"decode_tok_s_batch{bsz}"] = round(decode_rate(ours, bsz, opts.decode_tokens, device, opts.repeat), 2)
     result["batch1_bandwidth_fraction"] = round(result["decode_tok_s_batch1"] * read_per_step / bandwidth, 3)
 
-    if opts.hf:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
-
-        hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
+    if hf is not None:
         del gen, model
 
         def theirs(bsz, n):
