@@ -245,14 +245,10 @@ class Llama:
         out_tokens: List[List[int]] = [list(p) if echo else [] for p in prompt_tokens]
         out_logprobs: List[List[float]] = [[] for _ in range(bsz)]
         prompt_lps: Optional[List[List[float]]] = [] if (echo and logprobs) else None
-        done = [False] * bsz
         if max_gen_len > 0:
             for step in self._stream_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, prompt_lps):
-                for i in range(bsz):
-                    if not step.emitted[i] or done[i]:
-                        continue
-                    if step.tokens[i] == self.tokenizer.eos_id:
-                        done[i] = True
+                for i in range(bsz):  # a row emits nothing after its EOS, and the EOS itself is left out
+                    if not step.emitted[i] or step.tokens[i] == self.tokenizer.eos_id:
                         continue
                     out_tokens[i].append(step.tokens[i])
                     if logprobs:
