@@ -187,16 +187,20 @@ def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
                                atol=2e-2, rtol=0)
 
 
-def test_compiled_decode_gives_the_eager_tokens(ckpt):
-    """compile=True (torch.compile of the decode step) changes speed, not results."""
+# bfloat16 keeps about 3 significant digits: log-probs near -7 may differ by a few hundredths once the
+# compiler fuses and reorders the elementwise work; the tokens must still be the same.
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 6e-2)])
+def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, atol):
+    """compile=True (torch.compile of the decode step) changes speed, not results; in bfloat16 on CPU this
+    also covers the packed oneDNN weights inside a compiled graph."""
     runs = {}
     for compile in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
-                        dtype="float32", compile=compile)
+                        dtype=dtype, compile=compile)
         runs[compile] = g.generate(ragged_prompts(2), max_gen_len=6, temperature=0, logprobs=True)
     assert runs[True][0] == runs[False][0]
     torch.testing.assert_close(torch.tensor(sum(runs[True][1], [])), torch.tensor(sum(runs[False][1], [])),
-                               atol=1e-4, rtol=0)
+                               atol=atol, rtol=0)
 
 
 def test_a_paused_stream_refuses_to_resume_after_another_call(gen):
