@@ -41,9 +41,15 @@ def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     return dev
 
 
+def _launched() -> bool:
+    """Started by torchrun (or a launcher setting the same variables): join its env:// rendezvous."""
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
     """The model-parallel size `setup` will use, known (and checked) before any rendezvous."""
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.get_world_size() if dist.is_initialized() else (
+        int(os.environ["WORLD_SIZE"]) if _launched() else 1)
     mp = world if model_parallel_size is None else model_parallel_size
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or world % mp:
         raise ValueError(f"model_parallel_size {model_parallel_size!r} must be a positive divisor of the "
@@ -56,7 +62,7 @@ def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.
     dev = pick_device(device)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        if _launched():
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -7,6 +7,7 @@ device is current (``torch.device("meta")`` while loading) and receives its weig
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -98,8 +99,9 @@ PRESETS = {
 
 # --- fairscale's parallel layers, built without initialising weights ---------------------------------------
 # fairscale's constructors fill a full-size float32 "master weight" and scatter it, which costs a full copy of
-# every matrix per rank and breaks on the meta device. These subclasses keep fairscale's forward (and so its
-# collectives) but only allocate the local shard, on the current device, uninitialised: checkpoint.py fills it.
+# every matrix per rank and breaks on the meta device. These subclasses only allocate the local shard, on the
+# current device, uninitialised (checkpoint.py fills it). Their forward is fairscale's, with its collectives,
+# except that the matrix product can use packed weights and the collectives are skipped at one process.
 
 
 class _PackableLinear:
@@ -233,6 +235,14 @@ class Placement:
     positions: torch.Tensor  # (B, S) position of each token in its sequence
     mask: Optional[torch.Tensor] = None  # row layout: (B, S, T) which cached positions each token sees
     segments: Optional[List[Tuple[int, int]]] = None  # packed layout
+
+
+def _row_placement(positions: torch.Tensor, length: int) -> Placement:
+    """Row layout for tokens at `positions` (B, S): token (b, s) uses cache row b and sees positions <= its own."""
+    bsz, seqlen = positions.shape
+    rows = torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
+    mask = torch.arange(length, device=positions.device) <= positions.unsqueeze(-1)  # (B, S, length)
+    return Placement(rows, positions, mask=mask)
 
 
 class KVCache(nn.Module):
@@ -419,19 +429,13 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
         if not self.has_cache and int(start.max()) != 0:
             raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
-        rows = torch.arange(bsz, device=tokens.device).unsqueeze(1).expand(bsz, seqlen)
-        mask = torch.arange(length, device=tokens.device) <= positions.unsqueeze(-1)  # (B, S, length)
-        return self._run(tokens, Placement(rows, positions, mask=mask), logits_at)
+        return self._run(tokens, _row_placement(positions, length), logits_at)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """One new token per row: tokens (B,) at positions (B,), all below `length` (a host int, so that this
         step has no data-dependent shapes and no device sync: it is what `compile=True` compiles).
         Returns the next-token logits (B, V)."""
-        bsz = tokens.shape[0]
-        rows = torch.arange(bsz, device=tokens.device).unsqueeze(1)
-        pos = positions.unsqueeze(1)
-        mask = torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)  # (B, 1, length)
-        return self._run(tokens.unsqueeze(1), Placement(rows, pos, mask=mask), None)[:, 0]
+        return self._run(tokens.unsqueeze(1), _row_placement(positions.unsqueeze(1), length), None)[:, 0]
 
     def prefill(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
         """Fill cache rows 0..B-1 with the given prompts in one packed forward pass. No padding is computed,
@@ -446,9 +450,9 @@ class Transformer(nn.Module):
         rows = torch.repeat_interleave(torch.arange(len(prompts), device=device),
                                        torch.tensor(lengths, device=device)).unsqueeze(0)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
-        ends = torch.tensor(lengths, device=device).cumsum(0)
-        segments = list(zip((ends - torch.tensor(lengths, device=device)).tolist(), ends.tolist()))
-        logits_at = None if all_logits else (ends - 1).unsqueeze(0)
+        ends = list(itertools.accumulate(lengths))
+        segments = [(end - n, end) for end, n in zip(ends, lengths)]
+        logits_at = None if all_logits else torch.tensor(ends, device=device).unsqueeze(0) - 1
         return self._run(tokens, Placement(rows, positions, segments=segments), logits_at)[0]
 
     def _run(self, tokens: torch.Tensor, where: Placement, logits_at: Optional[torch.Tensor]) -> torch.Tensor:
