@@ -46,10 +46,10 @@ def rss_mb() -> float:
 
 def make(folder: Path, args_json: str) -> None:
     from llama import ModelArgs
-    from llama.checkpoint import params_of, random_state, split_state, write_checkpoint
+    from llama.checkpoint import random_state, split_state, write_checkpoint
 
     args = ModelArgs(**json.loads(args_json))
-    write_checkpoint(folder, params_of(args, vocab_size=-1), split_state(random_state(args, seed=0), 1))
+    write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(random_state(args, seed=0), 1))
 
 
 def timed(fn, repeat: int = 3) -> float:

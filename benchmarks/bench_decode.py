@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
 from llama import cpu_linear, distributed  # noqa: E402
-from llama.generation import resolve_dtype  # noqa: E402
+from llama.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
@@ -104,7 +104,7 @@ def main() -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
 
-    runtime = distributed.setup(None, opts.device)
+    runtime = distributed.setup(1, distributed.pick_device(opts.device))
     device, dtype = runtime.device, resolve_dtype(opts.dtype, runtime.device)
     shape = dict(PRESETS[opts.shape])
     if opts.n_layers:
@@ -117,9 +117,9 @@ def main() -> None:
         from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
-    if not opts.plain and cpu_linear.supported(device, dtype):
-        model.pack_for_cpu()  # what Llama.build does by default (fast=True)
-    gen = Llama(model, Tokenizer(TOKENIZER), device=device)
+    if not opts.plain:
+        model.prepare(cpu_linear.kernel_for(device, dtype))  # what Llama.build does by default (fast=True)
+    gen = Llama(model, Tokenizer(TOKENIZER))
     gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
 
     # Every weight is read once per decode step, except the embedding table (one row of it).

@@ -82,12 +82,12 @@ def worker(ckpt: str, out_dir: str, dtype: str) -> None:
 
 def make_checkpoint(folder: Path, opts) -> Path:
     from llama import ModelArgs
-    from llama.checkpoint import params_of, random_state, split_state, write_checkpoint
+    from llama.checkpoint import random_state, split_state, write_checkpoint
 
     args = ModelArgs(dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.n_heads, n_kv_heads=opts.n_kv_heads,
                      vocab_size=VOCAB, multiple_of=opts.multiple_of)
     state = random_state(args, seed=0)
-    write_checkpoint(folder, params_of(args, vocab_size=-1), split_state(state, opts.shards))
+    write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(state, opts.shards))
     return folder
 
 

@@ -8,6 +8,7 @@ writes checkpoints of any shard count (resharding, test fixtures).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -19,20 +20,26 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from .model import ModelArgs
+from . import layers
+from .model import ModelArgs, Transformer
 
-SPLIT_DIM: Dict[str, int] = {
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
-    "wo": 1, "w2": 1, "tok_embeddings": 1,
-}
-SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 PathLike = Union[str, os.PathLike]
+
+
+@functools.lru_cache(maxsize=None)
+def _split_dims() -> Dict[str, int]:
+    """Module name (wq, w2, tok_embeddings...) -> split dim, as the model's parallel layers declare it."""
+    with torch.device("meta"), layers.single_process():
+        model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8))
+    return {name.rsplit(".", 1)[-1]: module.split_dim for name, module in model.named_modules()
+            if hasattr(module, "split_dim")}
 
 
 def split_dim(key: str) -> Optional[int]:
     """The dim a state-dict entry is split on across shards, None where every shard holds all of it."""
     parts = key.split(".")
-    return SPLIT_DIM.get(parts[-2]) if len(parts) >= 2 else None
+    return _split_dims().get(parts[-2]) if len(parts) >= 2 else None
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -45,7 +52,7 @@ def find_shards(ckpt_dir: PathLike) -> List[Path]:
         raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
     found = {}
     for path in folder.glob("*.pth"):
-        match = SHARD_PATTERN.fullmatch(path.name)
+        match = _SHARD_NAME.fullmatch(path.name)
         if match:
             found[int(match.group(1))] = path
     if not found:
@@ -88,7 +95,6 @@ def open_shard(path: PathLike, mmap: bool = True) -> Dict[str, torch.Tensor]:
 class CheckpointInfo:
     """What can be learned about a checkpoint without reading its weights."""
 
-    folder: Path
     shards: List[Path]
     params: Dict[str, Any]
     vocab_rows: int  # rows of tok_embeddings: the vocabulary the weights were trained with
@@ -104,7 +110,7 @@ def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     first = open_shard(shards[0])  # memory-mapped: reading shapes touches no weights
     if "tok_embeddings.weight" not in first:
         raise ValueError(f"{str(shards[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
-    return CheckpointInfo(Path(ckpt_dir), shards, params, first["tok_embeddings.weight"].shape[0])
+    return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0])
 
 
 def valid_model_parallel_sizes(args: ModelArgs) -> List[int]:
@@ -350,17 +356,3 @@ def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bflo
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
     state["rope.freqs"] = inv_freq.to(dtype)
     return state
-
-
-def params_of(args: ModelArgs, vocab_size: Optional[int] = None) -> Dict[str, Any]:
-    """params.json contents for `args`, in the released files' style."""
-    params: Dict[str, Any] = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
-                              "n_layers": args.n_layers, "norm_eps": args.norm_eps,
-                              "vocab_size": args.vocab_size if vocab_size is None else vocab_size}
-    if args.n_kv_heads is not None:
-        params["n_kv_heads"] = args.n_kv_heads
-    if args.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
-    if args.rope_theta != 10000.0:
-        params["rope_theta"] = args.rope_theta
-    return params

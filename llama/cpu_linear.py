@@ -9,8 +9,10 @@ way. The results are those of the same bfloat16 products; only the summation ord
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -40,5 +42,17 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: bool) -> torch.Tensor:
-    return packed_linear(x, weight) if packed else F.linear(x, weight)
+class PackedLinear(nn.Module):
+    """x @ weight.T from the weight's packed copy (the original can then be freed)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("packed", pack(weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed)
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype) -> Optional[Callable[[torch.Tensor], nn.Module]]:
+    """The faster linear kernel for this device and dtype, None where the plain product is the best."""
+    return PackedLinear if supported(device, dtype) else None

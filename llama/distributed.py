@@ -1,4 +1,4 @@
-"""Process group, model-parallel group and device: the only module that touches torch.distributed setup.
+"""Process group, model-parallel group and device: the only module that touches torch.distributed.
 
 Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR) the env:// rendezvous is used, on one
 node or many. A plain `python script.py` becomes a one-process group over an in-memory store: no port, no
@@ -11,7 +11,8 @@ import atexit
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional, Union
+from datetime import timedelta
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -20,36 +21,47 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 @dataclass
 class Runtime:
-    rank: int  # global rank
-    world_size: int
     model_parallel_rank: int
     model_parallel_size: int
     device: torch.device
 
 
-def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}") from None
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
-    return dev
-
-
-def _launched() -> bool:
+def launched() -> bool:
     """Started by torchrun (or a launcher setting the same variables): join its env:// rendezvous."""
     return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """The device asked for (None: CUDA where there is a GPU, else the CPU), checked against this machine
+    before anything is loaded: no such GPU, or more processes on this node than GPUs, is a clear error."""
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    if dev.type != "cuda":
+        return dev
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(dev)!r} was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {str(dev)!r} does not exist: this machine has {count} CUDA GPU(s) "
+                         f"(cuda:0..cuda:{count - 1})")
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched() else 1
+    if dev.index is None and local_procs > count:
+        raise ValueError(f"{local_procs} processes were started on this node but it has {count} CUDA GPU(s): "
+                         f"use --nproc_per_node {count} (any checkpoint loads on any valid process count) or "
+                         "--device cpu")
+    return dev
+
+
 def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
     """The model-parallel size `setup` will use, known (and checked) before any rendezvous."""
-    world = dist.get_world_size() if dist.is_initialized() else (
-        int(os.environ["WORLD_SIZE"]) if _launched() else 1)
+    world = dist.get_world_size() if dist.is_initialized() else (int(os.environ["WORLD_SIZE"]) if launched() else 1)
     mp = world if model_parallel_size is None else model_parallel_size
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or world % mp:
         raise ValueError(f"model_parallel_size {model_parallel_size!r} must be a positive divisor of the "
@@ -57,27 +69,25 @@ def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
     return mp
 
 
-def setup(model_parallel_size: Optional[int], device: Optional[Union[str, torch.device]]) -> Runtime:
-    """Join (or create) the process group and the model-parallel group; choose this rank's device."""
-    dev = pick_device(device)
+def setup(model_parallel_size: int, device: torch.device) -> Runtime:
+    """Join (or create) the process group and the model-parallel group; place this rank on its device."""
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if _launched():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launched():
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         atexit.register(teardown)
-    mp = planned_model_parallel_size(model_parallel_size)
     if not fs_init.model_parallel_is_initialized():
-        _quietly(fs_init.initialize_model_parallel, mp)
-    elif fs_init.get_model_parallel_world_size() != mp:
+        _quietly(fs_init.initialize_model_parallel, model_parallel_size)
+    elif fs_init.get_model_parallel_world_size() != model_parallel_size:
         raise ValueError(f"model parallelism is already initialised with size "
-                         f"{fs_init.get_model_parallel_world_size()}, not {mp}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return Runtime(dist.get_rank(), dist.get_world_size(), fs_init.get_model_parallel_rank(), mp, dev)
+                         f"{fs_init.get_model_parallel_world_size()}, not {model_parallel_size}")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return Runtime(fs_init.get_model_parallel_rank(), model_parallel_size, device)
 
 
 def _quietly(fn, *args):
@@ -98,6 +108,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -106,3 +120,24 @@ def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
     if is_rank0():
         print(*args, **kwargs, flush=True)
+
+
+class Broadcast:
+    """Rank 0's decisions (an input line, a stop flag, a scheduler step) handed to every rank.
+
+    Values travel over a gloo group of their own with a long timeout: the other ranks may wait in a broadcast
+    while a user thinks or a server idles, and the default group's timeout (30 minutes) would end the run.
+    """
+
+    def __init__(self) -> None:
+        self.world = world_size()
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if self.world > 1 else None
+
+    def share(self, value: Any) -> Any:
+        """rank 0's value, on every rank (the others pass anything)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]

@@ -14,10 +14,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from . import cpu_linear, distributed
+from . import distributed, loading
 from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
-from .checkpoint import check_model_parallel_size, inspect_checkpoint, load_rank_state
-from .model import ModelArgs, Transformer, count_parameters
+from .decode_step import DecodeStep, default_compile
+from .model import Transformer
 from .sampling import check_sampling_args, next_token
 from .tokenizer import Tokenizer
 
@@ -32,29 +32,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]
     logprobs: List[float]
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """None: bfloat16 where the device supports it (any CPU, recent GPUs), else float16."""
-    if dtype is None:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be 'bfloat16', 'float16', 'float32' (or that torch.dtype), got {dtype!r}")
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @dataclass
@@ -77,73 +54,52 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
-        compile: bool = False,
+        compile: Optional[bool] = None,
         fast: bool = True,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
-        divides the model's split dimensions works, whatever the checkpoint's shard count. compile=True runs
-        the decode step through torch.compile (the first calls are slow while it compiles). fast=False turns
-        off the faster kernels chosen where they help (today: oneDNN-packed weights for bfloat16 on CPU).
+        divides the model's split dimensions works, whatever the checkpoint's shard count. device and dtype:
+        None picks the best available. compile: None compiles the decode step into CUDA graphs on CUDA and
+        stays eager on CPUs; True or False forces it. fast=False keeps the weights exactly in Meta's layout
+        (no fused or packed products), for reading or editing them through the model.
         """
         start = time.perf_counter()
-        _positive_int("max_seq_len", max_seq_len)
-        _positive_int("max_batch_size", max_batch_size)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        # Cheap checks first: the files, the tokenizer and the shapes, before any process group or weight.
+        loading.check_sizes(max_seq_len, max_batch_size, seed)
         tokenizer = Tokenizer(tokenizer_path)
-        info = inspect_checkpoint(ckpt_dir)
-        args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if args.vocab_size == -1:
-            args.vocab_size = tokenizer.n_words
-        if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
-            raise ValueError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the checkpoint in "
-                             f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
-                             f"{info.params.get('vocab_size', -1)}): they do not belong together")
-
-        model_dtype = resolve_dtype(dtype, distributed.pick_device(device))
-        check_model_parallel_size(args, distributed.planned_model_parallel_size(model_parallel_size))
-        runtime = distributed.setup(model_parallel_size, device)
+        info, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size)
+        plan = loading.plan(args, model_parallel_size, device, dtype, fast)
+        compiled = default_compile(plan.device, compile)
+        runtime = distributed.setup(plan.model_parallel_size, plan.device)
+        plan.device = runtime.device
         torch.manual_seed(seed)
-        weight_bytes = count_parameters(args) * model_dtype.itemsize // runtime.model_parallel_size
-        cache_bytes = (2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim
-                       * model_dtype.itemsize // runtime.model_parallel_size)
-        distributed.print0(
-            f"Loading {info.n_shards} shard(s) from {ckpt_dir} into {runtime.model_parallel_size} process(es) "
-            f"on {runtime.device.type}, {str(model_dtype).removeprefix('torch.')}: per process "
-            f"{weight_bytes / 2**30:.2f} GiB of weights + {cache_bytes / 2**30:.2f} GiB of KV cache "
-            f"({max_batch_size} x {max_seq_len} tokens)")
-
-        with torch.device("meta"):
-            model = Transformer(args)
-        pack = fast and cpu_linear.supported(runtime.device, model_dtype)
-        # Packing replaces each weight by a new buffer: read tensors into buffers of their own (not one shared
-        # mapping) so that each original is freed as soon as it is packed.
-        state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
-                                dtype=model_dtype, device=runtime.device, mmap=not pack, progress=_report_shard)
-        state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
-        _check_state(model, state, ckpt_dir)
-        model.load_state_dict(state, strict=True, assign=True)
-        del state
-        if pack:
-            model.pack_for_cpu()
-        model.setup_cache(runtime.device, model_dtype)
-        model.eval()
+        loading.announce(info, args, plan, ckpt_dir)
+        model = loading.load_model(info, args, plan, runtime.model_parallel_rank, ckpt_dir)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, device=runtime.device, compile=compile)
+        return Llama(model, tokenizer, seed=seed, compile=compiled)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1,
-                 device: Union[str, torch.device, None] = None, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = model.rope.device
         self.sampler = torch.Generator(device=self.device).manual_seed(seed)
         self._runs = 0  # generations started; see _stream_steps
-        # The decode step is the hot loop; with compile, `length` is dynamic so one graph serves every position.
-        self._compiled_decode = torch.compile(model.decode, dynamic=True) if compile else None
+        self._decode = DecodeStep(model, compiled=compile)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Prompt plus generation never exceed this many tokens."""
+        return self.model.params.max_seq_len
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.model.params.max_batch_size
+
+    def dialog_length(self, dialog: Dialog) -> int:
+        """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
+        return len(self.formatter.encode_dialog_prompt(dialog))
 
     # --- the decode loop ---------------------------------------------------------------------------------
 
@@ -201,31 +157,28 @@ class Llama:
         """
         self._runs += 1
         run = self._runs  # the cache is shared: a newer run makes this one's rows stale
-        params = self.model.params
-        lengths = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
-        bsz = len(prompt_tokens)
-        budget = torch.clamp(params.max_seq_len - lengths, max=max_gen_len)  # tokens each row may add
+        max_seq_len, eos = self.max_seq_len, self.tokenizer.eos_id
+        positions = [len(p) for p in prompt_tokens]  # where each row's next token goes
+        budget = [min(max_seq_len - n, max_gen_len) for n in positions]  # tokens each row may add
+        produced = [0] * len(prompt_tokens)
+        active = [b > 0 for b in budget]
         logits = self._prefill(prompt_tokens, prompt_logprobs)
-        active = budget > 0
-        positions = lengths.clone()  # where each row's next token goes
-        produced = torch.zeros(bsz, dtype=torch.long, device=self.device)
-        while bool(active.any()):
+        while any(active):
             nxt = next_token(logits, temperature, top_p, self.sampler)
             lps = F.log_softmax(logits, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1) if logprobs else None
-            emitted = active.clone()
-            produced += emitted.long()
-            active = active & (nxt != self.tokenizer.eos_id) & (produced < budget)
-            yield _Step(nxt.tolist(), emitted.tolist(), lps.tolist() if logprobs else None)
-            if not bool(active.any()):
+            tokens, emitted = nxt.tolist(), active
+            produced = [n + a for n, a in zip(produced, emitted)]
+            active = [a and t != eos and n < b for a, t, n, b in zip(emitted, tokens, produced, budget)]
+            yield _Step(tokens, emitted, lps.tolist() if logprobs else None)
+            if not any(active):
                 break
             if self._runs != run:
                 raise RuntimeError("another generation ran on this Llama while this one was paused (they share "
                                    "one KV cache): finish or close a stream before starting another call")
-            # Finished rows keep a fixed place in the batch; they rewrite their last slot, which nobody reads.
-            step_pos = torch.where(active, positions, positions - 1).clamp(max=params.max_seq_len - 1)
-            decode = self._compiled_decode or self.model.decode
-            logits = decode(nxt, step_pos, int(step_pos.max()) + 1)
-            positions += active.long()
+            # Finished rows keep their place in the batch and rewrite their last slot, which nobody reads.
+            step_pos = [min(p if a else p - 1, max_seq_len - 1) for p, a in zip(positions, active)]
+            logits = self._decode(nxt, step_pos)
+            positions = [p + a for p, a in zip(positions, active)]
 
     @torch.inference_mode()
     def generate(
@@ -402,25 +355,6 @@ class Llama:
         return results
 
 
-def _report_shard(done: int, total: int, path, seconds: float) -> None:
-    distributed.print0(f"  rank 0 read shard {done}/{total} ({path.name}) after {seconds:.1f} s")
-
-
 def _check_gen_len(max_gen_len) -> None:
     if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
         raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-
-
-def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:
-    """Every weight the model needs, of the right shape: otherwise say which, before assigning anything."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs params.json {tuple(expected[k])}"
-             for k in expected if k in state and state[k].shape != expected[k]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint in {ckpt_dir!r} does not match its params.json: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-
-
-__all__ = ["Llama", "Dialog", "Message", "CompletionPrediction", "ChatPrediction", "resolve_dtype"]

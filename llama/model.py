@@ -1,24 +1,23 @@
-"""The Llama 2 Transformer, model-parallel over fairscale's layers.
+"""The Llama 2 Transformer, model-parallel over the layers in layers.py.
 
-Read top to bottom: ModelArgs, RMSNorm, rotary embeddings, the KV cache, Attention, FeedForward,
-TransformerBlock, Transformer. Nothing here touches files or picks a device: the model is built on whatever
-device is current (``torch.device("meta")`` while loading) and receives its weights from ``checkpoint.py``.
+Read top to bottom: ModelArgs, RMSNorm, rotary embeddings, where a call's tokens sit (Rows, Packed), the KV
+cache, Attention, FeedForward, TransformerBlock, Transformer. Nothing here touches files or picks a device:
+the model is built on whatever device is current (``torch.device("meta")`` while loading) and receives its
+weights from loading.py.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel import mappings as fs_mappings
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from . import cpu_linear
+from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
+    fused_sizes, model_parallel_world
 
 
 @dataclass
@@ -48,6 +47,15 @@ class ModelArgs:
         args.validate()
         return args
 
+    def to_params(self, vocab_size: Optional[int] = None) -> Dict[str, Any]:
+        """params.json contents, in the released files' style (they say vocab_size -1)."""
+        params: Dict[str, Any] = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
+                                  "n_layers": self.n_layers, "norm_eps": self.norm_eps,
+                                  "vocab_size": self.vocab_size if vocab_size is None else vocab_size}
+        optional = {"n_kv_heads": None, "ffn_dim_multiplier": None, "rope_theta": 10000.0}
+        params.update({k: getattr(self, k) for k, default in optional.items() if getattr(self, k) != default})
+        return params
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -66,9 +74,7 @@ class ModelArgs:
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:
@@ -77,14 +83,19 @@ class ModelArgs:
             raise ValueError(f"n_kv_heads {self.n_kv_heads!r} must be a positive divisor of n_heads {self.n_heads}")
         if not (isinstance(self.vocab_size, int) and (self.vocab_size == -1 or self.vocab_size > 0)):
             raise ValueError(f"vocab_size must be -1 or a positive integer, got {self.vocab_size!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if self.ffn_dim_multiplier is not None and not (
-            isinstance(self.ffn_dim_multiplier, (int, float)) and self.ffn_dim_multiplier > 0
-        ):
-            raise ValueError(f"ffn_dim_multiplier must be a positive number, got {self.ffn_dim_multiplier!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """The one positive-integer check: a ValueError naming the argument and its bad value."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 # Shapes of the released models (their params.json) and of the 1.1B shape used by the benchmarks, as data.
@@ -97,95 +108,22 @@ PRESETS = {
 }
 
 
-# --- fairscale's parallel layers, built without initialising weights ---------------------------------------
-# fairscale's constructors fill a full-size float32 "master weight" and scatter it, which costs a full copy of
-# every matrix per rank and breaks on the meta device. These subclasses only allocate the local shard, on the
-# current device, uninitialised (checkpoint.py fills it). Their forward is fairscale's, with its collectives,
-# except that the matrix product can use packed weights and the collectives are skipped at one process.
+def count_parameters(args: ModelArgs) -> int:
+    """Parameters of the full (unsplit) model."""
+    d, v, kv = args.dim, args.vocab_size, args.kv_heads * args.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * args.ffn_hidden_dim + 2 * d
+    return args.n_layers * per_layer + 2 * v * d + d
 
 
-class _PackableLinear:
-    """The weight may be replaced by oneDNN's packed layout (cpu_linear), a faster bfloat16 CPU path."""
-
-    packed = False
-    world = 1  # model-parallel processes, set at construction
-
-    def pack_for_cpu(self) -> None:
-        self.weight = nn.Parameter(cpu_linear.pack(self.weight.data), requires_grad=False)
-        self.packed = True
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.packed)
+def memory_per_process(args: ModelArgs, dtype: torch.dtype, world: int) -> Tuple[int, int]:
+    """Bytes of weights and of KV cache that each of `world` model-parallel processes holds."""
+    weights = count_parameters(args) * dtype.itemsize // world
+    cache = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.kv_heads * args.head_dim
+             * dtype.itemsize // world)
+    return weights, cache
 
 
-def pack_fused(layers: Sequence["ColumnParallelLinear"]) -> Tuple[torch.Tensor, List[int]]:
-    """One packed weight for several column-parallel layers that read the same input (wq/wk/wv, w1/w3): one
-    larger product streams faster than several small ones. Their own weights are released."""
-    sizes = [layer.weight.shape[0] for layer in layers]
-    fused = cpu_linear.pack(torch.cat([layer.weight.data for layer in layers]))
-    for layer in layers:
-        layer.weight = nn.Parameter(layer.weight.data.new_empty(0), requires_grad=False)
-        layer.packed = True
-    return fused, sizes
-
-
-class ColumnParallelLinear(_PackableLinear, fs_layers.ColumnParallelLinear):
-    """Output features split over ranks (Meta's dim 0); optionally all-gathered."""
-
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
-        self.world = get_model_parallel_world_size()
-        self.output_size_per_partition = _split(out_features, "output features")
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features), requires_grad=False)
-        self.register_parameter("bias", None)
-        self.master_weight = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
-        if self.world == 1:  # the collectives are identities: skip their per-call cost on the decode path
-            return self._matmul(x)
-        out = self._matmul(fs_mappings.copy_to_model_parallel_region(x))
-        return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
-
-
-class RowParallelLinear(_PackableLinear, fs_layers.RowParallelLinear):
-    """Input features split over ranks (Meta's dim 1); the partial products are all-reduced."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
-        self.world = get_model_parallel_world_size()
-        self.input_size_per_partition = _split(in_features, "input features")
-        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition), requires_grad=False)
-        self.register_parameter("bias", None)
-        self.master_weight = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fairscale's, with the matmul made swappable
-        out = self._matmul(x)
-        return out if self.world == 1 else fs_mappings.reduce_from_model_parallel_region(out)
-
-
-class ParallelEmbedding(fs_layers.ParallelEmbedding):
-    """Embedding split on the embedding dimension (Meta's dim 1); the pieces are all-gathered."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        nn.Module.__init__(self)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
-        self.scale_grad_by_freq, self.sparse = False, False
-        self.embedding_dim_per_partition = _split(embedding_dim, "embedding dimension")
-        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition), requires_grad=False)
-        self.master_weight = None
-
-
-def _split(size: int, what: str) -> int:
-    world = get_model_parallel_world_size()
-    if size % world:
-        raise ValueError(f"{what} ({size}) cannot be split over {world} model-parallel processes")
-    return size // world
-
-
-# --- the model ---------------------------------------------------------------------------------------------
+# --- the pieces --------------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -221,28 +159,34 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+# --- where a call's tokens sit -----------------------------------------------------------------------------
+
+
 @dataclass
-class Placement:
-    """Where a call's tokens sit: which cache row and position each token has, and what it may attend to.
+class Rows:
+    """Tokens (B, S): token (b, s) is cache row b's token at positions[b, s], and sees that row's cached
+    positions up to its own among the first `window` (mask, (B, S, window))."""
 
-    Two layouts. Row layout: tokens (B, S), token (b, s) belongs to cache row b, and attends to that row's cached
-    positions allowed by `mask` (B, S, T). Packed layout (a ragged prefill): all prompts concatenated into one
-    row (1, N); `segments` gives each prompt's (start, end) in it; every prompt starts at position 0 and
-    attends causally within itself, so no padding is computed and no mask is materialised.
-    """
+    rows: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
 
-    rows: torch.Tensor  # (B, S) cache row of each token
-    positions: torch.Tensor  # (B, S) position of each token in its sequence
-    mask: Optional[torch.Tensor] = None  # row layout: (B, S, T) which cached positions each token sees
-    segments: Optional[List[Tuple[int, int]]] = None  # packed layout
+    @classmethod
+    def at(cls, positions: torch.Tensor, window: int) -> "Rows":
+        bsz, seqlen = positions.shape
+        rows = torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
+        return cls(rows, positions, torch.arange(window, device=positions.device) <= positions.unsqueeze(-1))
 
 
-def _row_placement(positions: torch.Tensor, length: int) -> Placement:
-    """Row layout for tokens at `positions` (B, S): token (b, s) uses cache row b and sees positions <= its own."""
-    bsz, seqlen = positions.shape
-    rows = torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
-    mask = torch.arange(length, device=positions.device) <= positions.unsqueeze(-1)  # (B, S, length)
-    return Placement(rows, positions, mask=mask)
+@dataclass
+class Packed:
+    """A ragged prefill: all prompts concatenated into one row (1, N). Prompt i fills cache row rows[i] from
+    position 0 and attends causally within itself (`segments`: its (start, end) in the row): no padding is
+    computed and no mask is materialised."""
+
+    rows: torch.Tensor  # (1, N) the cache row of each token
+    positions: torch.Tensor  # (1, N)
+    segments: List[Tuple[int, int]]
 
 
 class KVCache(nn.Module):
@@ -254,13 +198,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, where: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, S, H, D) at each token's cache row and position."""
-        self.k[where.rows, :, where.positions] = k
-        self.v[where.rows, :, where.positions] = v
+    def update(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, S, H, D) at each token's cache row and position (both (B, S))."""
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
 
-    def read(self, bsz: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:bsz, :, :length], self.v[:bsz, :, :length]
+
+# --- the blocks --------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -268,7 +212,7 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        world = get_model_parallel_world_size()
+        world = model_parallel_world()
         self.n_local_heads = args.n_heads // world
         self.n_local_kv_heads = args.kv_heads // world
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -277,54 +221,55 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv: Optional[ColumnParallelLinear] = None  # wq, wk, wv in one product, after `fuse`
+        self.qkv_sizes: List[int] = []
         self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
-        self.qkv_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `qkv`
 
-    def pack_for_cpu(self) -> None:
-        qkv, self.qkv_sizes = pack_fused([self.wq, self.wk, self.wv])
-        self.register_buffer("qkv", qkv, persistent=False)
-        self.wo.pack_for_cpu()
+    def fuse(self) -> None:
+        self.qkv_sizes = fused_sizes([self.wq, self.wk, self.wv])
+        self.wqkv = fuse_columns([self.wq, self.wk, self.wv])
+        del self.wq, self.wk, self.wv
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Union[Rows, Packed, None]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.qkv_sizes is not None:
-            q, k, v = cpu_linear.packed_linear(x, self.qkv).split(self.qkv_sizes, dim=-1)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = apply_rope(q.view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
         k = apply_rope(k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        if self.cache is not None:
-            self.cache.update(where, k, v)
-        if where.segments is not None:
-            out = self._packed(q, k, v, where.segments)
-        elif seqlen == 1 and self.cache is not None:
-            out = self._single_step(q, *self.cache.read(bsz, where.mask.shape[-1]), where.mask)
+        if where is None:  # no cache (training): the call's own tokens, causally
+            out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
-            keys, values = (self.cache.read(bsz, where.mask.shape[-1]) if self.cache is not None
-                            else (k.transpose(1, 2), v.transpose(1, 2)))  # no cache: training
-            out = self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
+            self.cache.update(where.rows, where.positions, k, v)
+            out = self._within_segments(q, k, v, where.segments) if isinstance(where, Packed) else \
+                self._over_cache(q, where.mask)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
     def _attend(self, q, keys, values, mask=None, causal=False):
-        """q (B, H, S, D) over keys/values (B, KV, T, D): prefill-sized calls, where copying K/V is cheap."""
+        """q (B, H, S, D) over keys/values (B, KV, T, D), for prefill-sized calls where copying K/V is cheap."""
         if self.n_rep > 1:
             keys, values = keys.repeat_interleave(self.n_rep, 1), values.repeat_interleave(self.n_rep, 1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal).transpose(1, 2)
 
-    def _single_step(self, q, keys, values, mask):
-        """One new token per row. Query head h reads KV head h // n_rep; grouping a KV head's n_rep query heads
-        along the sequence axis serves them in one attention call without copying K/V n_rep times."""
-        bsz = q.shape[0]
-        q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
-        return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
-
-    def _packed(self, q, k, v, segments):
+    def _within_segments(self, q, k, v, segments):
         """Causal attention within each prompt of a packed (1, N) prefill."""
         outs = [self._attend(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2), v[:, a:b].transpose(1, 2),
                              causal=True) for a, b in segments]
         return torch.cat(outs, dim=1)
+
+    def _over_cache(self, q, mask):
+        """Each row's tokens over that row's cached keys within the mask's window (B, S, T)."""
+        bsz, seqlen = q.shape[:2]
+        keys, values = self.cache.k[:bsz, :, :mask.shape[-1]], self.cache.v[:bsz, :, :mask.shape[-1]]
+        if seqlen > 1:
+            return self._attend(q.transpose(1, 2), keys, values, mask=mask.unsqueeze(1))
+        # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
+        # along the sequence axis serves them in one call without copying K/V n_rep times.
+        q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+        return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -335,33 +280,33 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim)
         self.w2 = RowParallelLinear(hidden_dim, dim)
         self.w3 = ColumnParallelLinear(dim, hidden_dim)
-        self.w13_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `w13`
+        self.w13: Optional[ColumnParallelLinear] = None  # w1 and w3 in one product, after `fuse`
+        self.w13_sizes: List[int] = []
 
-    def pack_for_cpu(self) -> None:
-        w13, self.w13_sizes = pack_fused([self.w1, self.w3])
-        self.register_buffer("w13", w13, persistent=False)
-        self.w2.pack_for_cpu()
+    def fuse(self) -> None:
+        self.w13_sizes = fused_sizes([self.w1, self.w3])
+        self.w13 = fuse_columns([self.w1, self.w3])
+        del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13_sizes is not None:
-            gate, up = cpu_linear.packed_linear(x, self.w13).split(self.w13_sizes, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = self.w13(x).split(self.w13_sizes, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Union[Rows, Packed, None]) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, where)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --- the model ---------------------------------------------------------------------------------------------
 
 
 class Transformer(nn.Module):
@@ -374,34 +319,44 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size, self.n_layers = params.vocab_size, params.n_layers
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+
+    # --- after the weights are in --------------------------------------------------------------------------
 
     def setup_rope(self, device: Union[str, torch.device]) -> None:
         p = self.params
         self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta).to(device), persistent=False)
 
     def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
-        """Allocate the rotary tables and the KV caches on the model's device (after weights are loaded)."""
+        """Allocate the rotary tables and the KV caches on the model's device."""
         p = self.params
         self.setup_rope(device)
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
-    def pack_for_cpu(self) -> None:
-        """Pack the linear weights for oneDNN (see cpu_linear), fusing wq/wk/wv and w1/w3. Each original weight
-        is released as its packed copy is made, so memory stays near one copy of the model. Afterwards the
-        state dict no longer holds Meta's layout: take weights from the checkpoint, not from a packed model."""
+    def prepare(self, kernel: Optional[Callable[[torch.Tensor], Optional[nn.Module]]] = None) -> None:
+        """Make inference faster: fuse wq/wk/wv and w1/w3 into single products and, where `kernel(weight)`
+        returns a module, compute each linear layer through it (packed or quantized weights). Each original
+        weight is released as it is replaced, so memory stays near one copy of the model. Afterwards the state
+        dict is no longer in Meta's layout: build with fast=False to read or edit the weights through the model."""
         for layer in self.layers:
-            layer.attention.pack_for_cpu()
-            layer.feed_forward.pack_for_cpu()
-        self.output.pack_for_cpu()
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        if kernel is not None:
+            for module in self.modules():
+                if isinstance(module, ParallelLinear) and module.weight is not None:
+                    prepared = kernel(module.weight.data)
+                    if prepared is not None:
+                        module.use_kernel(prepared)
 
     @property
     def has_cache(self) -> bool:
         return self.layers[0].attention.cache is not None
+
+    # --- the three ways in ---------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -416,8 +371,7 @@ class Transformer(nn.Module):
         its own, never beyond.
         logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
         output projection over the vocabulary is the costliest matrix at a single position). Default: all.
-        Weights are loaded with requires_grad=False, so no autograd graph is built; `setup_cache` is skipped
-        only to train (no cache, start_pos 0, the whole sequence in one call).
+        Without `setup_cache` (training) only start_pos 0 is possible and the call attends causally to itself.
         """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
@@ -427,37 +381,43 @@ class Transformer(nn.Module):
         length = int(positions.max()) + 1
         if int(positions.min()) < 0 or length > self.params.max_seq_len:
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
-        if not self.has_cache and int(start.max()) != 0:
-            raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
-        return self._run(tokens, _row_placement(positions, length), logits_at)
+        if not self.has_cache:
+            if int(start.max()) != 0:
+                raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
+            return self._run(tokens, positions, None, logits_at)
+        return self._run(tokens, positions, Rows.at(positions, length), logits_at)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """One new token per row: tokens (B,) at positions (B,), all below `length` (a host int, so that this
-        step has no data-dependent shapes and no device sync: it is what `compile=True` compiles).
-        Returns the next-token logits (B, V)."""
-        return self._run(tokens.unsqueeze(1), _row_placement(positions.unsqueeze(1), length), None)[:, 0]
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+        """One new token per cache row 0..B-1: tokens (B,) at positions (B,), every position below `window`.
+        Returns the next-token logits (B, V). The shapes depend only on B and the host int `window`, and
+        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs."""
+        positions = positions.unsqueeze(1)
+        return self._run(tokens.unsqueeze(1), positions, Rows.at(positions, window), None)[:, 0]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
-        """Fill cache rows 0..B-1 with the given prompts in one packed forward pass. No padding is computed,
-        however ragged the prompts. Returns the logits (B, V) of each prompt's last token, or with all_logits
-        those of every token, (N, V) for the N tokens of all prompts in order."""
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Fill cache rows (default 0..B-1) with the given prompts in one packed forward pass: no padding is
+        computed, however ragged the prompts. Returns the logits (B, V) of each prompt's last token, or with
+        all_logits those of every token, (N, V) for the N tokens of all prompts in order."""
         device = self.rope.device
         lengths = [len(p) for p in prompts]
-        if len(prompts) > self.params.max_batch_size or max(lengths) > self.params.max_seq_len:
-            raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens do not fit the cache "
-                             f"({self.params.max_batch_size} x {self.params.max_seq_len})")
+        rows = list(range(len(prompts))) if rows is None else list(rows)
+        if len(rows) != len(prompts) or not all(0 <= r < self.params.max_batch_size for r in rows) or \
+                max(lengths) > self.params.max_seq_len:
+            raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens in rows {rows} do not fit "
+                             f"the cache ({self.params.max_batch_size} x {self.params.max_seq_len})")
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device).unsqueeze(0)
-        rows = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                       torch.tensor(lengths, device=device)).unsqueeze(0)
+        row_of = torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(lengths, device=device))
         positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
         ends = list(itertools.accumulate(lengths))
-        segments = [(end - n, end) for end, n in zip(ends, lengths)]
+        where = Packed(row_of.unsqueeze(0), positions, [(end - n, end) for end, n in zip(ends, lengths)])
         logits_at = None if all_logits else torch.tensor(ends, device=device).unsqueeze(0) - 1
-        return self._run(tokens, Placement(rows, positions, segments=segments), logits_at)[0]
+        return self._run(tokens, positions, where, logits_at)[0]
 
-    def _run(self, tokens: torch.Tensor, where: Placement, logits_at: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, where: Union[Rows, Packed, None],
+             logits_at: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        rope = self.rope[where.positions]
+        rope = self.rope[positions]
         for layer in self.layers:
             h = layer(h, rope, where)
         if logits_at is not None:
@@ -465,12 +425,5 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def count_parameters(args: ModelArgs) -> int:
-    """Parameters of the full (unsplit) model, for memory estimates."""
-    d, v, kv = args.dim, args.vocab_size, args.kv_heads * args.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * args.ffn_hidden_dim + 2 * d
-    return args.n_layers * per_layer + 2 * v * d + d
-
-
 __all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVCache",
-           "Placement", "count_parameters"]
+           "count_parameters"]

@@ -30,9 +30,8 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .model import ModelArgs
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .loading import parse_dtype
+from .model import ModelArgs, check_positive_int
 
 
 def reshard(
@@ -53,9 +52,10 @@ def reshard(
     # The vocabulary is split too: take its size from the weights, as params.json says -1 in Meta's files.
     args = ModelArgs.from_params(info.params)
     args.vocab_size = info.vocab_rows
-    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
-        raise ValueError(f"--mp must be a positive integer, got {n_shards!r}; valid values for this checkpoint: "
-                         f"{valid_model_parallel_sizes(args)}")
+    try:
+        check_positive_int("--mp", n_shards)
+    except ValueError as err:
+        raise ValueError(f"{err}; valid values for this checkpoint: {valid_model_parallel_sizes(args)}") from None
     check_model_parallel_size(args, n_shards)
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if src == dst:
@@ -90,11 +90,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("dst_dir", help="new or empty directory to write the resharded checkpoint into")
     parser.add_argument("--mp", type=int, required=True, metavar="N",
                         help="number of shards to write: the model-parallel process count it will run on")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the written weights (default: bfloat16, as Meta's files)")
     opts = parser.parse_args(argv)
     try:
-        reshard(opts.src_dir, opts.dst_dir, opts.mp, DTYPES[opts.dtype], log=lambda m: print(m, flush=True))
+        reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype), log=lambda m: print(m, flush=True))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model {str(path)!r} is a directory; give the tokenizer.model file")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
+        self.path = str(path)
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(str(path))

@@ -42,8 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama import distributed  # noqa: E402
-from llama.checkpoint import atomic_save, params_of, write_checkpoint  # noqa: E402
+from llama.checkpoint import atomic_save, write_checkpoint  # noqa: E402
 from llama.model import ModelArgs, Transformer, count_parameters  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -349,7 +348,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     print(f"tokenizer: {tokenizer.n_words} pieces; {len(train_stream)} training and {len(held_stream)} held-out "
           f"tokens", flush=True)
 
-    distributed.setup(None, "cpu")
     args = ModelArgs(dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.n_heads, n_kv_heads=opts.n_kv_heads,
                      vocab_size=tokenizer.n_words, multiple_of=opts.multiple_of, max_seq_len=opts.seq_len,
                      max_batch_size=max(opts.batch_size, 1))
@@ -432,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             param.copy_(state[name].float())
     sample_loss = document_loss(model, tokenizer, sample, opts.seq_len)
 
-    write_checkpoint(out, params_of(args), iter([state]))
+    write_checkpoint(out, args.to_params(), iter([state]))
     metrics = {
         "unit": "nats per token",
         "uniform_baseline": round(uniform, 4),

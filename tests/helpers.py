@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from llama import ModelArgs
-from llama.checkpoint import params_of, random_state, split_state, write_checkpoint
+from llama.checkpoint import random_state, split_state, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
@@ -28,7 +28,7 @@ def make_checkpoint(folder: Path, args: ModelArgs, n_shards: int = 1, seed: int 
                     state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write a random bfloat16 checkpoint with n_shards shards; params.json says vocab_size -1, as Meta's do."""
     state = random_state(args, seed=seed) if state is None else state
-    return write_checkpoint(folder, params_of(args, vocab_size=-1), split_state(state, n_shards))
+    return write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(state, n_shards))
 
 
 def run_torchrun(script: Path, args: Sequence[str], nproc: int, timeout: int = 300,

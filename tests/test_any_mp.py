@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import mp_worker
 from helpers import MHA, ROOT, SHAPES, make_checkpoint, run_torchrun
@@ -202,21 +202,19 @@ def test_four_processes_any_shard_count(n_shards, ckpts, reference, four_process
 # --- two nodes on loopback ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_nodes(out: Path, ckpt_dirs: List[Path], timeout: int = 300) -> List[subprocess.CompletedProcess]:
-    """Two torchrun agents, one process each, meeting at a static rendezvous on 127.0.0.1."""
-    port = free_port()
+    """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1.
+
+    The rendezvous store is hosted here, by the test, on a port the kernel picks while binding it (no race for
+    a free port), and it outlives both agents: an agent that hosts the store itself closes it when its node is
+    done, and the other agent, still at its exit barrier, would then fail to read from it."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     procs = []
-    for node_rank in (0, 1):
+    for _ in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(WORKER), str(out), *map(str, ckpt_dirs)]
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", "two-nodes",
+               "--rdzv-conf", "is_host=false,join_timeout=120", str(WORKER), str(out), *map(str, ckpt_dirs)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True))
     results = []
@@ -229,18 +227,16 @@ def run_two_nodes(out: Path, ckpt_dirs: List[Path], timeout: int = 300) -> List[
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        del store
     return results
 
 
 def test_two_nodes_on_loopback(tmp_path, ckpts, reference):
     dirs = [ckpts["mha"][2], ckpts["gqa"][2]]
-    for attempt in range(2):  # a port taken between choosing and binding it is the only reason to retry
-        nodes = run_two_nodes(tmp_path / f"out{attempt}", dirs)
-        if not any("address already in use" in n.stderr.lower() for n in nodes):
-            break
-    for node_rank, node in enumerate(nodes):
-        assert_clean_exit(node, f"torchrun --nnodes 2 --node_rank {node_rank}")
-    ranks = read_ranks(tmp_path / f"out{attempt}", 2)
+    nodes = run_two_nodes(tmp_path / "out", dirs)
+    for node_index, node in enumerate(nodes):
+        assert_clean_exit(node, f"torchrun --nnodes 2, agent {node_index}")
+    ranks = read_ranks(tmp_path / "out", 2)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[1]["results"] == ranks[0]["results"]
     for name, folder in zip(("mha", "gqa"), dirs):

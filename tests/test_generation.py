@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llama import Llama
+from llama.layers import ParallelLinear
 from llama.sampling import sample_top_p
 
 from helpers import GQA, TOKENIZER, make_checkpoint
@@ -41,14 +42,14 @@ class CountingModel:
     def __enter__(self):
         model, cls = self.model, type(self.model)
 
-        def prefill(prompts, all_logits=False):
+        def prefill(prompts, rows=None, all_logits=False):
             self.calls.append(("prefill", len(prompts), sum(len(p) for p in prompts)))
-            logits = cls.prefill(model, prompts, all_logits)
+            logits = cls.prefill(model, prompts, rows=rows, all_logits=all_logits)
             return self.edit(len(self.calls), logits) if self.edit and not all_logits else logits
 
-        def decode(tokens, positions, length):
+        def decode(tokens, positions, window):
             self.calls.append(("decode", *tokens.shape))
-            logits = cls.decode(model, tokens, positions, length)
+            logits = cls.decode(model, tokens, positions, window)
             return self.edit(len(self.calls), logits) if self.edit else logits
 
         model.prefill, model.decode = prefill, decode
@@ -179,7 +180,7 @@ def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
     for fast in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
                         dtype="bfloat16", fast=fast)
-        packed = [m.packed for m in g.model.modules() if hasattr(m, "packed")]
+        packed = [m.kernel is not None for m in g.model.modules() if isinstance(m, ParallelLinear)]
         assert packed and all(packed) == fast and any(packed) == fast
         runs[fast] = g.generate(ragged_prompts(), max_gen_len=8, temperature=0, logprobs=True, echo=True)
     assert runs[True][0] == runs[False][0]

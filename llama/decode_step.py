@@ -1,0 +1,85 @@
+"""The decode step, the hot loop of generation: eager, or compiled with shapes that never change.
+
+A compiled step attends over a fixed window (the smallest of 256, 512, 1024... that holds every row's position,
+capped at max_seq_len) with the mask carrying the positions, so during a generation its shapes change only when
+the window grows, a handful of times at most. On CUDA it is compiled with ``mode="reduce-overhead"``: each shape
+is captured once as a CUDA graph and replayed with one launch per step, which removes the per-kernel launch
+cost that bounds batch-1 decoding on a GPU. Eager steps attend over exactly the positions in use, the least
+work where launches are cheap (CPUs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import distributed
+from .model import Transformer
+
+FIRST_WINDOW = 256
+
+
+def window_for(length: int, max_seq_len: int, fixed: bool) -> int:
+    """Positions a step attends over when the furthest row has `length` tokens: exactly that when eager; in a
+    compiled step, the next power-of-two bucket from FIRST_WINDOW, capped at max_seq_len."""
+    if not fixed:
+        return length
+    window = FIRST_WINDOW
+    while window < length:
+        window *= 2
+    return min(window, max_seq_len)
+
+
+class DecodeStep:
+    """Calls `model.decode` for a batch whose positions are known on the host (no device sync here)."""
+
+    def __init__(self, model: Transformer, compiled: bool) -> None:
+        self.model = model
+        self.compiled = compiled
+        self.device = model.rope.device
+        self._warm = set()  # (batch, window) shapes already run
+        mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs where they exist
+        self._compiled_fn: Optional[Callable] = torch.compile(model.decode, mode=mode) if compiled else None
+
+    def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
+        window = window_for(max(positions) + 1, self.model.params.max_seq_len, self.compiled)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        if not self.compiled:
+            return self.model.decode(tokens, pos, window)
+        shape = (len(positions), window)
+        if shape in self._warm:
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled_fn(tokens, pos, window)
+        return self._first(shape, tokens, pos, window)
+
+    def _first(self, shape, tokens: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """A shape's first call compiles (or captures) it: say so, time it, and fall back to eager on failure."""
+        if not self._warm:
+            distributed.print0("Compiling the decode step (once per process and shape; later builds reuse it)...")
+        start = time.perf_counter()
+        try:
+            out = self._compiled_fn(tokens, pos, window)
+        except Exception as err:  # a backend that cannot compile this model must not stop the generation
+            distributed.print0(f"warning: compiling the decode step failed ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly instead")
+            self.compiled = False
+            return self.model.decode(tokens, pos, window_for(int(pos.max()) + 1, self.model.params.max_seq_len, False))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._warm.add(shape)
+        distributed.print0(f"  decode step for batch {shape[0]}, window {shape[1]} ready in "
+                           f"{time.perf_counter() - start:.1f} s")
+        return out
+
+
+def default_compile(device: torch.device, compile: Optional[bool]) -> bool:
+    """compile=None: compiled (CUDA graphs) on CUDA, where launch cost dominates decoding; eager on CPUs."""
+    if compile is None:
+        return device.type == "cuda"
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None (automatic), got {compile!r}")
+    return compile

@@ -1,0 +1,130 @@
+"""What `Llama.build` composes: inspect the files, plan the run, then load, check and prepare the model.
+
+Each step fails early with an error naming the bad input: everything that can be checked from the files'
+headers and the arguments is checked before any process group is joined or any weight is read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import cpu_linear, distributed
+from .checkpoint import CheckpointInfo, check_model_parallel_size, inspect_checkpoint, load_rank_state
+from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
+from .tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be 'bfloat16', 'float16', 'float32' (or that torch.dtype), got {dtype!r}")
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """None: bfloat16 where the device supports it (any CPU, recent GPUs), else float16."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return parse_dtype(dtype)
+
+
+@dataclass
+class Plan:
+    """The run's decisions, made once and handed on: process count, device, dtype, and the faster kernels."""
+
+    model_parallel_size: int
+    device: torch.device
+    dtype: torch.dtype
+    fast: bool
+
+
+def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
+    check_positive_int("max_seq_len", max_seq_len)
+    check_positive_int("max_batch_size", max_batch_size)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int
+            ) -> Tuple[CheckpointInfo, ModelArgs]:
+    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer."""
+    info = inspect_checkpoint(ckpt_dir)
+    args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
+        raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
+                         f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
+                         f"{info.params.get('vocab_size', -1)}): they do not belong together")
+    return info, args
+
+
+def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool) -> Plan:
+    """Pick the device, the process count and the dtype once, and check that the model can be split so."""
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be True or False, got {fast!r}")
+    dev = distributed.pick_device(device)
+    mp = distributed.planned_model_parallel_size(model_parallel_size)
+    check_model_parallel_size(args, mp)
+    return Plan(mp, dev, resolve_dtype(dtype, dev), fast)
+
+
+def announce(info: CheckpointInfo, args: ModelArgs, plan: Plan, ckpt_dir: str) -> None:
+    weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
+    distributed.print0(
+        f"Loading {info.n_shards} shard(s) from {ckpt_dir} into {plan.model_parallel_size} process(es) on "
+        f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
+        f"weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
+
+
+def load_model(info: CheckpointInfo, args: ModelArgs, plan: Plan, rank: int, ckpt_dir: str) -> Transformer:
+    """This rank's share of the model, on its device, weights in place, KV cache allocated."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    kernel = cpu_linear.kernel_for(plan.device, plan.dtype) if plan.fast else None
+    # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
+    # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
+    state = load_rank_state(info.shards, rank, plan.model_parallel_size, dtype=plan.dtype, device=plan.device,
+                            mmap=not (plan.fast and plan.device.type == "cpu"), progress=_report_shard)
+    state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
+    _check_state(model, state, ckpt_dir)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    if plan.fast:
+        model.prepare(kernel)
+    model.setup_cache(plan.device, plan.dtype)
+    return model.eval()
+
+
+def _report_shard(done: int, total: int, path, seconds: float) -> None:
+    distributed.print0(f"  rank 0 read shard {done}/{total} ({path.name}) after {seconds:.1f} s")
+
+
+def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:
+    """Every weight the model needs, of the right shape: otherwise say which, before assigning anything."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs params.json {tuple(expected[k])}"
+             for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint in {ckpt_dir!r} does not match its params.json: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+
+
+class Timer:
+    """Seconds since construction, for the "Loaded in" line."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __str__(self) -> str:
+        return f"{time.perf_counter() - self.start:.2f}"
