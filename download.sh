@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Download the Llama 2 weights with the signed link Meta e-mails (see --help).
-# Each file goes to NAME.part, is checked (md5 from the release's checklists,
-# or "not a web page" for LICENSE and USE_POLICY.md) and only then renamed to
-# NAME; a re-run skips verified files and resumes .part files.  Needs bash 3.2+.
-set -u -f -o pipefail   # -f: no pathname expansion, as URLs contain '*' and '?'
+# Download the Llama 2 weights with Meta's signed link (see --help).  Each file goes to NAME.part, is checked
+# (md5 from the release's checklists; LICENSE, USE_POLICY.md: not a web page), then renamed to NAME.
+set -u -f -o pipefail   # -f: no pathname expansion, as URLs contain '*' and '?'.  Bash 3.2 or later.
 
 ALL_MODELS="7B 13B 70B 7B-chat 13B-chat 70B-chat"
 REQUEST_PAGE="https://ai.meta.com/resources/models-and-libraries/llama-downloads/"
@@ -11,49 +9,38 @@ DOWNLOADER_ENV=${DOWNLOADER:-}   # DOWNLOADER itself is reused for the tool in u
 OPT_URL="" OPT_MODELS="" OPT_TARGET="" OPT_DOWNLOADER="" OPT_RETRIES=""
 HAVE_URL=0 HAVE_MODELS=0 HAVE_TARGET=0 QUIET=0 NON_INTERACTIVE=0
 FETCHED=() UNCHECKED=() SKIPPED=() FAILED=()   # for the summary; FAILED has "path: reason"
-FATAL=0      # stop downloading: the remaining files would fail the same way
+FATAL=0 INTERRUPTED=0 LOG_FILE=""   # FATAL=1: stop, as the remaining files would fail the same way
 CURRENT=""   # release path being downloaded, for the Ctrl-C message
-INTERRUPTED=0 TMP_DIR="" LOG_FILE=""
 
 usage() {
     cat <<EOF
 Usage: ${0##*/} [options] [URL]
 
-Download Llama 2 model weights using the signed link Meta e-mailed you
-(https://<host>/*?Policy=...&Signature=...&Key-Pair-Id=...): each file's path
-replaces the '*'.  Links expire after 24 hours and allow a limited number of
-downloads; request a new one at
+Download the Llama 2 weights with the signed link Meta e-mailed you, of the form
+https://<host>/*?Policy=...&Signature=...&Key-Pair-Id=...  Links expire after
+24 hours and allow a limited number of downloads; request a new one at
   $REQUEST_PAGE
 
 Options (in brackets: the environment variable used when one is not given):
-  -u, --url URL          the signed link, quoted (it contains '&'); may also
-                         be the only argument                  [PRESIGNED_URL]
-  -m, --models LIST      comma-separated 7B, 13B, 70B, 7B-chat, 13B-chat,
-                         70B-chat (any case; llama-2-7b too), or 'all'
-                                                                  [MODEL_SIZE]
-  -d, --target-dir DIR   where to put the files (default: .)   [TARGET_FOLDER]
-      --downloader TOOL  wget or curl (default: wget if installed) [DOWNLOADER]
-      --retries N        times to resume a file after a network error (default
-                         5), after LLAMA_DOWNLOAD_RETRY_WAIT seconds (default 5)
+  -u, --url URL          the signed link, quoted; or the only argument [PRESIGNED_URL]
+  -m, --models LIST      comma-separated 7B, 13B, 70B, 7B-chat, 13B-chat, 70B-chat
+                         (any case; llama-2-7b too), or 'all'          [MODEL_SIZE]
+  -d, --target-dir DIR   where to put the files (default: .)        [TARGET_FOLDER]
+      --downloader TOOL  wget or curl (default: wget if installed)     [DOWNLOADER]
+      --retries N        times to resume a file after a network error (default 5),
+                         after LLAMA_DOWNLOAD_RETRY_WAIT seconds (default 5)
   -q, --quiet            no progress bars
       --non-interactive  never prompt; fail if the URL or models are missing
   -h, --help             show this help
-Without a link or models the script asks for them (Enter = all models); the
+Without a URL or models the script asks for them (Enter = all models); the
 answers can also be piped in, one per line.
 
-Writes DIR/LICENSE, USE_POLICY.md, tokenizer.model, tokenizer_checklist.chk
-and DIR/llama-2-7b/ etc.: consolidated.NN.pth (1, 2 or 8 shards for 7B, 13B,
-70B), params.json, checklist.chk.  Shards, params.json and tokenizer.model are
-checked against the release's md5 checklists (md5sum on Linux, md5 on macOS).
-Files go to NAME.part and are renamed once verified.  After any failure or
-Ctrl-C run the same command again (with a new link if yours expired): verified
-files are skipped and partial ones resume.
-
-Exit status: 0 all files verified; 1 some file failed (see the summary);
-2 bad usage, URL or model name, or a missing tool; 130 interrupted.
-Examples:
-  $0 --url 'https://download.llamameta.net/*?Policy=...' --models 7B,7B-chat
-  PRESIGNED_URL='https://...' MODEL_SIZE=70B TARGET_FOLDER=/data/llama $0
+Shards, params.json and tokenizer.model are checked against the release's md5
+checklists (md5sum, or md5 on macOS); files are renamed from NAME.part only once
+verified.  After any failure or Ctrl-C run the same command again (with a new
+link if yours expired): verified files are skipped and partial ones resume.
+Exit status: 0 all files verified; 1 some file failed (see the summary); 2 bad
+usage, URL or model name, or a missing tool; 130 interrupted.
 EOF
 }
 
@@ -72,31 +59,25 @@ trim() { local s=${1#"${1%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]
 file_size() { SIZE=0; if [ -f "$1" ]; then SIZE=$(($(wc -c < "$1" 2>/dev/null) + 0)); fi; }
 # Print the free KiB on the file system holding directory $1 (nothing if unknown).
 free_kb() { df -Pk "$1" 2>/dev/null | { read -r _ && read -r _ _ _ avail _ && printf '%s' "$avail"; }; }
-# Print the lowercase host of URL $1.
-url_host() { local h=${1#*://}; h=${h%%[/?#]*}; h=${h##*@}; lower "${h%%:*}"; }
+url_host() { local h=${1#*://}; h=${h%%[/?#]*}; h=${h##*@}; lower "${h%%:*}"; }   # of URL $1, lowercase
+need_value() { [ "$2" -ge 2 ] || die_usage "$1 needs a value (see --help)"; }   # $2: arguments left
 
-# KiB -> "12.3 GB" or "512 MB", for the disk-space messages.
-human_kb() {
+human_kb() {  # KiB -> "12.3 GB" or "512 MB", for the disk-space messages
     if [ "$1" -lt 1048576 ]; then printf '%d MB' $(($1 / 1024)); return; fi
     printf '%d.%d GB' $(($1 / 1048576)) $(($1 % 1048576 * 10 / 1048576))
 }
 
-# Set MD5 to file $1's lowercase md5 with the tool found by pick_tools
-# (md5sum reads stdin so that an odd file name cannot change its output).
-md5_of() {
-    local out
+md5_of() {  # set MD5 to file $1's md5 with MD5_TOOL (md5sum reads stdin: no file name to mangle)
     case $MD5_TOOL in
-        md5sum) out=$(md5sum < "$1") ;;
-        md5) out=$(md5 -r "$1") ;;
-        *) out=$(openssl dgst -md5 -r "$1") ;;
+        md5sum) MD5=$(md5sum < "$1") ;;
+        md5) MD5=$(md5 -r "$1") ;;
+        *) MD5=$(openssl dgst -md5 -r "$1") ;;
     esac || return 1
-    MD5=$(lower "${out%%[[:space:]]*}")
+    MD5=$(lower "${MD5%%[[:space:]]*}")
     [[ $MD5 =~ ^[0-9a-f]{32}$ ]]
 }
 
-# True if file $1 starts like a web page or an XML error, as sent by a captive
-# portal, a proxy or the CDN instead of the file.
-looks_like_html() {
+looks_like_html() {  # true if file $1 starts like a web page or XML error (portal, proxy, CDN)
     [ -f "$1" ] || return 1
     case $(trim "$(head -c 512 "$1" 2>/dev/null | tr -d '\000' | tr '[:upper:]' '[:lower:]')") in
         '<!doctype html'*|'<html'*|'<head'*|'<body'*|'<?xml'*|'<error'*) return 0 ;;
@@ -104,11 +85,7 @@ looks_like_html() {
     return 1
 }
 
-# Exit 2 unless option $1 has a value ($2: the number of arguments left).
-need_value() { [ "$2" -ge 2 ] || die_usage "$1 needs a value (see --help)"; }
-
-# Read the command line ("--opt value" or "--opt=value"); exit 2 on a bad option.
-parse_args() {
+parse_args() {  # read the command line ("--opt value" or "--opt=value"); exit 2 on a bad option
     local arg
     while [ $# -gt 0 ]; do
         case $1 in --url=*|--models=*|--model=*|--target-dir=*|--target=*|--downloader=*|--retries=*)
@@ -123,7 +100,7 @@ parse_args() {
             -d|--target-dir|--target) need_value "$1" $#; OPT_TARGET=$2 HAVE_TARGET=1; shift ;;
             --downloader) need_value "$1" $#; OPT_DOWNLOADER=$2; shift ;;
             --retries) need_value "$1" $#; OPT_RETRIES=$2; shift ;;
-            --) shift; break ;;
+            --) shift; break ;;   # what follows can only be the URL
             -*) die_usage "unknown option '$1' (see --help)" ;;
             *) [ "$HAVE_URL" = 0 ] || die_usage "unexpected argument '$1': give the URL once, quoted (see --help)"
                OPT_URL=$1 HAVE_URL=1 ;;
@@ -135,85 +112,62 @@ parse_args() {
     OPT_URL=$1 HAVE_URL=1
 }
 
-# Choose DOWNLOADER (option, $DOWNLOADER, else wget, else curl) and MD5_TOOL
-# (md5sum on Linux, md5 on macOS, else openssl); exit 2 if one is missing.
+# Choose DOWNLOADER (option, $DOWNLOADER, wget, curl) and MD5_TOOL; exit 2 if one is missing.
 pick_tools() {
     DOWNLOADER=${OPT_DOWNLOADER:-$DOWNLOADER_ENV}
     case $DOWNLOADER in
-        "") DOWNLOADER=$(first_tool wget curl) ||
-                die_usage "neither wget nor curl is installed (wget: not found, curl: not found). Install one of them, e.g. 'sudo apt-get install wget' or 'brew install wget', and run this again." ;;
-        wget|curl) have "$DOWNLOADER" ||
-                die_usage "$DOWNLOADER was requested but is not installed (not found in PATH). Install it, or choose the other one with --downloader." ;;
+        "") DOWNLOADER=$(first_tool wget curl) || die_usage "neither wget nor curl is installed (wget: not found, curl: not found). Install one of them, e.g. 'sudo apt-get install wget' or 'brew install wget', and run this again." ;;
+        wget|curl) have "$DOWNLOADER" || die_usage "$DOWNLOADER was requested but is not installed (not found in PATH). Install it, or choose the other one with --downloader." ;;
         *) die_usage "--downloader must be 'wget' or 'curl', not '$DOWNLOADER'" ;;
     esac
-    MD5_TOOL=$(first_tool md5sum md5 openssl) ||
-        die_usage "no MD5 tool found (md5sum, md5 or openssl), so checksums cannot be verified. Install coreutils (md5sum) and run this again."
+    MD5_TOOL=$(first_tool md5sum md5 openssl) || die_usage "no MD5 tool found (md5sum, md5 or openssl), so checksums cannot be verified. Install coreutils (md5sum) and run this again."
 }
 
-# Prompt with $1 and read a line of stdin into variable $2; fail at end of input.
-ask() {
+ask() {  # prompt with $1 and read a line of stdin into variable $2; fail at end of input
     local line="" rc
     [ "$NON_INTERACTIVE" = 0 ] || return 1
     printf '%s' "$1" >&2
-    IFS= read -r line
-    rc=$?
+    IFS= read -r line; rc=$?
     [ -t 0 ] || printf '\n' >&2    # the answer was not echoed by a terminal
     [ $rc -eq 0 ] || [ -n "$line" ] || return 1
     printf -v "$2" '%s' "$line"
 }
 
-# Set M_DIR, M_GB (approximate size on disk) and M_SHARDS (file names) for model $1.
-model_info() {
+model_info() {  # set M_DIR, M_GB (approximate size on disk) and M_SHARDS (file names) for model $1
     local n i
     M_DIR="llama-2-$(lower "$1")" M_SHARDS=()
     case $1 in 7B*) n=1 M_GB=13 ;; 13B*) n=2 M_GB=25 ;; *) n=8 M_GB=129 ;; esac
     for ((i = 0; i < n; i++)); do M_SHARDS+=("$(printf 'consolidated.%02d.pth' "$i")"); done
 }
 
-# Print the canonical name (7B, 13B-chat, ...) for a spelling of a model, or nothing.
-normalize_model() {
-    local m
-    m=$(lower "$1"); m=${m#llama-2-}; m=${m#llama2-}
-    case $m in
-        7b|13b|70b) printf '%sB' "${m%b}" ;;
-        7b[-_]chat|7bchat|13b[-_]chat|13bchat|70b[-_]chat|70bchat) printf '%sB-chat' "${m%%b*}" ;;
-    esac
-}
-
-# "7B, 13B-chat" ("" or "all": every model) -> MODELS; exit 2 naming unknown ones.
+# "7B, llama-2-13b_chat" ("" or "all": every model) -> MODELS (7B, 13B-chat, ...); exit 2 if unknown.
 parse_models() {
-    local list items item name seen=" " bad=""
+    local list items item m seen=" " bad=""
     list=$(trim "$1")
     if [ -z "$list" ] || [ "$(lower "$list")" = all ]; then list=$ALL_MODELS; fi
-    IFS=', ' read -r -a items <<< "$list"
-    MODELS=()
+    IFS=', ' read -r -a items <<< "$list"; MODELS=()
     for item in ${items[@]+"${items[@]}"}; do
         [ -n "$item" ] || continue
-        name=$(normalize_model "$item")
-        if [ -z "$name" ]; then bad="$bad${bad:+, }'$item'"
-        elif [[ $seen != *" $name "* ]]; then MODELS+=("$name"); seen="$seen$name "
-        fi
+        m=$(lower "$item"); m=${m#llama-2-}; m=${m#llama2-}
+        case $m in
+            7b|13b|70b) m="${m%b}B" ;;
+            7b[-_]chat|7bchat|13b[-_]chat|13bchat|70b[-_]chat|70bchat) m="${m%%b*}B-chat" ;;
+            *) bad="$bad${bad:+, }'$item'"; continue ;;
+        esac
+        [[ $seen == *" $m "* ]] || { MODELS+=("$m"); seen="$seen$m "; }
     done
-    [ -z "$bad" ] ||
-        die_usage "unknown model $bad. Choose from: ${ALL_MODELS// /, } (comma-separated), or 'all'. Nothing was downloaded."
+    [ -z "$bad" ] || die_usage "unknown model $bad. Choose from: ${ALL_MODELS// /, } (comma-separated), or 'all'. Nothing was downloaded."
     [ ${#MODELS[@]} -gt 0 ] || die_usage "no model chosen. Use e.g. --models 7B,13B-chat or --models all."
 }
 
-# Check the pasted link and split it around its '*' into URL_PREFIX and URL_SUFFIX;
-# exit 2 explaining copy-paste damage, a mail redirect or a single file's address.
+# Split the pasted link around its '*' into URL_PREFIX and URL_SUFFIX; exit 2 explaining a bad one.
 check_url() {
     local url path query host before
     url=$(trim "$1")
-    case $url in  # quotes or angle brackets that came along with a copy-paste
-        \"*\"|\'*\'|\<*\>) url=$(trim "${url:1:${#url}-2}") ;;
-    esac
-    [ -n "$url" ] ||
-        die_usage "no download URL given. Paste the link from Meta's e-mail (it starts with https:// and contains '*?Policy=')."
-    [[ $url != *[[:space:]]* ]] ||
-        die_usage "the URL contains spaces or line breaks; it was probably split across lines when copied. Copy the whole link again as one line."
-    case $(lower "$url") in http://*|https://*) ;; *)
-        die_usage "'${url:0:40}...' is not a web link. Paste the URL from Meta's e-mail; it starts with https://." ;;
-    esac
+    case $url in \"*\"|\'*\'|\<*\>) url=$(trim "${url:1:${#url}-2}") ;; esac   # pasted with quotes or <>
+    [ -n "$url" ] || die_usage "no download URL given. Paste the link from Meta's e-mail (it starts with https:// and contains '*?Policy=')."
+    [[ $url != *[[:space:]]* ]] || die_usage "the URL contains spaces or line breaks; it was probably split across lines when copied. Copy the whole link again as one line."
+    [[ $(lower "$url") == http://* || $(lower "$url") == https://* ]] || die_usage "'${url:0:40}...' is not a web link. Paste the URL from Meta's e-mail; it starts with https://."
     host=$(url_host "$url")
     case $host in
         l.facebook.com|lm.facebook.com|l.messenger.com|l.instagram.com|facebook.com|www.facebook.com|\
@@ -221,8 +175,7 @@ check_url() {
         urldefense.proofpoint.com|*.mimecast.com|*.mimecastprotect.com|google.com|www.google.com|t.co|lnkd.in)
             die_usage "this link goes through the redirect host '$host', which wraps the real download link, so it cannot be used to fetch files. In Meta's e-mail, select and copy the URL text itself (it looks like https://download.llamameta.net/*?Policy=...&Signature=...&Key-Pair-Id=...) rather than copying the link behind it, and run this again." ;;
     esac
-    path=${url%%\?*}
-    query=${url#"$path"}; query=${query#\?}
+    path=${url%%\?*}; query=${url#"$path"}; query=${query#\?}
     case $path in
         *\**) ;;
         *%2[Aa]*)   # some mail clients encode the '*' placeholder as %2A
@@ -239,8 +192,7 @@ check_url() {
     URL="$URL_PREFIX*$URL_SUFFIX"
 }
 
-# Settle the URL, MODELS and TARGET from the options, the environment or the
-# prompts; exit 2 before anything is downloaded if one is missing or wrong.
+# Settle URL, MODELS and TARGET from options, environment or prompts; exit 2 if one is wrong.
 read_inputs() {
     local url_in models_in
     if [ "$HAVE_URL" = 1 ]; then url_in=$OPT_URL
@@ -256,59 +208,50 @@ read_inputs() {
         die_usage "no models chosen. Pass them with --models 7B,13B-chat (or --models all) or MODEL_SIZE, or type them when asked."
     fi
     parse_models "$models_in"
-    TARGET=${TARGET_FOLDER:-.}
-    [ "$HAVE_TARGET" = 0 ] || TARGET=${OPT_TARGET:-.}
+    TARGET=${TARGET_FOLDER:-.}; [ "$HAVE_TARGET" = 0 ] || TARGET=${OPT_TARGET:-.}
     [[ $TARGET != -* ]] || TARGET="./$TARGET"   # not to be taken for an option
     { mkdir -p "$TARGET" && [ -w "$TARGET" ]; } || die_usage "cannot create or write to the target directory '$TARGET'."
 }
 
-# Fetch URL $1 into file $2, resuming it ($3 = 1: progress bar).  Sets DL_RC,
-# DL_HTTP (the HTTP status) and DL_KIND, alike for wget and curl: ok (or 416:
-# nothing left to send), norange (won't resume), forbidden (403), missing (404),
-# busy (worth retrying), http, net (worth resuming), disk, tls or other.
+# Fetch URL $1 into file $2, resuming it ($3 = 1: progress bar).  Sets DL_RC, DL_HTTP and, from one table
+# for both tools, DL_KIND: ok (416: nothing left), norange (won't resume), forbidden, missing, busy
+# (retry), http (another status), net (resume), disk, tls or other.
 transfer() {
-    local -a bar=()
+    local key first second rest bar=()
     if [ "$DOWNLOADER" = wget ]; then   # "force": wget would choose dots, its log being a file
         [ "$3" = 1 ] && bar=(--show-progress --progress=bar:force:noscroll)
         : > "$LOG_FILE"
         LC_ALL=C wget --no-verbose --server-response "--output-file=$LOG_FILE" --continue --tries=1 \
             --connect-timeout=30 --read-timeout=120 "--output-document=$2" ${bar[@]+"${bar[@]}"} -- "$1"
-        DL_RC=$? DL_HTTP=""
-        local first second rest
+        DL_RC=$? DL_HTTP="" key=wget:$DL_RC
         while read -r first second rest; do [[ $first == HTTP/* ]] && DL_HTTP=$second; done < "$LOG_FILE"
+        if [ "$DL_RC" != 0 ] && grep -q 'Continued download failed' "$LOG_FILE"; then key=wget:norange; fi
     else
         bar=(--silent); [ "$3" = 1 ] && bar=(--progress-bar)
         DL_HTTP=$(curl --globoff --location --fail --continue-at - --connect-timeout 30 --speed-limit 1 \
             --speed-time 120 --output "$2" --write-out '%{http_code}' "${bar[@]}" --url "$1")
-        DL_RC=$?
+        DL_RC=$? key=curl:$DL_RC
         [ "$DL_HTTP" != 000 ] || DL_HTTP=""
     fi
-    case $DOWNLOADER:$DL_RC in
-        *:0) DL_KIND=ok ;;
-        wget:8|curl:22) DL_KIND=http ;;
-        curl:33|curl:36) DL_KIND=norange ;;
+    case $key in wget:8|curl:22) key=http:$DL_HTTP ;; esac   # an HTTP error status
+    case $key in
+        *:0|http:416) DL_KIND=ok ;;
+        http:403) DL_KIND=forbidden ;;
+        http:404) DL_KIND=missing ;;
+        http:408|http:429|http:500|http:502|http:503|http:504) DL_KIND=busy ;;
+        http:*) DL_KIND=http ;;
+        wget:norange|curl:33|curl:36) DL_KIND=norange ;;
         wget:3|curl:23) DL_KIND=disk ;;
         wget:4|curl:[5-7]|curl:16|curl:18|curl:28|curl:52|curl:55|curl:56|curl:92) DL_KIND=net ;;
         wget:5|curl:35|curl:51|curl:58|curl:59|curl:60|curl:77|curl:80|curl:83|curl:90|curl:91) DL_KIND=tls ;;
         *) DL_KIND=other ;;
     esac
-    if [ "$DOWNLOADER" = wget ] && [ "$DL_RC" != 0 ] && grep -q 'Continued download failed' "$LOG_FILE"; then
-        DL_KIND=norange
-    elif [ "$DL_KIND" = http ]; then
-        case $DL_HTTP in
-            416) DL_KIND=ok ;;
-            403) DL_KIND=forbidden ;;
-            404) DL_KIND=missing ;;
-            408|429|500|502|503|504) DL_KIND=busy ;;
-        esac
-    fi
 }
 
-# Record for the summary that release path $1 failed for reason $2; say why ($3), if given.
+# Record release path $1 as failed for reason $2 (for the summary); say why ($3) if given.
 fail_file() { FAILED+=("$1: $2"); if [ $# -gt 2 ]; then err "$3"; fi; }
 
-# Say why release path $1 (partial file $2) failed after $3 attempts and what
-# to do; set FATAL where the next files would fail the same way.
+# Say why release path $1 (partial file $2, $3 attempts) failed; FATAL: the rest would fail too.
 report_failure() {
     local rel=$1 part=$2 free
     case $DL_KIND in forbidden|net|disk|tls) FATAL=1 ;; esac
@@ -327,20 +270,17 @@ report_failure() {
     esac
 }
 
-# Download release path $1 into its .part, resuming it and retrying network
-# errors and busy answers ($2 = 1: progress bar); true once the .part holds the
-# server's whole answer, else the failure is reported.  RESUMED=1: old bytes kept.
+# Download release path $1 into its .part ($2 = 1: progress), resuming and retrying; true once
+# complete, else the failure is reported.  RESUMED=1: bytes from before were kept.
 fetch_part() {
-    local rel=$1 part="$TARGET/$1.part" attempt=1 had pause=${LLAMA_DOWNLOAD_RETRY_WAIT:-5}
+    local rel=$1 part="$TARGET/$1.part" attempt=1 had pause=${LLAMA_DOWNLOAD_RETRY_WAIT:-5} note
     RESUMED=0 CURRENT=$rel
     if looks_like_html "$part"; then rm -f "$part"; fi
     while :; do
         file_size "$part"; had=$SIZE
         if [ "$had" -gt 0 ]; then RESUMED=1; say "Resuming $rel from byte $had"; else say "Downloading $rel"; fi
         transfer "$URL_PREFIX$rel$URL_SUFFIX" "$part" "$2"
-        case $DL_KIND in   # wget creates its output file even for an error answer
-            forbidden|missing|busy|http) file_size "$part"; [ "$SIZE" -gt 0 ] || rm -f "$part" ;;
-        esac
+        case $DL_KIND in forbidden|missing|busy|http) [ -s "$part" ] || rm -f "$part" ;; esac   # wget's empty file
         if [ "$DL_KIND" = ok ]; then CURRENT=""; return 0; fi
         if [ "$DL_KIND" = norange ] && [ "$had" -gt 0 ]; then   # restarting is not a retry
             say "The server does not support resuming $rel; starting it again from the beginning."
@@ -348,21 +288,16 @@ fetch_part() {
         fi
         if [[ $DL_KIND == net || $DL_KIND == busy ]] && [ "$attempt" -le "$RETRIES" ]; then
             attempt=$((attempt + 1))
-            if [ "$DL_KIND" = net ]; then
-                say "Connection problem while downloading $rel ($DOWNLOADER exit status $DL_RC); resuming in ${pause}s (attempt $attempt of $((RETRIES + 1)))."
-            else
-                say "The server answered $DL_HTTP for $rel; trying again in ${pause}s (attempt $attempt of $((RETRIES + 1)))."
-            fi
+            note="Connection problem while downloading $rel ($DOWNLOADER exit status $DL_RC); resuming"
+            [ "$DL_KIND" = net ] || note="The server answered $DL_HTTP for $rel; trying again"
+            say "$note in ${pause}s (attempt $attempt of $((RETRIES + 1)))."
             sleep "$pause"; continue
         fi
-        report_failure "$rel" "$part" "$attempt"
-        CURRENT=""
-        return 1
+        CURRENT=""; report_failure "$rel" "$part" "$attempt"; return 1
     done
 }
 
-# Record that the server sent a web page (or nothing) instead of release path $1.
-html_error() {
+html_error() {  # record that the server sent a web page (or nothing) instead of release path $1
     rm -f "$TARGET/$1.part"
     fail_file "$1" "web page instead of the file" "the server sent a web page (or an empty answer) instead of $1; nothing was saved under that name. Your link may be wrong or expired, or a proxy or captive portal intercepted the download: open the link in a browser to see the message, or request a new link at $REQUEST_PAGE."
 }
@@ -371,30 +306,23 @@ html_error() {
 is_real_text() { [ -f "$1" ] && [ -s "$1" ] && ! looks_like_html "$1"; }
 # Rename the verified $TARGET/$1.part to its final name.
 install_part() { mv -f "$TARGET/$1.part" "$TARGET/$1" || { fail_file "$1" "could not rename"; return 1; }; }
-
-# Download small text file $1 afresh into its .part; fail on a web page.
-fetch_text() {
+fetch_text() {  # download small text file $1 afresh into its .part; fail on a web page
     rm -f "$TARGET/$1.part"
     fetch_part "$1" 0 || return 1
     is_real_text "$TARGET/$1.part" || { html_error "$1"; return 1; }
 }
 
-# Download $1, a file with no published checksum (LICENSE, USE_POLICY.md).
-get_unchecked() {
+get_unchecked() {  # download $1, a file with no published checksum (LICENSE, USE_POLICY.md)
     if is_real_text "$TARGET/$1"; then SKIPPED+=("$1"); return 0; fi
     fetch_text "$1" && install_part "$1" && UNCHECKED+=("$1")
 }
 
-# Load checklist $1 ("<md5>  <name>" lines) into CHK_NAMES and CHK_HASHES; fail
-# with CHK_ERROR unless it is well formed and lists every name in $2...
+# Load checklist $1 ("<md5>  <name>" lines) into CHK_NAMES/CHK_HASHES; it must list $2...
 read_checklist() {
-    local file=$1 line hash name n=0 want re='^([0-9A-Fa-f]{32})[[:space:]]+\*?(.+)$'
-    shift
+    local file=$1 line hash name n=0 want re='^([0-9A-Fa-f]{32})[[:space:]]+\*?(.+)$'; shift
     CHK_NAMES=() CHK_HASHES=() CHK_ERROR=""
     while IFS= read -r line || [ -n "$line" ]; do
-        n=$((n + 1))
-        line=$(trim "$line")
-        [ -n "$line" ] || continue
+        n=$((n + 1)); line=$(trim "$line"); [ -n "$line" ] || continue
         [[ $line =~ $re ]] || { CHK_ERROR="line $n is not '<md5>  <file name>': '${line:0:60}'"; return 1; }
         hash=$(lower "${BASH_REMATCH[1]}") name=${BASH_REMATCH[2]#./}
         if [[ $name == .* || $name == */* || $name == *[!A-Za-z0-9._-]* ]]; then
@@ -408,10 +336,8 @@ read_checklist() {
     done
 }
 
-# Download checklist $1 unless a valid one is there, and load it; it must list $2...
-get_checklist() {
-    local rel=$1 dest="$TARGET/$1"
-    shift
+get_checklist() {  # download checklist $1 unless a valid one is there, and load it; it must list $2...
+    local rel=$1 dest="$TARGET/$1"; shift
     if [ -f "$dest" ]; then
         if read_checklist "$dest" "$@"; then SKIPPED+=("$rel"); return 0; fi
         warn "the existing $rel is not a valid checksum list ($CHK_ERROR), probably an error page saved by an earlier attempt; downloading it again."
@@ -426,26 +352,20 @@ get_checklist() {
     install_part "$rel" && FETCHED+=("$rel")
 }
 
-# True if release path $1 is in place with md5 $2.  Else the file there (e.g.
-# the original script's partial download) becomes the .part, unless that is larger.
+# True if release path $1 is in place with md5 $2 ($3 = 1: say so).  Otherwise the file there
+# (e.g. the original script's partial download) becomes the .part, unless that is larger.
 check_existing() {
     local rel=$1 dest="$TARGET/$1" dsize
     [ -f "$dest" ] || return 1
     [ "$3" = 1 ] && say "Checking the existing $rel"
     if md5_of "$dest" && [ "$MD5" = "$2" ]; then return 0; fi
-    file_size "$dest"; dsize=$SIZE
-    file_size "$dest.part"
-    if looks_like_html "$dest" || [ "$dsize" -le "$SIZE" ]; then
-        rm -f "$dest"
-    else
-        say "The existing $rel does not match its checksum; treating it as a partial download."
-        mv -f "$dest" "$dest.part"
-    fi
-    return 1
+    file_size "$dest"; dsize=$SIZE; file_size "$dest.part"
+    if looks_like_html "$dest" || [ "$dsize" -le "$SIZE" ]; then rm -f "$dest"; return 1; fi
+    say "The existing $rel does not match its checksum; treating it as a partial download."
+    mv -f "$dest" "$dest.part"; return 1
 }
 
-# Download release path $1 and check it against md5 $2 ($3 = 1: progress); a
-# mismatch after resuming an old partial file gets one fresh download.
+# Download release path $1, check it against md5 $2 ($3 = 1: progress); one fresh try after a bad resume.
 get_verified() {
     local rel=$1 want=$2 part="$TARGET/$1.part" fresh=0
     if check_existing "$rel" "$want" "$3"; then SKIPPED+=("$rel"); return 0; fi
@@ -466,25 +386,21 @@ get_verified() {
     install_part "$rel" && FETCHED+=("$rel")
 }
 
-# Fetch checklist $2 in directory $1 ("" for the top), then each file it lists;
-# $3... are names it must list.  Only shards get a progress bar.
+# Fetch checklist $2 in directory $1 (or the top), which must list $3..., then each file it lists.
 get_listed_files() {
-    local prefix=${1:+$1/} chk=$2 i want progress
-    shift 2
+    local prefix=${1:+$1/} chk=$2 i want progress; shift 2
     if ! get_checklist "$prefix$chk" "$@"; then
         for want in "$@"; do fail_file "$prefix$want" "not attempted: no valid $chk"; done
         return 1
     fi
     for i in "${!CHK_NAMES[@]}"; do
         [ "$FATAL" = 0 ] || return 1
-        progress=0
-        [[ ${CHK_NAMES[$i]} == *.pth ]] && progress=$SHOW_PROGRESS
+        progress=0; [[ ${CHK_NAMES[$i]} == *.pth ]] && progress=$((1 - QUIET))
         get_verified "$prefix${CHK_NAMES[$i]}" "${CHK_HASHES[$i]}" "$progress"
     done
 }
 
-# Download the license files, the tokenizer and each model, stopping once FATAL.
-download_all() {
+download_all() {  # the license files, the tokenizer, then each model; stop once FATAL
     local m
     get_unchecked LICENSE
     [ "$FATAL" = 0 ] && get_unchecked USE_POLICY.md
@@ -493,20 +409,15 @@ download_all() {
         [ "$FATAL" = 0 ] || return
         model_info "$m"
         say "== $m ($M_DIR, ${#M_SHARDS[@]} shard(s)) =="
-        if mkdir -p "$TARGET/$M_DIR"; then
-            get_listed_files "$M_DIR" checklist.chk "${M_SHARDS[@]}" params.json
-        else
-            fail_file "$M_DIR" "could not create directory" "could not create $TARGET/$M_DIR"
-        fi
+        mkdir -p "$TARGET/$M_DIR" || { fail_file "$M_DIR" "could not create directory" "could not create $TARGET/$M_DIR"; continue; }
+        get_listed_files "$M_DIR" checklist.chk "${M_SHARDS[@]}" params.json
     done
 }
 
-# Say what will be downloaded; warn if it will not fit (less shards already here).
-announce() {
+announce() {  # say what will be downloaded; warn if it will not fit (less the shards already here)
     local total_gb=0 need_kb=0 free m f
     for m in "${MODELS[@]}"; do
-        model_info "$m"
-        total_gb=$((total_gb + M_GB))
+        model_info "$m"; total_gb=$((total_gb + M_GB))
         for f in "${M_SHARDS[@]}"; do
             file_size "$TARGET/$M_DIR/$f"; need_kb=$((need_kb - SIZE / 1024))
             file_size "$TARGET/$M_DIR/$f.part"; need_kb=$((need_kb - SIZE / 1024))
@@ -522,39 +433,29 @@ announce() {
 
 # Print one summary section: title $1, the count, then the items $2...
 print_list() { printf '%s (%d):\n' "$1" $(($# - 1)); shift; if [ $# -gt 0 ]; then printf '  %s\n' "$@"; fi; }
-
-# Print what was downloaded, skipped and failed, and what to do next.
-summary() {
-    local abs
-    abs=$(cd "$TARGET" 2>/dev/null && pwd) || abs=$TARGET
+summary() {  # print what was downloaded, skipped and failed, and what to do next
+    local abs; abs=$(cd "$TARGET" 2>/dev/null && pwd) || abs=$TARGET
     printf '\n==== Summary (%s, in %s) ====\n' "$DOWNLOADER" "$abs"
     print_list "Downloaded and verified" ${FETCHED[@]+"${FETCHED[@]}"}
     print_list "Already verified, skipped" ${SKIPPED[@]+"${SKIPPED[@]}"}
     print_list "Downloaded, no checksum published" ${UNCHECKED[@]+"${UNCHECKED[@]}"}
     print_list "Failed" ${FAILED[@]+"${FAILED[@]}"}
-    if [ "$INTERRUPTED" = 1 ]; then
-        printf 'Interrupted. Run the same command again to resume.\n'
-    elif [ ${#FAILED[@]} -gt 0 ]; then
+    if [ "$INTERRUPTED" = 1 ]; then printf 'Interrupted. Run the same command again to resume.\n'
+    elif [ ${#FAILED[@]} -eq 0 ]; then printf 'All files are downloaded and verified.\n'
+    else
         [ "$FATAL" = 0 ] || printf 'Stopped early: the remaining files were not attempted.\n'
         printf 'Some files failed (see above). Fix the problem and run the same command again: verified files are kept and partial ones resume.\n'
-    else
-        printf 'All files are downloaded and verified.\n'
     fi
 }
-
-# shellcheck disable=SC2317  # run from the EXIT trap
-cleanup() { if [ -n "$TMP_DIR" ]; then rm -rf "$TMP_DIR"; fi; }
 
 # On Ctrl-C or TERM: name the file kept as .part, print the summary, exit with status $1.
 # shellcheck disable=SC2317  # run from the INT/TERM traps
 on_signal() {
-    trap '' INT TERM
-    INTERRUPTED=1
+    trap '' INT TERM; INTERRUPTED=1
     printf '\n' >&2
     err "interrupted${CURRENT:+ while downloading $CURRENT. What was received is kept in $TARGET/$CURRENT.part; run the same command again to resume}."
     summary
-    cleanup
-    exit "$1"
+    exit "$1"   # the EXIT trap removes TMP_DIR
 }
 
 main() {
@@ -562,21 +463,16 @@ main() {
     pick_tools
     RETRIES=${OPT_RETRIES:-5}
     [[ -n $RETRIES && $RETRIES != *[!0-9]* ]] || die_usage "--retries needs a whole number, not '$RETRIES'"
-    [[ ${LLAMA_DOWNLOAD_RETRY_WAIT:-5} != *[!0-9]* ]] ||
-        die_usage "LLAMA_DOWNLOAD_RETRY_WAIT must be a whole number of seconds"
+    [[ ${LLAMA_DOWNLOAD_RETRY_WAIT:-5} != *[!0-9]* ]] || die_usage "LLAMA_DOWNLOAD_RETRY_WAIT must be a whole number of seconds"
     read_inputs
-    TMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/llama-download.XXXXXX") ||
-        die_usage "cannot create a temporary directory (is TMPDIR writable?)"
+    TMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/llama-download.XXXXXX") || die_usage "cannot create a temporary directory (is TMPDIR writable?)"
     LOG_FILE="$TMP_DIR/downloader.log"
-    trap cleanup EXIT
-    trap 'on_signal 130' INT
-    trap 'on_signal 143' TERM
-    SHOW_PROGRESS=$((1 - QUIET))
+    trap 'rm -rf "$TMP_DIR"' EXIT
+    trap 'on_signal 130' INT; trap 'on_signal 143' TERM
     announce
     download_all
     summary
-    [ ${#FAILED[@]} -eq 0 ] || exit 1
-    exit 0
+    exit $((${#FAILED[@]} > 0))   # 1: some file failed
 }
 
 main "$@"
