@@ -627,3 +627,69 @@ def test_fake_release_checklists_match_files():
             digest, name = line.split()
             rel = f"{base}/{name}" if base else name
             assert hashlib.md5(files[rel]).hexdigest() == digest
+
+
+# ----------------------------------------------------------------- more options and signals
+
+
+@needs_downloader
+def test_option_equals_forms_and_usage_errors(cdn, tmp_path):
+    target = tmp_path / "t"
+    r = run(f"--url={cdn.url()}", "--model=7B", f"--target-dir={target}", "--retries=1", "-q")
+    assert r.rc == 0, r
+    assert_release(cdn, target, ["7B"])
+    cdn.requests.clear()
+    for args, message in [
+        (["--url"], "--url needs a value"),
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--help=x"], "unknown option '--help=x'"),
+        (["https://x/*?a", "https://y/*?b"], "unexpected argument 'https://y/*?b'"),
+        (["--url", cdn.url(), "--retries", "x"], "--retries needs a whole number"),
+        (["--downloader", "aria2"], "--downloader must be 'wget' or 'curl'"),
+    ]:
+        r = run("--models", "7B", *args, cwd=tmp_path)
+        assert r.rc == 2 and message in r.stderr, (args, r)
+    assert cdn.requests == []
+
+
+@pytest.mark.parametrize("dl", DOWNLOADERS)
+def test_busy_server_is_retried_then_reported(cdn, tmp_path, dl):
+    cdn.behaviour.status[BIG] = 503
+    r = run("--url", cdn.url(), "--models", "7B", "-d", str(tmp_path), "--retries", "1", dl=dl)
+    assert r.rc == 1, r
+    assert f"The server answered 503 for {BIG}; trying again in 0s (attempt 2 of 2)." in r.stderr
+    assert f"the server kept answering 503 for {BIG}" in r.stderr
+    assert f"  {BIG}: HTTP 503" in r.stdout
+    assert len(cdn.fetched(BIG)) == 2
+    # Not a reason to stop: the model's other files are still fetched.
+    assert "Stopped early" not in r.stdout
+    assert (tmp_path / "llama-2-7b/params.json").exists()
+    assert no_parts(tmp_path)
+
+
+@needs_downloader
+def test_term_exits_143_and_temporary_files_are_removed(cdn, tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"TMPDIR": str(tmpdir)}
+    r = run("--url", cdn.url(), "--models", "7B", "-d", str(tmp_path / "a"), env=env)
+    assert r.rc == 0, r
+    assert list(tmpdir.iterdir()) == []
+
+    cdn.behaviour.throttle[BIG] = 0.05
+    cmd = [BASH, str(SCRIPT), "--url", cdn.url(), "--models", "7B", "-d", str(tmp_path / "b")]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=script_env(env), start_new_session=True,
+    )
+    part = tmp_path / "b" / (BIG + ".part")
+    deadline = time.monotonic() + 20
+    while not (part.exists() and part.stat().st_size > 50_000):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, (out, err)
+    assert f"interrupted while downloading {BIG}" in err
+    assert "Interrupted. Run the same command again to resume." in out
+    assert list(tmpdir.iterdir()) == []
