@@ -63,7 +63,8 @@ _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"
 
 
 def hf_name(meta_key: str) -> str:
-    """Hugging Face's name of a Meta state-dict entry: layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """Hugging Face's name of a Meta state-dict entry (layers.3.attention.wq.weight ->
+    model.layers.3.self_attn.q_proj.weight)."""
     match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_key)
     if match and match.group(2) in HF_LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
