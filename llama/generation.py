@@ -14,9 +14,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from . import cpu_linear, distributed
+from . import checkpoint, cpu_linear, distributed, hf
 from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
-from .checkpoint import check_model_parallel_size, inspect_checkpoint, load_rank_state
+from .checkpoint import check_model_parallel_size
+from .lora import merge_lora, read_adapter
 from .model import ModelArgs, Transformer, count_parameters
 from .sampling import check_sampling_args, next_token
 from .tokenizer import Tokenizer
@@ -79,8 +80,13 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
         fast: bool = True,
+        lora: Optional[str] = None,
     ) -> "Llama":
-        """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
+        """Load a checkpoint into this process's share of a model-parallel Transformer.
+
+        `ckpt_dir` is in Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json +
+        safetensors, such as meta-llama/Llama-2-7b-hf). `lora`: a PEFT LoRA adapter folder, merged into the
+        weights as they load.
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
         divides the model's split dimensions works, whatever the checkpoint's shard count. compile=True runs
@@ -94,7 +100,8 @@ class Llama:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         # Cheap checks first: the files, the tokenizer and the shapes, before any process group or weight.
         tokenizer = Tokenizer(tokenizer_path)
-        info = inspect_checkpoint(ckpt_dir)
+        reader = hf if hf.is_hf_checkpoint(ckpt_dir) else checkpoint
+        info = reader.inspect_checkpoint(ckpt_dir)
         args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:
             args.vocab_size = tokenizer.n_words
@@ -102,6 +109,7 @@ class Llama:
             raise ValueError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the checkpoint in "
                              f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
                              f"{info.params.get('vocab_size', -1)}): they do not belong together")
+        adapter = read_adapter(lora, args) if lora is not None else None
 
         model_dtype = resolve_dtype(dtype, distributed.pick_device(device))
         check_model_parallel_size(args, distributed.planned_model_parallel_size(model_parallel_size))
@@ -121,8 +129,11 @@ class Llama:
         pack = fast and cpu_linear.supported(runtime.device, model_dtype)
         # Packing replaces each weight by a new buffer: read tensors into buffers of their own (not one shared
         # mapping) so that each original is freed as soon as it is packed.
-        state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
-                                dtype=model_dtype, device=runtime.device, mmap=not pack, progress=_report_shard)
+        state = reader.load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
+                                       dtype=model_dtype, device=runtime.device, mmap=not pack,
+                                       progress=_report_shard)
+        if adapter is not None:
+            merge_lora(state, adapter, runtime.model_parallel_rank, runtime.model_parallel_size, args)
         state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
         _check_state(model, state, ckpt_dir)
         model.load_state_dict(state, strict=True, assign=True)
