@@ -202,6 +202,8 @@ def params_from_config(config: Mapping[str, Any], where: str = CONFIG) -> Dict[s
     n_kv_heads = positive_int("num_key_value_heads", n_heads)
     if dim % n_heads:
         raise bad("num_attention_heads", n_heads, f"hidden_size {dim} is not a multiple of it")
+    if n_heads % n_kv_heads:
+        raise bad("num_key_value_heads", n_kv_heads, f"it must divide num_attention_heads {n_heads}")
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim != dim // n_heads:
         raise bad("head_dim", head_dim, f"Llama 2's head dimension is hidden_size / num_attention_heads = "

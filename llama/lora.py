@@ -167,7 +167,8 @@ def read_adapter(path: PathLike, args: ModelArgs) -> LoraAdapter:
         layer, parent, module, which = int(match.group(1)), match.group(2), match.group(3), match.group(4)
         key = hf.meta_name(f"model.layers.{layer}.{parent}.{module}.weight")
         if module not in targets or key is None or _PARENT[module] != parent:
-            raise ValueError(f"{str(file)!r} holds {name}, a module target_modules {sorted(targets)} does not name")
+            raise ValueError(f"{str(file)!r} holds {name}, for a module that target_modules {sorted(targets)} "
+                             "does not name")
         if layer >= args.n_layers:
             raise ValueError(f"{str(file)!r} holds {name} for layer {layer}, but the model has {args.n_layers} "
                              "layers: the adapter was made for another model")
