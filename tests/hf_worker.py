@@ -46,7 +46,8 @@ def launch(out_dir: Path, specs: List[str], nproc: int) -> Dict[str, Dict[str, o
     from helpers import run_torchrun
 
     proc = run_torchrun(Path(__file__), [str(out_dir), *specs], nproc=nproc, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, \
+        f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     assert [r["world"] for r in ranks] == [nproc] * nproc
     for other in ranks[1:]:

@@ -115,6 +115,20 @@ def test_config_json_is_what_transformers_writes(hf_dirs):
         "tokenizer.model", "tokenizer_config.json"]
 
 
+def test_converts_one_layer_at_a_time(tmp_path, meta, monkeypatch):
+    """A multi-shard source is joined and converted group by group (embeddings, one layer, norm and output), and
+    the tokenizer is found in the folder above the checkpoint, where download.sh puts it."""
+    groups = []
+    real = hf.to_hf_state
+    monkeypatch.setattr(hf, "to_hf_state", lambda state, args: groups.append(sorted(state)) or real(state, args))
+    shutil.copytree(meta["gqa"], tmp_path / "llama-2-tiny")
+    shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
+    convert(tmp_path / "llama-2-tiny", tmp_path / "out")
+    assert groups[0] == ["tok_embeddings.weight"] and groups[-1] == ["norm.weight", "output.weight"]
+    assert [len(g) for g in groups[1:-1]] == [9] * GQA.n_layers
+    assert all(len({k.split(".")[1] for k in g}) == 1 for g in groups[1:-1])  # one layer per group
+
+
 def test_forced_shards_with_an_index(tmp_path, meta, hf_dirs):
     """A small size limit gives several files plus an index; transformers and this library read them alike."""
     dst = tmp_path / "sharded"
@@ -216,8 +230,8 @@ def test_build_from_hf_dir_equals_build_from_meta(name, dtype, meta, hf_dirs, ca
     """The same weights, so the same logits, bit for bit; bfloat16 on CPU also takes the packed-weight path."""
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
     logits = []
-    for folder in (meta[name], hf_dirs[name]):
-        generator = Llama.build(str(folder), str(TOKENIZER), max_seq_len=16, max_batch_size=1, device="cpu",
+    for folder, tokenizer in ((meta[name], TOKENIZER), (hf_dirs[name], hf_dirs[name] / "tokenizer.model")):
+        generator = Llama.build(str(folder), str(tokenizer), max_seq_len=16, max_batch_size=1, device="cpu",
                                 dtype=dtype)
         with torch.inference_mode():
             logits.append(generator.model(ids, 0))

@@ -165,6 +165,16 @@ def test_adapter_of_another_shape_is_a_clear_error(setup, capsys):
     assert "Loading" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(self_attn|mlp)\.\w+_proj"])
+def test_target_modules_as_peft_writes_them(setup, tmp_path, targets):
+    """target_modules may be PEFT's "all-linear" or a regular expression over the module names."""
+    case = setup["gqa"]
+    other = edited(case["adapter"], tmp_path / "other", target_modules=targets)
+    assert torch.equal(our_logits(case["meta"], other), our_logits(case["meta"], case["adapter"]))
+    with pytest.raises(ValueError, match=r"selects \['lm_head'\]"):
+        our_logits(case["meta"], edited(case["adapter"], tmp_path / "head", target_modules=r".*(_proj|lm_head)"))
+
+
 def test_missing_adapter_files(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         our_logits(setup["mha"]["meta"], tmp_path / "nope")
@@ -184,3 +194,21 @@ def test_code_in_a_bin_adapter_is_refused(setup, tmp_path):
     torch.save({"x": torch.zeros(1), "f": print}, folder / "adapter_model.bin")  # a pickle naming a function
     with pytest.raises(ValueError, match="refusing to load"):
         our_logits(setup["mha"]["meta"], folder)
+
+
+def test_example_script_and_chat_take_lora(setup, capsys):
+    """--lora reaches Llama.build from the example scripts and chat.py."""
+    import chat
+    import example_text_completion
+
+    case = setup["mha"]
+    example_text_completion.main(ckpt_dir=str(case["meta"]), tokenizer_path=str(TOKENIZER), temperature=0,
+                                 max_gen_len=3, device="cpu", dtype="float32", lora=str(case["adapter"]))
+    with_lora = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
+    example_text_completion.main(ckpt_dir=str(case["meta"]), tokenizer_path=str(TOKENIZER), temperature=0,
+                                 max_gen_len=3, device="cpu", dtype="float32")
+    without = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
+    assert len(with_lora) == len(without) == 4 and with_lora != without
+    assert chat.main(["--ckpt_dir", str(case["meta"]), "--tokenizer_path", str(TOKENIZER), "--lora",
+                      str(case["meta"] / "no-adapter")]) == 2
+    assert "error: LoRA adapter directory" in capsys.readouterr().err
