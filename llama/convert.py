@@ -134,6 +134,8 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
                          f"{str(src_dir)!r} has {info.vocab_rows} embedding rows: they do not belong together")
     stored = _check_meta_shards(info.shards, args)
     dtype = dtype or stored
+    if dtype not in hf.SAFETENSORS_DTYPES:
+        raise ValueError(f"the weights are {dtype}; --dtype must be one of {sorted(DTYPES)}")
     _check_distinct(src_dir, dst_dir)
     hf.ensure_empty_destination(dst_dir, also=hf.OTHER_FILES)
     log(f"converting {info.n_shards} shard(s) of {src_dir} to Hugging Face's layout in {dst_dir} "

@@ -56,7 +56,7 @@ _META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}
 _META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
 # Older conversions stored the rotary tables as buffers; they are recomputed, never read.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}  # those written
 
 
 # --- names and the rotary permutation ----------------------------------------------------------------------
@@ -185,7 +185,7 @@ def params_from_config(config: Mapping[str, Any], where: str = CONFIG) -> Dict[s
         if config.get(field):
             raise bad(field, config[field], "Llama 2 uses plain rotary embeddings and unquantized weights")
     for field in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-        if config.get(field, False) is not False:
+        if config.get(field) not in (None, False):
             raise bad(field, config[field], "Llama 2 has separate input and output embeddings and no biases")
     if config.get("hidden_act", "silu") != "silu":
         raise bad("hidden_act", config["hidden_act"], "Llama 2's feed-forward uses silu")
@@ -231,8 +231,8 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
                      max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
     """config.json of a Llama 2 model in Hugging Face's layout, as the published Llama-2-*-hf files have it
     (rope_theta at the top level and torch_dtype: transformers 4 and 5 both read these)."""
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in _ST_DTYPES]}, got {dtype}")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
@@ -449,7 +449,8 @@ def _safetensors_writer(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: t
     offset = 0
     for name, shape in entries:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
@@ -458,7 +459,9 @@ def _safetensors_writer(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: t
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for name, shape in entries:
-            got_name, tensor = next(tensors)
+            got_name, tensor = next(tensors, (None, None))
+            if tensor is None:
+                raise ValueError(f"the source ended before {name}: it holds fewer tensors than its params describe")
             if got_name != name or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"expected {name} of shape {tuple(shape)}, got {got_name} of shape "
                                  f"{tuple(tensor.shape)}: the source does not match its params")
@@ -489,8 +492,8 @@ def write_hf_checkpoint(
     temporary name and renamed when complete: the tokenizer first, then the weights, config.json last, so a
     directory with a config.json is complete. On an error or Ctrl-C the files this call wrote are removed.
     """
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in _ST_DTYPES]}, got {dtype}")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer model {str(tokenizer_path)!r} does not exist")

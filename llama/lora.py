@@ -56,6 +56,9 @@ def read_adapter_config(path: PathLike) -> Dict[str, Any]:
     """adapter_config.json of an adapter folder, checked: LORA, r, lora_alpha, supported options only. Each
     unsupported option is a ValueError naming the field."""
     folder = Path(path)
+    if folder.is_file():
+        raise FileNotFoundError(f"LoRA adapter {str(folder)!r} is a file; give the adapter's directory (the one "
+                                "holding adapter_config.json)")
     if not folder.is_dir():
         raise FileNotFoundError(f"LoRA adapter directory {str(folder)!r} does not exist")
     cfg_path = folder / "adapter_config.json"
