@@ -414,6 +414,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
     return parser.parse_args(argv)
 
 
@@ -430,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--system may not contain {TAGS}")
         ckpt_dir, tokenizer_path = resolve_checkpoint(args.ckpt_dir, args.tokenizer_path)
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
-                                max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype)
+                                max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype,
+                                lora=args.lora)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # as llama.cli.run shows input errors
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)

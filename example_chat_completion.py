@@ -40,11 +40,14 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     stream: bool = False,
+    lora: Optional[str] = None,
 ):
-    """stream: print each answer token by token as it is generated, one dialog at a time."""
+    """stream: print each answer token by token as it is generated, one dialog at a time.
+    lora: a PEFT LoRA adapter folder to merge into the weights.
+    """
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, device=device, dtype=dtype)
+                            max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora)
     if stream:
         for dialog in DIALOGS:
             for msg in dialog:

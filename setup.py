@@ -13,8 +13,9 @@ setup(
     python_requires=">=3.9",
     install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
     extras_require={
-        # Test-only: an independent implementation to check numerics against, and the test runner.
-        "test": ["pytest", "transformers>=4.40", "matplotlib"],
+        # Test-only: an independent implementation to check numerics against (transformers; peft for LoRA
+        # adapters; protobuf lets transformers read a SentencePiece tokenizer.model), and the test runner.
+        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "matplotlib"],
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
         "train": ["matplotlib"],
     },

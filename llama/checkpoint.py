@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -243,8 +243,10 @@ def split_state(state: Dict[str, torch.Tensor], n_shards: int) -> Iterator[Dict[
 def atomic_save(obj: Any, path: PathLike) -> None:
     """Write through a temporary file in the same folder, so no half-written file ever has the final name.
 
-    `obj`: bytes (written as they are), a dict or list for a .json path, else anything torch.save takes. The
-    data is flushed to disk before the rename, so after a crash the final name holds the whole file or nothing.
+    `obj`: bytes (written as they are), a dict or list for a .json path, a callable that writes the file's
+    bytes itself into the binary handle it is given (a file streamed piece by piece, such as safetensors), else
+    anything torch.save takes. The data is flushed to disk before the rename, so after a crash the final name
+    holds the whole file or nothing.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -252,6 +254,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         with open(tmp, "wb") as handle:
             if isinstance(obj, (bytes, bytearray)):
                 handle.write(obj)
+            elif callable(obj) and not isinstance(obj, torch.nn.Module):
+                obj(handle)
             elif isinstance(obj, (dict, list)) and path.suffix == ".json":
                 handle.write((json.dumps(obj, indent=2) + "\n").encode())
             else:
@@ -322,6 +326,23 @@ def write_checkpoint(folder: PathLike, params: Union[Dict[str, Any], bytes],
     return folder
 
 
+def state_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every entry of a full (unsplit) state dict in Meta's naming, with its shape, in the released files' order
+    (read off the model itself, built on the meta device)."""
+    if args.vocab_size < 1:
+        raise ValueError("state_shapes needs a concrete vocab_size (the checkpoint's embedding rows)")
+    with torch.device("meta"), layers.single_process():
+        model = Transformer(args)
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    shapes["rope.freqs"] = (args.head_dim // 2,)
+    return shapes
+
+
+def rope_freqs(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The `rope.freqs` entry of Meta's shards: the rotary inverse frequencies (the model recomputes its own)."""
+    return (1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))).to(dtype)
+
+
 def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
     """A full (unsplit) random state dict in Meta's naming, for tests and benchmarks.
 
@@ -331,28 +352,14 @@ def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bflo
     if args.vocab_size < 1:
         raise ValueError("random_state needs a concrete vocab_size")
     gen = torch.Generator().manual_seed(seed)
-    kv_dim, hidden = args.kv_heads * args.head_dim, args.ffn_hidden_dim
-
-    def mat(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=gen) / cols ** 0.5).to(dtype)
-
-    def norm() -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(args.dim, generator=gen)).to(dtype)
-
-    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=gen).to(dtype)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        state[p + "attention.wq.weight"] = mat(args.dim, args.dim)
-        state[p + "attention.wk.weight"] = mat(kv_dim, args.dim)
-        state[p + "attention.wv.weight"] = mat(kv_dim, args.dim)
-        state[p + "attention.wo.weight"] = mat(args.dim, args.dim)
-        state[p + "feed_forward.w1.weight"] = mat(hidden, args.dim)
-        state[p + "feed_forward.w2.weight"] = mat(args.dim, hidden)
-        state[p + "feed_forward.w3.weight"] = mat(hidden, args.dim)
-        state[p + "attention_norm.weight"] = norm()
-        state[p + "ffn_norm.weight"] = norm()
-    state["norm.weight"] = norm()
-    state["output.weight"] = mat(args.vocab_size, args.dim)
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-    state["rope.freqs"] = inv_freq.to(dtype)
+    state: Dict[str, torch.Tensor] = {}
+    for key, shape in state_shapes(args).items():
+        if key == "tok_embeddings.weight":
+            state[key] = torch.randn(shape, generator=gen).to(dtype)
+        elif key == "rope.freqs":
+            state[key] = rope_freqs(args, dtype)
+        elif len(shape) == 1:  # norms
+            state[key] = (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+        else:
+            state[key] = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(dtype)
     return state

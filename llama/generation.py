@@ -56,8 +56,13 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: Optional[bool] = None,
         fast: bool = True,
+        lora: Optional[str] = None,
     ) -> "Llama":
-        """Load a checkpoint in Meta's layout into this process's share of a model-parallel Transformer.
+        """Load a checkpoint into this process's share of a model-parallel Transformer.
+
+        `ckpt_dir` is in Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json +
+        safetensors, such as meta-llama/Llama-2-7b-hf). `lora`: a PEFT LoRA adapter folder, merged into the
+        weights as they load.
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
         divides the model's split dimensions works, whatever the checkpoint's shard count. device and dtype:
@@ -68,14 +73,14 @@ class Llama:
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         tokenizer = Tokenizer(tokenizer_path)
-        info, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size)
+        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast)
         compiled = default_compile(plan.device, compile)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         plan.device = runtime.device
         torch.manual_seed(seed)
-        loading.announce(info, args, plan, ckpt_dir)
-        model = loading.load_model(info, args, plan, runtime.model_parallel_rank, ckpt_dir)
+        loading.announce(source, args, plan)
+        model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
         return Llama(model, tokenizer, seed=seed, compile=compiled)
 

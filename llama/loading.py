@@ -6,14 +6,14 @@ headers and the arguments is checked before any process group is joined or any w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import cpu_linear, distributed
-from .checkpoint import CheckpointInfo, check_model_parallel_size, inspect_checkpoint, load_rank_state
+from . import checkpoint, cpu_linear, distributed, hf
+from .checkpoint import CheckpointInfo, check_model_parallel_size
+from .lora import LoraAdapter, merge_lora, read_adapter
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
 from .tokenizer import Tokenizer
 
@@ -53,10 +53,22 @@ def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
-def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int
-            ) -> Tuple[CheckpointInfo, ModelArgs]:
-    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer."""
-    info = inspect_checkpoint(ckpt_dir)
+@dataclass
+class Source:
+    """Where the weights come from: the folder, its layout's reader (Meta's or Hugging Face's), what its
+    headers say, and an optional LoRA adapter to merge in."""
+
+    ckpt_dir: str
+    reader: Any  # the module checkpoint or hf: inspect_checkpoint and load_rank_state
+    info: CheckpointInfo
+    adapter: Optional[LoraAdapter]
+
+
+def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
+            lora: Optional[str] = None) -> Tuple[Source, ModelArgs]:
+    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter."""
+    reader = hf if hf.is_hf_checkpoint(ckpt_dir) else checkpoint
+    info = reader.inspect_checkpoint(ckpt_dir)
     args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
@@ -64,7 +76,8 @@ def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_siz
         raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
                          f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
                          f"{info.params.get('vocab_size', -1)}): they do not belong together")
-    return info, args
+    adapter = read_adapter(lora, args) if lora is not None else None
+    return Source(str(ckpt_dir), reader, info, adapter), args
 
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool) -> Plan:
@@ -77,25 +90,28 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     return Plan(mp, dev, resolve_dtype(dtype, dev), fast)
 
 
-def announce(info: CheckpointInfo, args: ModelArgs, plan: Plan, ckpt_dir: str) -> None:
+def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
     distributed.print0(
-        f"Loading {info.n_shards} shard(s) from {ckpt_dir} into {plan.model_parallel_size} process(es) on "
+        f"Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
 
 
-def load_model(info: CheckpointInfo, args: ModelArgs, plan: Plan, rank: int, ckpt_dir: str) -> Transformer:
+def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transformer:
     """This rank's share of the model, on its device, weights in place, KV cache allocated."""
     with torch.device("meta"):
         model = Transformer(args)
     kernel = cpu_linear.kernel_for(plan.device, plan.dtype) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
-    state = load_rank_state(info.shards, rank, plan.model_parallel_size, dtype=plan.dtype, device=plan.device,
-                            mmap=not (plan.fast and plan.device.type == "cpu"), progress=_report_shard)
+    state = source.reader.load_rank_state(source.info.shards, rank, plan.model_parallel_size, dtype=plan.dtype,
+                                          device=plan.device, mmap=not (plan.fast and plan.device.type == "cpu"),
+                                          progress=_report_shard)
+    if source.adapter is not None:
+        merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
-    _check_state(model, state, ckpt_dir)
+    _check_state(model, state, source.ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     if plan.fast:
@@ -116,15 +132,5 @@ def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs params.json {tuple(expected[k])}"
              for k in expected if k in state and state[k].shape != expected[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint in {ckpt_dir!r} does not match its params.json: "
+        raise ValueError(f"checkpoint in {ckpt_dir!r} does not match its header (params.json or config.json): "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-
-
-class Timer:
-    """Seconds since construction, for the "Loaded in" line."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __str__(self) -> str:
-        return f"{time.perf_counter() - self.start:.2f}"
