@@ -7,7 +7,7 @@ is not a chat model and answers in its own style.
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import resolve_checkpoint, run
+from llama.cli import check_before_loading, resolve_checkpoint, run
 from llama.distributed import print0
 
 DIALOGS: List[Dialog] = [
@@ -42,10 +42,22 @@ def main(
     stream: bool = False,
     lora: Optional[str] = None,
 ):
-    """stream: print each answer token by token as it is generated, one dialog at a time.
-    lora: a PEFT LoRA adapter folder to merge into the weights.
+    """
+    ckpt_dir: checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
+    tokenizer_path: the tokenizer.model file (default for a Hugging Face folder: its own)
+    temperature: sampling temperature; 0 is greedy
+    top_p: nucleus sampling: draw from the most likely tokens whose probabilities add up to this
+    max_seq_len: longest dialog plus answer, in tokens
+    max_batch_size: most dialogs answered at once
+    max_gen_len: longest answer, in tokens (default: as long as max_seq_len allows)
+    device: cuda, cuda:N or cpu (default: cuda where there is a GPU)
+    dtype: bfloat16, float16 or float32 (default: the fastest the device supports)
+    stream: print each answer token by token as it is generated, one dialog at a time
+    lora: a PEFT LoRA adapter folder to merge into the weights
     """
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    check_before_loading(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len,
+                         dialogs=DIALOGS)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora)
     if stream:

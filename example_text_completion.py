@@ -6,7 +6,7 @@ With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `pytho
 from typing import Optional
 
 from llama import Llama
-from llama.cli import resolve_checkpoint, run
+from llama.cli import check_before_loading, resolve_checkpoint, run
 from llama.distributed import print0
 
 PROMPTS = [
@@ -41,10 +41,21 @@ def main(
     stream: bool = False,
     lora: Optional[str] = None,
 ):
-    """stream: print each completion token by token as it is generated, one prompt at a time.
-    lora: a PEFT LoRA adapter folder to merge into the weights.
+    """
+    ckpt_dir: checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
+    tokenizer_path: the tokenizer.model file (default for a Hugging Face folder: its own)
+    temperature: sampling temperature; 0 is greedy
+    top_p: nucleus sampling: draw from the most likely tokens whose probabilities add up to this
+    max_seq_len: longest prompt plus completion, in tokens
+    max_gen_len: longest completion, in tokens
+    max_batch_size: most prompts completed at once
+    device: cuda, cuda:N or cpu (default: cuda where there is a GPU)
+    dtype: bfloat16, float16 or float32 (default: the fastest the device supports)
+    stream: print each completion token by token as it is generated, one prompt at a time
+    lora: a PEFT LoRA adapter folder to merge into the weights
     """
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    check_before_loading(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len, PROMPTS)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora)
     if stream:

@@ -1,17 +1,26 @@
+import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "llama" / "__init__.py").read_text()).group(1)
 
 setup(
-    name="llama",
-    version="0.1.0",
+    # The import name is `llama`; the distribution needs its own name (PyPI's `llama` is another project).
+    name="llama2-reference",
+    version=VERSION,
     description="Llama 2 reference inference: model-parallel on GPU and CPU, exact and fast",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=find_packages(include=["llama", "llama.*"]),
+    packages=["llama", "llama._demo"],
+    # The demo model travels inside the wheel, so the examples' default works from any install.
+    package_dir={"llama._demo": "demo/fortune-llama"},
+    package_data={"llama._demo": ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md",
+                                  "CORPUS_LICENSE.txt"]},
     python_requires=">=3.9",
-    install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
+    install_requires=(HERE / "requirements.txt").read_text().split(),
     extras_require={
         # Test-only: an independent implementation to check numerics against (transformers; peft for LoRA
         # adapters; protobuf lets transformers read a SentencePiece tokenizer.model), and the test runner.
@@ -19,4 +28,9 @@ setup(
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
         "train": ["matplotlib"],
     },
+    entry_points={"console_scripts": [
+        "llama-chat = llama.chat:entry_point",
+        "llama-reshard = llama.reshard:entry_point",
+        "llama-convert = llama.convert:entry_point",
+    ]},
 )

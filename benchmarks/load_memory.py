@@ -1,6 +1,6 @@
 """Peak memory per rank while loading a 2-shard checkpoint into 1 and 2 processes.
 
-    python benchmarks/load_memory.py [--dim 1024 --n-layers 8 --n-heads 8] [--ckpt DIR] [--dtype bfloat16]
+    python benchmarks/load_memory.py [--dim 1024 --n_layers 8 --n_heads 8] [--ckpt DIR] [--dtype bfloat16]
 
 Writes a random checkpoint of the given shape in --shards shards (default 2) to a temporary folder (or uses
 --ckpt), then builds it with `Llama.build`: once as a plain process (no torchrun), then under torchrun with
@@ -112,10 +112,10 @@ def launch(ckpt: Path, out_dir: Path, dtype: str, nproc: int) -> List[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--n-layers", type=int, default=8)
-    parser.add_argument("--n-heads", type=int, default=8)
-    parser.add_argument("--n-kv-heads", type=int, default=None)
-    parser.add_argument("--multiple-of", type=int, default=256)
+    parser.add_argument("--n_layers", type=int, default=8)
+    parser.add_argument("--n_heads", type=int, default=8)
+    parser.add_argument("--n_kv_heads", type=int, default=None)
+    parser.add_argument("--multiple_of", type=int, default=256)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--ckpt", help="use this checkpoint instead of writing a random one")
     parser.add_argument("--dtype", default="bfloat16", help="dtype the model is built in")

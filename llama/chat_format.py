@@ -41,9 +41,14 @@ def validate_dialog(dialog: Sequence[Message], index: Optional[int] = None) -> N
                          f"{dialog[-1]['role']!r}")
 
 
+def contains_tags(text: str) -> bool:
+    """True when a text holds the prompt's own tags ([INST], [/INST], <<SYS>>, <</SYS>>)."""
+    return any(tag in text for tag in SPECIAL_TAGS)
+
+
 def has_special_tags(dialog: Sequence[Message]) -> bool:
     """True when a message smuggles in the prompt's own tags (a prompt injection)."""
-    return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
+    return any(contains_tags(msg["content"]) for msg in dialog)
 
 
 class ChatFormat:

@@ -1,34 +1,157 @@
-"""What the command-line scripts share: the demo checkpoint default and the one line that says so."""
+"""What the command-line programs share: the demo default, checks before loading, help, and one way to fail.
+
+Every program shows a user's mistake as one line, `error: ...`, printed by rank 0 alone, with exit status 2;
+Ctrl-C as one line with exit status 130; and never a traceback for either.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import sys
+import typing
 from pathlib import Path
-from typing import Callable, Optional, Tuple
-
-import fire
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import distributed
+from .chat_format import ChatFormat, Dialog, validate_dialog
+from .model import check_positive_int
+from .sampling import check_sampling_args
+from .tokenizer import Tokenizer
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "fortune-llama"
+_CHECKOUT_DEMO = Path(__file__).resolve().parent.parent / "demo" / "fortune-llama"
+_PACKAGED_DEMO = Path(__file__).resolve().parent / "_demo"
+
+
+def _demo_dir() -> Path:
+    """The bundled demo model: the checkout's demo/fortune-llama, or the copy an installed wheel carries."""
+    for folder in (_CHECKOUT_DEMO, _PACKAGED_DEMO):
+        if (folder / "consolidated.00.pth").is_file():
+            return folder
+    raise FileNotFoundError("the bundled demo model is not installed (it ships with a clone of the repository "
+                            "and with its wheel): give --ckpt_dir and --tokenizer_path")
 
 
 def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str]:
     """The user's paths, or the bundled demo model when neither is given (saying so in one line)."""
     if ckpt_dir is None and tokenizer_path is None:
-        distributed.print0(f"No --ckpt_dir/--tokenizer_path given: using the bundled demo model in {DEMO_DIR} "
+        folder = _demo_dir()
+        distributed.print0(f"No --ckpt_dir/--tokenizer_path given: using the bundled demo model in {folder} "
                            "(a tiny model trained on fortune quotations, not Llama 2).")
-        return str(DEMO_DIR), str(DEMO_DIR / "tokenizer.model")
-    if ckpt_dir is None or tokenizer_path is None:
-        missing = "--ckpt_dir" if ckpt_dir is None else "--tokenizer_path"
-        raise ValueError(f"{missing} is missing: give both --ckpt_dir and --tokenizer_path, or neither for the demo")
+        return str(folder), str(folder / "tokenizer.model")
+    if ckpt_dir is None:
+        raise ValueError("--ckpt_dir is missing: give both --ckpt_dir and --tokenizer_path, or neither for the demo")
+    if tokenizer_path is None:
+        candidate = Path(ckpt_dir) / "tokenizer.model"  # a Hugging Face folder carries its own
+        if candidate.is_file():
+            return str(ckpt_dir), str(candidate)
+        raise ValueError("--tokenizer_path is missing: give both --ckpt_dir and --tokenizer_path, or neither for "
+                         "the demo")
     return str(ckpt_dir), str(tokenizer_path)
 
 
-def run(main: Callable) -> None:
-    """fire.Fire(main), with the library's input errors shown as one line on rank 0 and exit status 2."""
+def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: int, temperature: float,
+                         top_p: float, max_gen_len: Optional[int] = None, prompts: Sequence[str] = (),
+                         dialogs: Sequence[Dialog] = ()) -> None:
+    """What a script can check in a moment, so that a bad flag never waits for the weights to load: the sizes,
+    the sampling flags, and whether the script's prompts or dialogs fit --max_batch_size and --max_seq_len."""
+    check_positive_int("--max_seq_len", max_seq_len)
+    check_positive_int("--max_batch_size", max_batch_size)
+    check_sampling_args(temperature, top_p)
+    if max_gen_len is not None:
+        check_positive_int("--max_gen_len", max_gen_len)
+    count = len(prompts) + len(dialogs)
+    if count > max_batch_size:
+        raise ValueError(f"the script sends {count} prompts at once: --max_batch_size must be at least {count}, "
+                         f"got {max_batch_size}")
+    tokenizer = Tokenizer(tokenizer_path)
+    lengths = [len(tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
+    for i, dialog in enumerate(dialogs):
+        validate_dialog(dialog, index=i)
+        lengths.append(len(ChatFormat(tokenizer).encode_dialog_prompt(dialog)))
+    if lengths and max(lengths) >= max_seq_len:
+        raise ValueError(f"--max_seq_len {max_seq_len} leaves no room to answer: the longest prompt has "
+                         f"{max(lengths)} tokens")
+
+
+def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
+    a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone."""
     try:
-        fire.Fire(main)
+        fn()
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        distributed.print0(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return _say(f"error: {err}", 2)
+    except OSError as err:
+        return _say(f"error: {err}", 1)
+    except KeyboardInterrupt:
+        return _say(f"\n{interrupted}", 130)
+    return 0
+
+
+def _say(message: str, status: int) -> int:
+    distributed.print0(message, file=sys.stderr)
+    return status
+
+
+def run(main: Callable) -> None:
+    """fire.Fire(main), with --help printed plainly from main's signature and docstring, unknown or misspelt
+    flags refused before anything runs, and errors and Ctrl-C shown as one line (see `guarded`)."""
+    import fire
+
+    argv = sys.argv[1:]
+    if any(arg in ("-h", "--help", "-help") for arg in argv):
+        print(_usage(main))
+        sys.exit(0)
+    status = guarded(lambda: _check_flags(main, argv))
+    sys.exit(status or guarded(lambda: fire.Fire(main, command=argv, name=Path(sys.argv[0]).name)))
+
+
+def _flag_names(main: Callable) -> List[str]:
+    return list(inspect.signature(main).parameters)
+
+
+def _check_flags(main: Callable, argv: Sequence[str]) -> None:
+    names = _flag_names(main)
+    params = inspect.signature(main).parameters
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        negated = name[2:] if name.startswith("no") else None  # fire's --noflag for a boolean
+        if name in names or (negated in names and params[negated].default in (True, False)):
+            continue
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        raise ValueError(f"unknown flag --{name}{hint} (--help lists the flags)")
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, str):  # postponed annotations
+        annotation = annotation.replace("Optional[", "").rstrip("]")
+        return annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _usage(main: Callable) -> str:
+    """The program's help: its module docstring's first paragraph, then each flag with its type, default and
+    the line of main's docstring that starts with the flag's name."""
+    module = sys.modules.get(main.__module__)
+    summary = (inspect.getdoc(module) or "").split("\n\n")[0]
+    notes = {}
+    for line in (inspect.getdoc(main) or "").splitlines():
+        key, sep, text = line.partition(":")
+        if sep and key.strip().isidentifier():
+            notes[key.strip()] = text.strip()
+        elif notes and line.startswith(" "):
+            last = list(notes)[-1]
+            notes[last] += " " + line.strip()
+    lines = [summary, "", f"usage: {Path(sys.argv[0]).name} [--flag value ...]", "", "flags:"]
+    for name, param in inspect.signature(main).parameters.items():
+        default = "" if param.default is inspect.Parameter.empty else f", default {param.default!r}"
+        lines.append(f"  --{name} ({_type_name(param.annotation)}{default})")
+        if name in notes:
+            lines.append(f"      {notes[name]}")
+    return "\n".join(lines)

@@ -30,8 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import hf
-from .loading import parse_dtype
+from . import cli, hf
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -44,13 +43,14 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
+from .loading import parse_dtype
 from .model import ModelArgs
 from .tokenizer import Tokenizer
 
-Log = Callable[[str], None]
+_Log = Callable[[str], None]
 
 
-def parse_size(text: str) -> int:
+def _parse_size(text: str) -> int:
     """'5GB' -> 5 * 10**9 bytes (as transformers' max_shard_size); also KB, MB, GiB, MiB... or a plain byte count."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.I)
     if not match:
@@ -64,7 +64,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def default_tokenizer(src_dir: PathLike) -> Path:
+def _default_tokenizer(src_dir: PathLike) -> Path:
     """tokenizer.model in the checkpoint folder, else in the folder above it (download.sh's layout)."""
     candidates = [Path(src_dir) / "tokenizer.model", Path(src_dir).resolve().parent / "tokenizer.model"]
     for path in candidates:
@@ -117,7 +117,7 @@ def _check_meta_shards(shards: List[Path], args: ModelArgs) -> torch.dtype:
 
 def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[PathLike] = None,
                dtype: Optional[torch.dtype] = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES,
-               max_position_embeddings: int = hf.LLAMA2_CONTEXT, log: Optional[Log] = None) -> Path:
+               max_position_embeddings: int = hf.LLAMA2_CONTEXT, log: Optional[_Log] = None) -> Path:
     """Write Meta's checkpoint in `src_dir` in Hugging Face's layout into the new or empty `dst_dir`.
 
     Every check (the source's files and shapes, the tokenizer's vocabulary against the embedding rows, the
@@ -126,7 +126,7 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     info = inspect_checkpoint(src_dir)
     args = ModelArgs.from_params(info.params)
     args.vocab_size = info.vocab_rows
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else default_tokenizer(src_dir)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else _default_tokenizer(src_dir)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words != info.vocab_rows:
         raise ValueError(f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} tokens but the checkpoint in "
@@ -150,7 +150,7 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
 
 
 def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: Optional[torch.dtype] = None,
-               log: Optional[Log] = None) -> Path:
+               log: Optional[_Log] = None) -> Path:
     """Write the Hugging Face directory `src_dir` as `n_shards` consolidated.NN.pth shards plus params.json (and
     its tokenizer.model) into the new or empty `dst_dir`. Checks come before anything is written."""
     log = log or (lambda message: None)
@@ -201,7 +201,7 @@ def _check_distinct(src_dir: PathLike, dst_dir: PathLike) -> None:
 
 def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_shards: Optional[int] = None,
             dtype: Optional[torch.dtype] = None, tokenizer_path: Optional[PathLike] = None,
-            max_shard_bytes: int = hf.MAX_SHARD_BYTES, log: Optional[Log] = None) -> Path:
+            max_shard_bytes: int = hf.MAX_SHARD_BYTES, log: Optional[_Log] = None) -> Path:
     """Convert `src_dir` into the other layout (or the one `to` names: 'hf' or 'meta') in `dst_dir`."""
     if not Path(src_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(src_dir)!r} does not exist")
@@ -245,20 +245,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max_shard_size", default="5GB",
                         help="--to hf: largest safetensors file (default 5GB, as transformers writes)")
     opts = parser.parse_args(argv)
-    try:
-        convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else None,
-                opts.tokenizer_path, parse_size(opts.max_shard_size), log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, permissions: say so without a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no file was left under its final name", file=sys.stderr)
-        return 130
-    return 0
+    return cli.guarded(
+        lambda: convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else None,
+                        opts.tokenizer_path, _parse_size(opts.max_shard_size), log=lambda m: print(m, flush=True)),
+        interrupted="interrupted: no file was left under its final name")
+
+
+def entry_point() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -18,15 +18,15 @@ import torch
 from . import distributed
 from .model import Transformer
 
-FIRST_WINDOW = 256
+_FIRST_WINDOW = 256
 
 
-def window_for(length: int, max_seq_len: int, fixed: bool) -> int:
+def _window_for(length: int, max_seq_len: int, fixed: bool) -> int:
     """Positions a step attends over when the furthest row has `length` tokens: exactly that when eager; in a
     compiled step, the next power-of-two bucket from FIRST_WINDOW, capped at max_seq_len."""
     if not fixed:
         return length
-    window = FIRST_WINDOW
+    window = _FIRST_WINDOW
     while window < length:
         window *= 2
     return min(window, max_seq_len)
@@ -45,7 +45,7 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
-        window = window_for(max(positions) + 1, self.model.params.max_seq_len, self.compiled)
+        window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.compiled)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled:
             return self.model.decode(tokens, pos, window)
@@ -67,7 +67,7 @@ class DecodeStep:
             distributed.print0(f"warning: compiling the decode step failed ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly instead")
             self.compiled = False
-            return self.model.decode(tokens, pos, window_for(int(pos.max()) + 1, self.model.params.max_seq_len, False))
+            return self.model.decode(tokens, pos, _window_for(int(pos.max()) + 1, self.model.params.max_seq_len, False))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._warm.add(shape)

@@ -20,7 +20,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 
 @dataclass
-class Runtime:
+class _Runtime:
     model_parallel_rank: int
     model_parallel_size: int
     device: torch.device
@@ -69,15 +69,17 @@ def planned_model_parallel_size(model_parallel_size: Optional[int]) -> int:
     return mp
 
 
-def setup(model_parallel_size: int, device: torch.device) -> Runtime:
+def setup(model_parallel_size: int, device: torch.device) -> _Runtime:
     """Join (or create) the process group and the model-parallel group; place this rank on its device."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if launched():
             dist.init_process_group(backend)
         else:
+            hook = sys.excepthook  # torch prefixes every traceback line with "[rank0]:"; alone, that is noise
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        atexit.register(teardown)
+            sys.excepthook = hook
+        atexit.register(_teardown)
     if not fs_init.model_parallel_is_initialized():
         _quietly(fs_init.initialize_model_parallel, model_parallel_size)
     elif fs_init.get_model_parallel_world_size() != model_parallel_size:
@@ -87,7 +89,7 @@ def setup(model_parallel_size: int, device: torch.device) -> Runtime:
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    return Runtime(fs_init.get_model_parallel_rank(), model_parallel_size, device)
+    return _Runtime(fs_init.get_model_parallel_rank(), model_parallel_size, device)
 
 
 def _quietly(fn, *args):
@@ -100,7 +102,7 @@ def _quietly(fn, *args):
         sys.stdout = stdout
 
 
-def teardown() -> None:
+def _teardown() -> None:
     """Leave the process group cleanly, so no rank aborts or warns at exit."""
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
@@ -108,17 +110,20 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
+def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _is_rank0() -> bool:
+    """Global rank 0, also before the process group exists (torchrun's RANK says which this will be)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
-    if is_rank0():
+    if _is_rank0():
         print(*args, **kwargs, flush=True)
 
 
@@ -130,7 +135,7 @@ class Broadcast:
     """
 
     def __init__(self) -> None:
-        self.world = world_size()
+        self.world = _world_size()
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.group = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if self.world > 1 else None
 

@@ -37,11 +37,11 @@ from .checkpoint import (
 )
 from .model import ModelArgs
 
-CONFIG = "config.json"
+_CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-OTHER_FILES = TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
+_SINGLE = "model.safetensors"
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+OTHER_FILES = _TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 LLAMA2_CONTEXT = 4096  # max_position_embeddings of the Llama 2 models
 
@@ -94,7 +94,7 @@ def rotary_heads(meta_key: str, args: ModelArgs) -> Optional[int]:
     return None
 
 
-def to_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+def _to_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Meta's row order of a wq/wk matrix (or of any tensor with those rows) -> Hugging Face's.
 
     Within each head, Meta's rows are (pair, 2): real and imaginary part of each rotary pair side by side;
@@ -121,7 +121,7 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str,
         if key == "rope.freqs":
             continue
         heads = rotary_heads(key, args)
-        out[hf_name(key)] = tensor if heads is None else to_hf_rows(tensor, heads)
+        out[hf_name(key)] = tensor if heads is None else _to_hf_rows(tensor, heads)
     return out
 
 
@@ -131,15 +131,15 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str,
 def is_hf_checkpoint(ckpt_dir: PathLike) -> bool:
     """A directory in Hugging Face's layout: it has a config.json and no params.json (Meta's layout has that)."""
     folder = Path(ckpt_dir)
-    return (folder / CONFIG).is_file() and not (folder / "params.json").exists()
+    return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
 
 
-def read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
+def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
     """config.json of a Hugging Face directory, as a dict (errors name the file)."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
-    path = folder / CONFIG
+    path = folder / _CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"config.json not found in {str(folder)!r}")
     try:
@@ -168,7 +168,7 @@ def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
     raise ValueError(f"intermediate_size {hidden} cannot be expressed in params.json for hidden_size {dim}")
 
 
-def params_from_config(config: Mapping[str, Any], where: str = CONFIG) -> Dict[str, Any]:
+def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[str, Any]:
     """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
     as the config says (rope scaling, tied embeddings, biases, another architecture...) is a ValueError naming
     the field; `where` names the file in messages."""
@@ -246,14 +246,14 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
     }
 
 
-def generation_config(bos_id: int = 1, eos_id: int = 2,
+def _generation_config(bos_id: int = 1, eos_id: int = 2,
                       max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
     """generation_config.json: this library's sampling defaults (temperature 0.6, top-p 0.9)."""
     return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
             "max_length": max_position_embeddings}
 
 
-def tokenizer_config(max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
+def _tokenizer_config(max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
     """tokenizer_config.json for a SentencePiece tokenizer.model, so that transformers' AutoTokenizer loads it."""
     return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
             "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
@@ -264,7 +264,7 @@ def tokenizer_config(max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str,
 # --- reading -----------------------------------------------------------------------------------------------
 
 
-def find_weight_files(ckpt_dir: PathLike) -> List[Path]:
+def _find_weight_files(ckpt_dir: PathLike) -> List[Path]:
     """The safetensors files of a Hugging Face directory: those named by model.safetensors.index.json, or
     model.safetensors alone. Errors name missing files, and say so when only PyTorch .bin weights are there."""
     folder = Path(ckpt_dir)
@@ -281,14 +281,14 @@ def find_weight_files(ckpt_dir: PathLike) -> List[Path]:
         if not names:
             raise ValueError(f"{str(index)!r} names no weight files")
         return [folder / name for name in names]
-    if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
+    if (folder / _SINGLE).is_file():
+        return [folder / _SINGLE]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     if others:
         raise FileNotFoundError(f"{str(folder)!r} holds {others} but no {INDEX} saying which weight is where")
     bins = sorted(p.name for p in folder.glob("*.bin"))
     hint = f": it holds {bins}; only safetensors weights are read (save with safe_serialization=True)" if bins else ""
-    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {str(folder)!r}{hint}")
+    raise FileNotFoundError(f"no {_SINGLE} or {INDEX} in {str(folder)!r}{hint}")
 
 
 def _safe_open(path: Path):
@@ -329,16 +329,16 @@ def _weight_index(files: Sequence[Path], args: ModelArgs) -> Dict[str, Tuple[Pat
 
 
 def _args_of(ckpt_dir: PathLike) -> ModelArgs:
-    return ModelArgs.from_params(params_from_config(read_config(ckpt_dir), f"{Path(ckpt_dir) / CONFIG}"))
+    return ModelArgs.from_params(params_from_config(_read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"))
 
 
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory: Meta's params
     (vocab_size concrete), the embedding rows, and as `shards` the safetensors files (n_shards counts them).
     Only config.json and the files' headers are read; every error comes before any weight is."""
-    config = read_config(ckpt_dir)
-    params = params_from_config(config, f"{Path(ckpt_dir) / CONFIG}")
-    files = find_weight_files(ckpt_dir)
+    config = _read_config(ckpt_dir)
+    params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
+    files = _find_weight_files(ckpt_dir)
     _weight_index(files, ModelArgs.from_params(params))
     return CheckpointInfo(files, params, params["vocab_size"])
 
@@ -410,8 +410,8 @@ def ensure_empty_destination(folder: PathLike, also: Iterable[str] = ()) -> Path
     folder = Path(folder)
     if folder.is_dir():
         hf_files = sorted({p.name for p in folder.glob("*.safetensors")}
-                          | {name for name in (CONFIG, INDEX, *also) if (folder / name).exists()})
-        if hf_files and CONFIG not in hf_files and any(n.endswith(".safetensors") for n in hf_files):
+                          | {name for name in (_CONFIG, INDEX, *also) if (folder / name).exists()})
+        if hf_files and _CONFIG not in hf_files and any(n.endswith(".safetensors") for n in hf_files):
             raise FileExistsError(f"{str(folder)!r} holds safetensors files ({hf_files}) but no config.json: an "
                                   "incomplete checkpoint, probably from an interrupted write; refusing to overwrite "
                                   "it: delete it yourself or choose an empty or new directory")
@@ -421,7 +421,7 @@ def ensure_empty_destination(folder: PathLike, also: Iterable[str] = ()) -> Path
     return ensure_no_meta_checkpoint(folder)
 
 
-def shard_plan(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype,
+def _shard_plan(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype,
                max_shard_bytes: int = MAX_SHARD_BYTES) -> List[List[Tuple[str, Tuple[int, ...]]]]:
     """Split (name, shape) entries, in order, into files of at most `max_shard_bytes` (a bigger single tensor
     gets a file of its own)."""
@@ -498,9 +498,9 @@ def write_hf_checkpoint(
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer model {str(tokenizer_path)!r} does not exist")
     entries = [(hf_name(k), shape) for k, shape in state_shapes(args).items() if k != "rope.freqs"]
-    plan = shard_plan(entries, dtype, max_shard_bytes)
+    plan = _shard_plan(entries, dtype, max_shard_bytes)
     folder = ensure_empty_destination(folder, also=OTHER_FILES)
-    names = ([SINGLE] if len(plan) == 1 else
+    names = ([_SINGLE] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     stream = iter(tensors)
     written: List[Path] = []
@@ -511,7 +511,7 @@ def write_hf_checkpoint(
 
     try:
         save(tokenizer_path.read_bytes(), "tokenizer.model")
-        save(tokenizer_config(max_position_embeddings), "tokenizer_config.json")
+        save(_tokenizer_config(max_position_embeddings), "tokenizer_config.json")
         save({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "special_tokens_map.json")
         for name, file_entries in zip(names, plan):
             save(_safetensors_writer(file_entries, dtype, stream), name)
@@ -522,15 +522,10 @@ def write_hf_checkpoint(
             save({"metadata": {"total_size": total},
                   "weight_map": {entry: name for name, file_entries in zip(names, plan) for entry, _ in file_entries}},
                  INDEX)
-        save(generation_config(bos_id, eos_id, max_position_embeddings), "generation_config.json")
-        save(config_from_args(args, dtype, bos_id, eos_id, max_position_embeddings), CONFIG)
+        save(_generation_config(bos_id, eos_id, max_position_embeddings), "generation_config.json")
+        save(config_from_args(args, dtype, bos_id, eos_id, max_position_embeddings), _CONFIG)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
     return written
-
-
-__all__ = ["is_hf_checkpoint", "read_config", "params_from_config", "config_from_args", "find_weight_files",
-           "inspect_checkpoint", "load_rank_state", "hf_name", "meta_name", "rotary_heads", "to_hf_rows",
-           "from_hf_rows", "to_hf_state", "write_hf_checkpoint", "ensure_empty_destination", "shard_plan"]

@@ -17,15 +17,15 @@ from .lora import LoraAdapter, merge_lora, read_adapter
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
 from .tokenizer import Tokenizer
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
     raise ValueError(f"dtype must be 'bfloat16', 'float16', 'float32' (or that torch.dtype), got {dtype!r}")
 
 

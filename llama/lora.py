@@ -26,7 +26,7 @@ from .checkpoint import PathLike, split_dim, state_shapes
 from .model import ModelArgs
 
 # PEFT's module names that map onto this model's linear layers (Llama's seven; never the embeddings or lm_head).
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # adapter_config.json fields that do not change the merged weights (training, bookkeeping, or the scope of the
@@ -52,7 +52,7 @@ class LoraAdapter:
     weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
 
-def read_adapter_config(path: PathLike) -> Dict[str, Any]:
+def _read_adapter_config(path: PathLike) -> Dict[str, Any]:
     """adapter_config.json of an adapter folder, checked: LORA, r, lora_alpha, supported options only. Each
     unsupported option is a ValueError naming the field."""
     folder = Path(path)
@@ -105,23 +105,23 @@ def _target_modules(config: Mapping[str, Any], cfg_path: Path, args: ModelArgs) 
     if targets is None:
         raise ValueError(f"{str(cfg_path)!r}: target_modules is missing")
     if targets == "all-linear":
-        return list(MODULES)
+        return list(_MODULES)
     if isinstance(targets, str):  # PEFT: a regular expression matched against the full module name
-        names = [f"model.layers.{i}.{_PARENT[m]}.{m}" for i in range(args.n_layers) for m in MODULES]
+        names = [f"model.layers.{i}.{_PARENT[m]}.{m}" for i in range(args.n_layers) for m in _MODULES]
         others = ["model.embed_tokens", "lm_head"]
         wrong = [n for n in others if re.fullmatch(targets, n)]
         chosen = sorted({n.rsplit(".", 1)[1] for n in names if re.fullmatch(targets, n)})
         if wrong or not chosen:
             raise ValueError(f"{str(cfg_path)!r}: target_modules = {json.dumps(targets)} selects "
-                             f"{wrong or 'no linear layer of this model'}; only {list(MODULES)} are supported")
+                             f"{wrong or 'no linear layer of this model'}; only {list(_MODULES)} are supported")
         return chosen
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{str(cfg_path)!r}: target_modules must be a list of module names, got "
                          f"{json.dumps(targets)}")
-    unknown = sorted(set(targets) - set(MODULES))
+    unknown = sorted(set(targets) - set(_MODULES))
     if unknown:
         raise ValueError(f"{str(cfg_path)!r}: target_modules {unknown} are not supported: a Llama adapter may "
-                         f"target {list(MODULES)}")
+                         f"target {list(_MODULES)}")
     return sorted(set(targets))
 
 
@@ -154,7 +154,7 @@ def read_adapter(path: PathLike, args: ModelArgs) -> LoraAdapter:
     weights need. Any mismatch (another model's adapter, another rank, unsupported options) is a ValueError
     naming it, raised before any weight of the model is read."""
     folder = Path(path)
-    config = read_adapter_config(folder)
+    config = _read_adapter_config(folder)
     cfg_path = folder / "adapter_config.json"
     targets = set(_target_modules(config, cfg_path, args))
     r, alpha = config["r"], float(config.get("lora_alpha", 8))
@@ -225,6 +225,3 @@ def merge_lora(state: Dict[str, torch.Tensor], adapter: LoraAdapter, rank: int, 
         state[key] = (weight.float() + delta).to(weight.dtype)
         del weight, delta
     return state
-
-
-__all__ = ["LoraAdapter", "MODULES", "read_adapter_config", "read_adapter", "lora_delta", "merge_lora"]

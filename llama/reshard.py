@@ -21,6 +21,7 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
+from . import cli
 from .checkpoint import (
     PathLike,
     check_model_parallel_size,
@@ -93,19 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the written weights (default: bfloat16, as Meta's files)")
     opts = parser.parse_args(argv)
-    try:
-        reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype), log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, permissions: say so without a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no shard was left under its final name", file=sys.stderr)
-        return 130
-    return 0
+    return cli.guarded(lambda: reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype),
+                                       log=lambda m: print(m, flush=True)),
+                       interrupted="interrupted: no shard was left under its final name")
+
+
+def entry_point() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -29,7 +29,8 @@ from llama import Tokenizer
 from llama.chat_format import ChatFormat
 from test_streaming import EOS, GREETING, HELLO, WORLD, scripted_checkpoint
 
-import chat
+from llama import chat
+from llama.distributed import Broadcast
 
 ANSWER = "Hello 世界😀!"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -39,14 +40,17 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFER
 
 
 class FakeGenerator:
-    """What ChatSession uses of Llama: the chat format, max_seq_len and stream_chat_completion."""
+    """What ChatSession uses of Llama: max_seq_len, dialog_length and stream_chat_completion."""
 
     def __init__(self, max_seq_len: int, chunks=("Hi", " there", "!")):
         self.formatter = ChatFormat(Tokenizer(TOKENIZER))
-        self.model = type("Model", (), {"params": type("Params", (), {"max_seq_len": max_seq_len})})()
+        self.max_seq_len = max_seq_len
         self.chunks = chunks
         self.dialogs: List[list] = []
         self.closed = 0
+
+    def dialog_length(self, dialog) -> int:
+        return len(self.formatter.encode_dialog_prompt(dialog))
 
     def stream_chat_completion(self, dialog, temperature, top_p, max_gen_len):
         self.dialogs.append([dict(m) for m in dialog])
@@ -78,7 +82,7 @@ class RecordingConsole:
 def session(max_seq_len=96, max_gen_len=16, system=None, **kw):
     gen = FakeGenerator(max_seq_len, **kw)
     console = RecordingConsole()
-    return chat.ChatSession(gen, console, chat.Channel(), system=system, temperature=0, max_gen_len=max_gen_len), gen
+    return chat.ChatSession(gen, console, Broadcast(), system=system, temperature=0, max_gen_len=max_gen_len), gen
 
 
 def test_turns_accumulate_and_answers_are_kept():

@@ -9,7 +9,10 @@ adapter, must give PEFT's logits within 1e-4 in float32, with one process and wi
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 import hf_worker
-from helpers import SHAPES, TOKENIZER, make_checkpoint
+from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
 from llama import Llama, Tokenizer
 from llama import lora as lora_mod
 from llama.checkpoint import random_state, split_dim, valid_model_parallel_sizes
@@ -198,7 +201,6 @@ def test_code_in_a_bin_adapter_is_refused(setup, tmp_path):
 
 def test_example_script_and_chat_take_lora(setup, capsys):
     """--lora reaches Llama.build from the example scripts and chat.py."""
-    import chat
     import example_text_completion
 
     case = setup["mha"]
@@ -209,6 +211,8 @@ def test_example_script_and_chat_take_lora(setup, capsys):
                                  max_gen_len=3, device="cpu", dtype="float32")
     without = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
     assert len(with_lora) == len(without) == 4 and with_lora != without
-    assert chat.main(["--ckpt_dir", str(case["meta"]), "--tokenizer_path", str(TOKENIZER), "--lora",
-                      str(case["meta"] / "no-adapter")]) == 2
-    assert "error: LoRA adapter directory" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "chat.py", "--ckpt_dir", str(case["meta"]), "--tokenizer_path",
+                           str(TOKENIZER), "--lora", str(case["meta"] / "no-adapter")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: LoRA adapter directory")

@@ -1,0 +1,33 @@
+"""`python -m llama COMMAND ...`: the library's programs under one name (each also installed as llama-COMMAND)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one line of help); each module has entry_point() and reads its own flags from sys.argv.
+_COMMANDS = {
+    "chat": ("llama.chat", "chat in the terminal, answers streamed (llama-chat)"),
+    "reshard": ("llama.reshard", "rewrite a Meta checkpoint with another shard count (llama-reshard)"),
+    "convert": ("llama.convert", "convert between Meta's and Hugging Face's layouts (llama-convert)"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: python -m llama COMMAND [--help | flags...]\n\ncommands:")
+        for name, (_, text) in _COMMANDS.items():
+            print(f"  {name:10} {text}")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in _COMMANDS:
+        print(f"error: unknown command {name!r}; commands: {', '.join(_COMMANDS)}", file=sys.stderr)
+        return 2
+    sys.argv = [f"python -m llama {name}", *argv[1:]]
+    importlib.import_module(_COMMANDS[name][0]).entry_point()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

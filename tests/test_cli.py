@@ -1,0 +1,117 @@
+"""The programs as a user meets them: help, mistyped flags, errors before loading, Ctrl-C, one rank speaking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import MHA, ROOT, TOKENIZER, make_checkpoint, run_torchrun
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+SCRIPTS = ["example_text_completion.py", "example_chat_completion.py", "chat.py"]
+
+
+def run(*args: str, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=ENV, **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cli"), MHA, seed=11)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag_with_its_type_and_no_pager(script):
+    proc = run(script, "--help", stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max_seq_len (int, default" in proc.stdout and "--temperature (float, default 0.6)" in proc.stdout
+    assert "Optional" not in proc.stdout and "NoneType" not in proc.stdout
+    assert "--top_p (float, default 0.9)\n      nucleus sampling" in proc.stdout  # every flag is explained
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_mistyped_flag_fails_at_once_with_a_suggestion(script, ckpt):
+    proc = run(script, "--ckpt_dir", str(ckpt), "--tokenizer_path", str(TOKENIZER), "--max_seqlen", "64")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown flag --max_seqlen; did you mean --max_seq_len? (--help lists the flags)"
+    assert "Loading" not in proc.stdout  # nothing was loaded, let alone generated
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature must be a number >= 0"),
+    (["--top_p", "2"], "top_p must be in (0, 1]"),
+    (["--max_batch_size", "2"], "--max_batch_size must be at least 4"),
+    (["--max_seq_len", "8"], "--max_seq_len 8 leaves no room"),
+    (["--max_gen_len", "0"], "--max_gen_len must be a positive integer"),
+])
+def test_bad_flags_are_refused_before_loading(ckpt, flags, message):
+    proc = run("example_text_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path", str(TOKENIZER), *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Loading" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_an_error_after_loading_has_no_rank_prefix(ckpt, tmp_path):
+    script = tmp_path / "after_build.py"
+    script.write_text(f"from llama import Llama\nLlama.build({str(ckpt)!r}, {str(TOKENIZER)!r}, 32, 1)\n"
+                      "raise RuntimeError('boom')\n")
+    proc = run(str(script))
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr
+    assert "[rank0]" not in proc.stderr
+
+
+def test_ctrl_c_while_generating_ends_with_one_line_and_status_130(ckpt):
+    # Random weights rarely emit EOS: generation runs until the interrupt comes.
+    proc = subprocess.Popen([sys.executable, "example_text_completion.py", "--ckpt_dir", str(ckpt),
+                             "--tokenizer_path", str(TOKENIZER), "--max_seq_len", "4096", "--max_gen_len", "4000",
+                             "--stream"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "Loaded in" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "Loaded in" in line
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert stderr.strip() == "interrupted", stderr
+
+
+def test_under_torchrun_one_rank_speaks(ckpt):
+    proc = run_torchrun(ROOT / "example_text_completion.py", ["--ckpt_dir", str(ckpt), "--tokenizer_path",
+                                                              str(TOKENIZER), "--top_p", "2"], nproc=2, timeout=120)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("error: top_p must be in (0, 1]") == 1
+
+
+def test_demo_notice_once_under_torchrun():
+    proc = run_torchrun(ROOT / "example_text_completion.py", ["--max_gen_len", "4"], nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("using the bundled demo model") == 1
+
+
+def test_python_dash_m_llama_lists_and_runs_the_commands(ckpt, tmp_path):
+    listing = run("-m", "llama")
+    assert listing.returncode == 2 and "chat" in listing.stdout and "reshard" in listing.stdout
+    proc = run("-m", "llama", "reshard", str(ckpt), str(tmp_path / "mp2"), "--mp", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "mp2").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
+                                                                   "params.json"]
+    unknown = run("-m", "llama", "serve-it")
+    assert unknown.returncode == 2 and "unknown command 'serve-it'" in unknown.stderr
+
+
+def test_version_and_distribution_name():
+    import llama
+
+    assert llama.__version__.count(".") == 2
+    assert 'name="llama2-reference"' in (ROOT / "setup.py").read_text()
