@@ -35,9 +35,12 @@ def _window_for(length: int, max_seq_len: int, fixed: bool) -> int:
 class DecodeStep:
     """Calls `model.decode` for a batch whose positions are known on the host (no device sync here)."""
 
-    def __init__(self, model: Transformer, compiled: bool) -> None:
+    def __init__(self, model: Transformer, compiled: bool, fixed_window: Optional[bool] = None) -> None:
+        """fixed_window (default: as compiled) attends over the bucketed windows even when eager, which
+        gives the compiled step's arithmetic without compiling (the tests compare it with exact windows)."""
         self.model = model
         self.compiled = compiled
+        self.fixed_window = compiled if fixed_window is None else fixed_window
         self.device = model.rope.device
         self._warm = set()  # (batch, window) shapes already run
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs where they exist
@@ -45,7 +48,7 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
-        window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.compiled)
+        window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled:
             return self.model.decode(tokens, pos, window)
@@ -66,8 +69,8 @@ class DecodeStep:
         except Exception as err:  # a backend that cannot compile this model must not stop the generation
             distributed.print0(f"warning: compiling the decode step failed ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly instead")
-            self.compiled = False
-            return self.model.decode(tokens, pos, _window_for(int(pos.max()) + 1, self.model.params.max_seq_len, False))
+            self.compiled = self.fixed_window = False
+            return self.model.decode(tokens, pos, int(pos.max()) + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._warm.add(shape)
