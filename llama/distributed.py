@@ -47,9 +47,9 @@ def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
         return dev
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise ValueError(f"device {str(dev)!r} was asked for but no CUDA GPU is available; use --device cpu")
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
     if dev.index is not None and dev.index >= count:
-        raise ValueError(f"device {str(dev)!r} does not exist: this machine has {count} CUDA GPU(s) "
+        raise ValueError(f"device {device!r} ({dev}) does not exist: this machine has {count} CUDA GPU(s) "
                          f"(cuda:0..cuda:{count - 1})")
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched() else 1
     if dev.index is None and local_procs > count:

@@ -510,3 +510,30 @@ def test_only_unsafe_dialogs_cost_no_compute(generator, forward_batches, generat
 def test_streaming_unsafe_dialog_costs_no_compute(generator, forward_batches):
     assert list(generator.stream_chat_completion(UNSAFE, temperature=0, max_gen_len=4)) == [UNSAFE_ERROR]
     assert forward_batches == []
+
+
+def pretend_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_cuda_device_beyond_the_gpus_names_the_count(monkeypatch):
+    from llama.distributed import pick_device
+
+    pretend_gpus(monkeypatch, 1)
+    with pytest.raises(ValueError) as err:
+        pick_device("cuda:3")
+    assert "'cuda:3'" in message(err) and "1 CUDA GPU(s)" in message(err) and "cuda:0" in message(err)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_more_processes_than_gpus_says_what_to_do(monkeypatch):
+    from llama.distributed import pick_device
+
+    pretend_gpus(monkeypatch, 1)
+    for key, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as err:
+        pick_device(None)
+    assert "2 processes" in message(err) and "--nproc_per_node 1" in message(err) and "--device cpu" in message(err)
+    assert pick_device("cpu") == torch.device("cpu")

@@ -57,14 +57,21 @@ def meta_to_hf(state: dict, args: ModelArgs) -> "transformers.LlamaForCausalLM":
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CASES = [pytest.param((shape, device), id=f"{shape}-{device}", marks=[CUDA] if device == "cuda" else [])
+         for device in ("cpu", "cuda") for shape in sorted(SHAPES)]
+
+
+@pytest.fixture(scope="module", params=CASES)
 def pair(request, tmp_path_factory):
-    args = SHAPES[request.param]
+    """This library (on CUDA with its default, the compiled CUDA-graph decode step) and transformers, float32."""
+    shape, device = request.param
+    args = SHAPES[shape]
     state = random_state(args, seed=7)
-    folder = make_checkpoint(tmp_path_factory.mktemp(request.param), args, state=state)
+    folder = make_checkpoint(tmp_path_factory.mktemp(shape), args, state=state)
     ours = Llama.build(str(folder), str(TOKENIZER), max_seq_len=128, max_batch_size=len(PROMPTS),
-                       device="cpu", dtype="float32")
-    return ours, meta_to_hf(state, args)
+                       device=device, dtype="float32")
+    return ours, meta_to_hf(state, args).to(device)
 
 
 def test_prompt_logprobs_match_transformers(pair):
@@ -73,7 +80,7 @@ def test_prompt_logprobs_match_transformers(pair):
     for prompt, res in zip(PROMPTS, result):
         ids = ours.tokenizer.encode(prompt, bos=True, eos=False)
         with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0].float()
+            logits = hf(torch.tensor([ids], device=hf.device)).logits[0].float().cpu()
         expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
         got = torch.tensor(res["logprobs"])
         assert got.shape[0] == len(ids)
@@ -88,7 +95,7 @@ def test_greedy_tokens_match_transformers(pair):
     tokens, _ = ours.generate(prompt_tokens, max_gen_len=GEN_LEN, temperature=0)
     for ids, got in zip(prompt_tokens, tokens):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=GEN_LEN, do_sample=False, eos_token_id=None,
+            out = hf.generate(torch.tensor([ids], device=hf.device), max_new_tokens=GEN_LEN, do_sample=False, eos_token_id=None,
                               pad_token_id=0)
         expected = out[0, len(ids):].tolist()
         if 2 in expected:  # our generator stops at EOS and leaves it out
@@ -104,6 +111,6 @@ def test_generated_logprobs_match_transformers(pair):
     gen_ids = ours.generate([ids], max_gen_len=GEN_LEN, temperature=0)[0][0]
     full = ids + gen_ids
     with torch.no_grad():
-        logits = hf(torch.tensor([full])).logits[0].float()
+        logits = hf(torch.tensor([full], device=hf.device)).logits[0].float().cpu()
     expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(full[1:]).unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(torch.tensor(res["logprobs"][1:]), expected, atol=1e-4, rtol=0)
