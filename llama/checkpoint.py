@@ -63,17 +63,22 @@ def find_shards(ckpt_dir: PathLike) -> List[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
-    path = Path(ckpt_dir) / "params.json"
+def read_json_object(folder: PathLike, name: str) -> Dict[str, Any]:
+    """The JSON object in folder/name (params.json, config.json, adapter_config.json); errors name the file."""
+    path = Path(folder) / name
     if not path.is_file():
-        raise FileNotFoundError(f"params.json not found in {str(Path(ckpt_dir))!r}")
+        raise FileNotFoundError(f"{name} not found in {str(Path(folder))!r}")
     try:
-        params = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
-    return params
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
+    return read_json_object(ckpt_dir, "params.json")
 
 
 def open_shard(path: PathLike, mmap: bool = True) -> Dict[str, torch.Tensor]:

@@ -44,6 +44,12 @@ class _Step:
 
 
 class Llama:
+    """A loaded model with its tokenizer: completes text and answers dialogs, in batches or streamed.
+
+    Build one with `Llama.build` (on every process of a torchrun group). Calls run one at a time: the KV cache is
+    shared by the rows of a batch, so a generation must finish (or its stream be closed) before the next.
+    """
+
     @staticmethod
     def build(
         ckpt_dir: str,
@@ -313,6 +319,11 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> List[CompletionPrediction]:
+        """Continue each prompt (a BOS is prepended); max_gen_len None means as long as max_seq_len allows.
+
+        Returns one {"generation": text} per prompt, with "tokens" (each as text) and "logprobs" when logprobs is
+        set; echo puts the prompt's own tokens and log-probs first (the first token's log-prob is 0.0).
+        """
         prompt_tokens = self._encode_prompts(prompts)
         tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
                                     logprobs, echo)

@@ -31,6 +31,7 @@ from .checkpoint import (
     PathLike,
     atomic_save,
     ensure_empty_destination as ensure_no_meta_checkpoint,
+    read_json_object,
     rope_freqs,
     split_dim,
     state_shapes,
@@ -139,16 +140,7 @@ def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
-    path = folder / _CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"config.json not found in {str(folder)!r}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(folder, _CONFIG)
 
 
 def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:

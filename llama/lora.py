@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 
 from . import hf
-from .checkpoint import PathLike, split_dim, state_shapes
+from .checkpoint import PathLike, read_json_object, split_dim, state_shapes
 from .model import ModelArgs
 
 # PEFT's module names that map onto this model's linear layers (Llama's seven; never the embeddings or lm_head).
@@ -62,14 +62,7 @@ def _read_adapter_config(path: PathLike) -> Dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"LoRA adapter directory {str(folder)!r} does not exist")
     cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"adapter_config.json not found in {str(folder)!r}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(cfg_path)!r} must hold a JSON object")
+    config = read_json_object(folder, cfg_path.name)
 
     def bad(field: str, why: str) -> ValueError:
         return ValueError(f"{str(cfg_path)!r}: {field} = {json.dumps(config.get(field))} is not supported: {why}")
