@@ -102,6 +102,12 @@ class Llama:
     def max_batch_size(self) -> int:
         return self.model.params.max_batch_size
 
+    @property
+    def decode_step(self) -> DecodeStep:
+        """The decode step (eager or compiled) this generator runs: next-token logits for cache rows 0..B-1 at
+        host-known positions. Public so that a scheduler (llama.serve) reuses it, compiled graphs included."""
+        return self._decode
+
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
         return len(self.formatter.encode_dialog_prompt(dialog))
