@@ -380,11 +380,11 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 def token_text(tokenizer: Tokenizer, token: int) -> Tuple[str, List[int]]:
     """A token as OpenAI's log-prob entries show it: its text (word-boundary '▁' as a space; a byte-fallback
-    token as `bytes:\\xNN`) and its UTF-8 bytes."""
+    token of a non-ASCII byte as `bytes:\\xNN`) and its UTF-8 bytes."""
     piece = tokenizer.id_to_piece(token)
     match = _BYTE_PIECE.fullmatch(piece)
     if match:
         value = int(match.group(1), 16)
-        return f"bytes:\\x{value:02x}", [value]
+        return (chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"), [value]
     text = piece.replace("\u2581", " ")
     return text, list(text.encode("utf-8"))

@@ -1,0 +1,11 @@
+"""`python -m llama.web`: the web chat page, with the API beside it (the flags of `python -m llama.serve`).
+
+The page is at http://127.0.0.1:8000/web by default; see llama/serve/web.py. Needs `pip install -e ".[web]"`.
+"""
+
+import sys
+
+from .serve.__main__ import main
+
+if __name__ == "__main__":
+    sys.exit(main(web=True))
