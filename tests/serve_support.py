@@ -32,6 +32,33 @@ def free_socket() -> socket.socket:
     return sock
 
 
+class Gate:
+    """Wraps the engine's step runner so a test decides how many more steps may run: `allow(n)` lets n steps
+    through, then the engine thread waits inside its next step (requests can still arrive and be refused)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.cond = threading.Condition()
+        self.left: Optional[int] = None  # None: open
+
+    def allow(self, n: Optional[int]) -> None:
+        with self.cond:
+            self.left = n
+            self.cond.notify_all()
+
+    def run(self, plan):
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.left is None or self.left > 0, TIMEOUT):
+                raise TimeoutError("the test never opened the gate")
+            if self.left is not None:
+                self.left -= 1
+        return self.runner.run(plan)
+
+    def close(self) -> None:
+        self.allow(None)
+        self.runner.close()
+
+
 class ThreadServer:
     """The API (and optionally the web page) over an engine, served by uvicorn in a thread of this process."""
 
@@ -45,6 +72,7 @@ class ThreadServer:
         self.generator = generator
         self.model = model
         self.engine = Engine(generator, max_queue=max_queue)
+        self.gate = self.engine.runner = Gate(self.engine.runner)
         self.app = create_app(self.engine, model, api_key=api_key, max_body_bytes=max_body_bytes)
         if web:
             from llama.serve import web as web_page
@@ -61,6 +89,7 @@ class ThreadServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.gate.allow(None)
         self.server.should_exit = True
         self.thread.join(TIMEOUT)
         self.engine.stop(timeout=TIMEOUT, cancel=True)
@@ -164,5 +193,5 @@ def skip_without(*modules: str) -> None:
         pytest.importorskip(name, reason=f"{name} is not installed: pip install -e \".[test]\"")
 
 
-__all__ = ["ThreadServer", "ProcessServer", "wait_until", "free_socket", "demo_paths", "DEMO", "TIMEOUT",
+__all__ = ["ThreadServer", "Gate", "ProcessServer", "wait_until", "free_socket", "demo_paths", "DEMO", "TIMEOUT",
            "ports_refuse", "skip_without", "Path"]

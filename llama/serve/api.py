@@ -129,7 +129,8 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
     @app.get("/health")
     async def health() -> JSONResponse:
         status = "failed" if engine.failure is not None else "draining" if engine.draining else "ok"
-        return JSONResponse({"status": status, **engine.stats()}, status_code=200 if status == "ok" else 503)
+        return JSONResponse({"status": status, **engine.stats(), "finished": dict(engine.finished)},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Dict[str, Any]:

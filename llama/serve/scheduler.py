@@ -129,13 +129,14 @@ class Engine:
         self._seeds = random.Random(seed)
         self._cond = threading.Condition()
         self._waiting: Deque[Request] = deque()
-        self._rows: Dict[int, _Running] = {}  # engine thread only
+        self._rows: Dict[int, _Running] = {}  # by row; changed by the engine thread, under the lock
         self._n_running = 0  # len(_rows), readable under the lock from any thread
         self._draining = False
         self._stopping = False
         self.failure: Optional[str] = None  # set when a step failed: the engine stopped
         self._thread: Optional[threading.Thread] = None
-        self.steps = 0  # step boundaries run (tests and the benchmark read it)
+        self.steps = 0  # steps run (tests and the benchmark read it)
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests ended, by reason
 
     # --- any thread ----------------------------------------------------------------------------------------
 
@@ -183,6 +184,11 @@ class Engine:
             return {"running": self._n_running, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue}
 
+    def cancelling(self) -> int:
+        """Running requests that were cancelled and whose rows the next step boundary frees."""
+        with self._cond:
+            return sum(r.request.cancelled for r in list(self._rows.values()))
+
     @property
     def draining(self) -> bool:
         return self._draining
@@ -197,6 +203,11 @@ class Engine:
         """Block until no request runs or waits (True), or the timeout passes (False)."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._n_running and not self._waiting, timeout)
+
+    def wait_until_running(self, n: int, timeout: Optional[float] = None) -> bool:
+        """Block until at least n requests hold rows (True), or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._n_running >= n, timeout)
 
     # --- the engine thread ---------------------------------------------------------------------------------
 
@@ -342,6 +353,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, r: Optional[_Running] = None) -> None:
         """The last event; completion_tokens counts the answer's tokens (a final EOS is not one)."""
+        self.finished[reason] += 1
         self._emit(request, Finished(reason, len(request.prompt), len(r.text.tokens) if r is not None else 0))
 
     def _emit_text(self, r: _Running, text: str, info: Optional[TokenLogprob]) -> None:
@@ -364,6 +376,7 @@ class Engine:
             self._n_running = 0
             self._cond.notify_all()
         for request in victims:
+            self.finished["error"] += 1
             self._emit(request, Finished("error", len(request.prompt), 0, message))
 
     def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
