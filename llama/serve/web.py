@@ -99,20 +99,20 @@ def _pairs(turns: List[Dict[str, str]]) -> List[Dict[str, str]]:
 
 def build_page(engine: Engine, model: str) -> gr.Blocks:
     page = ChatPage(engine, model)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # no web fonts fetched
     return gr.ChatInterface(
         page.respond,
         title=f"Llama 2 chat: {model}",
         additional_inputs=[
             gr.Textbox(label="System prompt", placeholder="e.g. Answer briefly.", lines=2, elem_id="system-prompt"),
-            gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature"),
+            gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature", elem_id="temperature"),
         ],
         additional_inputs_accordion=gr.Accordion("System prompt and settings", open=True),
-        textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", submit_btn=True,
-                           stop_btn=True),
-        chatbot=gr.Chatbot(elem_id="chat", height=480),
-        theme=theme,
+        textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", show_label=False,
+                           submit_btn=True, stop_btn=True),
+        chatbot=gr.Chatbot(elem_id="chat", height=480, show_label=False),
+        submit_btn=True,
+        stop_btn=True,
+        concurrency_limit=None,  # every chat may run at once: the engine batches them and bounds the queue
         analytics_enabled=False,
     )
 
@@ -122,6 +122,8 @@ def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = Non
     auth = None
     if api_key:
         auth = lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
-    gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False,
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
+    gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,
                         footer_links=[], enable_monitoring=False, pwa=False, mcp_server=False,
                         auth_message="Enter any user name and the server's API key as the password.")
