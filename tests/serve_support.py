@@ -25,7 +25,7 @@ TIMEOUT = 60  # seconds any single wait in these tests may take before it fails
 
 def free_socket() -> socket.socket:
     """A listening socket on a free loopback port: clients may connect before the server starts serving."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP: asyncio sets NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)

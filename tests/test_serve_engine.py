@@ -81,13 +81,14 @@ def run(engine: Engine, requests: Sequence[Request], limit: int = 1000) -> int:
 # --- row placement never changes an answer -----------------------------------------------------------------
 
 
-def test_answers_in_a_shared_batch_equal_answers_alone(gen):
-    """12 ragged requests through 4 rows (joining as others finish) at temperature 0, and seeded sampled
-    ones, give what each gets alone, and (greedy) what Llama.text_completion gives."""
-    engine = Engine(gen)
-    specs = [dict(prompt=p, max_tokens=4 + 5 * (i % 5)) for i, p in enumerate(PROMPTS + PROMPTS[:4])]
-    specs += [dict(prompt=p, max_tokens=20, temperature=0.9, top_p=0.95, seed=100 + i)
-              for i, p in enumerate(PROMPTS[:4])]
+@pytest.mark.parametrize("fixed", [True, False])
+def test_answers_in_a_shared_batch_equal_answers_alone(gen, fixed):
+    """8 ragged greedy requests and 3 seeded sampled ones through 4 rows (joining as others finish) give what
+    each gets alone, and (greedy) what Llama.text_completion gives."""
+    engine = Engine(gen, fixed_shape=fixed)
+    specs = [dict(prompt=p, max_tokens=3 + 4 * (i % 4)) for i, p in enumerate(PROMPTS)]
+    specs += [dict(prompt=p, max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i)
+              for i, p in enumerate(PROMPTS[:3])]
     together = [request(gen, **s) for s in specs]
     run(engine, [r for r, _ in together])
     for spec, (_, sink) in zip(specs, together):
@@ -128,8 +129,11 @@ def test_next_tokens_samples_each_row_as_next_token_would():
 # --- admission and the step's shape ----------------------------------------------------------------------
 
 
-def test_waiting_requests_join_with_one_packed_prefill_and_the_decode_shape_never_changes(gen):
-    engine = Engine(gen)
+@pytest.mark.parametrize("fixed", [True, False])
+def test_waiting_requests_join_with_one_packed_prefill(gen, fixed):
+    """Admissions share one packed prefill. A fixed-shape step (compiled) decodes all 4 rows every time; an
+    eager one rows 0..the highest busy row."""
+    engine = Engine(gen, fixed_shape=fixed)
     prefills, decodes = [], []
     model, step = gen.model, gen.decode_step
     original_prefill, original_call = model.prefill, type(step).__call__
@@ -158,7 +162,10 @@ def test_waiting_requests_join_with_one_packed_prefill_and_the_decode_shape_neve
     finally:
         del model.prefill
         type(step).__call__ = original_call
-    assert set(decodes) == {(4,)}  # every decode runs all max_batch_size rows
+    if fixed:
+        assert set(decodes) == {(4,)}  # every decode runs all max_batch_size rows
+    else:
+        assert decodes[:3] == [(2,), (2,), (4,)] and set(decodes) <= {(1,), (2,), (3,), (4,)}
     assert all(len(rows) <= 4 for _, rows in prefills)
     assert all(s.finished.reason == "length" for _, s in first + late)
 

@@ -4,7 +4,8 @@ At each step boundary the engine
   1. frees the rows of cancelled requests (a client that went away) and drops cancelled waiting ones,
   2. admits waiting requests (first come, first served) into free rows, all of them in ONE packed prefill,
   3. runs one decode step for all max_batch_size rows (an idle row decodes a dummy token at position 0 of its
-     own row, which no request reads), so the step's shape never changes,
+     own row, which no request reads), so the step's shape never changes (compiled steps, CUDA graphs); an
+     eager step (CPUs) runs rows 0..the highest busy row only, as idle rows there cost full price,
   4. samples each active row's next token with that request's own temperature, top_p and generator,
      turns tokens into text (whole characters only), cuts at stop strings, and frees a finished row at once.
 Requests beyond the free rows wait in a bounded queue: `submit` raises QueueFull when it is full.
@@ -116,10 +117,14 @@ class Engine:
     """Owns a Llama's model and KV cache while it runs; see the module docstring."""
 
     def __init__(self, generator: Llama, max_queue: int = 64, seed: int = 0,
-                 runner: Optional[StepRunner] = None) -> None:
+                 runner: Optional[StepRunner] = None, fixed_shape: Optional[bool] = None) -> None:
+        """fixed_shape: decode all max_batch_size rows every step (True), or only rows 0..the highest busy one
+        (False). None: fixed when the decode step is compiled (CUDA graphs replay one shape), else not (on an
+        eager CPU step every idle row costs as much as a busy one)."""
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.generator = generator
+        self.fixed_shape = fixed_shape
         self.tokenizer: Tokenizer = generator.tokenizer
         self.max_batch_size = generator.max_batch_size
         self.max_seq_len = generator.max_seq_len
@@ -256,7 +261,9 @@ class Engine:
         running = [r for r in self._rows.values() if r not in admitted]
         plan = StepPlan()
         if running:
-            plan.decode_tokens, plan.decode_positions = [0] * self.max_batch_size, [0] * self.max_batch_size
+            fixed = self.generator.decode_step.compiled if self.fixed_shape is None else self.fixed_shape
+            width = self.max_batch_size if fixed else 1 + max(r.row for r in running)
+            plan.decode_tokens, plan.decode_positions = [0] * width, [0] * width
             for r in running:
                 plan.decode_tokens[r.row], plan.decode_positions[r.row] = r.pending, r.position
         plan.prefill_prompts = [r.request.prompt for r in admitted]
