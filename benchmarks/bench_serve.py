@@ -183,12 +183,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     base = next((r["tokens_per_s"] for r in runs if r["concurrency"] == 1), None)
     for r in runs:
         r["speedup"] = round(r["tokens_per_s"] / base, 2) if base else None
-    flags = ""
+    flags, cpu = "", platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        line = next((ln for ln in info if ln.startswith("flags")), "")
         flags = " ".join(f for f in line.split() if f.startswith(("avx", "amx", "fma", "f16c")))
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
     print(json.dumps({"model": model, "device": "cpu", "dtype": args.dtype, "server_threads": args.threads,
-                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                      "cpu": cpu, "cores": os.cpu_count(),
                       "cpu_flags": flags, "torch": torch.__version__, "max_tokens": args.max_tokens,
                       "requests_per_level": args.requests, "runs": runs}, indent=1))
 
