@@ -1,15 +1,15 @@
 """Serving throughput and latency at 1, 4, 16 and 64 concurrent streams, against one request at a time.
 
 For each concurrency C the benchmark starts `python -m llama.serve --max_batch_size C` on 127.0.0.1 (a
-subprocess, so the clients do not share its interpreter), then streams the same REQUESTS completions through
+subprocess, so the clients do not share its interpreter), then streams the same --requests completions through
 it with C clients at a time (httpx, server-sent events), and reports:
   tokens_per_s   completion tokens of all requests / wall time from the first request to the last answer
   ttft_p50/p99   seconds from sending a request to its first streamed text
   itl_p50/p99    seconds between two streamed chunks of one answer (a chunk is one token, except where a
                  multi-byte character spans several)
 The C=1 run is "served one at a time" (a max_batch_size 1 server, the best setup for that); `speedup` is each
-run's tokens_per_s over it. --batch N serves every level from a max_batch_size N server instead (the decode
-step always runs all N rows, so this shows what idle rows cost). Prompts are ragged (8 to 64 tokens), answers greedy with max_tokens each, so every
+run's tokens_per_s over it. --batch N serves every level from a max_batch_size N server instead, as one
+deployment would. Prompts are ragged (8 to 64 tokens), answers greedy with max_tokens each, so every
 run produces the same tokens.
 
     python benchmarks/bench_serve.py                       # the demo model

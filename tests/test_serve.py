@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
@@ -22,7 +22,8 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.chat_format import UNSAFE_ERROR  # noqa: E402
-from serve_support import DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, ports_refuse, wait_until  # noqa: E402,E501
+from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, ports_refuse,  # noqa: E402
+                           wait_until)
 from test_streaming import HELLO, WORLD, scripted_checkpoint  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a fortune 🙂"}]
@@ -405,3 +406,30 @@ def test_model_parallel_server_under_torchrun(demo):
     expected = [g["generation"] for g in demo.text_completion(prompts, temperature=0, max_gen_len=20)]
     assert together == expected
     assert text == demo.chat_completion([CHAT], temperature=0, max_gen_len=30)[0]["generation"]["content"]
+
+
+def test_the_listening_socket_is_tcp_so_chunks_are_not_delayed():
+    """asyncio disables Nagle only on sockets that say they are TCP; otherwise every streamed chunk after a
+    connection's first response waits for the client's delayed ACK (about 40 ms)."""
+    from llama.serve.__main__ import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname()[:2], timeout=TIMEOUT)
+        accepted, _ = sock.accept()
+        assert accepted.proto == socket.IPPROTO_TCP
+        accepted.close()
+        client.close()
+    finally:
+        sock.close()
+
+
+def test_web_page_asks_for_the_api_key(randomly):
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install -e \".[web]\"")
+    with ThreadServer(randomly, model="random", api_key="k3y", web=True) as server:
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+            assert client.get("/web/config").status_code == 401
+            assert client.post("/web/login", data={"username": "me", "password": "k3Y"}).status_code == 400
+            assert client.post("/web/login", data={"username": "me", "password": "k3y"}).status_code == 200
+            assert client.get("/web/config").status_code == 200

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -307,7 +307,6 @@ def test_a_failing_model_fails_its_requests_and_stops_the_engine(gen):
     engine = Engine(gen)
     req, sink = request(gen, "Hello")
     engine.submit(req)
-    original = gen.model.prefill
     gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     try:
         engine.step()

@@ -12,13 +12,14 @@ then every rank exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from .. import distributed
 from ..cli import resolve_checkpoint
@@ -71,12 +72,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
         ckpt_dir, tokenizer_path = resolve_checkpoint(args.ckpt_dir, args.tokenizer_path)
         if args.max_queue < 0 or args.max_body_bytes < 1:
             raise ValueError("--max_queue must be >= 0 and --max_body_bytes >= 1")
-        import uvicorn  # noqa: F401  (fail before the slow load when the extras are missing)
-
-        from . import api  # noqa: F401
-
-        if args.web:
-            from . import web  # noqa: F401
+        for module in ["uvicorn", "llama.serve.api"] + (["llama.serve.web"] if args.web else []):
+            importlib.import_module(module)  # a missing extra fails here, before the slow load
         rank0 = not distributed.launched() or int(os.environ.get("RANK", "0")) == 0
         sock = _bind(args.host, args.port) if rank0 else None  # a taken port fails before the slow load
         if not rank0:  # the other ranks must outlive rank 0's drain: rank 0 tells them when to leave
