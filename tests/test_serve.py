@@ -346,22 +346,24 @@ def test_draining_answers_503(randomly):
 
 def test_cli_serves_and_sigterm_drains_then_exits_0(loop_dir):
     server = ProcessServer(["--ckpt_dir", str(loop_dir), "--tokenizer_path", str(TOKENIZER), "--max_seq_len",
-                            "512", "--max_batch_size", "2", "--dtype", "float32", "--api-key", "k3y",
+                            "1600", "--max_batch_size", "2", "--dtype", "float32", "--api-key", "k3y",
                             "--model", "loop"])
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k3y", timeout=TIMEOUT, max_retries=0)
-        stream = client.completions.create(model="loop", prompt="x", max_tokens=300, temperature=0, stream=True)
+        # 1500 tokens take seconds: the signal comes while the answer is being written.
+        stream = client.completions.create(model="loop", prompt="x", max_tokens=1500, temperature=0, stream=True)
         parts = [next(stream).choices[0].text]
         status: Dict[str, int] = {}
         stopper = threading.Thread(target=lambda: status.setdefault("rc", server.terminate()))
         stopper.start()
         server.wait_for("Shutting down")  # uvicorn took the signal while the answer streams
+        wait_until(lambda: ports_refuse(server.url), "the port to close to new connections")
         finish = None
         for chunk in stream:
             parts.append(chunk.choices[0].text)
             finish = chunk.choices[0].finish_reason or finish
         stopper.join(TIMEOUT)
-        assert "".join(parts) == loop_text(300) and finish == "length"  # the running request was drained
+        assert "".join(parts) == loop_text(1500) and finish == "length"  # the running request was drained
         assert status["rc"] == 0, server.text()
         assert "Server stopped." in server.text()
         assert ports_refuse(server.url)
