@@ -19,6 +19,10 @@ import pytest
 
 from helpers import ROOT
 
+# Gradio (the web page) must not phone home, whichever test imports it first.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 DEMO = ROOT / "demo" / "fortune-llama"
 TIMEOUT = 60  # seconds any single wait in these tests may take before it fails
 
@@ -176,6 +180,14 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOU
         time.sleep(every)
 
 
+def noticed(server: ThreadServer, cancelled: int) -> None:
+    """Wait until the server has cancelled the request whose client left: its row is freed, or will be at the
+    next step boundary while the gate holds the engine (`cancelled`: the count of cancelled requests by then)."""
+    engine = server.engine
+    wait_until(lambda: engine.cancelling() == 1 or engine.finished["cancelled"] == cancelled,
+               "the server to notice the disconnection")
+
+
 def ports_refuse(url: str) -> bool:
     host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
     try:
@@ -194,5 +206,5 @@ def skip_without(*modules: str) -> None:
         pytest.importorskip(name, reason=f"{name} is not installed: pip install -e \".[test]\"")
 
 
-__all__ = ["ThreadServer", "Gate", "ProcessServer", "wait_until", "free_socket", "demo_paths", "DEMO", "TIMEOUT",
+__all__ = ["ThreadServer", "Gate", "noticed", "ProcessServer", "wait_until", "free_socket", "demo_paths", "DEMO", "TIMEOUT",
            "ports_refuse", "skip_without", "Path"]

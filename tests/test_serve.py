@@ -22,8 +22,8 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.chat_format import UNSAFE_ERROR  # noqa: E402
-from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, ports_refuse,  # noqa: E402
-                           wait_until)
+from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, noticed,  # noqa: E402
+                           ports_refuse, wait_until)
 from test_streaming import HELLO, WORLD, scripted_checkpoint  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a fortune 🙂"}]
@@ -152,14 +152,6 @@ def test_32_concurrent_clients_share_8_rows_and_each_gets_its_own_answer(demo):
     assert together == alone
     assert len(set(alone)) > 16  # the answers differ, so a mix-up would show
     assert steps_together < steps_alone / 3  # the requests really shared steps
-
-
-def noticed(server: ThreadServer, cancelled: int) -> None:
-    """Wait until the server has cancelled the request whose client left (its row is freed, or will be at the
-    next step boundary while the gate holds the engine)."""
-    engine = server.engine
-    wait_until(lambda: engine.cancelling() == 1 or engine.finished["cancelled"] == cancelled,
-               "the server to notice the disconnection")
 
 
 def test_a_client_that_disconnects_frees_its_row(looping):

@@ -13,6 +13,8 @@ from typing import List
 
 import pytest
 
+import serve_support  # noqa: E402,F401  (first: it keeps Gradio offline)
+
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e \".[serve]\"")
 pytest.importorskip("gradio", reason="gradio is not installed: pip install -e \".[web]\"")
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e \".[test]\"")
@@ -26,8 +28,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from helpers import TOKENIZER  # noqa: E402
 from llama import Llama  # noqa: E402
-from serve_support import TIMEOUT, ThreadServer, wait_until  # noqa: E402
-from test_serve import noticed  # noqa: E402
+from serve_support import TIMEOUT, ThreadServer, noticed, wait_until  # noqa: E402
 from test_streaming import HELLO, WORLD, scripted_checkpoint  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
