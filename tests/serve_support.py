@@ -116,8 +116,10 @@ class ProcessServer:
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     "-m"] if nproc else [sys.executable, "-m"]
+        # A session of its own, so that kill() ends torchrun's workers too, whatever state they are in.
         self.proc = subprocess.Popen([*launcher, module, "--port", "0", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.output: List[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -155,8 +157,12 @@ class ProcessServer:
             self.kill()
 
     def kill(self) -> None:
+        """End the server and every process it started (its session), if any is left."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
-            self.proc.kill()
             self.proc.wait(TIMEOUT)
 
     def text(self) -> str:
