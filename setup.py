@@ -24,7 +24,14 @@ setup(
     extras_require={
         # Test-only: an independent implementation to check numerics against (transformers; peft for LoRA
         # adapters; protobuf lets transformers read a SentencePiece tokenizer.model), and the test runner.
-        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "matplotlib"],
+        # The serving tests use real clients (openai, httpx) and a real browser (selenium driving Debian's
+        # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras.
+        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "matplotlib", "openai>=1.40", "httpx>=0.27",
+                 "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
+        # python -m llama.serve: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
+        # python -m llama.web (or llama.serve --web): the chat page.
+        "web": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
         "train": ["matplotlib"],
     },
@@ -32,5 +39,7 @@ setup(
         "llama-chat = llama.chat:entry_point",
         "llama-reshard = llama.reshard:entry_point",
         "llama-convert = llama.convert:entry_point",
+        "llama-serve = llama.serve.__main__:entry_point",
+        "llama-web = llama.web:entry_point",
     ]},
 )

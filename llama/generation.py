@@ -19,7 +19,7 @@ from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_
 from .decode_step import DecodeStep, default_compile
 from .model import Transformer
 from .sampling import check_sampling_args, next_token
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -107,6 +107,12 @@ class Llama:
     @property
     def max_batch_size(self) -> int:
         return self.model.params.max_batch_size
+
+    @property
+    def decode_step(self) -> DecodeStep:
+        """The decode step (eager or compiled) this generator runs: next-token logits for cache rows 0..B-1 at
+        host-known positions. Public so that a scheduler (llama.serve) reuses it, compiled graphs included."""
+        return self._decode
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
@@ -250,8 +256,7 @@ class Llama:
                      top_p: float) -> Iterator[str]:
         if max_gen_len == 0:
             return
-        generated: List[int] = []
-        sent = ""
+        text = TextStream(self.tokenizer)
         steps = self._stream_steps([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
         try:
             while True:
@@ -259,17 +264,14 @@ class Llama:
                     step = next(steps, None)
                 if step is None or step.tokens[0] == self.tokenizer.eos_id:
                     break
-                generated.append(step.tokens[0])
-                text = self.tokenizer.decode(generated)
-                if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
-                    continue  # an incomplete UTF-8 character: wait for its remaining bytes
-                chunk, sent = text[len(sent):], text
-                yield chunk
+                chunk = text.push(step.tokens[0])
+                if chunk:
+                    yield chunk
         finally:
             steps.close()
-        final = self.tokenizer.decode(generated)
-        if len(final) > len(sent):
-            yield final[len(sent):]
+        rest = text.finish()
+        if rest:
+            yield rest
 
     def stream_text_completion(
         self,

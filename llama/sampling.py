@@ -6,7 +6,7 @@ same tokens without communicating.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,3 +34,30 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature > 0:
         return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
     return torch.argmax(logits, dim=-1)
+
+
+def next_tokens(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
+                generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids, row i drawn at its own temperature and top_p with its own generator.
+
+    Row i gets exactly what `next_token(logits[i:i+1], temperatures[i], top_ps[i], generators[i])` gives (the
+    same operations, row by row), so a request samples the same tokens whichever rows share its batch. Greedy
+    rows take one argmax; sampled rows share the softmax, sort and nucleus cut, then draw with their own
+    generator.
+    """
+    out = torch.argmax(logits, dim=-1)
+    hot = [i for i, t in enumerate(temperatures) if t > 0]
+    if not hot:
+        return out
+    rows = torch.tensor(hot, device=logits.device)
+    temps = torch.tensor([float(temperatures[i]) for i in hot], dtype=logits.dtype, device=logits.device)
+    probs = torch.softmax(logits[rows] / temps.unsqueeze(1), dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    cut = torch.tensor([float(top_ps[i]) for i in hot], dtype=probs.dtype, device=logits.device).unsqueeze(1)
+    probs_sort[(probs_sum - probs_sort) > cut] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    for j, i in enumerate(hot):
+        choice = torch.multinomial(probs_sort[j:j + 1], num_samples=1, generator=generators[i])
+        out[i] = probs_idx[j, choice[0, 0]]
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import os
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 from sentencepiece import SentencePieceProcessor
 
@@ -53,3 +53,39 @@ class Tokenizer:
         if not 0 <= value < self.n_words:
             raise ValueError(f"token id {value} is outside the vocabulary of {self.n_words} (0..{self.n_words - 1})")
         return value
+
+
+class TextStream:
+    """The text of a growing token sequence, handed out in chunks of whole characters.
+
+    `push(token)` returns the text the token completes ("" when it completes none): bytes of a character split
+    over byte-fallback tokens are held back until the character is whole, and SentencePiece's word-boundary
+    spaces are kept. `finish()` returns what is still held (an unfinished character as U+FFFD). The chunks join
+    to exactly `tokenizer.decode` of all the tokens. Each push decodes only the tokens from the start of the
+    previous chunk on (they give the new token its word-boundary context), so a long answer costs O(n), not
+    O(n^2). Every streaming path (Llama's streams, the server) uses this one helper.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: List[int] = []
+        self._start = 0  # the first token of the last chunk handed out: the decoding window starts here
+        self._read = 0  # tokens before this one are in the text handed out
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before, text = self._window()
+        if text.endswith("\ufffd") or not text.startswith(before) or len(text) == len(before):
+            return ""  # an incomplete UTF-8 character (wait for its remaining bytes), or nothing visible yet
+        self._start, self._read = self._read, len(self.tokens)
+        return text[len(before):]
+
+    def finish(self) -> str:
+        before, text = self._window()
+        self._start = self._read = len(self.tokens)
+        return text[len(before):] if len(text) > len(before) else ""
+
+    def _window(self) -> Tuple[str, str]:
+        """The window's text up to the handed-out point, and with every token so far."""
+        window = self.tokens[self._start:]
+        return self.tokenizer.decode(window[:self._read - self._start]), self.tokenizer.decode(window)

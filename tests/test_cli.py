@@ -110,6 +110,16 @@ def test_python_dash_m_llama_lists_and_runs_the_commands(ckpt, tmp_path):
     assert unknown.returncode == 2 and "unknown command 'serve-it'" in unknown.stderr
 
 
+def test_every_command_has_help_and_a_console_script():
+    from llama.__main__ import _COMMANDS
+
+    setup = (ROOT / "setup.py").read_text()
+    for name, (module, _) in _COMMANDS.items():
+        assert f'"llama-{name} = {module}:entry_point"' in setup, name
+        proc = run("-m", "llama", name, "--help")
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (name, proc.stderr[-2000:])
+
+
 def test_version_and_distribution_name():
     import llama
 

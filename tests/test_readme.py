@@ -16,6 +16,7 @@ import pytest
 
 from helpers import ROOT
 from llama import cli
+from serve_support import ProcessServer, skip_without
 
 README = (ROOT / "README.md").read_text()
 DEMO = ROOT / "demo" / "fortune-llama"
@@ -32,10 +33,20 @@ def test_python_block_runs(index, tmp_path):
     # The blocks name the released checkpoints; run them on the bundled demo model instead.
     code = re.sub(r'"llama-2-[\w-]*/"', repr(str(DEMO)), code).replace('"tokenizer.model"',
                                                                         repr(str(DEMO / "tokenizer.model")))
+    server = None
+    if "http://127.0.0.1:8000" in code:  # a client of `python -m llama.serve`: serve the demo model for it
+        skip_without("fastapi", "uvicorn", "openai")
+        named = re.search(r'model="([^"]+)"', code)
+        server = ProcessServer(["--model", named.group(1)] if named else [])
+        code = code.replace("http://127.0.0.1:8000", server.url)
     script = tmp_path / "block.py"
     script.write_text(code)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env={**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    finally:
+        if server is not None:
+            server.kill()
     assert proc.returncode == 0, f"README python block {index} failed:\n{code}\n{proc.stderr[-3000:]}"
 
 
@@ -82,6 +93,8 @@ def check_fire_script(path: Path, words: List[str]) -> None:
 def check_program(line: str, words: List[str]) -> None:
     """Raise if the command's program is missing or does not know one of its flags."""
     program, rest = words[0], words[1:]
+    if program == "torchrun" and "-m" in rest:  # torchrun [its flags] -m MODULE [flags]: check the module's
+        program, rest = "python", rest[rest.index("-m"):]
     if program in ("python", "python3") and rest[:1] == ["-m"]:
         module, rest = rest[1], rest[2:]
         if module == "pytest" or module == "llama" and not rest:

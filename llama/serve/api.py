@@ -1,0 +1,221 @@
+"""The HTTP app: OpenAI-compatible endpoints over the engine, on FastAPI (Starlette) and served by uvicorn.
+
+    GET  /health                 liveness and load: 200 while serving, 503 while draining or after a failure
+    GET  /v1/models              the one model served
+    POST /v1/completions         text completion; "stream": true answers as server-sent events
+    POST /v1/chat/completions    chat completion in the Llama 2 chat format, streamed likewise
+
+Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
+`loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
+cancels its request, which frees its row at the next step boundary. Every error is OpenAI's error JSON:
+400 bad parameters or JSON, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over the
+cap, 429 (with Retry-After) when every row is busy and the queue is full, 503 while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import APIError, ChunkWriter, Job, chat_job, completion_job, parse_json, response
+from .scheduler import Chunk, Engine, Event, Finished, QueueFull, Request, TokenLogprob, Unavailable
+
+log = logging.getLogger("llama.serve")
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class EventStream:
+    """One request's engine events, as an async iterator on the event loop."""
+
+    def __init__(self, engine: Engine, job: Job) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
+        self.request = Request(job.prompt, job.params, self._sink, id=job.id)
+
+    def _sink(self, event: Event) -> None:  # the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def submit(self) -> None:
+        self.engine.submit(self.request)
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client has gone (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+               retry_after: int = 1) -> FastAPI:
+    """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
+    (compared in constant time). Bodies over max_body_bytes are refused with 413 before they are read whole."""
+    app = FastAPI(title="Llama 2", docs_url=None, redoc_url=None, openapi_url=None)
+    key = api_key.encode() if api_key else None
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, err: APIError) -> JSONResponse:
+        return _error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else \
+            str(err.detail)
+        return _error(APIError(err.status_code, message, code=code, headers=dict(err.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HTTPRequest, err: RequestValidationError) -> JSONResponse:
+        return _error(APIError(400, str(err)[:500]))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: HTTPRequest, err: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
+    def authorize(request: HTTPRequest) -> None:
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: HTTPRequest) -> Dict[str, Any]:
+        too_big = APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > max_body_bytes:
+                raise too_big
+        return parse_json(bytes(body))
+
+    def available() -> None:
+        if engine.failure is not None or engine.draining:
+            raise APIError(503, engine.failure or "the server is shutting down", code="unavailable",
+                           headers={"Retry-After": str(retry_after)})
+
+    def model_card() -> Dict[str, Any]:
+        return {"id": model, "object": "model", "created": created, "owned_by": "llama",
+                "max_seq_len": engine.max_seq_len}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = "failed" if engine.failure is not None else "draining" if engine.draining else "ok"
+        return JSONResponse({"status": status, **engine.stats(), "finished": dict(engine.finished)},
+                            status_code=200 if status == "ok" else 503)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest) -> Dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str, request: HTTPRequest) -> Dict[str, Any]:
+        authorize(request)
+        if name != model:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    async def complete(request: HTTPRequest, make_job: Callable[..., Job]):
+        authorize(request)
+        available()
+        job = make_job(await read_body(request), engine.generator, model)
+        stream = EventStream(engine, job)
+        try:
+            stream.submit()
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy ({err}); retry after {retry_after} s", code="queue_full",
+                           type="rate_limit_error", headers={"Retry-After": str(retry_after)}) from None
+        except Unavailable as err:
+            raise APIError(503, str(err), code="unavailable", headers={"Retry-After": str(retry_after)}) from None
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        if job.stream:
+            return StreamingResponse(_sse(request, stream, job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _whole(request, stream, job)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await complete(request, completion_job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await complete(request, chat_job)
+
+    return app
+
+
+def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
+    """A task that cancels the request when its client disconnects: the engine then ends the events with
+    Finished('cancelled') and frees the row at the next step boundary."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(lambda task: None if task.cancelled() else stream.cancel())
+    return watcher
+
+
+async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONResponse:
+    """Collect the answer (a client that leaves first cancels the request)."""
+    text: List[str] = []
+    entries: List[TokenLogprob] = []
+    watcher = _watch(request, stream)
+    try:
+        async for event in stream:
+            if isinstance(event, Chunk):
+                text.append(event.text)
+                entries += event.logprobs
+            elif event.reason == "error":
+                raise APIError(500, event.message, type="server_error", code="engine_failed")
+            elif event.reason != "cancelled":
+                return JSONResponse(response(job, "".join(text), entries, event))
+    finally:
+        watcher.cancel()
+        stream.cancel()  # a no-op once the request has finished
+    return JSONResponse({}, status_code=499)  # the client has gone: nobody reads this
+
+
+async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIterator[str]:
+    """The answer as server-sent events (a client that leaves cancels the request)."""
+    writer = ChunkWriter(job)
+    watcher = _watch(request, stream)
+    try:
+        for line in writer.start():
+            yield line
+        async for event in stream:
+            if isinstance(event, Chunk):
+                yield writer.chunk(event.text, event.logprobs)
+            elif event.reason != "cancelled":
+                for line in writer.finish(event):
+                    yield line
+    finally:
+        watcher.cancel()
+        stream.cancel()

@@ -1,0 +1,334 @@
+"""OpenAI's API shapes: request bodies checked into engine requests, and the JSON of answers and errors.
+
+Every check names the offending parameter, so a client gets the OpenAI-style error
+`{"error": {"message", "type", "param", "code"}}` with status 400 (the openai client's BadRequestError).
+Unknown fields are ignored (clients add new ones over time); known fields of the wrong type or out of range,
+and features this server does not have (n > 1, tools, penalties...), are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from ..chat_format import UNSAFE_ERROR, has_special_tags, validate_dialog
+from ..generation import Llama
+from .scheduler import Finished, SamplingParams, TokenLogprob
+
+DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
+DEFAULT_TOP_P = 0.9
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers may fill the context
+MAX_STOP = 4
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered to the client as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class Job:
+    """A checked request: what the engine runs and how the answer is shaped."""
+
+    chat: bool
+    model: str
+    prompt: List[int]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: str = ""  # completions with echo: the prompt text, put before the answer
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_json(body: bytes) -> Dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+# --- typed getters: each names its parameter -----------------------------------------------------------------
+
+
+def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    """body[name] checked to be of `kind` ('number', 'integer', 'boolean', 'string'); null means default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = {
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise bad(f"'{name}' must be a{'n' if kind[0] == 'i' else ''} {kind}, got {json.dumps(value)[:100]}",
+                  param=name, code="invalid_type")
+    return value
+
+
+def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why: str) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise bad(f"'{name}' {json.dumps(value)[:100]} is not supported: {why}", param=name, code="unsupported")
+
+
+def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
+              prompt_len: int, default_max: int) -> SamplingParams:
+    temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
+    if temperature < 0:
+        raise bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
+    top_p = _get(body, "top_p", "number", DEFAULT_TOP_P)
+    if not 0 < top_p <= 1:
+        raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    seed = _get(body, "seed", "integer")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    if len(stop) > MAX_STOP:
+        raise bad(f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
+    n = _get(body, "n", "integer", 1)
+    if n != 1:
+        raise bad(f"'n' must be 1 (one answer per request), got {n}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _get(body, name, "number", 0) != 0:
+            raise bad(f"'{name}' is not supported (only 0)", param=name, code="unsupported")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("'logit_bias' is not supported", param="logit_bias", code="unsupported")
+    if prompt_len >= room:
+        raise bad(f"the prompt has {prompt_len} tokens, but this server's context (max_seq_len) is {room} "
+                  f"tokens including the answer: shorten it to at most {room - 1}", param=prompt_param,
+                  code="context_length_exceeded")
+    left = room - prompt_len
+    if max_tokens is None:
+        max_tokens = min(default_max, left)
+    elif max_tokens < 1:
+        raise bad(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+    elif max_tokens > left:
+        raise bad(f"'max_tokens' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
+                  f"(max_seq_len) {room}, which leaves room for {left}", param="max_tokens",
+                  code="context_length_exceeded")
+    return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                          stop=stop)
+
+
+def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
+    name = _get(body, "model", "string", model)
+    if name != model:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}", param="model",
+                       code="model_not_found")
+    stream = _get(body, "stream", "boolean", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
+    include_usage = _get(options or {}, "include_usage", "boolean", False)
+    _get(body, "user", "string")
+    return {"model": model, "stream": stream, "include_usage": include_usage}
+
+
+# --- the two endpoints -----------------------------------------------------------------------------------------
+
+
+def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
+    """POST /v1/completions: one prompt (a string, or token ids) continued."""
+    common = _common(body, model)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        tokens, text = generator.tokenizer.encode(prompt, bos=True, eos=False), prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = generator.model.params.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
+        tokens, text = list(prompt), generator.tokenizer.decode(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
+    else:
+        raise bad("'prompt' must be a string or a non-empty list of token ids", param="prompt",
+                  code="invalid_type" if prompt is not None else None)
+    _unsupported(body, "suffix", [""], "no fill-in-the-middle")
+    _unsupported(body, "best_of", [1], "one answer per request")
+    echo = _get(body, "echo", "boolean", False)
+    logprobs = _get(body, "logprobs", "integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise bad(f"'logprobs' must be in 0..{MAX_COMPLETION_LOGPROBS}, got {logprobs}", param="logprobs")
+    if echo and logprobs is not None:
+        raise bad("'echo' together with 'logprobs' is not supported", param="echo", code="unsupported")
+    params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
+                       COMPLETION_MAX_TOKENS)
+    params.logprobs = logprobs
+    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
+
+
+def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
+    """POST /v1/chat/completions: a dialog in the Llama 2 chat format, answered by the assistant."""
+    common = _common(body, model)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of messages", param="messages",
+                  code="invalid_type" if messages is not None and not isinstance(messages, list) else None)
+    dialog = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        validate_dialog(dialog)
+    except ValueError as err:
+        raise bad(str(err).replace("dialog, ", ""), param="messages") from None
+    if has_special_tags(dialog):
+        raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
+    for name in ("tools", "functions"):
+        _unsupported(body, name, [[]], "no tool calls")
+    _unsupported(body, "tool_choice", ["none"], "no tool calls")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad("'response_format' other than text is not supported", param="response_format",
+                  code="unsupported")
+    tokens = generator.formatter.encode_dialog_prompt(dialog)
+    max_tokens = _get(body, "max_completion_tokens", "integer")
+    max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
+    params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len)
+    if _get(body, "logprobs", "boolean", False):
+        params.logprobs = _get(body, "top_logprobs", "integer", 0)
+        if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be in 0..{MAX_TOP_LOGPROBS}, got {params.logprobs}",
+                      param="top_logprobs")
+    elif body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return Job(chat=True, prompt=tokens, params=params, **common)
+
+
+def _message(message: Any, index: int) -> Dict[str, str]:
+    """One chat message as {'role', 'content'}: content is a string or a list of text parts."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad(f"{where} must be an object with 'role' and 'content'", param=where, code="invalid_type")
+    role, content = message.get("role"), message.get("content")
+    if role == "developer":  # OpenAI's newer name for the system message
+        role = "system"
+    if role not in ("system", "user", "assistant"):
+        raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {json.dumps(role)[:100]}",
+                  param=f"{where}.role")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content must be a string (or a list of text parts)", param=f"{where}.content",
+                  code="invalid_type")
+    return {"role": role, "content": content}
+
+
+# --- answers ---------------------------------------------------------------------------------------------------
+
+
+def usage(finished: Finished) -> Dict[str, int]:
+    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+def _completion_logprobs(entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(e.token)
+        offset += 0 if e.token.startswith("bytes:") else len(e.token)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e.top]}
+                        for e in entries]}
+
+
+def _finish_reason(finished: Finished) -> str:
+    return "length" if finished.reason == "length" else "stop"
+
+
+def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished) -> Dict[str, Any]:
+    """The non-streamed answer."""
+    want_lps = job.params.logprobs is not None
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": _chat_logprobs(entries) if want_lps else None}
+        obj, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": job.echo + text,
+                  "logprobs": _completion_logprobs(entries, len(job.echo)) if want_lps else None}
+        obj, prefix = "text_completion", "cmpl-"
+    choice["finish_reason"] = _finish_reason(finished)
+    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice],
+            "usage": usage(finished)}
+
+
+class ChunkWriter:
+    """The streamed answer, as server-sent events: one `data: {json}` per chunk, then `data: [DONE]`."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.offset = len(job.echo)
+
+    def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
+        obj = "chat.completion.chunk" if self.job.chat else "text_completion"
+        prefix = "chatcmpl-" if self.job.chat else "cmpl-"
+        payload = {"id": prefix + self.job.id, "object": obj, "created": self.job.created, "model": self.job.model,
+                   "choices": choices, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def start(self) -> List[str]:
+        """What opens the stream: the assistant role (chat), the echoed prompt (completions with echo)."""
+        if self.job.chat:
+            return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])]
+        if self.job.echo:
+            return [self._event([{"index": 0, "text": self.job.echo, "logprobs": None, "finish_reason": None}])]
+        return []
+
+    def chunk(self, text: str, entries: List[TokenLogprob]) -> str:
+        want_lps = self.job.params.logprobs is not None
+        if self.job.chat:
+            choice = {"index": 0, "delta": {"content": text},
+                      "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
+        else:
+            choice = {"index": 0, "text": text,
+                      "logprobs": _completion_logprobs(entries, self.offset) if want_lps else None,
+                      "finish_reason": None}
+        self.offset += len(text)
+        return self._event([choice])
+
+    def finish(self, finished: Finished) -> List[str]:
+        if finished.reason == "error":
+            err = APIError(500, finished.message, type="server_error", code="engine_failed")
+            return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
+        last = {"index": 0, "finish_reason": _finish_reason(finished), "logprobs": None}
+        last.update({"delta": {}} if self.job.chat else {"text": ""})
+        events = [self._event([last])]
+        if self.job.include_usage:
+            events.append(self._event([], usage=usage(finished)))
+        return events + ["data: [DONE]\n\n"]

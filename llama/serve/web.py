@@ -1,0 +1,130 @@
+"""The web chat page: Gradio's ChatInterface over the server's own engine, answers streamed as they come.
+
+It keeps the conversation, has a system-prompt box (and a temperature slider), and a stop button that cancels
+the answer (its row is freed at the next step). The page is mounted on the API server at /web
+(`python -m llama.serve --web`, or `python -m llama.web`), so chat and API share one model and one batch.
+Gradio is kept offline: no analytics, no share links, no web fonts (the system's fonts are used).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from ..chat_format import UNSAFE_ERROR  # noqa: E402
+from .api import EventStream  # noqa: E402
+from .protocol import APIError, chat_job  # noqa: E402
+from .scheduler import Chunk, Engine, QueueFull, Unavailable  # noqa: E402
+
+PATH = "/web"
+
+
+def _text(content: Any) -> str:
+    """A chat message's text, whatever shape Gradio gives it (a string, a text part, a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") if isinstance(content.get("text"), str) else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(part) for part in content)
+    return ""
+
+
+class ChatPage:
+    """The answer function behind the page: a dialog in, the growing answer out, oldest turns dropped when
+    the conversation outgrows the context (a quarter of it stays free for the answer)."""
+
+    def __init__(self, engine: Engine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+        self.answer_room = max(1, engine.max_seq_len // 4)
+
+    def dialog(self, message: str, history: List[Dict[str, Any]], system: str) -> List[Dict[str, str]]:
+        turns = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in history
+                 if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+        turns = _pairs(turns)
+        head = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+        user = [{"role": "user", "content": message}]
+        limit = self.engine.max_seq_len - self.answer_room
+        lengths = self.engine.generator.dialog_length
+        while turns and lengths(head + turns + user) > limit:
+            turns = turns[2:]
+        return head + turns + user
+
+    async def respond(self, message: str, history: List[Dict[str, Any]], system: str = "",
+                      temperature: float = 0.6) -> AsyncIterator[str]:
+        message = _text(message)
+        if not message.strip():
+            return
+        body = {"messages": self.dialog(message, history, system), "temperature": float(temperature)}
+        try:
+            job = chat_job(body, self.engine.generator, self.model)
+        except APIError as err:
+            yield UNSAFE_ERROR if err.code == "special_tags" else f"Error: {err.message}"
+            return
+        stream = EventStream(self.engine, job)
+        try:
+            stream.submit()
+        except (QueueFull, Unavailable) as err:
+            raise gr.Error(f"The server is busy, try again shortly ({err}).") from None
+        text = ""
+        try:
+            async for event in stream:
+                if isinstance(event, Chunk):
+                    if event.text:
+                        text += event.text
+                        yield text
+                elif event.reason == "error":
+                    raise gr.Error(event.message)
+        finally:  # the stop button (or a closed tab) cancels this generator: free the row
+            stream.cancel()
+
+
+def _pairs(turns: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    """Complete user/assistant pairs only (an answer stopped before its first word leaves a lone user turn)."""
+    out: List[Dict[str, str]] = []
+    for t in turns:
+        if t["role"] == ("user", "assistant")[len(out) % 2]:
+            out.append(t)
+        elif t["role"] == "user":  # a user turn left without an answer: replace it
+            out[-1] = t
+    return out[:len(out) - len(out) % 2]
+
+
+def build_page(engine: Engine, model: str) -> gr.Blocks:
+    page = ChatPage(engine, model)
+    return gr.ChatInterface(
+        page.respond,
+        title=f"Llama 2 chat: {model}",
+        additional_inputs=[
+            gr.Textbox(label="System prompt", placeholder="e.g. Answer briefly.", lines=2, elem_id="system-prompt"),
+            gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature", elem_id="temperature"),
+        ],
+        additional_inputs_accordion=gr.Accordion("System prompt and settings", open=True),
+        textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", show_label=False,
+                           submit_btn=True, stop_btn=True),
+        chatbot=gr.Chatbot(elem_id="chat", height=480, show_label=False),
+        submit_btn=True,
+        stop_btn=True,
+        concurrency_limit=None,  # every chat may run at once: the engine batches them and bounds the queue
+        analytics_enabled=False,
+    )
+
+
+def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = None) -> None:
+    """Serve the page at /web on `app` (with an API key set, the page asks for it as its password)."""
+    auth = None
+    if api_key:
+        auth = lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
+    gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,
+                        footer_links=[], enable_monitoring=False, pwa=False, mcp_server=False,
+                        auth_message="Enter any user name and the server's API key as the password.")

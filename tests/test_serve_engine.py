@@ -1,0 +1,368 @@
+"""The continuous-batching engine without HTTP: admission, row placement, sampling, stops, cancellation, MP.
+
+Steps are driven by hand here (`engine.step()`), so each test decides exactly which requests share a step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+from helpers import MHA, TOKENIZER, make_checkpoint, run_torchrun
+from llama import Llama
+from llama.sampling import next_token, next_tokens
+from llama.serve import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Unavailable
+from llama.serve.stop import StopText
+from test_streaming import EOS, HELLO, WORLD, scripted_checkpoint
+
+PROMPTS = ["Hello", "Once upon a time there was", "a", "世界😀 and", "The quick brown fox jumps over the", "Hi",
+           "Ω\n", " leading space"]
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("random"), MHA, seed=7)
+
+
+@pytest.fixture(scope="module")
+def gen(random_dir) -> Llama:
+    return Llama.build(str(random_dir), str(TOKENIZER), max_seq_len=96, max_batch_size=4, device="cpu",
+                       dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def looping(tmp_path_factory) -> Llama:
+    """A scripted model answering every prompt 'Hello world world world ...' (never EOS)."""
+    folder = scripted_checkpoint(tmp_path_factory.mktemp("loop"), {None: [HELLO, WORLD, WORLD]})
+    return Llama.build(str(folder), str(TOKENIZER), max_seq_len=64, max_batch_size=2, device="cpu",
+                       dtype="float32")
+
+
+class Collect:
+    """A request's events, kept in order."""
+
+    def __init__(self) -> None:
+        self.events: List = []
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Chunk))
+
+    @property
+    def finished(self) -> Optional[Finished]:
+        last = self.events[-1] if self.events else None
+        return last if isinstance(last, Finished) else None
+
+
+def request(gen: Llama, prompt: str, **params) -> Tuple[Request, Collect]:
+    sink = Collect()
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 12)
+    return Request(gen.tokenizer.encode(prompt, bos=True, eos=False), SamplingParams(**params), sink), sink
+
+
+def run(engine: Engine, requests: Sequence[Request], limit: int = 1000) -> int:
+    for r in requests:
+        engine.submit(r)
+    steps = 0
+    while engine.step():
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+# --- row placement never changes an answer -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_answers_in_a_shared_batch_equal_answers_alone(gen, fixed):
+    """8 ragged greedy requests and 3 seeded sampled ones through 4 rows (joining as others finish) give what
+    each gets alone, and (greedy) what Llama.text_completion gives."""
+    engine = Engine(gen, fixed_shape=fixed)
+    specs = [dict(prompt=p, max_tokens=3 + 4 * (i % 4)) for i, p in enumerate(PROMPTS)]
+    specs += [dict(prompt=p, max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i)
+              for i, p in enumerate(PROMPTS[:3])]
+    together = [request(gen, **s) for s in specs]
+    run(engine, [r for r, _ in together])
+    for spec, (_, sink) in zip(specs, together):
+        alone_req, alone = request(gen, **spec)
+        run(engine, [alone_req])
+        assert sink.text == alone.text, spec
+        assert sink.finished.reason == alone.finished.reason
+        assert sink.finished.completion_tokens == alone.finished.completion_tokens
+        if spec.get("temperature", 0) == 0:
+            expected = gen.text_completion([spec["prompt"]], temperature=0, max_gen_len=spec["max_tokens"])
+            assert sink.text == expected[0]["generation"], spec
+
+
+def test_seeded_sampling_matches_a_fresh_generator(random_dir):
+    """A request's seed plays the part of Llama.build's seed: the same draws as a fresh generator's first call."""
+    for seed in (5, 6):
+        fresh = Llama.build(str(random_dir), str(TOKENIZER), max_seq_len=96, max_batch_size=1, device="cpu",
+                            dtype="float32", seed=seed)
+        expected = fresh.text_completion(["Hello"], temperature=0.9, top_p=0.95, max_gen_len=20)[0]["generation"]
+        engine = Engine(fresh)
+        req, sink = request(fresh, "Hello", temperature=0.9, top_p=0.95, seed=seed, max_tokens=20)
+        run(engine, [req])
+        assert sink.text == expected
+
+
+def test_next_tokens_samples_each_row_as_next_token_would():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4096) * 3
+    temps, tops = [0, 0.7, 1.0, 0, 1.3, 0.5], [1, 0.9, 1.0, 0.5, 0.95, 0.3]
+    for trial in range(20):
+        gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(6)]
+        got = next_tokens(logits, temps, tops, gens).tolist()
+        for i in range(6):
+            alone = next_token(logits[i:i + 1], temps[i], tops[i], torch.Generator().manual_seed(100 * trial + i))
+            assert got[i] == alone.item()
+
+
+# --- admission and the step's shape ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_waiting_requests_join_with_one_packed_prefill(gen, fixed):
+    """Admissions share one packed prefill. A fixed-shape step (compiled) decodes all 4 rows every time; an
+    eager one rows 0..the highest busy row."""
+    engine = Engine(gen, fixed_shape=fixed)
+    prefills, decodes = [], []
+    model, step = gen.model, gen.decode_step
+    original_prefill, original_call = model.prefill, type(step).__call__
+
+    def spy_prefill(prompts, rows=None, all_logits=False):
+        prefills.append((len(prompts), list(rows)))
+        return original_prefill(prompts, rows=rows, all_logits=all_logits)
+
+    model.prefill = spy_prefill
+    type(step).__call__ = lambda self, tokens, positions: decodes.append(tuple(tokens.shape)) or \
+        original_call(self, tokens, positions)
+    try:
+        first = [request(gen, p, max_tokens=30) for p in PROMPTS[:2]]
+        for r, _ in first:
+            engine.submit(r)
+        engine.step()
+        assert prefills == [(2, [0, 1])] and decodes == []  # the first step only prefills
+        engine.step()
+        late = [request(gen, p, max_tokens=30) for p in PROMPTS[2:5]]  # 3 arrive; 2 rows are free
+        for r, _ in late:
+            engine.submit(r)
+        engine.step()
+        assert prefills[-1] == (2, [2, 3]) and engine.stats()["waiting"] == 1
+        while engine.step():
+            pass
+    finally:
+        del model.prefill
+        type(step).__call__ = original_call
+    if fixed:
+        assert set(decodes) == {(4,)}  # every decode runs all max_batch_size rows
+    else:
+        assert decodes[:3] == [(2,), (2,), (4,)] and set(decodes) <= {(1,), (2,), (3,), (4,)}
+    assert all(len(rows) <= 4 for _, rows in prefills)
+    assert all(s.finished.reason == "length" for _, s in first + late)
+
+
+def test_a_finished_row_is_reused_at_the_next_boundary(looping):
+    engine = Engine(looping)
+    short, short_sink = request(looping, "a", max_tokens=2)
+    long, _ = request(looping, "b", max_tokens=50)
+    waiting, waiting_sink = request(looping, "c", max_tokens=3)
+    for r in (short, long, waiting):
+        engine.submit(r)
+    engine.step()  # short and long prefilled (2 rows), waiting waits
+    engine.step()  # short has its 2 tokens: done, row freed
+    assert short_sink.finished.reason == "length" and short_sink.text == "Hello world"
+    assert engine.stats() == {"running": 1, "waiting": 1, "max_batch_size": 2, "max_queue": 64}
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 0
+    engine.stop(cancel=True)
+    while engine.step():
+        pass
+    assert waiting_sink.finished.reason == "cancelled"
+
+
+def test_cancel_frees_the_row_at_the_next_step(looping):
+    engine = Engine(looping)
+    req, sink = request(looping, "a", max_tokens=60)
+    engine.submit(req)
+    engine.step()
+    engine.step()
+    assert engine.stats()["running"] == 1
+    engine.cancel(req)
+    engine.step()
+    assert engine.stats()["running"] == 0 and sink.finished.reason == "cancelled"
+    assert sink.finished.completion_tokens == 2
+    queued, queued_sink = request(looping, "b")
+    engine.cancel(queued)  # cancelled before it ever ran
+    engine.submit(queued)
+    engine.step()
+    assert queued_sink.finished.reason == "cancelled" and engine.stats()["waiting"] == 0
+
+
+def test_queue_is_bounded(looping):
+    engine = Engine(looping, max_queue=1)
+    requests = [request(looping, "a", max_tokens=50)[0] for _ in range(4)]
+    for r in requests[:3]:  # two free rows and one queue place
+        engine.submit(r)
+    with pytest.raises(QueueFull):
+        engine.submit(requests[3])
+    engine.step()  # two run, one waits
+    with pytest.raises(QueueFull):
+        engine.submit(requests[3])
+    engine.drain()
+    with pytest.raises(Unavailable):
+        engine.submit(request(looping, "a")[0])
+    engine.stop(cancel=True)
+
+
+def test_run_thread_drains_and_stops(looping):
+    engine = Engine(looping)
+    engine.start()
+    reqs = [request(looping, "a", max_tokens=n) for n in (5, 9)]
+    for r, _ in reqs:
+        engine.submit(r)
+    assert engine.stop(timeout=60)  # drains: both finish
+    assert [s.finished.reason for _, s in reqs] == ["length", "length"]
+    assert reqs[1][1].text == "Hello" + " world" * 8
+
+
+# --- stops, lengths, log-probs, checks -------------------------------------------------------------------
+
+
+def test_stop_strings_cut_the_answer(looping):
+    engine = Engine(looping)
+    cases = [(["world"], "Hello "), (["d w"], "Hello worl"), (["o w", "ld wo"], "Hell"), (["xyz"], None)]
+    for stop, expected in cases:
+        req, sink = request(looping, "a", max_tokens=6, stop=stop)
+        run(engine, [req])
+        if expected is None:
+            assert sink.text == "Hello" + " world" * 5 and sink.finished.reason == "length"
+        else:
+            assert sink.text == expected and sink.finished.reason == "stop", stop
+
+
+def test_stop_text_holds_back_what_may_become_a_stop():
+    s = StopText(["###", "END"])
+    assert s.feed("hello #") == ("hello ", False)
+    assert s.feed("#") == ("", False)
+    assert s.feed(" x") == ("## x", False)
+    assert s.feed("EN") == ("", False)
+    assert s.feed("D and more") == ("", True)
+    s = StopText(["ab"])
+    assert s.feed("xa") == ("x", False) and s.flush() == "a"
+    assert StopText([]).feed("abc") == ("abc", False)
+
+
+def test_eos_ends_with_stop_and_is_not_counted(tmp_path):
+    folder = scripted_checkpoint(tmp_path, {None: [HELLO, WORLD, EOS]})
+    g = Llama.build(str(folder), str(TOKENIZER), max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
+    engine = Engine(g)
+    req, sink = request(g, "a", max_tokens=10)
+    run(engine, [req])
+    assert sink.text == "Hello world"
+    assert (sink.finished.reason, sink.finished.completion_tokens) == ("stop", 2)
+
+
+def test_logprobs_are_the_models(gen):
+    engine = Engine(gen)
+    req, sink = request(gen, "Hello", max_tokens=5, logprobs=3)
+    run(engine, [req])
+    entries = [e for ev in sink.events if isinstance(ev, Chunk) for e in ev.logprobs]
+    assert len(entries) == 5
+    tokens = gen.tokenizer.encode("Hello", bos=True, eos=False)
+    with torch.inference_mode():
+        logits = gen.model.prefill([tokens])
+    lps = torch.log_softmax(logits[0], -1)
+    assert entries[0].logprob == pytest.approx(lps.max().item(), abs=1e-5)
+    assert [lp for _, _, lp in entries[0].top] == pytest.approx(lps.topk(3).values.tolist(), abs=1e-5)
+    assert all(len(e.top) == 3 and e.logprob == pytest.approx(e.top[0][2]) for e in entries)  # greedy: the top one
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], {}, "non-empty"),
+    ([1, 10 ** 6], {}, "outside"),
+    ([1] * 96, {}, "up to 95"),
+    ([1] * 90, {"max_tokens": 7}, "at most 6"),
+    ([1], {"max_tokens": 0}, "max_tokens"),
+    ([1], {"temperature": -1}, "temperature"),
+    ([1], {"top_p": 0}, "top_p"),
+    ([1], {"logprobs": 21}, "logprobs"),
+])
+def test_bad_requests_are_refused_at_submit(gen, prompt, params, message):
+    engine = Engine(gen)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(Request(prompt, SamplingParams(**{"max_tokens": 1, **params}), lambda e: None))
+    assert engine.stats()["waiting"] == 0
+
+
+def test_a_failing_model_fails_its_requests_and_stops_the_engine(gen):
+    engine = Engine(gen)
+    req, sink = request(gen, "Hello")
+    engine.submit(req)
+    gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        engine.step()
+    finally:
+        del gen.model.prefill
+    assert sink.finished.reason == "error" and "boom" in sink.finished.message
+    assert "boom" in engine.failure
+    with pytest.raises(Unavailable):
+        engine.submit(request(gen, "Hello")[0])
+
+
+# --- model parallel --------------------------------------------------------------------------------------
+
+WORKER = r'''
+import json, sys
+from llama import Llama
+from llama.distributed import Broadcast
+from llama.serve import Engine, Request, SamplingParams, Chunk
+from llama.serve.runner import StepRunner, follow
+
+out, ckpt, tok = sys.argv[1:4]
+g = Llama.build(ckpt, tok, max_seq_len=96, max_batch_size=4, device="cpu", dtype="float32")
+channel = Broadcast()
+if channel.rank != 0:
+    follow(g, channel)
+    sys.exit(0)
+engine = Engine(g, runner=StepRunner(g, channel))
+prompts = json.loads(sys.argv[4])
+results = [[] for _ in prompts]
+for i, p in enumerate(prompts):
+    params = SamplingParams(max_tokens=4 + 3 * i, temperature=0.8 if i % 3 == 2 else 0.0, seed=i)
+    engine.submit(Request(g.tokenizer.encode(p, bos=True, eos=False), params,
+                          lambda e, i=i: results[i].append(e.text if isinstance(e, Chunk) else e.reason)))
+engine.start()
+engine.stop(timeout=120)
+with open(out, "w", encoding="utf-8") as handle:
+    json.dump(results, handle)
+'''
+
+
+def test_model_parallel_engine_gives_the_single_process_answers(tmp_path, random_dir, gen):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    mp_dir = make_checkpoint(tmp_path / "mp2", MHA, n_shards=2, seed=7)
+    prompts = PROMPTS + PROMPTS[:3]
+    proc = run_torchrun(worker, [str(tmp_path / "out.json"), str(mp_dir), str(TOKENIZER), json.dumps(prompts)],
+                        nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    engine = Engine(gen)
+    expected: List[List] = [[] for _ in prompts]
+    reqs = []
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=4 + 3 * i, temperature=0.8 if i % 3 == 2 else 0.0, seed=i)
+        reqs.append(Request(gen.tokenizer.encode(p, bos=True, eos=False), params,
+                            lambda e, i=i: expected[i].append(e.text if isinstance(e, Chunk) else e.reason)))
+    run(engine, reqs)
+    assert ["".join(x[:-1]) for x in got] == ["".join(x[:-1]) for x in expected]
+    assert [x[-1] for x in got] == [x[-1] for x in expected]
