@@ -116,6 +116,13 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def model_parallel_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over the model-parallel group, in place (the tensor as it is at one process)."""
+    if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=fs_init.get_model_parallel_group())
+    return tensor
+
+
 def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
     if is_rank0():
