@@ -415,6 +415,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization at load (a quantized checkpoint needs none)")
+    parser.add_argument("--group_size", type=int, default=None, help="int4 inputs per group: 32, 64 or 128")
     return parser.parse_args(argv)
 
 
@@ -432,7 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ckpt_dir, tokenizer_path = resolve_checkpoint(args.ckpt_dir, args.tokenizer_path)
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype,
-                                lora=args.lora)
+                                lora=args.lora, quantize=args.quantize, group_size=args.group_size)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # as llama.cli.run shows input errors
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)

@@ -40,13 +40,17 @@ def main(
     dtype: Optional[str] = None,
     stream: bool = False,
     lora: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ):
     """stream: print each completion token by token as it is generated, one prompt at a time.
     lora: a PEFT LoRA adapter folder to merge into the weights.
+    quantize: int8 or int4 weight-only quantization at load (group_size: int4's 32, 64 or 128).
     """
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora)
+                            max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora,
+                            quantize=quantize, group_size=group_size)
     if stream:
         for prompt in PROMPTS:
             print0(prompt)
