@@ -206,9 +206,10 @@ class Int4Linear(nn.Module):
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(weight.qweight.contiguous(),
                                                                 cuda_inner_k_tiles(weight.in_features))
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                unpack_nibbles(weight.qweight).to(torch.int32), 1)
+        else:  # the CPU op takes int32 codes: a few rows at a time (its layout blocks rows by 64), to stay small
+            packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_nibbles(weight.qweight[lo:lo + _CHUNK_ROWS]).to(torch.int32), 1)
+                for lo in range(0, weight.out_features, _CHUNK_ROWS)])
         self.register_buffer("packed", packed, persistent=False)
         scale_zero = torch.stack([weight.scales, weight.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
         self.register_buffer("scale_zero", scale_zero, persistent=False)
