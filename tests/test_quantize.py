@@ -110,13 +110,14 @@ def test_kernel_equals_linear_with_the_dequantized_weight(device, mode, group, d
     w = _weight(96, 256).to(device)
     plain = quantize_weight(w, mode, group)
     kernel = (Int8Linear if mode == "int8" else Int4Linear)(plain, dtype)
-    x = torch.randn(2, 5, 256, device=device).to(dtype)
-    got = kernel(x)
-    expected = F.linear(x.float(), plain.dequantize())
-    assert got.shape == (2, 5, 96) and got.dtype == dtype
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert float((got.float() - expected).abs().max()) <= tol * float(expected.abs().max())
-    assert torch.allclose(plain(x.float()), expected)  # the plain form computes the same, slowly
+    for shape in ((2, 5), (3, 20)):  # decode-sized and prefill-sized calls (CUDA int8 takes two paths)
+        x = torch.randn(*shape, 256, device=device).to(dtype)
+        got = kernel(x)
+        expected = F.linear(x.float(), plain.dequantize())
+        assert got.shape == (*shape, 96) and got.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert float((got.float() - expected).abs().max()) <= tol * float(expected.abs().max())
+        assert torch.allclose(plain(x.float()), expected, atol=1e-5)  # the plain form computes the same, slowly
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -206,6 +207,20 @@ def test_resharding_a_quantized_checkpoint_keeps_it(tmp_path, gqa_ckpt):
     resharded = reshard(q, tmp_path / "q2", 2)
     assert json.loads((resharded / "params.json").read_text())["quantization"] == {"mode": "int8"}
     assert torch.equal(_prefill_logits(_build(resharded)), _prefill_logits(_build(q)))
+
+
+def test_lora_adapter_is_merged_before_quantizing_at_load(tmp_path, gqa_ckpt):
+    pytest.importorskip("peft")
+    from llama.convert import meta_to_hf
+    from test_lora import make_adapter
+
+    hf_dir = meta_to_hf(gqa_ckpt, tmp_path / "hf", tokenizer_path=TOKENIZER)
+    make_adapter(hf_dir, tmp_path / "adapter", seed=3)
+    merged = _prefill_logits(_build(gqa_ckpt, lora=str(tmp_path / "adapter")))
+    quantized = _prefill_logits(_build(gqa_ckpt, lora=str(tmp_path / "adapter"), quantize="int8"))
+    plain = _prefill_logits(_build(gqa_ckpt, quantize="int8"))
+    assert F.cosine_similarity(quantized, merged, dim=-1).item() > 0.999
+    assert F.cosine_similarity(quantized, plain, dim=-1).item() < 0.99  # the adapter did change the model
 
 
 # --- quality on the demo model -------------------------------------------------------------------------------
