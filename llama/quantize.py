@@ -36,7 +36,6 @@ MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 STORED_DTYPE = torch.bfloat16  # scales and zeros, in checkpoints and before the cast to the model's dtype
-Q_SUFFIXES = ("weight", "scales", "zeros")  # a quantized layer's entries in a checkpoint: `<layer>.<suffix>`
 
 
 # --- the settings --------------------------------------------------------------------------------------------
@@ -178,7 +177,8 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: Optional[int] =
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    """x as a contiguous (tokens, features) matrix, the operators' input."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 CUDA_INT8_KERNEL_ROWS = 16  # on CUDA, larger calls (prefill) go through the dense product: see Int8Linear
@@ -226,7 +226,7 @@ class Int4Linear(nn.Module):
             torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._mm(_rows(x).contiguous(), self.packed, self.group_size, self.scale_zero)
+        out = self._mm(_rows(x), self.packed, self.group_size, self.scale_zero)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -243,10 +243,14 @@ _OPERATORS = {("int8", "cpu"): "_weight_int8pack_mm", ("int8", "cuda"): "_weight
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
-    name = f"aten::{op}"
+    """Whether this PyTorch build registers `op` for the device (a CPU-only build has no CUDA kernels)."""
+    if not hasattr(torch.ops.aten, op):
+        return False
+    has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if has_kernel is None:  # cannot ask: the operator exists, and its first call will say the rest
+        return True
     try:
-        return hasattr(torch.ops.aten, op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-            name, "CUDA" if device_type == "cuda" else "CPU")
+        return bool(has_kernel(f"aten::{op}", "CUDA" if device_type == "cuda" else "CPU"))
     except RuntimeError:
         return False
 
