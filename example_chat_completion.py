@@ -41,6 +41,8 @@ def main(
     dtype: Optional[str] = None,
     stream: bool = False,
     lora: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ):
     """
     ckpt_dir: checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
@@ -54,12 +56,15 @@ def main(
     dtype: bfloat16, float16 or float32 (default: the fastest the device supports)
     stream: print each answer token by token as it is generated, one dialog at a time
     lora: a PEFT LoRA adapter folder to merge into the weights
+    quantize: int8 or int4 weight-only quantization at load (none for a quantized checkpoint)
+    group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
     """
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     check_before_loading(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len,
                          dialogs=DIALOGS)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora)
+                            max_batch_size=max_batch_size, device=device, dtype=dtype, lora=lora,
+                            quantize=quantize, group_size=group_size)
     if stream:
         for dialog in DIALOGS:
             for msg in dialog:

@@ -39,6 +39,7 @@ setup(
         "llama-chat = llama.chat:entry_point",
         "llama-reshard = llama.reshard:entry_point",
         "llama-convert = llama.convert:entry_point",
+        "llama-quantize = llama.quantize:entry_point",
         "llama-serve = llama.serve.__main__:entry_point",
         "llama-web = llama.web:entry_point",
     ]},

@@ -5,9 +5,15 @@ prefill tokens/s, decode tokens/s at batch 1, 4 and 8, the bytes of weights read
 bandwidth this device reaches on a plain streaming read (measured here), the achieved fraction of it at batch
 1, and (with --hf) transformers' LlamaForCausalLM batch-1 decode on the same weights and dtype.
 
+With --quantize int8,int4 it compares instead: the model as Llama.build makes it (--dtype, default bfloat16),
+each quantized form of the same weights and (--float32) a float32 model, batch-1 decode timed in alternation,
+round after round; medians, the median of each round's ratio to the unquantized model and to float32, and
+each model's bytes of weights.
+
     python benchmarks/bench_decode.py --shape 1.1B --hf                 # this CPU
     python benchmarks/bench_decode.py --shape 7B --device cuda          # a GPU
     python benchmarks/bench_decode.py --shape 70B --n_layers 4 --device cuda   # 70B layer shapes, a few layers
+    python benchmarks/bench_decode.py --shape 1.1B --quantize int8,int4 --float32    # weight-only quantization
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from llama import cpu_linear, distributed  # noqa: E402
+from llama import cpu_linear, distributed, quantize  # noqa: E402
 from llama.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 
@@ -100,6 +106,9 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM at batch 1")
     parser.add_argument("--pairs", type=int, default=5, help="alternating ours/transformers decode timings")
     parser.add_argument("--plain", action="store_true", help="without the fast kernels (Llama.build(fast=False))")
+    parser.add_argument("--quantize", default=None, metavar="MODES",
+                        help="compare batch-1 decode with these quantized forms (int8, int4, int4:G for group G)")
+    parser.add_argument("--float32", action="store_true", help="with --quantize, also a float32 model")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -110,6 +119,9 @@ def main() -> None:
     if opts.n_layers:
         shape["n_layers"] = opts.n_layers
     args = ModelArgs(**shape, max_batch_size=8, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
+    if opts.quantize:
+        compare_quantized(opts, args, device, dtype)
+        return
     model = random_model(args, device, dtype)
     hf = None
     if opts.hf:  # the same weights in the Hugging Face layout, converted before ours are packed
@@ -160,6 +172,67 @@ def main() -> None:
         result["hf_decode_tok_s_batch1"] = round(statistics.median(b for _, b in pairs), 2)
         result["decode_batch1_vs_hf"] = round(statistics.median(a / b for a, b in pairs), 2)
         result["decode_batch1_vs_hf_each_pair"] = [round(a / b, 2) for a, b in pairs]
+    print(json.dumps(result, indent=2))
+
+
+def model_bytes(model: Transformer) -> int:
+    """Bytes of the model's weights as it runs (parameters and buffers, the KV cache and rotary tables aside)."""
+    tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not name.endswith((".k", ".v")) and name != "rope"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Batch-1 decode of the unquantized model, its quantized forms and optionally float32, in alternation."""
+    variants = {}
+
+    def add(name: str, model: Transformer) -> None:
+        gen = Llama(model, Tokenizer(TOKENIZER))
+        gen.tokenizer.eos_id = -1
+        variants[name] = (gen, model_bytes(model))
+
+    base = random_model(args, device, dtype)
+    base.prepare(cpu_linear.kernel_for(device, dtype))  # what Llama.build does by default
+    add(str(dtype).removeprefix("torch."), base)
+    for spec in opts.quantize.split(","):
+        mode, _, group = spec.partition(":")
+        group_size = int(group) if group else None
+        model = random_model(args, device, dtype)  # the same seed: the same weights
+        quantize.quantize_model(model, mode, group_size)
+        model.prepare(quantize.kernel_for_quantize(mode, device, dtype, group_size))
+        add(f"{mode}_g{quantize.check_mode(mode, group_size)}" if mode == "int4" else mode, model)
+    if opts.float32:
+        model = random_model(args, device, torch.float32)
+        model.prepare(cpu_linear.kernel_for(device, torch.float32))
+        add("float32", model)
+
+    def rate(gen):
+        return decode_rate(lambda bsz, n: gen.generate(prompts(bsz, 16, args.vocab_size), max_gen_len=n,
+                                                       temperature=0), 1, opts.decode_tokens, device, 1)
+
+    names = list(variants)
+    for name in names:  # warm-up
+        rate(variants[name][0])
+    rounds = []
+    for r in range(opts.pairs):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always runs first
+        rounds.append({name: rate(variants[name][0]) for name in order})
+    base_name = names[0]
+    result = {"shape": opts.shape, "n_layers": args.n_layers, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "rounds": opts.pairs, "decode_tokens": opts.decode_tokens,
+              "variants": {}}
+    if device.type == "cuda":
+        result["peak_cuda_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    for name in names:
+        entry = {"decode_tok_s_batch1": round(statistics.median(r[name] for r in rounds), 2),
+                 f"vs_{base_name}": round(statistics.median(r[name] / r[base_name] for r in rounds), 2),
+                 f"vs_{base_name}_each_round": [round(r[name] / r[base_name], 2) for r in rounds],
+                 "weight_gib": round(variants[name][1] / 2**30, 3),
+                 f"weight_bytes_vs_{base_name}": round(variants[name][1] / variants[base_name][1], 3)}
+        if "float32" in variants:
+            entry["vs_float32"] = round(statistics.median(r[name] / r["float32"] for r in rounds), 2)
+        result["variants"][name] = entry
     print(json.dumps(result, indent=2))
 
 

@@ -1,6 +1,7 @@
 """Peak memory per rank while loading a 2-shard checkpoint into 1 and 2 processes.
 
     python benchmarks/load_memory.py [--dim 1024 --n_layers 8 --n_heads 8] [--ckpt DIR] [--dtype bfloat16]
+    python benchmarks/load_memory.py --ckpt DIR --quantize int4 --procs 0    # quantized at load
 
 Writes a random checkpoint of the given shape in --shards shards (default 2) to a temporary folder (or uses
 --ckpt), then builds it with `Llama.build`: once as a plain process (no torchrun), then under torchrun with
@@ -51,7 +52,7 @@ def resident_kib() -> Dict[str, int]:
     return out
 
 
-def worker(ckpt: str, out_dir: str, dtype: str) -> None:
+def worker(ckpt: str, out_dir: str, dtype: str, quantize=None) -> None:
     """One rank: build, measure, run a forward pass, measure again; write rank{R}.json."""
     import torch
 
@@ -60,7 +61,8 @@ def worker(ckpt: str, out_dir: str, dtype: str) -> None:
     torch.set_num_threads(1)
     baseline = peak_kib()
     start = time.perf_counter()
-    generator = Llama.build(ckpt, str(TOKENIZER), max_seq_len=32, max_batch_size=1, device="cpu", dtype=dtype)
+    generator = Llama.build(ckpt, str(TOKENIZER), max_seq_len=32, max_batch_size=1, device="cpu", dtype=dtype,
+                            quantize=quantize)
     build_s = time.perf_counter() - start
     after_build, resident_build = peak_kib(), resident_kib()
     with torch.inference_mode():
@@ -91,11 +93,13 @@ def make_checkpoint(folder: Path, opts) -> Path:
     return folder
 
 
-def launch(ckpt: Path, out_dir: Path, dtype: str, nproc: int) -> List[dict]:
+def launch(ckpt: Path, out_dir: Path, dtype: str, nproc: int, quantize=None) -> List[dict]:
     """nproc 0: a plain process; otherwise torchrun with nproc processes on this machine."""
     out_dir.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     script = [str(Path(__file__).resolve()), "--worker", str(ckpt), str(out_dir), "--dtype", dtype]
+    if quantize:
+        script += ["--quantize", quantize]
     if nproc == 0:
         for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
             env.pop(key, None)
@@ -121,11 +125,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="dtype the model is built in")
     parser.add_argument("--procs", default="0,1,2",
                         help="runs to make: 0 = plain process without torchrun, K = torchrun with K processes")
+    parser.add_argument("--quantize", default=None, help="int8 or int4: quantize at load (Llama.build(quantize=))")
     parser.add_argument("--worker", nargs=2, metavar=("CKPT", "OUT_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--make-ckpt", metavar="DIR", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
-        worker(*opts.worker, opts.dtype)
+        worker(*opts.worker, opts.dtype, opts.quantize)
         return
     if opts.make_ckpt:
         make_checkpoint(Path(opts.make_ckpt), opts)
@@ -148,7 +153,7 @@ def main() -> None:
         for nproc in (int(n) for n in opts.procs.split(",")):
             label = "plain process" if nproc == 0 else f"torchrun --nproc_per_node {nproc}"
             print(f"{label} ...", file=sys.stderr, flush=True)
-            ranks = launch(ckpt, Path(tmp) / f"out{nproc}", opts.dtype, nproc)
+            ranks = launch(ckpt, Path(tmp) / f"out{nproc}", opts.dtype, nproc, opts.quantize)
             # This rank's weights: the (bfloat16) checkpoint's bytes in the model's dtype, split over the processes.
             share_bytes = ckpt_bytes * DTYPE_BYTES.get(opts.dtype.lower(), 2) / 2 / max(nproc, 1)
             runs.append({"launch": label, "processes": max(nproc, 1), "model_share_mib": mib(share_bytes / 1024),
@@ -159,6 +164,7 @@ def main() -> None:
             "checkpoint": {"shards": len(shards), "mib": mib(ckpt_bytes / 1024),
                            "params": json.loads((ckpt / "params.json").read_text())},
             "model_dtype": opts.dtype,
+            "quantize": opts.quantize,
             "runs": runs,
         }, indent=2))
 

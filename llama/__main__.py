@@ -10,6 +10,7 @@ _COMMANDS = {
     "chat": ("llama.chat", "chat in the terminal, answers streamed (llama-chat)"),
     "reshard": ("llama.reshard", "rewrite a Meta checkpoint with another shard count (llama-reshard)"),
     "convert": ("llama.convert", "convert between Meta's and Hugging Face's layouts (llama-convert)"),
+    "quantize": ("llama.quantize", "write an int8 or int4 weight-only checkpoint (llama-quantize)"),
     "serve": ("llama.serve.__main__", "serve an OpenAI-compatible HTTP API (llama-serve; needs the serve extra)"),
     "web": ("llama.web", "serve the API and a web chat page (llama-web; needs the web extra)"),
 }

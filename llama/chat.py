@@ -391,6 +391,8 @@ def main(
     dtype: Optional[str] = None,
     seed: int = 1,
     lora: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     """
     ckpt_dir: chat checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
@@ -404,6 +406,8 @@ def main(
     dtype: bfloat16, float16 or float32 (default: the fastest the device supports)
     seed: seed of the sampler (the same seed and inputs give the same answers)
     lora: a PEFT LoRA adapter folder to merge into the weights
+    quantize: int8 or int4 weight-only quantization at load (none for a quantized checkpoint)
+    group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
     """
     if launched():  # torchrun's Ctrl-C reaches the workers as SIGINT while it ends the run: leave quietly
         signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, None))
@@ -413,7 +417,8 @@ def main(
     ckpt_dir, tokenizer_path = cli.resolve_checkpoint(ckpt_dir, tokenizer_path)
     cli.check_before_loading(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=1, seed=seed, device=device, dtype=dtype, lora=lora)
+                            max_batch_size=1, seed=seed, device=device, dtype=dtype, lora=lora,
+                            quantize=quantize, group_size=group_size)
     channel = Broadcast()
     if channel.rank == 0:
         for stream in (sys.stdout, sys.stdin):

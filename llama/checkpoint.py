@@ -36,10 +36,17 @@ def _split_dims() -> Dict[str, int]:
             if hasattr(module, "split_dim")}
 
 
-def split_dim(key: str) -> Optional[int]:
-    """The dim a state-dict entry is split on across shards, None where every shard holds all of it."""
+def split_dim(key: str, ndim: Optional[int] = None) -> Optional[int]:
+    """The dim a state-dict entry is split on across shards, None where every shard holds all of it.
+
+    A quantized layer's entries (`<layer>.weight`, `.scales`, `.zeros`: output rows on dim 0, input columns or
+    groups on dim 1) split like its weight, except a one-dim per-output-row scale (int8) of a layer split on its
+    input dim: every shard holds all of it. Pass the entry's `ndim` for that rule."""
     parts = key.split(".")
-    return _split_dims().get(parts[-2]) if len(parts) >= 2 else None
+    dim = _split_dims().get(parts[-2]) if len(parts) >= 2 else None
+    if dim is not None and ndim is not None and dim >= ndim and parts[-1] == "scales":
+        return None
+    return dim
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -103,6 +110,7 @@ class CheckpointInfo:
     shards: List[Path]
     params: Dict[str, Any]
     vocab_rows: int  # rows of tok_embeddings: the vocabulary the weights were trained with
+    quantization: Optional[Dict[str, Any]] = None  # params.json's "quantization" entry (llama.quantize wrote it)
 
     @property
     def n_shards(self) -> int:
@@ -112,10 +120,11 @@ class CheckpointInfo:
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     shards = find_shards(ckpt_dir)
     params = read_params(ckpt_dir)
+    quantization = params.pop("quantization", None)  # not a model hyper-parameter: kept apart from ModelArgs
     first = open_shard(shards[0])  # memory-mapped: reading shapes touches no weights
     if "tok_embeddings.weight" not in first:
         raise ValueError(f"{str(shards[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
-    return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0])
+    return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0], quantization)
 
 
 def valid_model_parallel_sizes(args: ModelArgs) -> List[int]:
@@ -181,7 +190,7 @@ def load_rank_state(
     started = time.perf_counter()
     if len(shards) == world:
         state = open_shard(shards[rank], mmap=mmap)
-        state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+        state = {k: v.to(device=device, dtype=_cast_to(v, dtype)) for k, v in state.items()}
         if progress:
             progress(1, 1, Path(shards[rank]), time.perf_counter() - started)
         return state
@@ -201,10 +210,10 @@ def load_rank_state(
             raise ValueError(f"shards {Path(ref_path).name} and {Path(path).name} of the same checkpoint do not "
                              f"hold the same entries with the same shapes (first differences: {diff[:5]})")
         for key, piece in src.items():
-            dim = split_dim(key)
+            dim = split_dim(key, piece.dim())
             if dim is None:
                 if key not in out:
-                    out[key] = piece.to(device=device, dtype=dtype or piece.dtype, copy=True)
+                    out[key] = piece.to(device=device, dtype=_cast_to(piece, dtype), copy=True)
                 continue
             if dim >= piece.dim():
                 raise ValueError(f"{key} in {str(path)!r} has shape {tuple(piece.shape)}: no dim {dim} to split")
@@ -218,13 +227,18 @@ def load_rank_state(
             if key not in out:
                 shape = list(piece.shape)
                 shape[dim] = len(want)
-                out[key] = torch.empty(shape, dtype=dtype or piece.dtype, device=device)
+                out[key] = torch.empty(shape, dtype=_cast_to(piece, dtype), device=device)
             out[key].narrow(dim, lo - want.start, hi - lo).copy_(piece.narrow(dim, lo - have.start, hi - lo))
         piece = None
         del src  # drop every reference into this shard's mapping before the next one is opened
         if progress:
             progress(done, len(needed), Path(path), time.perf_counter() - started)
     return out
+
+
+def _cast_to(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """`dtype` applies to floating-point entries; integer ones (quantized weights) keep theirs."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -235,7 +249,7 @@ def split_state(state: Dict[str, torch.Tensor], n_shards: int) -> Iterator[Dict[
     for index in range(n_shards):
         shard = {}
         for key, tensor in state.items():
-            dim = split_dim(key)
+            dim = split_dim(key, tensor.dim())
             if dim is None:
                 shard[key] = tensor.clone()
             else:

@@ -124,6 +124,9 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     destination) comes before anything is written."""
     log = log or (lambda message: None)
     info = inspect_checkpoint(src_dir)
+    if info.quantization is not None:
+        raise ValueError(f"{str(src_dir)!r} is quantized ({info.quantization}); Hugging Face's layout takes float "
+                         "weights: convert its bfloat16 source")
     args = ModelArgs.from_params(info.params)
     args.vocab_size = info.vocab_rows
     tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else _default_tokenizer(src_dir)

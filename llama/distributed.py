@@ -121,6 +121,13 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def model_parallel_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over the model-parallel group, in place (the tensor as it is at one process)."""
+    if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=fs_init.get_model_parallel_group())
+    return tensor
+
+
 def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
     if _is_rank0():

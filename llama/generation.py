@@ -63,6 +63,8 @@ class Llama:
         compile: Optional[bool] = None,
         fast: bool = True,
         lora: Optional[str] = None,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -74,13 +76,17 @@ class Llama:
         divides the model's split dimensions works, whatever the checkpoint's shard count. device and dtype:
         None picks the best available. compile: None compiles the decode step into CUDA graphs on CUDA and
         stays eager on CPUs; True or False forces it. fast=False keeps the weights exactly in Meta's layout
-        (no fused or packed products), for reading or editing them through the model.
+        (no fused or packed products), for reading or editing them through the model. quantize: "int8" (one
+        scale per output row) or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only
+        quantization of the linear layers at load, per process; a checkpoint written by `python -m
+        llama.quantize` is loaded quantized as it is stored (see llama/quantize.py).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         tokenizer = Tokenizer(tokenizer_path)
         source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora)
-        plan = loading.plan(args, model_parallel_size, device, dtype, fast)
+        plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
+                            source.info.quantization)
         compiled = default_compile(plan.device, compile)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         plan.device = runtime.device

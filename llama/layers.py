@@ -118,16 +118,24 @@ class ParallelEmbedding(nn.Module):
 def fuse_columns(layers: Sequence[ColumnParallelLinear]) -> ColumnParallelLinear:
     """One column-parallel layer computing several that read the same input (wq/wk/wv, w1/w3): one larger
     product streams the weights faster than several small ones. Split its output with `fused_sizes(layers)`.
-    The originals' weights are released as the fused copy is made."""
-    if any(layer.weight is None or layer.gather_output for layer in layers):
-        raise ValueError("only plain, ungathered column-parallel layers can be fused")
+    The layers hold plain weights, or kernels of one type that can be stacked on their output rows (a
+    quantized checkpoint's weights: `concat`). The originals are released as the fused copy is made."""
+    kernels = [layer.kernel for layer in layers]
+    plain = all(layer.weight is not None for layer in layers)
+    stackable = all(k is not None for k in kernels) and len({type(k) for k in kernels}) == 1 and \
+        hasattr(kernels[0], "concat")
+    if not (plain or stackable) or any(layer.gather_output for layer in layers):
+        raise ValueError("only plain (or stackable), ungathered column-parallel layers can be fused")
     in_features = layers[0].in_features
     with torch.device("meta"):
         fused = ColumnParallelLinear(in_features, sum(layer.out_features for layer in layers))
     fused.world = layers[0].world
-    fused.weight = nn.Parameter(torch.cat([layer.weight.data for layer in layers]), requires_grad=False)
+    if plain:
+        fused.weight = nn.Parameter(torch.cat([layer.weight.data for layer in layers]), requires_grad=False)
+    else:
+        fused.use_kernel(type(kernels[0]).concat(kernels))
     for layer in layers:
-        layer.weight = None
+        layer.weight = layer.kernel = None
     return fused
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu_linear, distributed, hf
+from . import checkpoint, cpu_linear, distributed, hf, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
@@ -38,12 +38,15 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
 
 @dataclass
 class Plan:
-    """The run's decisions, made once and handed on: process count, device, dtype, and the faster kernels."""
+    """The run's decisions, made once and handed on: process count, device, dtype, the faster kernels, and the
+    weight-only quantization (mode and int4 group size, or None)."""
 
     model_parallel_size: int
     device: torch.device
     dtype: torch.dtype
     fast: bool
+    quantize: Optional[str] = None
+    group_size: Optional[int] = None
 
 
 def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
@@ -76,26 +79,55 @@ def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_siz
         raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
                          f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
                          f"{info.params.get('vocab_size', -1)}): they do not belong together")
+    if lora is not None and info.quantization is not None:
+        raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {ckpt_dir!r}: load its "
+                         "bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
     adapter = read_adapter(lora, args) if lora is not None else None
     return Source(str(ckpt_dir), reader, info, adapter), args
 
 
-def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool) -> Plan:
-    """Pick the device, the process count and the dtype once, and check that the model can be split so."""
+def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
+         quantize_mode: Optional[str] = None, group_size: Optional[int] = None,
+         stored: Optional[dict] = None) -> Plan:
+    """Pick the device, the process count, the dtype and the quantization once, and check that the model can
+    be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if it has one."""
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be True or False, got {fast!r}")
     dev = distributed.pick_device(device)
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
-    return Plan(mp, dev, resolve_dtype(dtype, dev), fast)
+    result = Plan(mp, dev, resolve_dtype(dtype, dev), fast)
+    if stored is not None:
+        mode, stored_group = quantize.parse_entry(stored, "params.json")
+        if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
+            raise ValueError(f"the checkpoint is quantized ({mode}, group_size {stored_group}); it cannot be "
+                             f"loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass neither, or "
+                             "quantize its bfloat16 source")
+        quantize_mode, group_size = mode, stored_group
+    elif quantize_mode is None:
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size!r} needs quantize='int4'")
+        return result
+    group_size = quantize.check_mode(quantize_mode, group_size)
+    if not fast:
+        raise ValueError(f"quantize={quantize_mode!r} needs fast=True: quantized layers replace the weights, so "
+                         "the model cannot keep them in Meta's layout as fast=False promises")
+    quantize.check_device(quantize_mode, result.device, result.dtype)
+    quantize.check_layers(args, mp, quantize_mode, group_size, result.device.type)
+    result.quantize, result.group_size = quantize_mode, group_size
+    return result
 
 
 def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
+    kind = ""
+    if plan.quantize is not None:
+        weights = quantize.weight_bytes(args, plan.quantize, plan.group_size, plan.dtype, plan.model_parallel_size)
+        kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
     distributed.print0(
         f"Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
-        f"weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
+        f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
 
 
 def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transformer:
@@ -103,6 +135,8 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     with torch.device("meta"):
         model = Transformer(args)
     kernel = cpu_linear.kernel_for(plan.device, plan.dtype) if plan.fast else None
+    if plan.quantize is not None:
+        kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
     state = source.reader.load_rank_state(source.info.shards, rank, plan.model_parallel_size, dtype=plan.dtype,
@@ -111,9 +145,13 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     if source.adapter is not None:
         merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
+    if source.info.quantization is not None:  # its linear layers go in as they are stored: no bfloat16 copy
+        quantize.install(model, quantize.take_quantized(state), plan.quantize, plan.group_size, source.ckpt_dir)
     _check_state(model, state, source.ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     del state
+    if plan.quantize is not None and source.info.quantization is None:
+        quantize.quantize_model(model, plan.quantize, plan.group_size)
     if plan.fast:
         model.prepare(kernel)
     model.setup_cache(plan.device, plan.dtype)

@@ -337,18 +337,21 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
-    def prepare(self, kernel: Optional[Callable[[torch.Tensor], Optional[nn.Module]]] = None) -> None:
+    def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
+                ) -> None:
         """Make inference faster: fuse wq/wk/wv and w1/w3 into single products and, where `kernel(weight)`
-        returns a module, compute each linear layer through it (packed or quantized weights). Each original
-        weight is released as it is replaced, so memory stays near one copy of the model. Afterwards the state
-        dict is no longer in Meta's layout: build with fast=False to read or edit the weights through the model."""
+        returns a module, compute each linear layer through it (packed or quantized weights). `kernel` gets a
+        layer's weight, or for a layer loaded without one (a quantized checkpoint's) the module it computes
+        through. Each original weight is released as it is replaced, so memory stays near one copy of the
+        model. Afterwards the state dict is no longer in Meta's layout: build with fast=False to read or edit
+        the weights through the model."""
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
         if kernel is not None:
             for module in self.modules():
-                if isinstance(module, ParallelLinear) and module.weight is not None:
-                    prepared = kernel(module.weight.data)
+                if isinstance(module, ParallelLinear):
+                    prepared = kernel(module.weight.data if module.weight is not None else module.kernel)
                     if prepared is not None:
                         module.use_kernel(prepared)
 
