@@ -1,0 +1,139 @@
+"""llama.cpu: which kernel path and default dtype each kind of CPU gets (with made-up CPUs, so on any machine),
+and that each packed path computes what F.linear computes (where this CPU can run it, else skipped)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import cpu
+
+CPU = torch.device("cpu")
+AVX2_FLAGS = "fpu sse sse2 avx fma f16c avx2 bmi2"
+EPYC_AVX2 = {"model name": "AMD EPYC 7B12", "flags": AVX2_FLAGS}
+XEON_AVX512 = {"model name": "Intel(R) Xeon(R) Processor", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_vnni"}
+EPYC_BF16 = {"model name": "AMD EPYC 9B14", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_bf16"}
+NO_AVX2 = {"model name": "Old x86", "flags": "fpu sse sse2 avx"}
+
+
+def detect(cpuinfo, capability="AVX512", env=None, onednn_bf16=True, fbgemm_built=True):
+    return cpu.detect(cpuinfo, capability, env or {}, onednn_bf16=onednn_bf16, fbgemm_built=fbgemm_built)
+
+
+@pytest.mark.parametrize("cpuinfo, capability, path, default", [
+    (EPYC_AVX2, "AVX2", cpu.FbgemmFp16, torch.bfloat16),
+    (XEON_AVX512, "AVX512", cpu.FbgemmFp16, torch.bfloat16),  # AVX-512 without BF16: bf16 is converted
+    (EPYC_BF16, "AVX512", cpu.OneDnnBf16, torch.bfloat16),
+    (NO_AVX2, "DEFAULT", cpu.LinearPath, torch.float32),
+])
+def test_each_cpu_kind_gets_its_path_and_default_dtype(cpuinfo, capability, path, default):
+    info = detect(cpuinfo, capability, onednn_bf16="avx512f" in cpuinfo["flags"])
+    assert type(cpu.linear_path(CPU, torch.bfloat16, info)) is path
+    assert cpu.default_dtype(CPU, info) == default
+    assert type(cpu.linear_path(CPU, torch.float32, info)) is cpu.LinearPath  # float32: MKL's sgemm as it is
+
+
+def test_emulated_avx2_drops_the_avx512_paths():
+    """ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 make a BF16 machine behave as an AVX2 one."""
+    assert detect(EPYC_BF16).native_bf16
+    assert not detect(EPYC_BF16, capability="AVX2").native_bf16
+    info = detect(EPYC_BF16, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert not info.native_bf16 and type(cpu.linear_path(CPU, torch.bfloat16, info)) is cpu.FbgemmFp16
+    assert detect(EPYC_BF16, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).native_bf16
+    assert "avx512f" not in detect(XEON_AVX512, capability="AVX2").flags
+
+
+def test_without_fbgemm_or_avx2_bf16_is_the_slow_choice_and_says_so():
+    info = detect(EPYC_AVX2, capability="AVX2", fbgemm_built=False)
+    assert cpu.default_dtype(CPU, info) == torch.float32
+    assert type(cpu.linear_path(CPU, torch.bfloat16, info)) is cpu.LinearPath
+    note = cpu.dtype_note(CPU, torch.bfloat16, info)
+    assert note.startswith("note: bfloat16 has no fast kernels") and "\n" not in note
+    assert cpu.dtype_note(CPU, torch.float32, info) is None
+
+
+def test_float32_where_bfloat16_is_fast_gets_a_note():
+    info = detect(EPYC_AVX2, capability="AVX2")
+    assert "twice the bytes" in cpu.dtype_note(CPU, torch.float32, info)
+    assert cpu.dtype_note(CPU, torch.bfloat16, info) is None
+
+
+def test_gpu_keeps_plain_linear():
+    info = detect(EPYC_BF16)
+    assert type(cpu.linear_path(torch.device("cuda"), torch.bfloat16, info)) is cpu.LinearPath
+    assert cpu.dtype_note(torch.device("cuda"), torch.bfloat16, info) is None
+
+
+def test_describe_names_the_cpu_the_deciding_flags_and_the_path():
+    info = detect(EPYC_AVX2, capability="AVX2")
+    line = cpu.describe(cpu.linear_path(CPU, torch.bfloat16, info), info)
+    assert "AMD EPYC 7B12" in line and "avx2" in line and "-avx512_bf16" in line and "fbgemm-fp16" in line
+    assert "\n" not in line and "threads" in line
+
+
+def test_without_proc_cpuinfo_the_flags_come_from_pytorch_dispatch():
+    assert {"avx2", "fma", "f16c"} <= detect({}, capability="AVX2").flags
+    assert detect({}, capability="DEFAULT").flags == frozenset()
+
+
+# --- numerics on this machine --------------------------------------------------------------------------------
+
+
+def weight(out_features=48, in_features=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+
+
+def paths():
+    info = cpu.info()
+    return [pytest.param(cpu.OneDnnBf16, marks=pytest.mark.skipif(
+                not info.onednn_bf16, reason=f"oneDNN has no bfloat16 kernels on this CPU: {cpu.describe()}")),
+            pytest.param(cpu.FbgemmFp16, marks=pytest.mark.skipif(
+                not info.fbgemm, reason=f"fbgemm needs x86 with AVX2, FMA and F16C: {cpu.describe()}"))]
+
+
+@pytest.mark.parametrize("kind", paths())
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_packed_path_computes_the_bf16_product(kind, rows):
+    w = weight()
+    x = torch.randn(2, rows, 64).to(torch.bfloat16)
+    path = kind(torch.bfloat16)
+    got = path.linear(x, path.prepare(w))
+    want = F.linear(x.float(), w.float())  # the exact product; both round once to bf16 at most
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 48)
+    torch.testing.assert_close(got.float(), want, atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("kind", paths())
+def test_packed_path_runs_inside_torch_compile(kind):
+    w, x = weight(), torch.randn(1, 1, 64).to(torch.bfloat16)
+    path = kind(torch.bfloat16)
+    prepared = path.prepare(w)
+    compiled = torch.compile(lambda t: path.linear(t, prepared) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), path.linear(x, prepared) * 2)
+
+
+def test_bfloat16_weights_are_exact_in_fp16_down_to_two_to_the_minus_17():
+    w = torch.tensor([2.0 ** -17, -(2.0 ** -17) * 1.5, 1e-3, 0.3, -7.25, 60000.0]).to(torch.bfloat16)
+    assert torch.equal(w.half().to(torch.bfloat16), w)
+
+
+@pytest.mark.skipif(not cpu.info().fbgemm, reason="fbgemm needs x86 with AVX2, FMA and F16C")
+def test_a_weight_beyond_fp16_range_stays_plain():
+    w = weight()
+    w[0, 0] = 1e6
+    path = cpu.FbgemmFp16(torch.bfloat16)
+    prepared = path.prepare(w)
+    assert prepared is w and (path.prepared, path.plain) == (1, 1)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    torch.testing.assert_close(path.linear(x, prepared), F.linear(x, w))
+
+
+@pytest.mark.skipif(not cpu.info().fbgemm, reason="fbgemm needs x86 with AVX2, FMA and F16C")
+def test_fbgemm_weights_are_released_with_their_holder():
+    before = len(cpu._FBGEMM_WEIGHTS)
+    prepared = cpu.FbgemmFp16(torch.bfloat16).prepare(weight())
+    assert len(cpu._FBGEMM_WEIGHTS) == before + 1
+    del prepared
+    assert len(cpu._FBGEMM_WEIGHTS) == before
