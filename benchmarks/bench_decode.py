@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from llama import cpu_linear, distributed  # noqa: E402
+from llama import cpu, distributed  # noqa: E402
 from llama.generation import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 
@@ -117,8 +117,9 @@ def main() -> None:
         from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
-    if not opts.plain and cpu_linear.supported(device, dtype):
-        model.pack_for_cpu()  # what Llama.build does by default (fast=True)
+    path = cpu.linear_path(device, dtype)
+    if not opts.plain and path.packs:
+        model.pack_for_cpu(path)  # what Llama.build does by default (fast=True)
     gen = Llama(model, Tokenizer(TOKENIZER), device=device)
     gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
 

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from . import cpu_linear, distributed
+from . import cpu, distributed
 from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
 from .checkpoint import check_model_parallel_size, inspect_checkpoint, load_rank_state
 from .model import ModelArgs, Transformer, count_parameters
@@ -39,8 +39,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """None: bfloat16 where the device supports it (any CPU, recent GPUs), else float16."""
+    """None: on a GPU bfloat16 where supported, else float16; on a CPU what its kernels run fastest
+    (llama.cpu.default_dtype: bfloat16 with native bf16 or fbgemm, else float32)."""
     if dtype is None:
+        if device.type == "cpu":
+            return cpu.default_dtype(device)
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
         return torch.bfloat16
@@ -85,7 +88,8 @@ class Llama:
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
         divides the model's split dimensions works, whatever the checkpoint's shard count. compile=True runs
         the decode step through torch.compile (the first calls are slow while it compiles). fast=False turns
-        off the faster kernels chosen where they help (today: oneDNN-packed weights for bfloat16 on CPU).
+        off the faster kernels chosen for this CPU where they help (llama.cpu: oneDNN-packed bf16 weights with
+        native bf16 instructions, fbgemm's fp16 kernels on other x86 CPUs); the path taken is printed.
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -118,7 +122,8 @@ class Llama:
 
         with torch.device("meta"):
             model = Transformer(args)
-        pack = fast and cpu_linear.supported(runtime.device, model_dtype)
+        path = cpu.linear_path(runtime.device, model_dtype)
+        pack = fast and path.packs
         # Packing replaces each weight by a new buffer: read tensors into buffers of their own (not one shared
         # mapping) so that each original is freed as soon as it is packed.
         state = load_rank_state(info.shards, runtime.model_parallel_rank, runtime.model_parallel_size,
@@ -128,9 +133,14 @@ class Llama:
         model.load_state_dict(state, strict=True, assign=True)
         del state
         if pack:
-            model.pack_for_cpu()
+            model.pack_for_cpu(path)
         model.setup_cache(runtime.device, model_dtype)
         model.eval()
+        if runtime.device.type == "cpu":
+            distributed.print0(cpu.describe(path if pack else None))
+            note = cpu.dtype_note(runtime.device, model_dtype)
+            if note and dtype is not None:
+                distributed.print0(note)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
         return Llama(model, tokenizer, seed=seed, device=runtime.device, compile=compile)
 

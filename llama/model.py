@@ -18,7 +18,7 @@ from fairscale.nn.model_parallel import mappings as fs_mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from . import cpu_linear
+from . import cpu
 
 
 @dataclass
@@ -105,27 +105,32 @@ PRESETS = {
 
 
 class _PackableLinear:
-    """The weight may be replaced by oneDNN's packed layout (cpu_linear), a faster bfloat16 CPU path."""
+    """The matrix product may go through a CPU kernel path (llama.cpu) that holds the weight in its own layout."""
 
-    packed = False
+    path: Optional[cpu.LinearPath] = None  # set by pack_for_cpu, with `prepared`
+    prepared: Any = None
     world = 1  # model-parallel processes, set at construction
 
-    def pack_for_cpu(self) -> None:
-        self.weight = nn.Parameter(cpu_linear.pack(self.weight.data), requires_grad=False)
-        self.packed = True
+    @property
+    def packed(self) -> bool:
+        return self.path is not None
+
+    def pack_for_cpu(self, path: cpu.LinearPath) -> None:
+        self.path, self.prepared = path, path.prepare(self.weight.data)
+        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.packed)
+        return F.linear(x, self.weight) if self.path is None else self.path.linear(x, self.prepared)
 
 
-def pack_fused(layers: Sequence["ColumnParallelLinear"]) -> Tuple[torch.Tensor, List[int]]:
-    """One packed weight for several column-parallel layers that read the same input (wq/wk/wv, w1/w3): one
+def pack_fused(layers: Sequence["ColumnParallelLinear"], path: cpu.LinearPath) -> Tuple[Any, List[int]]:
+    """One prepared weight for several column-parallel layers that read the same input (wq/wk/wv, w1/w3): one
     larger product streams faster than several small ones. Their own weights are released."""
     sizes = [layer.weight.shape[0] for layer in layers]
-    fused = cpu_linear.pack(torch.cat([layer.weight.data for layer in layers]))
+    fused = path.prepare(torch.cat([layer.weight.data for layer in layers]))
     for layer in layers:
         layer.weight = nn.Parameter(layer.weight.data.new_empty(0), requires_grad=False)
-        layer.packed = True
+        layer.path = path
     return fused, sizes
 
 
@@ -278,17 +283,17 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
-        self.qkv_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `qkv`
+        self.qkv_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused weight `qkv`
+        self.qkv: Any = None
 
-    def pack_for_cpu(self) -> None:
-        qkv, self.qkv_sizes = pack_fused([self.wq, self.wk, self.wv])
-        self.register_buffer("qkv", qkv, persistent=False)
-        self.wo.pack_for_cpu()
+    def pack_for_cpu(self, path: cpu.LinearPath) -> None:
+        self.qkv, self.qkv_sizes = pack_fused([self.wq, self.wk, self.wv], path)
+        self.wo.pack_for_cpu(path)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, where: Placement) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if self.qkv_sizes is not None:
-            q, k, v = cpu_linear.packed_linear(x, self.qkv).split(self.qkv_sizes, dim=-1)
+            q, k, v = self.wq.path.linear(x, self.qkv).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = apply_rope(q.view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
@@ -335,16 +340,16 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim)
         self.w2 = RowParallelLinear(hidden_dim, dim)
         self.w3 = ColumnParallelLinear(dim, hidden_dim)
-        self.w13_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused buffer `w13`
+        self.w13_sizes: Optional[List[int]] = None  # set by pack_for_cpu, with the fused weight `w13`
+        self.w13: Any = None
 
-    def pack_for_cpu(self) -> None:
-        w13, self.w13_sizes = pack_fused([self.w1, self.w3])
-        self.register_buffer("w13", w13, persistent=False)
-        self.w2.pack_for_cpu()
+    def pack_for_cpu(self, path: cpu.LinearPath) -> None:
+        self.w13, self.w13_sizes = pack_fused([self.w1, self.w3], path)
+        self.w2.pack_for_cpu(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13_sizes is not None:
-            gate, up = cpu_linear.packed_linear(x, self.w13).split(self.w13_sizes, dim=-1)
+            gate, up = self.w1.path.linear(x, self.w13).split(self.w13_sizes, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)
@@ -390,14 +395,14 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
 
-    def pack_for_cpu(self) -> None:
-        """Pack the linear weights for oneDNN (see cpu_linear), fusing wq/wk/wv and w1/w3. Each original weight
-        is released as its packed copy is made, so memory stays near one copy of the model. Afterwards the
-        state dict no longer holds Meta's layout: take weights from the checkpoint, not from a packed model."""
+    def pack_for_cpu(self, path: cpu.LinearPath) -> None:
+        """Give the linear weights to a CPU kernel path (see llama.cpu), fusing wq/wk/wv and w1/w3. Each original
+        weight is released as its packed copy is made, so memory stays near one copy of the model. Afterwards
+        the state dict holds empty linear weights: take weights from the checkpoint, not from a packed model."""
         for layer in self.layers:
-            layer.attention.pack_for_cpu()
-            layer.feed_forward.pack_for_cpu()
-        self.output.pack_for_cpu()
+            layer.attention.pack_for_cpu(path)
+            layer.feed_forward.pack_for_cpu(path)
+        self.output.pack_for_cpu(path)
 
     @property
     def has_cache(self) -> bool:

@@ -170,11 +170,12 @@ def test_greedy_matches_argmax_of_forward(gen):
 
 
 def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
-    """bfloat16 on CPU packs weights for oneDNN by default; greedy tokens equal those of plain F.linear."""
-    from llama import cpu_linear
+    """bfloat16 on CPU packs weights for this CPU's kernels by default; greedy tokens equal plain F.linear's."""
+    from llama import cpu
 
-    if not cpu_linear.supported(torch.device("cpu"), torch.bfloat16):
-        pytest.skip("this CPU's oneDNN has no bfloat16 kernels")
+    path = cpu.linear_path(torch.device("cpu"), torch.bfloat16)
+    if not path.packs:
+        pytest.skip(f"no packed bfloat16 kernels on this CPU: {cpu.describe()}")
     runs = {}
     for fast in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
