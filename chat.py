@@ -17,6 +17,7 @@ at the prompt goes to torchrun, which ends the whole session; leave with /quit o
 
 from __future__ import annotations
 
+import llama  # noqa: F401  (first: sets OpenMP's wait policy before torch loads, see llama/__init__.py)
 import argparse
 import contextlib
 import functools
