@@ -22,11 +22,12 @@ interface: `linear_path(device, dtype)` returns a LinearPath (`name`, `prepare(w
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import platform
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,29 +123,44 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # fbgemm's packed weights are TorchScript objects, which torch.compile cannot take as operator arguments: the
-# operator receives an integer key into this table instead, and each entry lives as long as its Fp16Weight.
+# operator receives integer keys into this table instead, and each entry lives as long as its Fp16Weight.
 _FBGEMM_WEIGHTS: Dict[int, Any] = {}
+_KEYS = itertools.count()
+# fbgemm packs from a float32 copy: packing row blocks of at most this many weights bounds that copy (64 MiB)
+# however large the matrix (the output layer, fused products), so loading peaks near one copy of the model.
+PACK_BLOCK = 2**24
 
 
 @torch.library.custom_op("llama::fbgemm_fp16_linear", mutates_args=())
-def fbgemm_fp16_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    """x @ weight.T in float32 over the fp16 weight stored under `key`, returned in x's dtype."""
-    return torch.ops.quantized.linear_dynamic_fp16(x.float(), _FBGEMM_WEIGHTS[key]).to(x.dtype)
+def fbgemm_fp16_linear(x: torch.Tensor, keys: List[int], out_features: int) -> torch.Tensor:
+    """x @ weight.T in float32 over the fp16 row blocks stored under `keys`, returned in x's dtype."""
+    x32 = x.float()
+    outs = [torch.ops.quantized.linear_dynamic_fp16(x32, _FBGEMM_WEIGHTS[key]).to(x.dtype) for key in keys]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 @fbgemm_fp16_linear.register_fake
-def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, keys: List[int], out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 class Fp16Weight:
-    """A weight packed by fbgemm as fp16; usable only through FbgemmFp16.linear."""
+    """A weight packed by fbgemm as fp16, in row blocks; usable only through FbgemmFp16.linear."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
-        self.key = id(self)
-        _FBGEMM_WEIGHTS[self.key] = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
-        weakref.finalize(self, _FBGEMM_WEIGHTS.pop, self.key, None)
+        blocks = -(-weight.numel() // PACK_BLOCK)
+        self.keys: List[int] = []
+        for block in weight.split(-(-self.out_features // blocks)):
+            key = next(_KEYS)
+            _FBGEMM_WEIGHTS[key] = torch.ops.quantized.linear_prepack_fp16(block.float(), None)
+            self.keys.append(key)
+        weakref.finalize(self, _release, list(self.keys))
+
+
+def _release(keys: List[int]) -> None:
+    for key in keys:
+        _FBGEMM_WEIGHTS.pop(key, None)
 
 
 class LinearPath:
@@ -203,7 +219,7 @@ class FbgemmFp16(LinearPath):
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):
             return F.linear(x, weight)
-        return fbgemm_fp16_linear(x, weight.key, weight.out_features)
+        return fbgemm_fp16_linear(x, weight.keys, weight.out_features)
 
 
 def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> LinearPath:

@@ -137,3 +137,13 @@ def test_fbgemm_weights_are_released_with_their_holder():
     assert len(cpu._FBGEMM_WEIGHTS) == before + 1
     del prepared
     assert len(cpu._FBGEMM_WEIGHTS) == before
+
+
+@pytest.mark.skipif(not cpu.info().fbgemm, reason="fbgemm needs x86 with AVX2, FMA and F16C")
+def test_large_weights_are_packed_in_row_blocks_with_the_same_product(monkeypatch):
+    monkeypatch.setattr(cpu, "PACK_BLOCK", 48 * 64 // 3)  # 48 rows in blocks of 16
+    w, x = weight(), torch.randn(5, 64).to(torch.bfloat16)
+    path = cpu.FbgemmFp16(torch.bfloat16)
+    prepared = path.prepare(w)
+    assert len(prepared.keys) == 3
+    torch.testing.assert_close(path.linear(x, prepared).float(), F.linear(x.float(), w.float()), atol=0, rtol=2 ** -7)
