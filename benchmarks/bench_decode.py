@@ -40,6 +40,7 @@ from llama.model import PRESETS, count_parameters  # noqa: E402
 from common import kernel_report, paired, timed  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
+PATHS = {path.name: path for path in (cpu.OneDnnBf16, cpu.FbgemmFp16, cpu.LinearPath)}
 
 
 def sync(device: torch.device) -> None:
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--vs_float32", action="store_true", help="also time this library in float32")
     parser.add_argument("--pairs", type=int, default=5, help="alternating timings against --hf / --vs_float32")
     parser.add_argument("--plain", action="store_true", help="without the fast kernels (Llama.build(fast=False))")
+    parser.add_argument("--path", choices=sorted(PATHS), default=None,
+                        help="force a linear kernel path instead of the one llama.cpu chooses for this CPU")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -155,7 +158,7 @@ def main() -> None:
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
     f32 = same_weights(model, torch.float32) if opts.vs_float32 and dtype != torch.float32 else None
-    path = cpu.linear_path(device, dtype)
+    path = PATHS[opts.path](dtype) if opts.path else cpu.linear_path(device, dtype)
     if not opts.plain and path.packs:
         model.pack_for_cpu(path)  # what Llama.build does by default (fast=True)
     gen = generator(model, device)
