@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batches", default="1,4,8", help="decode batch sizes timed on their own")
     parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM")
     parser.add_argument("--vs_float32", action="store_true", help="also time this library in float32")
     parser.add_argument("--pairs", type=int, default=5, help="alternating timings against --hf / --vs_float32")
@@ -181,10 +182,11 @@ def main() -> None:
     progress(f"prefill of {opts.prompt_len} tokens")
     seconds = best_of(lambda: ours(1, 1, opts.prompt_len), device, opts.repeat)
     result["prefill_tok_s"] = round(opts.prompt_len / seconds, 1)
-    for bsz in (1, 4, 8):
+    for bsz in map(int, opts.batches.split(",")):
         progress(f"decode at batch {bsz}")
         result[f"decode_tok_s_batch{bsz}"] = round(decode_rate(ours, bsz, opts.decode_tokens, device, opts.repeat), 2)
-    result["batch1_bandwidth_fraction"] = round(result["decode_tok_s_batch1"] * read_per_step / bandwidth, 3)
+    if "decode_tok_s_batch1" in result:
+        result["batch1_bandwidth_fraction"] = round(result["decode_tok_s_batch1"] * read_per_step / bandwidth, 3)
 
     def decode1(run):
         return lambda: decode_rate(run, 1, opts.decode_tokens, device, 1)
