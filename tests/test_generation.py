@@ -193,7 +193,7 @@ def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 6e-2)])
 def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, atol):
     """compile=True (torch.compile of the decode step) changes speed, not results; in bfloat16 on CPU this
-    also covers the packed oneDNN weights inside a compiled graph."""
+    also covers this CPU's packed weights (llama.cpu) inside a compiled graph."""
     runs = {}
     for compile in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
