@@ -1,39 +1,52 @@
-"""Decode speed against the memory-bandwidth limit, with transformers side by side.
+"""Decode and prefill speed against the memory-bandwidth limit, with transformers and float32 side by side.
 
 Random weights at a real layer shape are generated directly on the device (no checkpoint files). Prints JSON:
-prefill tokens/s, decode tokens/s at batch 1, 4 and 8, the bytes of weights read per decode step, the memory
-bandwidth this device reaches on a plain streaming read (measured here), the achieved fraction of it at batch
-1, and (with --hf) transformers' LlamaForCausalLM batch-1 decode on the same weights and dtype.
+which linear kernel path ran (counted from the model: packed modules, kernel family, the CPU flags that chose
+it), prefill tokens/s, decode tokens/s at batch 1, 4 and 8, the bytes of weights read per decode step, the
+memory bandwidth this device reaches on a plain streaming read, and the achieved fraction of it at batch 1.
+With --hf, transformers' LlamaForCausalLM on the same weights and dtype; with --vs_float32, this library in
+float32 on the same weights: both timed in alternation with ours (a b a b ...), medians and the median of the
+pairwise ratios. With --vs_eager (where the decode step is compiled, as on CUDA by default), the same model
+with an eager decode step, in alternation too. Progress goes to stderr.
 
-With --quantize int8,int4 it compares instead: the model as Llama.build makes it (--dtype, default bfloat16),
-each quantized form of the same weights and (--float32) a float32 model, batch-1 decode timed in alternation,
-round after round; medians, the median of each round's ratio to the unquantized model and to float32, and
-each model's bytes of weights.
+With --quantize int8,int4 it compares instead: the model as Llama.build makes it (--dtype), each quantized
+form of the same weights and (--float32) a float32 model, batch-1 decode timed in alternation, round after
+round; medians, the median of each round's ratio to the unquantized model and to float32, and each model's
+bytes of weights.
 
-    python benchmarks/bench_decode.py --shape 1.1B --hf                 # this CPU
-    python benchmarks/bench_decode.py --shape 7B --device cuda          # a GPU
-    python benchmarks/bench_decode.py --shape 70B --n_layers 4 --device cuda   # 70B layer shapes, a few layers
+    python benchmarks/bench_decode.py --shape 1.1B --hf                 # this CPU, the dtype dtype=None picks
+    python benchmarks/bench_decode.py --dtype bfloat16 --vs_float32     # is bf16 prefill as fast as float32?
+    python benchmarks/bench_decode.py --shape 7B --device cuda --hf --vs_eager   # a GPU: compiled vs eager
     python benchmarks/bench_decode.py --shape 1.1B --quantize int8,int4 --float32    # weight-only quantization
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_decode.py --hf                          # an AVX2-only CPU, emulated
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import llama` does, before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from llama import cpu_linear, distributed, quantize  # noqa: E402
+from llama import cpu, distributed, quantize  # noqa: E402
+from llama.decode_step import default_compile  # noqa: E402
 from llama.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
+from common import kernel_report, paired, timed  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
 
@@ -53,6 +66,10 @@ def best_of(fn, device, repeat: int) -> float:
         sync(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def progress(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
 
 
 def read_bandwidth(device: torch.device) -> float:
@@ -81,6 +98,15 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
     return model.eval()
 
 
+def same_weights(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """A copy of an unpacked model in another dtype."""
+    with torch.device("meta"):
+        copy = Transformer(model.params)
+    copy.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True)
+    copy.setup_cache(model.rope.device, dtype)
+    return copy.eval()
+
+
 def prompts(bsz: int, length: int, vocab: int):
     g = torch.Generator().manual_seed(1)
     return [[1] + torch.randint(3, vocab, (length - 1,), generator=g).tolist() for _ in range(bsz)]
@@ -93,19 +119,38 @@ def decode_rate(run, bsz: int, n: int, device, repeat: int) -> float:
     return bsz * n / (tn - t1)
 
 
+def generator(model: Transformer, compiled: bool = False) -> Llama:
+    gen = Llama(model, Tokenizer(TOKENIZER), compile=compiled)
+    gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
+    return gen
+
+
+def ours_runner(gen: Llama, vocab: int):
+    def run(bsz, n, length=16):
+        gen.generate(prompts(bsz, length, vocab), max_gen_len=n, temperature=0)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1.1B", choices=sorted(PRESETS))
     parser.add_argument("--n_layers", type=int, help="override the layer count (70B layer shapes, a few layers)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None, help="default: what Llama.build's dtype=None picks here")
     parser.add_argument("--decode_tokens", type=int, default=32)
-    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--prompt_len", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM at batch 1")
-    parser.add_argument("--pairs", type=int, default=5, help="alternating ours/transformers decode timings")
+    parser.add_argument("--batches", default="1,4,8", help="decode batch sizes timed on their own")
+    parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    parser.add_argument("--vs_float32", action="store_true", help="also time this library in float32")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating timings against --hf / --vs_float32")
     parser.add_argument("--plain", action="store_true", help="without the fast kernels (Llama.build(fast=False))")
+    parser.add_argument("--path", choices=sorted(cpu.KERNELS), default=None,
+                        help="force a linear kernel path instead of the one llama.cpu chooses for this CPU")
+    parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                        help="the decode step compiled or eager (auto: as Llama.build, compiled on CUDA only)")
+    parser.add_argument("--vs_eager", action="store_true", help="also time an eager decode step, in alternation")
     parser.add_argument("--quantize", default=None, metavar="MODES",
                         help="compare batch-1 decode with these quantized forms (int8, int4, int4:G for group G)")
     parser.add_argument("--float32", action="store_true", help="with --quantize, also a float32 model")
@@ -119,9 +164,11 @@ def main() -> None:
     if opts.n_layers:
         shape["n_layers"] = opts.n_layers
     args = ModelArgs(**shape, max_batch_size=8, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
+    compiled = default_compile(device, {"auto": None, "yes": True, "no": False}[opts.compile])
     if opts.quantize:
         compare_quantized(opts, args, device, dtype)
         return
+    progress(f"building random {opts.shape} weights ({args.n_layers} layers, {dtype}) on {device}")
     model = random_model(args, device, dtype)
     hf = None
     if opts.hf:  # the same weights in the Hugging Face layout, converted before ours are packed
@@ -129,49 +176,75 @@ def main() -> None:
         from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
-    if not opts.plain:
-        model.prepare(cpu_linear.kernel_for(device, dtype))  # what Llama.build does by default (fast=True)
-    gen = Llama(model, Tokenizer(TOKENIZER))
-    gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
+    f32 = same_weights(model, torch.float32) if opts.vs_float32 and dtype != torch.float32 else None
+    if not opts.plain:  # what Llama.build does by default (fast=True)
+        model.prepare(cpu.kernel_for(device, dtype, opts.path))
+    gen = generator(model, compiled)
+    ours = ours_runner(gen, args.vocab_size)
+    if compiled:
+        progress("compiling the decode step (timed: the compile warm-up)")
+        result_warmup = timed(lambda: ours(1, opts.decode_tokens + 1))
 
     # Every weight is read once per decode step, except the embedding table (one row of it).
     read_per_step = (count_parameters(args) - args.vocab_size * args.dim) * dtype.itemsize
     bandwidth = read_bandwidth(device)
     result = {"shape": opts.shape, "n_layers": args.n_layers, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "dtype": str(dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "fast": not opts.plain,
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "decode_step": "compiled" if compiled else "eager",
+              **({"compile_warmup_s": round(result_warmup, 1)} if compiled else {}),
+              **(kernel_report(model) if device.type == "cpu" else {}),
               "weight_bytes_read_per_step": read_per_step,
               "measured_read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
+    progress(result.get("describe", result["device"]))
 
-    def ours(bsz, n):
-        gen.generate(prompts(bsz, 16, args.vocab_size), max_gen_len=n, temperature=0)
+    def prefill_rate(run):
+        return lambda: opts.prompt_len / timed(lambda: run(1, 1, opts.prompt_len))
 
-    seconds = best_of(lambda: gen.generate(prompts(1, opts.prompt_len, args.vocab_size), max_gen_len=1,
-                                           temperature=0), device, opts.repeat)
+    progress(f"prefill of {opts.prompt_len} tokens")
+    seconds = best_of(lambda: ours(1, 1, opts.prompt_len), device, opts.repeat)
     result["prefill_tok_s"] = round(opts.prompt_len / seconds, 1)
-    for bsz in (1, 4, 8):
+    for bsz in map(int, opts.batches.split(",")):
+        progress(f"decode at batch {bsz}")
         result[f"decode_tok_s_batch{bsz}"] = round(decode_rate(ours, bsz, opts.decode_tokens, device, opts.repeat), 2)
-    result["batch1_bandwidth_fraction"] = round(result["decode_tok_s_batch1"] * read_per_step / bandwidth, 3)
+    if "decode_tok_s_batch1" in result:
+        result["batch1_bandwidth_fraction"] = round(result["decode_tok_s_batch1"] * read_per_step / bandwidth, 3)
+
+    def decode1(run):
+        return lambda: decode_rate(run, 1, opts.decode_tokens, device, 1)
 
     if hf is not None:
 
-        def theirs(bsz, n):
-            ids = torch.tensor(prompts(bsz, 16, args.vocab_size), device=device)
+        def theirs(bsz, n, length=16):
+            ids = torch.tensor(prompts(bsz, length, args.vocab_size), device=device)
             with torch.no_grad():
                 hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        ids = torch.tensor(prompts(1, opts.prompt_len, args.vocab_size), device=device)
-        with torch.no_grad():
-            seconds = best_of(lambda: hf(ids), device, opts.repeat)
-        result["hf_prefill_tok_s"] = round(opts.prompt_len / seconds, 1)
-        # Shared machines drift: time the two side by side, in alternation, and quote the median of the
-        # pairwise ratios as well as each side's median.
-        pairs = [(decode_rate(ours, 1, opts.decode_tokens, device, 1),
-                  decode_rate(theirs, 1, opts.decode_tokens, device, 1)) for _ in range(opts.pairs)]
-        result["paired_decode_tok_s_batch1"] = round(statistics.median(a for a, _ in pairs), 2)
-        result["hf_decode_tok_s_batch1"] = round(statistics.median(b for _, b in pairs), 2)
-        result["decode_batch1_vs_hf"] = round(statistics.median(a / b for a, b in pairs), 2)
-        result["decode_batch1_vs_hf_each_pair"] = [round(a / b, 2) for a, b in pairs]
+        theirs(1, 2)  # warm-up
+        progress(f"ours and transformers in alternation, {opts.pairs} pairs")
+        dec = paired(decode1(ours), decode1(theirs), opts.pairs)
+        pre = paired(prefill_rate(ours), prefill_rate(theirs), opts.pairs)
+        result.update({"paired_decode_tok_s_batch1": dec["a"], "hf_decode_tok_s_batch1": dec["b"],
+                       "decode_batch1_vs_hf": dec["ratio"], "decode_batch1_vs_hf_each_pair": dec["each_pair"],
+                       "paired_prefill_tok_s": pre["a"], "hf_prefill_tok_s": pre["b"], "prefill_vs_hf": pre["ratio"],
+                       "prefill_vs_hf_each_pair": pre["each_pair"]})
+    if opts.vs_eager and compiled:
+        eager = ours_runner(generator(model, False), args.vocab_size)
+        eager(1, 2)
+        progress(f"compiled and eager decode steps in alternation, {opts.pairs} pairs")
+        dec = paired(decode1(ours), decode1(eager), opts.pairs)
+        ttft = paired(prefill_rate(ours), prefill_rate(eager), opts.pairs)
+        result.update({"eager_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_eager": dec["ratio"],
+                       "decode_batch1_vs_eager_each_pair": dec["each_pair"], "prefill_vs_eager": ttft["ratio"]})
+    if f32 is not None:
+        theirs32 = ours_runner(generator(f32, compiled), args.vocab_size)
+        theirs32(1, 2)  # warm-up
+        progress(f"ours in {dtype} and in float32 in alternation, {opts.pairs} pairs")
+        pre = paired(prefill_rate(ours), prefill_rate(theirs32), opts.pairs)
+        dec = paired(decode1(ours), decode1(theirs32), opts.pairs)
+        result.update({"paired_prefill_tok_s_vs_float32": pre["a"], "float32_prefill_tok_s": pre["b"],
+                       "prefill_vs_float32": pre["ratio"], "prefill_vs_float32_each_pair": pre["each_pair"],
+                       "float32_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_float32": dec["ratio"]})
     print(json.dumps(result, indent=2))
 
 
@@ -187,12 +260,10 @@ def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.
     variants = {}
 
     def add(name: str, model: Transformer) -> None:
-        gen = Llama(model, Tokenizer(TOKENIZER))
-        gen.tokenizer.eos_id = -1
-        variants[name] = (gen, model_bytes(model))
+        variants[name] = (generator(model), model_bytes(model))
 
     base = random_model(args, device, dtype)
-    base.prepare(cpu_linear.kernel_for(device, dtype))  # what Llama.build does by default
+    base.prepare(cpu.kernel_for(device, dtype))  # what Llama.build does by default
     add(str(dtype).removeprefix("torch."), base)
     for spec in opts.quantize.split(","):
         mode, _, group = spec.partition(":")
@@ -203,7 +274,7 @@ def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.
         add(f"{mode}_g{quantize.check_mode(mode, group_size)}" if mode == "int4" else mode, model)
     if opts.float32:
         model = random_model(args, device, torch.float32)
-        model.prepare(cpu_linear.kernel_for(device, torch.float32))
+        model.prepare(cpu.kernel_for(device, torch.float32))
         add("float32", model)
 
     def rate(gen):

@@ -2,7 +2,7 @@
 
 One Transformer block of a real shape (its four products as the model runs them: fused wq/wk/wv, wo, fused
 w1/w3, w2) times one token, through each candidate: float32 and bfloat16 F.linear, bfloat16 with oneDNN-packed
-weights (llama.cpu_linear, the default bfloat16 path on CPUs), this library's Int8Linear and Int4Linear
+weights (llama.cpu's onednn-bf16 path, where the CPU has native bf16), this library's Int8Linear and Int4Linear
 (PyTorch's built-in weight-only operators) and, when it is installed, torchao's quantize_ with its int8 and
 int4 weight-only configs. The candidates run in alternation, round after round; before each timed call a
 buffer larger than the last-level cache is written, so the weights come from memory as they do in a full
@@ -29,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama import cpu_linear  # noqa: E402
+from llama import cpu  # noqa: E402
 from llama.model import PRESETS, ModelArgs  # noqa: E402
 from llama.quantize import Int4Linear, Int8Linear, quantize_weight  # noqa: E402
 
@@ -57,8 +57,10 @@ def candidates(weights: List[torch.Tensor], with_torchao: bool) -> Dict[str, Lis
         "float32": [lambda x, w=w: F.linear(x, w) for w in weights],
         "bfloat16": [lambda x, w=w: F.linear(x, w) for w in bf16],
     }
-    if cpu_linear.supported(torch.device("cpu"), torch.bfloat16):
-        out["bfloat16_packed"] = [cpu_linear.PackedLinear(w) for w in bf16]
+    if cpu.info().onednn_bf16:
+        out["bfloat16_packed"] = [cpu.OneDnnLinear(w) for w in bf16]
+    if cpu.info().fbgemm:
+        out["bfloat16_fbgemm_fp16"] = [cpu.Fp16Linear(w) for w in bf16]
     out["int8"] = [Int8Linear(quantize_weight(w, "int8"), torch.bfloat16) for w in bf16]
     for g in (32, 64, 128):
         out[f"int4_g{g}"] = [Int4Linear(quantize_weight(w, "int4", g), torch.bfloat16) for w in bf16]

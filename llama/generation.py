@@ -76,7 +76,9 @@ class Llama:
         divides the model's split dimensions works, whatever the checkpoint's shard count. device and dtype:
         None picks the best available. compile: None compiles the decode step into CUDA graphs on CUDA and
         stays eager on CPUs; True or False forces it. fast=False keeps the weights exactly in Meta's layout
-        (no fused or packed products), for reading or editing them through the model. quantize: "int8" (one
+        (no fused or packed products), for reading or editing them through the model; fast=True fuses them and,
+        on a CPU, computes through the kernels llama.cpu picks for it (oneDNN bf16 with native bf16
+        instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one
         scale per output row) or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only
         quantization of the linear layers at load, per process; a checkpoint written by `python -m
         llama.quantize` is loaded quantized as it is stored (see llama/quantize.py).

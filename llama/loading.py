@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu_linear, distributed, hf, quantize
+from . import checkpoint, cpu, distributed, hf, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
@@ -30,8 +30,11 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """None: bfloat16 where the device supports it (any CPU, recent GPUs), else float16."""
+    """None: on a GPU bfloat16 where supported, else float16; on a CPU what its kernels run fastest
+    (llama.cpu.default_dtype: bfloat16 with native bf16 or fbgemm, else float32)."""
     if dtype is None:
+        if device.type == "cpu":
+            return cpu.default_dtype(device)
         return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     return parse_dtype(dtype)
 
@@ -47,6 +50,7 @@ class Plan:
     fast: bool
     quantize: Optional[str] = None
     group_size: Optional[int] = None
+    note: Optional[str] = None  # one line when an explicitly chosen dtype is the slow one on this CPU
 
 
 def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
@@ -97,6 +101,8 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
     result = Plan(mp, dev, resolve_dtype(dtype, dev), fast)
+    if dtype is not None:
+        result.note = cpu.dtype_note(dev, result.dtype)
     if stored is not None:
         mode, stored_group = quantize.parse_entry(stored, "params.json")
         if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
@@ -128,13 +134,15 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
         f"Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
+    if plan.note:
+        distributed.print0(plan.note)
 
 
 def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transformer:
     """This rank's share of the model, on its device, weights in place, KV cache allocated."""
     with torch.device("meta"):
         model = Transformer(args)
-    kernel = cpu_linear.kernel_for(plan.device, plan.dtype) if plan.fast else None
+    kernel = cpu.kernel_for(plan.device, plan.dtype) if plan.fast else None
     if plan.quantize is not None:
         kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
@@ -155,6 +163,8 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     if plan.fast:
         model.prepare(kernel)
     model.setup_cache(plan.device, plan.dtype)
+    if plan.device.type == "cpu":
+        distributed.print0(cpu.describe(model))  # the kernels that will run, counted from the model
     return model.eval()
 
 

@@ -171,11 +171,11 @@ def test_greedy_matches_argmax_of_forward(gen):
 
 
 def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
-    """bfloat16 on CPU packs weights for oneDNN by default; greedy tokens equal those of plain F.linear."""
-    from llama import cpu_linear
+    """bfloat16 on CPU packs weights for this CPU's kernels by default; greedy tokens equal plain F.linear's."""
+    from llama import cpu
 
-    if not cpu_linear.supported(torch.device("cpu"), torch.bfloat16):
-        pytest.skip("this CPU's oneDNN has no bfloat16 kernels")
+    if cpu.linear_path(torch.device("cpu"), torch.bfloat16) == "aten":
+        pytest.skip(f"no packed bfloat16 kernels on this CPU: {cpu.describe()}")
     runs = {}
     for fast in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",
@@ -193,7 +193,7 @@ def test_fast_cpu_path_gives_the_plain_path_tokens(ckpt):
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 6e-2)])
 def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, atol):
     """compile=True (torch.compile of the decode step) changes speed, not results; in bfloat16 on CPU this
-    also covers the packed oneDNN weights inside a compiled graph."""
+    also covers this CPU's packed weights (llama.cpu) inside a compiled graph."""
     runs = {}
     for compile in (False, True):
         g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=MAX_SEQ, max_batch_size=4, device="cpu",

@@ -1,0 +1,304 @@
+"""What this CPU can do, chosen at run time: the dtype `dtype=None` means, and the kernel for the linear layers.
+
+Batch-1 decoding streams every weight once per token, so it runs at the speed at which a kernel turns stored
+weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"), three CPU kinds:
+
+- AVX-512 with BF16 (or AMX): oneDNN's inner product over weights packed once in its blocked layout runs the
+  native bf16 instructions: `onednn-bf16` (2.7x transformers' decode there).
+- AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
+  weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). fbgemm's fp16 GEMM keeps 16-bit
+  weights and computes in float32 with F16C/FMA: 21 GB/s at batch 1, and 4x faster than the bf16 kernels at
+  batch 4 and 8, with prefill close to float32's. `fbgemm-fp16` holds the model's bf16 weights as fp16:
+  exact for every |w| in [2**-17, 65504] (bf16's 8 significant bits fit fp16's 11); smaller magnitudes round by
+  under 2**-25; a matrix with a larger one keeps its plain form (counted as `aten` by `kernel_counts`).
+- Anything else (no AVX2, not x86): PyTorch's generic kernels (`aten`); there `dtype=None` is float32.
+
+Emulation is honoured: ATEN_CPU_CAPABILITY lowers the flags, ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 turns
+off native bf16, FBGEMM_ENABLE_INSTRUCTIONS / MKL_ENABLE_INSTRUCTIONS pick those libraries' kernels. The
+interface: `linear_path(device, dtype)` names the path; `kernel_for(device, dtype)` is what
+`Transformer.prepare` takes (weight -> kernel module); `default_dtype(device)`; `dtype_note(device, dtype)`;
+`describe(model)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import platform
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from .layers import ParallelLinear
+
+# The flags that decide the path, in the order `describe` reports them.
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: FrozenSet[str]  # those of FLAGS the hardware has and this process may use (emulation lowers them)
+    onednn_bf16: bool  # PyTorch's oneDNN has bf16 kernels here (native or converted with AVX-512)
+    fbgemm: bool  # PyTorch's fbgemm backend is built in and the CPU runs it (AVX2, FMA, F16C)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 multiply instructions (AVX-512 BF16 or AMX) that oneDNN may use."""
+        return self.onednn_bf16 and bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+
+def _proc_cpuinfo() -> Dict[str, str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    fields: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def detect(cpuinfo: Optional[Dict[str, str]] = None, capability: Optional[str] = None,
+           env: Optional[Dict[str, str]] = None, onednn_bf16: Optional[bool] = None,
+           fbgemm_built: Optional[bool] = None) -> CpuInfo:
+    """Read the CPU's model and flags (Linux /proc/cpuinfo), lowered to what this process may use.
+
+    Each argument replaces one of the machine's own answers (for tests); by default they are read here."""
+    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    env = dict(os.environ) if env is None else env
+    onednn_bf16 = _onednn_bf16() if onednn_bf16 is None else onednn_bf16
+    fbgemm_built = _fbgemm_built() if fbgemm_built is None else fbgemm_built
+    model = cpuinfo.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    flags = set(cpuinfo.get("flags", "").split()) & set(FLAGS)
+    if not cpuinfo.get("flags"):  # no /proc/cpuinfo: what PyTorch's own dispatch says
+        flags = {"AVX2": {"avx2", "fma", "f16c"}, "AVX512": {"avx2", "fma", "f16c", "avx512f"}}.get(capability, set())
+    if capability != "AVX512":  # ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512)
+        flags -= {"avx512f", "avx512_bf16", "amx_bf16"}
+    if capability not in ("AVX2", "AVX512"):
+        flags -= {"avx2", "fma", "f16c"}
+    isa = env.get("ONEDNN_MAX_CPU_ISA", env.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    if isa not in ("ALL", "DEFAULT") and "BF16" not in isa and "AMX" not in isa:
+        flags -= {"avx512_bf16", "amx_bf16"}
+    return CpuInfo(model=model, flags=frozenset(flags), onednn_bf16=onednn_bf16,
+                   fbgemm=fbgemm_built and {"avx2", "fma", "f16c"} <= flags)
+
+
+def _onednn_bf16() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fbgemm_built() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.lru_cache(maxsize=1)
+def info() -> CpuInfo:
+    """This machine's CpuInfo, read once."""
+    return detect()
+
+
+# --- the kernels --------------------------------------------------------------------------------------------
+
+
+# Each kernel is also registered as an opaque operator, which torch.compile calls as it is; eager code calls the
+# function itself and skips the operator dispatch (about 10-25 us a call, 1-2 ms a token at 1.1B).
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@torch.library.custom_op("llama::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a weight reordered by oneDNN."""
+    return _onednn_linear(x, weight)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# fbgemm's packed weights are TorchScript objects, which torch.compile cannot take as operator arguments: the
+# operator receives integer keys into this table instead, and each entry lives as long as its Fp16Weight.
+_FBGEMM_WEIGHTS: Dict[int, Any] = {}
+_KEYS = itertools.count()
+# fbgemm packs from a float32 copy: packing row blocks of at most this many weights bounds that copy (64 MiB)
+# however large the matrix (the output layer, fused products), so loading peaks near one copy of the model.
+PACK_BLOCK = 2**24
+
+
+def _fbgemm_fp16_linear(x: torch.Tensor, keys: List[int]) -> torch.Tensor:
+    x32 = x.float()
+    if len(keys) == 1:
+        return torch.ops.quantized.linear_dynamic_fp16(x32, _FBGEMM_WEIGHTS[keys[0]]).to(x.dtype)
+    return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x32, _FBGEMM_WEIGHTS[key]).to(x.dtype)
+                      for key in keys], dim=-1)
+
+
+@torch.library.custom_op("llama::fbgemm_fp16_linear", mutates_args=())
+def fbgemm_fp16_linear(x: torch.Tensor, keys: List[int], out_features: int) -> torch.Tensor:
+    """x @ weight.T in float32 over the fp16 row blocks stored under `keys`, returned in x's dtype."""
+    return _fbgemm_fp16_linear(x, keys)
+
+
+@fbgemm_fp16_linear.register_fake
+def _(x: torch.Tensor, keys: List[int], out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+class Fp16Weight:
+    """A weight packed by fbgemm as fp16, in row blocks; usable only through Fp16Linear."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        blocks = -(-weight.numel() // PACK_BLOCK)
+        self.keys: List[int] = []
+        for block in weight.split(-(-self.out_features // blocks)):
+            key = next(_KEYS)
+            _FBGEMM_WEIGHTS[key] = torch.ops.quantized.linear_prepack_fp16(block.float(), None)
+            self.keys.append(key)
+        weakref.finalize(self, _release, list(self.keys))
+
+
+def _release(keys: List[int]) -> None:
+    for key in keys:
+        _FBGEMM_WEIGHTS.pop(key, None)
+
+
+class OneDnnLinear(nn.Module):
+    """x @ weight.T from the weight reordered once into oneDNN's blocked layout (native bf16 instructions)."""
+
+    path = "onednn-bf16"
+    detail = "oneDNN inner product, weights packed once, native bf16 instructions"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1),
+                             persistent=False)
+
+    @staticmethod
+    def accepts(weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, self.packed)
+        return _onednn_linear(x, self.packed)
+
+
+class Fp16Linear(nn.Module):
+    """x @ weight.T in float32 over the weight held by fbgemm as fp16 (AVX2 + F16C + FMA), in x's dtype."""
+
+    path = "fbgemm-fp16"
+    detail = "fbgemm, 16-bit weights held as fp16, float32 compute"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.packed = Fp16Weight(weight)
+
+    @staticmethod
+    def accepts(weight: torch.Tensor) -> bool:
+        """16-bit weights within fp16's range (a larger one would overflow: that matrix keeps its plain form)."""
+        return weight.dtype in (torch.bfloat16, torch.float16) and float(weight.abs().max()) <= FP16_MAX
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return fbgemm_fp16_linear(x, self.packed.keys, self.packed.out_features)
+        return _fbgemm_fp16_linear(x, self.packed.keys)
+
+
+KERNELS: Dict[str, Optional[Type[nn.Module]]] = {"onednn-bf16": OneDnnLinear, "fbgemm-fp16": Fp16Linear,
+                                                 "aten": None}
+
+
+def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> str:
+    """The name of the fastest linear kernel for this device and dtype ("aten": plain F.linear, as off the CPU)."""
+    if torch.device(device).type != "cpu":
+        return "aten"
+    cpu = info() if cpu is None else cpu
+    if dtype == torch.bfloat16 and cpu.native_bf16:
+        return "onednn-bf16"
+    if dtype in (torch.bfloat16, torch.float16) and cpu.fbgemm:
+        return "fbgemm-fp16"
+    return "aten"
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype, path: Optional[str] = None
+               ) -> Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]]:
+    """What `Transformer.prepare` takes: weight -> the module computing its product on this CPU's path (None
+    keeps the weight plain). `path` forces a path by name (benchmarks compare them); None: `linear_path`."""
+    kind = KERNELS[path if path is not None else linear_path(device, dtype)]
+    if kind is None:
+        return None
+    return lambda weight: kind(weight) if isinstance(weight, torch.Tensor) and kind.accepts(weight) else None
+
+
+def kernel_counts(model: nn.Module) -> Dict[str, int]:
+    """How many linear layers of a built model compute through each kernel ("aten": the plain product)."""
+    counts: Dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            kernel = module.kernel
+            name = "aten" if kernel is None else getattr(kernel, "path", type(kernel).__name__)
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def default_dtype(device: torch.device, cpu: Optional[CpuInfo] = None) -> torch.dtype:
+    """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16 or fbgemm), else
+    float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
+    cpu = info() if cpu is None else cpu
+    return torch.bfloat16 if cpu.native_bf16 or cpu.fbgemm else torch.float32
+
+
+def dtype_note(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> Optional[str]:
+    """One line when an explicit dtype is the slow choice on this CPU, else None."""
+    if torch.device(device).type != "cpu":
+        return None
+    cpu = info() if cpu is None else cpu
+    name = str(dtype).removeprefix("torch.")
+    best = default_dtype(device, cpu)
+    if dtype != torch.float32 and linear_path(device, dtype, cpu) == "aten":
+        return (f"note: {name} has no fast kernels on this CPU (needs AVX2+F16C with fbgemm, or AVX-512 BF16): "
+                f"float32 runs faster, with twice the memory")
+    if dtype == torch.float32 and best != torch.float32:
+        return (f"note: float32 reads twice the bytes of {str(best).removeprefix('torch.')} per decoded token; "
+                f"dtype=None picks {str(best).removeprefix('torch.')} ({linear_path(device, best, cpu)}) here")
+    return None
+
+
+def wait_policy() -> str:
+    """How idle OpenMP threads wait, as the environment set it before torch loaded."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return policy.lower() if policy else "spin (OMP_WAIT_POLICY unset)"
+
+
+def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -> str:
+    """One line: the CPU model, the flags that decided, the kernels the model's linear layers run (counted from
+    the model, not from what was asked for) and the threads."""
+    cpu = info() if cpu is None else cpu
+    flags = " ".join(f if f in cpu.flags else f"-{f}" for f in FLAGS)
+    line = f"cpu: {cpu.model}; {flags}; aten {torch.backends.cpu.get_cpu_capability()}"
+    if model is not None:
+        counts = kernel_counts(model)
+        line += "; linear layers: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    return line + f"; {torch.get_num_threads()} threads, OpenMP wait {wait_policy()}"
+
+
+__all__ = ["CpuInfo", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for",
+           "kernel_counts", "default_dtype", "dtype_note", "describe"]

@@ -1,0 +1,67 @@
+"""The benchmark scripts at a tiny shape: they say which kernel path ran, and bench_core leaves no files behind
+however it ends. (No timing is asserted: these run on shared machines.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+TINY = ["--dim", "128", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
+
+
+def left_behind(tmp_path):
+    return [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_core-")]  # not torch's own caches
+
+
+def run_env(tmp_path):
+    return dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def test_bench_core_reports_the_path_that_ran_and_cleans_up(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), *TINY, "--skip_hf",
+                          "--decode_tokens", "2", "--threads", "1"],
+                         env=run_env(tmp_path), capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["packed_linear_modules"].endswith(" of 9")  # fused wqkv, wo, w13, w2 per layer and the output
+    packed = int(result["packed_linear_modules"].split()[0])
+    assert sum(result["linear_kernels"].values()) == 9
+    assert packed == 9 - result["linear_kernels"].get("aten", 0)
+    assert result["describe"].startswith("cpu: ") and isinstance(result["cpu_flags"], list)
+    assert "ours: decode at batch 4" in out.stderr  # progress
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_bench_core_stopped_midway_removes_its_checkpoint(tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), *TINY, "--threads", "1"],
+                            env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "step 'ours'" in line:  # the checkpoint is written and a measuring process is starting
+                assert left_behind(tmp_path)
+                proc.send_signal(sig)
+                break
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert left_behind(tmp_path) == []
+
+
+def test_bench_decode_reports_the_path_that_ran():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1",
+                          "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1", "--threads", "1"],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
+                         check=True)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["packed_linear_modules"].endswith(" of 5")
+    assert {"linear_kernels", "cpu", "cpu_flags", "aten_capability", "omp_wait_policy"} <= set(result)
+    assert result["decode_step"] == "eager"  # on a CPU, as Llama.build
