@@ -4,9 +4,9 @@ Random weights at a real layer shape are generated directly on the device (no ch
 which linear kernel path ran (counted from the model: packed modules, kernel family, the CPU flags that chose
 it), prefill tokens/s, decode tokens/s at batch 1, 4 and 8, the bytes of weights read per decode step, the
 memory bandwidth this device reaches on a plain streaming read, and the achieved fraction of it at batch 1.
-With --hf, transformers' LlamaForCausalLM on the same weights and dtype; with --vs_float32, this library in
-float32 on the same weights: both timed in alternation with ours (a b a b ...), medians and the median of the
-pairwise ratios. With --vs_eager (where the decode step is compiled, as on CUDA by default), the same model
+With --hf, transformers' LlamaForCausalLM on the same weights and dtype (--hf_static: its generate with a
+static cache, which compiles the forward); with --vs_float32, this library in float32 on the same weights:
+each timed in alternation with ours (a b a b ...), medians and the median of the pairwise ratios. With --vs_eager (where the decode step is compiled, as on CUDA by default), the same model
 with an eager decode step, in alternation too. Progress goes to stderr.
 
 With --quantize int8,int4 it compares instead: the model as Llama.build makes it (--dtype), each quantized
@@ -16,7 +16,7 @@ bytes of weights.
 
     python benchmarks/bench_decode.py --shape 1.1B --hf                 # this CPU, the dtype dtype=None picks
     python benchmarks/bench_decode.py --dtype bfloat16 --vs_float32     # is bf16 prefill as fast as float32?
-    python benchmarks/bench_decode.py --shape 7B --device cuda --hf --vs_eager   # a GPU: compiled vs eager
+    python benchmarks/bench_decode.py --shape 7B --device cuda --hf_static --vs_eager   # a GPU
     python benchmarks/bench_decode.py --shape 1.1B --quantize int8,int4 --float32    # weight-only quantization
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
         python benchmarks/bench_decode.py --hf                          # an AVX2-only CPU, emulated
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batches", default="1,4,8", help="decode batch sizes timed on their own")
     parser.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    parser.add_argument("--hf_static", action="store_true",
+                        help="also time transformers' generate with a static cache (which compiles its forward)")
     parser.add_argument("--vs_float32", action="store_true", help="also time this library in float32")
     parser.add_argument("--pairs", type=int, default=5, help="alternating timings against --hf / --vs_float32")
     parser.add_argument("--plain", action="store_true", help="without the fast kernels (Llama.build(fast=False))")
@@ -166,12 +168,12 @@ def main() -> None:
     args = ModelArgs(**shape, max_batch_size=8, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
     compiled = default_compile(device, {"auto": None, "yes": True, "no": False}[opts.compile])
     if opts.quantize:
-        compare_quantized(opts, args, device, dtype)
+        compare_quantized(opts, args, device, dtype, compiled)
         return
     progress(f"building random {opts.shape} weights ({args.n_layers} layers, {dtype}) on {device}")
     model = random_model(args, device, dtype)
     hf = None
-    if opts.hf:  # the same weights in the Hugging Face layout, converted before ours are packed
+    if opts.hf or opts.hf_static:  # the same weights in the Hugging Face layout, converted before ours are packed
         sys.path.insert(0, str(ROOT / "tests"))
         from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
 
@@ -213,13 +215,23 @@ def main() -> None:
     def decode1(run):
         return lambda: decode_rate(run, 1, opts.decode_tokens, device, 1)
 
-    if hf is not None:
-
-        def theirs(bsz, n, length=16):
+    def hf_runner(**generate_args):
+        def run(bsz, n, length=16):
             ids = torch.tensor(prompts(bsz, length, args.vocab_size), device=device)
             with torch.no_grad():
-                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **generate_args)
+        return run
 
+    if opts.hf_static:
+        static = hf_runner(cache_implementation="static")
+        progress("transformers with a static cache: warming up (it compiles its forward)")
+        result["hf_static_warmup_s"] = round(timed(lambda: static(1, opts.decode_tokens + 1)), 1)
+        progress(f"ours and transformers' static-cache generate in alternation, {opts.pairs} pairs")
+        dec = paired(decode1(ours), decode1(static), opts.pairs)
+        result.update({"hf_static_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_hf_static": dec["ratio"],
+                       "decode_batch1_vs_hf_static_each_pair": dec["each_pair"]})
+    if opts.hf:
+        theirs = hf_runner()
         theirs(1, 2)  # warm-up
         progress(f"ours and transformers in alternation, {opts.pairs} pairs")
         dec = paired(decode1(ours), decode1(theirs), opts.pairs)
@@ -252,15 +264,17 @@ def model_bytes(model: Transformer) -> int:
     """Bytes of the model's weights as it runs (parameters and buffers, the KV cache and rotary tables aside)."""
     tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
                if not name.endswith((".k", ".v")) and name != "rope"}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    held = sum(m.packed.out_features * m.packed.in_features * 2 for m in model.modules()  # fbgemm holds its own
+               if isinstance(m, cpu.Fp16Linear))
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + held
 
 
-def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.dtype, compiled: bool) -> None:
     """Batch-1 decode of the unquantized model, its quantized forms and optionally float32, in alternation."""
     variants = {}
 
     def add(name: str, model: Transformer) -> None:
-        variants[name] = (generator(model), model_bytes(model))
+        variants[name] = (generator(model, compiled), model_bytes(model))
 
     base = random_model(args, device, dtype)
     base.prepare(cpu.kernel_for(device, dtype))  # what Llama.build does by default
@@ -292,6 +306,7 @@ def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.
     result = {"shape": opts.shape, "n_layers": args.n_layers, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "rounds": opts.pairs, "decode_tokens": opts.decode_tokens,
+              "decode_step": "compiled" if compiled else "eager",
               "variants": {}}
     if device.type == "cuda":
         result["peak_cuda_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

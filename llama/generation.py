@@ -78,10 +78,10 @@ class Llama:
         stays eager on CPUs; True or False forces it. fast=False keeps the weights exactly in Meta's layout
         (no fused or packed products), for reading or editing them through the model; fast=True fuses them and,
         on a CPU, computes through the kernels llama.cpu picks for it (oneDNN bf16 with native bf16
-        instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one
-        scale per output row) or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only
-        quantization of the linear layers at load, per process; a checkpoint written by `python -m
-        llama.quantize` is loaded quantized as it is stored (see llama/quantize.py).
+        instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one scale per output row)
+        or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only quantization of the
+        linear layers at load, per process; a checkpoint written by `python -m llama.quantize` is loaded
+        quantized as it is stored (see llama/quantize.py).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)

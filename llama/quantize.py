@@ -269,9 +269,9 @@ def check_device(mode: str, device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(f"quantize={mode!r} needs torch.ops.aten.{op} on {device.type}, which this PyTorch "
                          f"({torch.__version__}) does not have")
     if device.type == "cpu" and dtype != torch.bfloat16:
-        raise ValueError(f"quantize={mode!r} on a CPU needs dtype bfloat16, got {dtype}: PyTorch's CPU int8 and "
-                         "int4 kernels are vectorized for bfloat16 activations only (with float32 they ran 4 to over "
-                         "100 times slower than the unquantized model here)")
+        raise ValueError(f"quantize={mode!r} on a CPU needs dtype bfloat16 (--dtype bfloat16), got {dtype}: "
+                         "PyTorch's CPU int8 and int4 kernels are vectorized for bfloat16 activations only (with "
+                         "float32 they ran 4 to over 100 times slower than the unquantized model here)")
     if mode == "int4" and device.type == "cuda":
         if dtype != torch.bfloat16:
             raise ValueError(f"quantize='int4' on CUDA needs dtype bfloat16 (its kernel's only one), got {dtype}")

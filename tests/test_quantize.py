@@ -271,7 +271,7 @@ def no_loading(monkeypatch):
     (dict(quantize="int4", group_size=128), r"group_size 128 does not divide the 448 input features of "
                                             r"layers\.0\.feed_forward\.w2.*valid group sizes here: \[32, 64\]"),
     (dict(quantize="int8", fast=False), r"quantize='int8' needs fast=True"),
-    (dict(quantize="int8", dtype="float32"), r"on a CPU needs dtype bfloat16, got torch\.float32"),
+    (dict(quantize="int8", dtype="float32"), r"on a CPU needs dtype bfloat16 \(--dtype bfloat16\), got torch\.float32"),
 ])
 def test_bad_settings_are_errors_before_loading(gqa_ckpt, no_loading, kwargs, match):
     with pytest.raises(ValueError, match=match):
