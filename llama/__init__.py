@@ -11,6 +11,14 @@ import sys as _sys
 # spin on a dedicated machine.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torch.compile's kernel cache is not keyed on ATEN_CPU_CAPABILITY (used to emulate an older CPU): kernels
+    # cached under one setting gave wrong results, or corrupted memory, under the other. Keep them apart.
+    if _os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in _os.environ:
+        import getpass as _getpass
+        import tempfile as _tempfile
+
+        _os.environ["TORCHINDUCTOR_CACHE_DIR"] = _os.path.join(
+            _tempfile.gettempdir(), f"torchinductor_{_getpass.getuser()}_{_os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 __version__ = "0.2.0"
 

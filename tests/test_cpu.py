@@ -161,3 +161,21 @@ def test_large_weights_are_packed_in_row_blocks_with_the_same_product(monkeypatc
     kernel = cpu.Fp16Linear(w)
     assert len(kernel.packed.keys) == 3
     torch.testing.assert_close(kernel(x).float(), F.linear(x.float(), w.float()), atol=0, rtol=2 ** -7)
+
+
+def test_an_emulated_cpu_gets_a_compile_cache_of_its_own():
+    """Inductor's cache ignores ATEN_CPU_CAPABILITY: kernels cached natively gave wrong results when emulating."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = "import llama, os; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["PYTHONPATH"] = str(ROOT)
+    native = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    emulated = subprocess.run([sys.executable, "-c", code], env={**env, "ATEN_CPU_CAPABILITY": "avx2"},
+                              capture_output=True, text=True, check=True)
+    assert native.stdout.strip() == "None"
+    assert emulated.stdout.strip().endswith("_avx2")
