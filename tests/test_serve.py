@@ -427,3 +427,21 @@ def test_web_page_asks_for_the_api_key(randomly):
             assert client.post("/web/login", data={"username": "me", "password": "k3Y"}).status_code == 400
             assert client.post("/web/login", data={"username": "me", "password": "k3y"}).status_code == 200
             assert client.get("/web/config").status_code == 200
+
+
+def test_cli_serves_a_model_quantized_at_load():
+    """--quantize int8 on the server gives what Llama.build(quantize="int8") gives, at temperature 0."""
+    quantized = Llama.build(str(DEMO), str(DEMO / "tokenizer.model"), max_seq_len=256, max_batch_size=2,
+                            device="cpu", dtype="bfloat16", quantize="int8")
+    want = quantized.chat_completion([CHAT], temperature=0, max_gen_len=24)[0]["generation"]["content"]
+    server = ProcessServer([*demo_paths(), "--max_seq_len", "256", "--max_batch_size", "2", "--dtype", "bfloat16",
+                            "--quantize", "int8", "--model", "q"])
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+        got = client.chat.completions.create(model="q", messages=CHAT, temperature=0, max_tokens=24)
+        assert got.choices[0].message.content == want
+        assert server.terminate() == 0, server.text()
+        log = server.text()
+        assert "int8 (quantized at load) weights" in log and "Int8Linear" in log  # the kernels that ran
+    finally:
+        server.kill()

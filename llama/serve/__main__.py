@@ -50,6 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--dtype", default=None, help="bfloat16, float16 or float32")
     add("--seed", type=int, default=1, help="seeds the requests that send no seed of their own")
     add("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
+    add("--quantize", choices=["int8", "int4"], default=None,
+        help="weight-only quantization at load (a quantized checkpoint needs none)")
+    add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
@@ -81,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
-                                dtype=args.dtype, lora=args.lora)
+                                dtype=args.dtype, lora=args.lora, quantize=args.quantize,
+                                group_size=args.group_size)
     except ImportError as err:
         print(f"error: {err}: install the extras with pip install -e \".[serve]\" (and \".[web]\" "
               "for the chat page)", file=sys.stderr)
