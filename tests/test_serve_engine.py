@@ -170,6 +170,28 @@ def test_waiting_requests_join_with_one_packed_prefill(gen, fixed):
     assert all(s.finished.reason == "length" for _, s in first + late)
 
 
+def test_max_prefill_tokens_bounds_each_steps_prefill(gen):
+    """Admissions stop at the token budget (the first waiting request always goes in); the rest join at the
+    next boundaries, first come first served, with the same answers."""
+    reqs = [request(gen, p, max_tokens=6) for p in PROMPTS[:4]]
+    sizes = [len(r.prompt) for r, _ in reqs]
+    budget = sizes[0] + sizes[1]  # the first two fit, the third does not
+    engine = Engine(gen, max_prefill_tokens=budget)
+    prefills = []
+    original = gen.model.prefill
+    gen.model.prefill = lambda prompts, rows=None, all_logits=False: prefills.append(sum(map(len, prompts))) or \
+        original(prompts, rows=rows, all_logits=all_logits)
+    try:
+        run(engine, [r for r, _ in reqs])
+    finally:
+        del gen.model.prefill
+    assert prefills[0] == budget and all(n <= max(budget, max(sizes)) for n in prefills) and len(prefills) >= 2
+    alone = [gen.text_completion([p], max_gen_len=6, temperature=0)[0]["generation"] for p in PROMPTS[:4]]
+    assert [sink.text for _, sink in reqs] == alone
+    with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
+        Engine(gen, max_prefill_tokens=0)
+
+
 def test_a_finished_row_is_reused_at_the_next_boundary(looping):
     engine = Engine(looping)
     short, short_sink = request(looping, "a", max_tokens=2)

@@ -43,6 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--max_batch_size", "--max-batch-size", type=int, default=8, help="requests decoded together")
     add("--max_queue", "--max-queue", type=int, default=64,
         help="requests that may wait for a row; beyond it: 429 with Retry-After")
+    add("--max_prefill_tokens", "--max-prefill-tokens", type=int, default=None,
+        help="prompt tokens prefilled in one step at most (the first waiting request always is); bounds the "
+             "pause that admissions cause to running streams (default: no limit)")
     add("--max_body_bytes", "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     add("--drain_timeout", "--drain-timeout", type=float, default=None,
         help="seconds SIGTERM waits for running requests before cancelling them (default: no limit)")
@@ -75,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
         ckpt_dir, tokenizer_path = resolve_checkpoint(args.ckpt_dir, args.tokenizer_path)
         if args.max_queue < 0 or args.max_body_bytes < 1:
             raise ValueError("--max_queue must be >= 0 and --max_body_bytes >= 1")
+        if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
+            raise ValueError(f"--max_prefill_tokens must be >= 1, got {args.max_prefill_tokens}")
         for module in ["uvicorn", "llama.serve.api"] + (["llama.serve.web"] if args.web else []):
             importlib.import_module(module)  # a missing extra fails here, before the slow load
         rank0 = not distributed.launched() or int(os.environ.get("RANK", "0")) == 0
@@ -111,7 +116,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     from .scheduler import Engine
 
     model = args.model or default_model
-    engine = Engine(generator, max_queue=args.max_queue, seed=args.seed, runner=StepRunner(generator, channel))
+    engine = Engine(generator, max_queue=args.max_queue, seed=args.seed, runner=StepRunner(generator, channel),
+                    max_prefill_tokens=args.max_prefill_tokens)
     app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     if args.web:
         from . import web

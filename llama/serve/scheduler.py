@@ -2,7 +2,9 @@
 
 At each step boundary the engine
   1. frees the rows of cancelled requests (a client that went away) and drops cancelled waiting ones,
-  2. admits waiting requests (first come, first served) into free rows, all of them in ONE packed prefill,
+  2. admits waiting requests (first come, first served) into free rows, all of them in ONE packed prefill
+     (at most max_prefill_tokens prompt tokens in all, when set, so one step's prefill stays bounded; the
+     first waiting request is always admitted),
   3. runs one decode step for all max_batch_size rows (an idle row decodes a dummy token at position 0 of its
      own row, which no request reads), so the step's shape never changes (compiled steps, CUDA graphs); an
      eager step (CPUs) runs rows 0..the highest busy row only, as idle rows there cost full price,
@@ -117,12 +119,17 @@ class Engine:
     """Owns a Llama's model and KV cache while it runs; see the module docstring."""
 
     def __init__(self, generator: Llama, max_queue: int = 64, seed: int = 0,
-                 runner: Optional[StepRunner] = None, fixed_shape: Optional[bool] = None) -> None:
+                 runner: Optional[StepRunner] = None, fixed_shape: Optional[bool] = None,
+                 max_prefill_tokens: Optional[int] = None) -> None:
         """fixed_shape: decode all max_batch_size rows every step (True), or only rows 0..the highest busy one
         (False). None: fixed when the decode step is compiled (CUDA graphs replay one shape), else not (on an
         eager CPU step every idle row costs as much as a busy one)."""
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                               or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.generator = generator
         self.fixed_shape = fixed_shape
         self.tokenizer: Tokenizer = generator.tokenizer
@@ -295,8 +302,13 @@ class Engine:
             dropped += [(q, None) for q in self._waiting if q.cancelled]
             self._waiting = deque(keep)
             free = [row for row in range(self.max_batch_size) if row not in self._rows]
+            budget = self.max_prefill_tokens
             while free and self._waiting:
+                if budget is not None and admitted and len(self._waiting[0].prompt) > budget:
+                    break  # this step's prefill is full: the rest wait for the next boundary
                 request = self._waiting.popleft()
+                if budget is not None:
+                    budget -= len(request.prompt)
                 r = self._start(request, free.pop(0))
                 self._rows[r.row] = r
                 admitted.append(r)
