@@ -6,8 +6,9 @@ it), prefill tokens/s, decode tokens/s at batch 1, 4 and 8, the bytes of weights
 memory bandwidth this device reaches on a plain streaming read, and the achieved fraction of it at batch 1.
 With --hf, transformers' LlamaForCausalLM on the same weights and dtype (--hf_static: its generate with a
 static cache, which compiles the forward); with --vs_float32, this library in float32 on the same weights:
-each timed in alternation with ours (a b a b ...), medians and the median of the pairwise ratios. With --vs_eager (where the decode step is compiled, as on CUDA by default), the same model
-with an eager decode step, in alternation too. Progress goes to stderr.
+each timed in alternation with ours (a b a b ...), medians and the median of the pairwise ratios. With
+--vs_eager (where the decode step is compiled, as on CUDA by default), the same model with an eager decode
+step, in alternation too. Progress goes to stderr.
 
 With --quantize int8,int4 it compares instead: the model as Llama.build makes it (--dtype), each quantized
 form of the same weights and (--float32) a float32 model, batch-1 decode timed in alternation, round after
@@ -24,22 +25,19 @@ bytes of weights.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import llama` does, before torch loads
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy, an emulated CPU's compile cache)
+import torch  # noqa: E402
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
 from llama import cpu, distributed, quantize  # noqa: E402

@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy, an emulated CPU's compile cache)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from llama import cpu  # noqa: E402
 from llama.model import PRESETS, ModelArgs  # noqa: E402

@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import httpx
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy, an emulated CPU's compile cache)
+import torch  # noqa: E402
 
 from llama import ModelArgs  # noqa: E402
 from llama.checkpoint import random_state, split_state, write_checkpoint  # noqa: E402

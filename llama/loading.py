@@ -100,8 +100,11 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     dev = distributed.pick_device(device)
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
-    result = Plan(mp, dev, resolve_dtype(dtype, dev), fast)
-    if dtype is not None:
+    quantized = quantize_mode is not None or stored is not None
+    # PyTorch's CPU int8/int4 kernels take bfloat16 activations only: that is what dtype=None means for them.
+    chosen = torch.bfloat16 if dtype is None and quantized and dev.type == "cpu" else resolve_dtype(dtype, dev)
+    result = Plan(mp, dev, chosen, fast)
+    if dtype is not None and not quantized:
         result.note = cpu.dtype_note(dev, result.dtype)
     if stored is not None:
         mode, stored_group = quantize.parse_entry(stored, "params.json")
@@ -109,6 +112,9 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
             raise ValueError(f"the checkpoint is quantized ({mode}, group_size {stored_group}); it cannot be "
                              f"loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass neither, or "
                              "quantize its bfloat16 source")
+        if not fast:
+            raise ValueError(f"the checkpoint is quantized ({mode}) and needs fast=True: its layers hold no "
+                             "weights in Meta's layout for fast=False to keep")
         quantize_mode, group_size = mode, stored_group
     elif quantize_mode is None:
         if group_size is not None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, cli, distributed, hf
+from . import checkpoint, distributed, hf
 from .checkpoint import split_dim
 from .layers import ParallelLinear, single_process
 from .model import ModelArgs, Transformer, check_positive_int, count_parameters
@@ -513,6 +513,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--mp", type=int, default=None, metavar="N",
                         help="number of shards to write (default: the source's; 1 for Hugging Face's layout)")
     opts = parser.parse_args(argv)
+    from . import cli  # the programs' helpers sit above the library: imported only by the program
+
     return cli.guarded(lambda: quantize_checkpoint(opts.src_dir, opts.dst_dir, opts.mode, opts.group_size, opts.mp,
                                                    log=lambda m: print(m, flush=True)),
                        interrupted="interrupted: no shard was left under its final name")

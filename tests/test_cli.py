@@ -124,4 +124,7 @@ def test_version_and_distribution_name():
     import llama
 
     assert llama.__version__.count(".") == 2
-    assert 'name="llama2-reference"' in (ROOT / "setup.py").read_text()
+    setup = (ROOT / "setup.py").read_text()
+    assert 'name="llama2-reference"' in setup
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llama").rglob("__init__.py")}
+    assert all(f'"{name}"' in setup for name in packages), packages  # a wheel must carry every subpackage

@@ -278,6 +278,18 @@ def test_bad_settings_are_errors_before_loading(gqa_ckpt, no_loading, kwargs, ma
         _build(gqa_ckpt, **kwargs)
 
 
+def test_dtype_none_means_bfloat16_for_a_quantized_model_on_any_cpu(monkeypatch):
+    """A CPU without AVX2 runs unquantized models in float32 by default, but the int8/int4 CPU kernels take
+    bfloat16 activations only: with quantization, dtype=None is bfloat16 there too, with no contrary note."""
+    from llama import loading
+
+    monkeypatch.setattr(loading.cpu, "default_dtype", lambda device, cpu=None: torch.float32)
+    assert loading.plan(GQA, None, "cpu", None, True).dtype == torch.float32
+    for stored, mode in (({"mode": "int8"}, None), (None, "int8")):
+        plan = loading.plan(GQA, None, "cpu", None, True, mode, None, stored)
+        assert plan.dtype == torch.bfloat16 and plan.quantize == "int8" and plan.note is None
+
+
 def test_group_size_must_divide_each_ranks_slice():
     quantize.check_layers(GQA, 1, "int4", 64)
     with pytest.raises(ValueError, match=r"224 input features of layers\.0\.feed_forward\.w2 on each of 2 "
@@ -305,6 +317,8 @@ def test_quantized_checkpoint_errors(tmp_path, gqa_ckpt, no_loading):
         _build(q, quantize="int4")
     with pytest.raises(ValueError, match=r"LoRA adapter cannot be merged into the quantized weights"):
         _build(q, lora=str(tmp_path))
+    with pytest.raises(ValueError, match=r"the checkpoint is quantized \(int8\) and needs fast=True"):
+        _build(q, fast=False)
     with pytest.raises(ValueError, match=r"already quantized"):
         quantize.quantize_checkpoint(q, tmp_path / "again", "int4")
     (q / "params.json").write_text(json.dumps({**GQA.to_params(vocab_size=-1),
