@@ -159,7 +159,7 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
 
     runtime = distributed.setup(1, distributed.pick_device(opts.device))
-    device, dtype = runtime.device, resolve_dtype(opts.dtype, runtime.device)
+    device, dtype = runtime.device, resolve_dtype(opts.dtype, runtime.device, quantized=bool(opts.quantize))
     shape = dict(PRESETS[opts.shape])
     if opts.n_layers:
         shape["n_layers"] = opts.n_layers
@@ -228,30 +228,25 @@ def main() -> None:
         dec = paired(decode1(ours), decode1(static), opts.pairs)
         result.update({"hf_static_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_hf_static": dec["ratio"],
                        "decode_batch1_vs_hf_static_each_pair": dec["each_pair"]})
+    def against(run, what: str):
+        """Decode and prefill timed in alternation with another runner, after its warm-up."""
+        run(1, 2)
+        progress(f"{what} in alternation, {opts.pairs} pairs")
+        return (paired(decode1(ours), decode1(run), opts.pairs),
+                paired(prefill_rate(ours), prefill_rate(run), opts.pairs))
+
     if opts.hf:
-        theirs = hf_runner()
-        theirs(1, 2)  # warm-up
-        progress(f"ours and transformers in alternation, {opts.pairs} pairs")
-        dec = paired(decode1(ours), decode1(theirs), opts.pairs)
-        pre = paired(prefill_rate(ours), prefill_rate(theirs), opts.pairs)
+        dec, pre = against(hf_runner(), "ours and transformers")
         result.update({"paired_decode_tok_s_batch1": dec["a"], "hf_decode_tok_s_batch1": dec["b"],
                        "decode_batch1_vs_hf": dec["ratio"], "decode_batch1_vs_hf_each_pair": dec["each_pair"],
                        "paired_prefill_tok_s": pre["a"], "hf_prefill_tok_s": pre["b"], "prefill_vs_hf": pre["ratio"],
                        "prefill_vs_hf_each_pair": pre["each_pair"]})
     if opts.vs_eager and compiled:
-        eager = ours_runner(generator(model, False), args.vocab_size)
-        eager(1, 2)
-        progress(f"compiled and eager decode steps in alternation, {opts.pairs} pairs")
-        dec = paired(decode1(ours), decode1(eager), opts.pairs)
-        ttft = paired(prefill_rate(ours), prefill_rate(eager), opts.pairs)
+        dec, pre = against(ours_runner(generator(model, False), args.vocab_size), "compiled and eager decode steps")
         result.update({"eager_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_eager": dec["ratio"],
-                       "decode_batch1_vs_eager_each_pair": dec["each_pair"], "prefill_vs_eager": ttft["ratio"]})
+                       "decode_batch1_vs_eager_each_pair": dec["each_pair"], "prefill_vs_eager": pre["ratio"]})
     if f32 is not None:
-        theirs32 = ours_runner(generator(f32, compiled), args.vocab_size)
-        theirs32(1, 2)  # warm-up
-        progress(f"ours in {dtype} and in float32 in alternation, {opts.pairs} pairs")
-        pre = paired(prefill_rate(ours), prefill_rate(theirs32), opts.pairs)
-        dec = paired(decode1(ours), decode1(theirs32), opts.pairs)
+        dec, pre = against(ours_runner(generator(f32, compiled), args.vocab_size), f"ours in {dtype} and in float32")
         result.update({"paired_prefill_tok_s_vs_float32": pre["a"], "float32_prefill_tok_s": pre["b"],
                        "prefill_vs_float32": pre["ratio"], "prefill_vs_float32_each_pair": pre["each_pair"],
                        "float32_decode_tok_s_batch1": dec["b"], "decode_batch1_vs_float32": dec["ratio"]})

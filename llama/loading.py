@@ -29,12 +29,14 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     raise ValueError(f"dtype must be 'bfloat16', 'float16', 'float32' (or that torch.dtype), got {dtype!r}")
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantized: bool = False
+                  ) -> torch.dtype:
     """None: on a GPU bfloat16 where supported, else float16; on a CPU what its kernels run fastest
-    (llama.cpu.default_dtype: bfloat16 with native bf16 or fbgemm, else float32)."""
+    (llama.cpu.default_dtype: bfloat16 with native bf16 or fbgemm, else float32), and bfloat16 for a quantized
+    model (PyTorch's CPU int8/int4 kernels take bfloat16 activations only)."""
     if dtype is None:
         if device.type == "cpu":
-            return cpu.default_dtype(device)
+            return torch.bfloat16 if quantized else cpu.default_dtype(device)
         return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     return parse_dtype(dtype)
 
@@ -101,9 +103,7 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
     quantized = quantize_mode is not None or stored is not None
-    # PyTorch's CPU int8/int4 kernels take bfloat16 activations only: that is what dtype=None means for them.
-    chosen = torch.bfloat16 if dtype is None and quantized and dev.type == "cpu" else resolve_dtype(dtype, dev)
-    result = Plan(mp, dev, chosen, fast)
+    result = Plan(mp, dev, resolve_dtype(dtype, dev, quantized), fast)
     if dtype is not None and not quantized:
         result.note = cpu.dtype_note(dev, result.dtype)
     if stored is not None:
@@ -148,9 +148,10 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     """This rank's share of the model, on its device, weights in place, KV cache allocated."""
     with torch.device("meta"):
         model = Transformer(args)
-    kernel = cpu.kernel_for(plan.device, plan.dtype) if plan.fast else None
     if plan.quantize is not None:
         kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
+    else:
+        kernel = cpu.kernel_for(plan.device, plan.dtype) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
     state = source.reader.load_rank_state(source.info.shards, rank, plan.model_parallel_size, dtype=plan.dtype,

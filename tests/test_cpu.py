@@ -3,10 +3,15 @@ and that each packed path computes what F.linear computes (where this CPU can ru
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ROOT
 from llama import cpu
 from llama.layers import ColumnParallelLinear
 
@@ -165,12 +170,6 @@ def test_large_weights_are_packed_in_row_blocks_with_the_same_product(monkeypatc
 
 def test_an_emulated_cpu_gets_a_compile_cache_of_its_own():
     """Inductor's cache ignores ATEN_CPU_CAPABILITY: kernels cached natively gave wrong results when emulating."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
     code = "import llama, os; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
     env["PYTHONPATH"] = str(ROOT)
