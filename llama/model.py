@@ -208,6 +208,11 @@ class KVCache(nn.Module):
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
 
+    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
+        """Copy a row's first `length` positions into other rows (choices that share one prefill)."""
+        self.k[list(into), :, :length] = self.k[row, :, :length]
+        self.v[list(into), :, :length] = self.v[row, :, :length]
+
 
 # --- the blocks --------------------------------------------------------------------------------------------
 
@@ -359,6 +364,11 @@ class Transformer(nn.Module):
                     prepared = kernel(module.weight.data if module.weight is not None else module.kernel)
                     if prepared is not None:
                         module.use_kernel(prepared)
+
+    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
+        """Give cache rows `into` the first `length` cached positions of `row`, in every layer."""
+        for layer in self.layers:
+            layer.attention.cache.copy_rows(row, into, length)
 
     @property
     def has_cache(self) -> bool:
