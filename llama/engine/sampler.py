@@ -13,7 +13,7 @@ Log-probs are the model's own (before any adjustment), from one log-softmax: `lo
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,8 +73,15 @@ def choose(logits: torch.Tensor, rows: Sequence[RowSampler]) -> List[int]:
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    probs, order = _nucleus(logits, [r.params for r in rows])
+    picks = [torch.multinomial(probs[j], 1, generator=r.generator) for j, r in enumerate(rows)]
+    return order.gather(-1, torch.stack(picks)).squeeze(-1)
+
+
+def _nucleus(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p (over what top-k kept) and min-p: the distribution each row draws from, in
+    descending order of probability, with that order."""
     device = logits.device
-    params = [r.params for r in rows]
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device).unsqueeze(1)
     # Subtracting the maximum first keeps logits / T finite however small T is (down to MIN_TEMPERATURE).
     probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps, dim=-1)
@@ -87,9 +94,18 @@ def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     probs = probs.masked_fill(kept.cumsum(dim=-1) - kept > top_p, 0.0)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device).unsqueeze(1)
     probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    picks = [torch.multinomial(probs[j], 1, generator=r.generator) for j, r in enumerate(rows)]
-    return order.gather(-1, torch.stack(picks)).squeeze(-1)
+    return probs / probs.sum(dim=-1, keepdim=True), order
+
+
+def distribution(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """What each sampled row draws from (R, V), in vocabulary order, after every adjustment (for tests and
+    speculative decoding's acceptance rule)."""
+    logits = logits.float().clone()
+    for i, r in enumerate(rows):
+        if r.adjusts:
+            r.adjust(logits[i])
+    probs, order = _nucleus(logits, [r.params for r in rows])
+    return torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
