@@ -18,7 +18,7 @@ import torch
 
 from . import distributed, loading
 from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
-from .decode_step import DecodeStep, default_compile
+from .decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
@@ -87,20 +87,16 @@ class Llama:
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
-        if not isinstance(deterministic, bool):
-            raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
         tokenizer = Tokenizer(tokenizer_path)
         source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
-                            source.info.quantization)
-        compiled = default_compile(plan.device, compile)
+                            source.info.quantization, compile=compile, deterministic=deterministic)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
-        plan.device = runtime.device
         torch.manual_seed(seed)
         loading.announce(source, args, plan)
         model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, compile=compiled, deterministic=deterministic)
+        return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
                  deterministic: bool = False) -> None:

@@ -6,7 +6,7 @@ headers and the arguments is checked before any process group is joined or any w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from . import checkpoint, cpu, distributed, hf, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
+from .decode_step import default_compile
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
 from .tokenizer import Tokenizer
 
@@ -41,15 +42,18 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, qu
     return parse_dtype(dtype)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The run's decisions, made once and handed on: process count, device, dtype, the faster kernels, and the
-    weight-only quantization (mode and int4 group size, or None)."""
+    """The run's decisions, made once, checked once and never patched: process count, device (with its index:
+    this process's GPU), dtype, the faster kernels, whether the decode step is compiled, deterministic mode,
+    and the weight-only quantization (mode and int4 group size, or None)."""
 
     model_parallel_size: int
     device: torch.device
     dtype: torch.dtype
     fast: bool
+    compile: bool = False
+    deterministic: bool = False
     quantize: Optional[str] = None
     group_size: Optional[int] = None
     note: Optional[str] = None  # one line when an explicitly chosen dtype is the slow one on this CPU
@@ -94,18 +98,20 @@ def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_siz
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
          quantize_mode: Optional[str] = None, group_size: Optional[int] = None,
-         stored: Optional[dict] = None) -> Plan:
-    """Pick the device, the process count, the dtype and the quantization once, and check that the model can
-    be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if it has one."""
+         stored: Optional[dict] = None, compile: Optional[bool] = None, deterministic: bool = False) -> Plan:
+    """Pick the device, the process count, the dtype, compilation and the quantization once, and check that the
+    model can be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if any."""
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be True or False, got {fast!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     dev = distributed.pick_device(device)
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
     quantized = quantize_mode is not None or stored is not None
-    result = Plan(mp, dev, resolve_dtype(dtype, dev, quantized), fast)
+    result = Plan(mp, dev, resolve_dtype(dtype, dev, quantized), fast, default_compile(dev, compile), deterministic)
     if dtype is not None and not quantized:
-        result.note = cpu.dtype_note(dev, result.dtype)
+        result = replace(result, note=cpu.dtype_note(dev, result.dtype))
     if stored is not None:
         mode, stored_group = quantize.parse_entry(stored, "params.json")
         if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
@@ -126,8 +132,7 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
                          "the model cannot keep them in Meta's layout as fast=False promises")
     quantize.check_device(quantize_mode, result.device, result.dtype)
     quantize.check_layers(args, mp, quantize_mode, group_size, result.device.type)
-    result.quantize, result.group_size = quantize_mode, group_size
-    return result
+    return replace(result, quantize=quantize_mode, group_size=group_size)
 
 
 def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
