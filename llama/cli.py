@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from . import distributed
 from .chat_format import ChatFormat, Dialog, validate_dialog
 from .model import check_positive_int
-from .sampling import check_sampling_args
+from .engine.params import SamplingParams
 from .tokenizer import Tokenizer
 
 _CHECKOUT_DEMO = Path(__file__).resolve().parent.parent / "demo" / "fortune-llama"
@@ -57,7 +57,7 @@ def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: 
     the sampling flags, and whether the script's prompts or dialogs fit --max_batch_size and --max_seq_len."""
     check_positive_int("--max_seq_len", max_seq_len)
     check_positive_int("--max_batch_size", max_batch_size)
-    check_sampling_args(temperature, top_p)
+    SamplingParams(temperature=temperature, top_p=top_p).check()
     if max_gen_len is not None:
         check_positive_int("--max_gen_len", max_gen_len)
     count = len(prompts) + len(dialogs)

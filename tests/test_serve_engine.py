@@ -14,9 +14,9 @@ import torch
 
 from helpers import MHA, TOKENIZER, make_checkpoint, run_torchrun
 from llama import Llama
-from llama.sampling import next_token, next_tokens
+from llama.engine.sampler import RowSampler, choose
 from llama.serve import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Unavailable
-from llama.serve.stop import StopText
+from llama.engine.stop import StopText
 from test_streaming import EOS, HELLO, WORLD, scripted_checkpoint
 
 PROMPTS = ["Hello", "Once upon a time there was", "a", "世界😀 and", "The quick brown fox jumps over the", "Hi",
@@ -114,16 +114,21 @@ def test_seeded_sampling_matches_a_fresh_generator(random_dir):
         assert sink.text == expected
 
 
-def test_next_tokens_samples_each_row_as_next_token_would():
+def test_each_row_samples_as_it_would_alone():
+    """The sampler works row by row: six rows of mixed parameters draw what each draws alone."""
     torch.manual_seed(0)
     logits = torch.randn(6, 4096) * 3
-    temps, tops = [0, 0.7, 1.0, 0, 1.3, 0.5], [1, 0.9, 1.0, 0.5, 0.95, 0.3]
+    options = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=20),
+               dict(temperature=0, logit_bias={3: 50.0}), dict(temperature=1.3, min_p=0.1),
+               dict(temperature=0.5, top_p=0.3, repetition_penalty=1.2)]
     for trial in range(20):
-        gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(6)]
-        got = next_tokens(logits, temps, tops, gens).tolist()
-        for i in range(6):
-            alone = next_token(logits[i:i + 1], temps[i], tops[i], torch.Generator().manual_seed(100 * trial + i))
-            assert got[i] == alone.item()
+        rows = [RowSampler(SamplingParams(**o), [1, 2, 3], 100 * trial + i, torch.device("cpu"))
+                for i, o in enumerate(options)]
+        got = choose(logits, rows)
+        for i, o in enumerate(options):
+            alone = choose(logits[i:i + 1], [RowSampler(SamplingParams(**o), [1, 2, 3], 100 * trial + i,
+                                                        torch.device("cpu"))])
+            assert got[i] == alone[0]
 
 
 # --- admission and the step's shape ----------------------------------------------------------------------
@@ -313,7 +318,7 @@ def test_logprobs_are_the_models(gen):
     ([1, 10 ** 6], {}, "outside"),
     ([1] * 96, {}, "up to 95"),
     ([1] * 90, {"max_tokens": 7}, "at most 6"),
-    ([1], {"max_tokens": 0}, "max_tokens"),
+    ([1], {"n": 5}, "n=5 choices"),
     ([1], {"temperature": -1}, "temperature"),
     ([1], {"top_p": 0}, "top_p"),
     ([1], {"logprobs": 21}, "logprobs"),
@@ -347,15 +352,15 @@ import json, sys
 from llama import Llama
 from llama.distributed import Broadcast
 from llama.serve import Engine, Request, SamplingParams, Chunk
-from llama.serve.runner import StepRunner, follow
+from llama.engine import Runner, follow
 
 out, ckpt, tok = sys.argv[1:4]
 g = Llama.build(ckpt, tok, max_seq_len=96, max_batch_size=4, device="cpu", dtype="float32")
 channel = Broadcast()
 if channel.rank != 0:
-    follow(g, channel)
+    follow(g.decode_step, channel)
     sys.exit(0)
-engine = Engine(g, runner=StepRunner(g, channel))
+engine = Engine(g, runner=Runner(g.decode_step, channel))
 prompts = json.loads(sys.argv[4])
 results = [[] for _ in prompts]
 for i, p in enumerate(prompts):

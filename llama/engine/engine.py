@@ -35,6 +35,7 @@ from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, t
 from .params import SEED_BITS, SamplingParams
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
+from .stop import StopText
 
 log = logging.getLogger("llama.engine")
 
@@ -48,7 +49,7 @@ class _Choice:
     row: int
     sampler: RowSampler
     text: TextStream
-    stops: "StopText"
+    stops: StopText
     parent: Optional["_Choice"] = None  # a sibling choice whose prefilled row this one copies
     prefilled: bool = False
     position: int = 0  # where `pending` goes in the row
@@ -132,8 +133,6 @@ class Engine:
                 self._to_prefill.append(choice)
 
     def _new_choice(self, request: Request, index: int, row: int, parent: Optional["_Choice"]) -> _Choice:
-        from ..serve.stop import StopText  # stop strings: a text concern shared with the server
-
         params = request.params
         seed = params.seed_for(index)
         if seed is None:

@@ -61,8 +61,10 @@ class SamplingParams:
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
-    def check(self, vocab_size: int) -> "SamplingParams":
-        """Raise ValueError naming the first field out of range; returns self for chaining."""
+    def check(self, vocab_size: Optional[int] = None) -> "SamplingParams":
+        """Raise ValueError naming the first field out of range; returns self for chaining. Token ids are checked
+        against vocab_size when it is known."""
+        top_id = None if vocab_size is None else vocab_size - 1
         _integer("max_tokens", self.max_tokens, 0)
         _number("temperature", self.temperature, 0.0, math.inf)
         _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -74,14 +76,14 @@ class SamplingParams:
         if not isinstance(self.logit_bias, Mapping):
             raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
         for token, bias in self.logit_bias.items():
-            _integer("a logit_bias token id", token, 0, vocab_size - 1)
+            _integer("a logit_bias token id", token, 0, top_id)
             _number(f"logit_bias[{token}]", bias, -100.0, 100.0)
         if self.seed is not None:
             _integer("seed", self.seed, -(2 ** 1000))
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
         for token in self.stop_token_ids:
-            _integer("a stop_token_ids entry", token, 0, vocab_size - 1)
+            _integer("a stop_token_ids entry", token, 0, top_id)
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.prompt_logprobs, bool):

@@ -98,11 +98,11 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         distributed.print0(f"error: {err}", file=sys.stderr)
         return 2
-    from .runner import follow
+    from ..engine import follow
 
     channel = distributed.Broadcast()
     if channel.rank != 0:
-        follow(generator, channel)
+        follow(generator.decode_step, channel)
         return 0
     return _serve(args, generator, channel, sock, Path(ckpt_dir).resolve().name)
 
@@ -112,11 +112,11 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     import uvicorn
 
     from .api import create_app
-    from .runner import StepRunner
-    from .scheduler import Engine
+    from ..engine import Runner
+    from .scheduler import Scheduler
 
     model = args.model or default_model
-    engine = Engine(generator, max_queue=args.max_queue, seed=args.seed, runner=StepRunner(generator, channel),
+    engine = Scheduler(generator, max_queue=args.max_queue, seed=args.seed, runner=Runner(generator.decode_step, channel),
                     max_prefill_tokens=args.max_prefill_tokens)
     app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     if args.web:

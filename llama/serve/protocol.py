@@ -8,6 +8,8 @@ and features this server does not have (n > 1, tools, penalties...), are errors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -184,7 +186,7 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
         raise bad("'echo' together with 'logprobs' is not supported", param="echo", code="unsupported")
     params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
                        COMPLETION_MAX_TOKENS)
-    params.logprobs = logprobs
+    params = dataclasses.replace(params, logprobs=logprobs)
     return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
 
 
@@ -214,7 +216,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
     params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len)
     if _get(body, "logprobs", "boolean", False):
-        params.logprobs = _get(body, "top_logprobs", "integer", 0)
+        params = dataclasses.replace(params, logprobs=_get(body, "top_logprobs", "integer", 0))
         if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
             raise bad(f"'top_logprobs' must be in 0..{MAX_TOP_LOGPROBS}, got {params.logprobs}",
                       param="top_logprobs")
