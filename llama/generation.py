@@ -14,12 +14,15 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from . import distributed, loading
-from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
+from . import distributed, families, loading
+from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .decode_step import DecodeStep, default_compile
+from .families import Family, Moderation
+from .families.codellama import decode_infill, infilling_prompt
 from .model import Transformer
 from .sampling import check_sampling_args, next_token
 from .tokenizer import TextStream, Tokenizer
+from .tokenizers import BaseTokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -30,6 +33,13 @@ class CompletionPrediction(TypedDict, total=False):
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
+    tokens: List[str]
+    logprobs: List[float]
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str  # the middle
+    full_text: str  # prefix + middle + suffix
     tokens: List[str]
     logprobs: List[float]
 
@@ -65,6 +75,7 @@ class Llama:
         lora: Optional[str] = None,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
+        family: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -81,12 +92,13 @@ class Llama:
         instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one scale per output row)
         or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only quantization of the
         linear layers at load, per process; a checkpoint written by `python -m llama.quantize` is loaded
-        quantized as it is stored (see llama/quantize.py).
+        quantized as it is stored (see llama/quantize.py). family: llama2, codellama, llama3 or llamaguard
+        (default: detected from the files, see llama/families); it decides the chat format and stop tokens.
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         tokenizer = Tokenizer(tokenizer_path)
-        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora)
+        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora, family)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
                             source.info.quantization)
         compiled = default_compile(plan.device, compile)
@@ -96,12 +108,17 @@ class Llama:
         loading.announce(source, args, plan)
         model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, compile=compiled)
+        return Llama(model, tokenizer, seed=seed, compile=compiled, family=source.family)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
+                 family: Union[Family, str, None] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
+        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope}
+        self.family: Family = family if isinstance(family, Family) else families.detect(tokenizer, params, family)
+        self.formatter = self.family.chat_format(tokenizer)
+        self.stop_ids = frozenset(self.family.stop_ids(tokenizer))  # an answer ends at any of these
         self.device = model.rope.device
         self.sampler = torch.Generator(device=self.device).manual_seed(seed)
         self._runs = 0  # generations started; see _stream_steps
@@ -182,7 +199,7 @@ class Llama:
         """
         self._runs += 1
         run = self._runs  # the cache is shared: a newer run makes this one's rows stale
-        max_seq_len, eos = self.max_seq_len, self.tokenizer.eos_id
+        max_seq_len, stop = self.max_seq_len, self.stop_ids  # family seam: the family's stop tokens
         positions = [len(p) for p in prompt_tokens]  # where each row's next token goes
         budget = [min(max_seq_len - n, max_gen_len) for n in positions]  # tokens each row may add
         produced = [0] * len(prompt_tokens)
@@ -193,7 +210,7 @@ class Llama:
             lps = F.log_softmax(logits, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1) if logprobs else None
             tokens, emitted = nxt.tolist(), active
             produced = [n + a for n, a in zip(produced, emitted)]
-            active = [a and t != eos and n < b for a, t, n, b in zip(emitted, tokens, produced, budget)]
+            active = [a and t not in stop and n < b for a, t, n, b in zip(emitted, tokens, produced, budget)]
             yield _Step(tokens, emitted, lps.tolist() if logprobs else None)
             if not any(active):
                 break
@@ -226,7 +243,7 @@ class Llama:
         if max_gen_len > 0:
             for step in self._stream_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, prompt_lps):
                 for i in range(bsz):  # a row emits nothing after its EOS, and the EOS itself is left out
-                    if not step.emitted[i] or step.tokens[i] == self.tokenizer.eos_id:
+                    if not step.emitted[i] or step.tokens[i] in self.stop_ids:  # family seam
                         continue
                     out_tokens[i].append(step.tokens[i])
                     if logprobs:
@@ -270,7 +287,7 @@ class Llama:
             while True:
                 with torch.inference_mode():  # only while computing: never across a yield, into the caller
                     step = next(steps, None)
-                if step is None or step.tokens[0] == self.tokenizer.eos_id:
+                if step is None or step.tokens[0] in self.stop_ids:  # family seam
                     break
                 chunk = text.push(step.tokens[0])
                 if chunk:
@@ -301,7 +318,7 @@ class Llama:
     ) -> Iterator[str]:
         """chat_completion for one dialog, yielding the answer's text chunks as they are produced."""
         validate_dialog(dialog)
-        if has_special_tags(dialog):
+        if self.formatter.has_special_tags(dialog):
             check_sampling_args(temperature, top_p)
             return iter([UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
@@ -360,7 +377,7 @@ class Llama:
             raise ValueError(f"dialogs must be a non-empty list of dialogs, got {dialogs!r}")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, index=i)
-        safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
+        safe = [i for i, d in enumerate(dialogs) if not self.formatter.has_special_tags(d)]
         results: List[ChatPrediction] = [
             {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, **({"tokens": [], "logprobs": []}
                                                                            if logprobs else {})}
@@ -379,6 +396,55 @@ class Llama:
                     result["logprobs"] = lps[j]
                 results[i] = result
         return results
+
+    # --- Code Llama's infilling and Llama Guard's moderation ----------------------------------------------------
+
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.0,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Code Llama: write the code between each prefix and suffix (fill in the middle), in the PSM format of
+        Meta's codellama repository (SPM with suffix_first). Returns {"generation": middle, "full_text": prefix +
+        middle + suffix} per pair (with "tokens" and "logprobs" when asked)."""
+        if not isinstance(prefixes, (list, tuple)) or not isinstance(suffixes, (list, tuple)) or \
+                len(prefixes) != len(suffixes) or not prefixes:
+            raise ValueError(f"prefixes and suffixes must be non-empty lists of the same length, got "
+                             f"{len(prefixes) if isinstance(prefixes, (list, tuple)) else prefixes!r} and "
+                             f"{len(suffixes) if isinstance(suffixes, (list, tuple)) else suffixes!r}")
+        for name, texts in (("prefix", prefixes), ("suffix", suffixes)):
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"{name} {i} must be a string, got {type(text).__name__}: {text!r}")
+        prompts = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        self._check_prompts(prompts, names=[f"infilling prompt {i}" for i in range(len(prompts))])
+        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs)
+        results: List[InfillingPrediction] = []
+        for i, toks in enumerate(tokens):
+            middle = decode_infill(self.tokenizer, toks)
+            result: InfillingPrediction = {"generation": middle, "full_text": prefixes[i] + middle + suffixes[i]}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                result["logprobs"] = lps[i]
+            results.append(result)
+        return results
+
+    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32) -> Moderation:
+        """Llama Guard: classify a conversation's last turn (the user's message, or the assistant's answer when
+        it ends with one) as safe or unsafe, with the violated categories. `categories`: names, (name,
+        description) pairs or llamaguard.Category (default: the published list of this guard's version)."""
+        if not self.family.moderation:
+            raise ValueError(f"moderate needs a Llama Guard model, this is {self.family.title}: build it with "
+                             "family='llamaguard'")
+        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories)
+        self._check_prompts([prompt], names=["the moderation prompt"])
+        (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
+        return self.family.parse(self.tokenizer.decode(tokens), categories)
 
 
 def _check_gen_len(max_gen_len) -> None:
