@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..chat_format import UNSAFE_ERROR, has_special_tags, validate_dialog
+from ..chat_format import UNSAFE_ERROR, validate_dialog
 from ..generation import Llama
 from .scheduler import Finished, SamplingParams, TokenLogprob
 
@@ -189,7 +189,7 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
 
 
 def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
-    """POST /v1/chat/completions: a dialog in the Llama 2 chat format, answered by the assistant."""
+    """POST /v1/chat/completions: a dialog in the model family's chat format, answered by the assistant."""
     common = _common(body, model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -200,7 +200,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         validate_dialog(dialog)
     except ValueError as err:
         raise bad(str(err).replace("dialog, ", ""), param="messages") from None
-    if has_special_tags(dialog):
+    if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
         raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
     for name in ("tools", "functions"):
         _unsupported(body, name, [[]], "no tool calls")

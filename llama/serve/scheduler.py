@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import uuid
 from collections import deque
@@ -337,14 +336,14 @@ class Engine:
             lps = F.log_softmax(logits[torch.tensor(wanted, device=logits.device)], dim=-1)
             for j, i in enumerate(wanted):
                 infos[i] = self._token_logprob(lps[j], tokens[i], params[i].logprobs)
-        eos = self.tokenizer.eos_id
+        stop_ids = self.generator.stop_ids  # family seam: the family's stop tokens (Llama 3: <|eot_id|>...)
         finished: List[Tuple[_Running, str]] = []
         for i, (r, token) in enumerate(zip(order, tokens)):
             r.generated += 1
             if r.request.cancelled:
                 finished.append((r, "cancelled"))
                 continue
-            if token == eos:
+            if token in stop_ids:
                 self._emit_text(r, r.stops.feed(r.text.finish())[0] + r.stops.flush(), infos.get(i))
                 finished.append((r, "stop"))
                 continue
@@ -407,16 +406,12 @@ class Engine:
         return TokenLogprob(text, raw, float(logprobs[token]), top)
 
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
 def token_text(tokenizer: Tokenizer, token: int) -> Tuple[str, List[int]]:
-    """A token as OpenAI's log-prob entries show it: its text (word-boundary '▁' as a space; a byte-fallback
-    token of a non-ASCII byte as `bytes:\\xNN`) and its UTF-8 bytes."""
-    piece = tokenizer.id_to_piece(token)
-    match = _BYTE_PIECE.fullmatch(piece)
-    if match:
-        value = int(match.group(1), 16)
-        return (chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"), [value]
-    text = piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    """A token as OpenAI's log-prob entries show it: its text (SentencePiece's word-boundary '▁' as a space) and
+    its UTF-8 bytes; a token that is not whole UTF-8 (a byte-fallback or byte-level piece) as `bytes:\\xNN...`.
+    Family seam: tokenizer.token_bytes serves SentencePiece and tiktoken alike."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, List, Sequence
 
 from .base import BaseTokenizer, PathLike, check_model_file
 
@@ -22,11 +22,6 @@ NUM_SPECIAL = 256
 NAMED_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-# tiktoken's Rust core recurses over long runs; texts are cut into pieces no regex match crosses in practice.
-_MAX_CHARS = 400_000
-_MAX_SAME_KIND = 25_000
-
-
 def special_token_names() -> List[str]:
     """The 256 names, in id order from 128000."""
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + NUM_SPECIAL - len(NAMED_SPECIAL))]
@@ -54,22 +49,6 @@ def read_ranks(path: str) -> Dict[bytes, int]:
     return ranks
 
 
-def _pieces(s: str) -> Iterator[str]:
-    """`s` cut at most every _MAX_CHARS characters and wherever a run of whitespace or of non-whitespace gets
-    longer than _MAX_SAME_KIND (a cut inside such a run changes nothing the pattern would merge across it)."""
-    for start in range(0, len(s), _MAX_CHARS):
-        chunk = s[start:start + _MAX_CHARS]
-        begin, run, space = 0, 0, None
-        for i, ch in enumerate(chunk):
-            is_space = ch.isspace()
-            run = run + 1 if is_space == space else 1
-            space = is_space
-            if run > _MAX_SAME_KIND:
-                yield chunk[begin:i]
-                begin, run = i, 1
-        yield chunk[begin:]
-
-
 class TiktokenTokenizer(BaseTokenizer):
     kind = "tiktoken"
 
@@ -92,9 +71,10 @@ class TiktokenTokenizer(BaseTokenizer):
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
-        ids: List[int] = []
-        for piece in _pieces(s):
-            ids += self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        # Meta's reference cuts long texts and long runs of (non-)whitespace into pieces first, against stack
+        # overflows of older tiktoken releases; a cut inside a run can change the tokens there. Recent tiktoken
+        # encodes such runs whole, so this encodes exactly as tiktoken does.
+        ids = self.model.encode_ordinary(s)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, t: Sequence[int]) -> str:
