@@ -156,7 +156,7 @@ DATE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 DIALOGS = [
     [{"role": "system", "content": "Always answer in haiku."}, {"role": "user", "content": "What is Paris?"}],
     [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello! \n"}, {"role": "user", "content": "日本語で 😀\n\nand <|eot_id|>"}],
+     {"role": "assistant", "content": "Hello! \n"}, {"role": "user", "content": "日本語で 😀\n\nand more"}],
     [{"role": "system", "content": "x"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"},
      {"role": "user", "content": "\ttabs\t"}],
