@@ -147,3 +147,42 @@ def test_moderate_needs_a_guard_and_reads_its_answer(tmp_path, monkeypatch):
     assert (verdict.verdict, verdict.categories, verdict.names) == \
         ("unsafe", ["S2", "S9"], ["Non-Violent Crimes", "Indiscriminate Weapons"])
     assert "ONLY THE LAST Agent message" in guard.tokenizer.decode(seen[0])
+
+
+# --- tied embeddings over any process count ---------------------------------------------------------------------
+
+TIED = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=LLAMA3_VOCAB, multiple_of=32,
+                 rope_theta=500000.0, use_scaled_rope=True)
+
+
+@pytest.mark.parametrize("n_shards, world", [(1, 2), (2, 1), (2, 2)])
+def test_tied_output_slices_for_any_split(tmp_path, n_shards, world):
+    from llama.checkpoint import find_shards, load_rank_state
+
+    state = random_state(TIED, seed=8)
+    del state["output.weight"]
+    folder = make_checkpoint(tmp_path / "ckpt", TIED, n_shards=n_shards, state=state)
+    rows = LLAMA3_VOCAB // world
+    for rank in range(world):
+        got = load_rank_state(find_shards(folder), rank, world)["output.weight"]
+        assert torch.equal(got, state["tok_embeddings.weight"][rank * rows:(rank + 1) * rows])
+
+
+def test_tied_llama3_on_two_processes_matches_one(tmp_path):
+    import json
+
+    from helpers import ROOT, run_torchrun
+    from mp_worker import generate_for
+
+    state = random_state(TIED, seed=9)
+    del state["output.weight"]
+    folder = make_checkpoint(tmp_path / "ckpt", TIED, n_shards=2, state=state)
+    proc = run_torchrun(ROOT / "tests" / "mp_worker.py", [str(tmp_path / "out"), str(folder), "--tokenizer",
+                                                          str(LLAMA3_TOKENIZER)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = generate_for(str(folder), tokenizer=str(LLAMA3_TOKENIZER))
+    for rank in range(2):
+        got = json.loads((tmp_path / "out" / f"rank{rank}.json").read_text())["results"][str(folder)]
+        assert got["tokens"] == reference["tokens"]
+        torch.testing.assert_close(torch.tensor(sum(got["logprobs"], [])),
+                                   torch.tensor(sum(reference["logprobs"], [])), atol=1e-4, rtol=0)
