@@ -186,3 +186,24 @@ def test_tied_llama3_on_two_processes_matches_one(tmp_path):
         assert got["tokens"] == reference["tokens"]
         torch.testing.assert_close(torch.tensor(sum(got["logprobs"], [])),
                                    torch.tensor(sum(reference["logprobs"], [])), atol=1e-4, rtol=0)
+
+
+def test_quantized_tied_llama3_stays_close_to_bfloat16(tmp_path):
+    """int8 weight-only quantization (the tied output included) of a Llama 3.2-shaped model: its logits stay
+    near the unquantized model's in the same dtype (bfloat16: PyTorch's CPU int8 kernels' activations), as
+    tests/test_quantize.py asks of Llama 2."""
+    import torch.nn.functional as F
+
+    from llama.quantize import Int8Linear
+
+    state = random_state(LLAMA32, seed=10)
+    del state["output.weight"]
+    folder = make_checkpoint(tmp_path / "ckpt", LLAMA32, state=state)
+    logits = []
+    for quantize in (None, "int8"):
+        model = Llama.build(str(folder), str(LLAMA3_TOKENIZER), max_seq_len=128, max_batch_size=2,
+                            dtype="bfloat16", quantize=quantize)
+        with torch.inference_mode():
+            logits.append(model.model.prefill([model.tokenizer.encode(PROMPTS[1], bos=True, eos=False)])[0].float())
+    assert isinstance(model.model.output.kernel, Int8Linear)
+    assert F.cosine_similarity(logits[0], logits[1], dim=-1).item() >= 0.999
