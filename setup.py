@@ -27,7 +27,8 @@ setup(
         # Llama 3 chat templates), and the test runner.
         # The serving tests use real clients (openai, httpx) and a real browser (selenium driving Debian's
         # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras.
-        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40", "httpx>=0.27",
+        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
+                 "httpx>=0.27",
                  "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],

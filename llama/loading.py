@@ -142,7 +142,8 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
         kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
     family = f"{source.family.title}: " if source.family is not None else ""
     distributed.print0(
-        f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
+        f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
+        f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
     if plan.note:

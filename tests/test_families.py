@@ -49,7 +49,8 @@ def reference3():
     numbered = [i for i in sorted(names) if i not in renamed and names[i].startswith("<|reserved")]
     for k, i in enumerate(i for i in numbered if i > 128010):  # 3.1 renumbers the reserved ones after 128010
         names[i] = f"<|reserved_special_token_{k + 2}|>"
-    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     return tiktoken.Encoding("llama3-reference", pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={n: i for i, n in names.items()})
 
