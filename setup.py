@@ -10,11 +10,11 @@ setup(
     # The import name is `llama`; the distribution needs its own name (PyPI's `llama` is another project).
     name="llama2-reference",
     version=VERSION,
-    description="Llama 2 reference inference: model-parallel on GPU and CPU, exact and fast",
+    description="Llama 2 reference inference (and Code Llama, Llama Guard, Llama 3.x): model-parallel on GPU and CPU",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.serve", "llama._demo"],
+    packages=["llama", "llama.serve", "llama.families", "llama.tokenizers", "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
     package_data={"llama._demo": ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md",
@@ -23,10 +23,12 @@ setup(
     install_requires=(HERE / "requirements.txt").read_text().split(),
     extras_require={
         # Test-only: an independent implementation to check numerics against (transformers; peft for LoRA
-        # adapters; protobuf lets transformers read a SentencePiece tokenizer.model), and the test runner.
+        # adapters; protobuf lets transformers read a SentencePiece tokenizer.model; jinja2 renders the published
+        # Llama 3 chat templates), and the test runner.
         # The serving tests use real clients (openai, httpx) and a real browser (selenium driving Debian's
         # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras.
-        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "matplotlib", "openai>=1.40", "httpx>=0.27",
+        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
+                 "httpx>=0.27",
                  "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],

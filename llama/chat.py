@@ -1,4 +1,4 @@
-"""Chat with a Llama 2 chat model in the terminal; answers appear token by token.
+"""Chat with a Llama chat model (Llama 2, Code Llama Instruct, Llama 3.x) in the terminal, token by token.
 
     torchrun --nproc_per_node MP chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model   # one process
@@ -29,7 +29,7 @@ import time
 from typing import Iterator, List, Optional, Sequence, TextIO
 
 from . import cli
-from .chat_format import Message, contains_tags
+from .chat_format import Message
 from .distributed import Broadcast, launched
 from .generation import Llama
 
@@ -46,7 +46,8 @@ _HELP = """Commands:
 Ctrl-C while an answer streams stops it; the conversation goes on."""
 
 _QUIT_COMMANDS = ("/quit", "/exit", "/bye")
-_TAGS = "[INST], [/INST], <<SYS>> and <</SYS>>"
+SHIELD_CONTEXT = 1024  # the shield's prompt adds its instructions and categories to the conversation
+SHIELD_VERDICT = 32  # tokens of the shield's answer: 'unsafe' and the category codes
 
 
 # --- rank 0's terminal -----------------------------------------------------------------------------------
@@ -268,8 +269,12 @@ class ChatSession:
     """The dialog, the commands and the streamed answers. Every rank runs one, fed the same lines."""
 
     def __init__(self, generator: Llama, console, channel: Broadcast, system: Optional[str] = None,
-                 temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None) -> None:
+                 temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                 shield: Optional[Llama] = None) -> None:
         self.generator = generator
+        self.shield = shield  # a Llama Guard model that checks each message and each answer
+        self.formatter = generator.formatter  # the family's chat format: its tags may not appear in messages
+        self.tags = self.formatter.tags_text()
         self.console = console
         self.channel = channel
         self.temperature = temperature
@@ -278,8 +283,8 @@ class ChatSession:
         max_gen_len = _answer_room(self.max_seq_len, max_gen_len)
         self.max_gen_len = max_gen_len  # also the room kept free for each answer
         self.system = system.strip() if system and system.strip() else None
-        if self.system is not None and contains_tags(self.system):
-            raise ValueError(f"the system prompt may not contain {_TAGS}")
+        if self.system is not None and self.formatter.contains_tags(self.system):
+            raise ValueError(f"the system prompt may not contain {self.tags}")
         self.history: List[Message] = []  # user, assistant, user, assistant...
 
     def handle(self, line: str) -> bool:
@@ -306,8 +311,8 @@ class ChatSession:
             if not arg:
                 self.system = None
                 self.console.write("(system prompt removed)\n")
-            elif contains_tags(arg):
-                self.console.write(f"(system prompt not changed: {_TAGS} are not allowed in it)\n")
+            elif self.formatter.contains_tags(arg):
+                self.console.write(f"(system prompt not changed: {self.tags} are not allowed in it)\n")
             else:
                 self.system = arg
                 self.console.write("(system prompt set)\n")
@@ -344,11 +349,14 @@ class ChatSession:
         return self._dialog(self.history + [user])
 
     def answer(self, text: str) -> None:
-        if contains_tags(text):
-            self.console.write(f"(message not sent: {_TAGS} are not allowed in a message)\n")
+        if self.formatter.contains_tags(text):
+            self.console.write(f"(message not sent: {self.tags} are not allowed in a message)\n")
             return
         dialog = self.fit(text)
         if dialog is None:
+            return
+        user: Message = {"role": "user", "content": text}
+        if not self._shielded(self.history + [user], "message not sent: the shield rates it"):
             return
         chunks: List[str] = []
         stopped = False
@@ -366,7 +374,27 @@ class ChatSession:
             finally:
                 stream.close()
         self.console.write(" [stopped]\n" if stopped else "\n")
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(chunks)}]
+        answer: Message = {"role": "assistant", "content": "".join(chunks)}
+        if not self._shielded(self.history + [user, answer], "answer withdrawn: the shield rates it"):
+            return  # neither the message nor the answer stays in the conversation
+        self.history += [user, answer]
+
+    def _shielded(self, turns: Sequence[Message], refusal: str) -> bool:
+        """True when there is no shield or it rates the conversation's last turn safe; else says why not."""
+        if self.shield is None:
+            return True
+        guard, turns = self.shield, list(turns)
+        room = guard.max_seq_len - SHIELD_VERDICT
+        while len(turns) > 2 and len(guard.family.encode_prompt(guard.tokenizer, turns)) > room:
+            turns = turns[2:]  # the oldest exchange goes, as for the model's own context
+        if len(guard.family.encode_prompt(guard.tokenizer, turns)) > room:
+            self.console.write(f"({refusal} too long to check)\n")
+            return False
+        verdict = guard.moderate(turns, max_gen_len=SHIELD_VERDICT)
+        if verdict.safe:
+            return True
+        self.console.write(f"({refusal} {verdict.describe()})\n")
+        return False
 
     def run(self, read_line) -> None:
         """Until /quit or the end of input: rank 0 reads, every rank handles the same line."""
@@ -393,6 +421,8 @@ def main(
     lora: Optional[str] = None,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    family: Optional[str] = None,
+    shield: Optional[str] = None,
 ) -> None:
     """
     ckpt_dir: chat checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
@@ -408,17 +438,26 @@ def main(
     lora: a PEFT LoRA adapter folder to merge into the weights
     quantize: int8 or int4 weight-only quantization at load (none for a quantized checkpoint)
     group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
+    family: llama2, codellama, llama3 or llamaguard (default: detected from the checkpoint)
+    shield: a Llama Guard checkpoint folder: each message and each answer is checked, and refused when unsafe
     """
     if launched():  # torchrun's Ctrl-C reaches the workers as SIGINT while it ends the run: leave quietly
         signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, None))
     _answer_room(max_seq_len, max_gen_len)
-    if system and contains_tags(system):
-        raise ValueError(f"--system may not contain {_TAGS}")
     ckpt_dir, tokenizer_path = cli.resolve_checkpoint(ckpt_dir, tokenizer_path)
-    cli.check_before_loading(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
+    formatter = cli.chat_format_for(tokenizer_path, family)
+    if system and formatter.contains_tags(system):
+        raise ValueError(f"--system may not contain {formatter.tags_text()}")
+    shield_files = cli.resolve_shield(shield)
+    cli.check_before_loading(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len, family=family)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, seed=seed, device=device, dtype=dtype, lora=lora,
-                            quantize=quantize, group_size=group_size)
+                            quantize=quantize, group_size=group_size, family=family)
+    guard = None
+    if shield_files is not None:
+        guard = Llama.build(ckpt_dir=shield_files[0], tokenizer_path=shield_files[1],
+                            max_seq_len=max_seq_len + SHIELD_CONTEXT, max_batch_size=1, seed=seed, device=device,
+                            dtype=dtype, family="llamaguard")
     channel = Broadcast()
     if channel.rank == 0:
         for stream in (sys.stdout, sys.stdin):
@@ -432,7 +471,7 @@ def main(
     else:
         signal.signal(signal.SIGINT, console.on_sigint)
     session = ChatSession(generator, console, channel, system=system, temperature=temperature, top_p=top_p,
-                          max_gen_len=max_gen_len)
+                          max_gen_len=max_gen_len, shield=guard)
     console.write(f"Ready: max_seq_len {session.max_seq_len}, answers up to {session.max_gen_len} tokens, "
                   f"temperature {session.temperature}. /help lists the commands; Ctrl-C stops an answer, "
                   f"Ctrl-D or /quit leaves.\n")

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from . import distributed
+from . import distributed, families
 from .chat_format import ChatFormat, Dialog, validate_dialog
 from .model import check_positive_int
 from .engine.params import SamplingParams
@@ -42,17 +42,44 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
     if ckpt_dir is None:
         raise ValueError("--ckpt_dir is missing: give both --ckpt_dir and --tokenizer_path, or neither for the demo")
     if tokenizer_path is None:
-        candidate = Path(ckpt_dir) / "tokenizer.model"  # a Hugging Face folder carries its own
-        if candidate.is_file():
+        candidate = _own_tokenizer(ckpt_dir)  # a Hugging Face folder carries its own
+        if candidate is not None:
             return str(ckpt_dir), str(candidate)
         raise ValueError("--tokenizer_path is missing: give both --ckpt_dir and --tokenizer_path, or neither for "
                          "the demo")
     return str(ckpt_dir), str(tokenizer_path)
 
 
+def _own_tokenizer(ckpt_dir: str, above: bool = False) -> Optional[Path]:
+    """The tokenizer.model a checkpoint folder carries: in it, in its original/ (Hugging Face's Llama 3 repos
+    keep Meta's tiktoken file there), or with `above` in the folder above (download.sh's Llama 2 layout)."""
+    folder = Path(ckpt_dir)
+    candidates = [folder / "tokenizer.model", folder / "original" / "tokenizer.model"]
+    candidates += [folder.resolve().parent / "tokenizer.model"] if above else []
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def resolve_shield(shield: Optional[str]) -> Optional[Tuple[str, str]]:
+    """--shield CKPT: the Llama Guard checkpoint folder and its tokenizer.model (in it or the folder above)."""
+    if shield is None:
+        return None
+    if not Path(shield).is_dir():
+        raise FileNotFoundError(f"--shield {shield!r}: no such checkpoint folder (give a Llama Guard checkpoint)")
+    tokenizer = _own_tokenizer(shield, above=True)
+    if tokenizer is None:
+        raise FileNotFoundError(f"--shield {shield!r}: no tokenizer.model in it, in its original/ or the folder above")
+    return str(shield), str(tokenizer)
+
+
+def chat_format_for(tokenizer_path: str, family: Optional[str] = None) -> ChatFormat:
+    """The chat format a tokenizer implies (before the checkpoint is read): for checks that must not wait."""
+    tokenizer = Tokenizer(tokenizer_path)
+    return families.detect(tokenizer, requested=family).chat_format(tokenizer)
+
+
 def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: int, temperature: float,
                          top_p: float, max_gen_len: Optional[int] = None, prompts: Sequence[str] = (),
-                         dialogs: Sequence[Dialog] = ()) -> None:
+                         dialogs: Sequence[Dialog] = (), family: Optional[str] = None) -> None:
     """What a script can check in a moment, so that a bad flag never waits for the weights to load: the sizes,
     the sampling flags, and whether the script's prompts or dialogs fit --max_batch_size and --max_seq_len."""
     check_positive_int("--max_seq_len", max_seq_len)
@@ -64,11 +91,11 @@ def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: 
     if count > max_batch_size:
         raise ValueError(f"the script sends {count} prompts at once: --max_batch_size must be at least {count}, "
                          f"got {max_batch_size}")
-    tokenizer = Tokenizer(tokenizer_path)
-    lengths = [len(tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
+    formatter = chat_format_for(tokenizer_path, family)
+    lengths = [len(formatter.tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
     for i, dialog in enumerate(dialogs):
         validate_dialog(dialog, index=i)
-        lengths.append(len(ChatFormat(tokenizer).encode_dialog_prompt(dialog)))
+        lengths.append(len(formatter.encode_dialog_prompt(dialog)))
     if lengths and max(lengths) >= max_seq_len:
         raise ValueError(f"--max_seq_len {max_seq_len} leaves no room to answer: the longest prompt has "
                          f"{max(lengths)} tokens")

@@ -16,14 +16,17 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, 
 
 import torch
 
-from . import distributed, loading
-from .chat_format import UNSAFE_ERROR, ChatFormat, Dialog, Message, has_special_tags, validate_dialog
+from . import distributed, families, loading
+from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
+from .families import Family, Moderation
+from .families.codellama import decode_infill, infilling_prompt
 from .model import Transformer
-from .tokenizer import TextStream, Tokenizer
+from .tokenizer import Tokenizer
+from .tokenizers import BaseTokenizer
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -33,6 +36,13 @@ class CompletionPrediction(TypedDict, total=False):
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
+    tokens: List[str]
+    logprobs: List[float]
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str  # the middle
+    full_text: str  # prefix + middle + suffix
     tokens: List[str]
     logprobs: List[float]
 
@@ -65,6 +75,7 @@ class Llama:
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         deterministic: bool = False,
+        family: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -81,14 +92,16 @@ class Llama:
         instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one scale per output row)
         or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only quantization of the
         linear layers at load, per process; a checkpoint written by `python -m llama.quantize` is loaded
-        quantized as it is stored (see llama/quantize.py). deterministic: a request's tokens never depend on
+        quantized as it is stored (see llama/quantize.py). family: llama2, codellama, llama3 or llamaguard
+        (default: detected from the files, see llama/families); it decides the chat format and stop tokens.
+        deterministic: a request's tokens never depend on
         what else shares its batch (every decode step has one shape and every prompt is prefilled alone; see
         README, "Deterministic mode", for its cost).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         tokenizer = Tokenizer(tokenizer_path)
-        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora)
+        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora, family)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
                             source.info.quantization, compile=compile, deterministic=deterministic)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
@@ -96,16 +109,20 @@ class Llama:
         loading.announce(source, args, plan)
         model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic)
+        return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic,
+                     family=source.family)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
-                 deterministic: bool = False) -> None:
+    def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
+                 deterministic: bool = False, family: Union[Family, str, None] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
+        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope}
+        self.family: Family = family if isinstance(family, Family) else families.detect(tokenizer, params, family)
+        self.formatter = self.family.chat_format(tokenizer)
+        self.stop_ids = frozenset(self.family.stop_ids(tokenizer))  # an answer ends at any of these
         self.device = model.rope.device
         self.deterministic = deterministic
-        self.stop_ids: Tuple[int, ...] = (tokenizer.eos_id,)
         self._seed = seed  # the next sequence's seed: a call's first row draws as a request seeded `seed` would
         self._decode = DecodeStep(model, compiled=compile, full_window=deterministic)
         self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic)
@@ -283,7 +300,7 @@ class Llama:
     ) -> Iterator[str]:
         """chat_completion for one dialog, yielding the answer's text chunks as they are produced."""
         validate_dialog(dialog)
-        if has_special_tags(dialog):
+        if self.formatter.has_special_tags(dialog):
             self._params(self._default_gen_len(max_gen_len), temperature, top_p, sampling)
             return iter([UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
@@ -344,7 +361,7 @@ class Llama:
             raise ValueError(f"dialogs must be a non-empty list of dialogs, got {dialogs!r}")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, index=i)
-        safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
+        safe = [i for i, d in enumerate(dialogs) if not self.formatter.has_special_tags(d)]
         results: List[ChatPrediction] = [
             {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, **({"tokens": [], "logprobs": []}
                                                                            if logprobs else {})}
@@ -365,6 +382,55 @@ class Llama:
                 result["logprobs"] = lps[j]
             results[i] = result
         return results
+
+    # --- Code Llama's infilling and Llama Guard's moderation ----------------------------------------------------
+
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.0,
+        top_p: float = DEFAULT_TOP_P,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Code Llama: write the code between each prefix and suffix (fill in the middle), in the PSM format of
+        Meta's codellama repository (SPM with suffix_first). Returns {"generation": middle, "full_text": prefix +
+        middle + suffix} per pair (with "tokens" and "logprobs" when asked)."""
+        if not isinstance(prefixes, (list, tuple)) or not isinstance(suffixes, (list, tuple)) or \
+                len(prefixes) != len(suffixes) or not prefixes:
+            raise ValueError(f"prefixes and suffixes must be non-empty lists of the same length, got "
+                             f"{len(prefixes) if isinstance(prefixes, (list, tuple)) else prefixes!r} and "
+                             f"{len(suffixes) if isinstance(suffixes, (list, tuple)) else suffixes!r}")
+        for name, texts in (("prefix", prefixes), ("suffix", suffixes)):
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"{name} {i} must be a string, got {type(text).__name__}: {text!r}")
+        prompts = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        self._check_prompts(prompts, names=[f"infilling prompt {i}" for i in range(len(prompts))])
+        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs)
+        results: List[InfillingPrediction] = []
+        for i, toks in enumerate(tokens):
+            middle = decode_infill(self.tokenizer, toks)
+            result: InfillingPrediction = {"generation": middle, "full_text": prefixes[i] + middle + suffixes[i]}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                result["logprobs"] = lps[i]
+            results.append(result)
+        return results
+
+    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32) -> Moderation:
+        """Llama Guard: classify a conversation's last turn (the user's message, or the assistant's answer when
+        it ends with one) as safe or unsafe, with the violated categories. `categories`: names, (name,
+        description) pairs or llamaguard.Category (default: the published list of this guard's version)."""
+        if not self.family.moderation:
+            raise ValueError(f"moderate needs a Llama Guard model, this is {self.family.title}: build it with "
+                             "family='llamaguard'")
+        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories)
+        self._check_prompts([prompt], names=["the moderation prompt"])
+        (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
+        return self.family.parse(self.tokenizer.decode(tokens), categories)
 
 
 def _check_gen_len(max_gen_len) -> None:

@@ -11,12 +11,13 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu, distributed, hf, quantize
+from . import checkpoint, cpu, distributed, families, hf, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
 from .decode_step import default_compile
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
-from .tokenizer import Tokenizer
+from .families import Family
+from .tokenizers import BaseTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -75,13 +76,16 @@ class Source:
     reader: Any  # the module checkpoint or hf: inspect_checkpoint and load_rank_state
     info: CheckpointInfo
     adapter: Optional[LoraAdapter]
+    family: Optional[Family] = None  # detected from the files, or the one asked for
 
 
-def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
-            lora: Optional[str] = None) -> Tuple[Source, ModelArgs]:
-    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter."""
+def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_size: int,
+            lora: Optional[str] = None, family: Optional[str] = None) -> Tuple[Source, ModelArgs]:
+    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter;
+    its family detected (or `family` checked against the files)."""
     reader = hf if hf.is_hf_checkpoint(ckpt_dir) else checkpoint
     info = reader.inspect_checkpoint(ckpt_dir)
+    found = families.detect(tokenizer, info.params, family)
     args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
@@ -93,7 +97,7 @@ def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_siz
         raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {ckpt_dir!r}: load its "
                          "bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
     adapter = read_adapter(lora, args) if lora is not None else None
-    return Source(str(ckpt_dir), reader, info, adapter), args
+    return Source(str(ckpt_dir), reader, info, adapter, found), args
 
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
@@ -141,8 +145,10 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     if plan.quantize is not None:
         weights = quantize.weight_bytes(args, plan.quantize, plan.group_size, plan.dtype, plan.model_parallel_size)
         kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
+    family = f"{source.family.title}: " if source.family is not None else ""
     distributed.print0(
-        f"Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
+        f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
+        f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
     if plan.note:

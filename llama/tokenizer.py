@@ -1,58 +1,25 @@
-"""The SentencePiece tokenizer of Llama 2 (32000 BPE pieces with byte fallback)."""
+"""The released `Tokenizer` name (either tokenizer file of the family) and `TextStream`, text as it streams."""
 
 from __future__ import annotations
 
-import operator
 import os
-from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
-from sentencepiece import SentencePieceProcessor
+from .tokenizers import BaseTokenizer, SentencePieceTokenizer, TiktokenTokenizer, file_format
 
 
-class Tokenizer:
-    """Text <-> token ids, with the BOS/EOS handling of the released reference."""
+class Tokenizer(SentencePieceTokenizer):
+    """Text <-> token ids, with the BOS/EOS handling of the released references.
 
-    def __init__(self, model_path: Union[str, os.PathLike]) -> None:
-        path = Path(model_path)
-        if path.is_dir():
-            raise FileNotFoundError(f"tokenizer model {str(path)!r} is a directory; give the tokenizer.model file")
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
-        self.path = str(path)
-        self.sp_model = SentencePieceProcessor()
-        try:
-            self.sp_model.Load(str(path))
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"{str(path)!r} is not a SentencePiece model: {err}") from None
-        self.n_words: int = self.sp_model.vocab_size()
-        self.bos_id: int = self.sp_model.bos_id()
-        self.eos_id: int = self.sp_model.eos_id()
-        self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama 2: it has no pad token
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{str(path)!r} defines no BOS or EOS token; Llama needs both")
+    The released name: `Tokenizer(path)` reads either tokenizer file of the family. A SentencePiece model
+    (Llama 2, Code Llama) gives this class; a tiktoken vocabulary (Llama 3) gives a `TiktokenTokenizer`, which
+    offers the same interface (`llama.tokenizers.BaseTokenizer`).
+    """
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
-        ids = self.sp_model.encode(s)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, t: Sequence[int]) -> str:
-        return self.sp_model.decode([self._check_id(i) for i in t])
-
-    def id_to_piece(self, token: int) -> str:
-        return self.sp_model.id_to_piece(self._check_id(token))
-
-    def _check_id(self, token) -> int:
-        """An integer id (Python, NumPy or 0-d tensor) inside the vocabulary; anything else is named."""
-        try:
-            value = operator.index(token)
-        except TypeError:
-            raise ValueError(f"token id {token!r} is not an integer") from None
-        if not 0 <= value < self.n_words:
-            raise ValueError(f"token id {value} is outside the vocabulary of {self.n_words} (0..{self.n_words - 1})")
-        return value
+    def __new__(cls, model_path: Union[str, os.PathLike]) -> BaseTokenizer:
+        if cls is Tokenizer and file_format(model_path) == "tiktoken":
+            return TiktokenTokenizer(model_path)
+        return super().__new__(cls)
 
 
 class TextStream:
@@ -66,7 +33,7 @@ class TextStream:
     O(n^2). Every streaming path (Llama's streams, the server) uses this one helper.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: BaseTokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens: List[int] = []
         self._start = 0  # the first token of the last chunk handed out: the decoding window starts here

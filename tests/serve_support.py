@@ -67,7 +67,7 @@ class ThreadServer:
     """The API (and optionally the web page) over an engine, served by uvicorn in a thread of this process."""
 
     def __init__(self, generator, model: str = "test-model", max_queue: int = 64, api_key: Optional[str] = None,
-                 max_body_bytes: int = 1 << 20, web: bool = False) -> None:
+                 max_body_bytes: int = 1 << 20, web: bool = False, shield=None) -> None:
         import uvicorn
 
         from llama.serve.api import create_app
@@ -77,7 +77,7 @@ class ThreadServer:
         self.model = model
         self.engine = Engine(generator, max_queue=max_queue)
         self.gate = self.engine.runner = Gate(self.engine.runner)
-        self.app = create_app(self.engine, model, api_key=api_key, max_body_bytes=max_body_bytes)
+        self.app = create_app(self.engine, model, api_key=api_key, max_body_bytes=max_body_bytes, shield=shield)
         if web:
             from llama.serve import web as web_page
 

@@ -274,7 +274,7 @@ def hf_copy(src: Path, dst: Path, **config_changes) -> Path:
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters"),
     (dict(architectures=["MistralForCausalLM"]), "architectures"),
-    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings"),  # true is Llama 3.2's: test_family_parity
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),

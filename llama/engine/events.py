@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -59,19 +58,15 @@ class Request:
     cancelled: bool = False
 
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
 def token_text(tokenizer, token: int) -> Tuple[str, List[int]]:
-    """A token as OpenAI's log-prob entries show it: its text (word-boundary '▁' as a space; a byte-fallback
-    token of a non-ASCII byte as `bytes:\\xNN`) and its UTF-8 bytes."""
-    piece = tokenizer.id_to_piece(token)
-    match = _BYTE_PIECE.fullmatch(piece)
-    if match:
-        value = int(match.group(1), 16)
-        return (chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"), [value]
-    text = piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    """A token as OpenAI's log-prob entries show it: its text (SentencePiece's word-boundary '▁' as a space) and
+    its UTF-8 bytes; a token that is not whole UTF-8 (a byte-fallback or byte-level piece) as `bytes:\\xNN...`.
+    tokenizer.token_bytes serves SentencePiece and tiktoken alike."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
 def top_entries(tokenizer, values: Sequence[float], ids: Sequence[int]) -> List[Tuple[str, List[int], float]]:

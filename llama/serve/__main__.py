@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import distributed
-from ..cli import resolve_checkpoint
+from ..cli import resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llama.web" if web else "python -m llama.serve",
-        description="Serve a Llama 2 checkpoint over an OpenAI-compatible HTTP API (continuous batching"
+        description="Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
                     + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
     add = parser.add_argument
     add("--ckpt_dir", "--ckpt-dir", help="checkpoint folder (default with no --tokenizer_path: the demo model)")
@@ -56,6 +56,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--quantize", choices=["int8", "int4"], default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
+    add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
+        help="the model's family (default: detected from the checkpoint)")
+    add("--shield", default=None, metavar="CKPT",
+        help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
@@ -87,10 +91,16 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
         if not rank0:  # the other ranks must outlive rank 0's drain: rank 0 tells them when to leave
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        shield_files = resolve_shield(args.shield)
+        if shield_files is not None and distributed.launched():
+            raise ValueError("--shield runs in one process: start the server without torchrun to use it")
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
-                                group_size=args.group_size)
+                                group_size=args.group_size, family=args.family)
+        args.shield_model = None if shield_files is None else Llama.build(
+            ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
+            max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
     except ImportError as err:
         print(f"error: {err}: install the extras with pip install -e \".[serve]\" (and \".[web]\" "
               "for the chat page)", file=sys.stderr)
@@ -118,7 +128,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     model = args.model or default_model
     engine = Scheduler(generator, max_queue=args.max_queue, seed=args.seed, runner=Runner(generator.decode_step, channel),
                     max_prefill_tokens=args.max_prefill_tokens)
-    app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     shield=getattr(args, "shield_model", None))
     if args.web:
         from . import web
 

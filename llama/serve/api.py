@@ -3,7 +3,7 @@
     GET  /health                 liveness and load: 200 while serving, 503 while draining or after a failure
     GET  /v1/models              the one model served
     POST /v1/completions         text completion; "stream": true answers as server-sent events
-    POST /v1/chat/completions    chat completion in the Llama 2 chat format, streamed likewise
+    POST /v1/chat/completions    chat completion in the model family's chat format, streamed likewise
 
 Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
@@ -70,10 +72,12 @@ def _error(err: APIError) -> JSONResponse:
 
 
 def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
-               retry_after: int = 1) -> FastAPI:
+               retry_after: int = 1, shield: Optional[Any] = None) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
-    (compared in constant time). Bodies over max_body_bytes are refused with 413 before they are read whole."""
-    app = FastAPI(title="Llama 2", docs_url=None, redoc_url=None, openapi_url=None)
+    (compared in constant time). Bodies over max_body_bytes are refused with 413 before they are read whole.
+    shield: a Llama Guard `Llama` (see `Shield`) that checks chat messages and whole chat answers."""
+    app = FastAPI(title="Llama", docs_url=None, redoc_url=None, openapi_url=None)
+    guard = Shield(shield) if shield is not None else None
     key = api_key.encode() if api_key else None
     created = int(time.time())
 
@@ -149,6 +153,8 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         authorize(request)
         available()
         job = make_job(await read_body(request), engine.generator, model)
+        if guard is not None and job.dialog is not None:
+            await guard.check(job.dialog, "the messages")
         stream = EventStream(engine, job)
         try:
             stream.submit()
@@ -162,7 +168,12 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         if job.stream:
             return StreamingResponse(_sse(request, stream, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(request, stream, job)
+        answer = await _whole(request, stream, job)
+        if guard is not None and job.dialog is not None and answer.status_code == 200:
+            body = json.loads(answer.body)
+            content = body["choices"][0]["message"]["content"]
+            await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
+        return answer
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -173,6 +184,28 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         return await complete(request, chat_job)
 
     return app
+
+
+class Shield:
+    """--shield: a Llama Guard model rating chat messages before they run and whole (non-streamed) answers after;
+    an unsafe rating is answered with 400 and code 'content_filter'. One rating at a time, off the event loop.
+    A streamed answer reaches its client as it is written: only its messages are checked."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+        self.lock = threading.Lock()
+
+    def _rate(self, dialog: List[Dict[str, str]]):
+        with self.lock:
+            return self.guard.moderate([m for m in dialog if m["role"] != "system"])
+
+    async def check(self, dialog: List[Dict[str, str]], what: str) -> None:
+        try:
+            verdict = await asyncio.to_thread(self._rate, dialog)
+        except ValueError as err:  # too long for the shield's context, say
+            raise APIError(400, f"the shield cannot rate {what}: {err}", code="content_filter") from None
+        if not verdict.safe:
+            raise APIError(400, f"refused: the shield rates {what} {verdict.describe()}", code="content_filter")
 
 
 def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..chat_format import UNSAFE_ERROR, has_special_tags, validate_dialog
+from ..chat_format import UNSAFE_ERROR, validate_dialog
+from ..families.codellama import infilling_prompt
 from ..generation import Llama
 from .scheduler import Finished, SamplingParams, TokenLogprob
 
@@ -58,6 +59,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
+    dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -176,7 +178,9 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     else:
         raise bad("'prompt' must be a string or a non-empty list of token ids", param="prompt",
                   code="invalid_type" if prompt is not None else None)
-    _unsupported(body, "suffix", [""], "no fill-in-the-middle")
+    suffix = _get(body, "suffix", "string", "")
+    if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
+        tokens = _infilling_tokens(generator, prompt, suffix)
     _unsupported(body, "best_of", [1], "one answer per request")
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer")
@@ -190,8 +194,21 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
 
 
+def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
+    """The prompt of a completion with a `suffix` (OpenAI's legacy fill-in-the-middle), in the family's format."""
+    if not generator.family.infilling:
+        raise bad(f"'suffix' (fill in the middle) needs a Code Llama model; this server runs "
+                  f"{generator.family.title}", param="suffix", code="unsupported")
+    if not isinstance(prompt, str):
+        raise bad("'suffix' needs the prompt as a string", param="prompt", code="invalid_type")
+    try:
+        return infilling_prompt(generator.tokenizer, prompt, suffix)
+    except ValueError as err:
+        raise bad(str(err), param="suffix", code="unsupported") from None
+
+
 def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
-    """POST /v1/chat/completions: a dialog in the Llama 2 chat format, answered by the assistant."""
+    """POST /v1/chat/completions: a dialog in the model family's chat format, answered by the assistant."""
     common = _common(body, model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -202,7 +219,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         validate_dialog(dialog)
     except ValueError as err:
         raise bad(str(err).replace("dialog, ", ""), param="messages") from None
-    if has_special_tags(dialog):
+    if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
         raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
     for name in ("tools", "functions"):
         _unsupported(body, name, [[]], "no tool calls")
@@ -222,7 +239,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
                       param="top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    return Job(chat=True, prompt=tokens, params=params, **common)
+    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
 
 
 def _message(message: Any, index: int) -> Dict[str, str]:

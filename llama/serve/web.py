@@ -102,7 +102,7 @@ def build_page(engine: Engine, model: str) -> gr.Blocks:
     page = ChatPage(engine, model)
     return gr.ChatInterface(
         page.respond,
-        title=f"Llama 2 chat: {model}",
+        title=f"Llama chat: {model}",
         additional_inputs=[
             gr.Textbox(label="System prompt", placeholder="e.g. Answer briefly.", lines=2, elem_id="system-prompt"),
             gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature", elem_id="temperature"),
