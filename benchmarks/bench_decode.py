@@ -119,7 +119,7 @@ def decode_rate(run, bsz: int, n: int, device, repeat: int) -> float:
 
 def generator(model: Transformer, compiled: bool = False) -> Llama:
     gen = Llama(model, Tokenizer(TOKENIZER), compile=compiled)
-    gen.tokenizer.eos_id = -1  # random weights: never stop early, so every run decodes the same count
+    gen.engine.stop_ids = frozenset()  # random weights: never stop early, so every run decodes the same count
     return gen
 
 
