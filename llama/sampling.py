@@ -1,5 +1,10 @@
 """Choosing the next token: greedy at temperature 0, otherwise temperature plus nucleus (top-p) sampling.
 
+A temperature below GREEDY_BELOW counts as 0 (greedy): dividing logits by a denormal temperature such as 1e-40
+overflows to inf and the softmax to NaN, while the answer such a temperature asks for is the greedy one anyway.
+Sampled rows are scaled and normalised in float32 whatever the logits' dtype, so float16 logits cannot
+overflow either.
+
 Every rank calls this with identical logits and an identically seeded generator, so all ranks draw the
 same tokens without communicating.
 """
@@ -9,6 +14,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (see the module docstring)
 
 
 def check_sampling_args(temperature: float, top_p: float) -> None:
@@ -31,8 +38,8 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 def next_token(logits: torch.Tensor, temperature: float, top_p: float,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, V) float logits -> (B,) token ids."""
-    if temperature > 0:
-        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
+    if temperature >= GREEDY_BELOW:
+        return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p, generator)
     return torch.argmax(logits, dim=-1)
 
 
@@ -46,12 +53,12 @@ def next_tokens(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Seq
     generator.
     """
     out = torch.argmax(logits, dim=-1)
-    hot = [i for i, t in enumerate(temperatures) if t > 0]
+    hot = [i for i, t in enumerate(temperatures) if t >= GREEDY_BELOW]
     if not hot:
         return out
     rows = torch.tensor(hot, device=logits.device)
-    temps = torch.tensor([float(temperatures[i]) for i in hot], dtype=logits.dtype, device=logits.device)
-    probs = torch.softmax(logits[rows] / temps.unsqueeze(1), dim=-1)
+    temps = torch.tensor([float(temperatures[i]) for i in hot], dtype=torch.float32, device=logits.device)
+    probs = torch.softmax(logits[rows].float() / temps.unsqueeze(1), dim=-1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     cut = torch.tensor([float(top_ps[i]) for i in hot], dtype=probs.dtype, device=logits.device).unsqueeze(1)

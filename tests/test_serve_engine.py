@@ -325,17 +325,47 @@ def test_bad_requests_are_refused_at_submit(gen, prompt, params, message):
     assert engine.stats()["waiting"] == 0
 
 
-def test_a_failing_model_fails_its_requests_and_stops_the_engine(gen):
+def test_a_failing_prefill_ends_its_requests_and_the_engine_goes_on(gen):
+    """A prefill that fails ends the requests admitted in that step (error, rows freed); a running request
+    loses nothing (its decode is redone) and the next request is served."""
     engine = Engine(gen)
-    req, sink = request(gen, "Hello")
-    engine.submit(req)
+    running, running_sink = request(gen, "Hello", max_tokens=8)
+    engine.submit(running)
+    engine.step()
+    victim, sink = request(gen, "Once upon a time")
+    engine.submit(victim)
     gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     try:
         engine.step()
     finally:
         del gen.model.prefill
     assert sink.finished.reason == "error" and "boom" in sink.finished.message
-    assert "boom" in engine.failure
+    assert engine.failure is None and engine.stats()["running"] == 1
+    while engine.step():
+        pass
+    alone = gen.text_completion(["Hello"], temperature=0, max_gen_len=8)[0]["generation"]
+    assert running_sink.text == alone and running_sink.finished.reason == "length"
+    again, again_sink = request(gen, "Once upon a time")
+    run(engine, [again])
+    assert again_sink.finished.reason == "length"
+
+
+def test_a_failing_decode_fails_its_requests_and_stops_the_engine(gen):
+    engine = Engine(gen)
+    failures = []
+    engine.on_failure = failures.append
+    req, sink = request(gen, "Hello")
+    engine.submit(req)
+    engine.step()
+    step = gen.decode_step
+    type(step).__call__, original = (lambda self, *a: (_ for _ in ()).throw(RuntimeError("boom"))), \
+        type(step).__call__
+    try:
+        engine.step()
+    finally:
+        type(step).__call__ = original
+    assert sink.finished.reason == "error" and "boom" in sink.finished.message
+    assert "boom" in engine.failure and failures == [engine.failure]
     with pytest.raises(Unavailable):
         engine.submit(request(gen, "Hello")[0])
 

@@ -25,6 +25,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
 
 
 class APIError(Exception):
@@ -61,13 +63,43 @@ class Job:
 
 
 def parse_json(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object. Strings holding a lone UTF-16 surrogate ("\\ud800", which JSON allows but
+    Unicode text cannot hold) are refused here: nothing later could encode them."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    where = _surrogate(data, "")
+    if where is not None:
+        raise bad(f"the request body is not valid Unicode: {where or 'a key'} holds a lone UTF-16 surrogate",
+                  param=where or None, code="invalid_json")
     return data
+
+
+def _surrogate(value: Any, path: str) -> Optional[str]:
+    """The path of the first string (or key) with a lone surrogate in a parsed JSON value, else None. The
+    nesting is as deep as json.loads allowed; iterative, so any depth it allowed is walked."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+                stack.append((inner, name))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{where}[{i}]") for i, inner in enumerate(item))
+    return None
 
 
 # --- typed getters: each names its parameter -----------------------------------------------------------------
@@ -79,7 +111,7 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
     if value is None:
         return default
     ok = {
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "boolean": isinstance(value, bool),
         "string": isinstance(value, str),
@@ -88,6 +120,14 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
         raise bad(f"'{name}' must be a{'n' if kind[0] == 'i' else ''} {kind}, got {json.dumps(value)[:100]}",
                   param=name, code="invalid_type")
     return value
+
+
+def _finite(value: float) -> bool:
+    """A finite number that a float holds (a JSON integer of 400 digits does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why: str) -> None:
@@ -99,12 +139,15 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
               prompt_len: int, default_max: int) -> SamplingParams:
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
-    if temperature < 0:
-        raise bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
+                  f"{temperature}", param="temperature")
     top_p = _get(body, "top_p", "number", DEFAULT_TOP_P)
     if not 0 < top_p <= 1:
         raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     seed = _get(body, "seed", "integer")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise bad(f"'seed' must be in 0..{MAX_SEED} (64 bits), got {seed}", param="seed")
     stop = body.get("stop")
     if stop is None:
         stop = []

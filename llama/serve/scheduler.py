@@ -12,6 +12,12 @@ At each step boundary the engine
      turns tokens into text (whole characters only), cuts at stop strings, and frees a finished row at once.
 Requests beyond the free rows wait in a bounded queue: `submit` raises QueueFull when it is full.
 
+Failure isolation: whatever goes wrong while serving one request (admitting it, its prefill, sampling its
+token, turning it into text, its sink) ends that request alone with Finished('error') and frees its row; the
+others go on. The per-request guards are the small `_guarded_*` methods below. Only a decode step that fails
+with no admission in it (the model cannot serve the running rows) or a bug in the loop itself stops the engine
+(`failure` is set, every request ends with an error, `on_failure` is called).
+
 The scheduler knows requests; the model only sees rows and positions. It is pure Python, no HTTP: one thread
 (the engine thread, `start`) calls `step`; any thread may `submit` and `cancel`. Each request's events go to
 its `sink`, called on the engine thread: a sink must return at once (the server hands them to its event loop).
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import Llama
-from ..sampling import check_sampling_args, next_tokens
+from ..sampling import GREEDY_BELOW, check_sampling_args, next_tokens
 from ..tokenizer import TextStream, Tokenizer
 from .runner import StepPlan, StepRunner
 from .stop import StopText
@@ -40,6 +46,7 @@ from .stop import StopText
 log = logging.getLogger("llama.serve")
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position
+MAX_SEED = 2 ** 64 - 1  # seeds are 64-bit unsigned integers (torch.Generator.manual_seed's range)
 
 
 @dataclass
@@ -54,12 +61,14 @@ class SamplingParams:
 
 @dataclass
 class TokenLogprob:
-    """One generated token as text (`bytes:\\xNN` for a lone byte-fallback token), its log-prob, the top-k."""
+    """One generated token as text (`bytes:\\xNN` for a lone byte-fallback token), its log-prob, the top-k, and
+    where its text starts in the answer's text (characters; a byte of a split character: where that starts)."""
 
     token: str
     bytes: List[int]
     logprob: float
     top: List[Tuple[str, List[int], float]]
+    offset: int = 0
 
 
 @dataclass
@@ -73,7 +82,8 @@ class Chunk:
 @dataclass
 class Finished:
     """The request's last event. reason: 'stop' (EOS or a stop string), 'length' (max_tokens or the context),
-    'cancelled', or 'error' (message says why)."""
+    'cancelled', 'abort' (ended by the server: its drain timed out; message says so) or 'error' (message says
+    why)."""
 
     reason: str
     prompt_tokens: int
@@ -91,6 +101,11 @@ class Request:
     sink: Callable[[Event], None]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False
+    # True: the answer's text continues the prompt's (prompt text + answer = decode(prompt + answer tokens), its
+    # first token's word-boundary space kept), as completions want. False: the answer's tokens decoded alone
+    # (the first space dropped), as Llama.chat_completion and the chat endpoint give.
+    continues_prompt: bool = False
+    aborted: Optional[str] = None  # set by `abort`: the request ends with Finished('abort', message=...)
 
 
 class QueueFull(Exception):
@@ -113,6 +128,8 @@ class _Running:
     position: int = 0  # where `pending` goes in the row
     pending: int = 0  # the last sampled token, decoded at the next step
     generated: int = 0  # tokens sampled so far (an EOS included)
+    shown: int = 0  # characters of text handed to the sink (what the stop strings let through)
+    entries: List[TokenLogprob] = field(default_factory=list)  # log-probs whose text is not shown yet
 
 
 class Engine:
@@ -145,10 +162,12 @@ class Engine:
         self._n_running = 0  # len(_rows), readable under the lock from any thread
         self._draining = False
         self._stopping = False
-        self.failure: Optional[str] = None  # set when a step failed: the engine stopped
+        self.failure: Optional[str] = None  # set when the engine cannot serve any more: it stopped
+        self.on_failure: Optional[Callable[[str], None]] = None  # called (engine thread) when failure is set
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # steps run (tests and the benchmark read it)
-        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests ended, by reason
+        self._failed_steps = 0  # consecutive steps whose model call failed
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "abort": 0, "error": 0}  # requests ended, by reason
 
     # --- any thread ----------------------------------------------------------------------------------------
 
@@ -171,6 +190,11 @@ class Engine:
         if params.logprobs is not None and not (isinstance(params.logprobs, int) and
                                                 0 <= params.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {params.logprobs!r}")
+        seed = params.seed
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (64 bits), got {seed!r}")
+        if not all(isinstance(s, str) for s in params.stop):
+            raise ValueError("stop must be a list of strings")
 
     def submit(self, request: Request) -> None:
         """Queue a request: it starts at the next step boundary with a free row. Raises ValueError (bad
@@ -210,6 +234,18 @@ class Engine:
         with self._cond:
             self._draining = True
             self._cond.notify_all()
+
+    def abort(self, message: str) -> int:
+        """End every running and waiting request at the next step boundary with Finished('abort', message)
+        (a drain that ran out of time). Returns how many there were."""
+        with self._cond:
+            victims = list(self._waiting) + [r.request for r in self._rows.values()]
+            for request in victims:
+                if not request.cancelled:
+                    request.aborted = message
+                    request.cancelled = True
+            self._cond.notify_all()
+        return len(victims)
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until no request runs or waits (True), or the timeout passes (False)."""
@@ -253,6 +289,9 @@ class Engine:
                 self.step()
                 if self.failure is not None:
                     return
+        except Exception as err:  # a bug in the loop itself: no request can be served any more
+            log.exception("the engine loop failed; stopping the engine")
+            self._fail(f"the engine failed: {type(err).__name__}: {err}")
         finally:
             self.runner.close()
 
@@ -277,17 +316,32 @@ class Engine:
         plan.prefill_rows = [r.row for r in admitted]
         try:
             decoded, prefilled = self.runner.run(plan)
-            order = running + admitted
-            rows = []
-            if running:
-                rows.append(decoded[torch.tensor([r.row for r in running], device=decoded.device)])
-            if admitted:
-                rows.append(prefilled)
-            self._advance(order, torch.cat(rows) if len(rows) > 1 else rows[0])
-        except Exception as err:  # a failing model call leaves the cache in doubt: fail everything, stop
-            log.exception("the engine step failed; stopping the engine")
-            self._fail(f"the model failed: {type(err).__name__}: {err}")
+        except Exception as err:
+            self._step_failed(err, admitted)
+            return True
+        self._failed_steps = 0
+        order = running + admitted
+        rows = []
+        if running:
+            rows.append(decoded[torch.tensor([r.row for r in running], device=decoded.device)])
+        if admitted:
+            rows.append(prefilled)
+        self._advance(order, torch.cat(rows) if len(rows) > 1 else rows[0])
         return True
+
+    def _step_failed(self, err: Exception, admitted: List[_Running]) -> None:
+        """A model call failed. With admissions in the step, the prefill is the suspect: those requests end with
+        an error and free their rows; the running rows decode the same token at the same position again next
+        step (rewriting the same cache entries), so they lose nothing. A failing step without admissions means
+        the model cannot decode: the engine stops."""
+        self._failed_steps += 1
+        if not admitted or self._failed_steps > 1:  # the retry failed too: it is not the prefill
+            log.exception("the decode step failed; stopping the engine")
+            self._fail(f"the model failed: {type(err).__name__}: {err}")
+            return
+        log.exception("a step with %d admitted request(s) failed; ending those requests", len(admitted))
+        self._end_rows([(r, "error", f"the prompt's prefill failed: {type(err).__name__}: {err}")
+                        for r in admitted])
 
     def _boundary(self) -> List[_Running]:
         """Free cancelled rows, drop cancelled waiting requests, admit waiting ones into free rows."""
@@ -303,81 +357,139 @@ class Engine:
             self._waiting = deque(keep)
             free = [row for row in range(self.max_batch_size) if row not in self._rows]
             budget = self.max_prefill_tokens
+            refused: List[Tuple[Request, str]] = []
             while free and self._waiting:
                 if budget is not None and admitted and len(self._waiting[0].prompt) > budget:
                     break  # this step's prefill is full: the rest wait for the next boundary
                 request = self._waiting.popleft()
+                r = self._guarded_start(request, free[0])
+                if isinstance(r, str):
+                    refused.append((request, r))
+                    continue
                 if budget is not None:
                     budget -= len(request.prompt)
-                r = self._start(request, free.pop(0))
+                free.pop(0)
                 self._rows[r.row] = r
                 admitted.append(r)
             self._n_running = len(self._rows)
             self._cond.notify_all()
         for request, r in dropped:
-            self._finish(request, "cancelled", r)
+            self._finish(request, "abort" if request.aborted else "cancelled", r, request.aborted or "")
+        for request, message in refused:
+            self._finish(request, "error", None, message)
         return admitted
+
+    def _guarded_start(self, request: Request, row: int) -> Union[_Running, str]:
+        """The request's row state, or (when making it fails) the error message that ends the request."""
+        try:
+            return self._start(request, row)
+        except Exception as err:
+            log.exception("request %s: admission failed", request.id)
+            return f"the request could not be admitted: {type(err).__name__}: {err}"
 
     def _start(self, request: Request, row: int) -> _Running:
         seed = request.params.seed if request.params.seed is not None else self._seeds.getrandbits(63)
         gen = None
-        if request.params.temperature > 0:
+        if request.params.temperature >= GREEDY_BELOW:
             gen = torch.Generator(device=self.generator.device).manual_seed(seed)
-        return _Running(request, row, gen, TextStream(self.tokenizer), StopText(request.params.stop),
+        context = request.prompt if request.continues_prompt else ()
+        return _Running(request, row, gen, TextStream(self.tokenizer, context), StopText(request.params.stop),
                         position=len(request.prompt))
 
     def _advance(self, order: List[_Running], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits (rows of `logits` in `order`), emit, finish rows."""
-        params = [r.request.params for r in order]
-        tokens = next_tokens(logits, [p.temperature for p in params], [p.top_p for p in params],
-                             [r.generator for r in order]).tolist()
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        infos: Dict[int, TokenLogprob] = {}
+        tokens = self._guarded_sample(order, logits)
+        wanted = [i for i, r in enumerate(order) if r.request.params.logprobs is not None and tokens[i] is not None]
+        lps = None
         if wanted:
-            lps = F.log_softmax(logits[torch.tensor(wanted, device=logits.device)], dim=-1)
-            for j, i in enumerate(wanted):
-                infos[i] = self._token_logprob(lps[j], tokens[i], params[i].logprobs)
-        eos = self.tokenizer.eos_id
-        finished: List[Tuple[_Running, str]] = []
+            lps = F.log_softmax(logits[torch.tensor(wanted, device=logits.device)].float(), dim=-1)
+        where = {i: j for j, i in enumerate(wanted)}
+        ended: List[Tuple[_Running, str, str]] = []
         for i, (r, token) in enumerate(zip(order, tokens)):
-            r.generated += 1
-            if r.request.cancelled:
-                finished.append((r, "cancelled"))
+            if token is None:
+                ended.append((r, "error", "sampling the next token failed"))
                 continue
-            if token == eos:
-                self._emit_text(r, r.stops.feed(r.text.finish())[0] + r.stops.flush(), infos.get(i))
-                finished.append((r, "stop"))
-                continue
-            text, stopped = r.stops.feed(r.text.push(token))
-            if stopped:
-                self._emit_text(r, text, infos.get(i))
-                finished.append((r, "stop"))
-                continue
-            position = len(r.request.prompt) + r.generated - 1  # where this token goes when decoded
-            if r.generated >= r.request.params.max_tokens or position >= self.max_seq_len:
-                text2, stopped = r.stops.feed(r.text.finish())
-                self._emit_text(r, text + text2 + ("" if stopped else r.stops.flush()), infos.get(i))
-                finished.append((r, "stop" if stopped else "length"))
-                continue
-            self._emit_text(r, text, infos.get(i))
-            r.pending, r.position = token, position
-        if finished:
-            with self._cond:
-                for r, _ in finished:
-                    self._rows.pop(r.row, None)
-                self._n_running = len(self._rows)
-                self._cond.notify_all()
-            for r, reason in finished:
-                self._finish(r.request, reason, r)
+            row_lps = lps[where[i]] if i in where else None
+            outcome = self._guarded_row(r, token, row_lps)
+            if outcome is not None:
+                ended.append((r, *outcome))
+        if ended:
+            self._end_rows(ended)
 
-    def _finish(self, request: Request, reason: str, r: Optional[_Running] = None) -> None:
+    def _guarded_sample(self, order: List[_Running], logits: torch.Tensor) -> List[Optional[int]]:
+        """Each row's next token, all rows at once; if that fails, row by row, so that only the rows whose own
+        sampling fails get None (their requests end with an error)."""
+        params = [r.request.params for r in order]
+        try:
+            return next_tokens(logits, [p.temperature for p in params], [p.top_p for p in params],
+                               [r.generator for r in order]).tolist()
+        except Exception:
+            log.exception("sampling a batch failed; sampling its rows one by one")
+        tokens: List[Optional[int]] = []
+        for i, (r, p) in enumerate(zip(order, params)):
+            try:
+                tokens.append(int(next_tokens(logits[i:i + 1], [p.temperature], [p.top_p], [r.generator])[0]))
+            except Exception:
+                log.exception("request %s: sampling failed", r.request.id)
+                tokens.append(None)
+        return tokens
+
+    def _guarded_row(self, r: _Running, token: int, lps: Optional[torch.Tensor]) -> Optional[Tuple[str, str]]:
+        """Take a row's sampled token: its log-probs, text, stop strings, events. None while the request goes
+        on, else (reason, message) to end it with; an exception here ends this request alone."""
+        try:
+            return self._take(r, token, lps)
+        except Exception as err:
+            log.exception("request %s: handling its token failed", r.request.id)
+            return "error", f"turning the answer into text failed: {type(err).__name__}: {err}"
+
+    def _take(self, r: _Running, token: int, lps: Optional[torch.Tensor]) -> Optional[Tuple[str, str]]:
+        r.generated += 1
+        if r.request.cancelled:
+            return ("abort", r.request.aborted) if r.request.aborted else ("cancelled", "")
+        if token == self.tokenizer.eos_id:  # the end: no log-prob entry (</s> is not part of the answer)
+            self._show(r, r.stops.feed(r.text.finish())[0] + r.stops.flush(), final=True)
+            return "stop", ""
+        if lps is not None:
+            r.entries.append(self._token_logprob(lps, token, r.request.params.logprobs, r.text.offset))
+        text, stopped = r.stops.feed(r.text.push(token))
+        if stopped:
+            self._show(r, text, final=True, cut=True)
+            return "stop", ""
+        position = len(r.request.prompt) + r.generated - 1  # where this token goes when decoded
+        if r.generated >= r.request.params.max_tokens or position >= self.max_seq_len:
+            text2, stopped = r.stops.feed(r.text.finish())
+            self._show(r, text + text2 + ("" if stopped else r.stops.flush()), final=True, cut=stopped)
+            return ("stop" if stopped else "length"), ""
+        self._show(r, text)
+        r.pending, r.position = token, position
+        return None
+
+    def _show(self, r: _Running, text: str, final: bool = False, cut: bool = False) -> None:
+        """Hand text to the sink with the log-prob entries of the tokens whose text starts in what is shown by
+        now (a token's text still held back by the stop strings keeps its entry back too). At the end the rest
+        go as well, unless a stop string cut the text: entries past the cut are dropped."""
+        r.shown += len(text)
+        ready = [e for e in r.entries if e.offset < r.shown or (final and not cut)]
+        r.entries = [] if final else r.entries[len(ready):]
+        if text or ready:
+            self._emit(r.request, Chunk(text, ready))
+
+    def _end_rows(self, ended: List[Tuple[_Running, str, str]]) -> None:
+        """Free the rows of requests that ended, then send each its last event."""
+        with self._cond:
+            for r, _, _ in ended:
+                self._rows.pop(r.row, None)
+            self._n_running = len(self._rows)
+            self._cond.notify_all()
+        for r, reason, message in ended:
+            self._finish(r.request, reason, r, message)
+
+    def _finish(self, request: Request, reason: str, r: Optional[_Running] = None, message: str = "") -> None:
         """The last event; completion_tokens counts the answer's tokens (a final EOS is not one)."""
         self.finished[reason] += 1
-        self._emit(request, Finished(reason, len(request.prompt), len(r.text.tokens) if r is not None else 0))
-
-    def _emit_text(self, r: _Running, text: str, info: Optional[TokenLogprob]) -> None:
-        if text or info is not None:
-            self._emit(r.request, Chunk(text, [info] if info is not None else []))
+        self._emit(request, Finished(reason, len(request.prompt), len(r.text.tokens) if r is not None else 0,
+                                     message))
 
     def _emit(self, request: Request, event: Event) -> None:
         try:
@@ -397,14 +509,19 @@ class Engine:
         for request in victims:
             self.finished["error"] += 1
             self._emit(request, Finished("error", len(request.prompt), 0, message))
+        if self.on_failure is not None:
+            try:
+                self.on_failure(message)
+            except Exception:
+                log.exception("the engine's on_failure callback failed")
 
-    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int, offset: int) -> TokenLogprob:
         text, raw = token_text(self.tokenizer, token)
         top: List[Tuple[str, List[int], float]] = []
         if k:
             values, ids = torch.topk(logprobs, k)
             top = [(*token_text(self.tokenizer, t), v) for t, v in zip(ids.tolist(), values.tolist())]
-        return TokenLogprob(text, raw, float(logprobs[token]), top)
+        return TokenLogprob(text, raw, float(logprobs[token]), top, offset)
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
