@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..chat_format import UNSAFE_ERROR, has_special_tags, validate_dialog
 from ..generation import Llama
+from ..tokenizer import whole_char_end
 from .scheduler import Finished, SamplingParams, TokenLogprob
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
@@ -58,6 +59,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
+    continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -211,7 +213,8 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
         vocab = generator.model.params.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
-        tokens, text = list(prompt), generator.tokenizer.decode(prompt)
+        tokens = list(prompt)  # the text of its whole characters: what the answer's text continues
+        text = generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)])
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
     else:
@@ -228,7 +231,7 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
                        COMPLETION_MAX_TOKENS)
     params.logprobs = logprobs
-    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
+    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True, **common)
 
 
 def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
@@ -294,14 +297,12 @@ def usage(finished: Finished) -> Dict[str, int]:
             "total_tokens": finished.prompt_tokens + finished.completion_tokens}
 
 
-def _completion_logprobs(entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
-    tokens, offsets = [], []
-    for e in entries:
-        offsets.append(offset)
-        tokens.append(e.token)
-        offset += 0 if e.token.startswith("bytes:") else len(e.token)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+def _completion_logprobs(entries: List[TokenLogprob], start: int) -> Dict[str, Any]:
+    """OpenAI's completion log-probs; text_offset is where each token's text starts in the choice's text (after
+    the echoed prompt, `start` characters long)."""
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": [start + e.offset for e in entries]}
 
 
 def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
@@ -311,7 +312,8 @@ def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
 
 
 def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason == "length" else "stop"
+    """OpenAI's finish_reason: 'length' also for an answer the server cut short (a drain that timed out)."""
+    return "length" if finished.reason in ("length", "abort") else "stop"
 
 
 def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished) -> Dict[str, Any]:
@@ -335,7 +337,6 @@ class ChunkWriter:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.offset = len(job.echo)
 
     def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
@@ -360,9 +361,8 @@ class ChunkWriter:
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
         else:
             choice = {"index": 0, "text": text,
-                      "logprobs": _completion_logprobs(entries, self.offset) if want_lps else None,
+                      "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        self.offset += len(text)
         return self._event([choice])
 
     def finish(self, finished: Finished) -> List[str]:
