@@ -6,7 +6,8 @@ from typing import List, Sequence, Tuple
 
 
 class StopText:
-    """Cuts a stream of text chunks where the first stop string appears in full (the stop string is left out).
+    """Cuts a stream of text chunks where the first stop string appears in full (the stop string is left out;
+    of several ending at the same character, the longest).
 
     A stop string may arrive split over several chunks, so the tail of the text that could still grow into one
     is held back until the next chunk decides; `flush` hands it out when the stream ends otherwise. Matching is
@@ -29,16 +30,19 @@ class StopText:
             return text, False
         base = len(self.held)  # the automata have seen the held text already
         for i, char in enumerate(chunk):
+            done = 0  # the longest stop string completed by this character
             for j, stop in enumerate(self.stops):
                 k = self._state[j]
                 while k and stop[k] != char:
                     k = self._fail[j][k - 1]
                 if stop[k] == char:
                     k += 1
-                if k == len(stop):  # the first stop string to appear in full: cut before it
-                    self.held = ""
-                    return text[:base + i + 1 - k], True
+                if k == len(stop):
+                    done = max(done, k)
                 self._state[j] = k
+            if done:  # the first stop string to appear in full (the longest, if several end here): cut before it
+                self.held = ""
+                return text[:base + i + 1 - done], True
         keep = max(self._state)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False
