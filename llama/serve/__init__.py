@@ -4,8 +4,9 @@
     python -m llama.web ...                                                          # pip install -e ".[web]"
 
 scheduler.py is the engine (requests, rows, sampling; no HTTP), runner.py the model calls of a step on every
-rank, protocol.py the OpenAI request checks and response shapes, api.py the ASGI app, web.py the chat page,
-__main__.py the command line.
+rank, protocol.py the OpenAI request checks and response shapes, api.py the ASGI app, security.py its Host and
+Origin checks, connections.py uvicorn's connection limits, limits.py every limit's default, stop.py stop
+strings, web.py the chat page, __main__.py the command line.
 """
 
 from .scheduler import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Unavailable
