@@ -350,7 +350,8 @@ def test_default_server_accepts_only_its_own_origin_and_loopback_hosts(randomly)
         r = httpx.post(server.url + C, json={"prompt": "hi", "max_tokens": 1}, timeout=TIMEOUT,
                        headers={"Origin": "https://app.example"})
         assert r.status_code == 403
-        assert httpx.get(server.url + "/health", headers={"Host": "rebound.example"}, timeout=TIMEOUT).status_code == 400
+        rebound = httpx.get(server.url + "/health", headers={"Host": "rebound.example"}, timeout=TIMEOUT)
+        assert rebound.status_code == 400
 
 
 def test_web_page_takes_no_uploads_and_no_unbounded_bodies(randomly):
@@ -482,30 +483,31 @@ def test_accept_errors_are_logged_at_a_bounded_rate(caplog):
 # --- the command line ------------------------------------------------------------------------------------
 
 
-def _run(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    import os
+def test_cli_refuses_empty_keys_abbreviations_and_names_a_taken_port(capsys, monkeypatch):
+    """The command line's own checks, before any model is loaded (main() in this process)."""
+    from llama.serve.__main__ import main
 
-    return subprocess.run([sys.executable, "-m", "llama.serve", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT, env={**os.environ, **(env or {})})
-
-
-def test_cli_refuses_empty_keys_abbreviations_and_names_a_taken_port():
-    empty = _run(*demo_paths(), "--api-key", "")
-    assert empty.returncode == 2 and "API key is empty" in empty.stderr
-    empty_env = _run(*demo_paths(), env={"LLAMA_API_KEY": ""})
-    assert empty_env.returncode == 2 and "API key is empty" in empty_env.stderr
-    abbreviated = _run(*demo_paths(), "--max_batch", "2")
-    assert abbreviated.returncode == 2 and "unrecognized arguments: --max_batch" in abbreviated.stderr
+    assert main([*demo_paths(), "--api-key", ""]) == 2
+    assert "API key is empty" in capsys.readouterr().err
+    monkeypatch.setenv("LLAMA_API_KEY", " ")
+    assert main(demo_paths()) == 2
+    assert "API key is empty" in capsys.readouterr().err
+    monkeypatch.delenv("LLAMA_API_KEY")
+    with pytest.raises(SystemExit) as exit_:
+        main([*demo_paths(), "--max_batch", "2"])  # an abbreviation of --max_batch_size
+    assert exit_.value.code == 2 and "unrecognized arguments: --max_batch" in capsys.readouterr().err
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     port = busy.getsockname()[1]
     try:
-        taken = _run(*demo_paths(), "--port", str(port))
+        assert main([*demo_paths(), "--port", str(port)]) == 2
     finally:
         busy.close()
-    assert taken.returncode == 2 and f"port {port}" in taken.stderr and "--port" in taken.stderr
-    assert _run("--max_prefill_tokens", "-1").returncode == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert main([*demo_paths(), "--max_prefill_tokens", "-1"]) == 2
+    assert "--max_prefill_tokens" in capsys.readouterr().err
 
 
 def test_cli_default_prefill_budget():
