@@ -480,6 +480,41 @@ def test_accept_errors_are_logged_at_a_bounded_rate(caplog):
     assert any("something else" in r.getMessage() for r in caplog.records)  # other reports still go through
 
 
+def test_running_out_of_file_descriptors_logs_little_and_recovers():
+    """A real server whose open-file limit is lowered while it runs: connections beyond it fail to be
+    accepted, which is logged once (not once per failing accept, with a traceback), and once they are closed
+    it serves again."""
+    resource = pytest.importorskip("resource")
+    server = ProcessServer([*demo_paths(), "--max_seq_len", "64", "--max_batch_size", "1"])
+    clients: List[socket.socket] = []
+    try:
+        fds = len(list((__import__("pathlib").Path("/proc") / str(server.pid) / "fd").iterdir()))
+        try:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (fds + 4, fds + 4))
+        except (OSError, AttributeError) as err:
+            pytest.skip(f"cannot lower another process's open-file limit here: {err}")
+        host, port = server.url[len("http://"):].split(":")
+        start = time.monotonic()
+        for _ in range(40):
+            clients.append(socket.create_connection((host, int(port)), timeout=TIMEOUT))
+        server.wait_for("cannot accept connections: .*Too many open files")
+        time.sleep(2)  # asyncio retries the accept every second meanwhile: those failures must stay quiet
+        for sock in clients:
+            sock.close()
+        clients.clear()
+        wait_until(lambda: httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200,
+                   "the server to serve again", every=0.2)
+        assert server.terminate() == 0
+        output = server.text()
+        lines = output.count("cannot accept connections")  # one per ACCEPT_LOG_EVERY (10 s) at most
+        assert 1 <= lines <= 1 + (time.monotonic() - start) // 10, output[-3000:]
+        assert "out of system resource" not in output and "Traceback" not in output, output[-3000:]
+    finally:
+        for sock in clients:
+            sock.close()
+        server.kill()
+
+
 # --- the command line ------------------------------------------------------------------------------------
 
 

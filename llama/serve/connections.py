@@ -9,7 +9,8 @@ HTTP/1.1 protocol; the body's own time limit is in api.py. `server_config` puts 
 command line and the tests alike.
 
 When the process runs out of file descriptors, every accept fails and asyncio logs each failure with its
-traceback; `quiet_accept_errors` logs the first and then one line per ACCEPT_LOG_EVERY seconds with a count.
+traceback; `quiet_accept_errors` logs the first and then one line per ACCEPT_LOG_EVERY seconds with a count
+(and drops asyncio's report of an accept retried after the server closed its socket).
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = ACCEPT_L
                 log.error("cannot accept connections: %s (%d time(s) in the last %g s; raise the open-file limit, "
                           "ulimit -n, or lower --max_connections)", exc, state["count"], every)
                 state["last"], state["count"] = now, 0
+            return
+        if isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            # asyncio retries a failed accept a second later, even when the listening socket has been closed
+            # meanwhile (the server shut down): nothing is left to serve, so there is nothing to report.
+            log.debug("an accept retried after the listening socket closed: %s", exc)
             return
         if previous is not None:
             previous(loop, context)
