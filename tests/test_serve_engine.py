@@ -387,8 +387,13 @@ def test_a_failing_prefill_ends_its_requests_and_the_engine_goes_on(gen):
         del gen.model.prefill
     assert sink.finished.reason == "error" and "boom" in sink.finished.message
     assert engine.failure is None and engine.stats()["running"] == 1
+    late, late_sink = request(gen, "a")
+    engine.submit(late)
+    engine.step()  # decodes the running row alone: a working decode clears the model
+    assert engine.stats() == {"running": 1, "waiting": 1, "max_batch_size": 4, "max_queue": 64}
     while engine.step():
         pass
+    assert late_sink.finished.reason == "length"
     alone = gen.text_completion(["Hello"], temperature=0, max_gen_len=8)[0]["generation"]
     assert running_sink.text == alone and running_sink.finished.reason == "length"
     again, again_sink = request(gen, "Once upon a time")
@@ -479,6 +484,25 @@ def test_next_tokens_is_finite_for_float16_logits_and_tiny_temperatures():
                                                                            for i in range(3)])
     assert tokens[0] == logits[0].float().argmax() and tokens[1] == logits[1].argmax()
     assert 0 <= tokens[2] < 1000
+
+
+def test_prefills_failing_again_and_again_stop_the_engine(gen):
+    engine = Engine(gen)
+    sinks = []
+    gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        for i in range(3):  # MAX_FAILED_STEPS
+            assert engine.failure is None
+            req, sink = request(gen, f"prompt {i}")
+            sinks.append(sink)
+            engine.submit(req)
+            engine.step()
+    finally:
+        del gen.model.prefill
+    assert [s.finished.reason for s in sinks] == ["error"] * 3
+    assert engine.failure is not None and "boom" in engine.failure
+    with pytest.raises(Unavailable):
+        engine.submit(request(gen, "Hello")[0])
 
 
 def test_a_failing_decode_fails_its_requests_and_stops_the_engine(gen):

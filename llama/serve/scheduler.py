@@ -47,6 +47,7 @@ log = logging.getLogger("llama.serve")
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position
 MAX_SEED = 2 ** 64 - 1  # seeds are 64-bit unsigned integers (torch.Generator.manual_seed's range)
+MAX_FAILED_STEPS = 3  # failing model calls in a row that stop the engine, whatever they held
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # steps run (tests and the benchmark read it)
         self._failed_steps = 0  # consecutive steps whose model call failed
+        self._probe = False  # after a failed step with admissions: the next step decodes only (see _step_failed)
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "abort": 0, "error": 0}  # requests ended, by reason
 
     # --- any thread ----------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ class Engine:
         except Exception as err:
             self._step_failed(err, admitted)
             return True
-        self._failed_steps = 0
+        self._failed_steps, self._probe = 0, False
         order = running + admitted
         rows = []
         if running:
@@ -331,15 +333,17 @@ class Engine:
 
     def _step_failed(self, err: Exception, admitted: List[_Running]) -> None:
         """A model call failed. With admissions in the step, the prefill is the suspect: those requests end with
-        an error and free their rows; the running rows decode the same token at the same position again next
-        step (rewriting the same cache entries), so they lose nothing. A failing step without admissions means
-        the model cannot decode: the engine stops."""
+        an error and free their rows, and the next step admits nobody, so that its decode alone tells a bad
+        prompt from a broken model. The running rows decode the same token at the same position again (the
+        same cache entries rewritten), so they lose nothing. A failing step without admissions, or
+        MAX_FAILED_STEPS failing steps in a row, mean the model cannot serve: the engine stops."""
         self._failed_steps += 1
-        if not admitted or self._failed_steps > 1:  # the retry failed too: it is not the prefill
-            log.exception("the decode step failed; stopping the engine")
+        if not admitted or self._failed_steps >= MAX_FAILED_STEPS:
+            log.exception("the model call failed; stopping the engine")
             self._fail(f"the model failed: {type(err).__name__}: {err}")
             return
         log.exception("a step with %d admitted request(s) failed; ending those requests", len(admitted))
+        self._probe = True
         self._end_rows([(r, "error", f"the prompt's prefill failed: {type(err).__name__}: {err}")
                         for r in admitted])
 
@@ -358,7 +362,7 @@ class Engine:
             free = [row for row in range(self.max_batch_size) if row not in self._rows]
             budget = self.max_prefill_tokens
             refused: List[Tuple[Request, str]] = []
-            while free and self._waiting:
+            while free and self._waiting and not (self._probe and self._rows):
                 if budget is not None and admitted and len(self._waiting[0].prompt) > budget:
                     break  # this step's prefill is full: the rest wait for the next boundary
                 request = self._waiting.popleft()
