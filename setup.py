@@ -26,10 +26,12 @@ setup(
         # adapters; protobuf lets transformers read a SentencePiece tokenizer.model; jinja2 renders the published
         # Llama 3 chat templates), and the test runner.
         # The serving tests use real clients (openai, httpx) and a real browser (selenium driving Debian's
-        # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras.
+        # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras;
+        # hypothesis generates the fuzzed requests of the server's safety test; jinja2 renders published chat
+        # templates for the family tests.
         "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
-                 "httpx>=0.27",
-                 "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
+                 "httpx>=0.27", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6",
+                 "hypothesis>=6.100"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
         # python -m llama.web (or llama.serve --web): the chat page.

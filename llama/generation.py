@@ -200,9 +200,7 @@ class Llama:
                 while waiting and self.engine.free_rows() >= waiting[0].params.n:
                     self.engine.add(waiting.popleft())
                 if not events:
-                    self.engine.step()
-                    if self.engine.failure is not None and not events:
-                        raise RuntimeError(self.engine.failure)
+                    self.engine.step()  # a failure ends this call's requests with 'error' events (raised below)
                 while events:
                     i, event = events.popleft()
                     open_ -= isinstance(event, Finished)

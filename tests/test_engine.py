@@ -240,14 +240,30 @@ def test_a_failing_sink_or_sampler_ends_only_its_own_request(gen, monkeypatch):
     assert gen.engine.failure is None and gen.engine.free_rows() == gen.max_batch_size
 
 
-def test_a_failing_model_call_ends_every_request_and_marks_the_engine(ckpt, monkeypatch):
-    g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+def test_a_failing_prefill_ends_its_requests_and_a_failing_decode_marks_the_engine(ckpt, monkeypatch):
+    """A prefill that fails ends the requests it held (the prompts are the suspects) and the engine goes on;
+    a decode that fails means the model cannot serve: every request ends and `failure` says why."""
+    g = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=64, max_batch_size=3, device="cpu", dtype="float32")
+    running = Collect()
+    g.engine.add(Request([1, 9, 10], SamplingParams(max_tokens=6, temperature=0), running))
+    g.engine.step()
+    real_prefill = type(g.model).prefill
     monkeypatch.setattr(g.model, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     sinks = [Collect(), Collect()]
     g.engine.add(Request([1, 5, 6], SamplingParams(max_tokens=4), sinks[0]))
     g.engine.add(Request([1, 7, 8], SamplingParams(max_tokens=4), sinks[1]))
     g.engine.step()
     assert all(s.finished().reason == "error" and "out of memory" in s.finished().message for s in sinks)
-    assert "out of memory" in g.engine.failure
+    assert g.engine.failure is None and running.finished() is None
     with pytest.raises(RuntimeError, match="out of memory"):
         g.generate([[1, 5]], max_gen_len=2)
+    monkeypatch.setattr(g.model, "prefill", lambda *a, **k: real_prefill(g.model, *a, **k))
+    while g.engine.step():
+        pass
+    assert running.tokens() == g.generate([[1, 9, 10]], max_gen_len=6, temperature=0)[0][0]
+    monkeypatch.setattr(g.model, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bus error")))
+    broken = Collect()
+    g.engine.add(Request([1, 11], SamplingParams(max_tokens=4), broken))
+    g.engine.step()  # the prefill works
+    g.engine.step()  # the decode fails
+    assert broken.finished().reason == "error" and "bus error" in g.engine.failure

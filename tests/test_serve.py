@@ -59,7 +59,18 @@ def looping(loop_dir) -> Llama:
 
 
 def loop_text(n: int) -> str:
-    return "Hello" + " world" * (n - 1)
+    """A completion's text after n scripted tokens: it continues the prompt, so " Hello" keeps its space."""
+    return " Hello" + " world" * (n - 1)
+
+
+def continuation(generator: Llama, prompt: str, max_gen_len: int) -> str:
+    """The text a completion must have: the tokenizer's decode of prompt + answer tokens (the library's greedy
+    answer), minus the prompt's own decode. Decoding the answer's tokens alone would drop its first space."""
+    tokens = generator.tokenizer.encode(prompt, bos=True, eos=False)
+    answer = generator.generate([tokens], max_gen_len, temperature=0)[0][0]
+    whole, head = generator.tokenizer.decode(tokens + answer), generator.tokenizer.decode(tokens)
+    assert whole.startswith(head) and head == prompt
+    return whole[len(head):]
 
 
 def stream_chat(client, model: str, messages, **kwargs):
@@ -99,15 +110,14 @@ def test_openai_client_streams_what_it_gets_whole(request, which):
         parts = [c.choices[0].text for c in client.completions.create(model=which, prompt=prompt, temperature=0,
                                                                       max_tokens=30, stream=True) if c.choices]
         assert "".join(parts) == whole.choices[0].text
-        assert whole.choices[0].text == generator.text_completion([prompt], temperature=0,
-                                                                  max_gen_len=30)[0]["generation"]
+        assert whole.choices[0].text == continuation(generator, prompt, 30)
 
 
 def test_parameters_seed_stop_logprobs_and_echo(looping, randomly):
     with ThreadServer(looping, model="loop") as server:
         client = server.openai()
         r = client.completions.create(model="loop", prompt="x", max_tokens=8, stop=["d w", "zz"], temperature=0)
-        assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hello worl", "stop")
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (" Hello worl", "stop")
         r = client.completions.create(model="loop", prompt="x", max_tokens=3, echo=True, temperature=0)
         assert r.choices[0].text == "x" + loop_text(3) and r.choices[0].finish_reason == "length"
         r = client.chat.completions.create(model="loop", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2)
@@ -166,13 +176,13 @@ def test_a_client_that_disconnects_frees_its_row(looping):
         noticed(server, 1)
         server.gate.allow(None)
         server.wait_idle()
-        assert server.engine.finished == {"stop": 0, "length": 0, "cancelled": 1, "error": 0}
+        assert server.engine.finished == {"stop": 0, "length": 0, "cancelled": 1, "abort": 0, "error": 0}
         # The same for a request that is not streamed: its socket is closed while it runs.
         server.gate.allow(1)
         host, port = server.url[len("http://"):].split(":")
         with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
             payload = json.dumps(body).encode()
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
             assert server.engine.wait_until_running(1, TIMEOUT)
         noticed(server, 2)
@@ -182,7 +192,7 @@ def test_a_client_that_disconnects_frees_its_row(looping):
         # The freed row (the only one) serves the next request.
         r = client.completions.create(model="loop", prompt="y", max_tokens=3, temperature=0)
         assert r.choices[0].text == loop_text(3)
-        assert server.engine.finished == {"stop": 0, "length": 1, "cancelled": 2, "error": 0}
+        assert server.engine.finished == {"stop": 0, "length": 1, "cancelled": 2, "abort": 0, "error": 0}
 
 
 def test_queue_full_is_429_with_retry_after(looping):
@@ -397,7 +407,7 @@ def test_model_parallel_server_under_torchrun(demo):
         assert server.terminate() == 0, server.text()
     finally:
         server.kill()
-    expected = [g["generation"] for g in demo.text_completion(prompts, temperature=0, max_gen_len=20)]
+    expected = [continuation(demo, p, 20) for p in prompts]
     assert together == expected
     assert text == demo.chat_completion([CHAT], temperature=0, max_gen_len=30)[0]["generation"]["content"]
 

@@ -39,6 +39,8 @@ from .stop import StopText
 
 log = logging.getLogger("llama.engine")
 
+MAX_FAILED_STEPS = 3  # model calls failing in a row that stop the engine
+
 
 @dataclass(eq=False)
 class _Choice:
@@ -56,6 +58,8 @@ class _Choice:
     pending: int = 0  # the last sampled token, decoded at the next step
     generated: int = 0  # tokens sampled so far (a stop token included)
     done: bool = False
+    shown: int = 0  # characters of text handed to the sink (what the stop strings let through)
+    entries: List[TokenLogprob] = field(default_factory=list)  # log-probs whose text is not shown yet
 
 
 class Engine:
@@ -86,6 +90,8 @@ class Engine:
         self._to_prefill: Deque[_Choice] = deque()
         self.failure: Optional[str] = None
         self.steps = 0
+        self._failed_steps = 0  # model calls that failed in a row
+        self._probe = False  # after a failed step with prefills: the next step only decodes (see _step_failed)
 
     # --- requests in ---------------------------------------------------------------------------------------
 
@@ -138,8 +144,9 @@ class Engine:
         if seed is None:
             seed = self._seeds.getrandbits(SEED_BITS)
         sampler = RowSampler(params, request.prompt, seed, self.decode.device)
-        return _Choice(request, index, row, sampler, TextStream(self.tokenizer), StopText(params.stop),
-                       parent=parent, position=len(request.prompt))
+        text = TextStream(self.tokenizer, request.prompt if request.continues_prompt else ())
+        return _Choice(request, index, row, sampler, text, StopText(params.stop), parent=parent,
+                       position=len(request.prompt))
 
     # --- steps ---------------------------------------------------------------------------------------------
 
@@ -155,7 +162,7 @@ class Engine:
             return False
         self.steps += 1
         running = [c for c in self._rows.values() if c.prefilled]
-        admitted = self._take_prefills()
+        admitted = [] if self._probe and running else self._take_prefills()
         plan = StepPlan()
         if running:
             fixed = self.fixed_shape
@@ -173,10 +180,10 @@ class Engine:
         plan.copies = [(c.row, [s.row for s in sibs], len(c.request.prompt)) for c, sibs in forks.items() if sibs]
         try:
             decoded, prefilled = self.runner.run(plan)
-        except Exception as err:  # the cache is in doubt: every request ends, and the engine stops
-            log.exception("a model call failed; the engine stops")
-            self.fail(f"the model failed: {type(err).__name__}: {err}")
+        except Exception as err:
+            self._step_failed(err, admitted)
             return True
+        self._failed_steps, self._probe = 0, False
         order: List[_Choice] = list(running)
         rows: List[torch.Tensor] = []
         if running:
@@ -256,42 +263,60 @@ class Engine:
                 self._finish(c, "length")
 
     def _take(self, c: _Choice, token: int, lps: Optional[torch.Tensor]) -> None:
-        """One sampled token of one choice: its text, its stop conditions, its event."""
+        """One sampled token of one choice: its log-prob entry, its text, its stop conditions, its event."""
         params = c.request.params
         c.generated += 1
         c.sampler.record(token)
         if c.request.cancelled:
-            return self._finish(c, "cancelled")
-        if token in self.stop_ids or token in params.stop_token_ids:
-            self._emit_text(c, c.stops.feed(c.text.finish())[0] + c.stops.flush(), [], None)
+            return self._finish_cancelled(c)
+        if token in self.stop_ids or token in params.stop_token_ids:  # the end: no entry, no text of its own
+            self._show(c, c.stops.feed(c.text.finish())[0] + c.stops.flush(), [], final=True)
             return self._finish(c, "stop")
-        info = self._token_logprob(lps, token, params.logprobs) if lps is not None else None
+        if lps is not None:
+            c.entries.append(self._token_logprob(lps, token, params.logprobs, c.text.offset))
         text, stopped = c.stops.feed(c.text.push(token))
         if stopped:
-            self._emit_text(c, text, [token], info)
+            self._show(c, text, [token], final=True, cut=True)
             return self._finish(c, "stop")
         position = len(c.request.prompt) + c.generated - 1  # where this token goes when decoded
         if c.generated >= params.max_tokens or position >= self.max_seq_len:
             more, stopped = c.stops.feed(c.text.finish())
-            self._emit_text(c, text + more + ("" if stopped else c.stops.flush()), [token], info)
+            self._show(c, text + more + ("" if stopped else c.stops.flush()), [token], final=True, cut=stopped)
             return self._finish(c, "stop" if stopped else "length")
-        self._emit_text(c, text, [token], info)
+        self._show(c, text, [token])
         c.pending, c.position = token, position
 
-    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    def _show(self, c: _Choice, text: str, tokens: List[int], final: bool = False, cut: bool = False) -> None:
+        """Hand text to the sink with the log-prob entries of the tokens whose text starts in what is shown by
+        now (a token whose text the stop strings still hold back keeps its entry back too). At the end the rest
+        go as well, unless a stop string cut the text: entries past the cut are dropped."""
+        c.shown += len(text)
+        ready = [e for e in c.entries if e.offset < c.shown or (final and not cut)]
+        c.entries = [] if final else c.entries[len(ready):]
+        if text or ready or tokens:
+            self._emit(c, Chunk(text, ready, tokens, index=c.index))
+
+    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int, offset: int) -> TokenLogprob:
         text, raw = token_text(self.tokenizer, token)
         top = []
         if k:
             values, ids = torch.topk(logprobs, k)
             top = top_entries(self.tokenizer, values.tolist(), ids.tolist())
-        return TokenLogprob(text, raw, float(logprobs[token]), top)
+        return TokenLogprob(text, raw, float(logprobs[token]), top, offset)
 
     # --- ends ----------------------------------------------------------------------------------------------
 
     def _free_cancelled(self) -> None:
         for c in list(self._rows.values()):
             if c.request.cancelled and not c.done:
-                self._finish(c, "cancelled")
+                self._finish_cancelled(c)
+
+    def _finish_cancelled(self, c: _Choice) -> None:
+        """A cancelled choice ends as 'cancelled', or as 'abort' (with its message) when its server aborted it."""
+        if c.request.aborted:
+            self._finish(c, "abort", c.request.aborted)
+        else:
+            self._finish(c, "cancelled")
 
     def _finish(self, c: _Choice, reason: str, message: str = "") -> None:
         """A choice's last event; its row is free from now on. completion_tokens counts the answer's tokens
@@ -304,6 +329,24 @@ class Engine:
         for sibling in [s for s in self._rows.values() if s.parent is c and not s.prefilled]:
             self._finish(sibling, reason, message)  # a choice whose prefill never ran cannot go on either
         self._emit(c, Finished(reason, len(c.request.prompt), len(c.text.tokens), message, index=c.index))
+
+    def _step_failed(self, err: Exception, admitted: List[_Choice]) -> None:
+        """A model call failed. With prefills in the step, the prompts are the suspects: those requests end with
+        an error and free their rows, and the next step prefills nothing, so that its decode alone tells a bad
+        prompt from a broken model. The running rows decode the same token at the same position again (the
+        same cache entries rewritten), so they lose nothing. A failing step without prefills, or
+        MAX_FAILED_STEPS failing steps in a row, mean the model cannot serve: every request ends, and `failure`
+        is set."""
+        self._failed_steps += 1
+        if not admitted or self._failed_steps >= MAX_FAILED_STEPS:
+            log.exception("the model call failed; the engine stops")
+            self.fail(f"the model failed: {type(err).__name__}: {err}")
+            return
+        log.exception("a step with %d prefill(s) failed; ending those requests", len(admitted))
+        self._probe = True
+        for c in admitted:
+            for member in [c] + [s for s in list(self._rows.values()) if s.parent is c]:
+                self._finish(member, "error", f"the prompt's prefill failed: {type(err).__name__}: {err}")
 
     def fail(self, message: str) -> None:
         """End every request with an 'error' event: the engine cannot serve (a model call failed)."""
@@ -324,10 +367,6 @@ class Engine:
                 if not other.done:
                     self._finish(other, "error", f"{type(err).__name__}: {err}")
             return None
-
-    def _emit_text(self, c: _Choice, text: str, tokens: List[int], info: Optional[TokenLogprob]) -> None:
-        if text or tokens or info is not None:
-            self._emit(c, Chunk(text, [info] if info is not None else [], tokens, index=c.index))
 
     def _emit(self, c: _Choice, event: Event) -> None:
         try:

@@ -16,6 +16,7 @@ class TokenLogprob:
     bytes: List[int]
     logprob: float
     top: List[Tuple[str, List[int], float]]
+    offset: int = 0  # where its text starts in the answer's text (characters)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Chunk:
 @dataclass
 class Finished:
     """A choice's last event. reason: 'stop' (a stop token or string), 'length' (max_tokens or the context),
-    'cancelled', or 'error' (message says why)."""
+    'cancelled', 'abort' (ended by its server: a drain ran out of time; message says so) or 'error' (message
+    says why)."""
 
     reason: str
     prompt_tokens: int
@@ -56,6 +58,11 @@ class Request:
     sink: Sink
     id: str = ""
     cancelled: bool = False
+    # True: the answer's text continues the prompt's (prompt text + answer = decode(prompt + answer tokens), its
+    # first word-boundary space kept), as completions want. False: the answer's tokens decoded alone (the first
+    # space dropped), as Llama.chat_completion and the chat endpoint give.
+    continues_prompt: bool = False
+    aborted: Optional[str] = None  # set by a server's abort: the request ends with Finished('abort', message)
 
 
 def token_text(tokenizer, token: int) -> Tuple[str, List[int]]:

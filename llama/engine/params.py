@@ -15,7 +15,7 @@ DEFAULT_TEMPERATURE = 0.6  # the released reference's defaults for Llama 2 (its 
 DEFAULT_TOP_P = 0.9
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy: logits / T would overflow, and the limit is argmax
-SEED_BITS = 64  # a seed is reduced modulo 2**64, the range torch.Generator takes: any integer is accepted
+SEED_BITS = 64  # seeds are unsigned 64-bit integers, the range torch.Generator takes; others are refused
 
 
 def _number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
@@ -46,7 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
     repetition_penalty: float = 1.0  # transformers': logits of prompt and generated tokens divided (or, if negative, multiplied)
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit, -100..100
-    seed: Optional[int] = None  # None: drawn from the engine's seed sequence
+    seed: Optional[int] = None  # 0..2**64-1; None: drawn from the engine's seed sequence
     stop: Tuple[str, ...] = ()  # stop strings, cut from the text
     stop_token_ids: Tuple[int, ...] = ()  # stop tokens besides the model's own end-of-turn tokens
     logprobs: Optional[int] = None  # None: no log-probs; k: each token's and the k likeliest alternatives
@@ -79,7 +79,7 @@ class SamplingParams:
             _integer("a logit_bias token id", token, 0, top_id)
             _number(f"logit_bias[{token}]", bias, -100.0, 100.0)
         if self.seed is not None:
-            _integer("seed", self.seed, -(2 ** 1000))
+            _integer("seed", self.seed, 0, 2 ** SEED_BITS - 1)
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
         for token in self.stop_token_ids:

@@ -4,8 +4,9 @@
     python -m llama.web ...                                                          # pip install -e ".[web]"
 
 scheduler.py keeps the requests (queue, admission, cancellation, the engine thread) over llama/engine's row
-engine (rows, steps, sampling, stops; no HTTP), protocol.py the OpenAI request checks and response shapes, api.py the ASGI app, web.py the chat page,
-__main__.py the command line.
+engine (rows, steps, sampling, stops; no HTTP), protocol.py the OpenAI request checks and response shapes, api.py
+the ASGI app, security.py its Host and Origin checks, connections.py uvicorn's connection limits, limits.py every
+limit's default, web.py the chat page, __main__.py the command line.
 """
 
 from .scheduler import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Scheduler, Unavailable

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from ..chat_format import UNSAFE_ERROR, validate_dialog
 from ..families.codellama import infilling_prompt
 from ..generation import Llama
+from ..tokenizer import whole_char_end
 from .scheduler import Finished, SamplingParams, TokenLogprob
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
@@ -28,6 +29,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
 
 
 class APIError(Exception):
@@ -60,18 +63,49 @@ class Job:
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
     dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
+    continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def parse_json(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object. Strings holding a lone UTF-16 surrogate ("\\ud800", which JSON allows but
+    Unicode text cannot hold) are refused here: nothing later could encode them."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    where = _surrogate(data, "")
+    if where is not None:
+        raise bad(f"the request body is not valid Unicode: {where or 'a key'} holds a lone UTF-16 surrogate",
+                  param=where or None, code="invalid_json")
     return data
+
+
+def _surrogate(value: Any, path: str) -> Optional[str]:
+    """The path of the first string (or key) with a lone surrogate in a parsed JSON value, else None. The
+    nesting is as deep as json.loads allowed; iterative, so any depth it allowed is walked."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+                stack.append((inner, name))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{where}[{i}]") for i, inner in enumerate(item))
+    return None
 
 
 # --- typed getters: each names its parameter -----------------------------------------------------------------
@@ -83,7 +117,7 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
     if value is None:
         return default
     ok = {
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "boolean": isinstance(value, bool),
         "string": isinstance(value, str),
@@ -92,6 +126,14 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
         raise bad(f"'{name}' must be a{'n' if kind[0] == 'i' else ''} {kind}, got {json.dumps(value)[:100]}",
                   param=name, code="invalid_type")
     return value
+
+
+def _finite(value: float) -> bool:
+    """A finite number that a float holds (a JSON integer of 400 digits does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why: str) -> None:
@@ -103,12 +145,15 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
               prompt_len: int, default_max: int) -> SamplingParams:
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
-    if temperature < 0:
-        raise bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
+                  f"{temperature}", param="temperature")
     top_p = _get(body, "top_p", "number", DEFAULT_TOP_P)
     if not 0 < top_p <= 1:
         raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     seed = _get(body, "seed", "integer")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise bad(f"'seed' must be in 0..{MAX_SEED} (64 bits), got {seed}", param="seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -172,7 +217,8 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
         vocab = generator.model.params.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
-        tokens, text = list(prompt), generator.tokenizer.decode(prompt)
+        tokens = list(prompt)  # the text of its whole characters: what the answer's text continues
+        text = generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)])
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
     else:
@@ -191,7 +237,7 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
                        COMPLETION_MAX_TOKENS)
     params = dataclasses.replace(params, logprobs=logprobs)
-    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
+    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True, **common)
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -270,14 +316,12 @@ def usage(finished: Finished) -> Dict[str, int]:
             "total_tokens": finished.prompt_tokens + finished.completion_tokens}
 
 
-def _completion_logprobs(entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
-    tokens, offsets = [], []
-    for e in entries:
-        offsets.append(offset)
-        tokens.append(e.token)
-        offset += 0 if e.token.startswith("bytes:") else len(e.token)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+def _completion_logprobs(entries: List[TokenLogprob], start: int) -> Dict[str, Any]:
+    """OpenAI's completion log-probs; text_offset is where each token's text starts in the choice's text (after
+    the echoed prompt, `start` characters long)."""
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": [start + e.offset for e in entries]}
 
 
 def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
@@ -287,7 +331,8 @@ def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
 
 
 def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason == "length" else "stop"
+    """OpenAI's finish_reason: 'length' also for an answer the server cut short (a drain that timed out)."""
+    return "length" if finished.reason in ("length", "abort") else "stop"
 
 
 def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished) -> Dict[str, Any]:
@@ -311,7 +356,6 @@ class ChunkWriter:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.offset = len(job.echo)
 
     def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
@@ -336,9 +380,8 @@ class ChunkWriter:
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
         else:
             choice = {"index": 0, "text": text,
-                      "logprobs": _completion_logprobs(entries, self.offset) if want_lps else None,
+                      "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        self.offset += len(text)
         return self._event([choice])
 
     def finish(self, finished: Finished) -> List[str]:

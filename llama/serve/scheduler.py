@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..engine import Engine as RowEngine, Runner
 from ..engine.events import Chunk, Event, Finished, Request, TokenLogprob, token_text  # noqa: F401 (re-exported)
@@ -59,11 +59,13 @@ class Scheduler:
         self._waiting: Deque[Request] = deque()
         self._admitted: Set[Request] = set()  # in the engine, not yet finished
         self._ending = 0  # requests taken off the queue whose last event is still being handed out
+        self._reported = False  # the engine's failure was handed on (on_failure)
         self._running = 0  # the engine's busy rows, readable under the lock from any thread
         self._draining = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests ended, by reason
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "abort": 0, "error": 0}  # requests ended, by reason
+        self.on_failure: Optional[Callable[[str], None]] = None  # called (engine thread) once the engine fails
 
     @property
     def failure(self) -> Optional[str]:
@@ -144,6 +146,17 @@ class Scheduler:
             self._draining = True
             self._cond.notify_all()
 
+    def abort(self, message: str) -> int:
+        """End every running and waiting request at the next step boundary with Finished('abort', message) (a
+        drain that ran out of time). Returns how many there were."""
+        with self._cond:
+            victims = [r for r in list(self._waiting) + list(self._admitted) if not r.cancelled]
+            for request in victims:
+                request.aborted = message
+                request.cancelled = True
+            self._cond.notify_all()
+        return len(victims)
+
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until no request runs or waits (True), or the timeout passes (False)."""
         with self._cond:
@@ -185,8 +198,11 @@ class Scheduler:
                         return
                 self.step()
                 if self.failure is not None:
-                    self._fail_waiting()
                     return
+        except Exception as err:  # a bug in the loop itself: no request can be served any more
+            log.exception("the engine loop failed; stopping the engine")
+            self.engine.fail(f"the engine failed: {type(err).__name__}: {err}")
+            self._failed()
         finally:
             self.engine.runner.close()
 
@@ -200,7 +216,8 @@ class Scheduler:
             keep: Deque[Request] = deque()
             for q in self._waiting:
                 if q.cancelled:
-                    ended.append((q, Finished("cancelled", len(q.prompt), 0)))
+                    ended.append((q, Finished("abort", len(q.prompt), 0, q.aborted) if q.aborted else
+                                  Finished("cancelled", len(q.prompt), 0)))
                 else:
                     keep.append(q)
             self._waiting = keep
@@ -221,9 +238,13 @@ class Scheduler:
             self._running = self.engine.running
             self._ending -= len(ended)
             self._cond.notify_all()
+        if self.failure is not None and not self._reported:
+            self._failed()
         return worked or bool(ended)
 
-    def _fail_waiting(self) -> None:
+    def _failed(self) -> None:
+        """The engine cannot serve: end the waiting requests too, and tell the server (on_failure)."""
+        self._reported = True
         with self._cond:
             victims = list(self._waiting)
             self._waiting.clear()
@@ -233,6 +254,11 @@ class Scheduler:
             for index in range(request.params.n):
                 self._safe_sink(request, Finished("error", len(request.prompt), 0, self.failure or "the engine failed",
                                                   index=index))
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self.failure or "the engine failed")
+            except Exception:
+                log.exception("the scheduler's on_failure callback failed")
 
     @staticmethod
     def _safe_sink(request: Request, event: Event) -> None:

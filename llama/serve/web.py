@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
+from fastapi.responses import RedirectResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from ..chat_format import UNSAFE_ERROR  # noqa: E402
 from .api import EventStream  # noqa: E402
@@ -63,9 +65,11 @@ class ChatPage:
         message = _text(message)
         if not message.strip():
             return
-        body = {"messages": self.dialog(message, history, system), "temperature": float(temperature)}
+        # Tokenizing the conversation takes a while for a long one: a worker thread does it, not the event loop.
+        dialog = await run_in_threadpool(self.dialog, message, history, system)
+        body = {"messages": dialog, "temperature": float(temperature)}
         try:
-            job = chat_job(body, self.engine.generator, self.model)
+            job = await run_in_threadpool(chat_job, body, self.engine.generator, self.model)
         except APIError as err:
             yield UNSAFE_ERROR if err.code == "special_tags" else f"Error: {err.message}"
             return
@@ -123,6 +127,9 @@ def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = Non
     auth = None
     if api_key:
         auth = lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+    # The page's address without its slash: a relative redirect (Starlette's own would be built from Host).
+    app.add_api_route(PATH, lambda: RedirectResponse(PATH + "/", status_code=307), methods=["GET"],
+                      include_in_schema=False)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
     gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,
