@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
 
@@ -22,6 +23,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.chat_format import UNSAFE_ERROR  # noqa: E402
+from llama.serve.limits import AUTH_DELAY  # noqa: E402
 from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, noticed,  # noqa: E402
                            ports_refuse, wait_until)
 from test_streaming import HELLO, WORLD, scripted_checkpoint  # noqa: E402
@@ -434,7 +436,9 @@ def test_web_page_asks_for_the_api_key(randomly):
     with ThreadServer(randomly, model="random", api_key="k3y", web=True) as server:
         with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
             assert client.get("/web/config").status_code == 401
+            start = time.monotonic()
             assert client.post("/web/login", data={"username": "me", "password": "k3Y"}).status_code == 400
+            assert time.monotonic() - start >= AUTH_DELAY  # a wrong password is slowed like a wrong key
             assert client.post("/web/login", data={"username": "me", "password": "k3y"}).status_code == 200
             assert client.get("/web/config").status_code == 200
 

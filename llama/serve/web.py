@@ -8,6 +8,7 @@ Gradio is kept offline: no analytics, no share links, no web fonts (the system's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from ..chat_format import UNSAFE_ERROR  # noqa: E402
 from .api import EventStream  # noqa: E402
+from .limits import AUTH_DELAY  # noqa: E402
 from .protocol import APIError, chat_job  # noqa: E402
 from .scheduler import Chunk, Engine, QueueFull, Unavailable  # noqa: E402
 
@@ -126,7 +128,11 @@ def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = Non
     """Serve the page at /web on `app` (with an API key set, the page asks for it as its password)."""
     auth = None
     if api_key:
-        auth = lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+        async def auth(user: str, password: str) -> bool:
+            if hmac.compare_digest(password.encode(), api_key.encode()):
+                return True
+            await asyncio.sleep(AUTH_DELAY)  # a wrong password waits, as a wrong API key does (nobody else)
+            return False
     # The page's address without its slash: a relative redirect (Starlette's own would be built from Host).
     app.add_api_route(PATH, lambda: RedirectResponse(PATH + "/", status_code=307), methods=["GET"],
                       include_in_schema=False)
