@@ -160,8 +160,8 @@ PROVERBS = [
 
 
 def _tiny_corpus(path: Path) -> Path:
-    """About 6 KB of fortunes: proverbs, each with a numbered attribution line, '%' between them."""
-    docs = [f"{p}\n\t\t-- Proverb number {i}" for i, p in enumerate(PROVERBS * 4)]
+    """About 5 KB of fortunes: proverbs, half with a numbered attribution line, '%' between them."""
+    docs = [f"{p}\n\t\t-- Proverb number {i}" if i % 2 else f"{p} (number {i})" for i, p in enumerate(PROVERBS * 4)]
     path.write_text("\n%\n".join(docs) + "\n%\n", encoding="utf-8")
     return path
 
