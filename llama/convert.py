@@ -41,7 +41,6 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .loading import parse_dtype
 from .model import ModelArgs
 from .tokenizer import Tokenizer
 
