@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import distributed
-from ..cli import resolve_checkpoint
+from ..cli import program_name, resolve_checkpoint
 from ..generation import Llama
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.web" if web else "python -m llama.serve",
+        prog=program_name("python -m llama.web" if web else "python -m llama.serve"),
         description="Serve a Llama 2 checkpoint over an OpenAI-compatible HTTP API (continuous batching"
                     + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
     add = parser.add_argument
