@@ -23,8 +23,9 @@ META_FILES = ("consolidated.00.pth", "params.json", "tokenizer.model")
 # Held-out log-likelihood the demo must beat, in nats per token, on demo/fortune-llama/heldout.txt (each
 # fortune scored alone: BOS + text + EOS, every token after BOS predicted), bfloat16 on CPU. The training run
 # measured HELDOUT_TXT_MEASURED (metrics.json "heldout_txt_loss_bf16"); the threshold leaves a margin for
-# other CPUs' bfloat16 arithmetic. The uniform baseline is ln(4096) = 8.32.
-HELDOUT_TXT_MEASURED = 4.368  # the committed run (seed 1234, 1000 steps); metrics.json: held-out split 4.302
+# other CPUs' bfloat16 arithmetic. The uniform baseline is ln(4096) = 8.32. The chat stage costs the fortunes a
+# little: 4.368 after pretraining alone (1000 steps), 4.458 once it also chats (450 more steps on dialogs).
+HELDOUT_TXT_MEASURED = 4.458  # the committed run (seed 1234); metrics.json: held-out split 4.377
 HELDOUT_THRESHOLD = 4.6
 
 
@@ -136,8 +137,8 @@ def _chat_prompts() -> list:
 
 def _assert_clean_answer(question: str, result: dict, max_gen_len: int) -> None:
     text = result["generation"]["content"]
-    words = [w for w in text.split() if any(ch.isalpha() for ch in w)]
-    assert len(words) >= 2 and len(words) >= 0.6 * len(text.split()), (question, text)
+    words = [w for w in text.split() if any(ch.isalnum() for ch in w)]  # "6", "fortune-llama," and "Paris."
+    assert len(words) >= 2 and len(words) >= 0.8 * len(text.split()), (question, text)
     assert len(result["tokens"]) < max_gen_len, f"{question!r}: no EOS within {max_gen_len} tokens: {text!r}"
     assert not any(tag in text for tag in ("[INST]", "[/INST]", "<<SYS>>", "]")), (question, text)
     assert text.strip()[-1] in ".!?", (question, text)  # a sentence, ended by the model itself
