@@ -113,7 +113,7 @@ def check_program(line: str, words: List[str]) -> None:
     if program.endswith(".py"):
         path = ROOT / program
         assert path.is_file(), f"{line!r}: {program} does not exist"
-        if path.parent.name in ("benchmarks", "scripts"):
+        if path.parent.name in ("benchmarks", "scripts") or path.name == "chat.py":  # argparse programs
             text = help_text(sys.executable, str(path))
             for flag in flags(rest):
                 assert flag.split("=")[0] in text, f"{line!r}: {program} has no flag {flag}"
