@@ -7,14 +7,21 @@ Both run in float32.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from llama import Llama, ModelArgs
 from llama.checkpoint import random_state
 
-from benchmarks.hf_reference import meta_to_hf
-from helpers import SHAPES, TOKENIZER, make_checkpoint
+from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
+
+# benchmarks/ is not a package (and `benchmarks` may name an unrelated installed one): load the file itself.
+_spec = importlib.util.spec_from_file_location("hf_reference", ROOT / "benchmarks" / "hf_reference.py")
+hf_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hf_reference)
+meta_to_hf = hf_reference.meta_to_hf
 
 transformers = pytest.importorskip("transformers")
 
