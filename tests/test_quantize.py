@@ -328,13 +328,15 @@ def test_quantized_checkpoint_errors(tmp_path, gqa_ckpt, no_loading):
 
 
 def test_cli(tmp_path, gqa_ckpt, capsys):
-    assert quantize.main([str(gqa_ckpt), str(tmp_path / "q"), "--mode", "int4", "--group_size", "64"]) == 0
+    from llama.programs import quantize as program  # `python -m llama quantize`, llama-quantize
+
+    assert program.main([str(gqa_ckpt), str(tmp_path / "q"), "--mode", "int4", "--group_size", "64"]) == 0
     assert "done" in capsys.readouterr().out
     # Never written over; bad values are one-line errors with exit status 2.
-    assert quantize.main([str(gqa_ckpt), str(tmp_path / "q"), "--mode", "int8"]) == 2
+    assert program.main([str(gqa_ckpt), str(tmp_path / "q"), "--mode", "int8"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert quantize.main([str(gqa_ckpt), str(tmp_path / "r"), "--mode", "int4", "--group_size", "100"]) == 2
+    assert program.main([str(gqa_ckpt), str(tmp_path / "r"), "--mode", "int4", "--group_size", "100"]) == 2
     assert "group_size must be one of" in capsys.readouterr().err
-    assert quantize.main([str(gqa_ckpt), str(tmp_path / "s"), "--mode", "int4", "--mp", "3"]) == 2
+    assert program.main([str(gqa_ckpt), str(tmp_path / "s"), "--mode", "int4", "--mp", "3"]) == 2
     assert "valid process counts" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
