@@ -27,13 +27,13 @@ from typing import Optional, Sequence
 
 from .. import distributed
 from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_PREFILL_TOKENS, MAX_QUEUE
-from ..cli import resolve_checkpoint, resolve_shield
+from ..cli import program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.web" if web else "python -m llama.serve", allow_abbrev=False,
+        prog=program_name("python -m llama.web" if web else "python -m llama.serve"), allow_abbrev=False,
         description="Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
                     + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
     add = parser.add_argument
