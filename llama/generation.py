@@ -96,7 +96,7 @@ class Llama:
         (default: detected from the files, see llama/families); it decides the chat format and stop tokens.
         deterministic: a request's tokens never depend on
         what else shares its batch (every decode step has one shape and every prompt is prefilled alone; see
-        README, "Deterministic mode", for its cost).
+        README, "What a seed promises", for its cost).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
