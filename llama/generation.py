@@ -142,6 +142,13 @@ class Llama:
         host-known positions. Public so that a second engine (llama.serve) reuses it, compiled graphs included."""
         return self._decode
 
+    @decode_step.setter
+    def decode_step(self, step: DecodeStep) -> None:
+        """Run later calls through another decode step (eager or compiled, other windows): a new engine over
+        the same model and cache, so call it between generations."""
+        self._decode = step
+        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic)
+
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
         return len(self.formatter.encode_dialog_prompt(dialog))
