@@ -405,11 +405,13 @@ def check_layers(args: ModelArgs, world: int, mode: str, group_size: Optional[in
 
 
 def kernel_for_quantize(mode: str, device: Union[str, torch.device], dtype: torch.dtype,
-                        group_size: Optional[int] = None
+                        group_size: Optional[int] = None, isa: Optional[str] = "auto"
                         ) -> Callable[[Union[torch.Tensor, QuantizedWeight]], nn.Module]:
     """The `Transformer.prepare` kernel for `mode`: it quantizes a float weight (or takes a loaded
-    QuantizedWeight) and returns the module computing x @ W.T through the device's weight-only operator.
-    Raises ValueError for an unknown mode, a bad group size, or a device or dtype without that operator."""
+    QuantizedWeight) and returns the module computing x @ W.T (the project's CPU kernels where they run, else
+    the device's weight-only operator; `isa` forces one: an instruction set name, or None for PyTorch's
+    operator). Raises ValueError for an unknown mode, a bad group size, or a device or dtype without that
+    operator."""
     group_size = check_mode(mode, group_size)
     device = torch.device(device)
     check_device(mode, device, dtype)
@@ -420,7 +422,7 @@ def kernel_for_quantize(mode: str, device: Union[str, torch.device], dtype: torc
         if (plain.mode, plain.group_size) != (mode, group_size):
             raise ValueError(f"a {plain.mode} weight (group size {plain.group_size}) cannot run as {mode} "
                              f"(group size {group_size})")
-        return linear(plain, dtype)
+        return linear(plain, dtype, isa)
 
     return make
 
