@@ -184,10 +184,16 @@ def linear(x: torch.Tensor, kind: int, packed: torch.Tensor, rscale: Optional[to
 
 
 def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], k: int, group: int, rows: slice,
-               dtype: torch.dtype, isa: str, threads: Optional[int] = None) -> torch.Tensor:
-    """Rows `rows` of the packed weight as floats (bfloat16 or float32), arguments as `linear`'s."""
-    out = torch.empty(rows.stop - rows.start, k, dtype=dtype)
+               dtype: torch.dtype, isa: str, threads: Optional[int] = None,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows `rows` of the packed weight as floats (bfloat16 or float32), arguments as `linear`'s; into `out`
+    (contiguous, of that many elements or more) when given."""
+    count = (rows.stop - rows.start) * k
+    if out is None:
+        out = torch.empty(count, dtype=dtype)
+    if out.dtype != dtype or out.numel() < count or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {count} elements or more")
     _check(load().qk_dequantize(kind, ISAS[isa], threads or torch.get_num_threads(), packed.data_ptr(),
                                 None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
                                 out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
-    return out
+    return out.view(-1)[:count].view(rows.stop - rows.start, k)

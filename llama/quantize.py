@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -190,22 +191,36 @@ CUDA_INT8_KERNEL_ROWS = 16  # on CUDA, larger calls (prefill) go through the den
 # On a CPU, calls of this many rows or more (prefill) dequantize the weight tile by tile into the dtype of the
 # CPU's fastest float GEMM (oneDNN bfloat16 with native bf16 instructions or AMX, else MKL float32) instead of
 # running the matrix-vector kernels: they are compute-bound there, and the GEMMs use the matrix units.
-CPU_PREFILL_ROWS = 16
+CPU_PREFILL_ROWS = 32
 DEQUANTIZED_TILE = 2**22  # weights dequantized at a time for such a call (8 MiB in bfloat16)
+
+
+_SCRATCH = threading.local()  # each thread's buffer for dequantized tiles, reused: fresh pages cost more than the work
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
 
 
 def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
                 group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
     """x (M, K) @ W.T through llama/csrc/qlinear.c: its matrix-vector kernels below CPU_PREFILL_ROWS rows, else
-    tiles of the dequantized weight through F.linear in `gemm_dtype`."""
+    tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
     if x.shape[0] < CPU_PREFILL_ROWS:
         return qkernels.linear(x, kind, packed, rscale, n, group, isa)
     k = x.shape[1]
     xg = x.to(gemm_dtype)
-    step = max(64, DEQUANTIZED_TILE // k // 64 * 64)
-    parts = [F.linear(xg, qkernels.dequantize(kind, packed, rscale, k, group, slice(lo, min(n, lo + step)),
-                                              gemm_dtype, isa)) for lo in range(0, n, step)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    step = min(n, max(64, DEQUANTIZED_TILE // k // 64 * 64))
+    buf = _tile_buffer(step * k, gemm_dtype)
+    out = torch.empty(x.shape[0], n, dtype=gemm_dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        tile = qkernels.dequantize(kind, packed, rscale, k, group, slice(lo, hi), gemm_dtype, isa, out=buf)
+        out[:, lo:hi] = F.linear(xg, tile)
     return out.to(x.dtype)
 
 

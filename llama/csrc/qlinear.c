@@ -323,6 +323,30 @@ __attribute__((target(AVX512))) static void int8_avx512(const job_t *j, int64_t 
     }
 }
 
+/* int4_row_setup, 16 groups at a time. */
+__attribute__((target(AVX512))) static inline float int4_row_avx512(const job_t *j, int64_t m, const uint8_t *tile,
+                                                                    int i, float *sf) {
+    const int64_t G = j->K / j->group;
+    const uint16_t *s = (const uint16_t *)tile + i * G, *z = (const uint16_t *)tile + TILE * G + i * G;
+    const float *gs = j->a->gsum + m * G;
+    __m512 zt = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) {
+        const __m512 sg = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + g))), 16));
+        const __m512 zg = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(z + g))), 16));
+        _mm512_storeu_ps(sf + g, sg);
+        zt = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg, zg), _mm512_loadu_ps(gs + g), zt);
+    }
+    float tail = 0.0f;
+    for (; g < G; g++) {
+        sf[g] = bf16_to_f32(s[g]);
+        tail += (bf16_to_f32(z[g]) - 8.0f * sf[g]) * gs[g];
+    }
+    return _mm512_reduce_add_ps(zt) + tail;
+}
+
 /* 64 int4 codes in input order from the 32 bytes at p: the low nibbles in bytes 0-31, the high ones in 32-63. */
 __attribute__((target(AVX512))) static inline __m512i codes64(const uint8_t *p, __m512i shift, __m512i low) {
     __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
@@ -347,8 +371,8 @@ __attribute__((target(AVX512))) static void int4_avx512(const job_t *j, int64_t 
     float sf[TILE * G];
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *tile = j->w + t * int4_tile_bytes(K, G), *p = tile + int4_codes_at(G);
-        const float z0 = int4_row_setup(j, m, tile, 0, sf), z1 = int4_row_setup(j, m, tile, 1, sf + G);
-        const float z2 = int4_row_setup(j, m, tile, 2, sf + 2 * G), z3 = int4_row_setup(j, m, tile, 3, sf + 3 * G);
+        const float z0 = int4_row_avx512(j, m, tile, 0, sf), z1 = int4_row_avx512(j, m, tile, 1, sf + G);
+        const float z2 = int4_row_avx512(j, m, tile, 2, sf + 2 * G), z3 = int4_row_avx512(j, m, tile, 3, sf + 3 * G);
         __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
         for (int64_t c = 0; c < nc; c++, p += TILE * 32) {
             const __m512i x = _mm512_loadu_si512(xq + c * CHUNK);
@@ -371,20 +395,29 @@ __attribute__((target(AVX512))) static void int4_avx512(const job_t *j, int64_t 
 
 #endif /* QK_X86 */
 
-static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
-    for (int64_t m = 0; m < j->a->M; m++) {
+static void run_rows(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
 #if QK_X86
-        if (j->isa == ISA_AVX512_VNNI) {
-            if (j->kind == KIND_INT8) int8_avx512(j, m, t0, t1);
-            else int4_avx512(j, m, t0, t1);
-            continue;
-        }
-        if (j->isa == ISA_AVX2) {
-            tiles_avx2(j, m, t0, t1);
-            continue;
-        }
+    if (j->isa == ISA_AVX512_VNNI) {
+        if (j->kind == KIND_INT8) int8_avx512(j, m, t0, t1);
+        else int4_avx512(j, m, t0, t1);
+        return;
+    }
+    if (j->isa == ISA_AVX2) {
+        tiles_avx2(j, m, t0, t1);
+        return;
+    }
 #endif
-        tiles_scalar(j, m, t0, t1);
+    tiles_scalar(j, m, t0, t1);
+}
+
+/* Tiles [t0, t1) for every activation row: a few tiles at a time (about 32 KiB, in the core's L1 or L2 cache)
+ * meet all M rows, so that the weights stream from memory once whatever M. */
+static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
+    const int64_t K = j->K, bytes = j->kind == KIND_INT8 ? int8_tile_bytes(K) : int4_tile_bytes(K, K / j->group);
+    const int64_t step = j->a->M == 1 ? t1 - t0 : (32768 / bytes > 1 ? 32768 / bytes : 1);
+    for (int64_t t = t0; t < t1; t += step) {
+        const int64_t end = t + step < t1 ? t + step : t1;
+        for (int64_t m = 0; m < j->a->M; m++) run_rows(j, m, t, end);
     }
 }
 
@@ -632,9 +665,53 @@ static inline void dequantize_body(const deq_t *d, int64_t lo, int64_t hi) {
 }
 
 #if QK_X86
-__attribute__((target(AVX512))) static void dequantize_avx512(const deq_t *d, int64_t lo, int64_t hi) {
-    dequantize_body(d, lo, hi);
+/* 16 floats to bfloat16 (round to nearest even; the weights are finite), stored at out. */
+__attribute__((target(AVX512))) static inline void store_bf16x16(uint16_t *out, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
+
+__attribute__((target(AVX512))) static inline void put16(const deq_t *d, void *out, int64_t at, __m512 v) {
+    if (d->out_bf16) store_bf16x16((uint16_t *)out + at, v);
+    else _mm512_storeu_ps((float *)out + at, v);
+}
+
+__attribute__((target(AVX512))) static void dequantize_avx512(const deq_t *d, int64_t lo, int64_t hi) {
+    const int64_t K = d->K, G = d->kind == KIND_INT4 ? K / d->group : 1;
+    const __m512i low = _mm512_set1_epi8(15);
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    for (int64_t n = lo; n < hi; n++) {
+        const int64_t r = d->r0 + n, t = r / TILE;
+        const int i = (int)(r % TILE);
+        if (d->kind == KIND_INT8) {
+            const __m512 s = _mm512_set1_ps(d->rscale[r]);
+            const int8_t *w = (const int8_t *)d->w + t * int8_tile_bytes(K) + i * CHUNK;
+            for (int64_t c = 0; c < K / CHUNK; c++, w += TILE * CHUNK)
+                for (int q = 0; q < 4; q++) {
+                    __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * q)));
+                    put16(d, d->out, n * K + c * CHUNK + 16 * q, _mm512_mul_ps(_mm512_cvtepi32_ps(v), s));
+                }
+            continue;
+        }
+        const uint8_t *tile = d->w + t * int4_tile_bytes(K, G), *p = tile + int4_codes_at(G) + i * 32;
+        const uint16_t *sc = (const uint16_t *)tile + i * G, *zr = (const uint16_t *)tile + TILE * G + i * G;
+        for (int64_t c = 0; c < K / CHUNK; c++, p += TILE * 32) {
+            __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+            uint8_t codes[64];
+            _mm512_storeu_si512(codes, _mm512_and_si512(_mm512_srlv_epi16(b, shift), low));
+            for (int q = 0; q < 4; q++) {
+                const int64_t k = c * CHUNK + 16 * q, g = k / d->group;
+                const float sg = bf16_to_f32(sc[g]);
+                const __m512 s = _mm512_set1_ps(sg), z = _mm512_set1_ps(bf16_to_f32(zr[g]) - 8.0f * sg);
+                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * q))));
+                put16(d, d->out, n * K + k, _mm512_fmadd_ps(v, s, z));
+            }
+        }
+    }
+}
+
 __attribute__((target(AVX2))) static void dequantize_avx2(const deq_t *d, int64_t lo, int64_t hi) {
     dequantize_body(d, lo, hi);
 }
