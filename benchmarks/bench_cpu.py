@@ -82,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1.1B", choices=sorted(PRESETS))
     parser.add_argument("--n_layers", type=int, help="override the layer count")
+    parser.add_argument("--dim", type=int, help="override the model dim (tests: a tiny model of the same form)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode_tokens", type=int, default=32)
@@ -96,6 +97,8 @@ def main() -> None:
     shape = dict(PRESETS[opts.shape])
     if opts.n_layers:
         shape["n_layers"] = opts.n_layers
+    if opts.dim:
+        shape["dim"] = opts.dim
     args = ModelArgs(**shape, max_batch_size=1, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
     names = opts.precisions.split(",") + (["int8_aten", "int4_g64_aten"] if opts.aten else [])
     bad = [n for n in names if n not in ("bfloat16", "int8", "int4_g64", "int8_aten", "int4_g64_aten")]
