@@ -161,3 +161,10 @@ def test_the_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert qkernels.build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_an_install_carries_the_c_source():
+    # A wheel (or a non-editable install) has no checkout beside it: setup.py must ship the source to compile.
+    setup = (ROOT / "setup.py").read_text()
+    assert '"llama": ["csrc/*.c"]' in setup
+    assert qkernels.SOURCE.parent == ROOT / "llama" / "csrc" and qkernels.SOURCE.suffix == ".c"
