@@ -161,10 +161,15 @@ def main() -> None:
             "bandwidth_share": round(median(lambda r: r[name][0] * per_token[name] / bandwidth(r)), 3),
             "bandwidth_share_each_round": [round(r[name][0] * per_token[name] / bandwidth(r), 3) for r in rounds],
         }
-    if "bfloat16" in models:
+    if "bfloat16" in models:  # each round's ratio, then the median: the load drifts between rounds
         for name in names:
-            out["precisions"][name]["prefill_vs_bfloat16"] = round(
-                median(lambda r: r[name][1] / r["bfloat16"][1]), 2)
+            out["precisions"][name]["decode_vs_bfloat16"] = round(median(lambda r: r[name][0] / r["bfloat16"][0]), 2)
+            out["precisions"][name]["prefill_vs_bfloat16"] = round(median(lambda r: r[name][1] / r["bfloat16"][1]), 2)
+    for name in names:
+        own = name[: -len("_aten")]
+        if name.endswith("_aten") and own in models:
+            out["precisions"][name][f"decode_vs_{own}"] = round(median(lambda r: r[name][0] / r[own][0]), 2)
+            out["precisions"][name][f"prefill_vs_{own}"] = round(median(lambda r: r[name][1] / r[own][1]), 2)
     print(json.dumps(out, indent=2))
 
 
