@@ -14,10 +14,12 @@ at load computes.
 
 The plain form (`QuantizedWeight`) keeps every tensor's output rows on dim 0 and its input columns (bytes,
 groups) on dim 1, so it is sliced across ranks, concatenated by fusion and stored in a checkpoint like any
-weight. The kernels (`Int8Linear`, `Int4Linear`) are PyTorch's built-in weight-only operators:
+weight. The kernels (`Int8Linear`, `Int4Linear`): on x86 CPUs with AVX2, the library's own (llama/qkernels.py,
+llama/csrc/qlinear.c: 8-bit activations against the weights in integer dot products; prefill-sized calls
+through oneDNN on dequantized tiles); elsewhere PyTorch's built-in weight-only operators:
 ``aten._weight_int8pack_mm`` (CPU and CUDA), ``aten._weight_int4pack_mm_for_cpu`` (CPU) and
 ``aten._weight_int4pack_mm`` (CUDA, bfloat16, compute capability 8.0 or newer). See the README's measurements
-for why these and not torchao.
+for why.
 """
 
 from __future__ import annotations
