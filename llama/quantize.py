@@ -212,6 +212,8 @@ def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Te
                 group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
     """x (M, K) @ W.T through llama/csrc/qlinear.c: its matrix-vector kernels below CPU_PREFILL_ROWS rows, else
     tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
+    if x.dtype not in (torch.bfloat16, torch.float32):  # the C kernels read bfloat16 or float32
+        return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
     if x.shape[0] < CPU_PREFILL_ROWS:
         return qkernels.linear(x, kind, packed, rscale, n, group, isa)
     k = x.shape[1]
