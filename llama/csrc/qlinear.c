@@ -8,10 +8,10 @@
  * dot products (AVX-512 VNNI `vpdpbusd`, or AVX2's `vpmaddubsw` + `vpmaddwd`); each block's integer sum is scaled
  * once. The only approximation is the activations' rounding to 8 bits (at most half a step per input).
  *
- * int8 weights are read as stored (signed, -127..127, row-major). int4 weights use a layout of their own (see
- * qk_pack_int4): each 64 inputs of a row are 32 bytes, input t in the low nibble of byte t and input 32 + t in
- * the high one, so that two masks and a shift give 64 codes in input order. Their bfloat16 scales and zeros are
- * read as stored, (rows, groups). w = (code - 8) * scale + zero, so a group adds
+ * The weights are repacked once (qk_pack_int8, qk_pack_int4) into tiles of 4 output rows that are read as one
+ * sequential stream; see "the weights' layouts" below. int8 codes are signed, -127..127 (packing turns -128
+ * into -127: the kernels negate codes), with one float32 scale per row. int4 codes are 0..15 with a bfloat16
+ * scale and zero per group: w = (code - 8) * scale + zero, so a group adds
  *     scale * sum(code * x) + (zero - 8 * scale) * sum(x).
  *
  * One binary serves every x86 CPU: each instruction set's kernel is compiled for it alone (GCC/Clang target
@@ -556,14 +556,19 @@ int64_t qk_packed_bytes(int kind, int64_t N, int64_t K, int64_t group) {
     return tiles_of(N) * (kind == KIND_INT8 ? int8_tile_bytes(K) : int4_tile_bytes(K, K / group));
 }
 
-/* int8 (N x K, row-major) into tiles; the padding rows are zeros. */
+/* int8 (N x K, row-major) into tiles; the padding rows are zeros. A code of -128 (which this library's
+ * quantizer never writes) becomes -127: the kernels negate codes. */
 int qk_pack_int8(const int8_t *src, uint8_t *dst, int64_t N, int64_t K) {
     if (check_shape(KIND_INT8, K, 0) || N < 1) return EINVAL;
     memset(dst, 0, (size_t)qk_packed_bytes(KIND_INT8, N, K, 0));
     for (int64_t r = 0; r < N; r++)
-        for (int64_t c = 0; c < K / CHUNK; c++)
-            memcpy(dst + (r / TILE) * int8_tile_bytes(K) + c * TILE * CHUNK + (r % TILE) * CHUNK,
-                   src + r * K + c * CHUNK, CHUNK);
+        for (int64_t c = 0; c < K / CHUNK; c++) {
+            int8_t *d = (int8_t *)dst + (r / TILE) * int8_tile_bytes(K) + c * TILE * CHUNK + (r % TILE) * CHUNK;
+            for (int k = 0; k < CHUNK; k++) {
+                const int8_t v = src[r * K + c * CHUNK + k];
+                d[k] = v == -128 ? -127 : v;
+            }
+        }
     return 0;
 }
 
