@@ -6,7 +6,8 @@ here (--aten adds PyTorch's own weight-only operators on the same weights, for c
 every variant once, in a rotating order, together with a plain streaming read of 1 GiB (`x.sum()`); the figures
 are medians over the rounds, and each round's shares use that round's read bandwidth:
 
-- decode_tok_s: batch-1 greedy decoding through `Llama.generate` (generating n + 1 tokens minus generating 1);
+- decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the model's decode step (as `Llama.generate`
+  calls it) after a 16-token prompt;
 - prefill_tok_s: one forward pass over a prompt of --prompt_len tokens (logits at its last position only);
 - bandwidth_share: decode_tok_s x the bytes of weights read per token (every weight once, except the embedding
   table, of which one row) / the read bandwidth.
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 
 from llama import ModelArgs, Transformer, cpu, quantize  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
-from bench_decode import decode_rate, generator, prompts, random_model  # noqa: E402
+from bench_decode import prompts, random_model  # noqa: E402
 from common import kernel_report  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -109,15 +110,23 @@ def main() -> None:
     for name in names:
         progress(f"building {opts.shape} ({args.n_layers} layers) as {name}")
         models[name] = build(args, name)
-    gens = {name: generator(model) for name, model in models.items()}
     per_token = {name: bytes_read_per_token(model) for name, model in models.items()}
     prompt = torch.tensor(prompts(1, opts.prompt_len, args.vocab_size))
     last = torch.tensor([[opts.prompt_len - 1]])
+    window = args.max_seq_len
 
     def decode(name: str) -> float:
-        gen = gens[name]
-        return decode_rate(lambda bsz, n: gen.generate(prompts(bsz, 16, args.vocab_size), max_gen_len=n,
-                                                       temperature=0), 1, opts.decode_tokens, CPU, 1)
+        """Tokens/s of greedy decode steps after a 16-token prompt (the model's own decode step, as the
+        generation loop calls it; the prompt's prefill is not timed)."""
+        model = models[name]
+        with torch.inference_mode():
+            logits = model(prompt[:, :16], 0, logits_at=torch.tensor([[15]]))
+            token = logits[:, -1].argmax(-1)
+            start = time.perf_counter()
+            for step in range(opts.decode_tokens):
+                logits = model.decode(token, torch.tensor([16 + step]), window)
+                token = logits.argmax(-1)
+            return opts.decode_tokens / (time.perf_counter() - start)
 
     def prefill(name: str) -> float:
         with torch.inference_mode():

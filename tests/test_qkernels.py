@@ -127,6 +127,20 @@ def test_modules_choose_the_kernels_and_prefill_dequantizes(mode, group):
         assert bool(((got[0].double() - exact).abs() <= tol).all())
 
 
+def test_an_int8_code_of_minus_128_counts_as_minus_127():
+    # The library's quantizer never writes -128, but a checkpoint from elsewhere may: the kernels negate codes.
+    _runnable("scalar")
+    plain = quantize_weight(_weight(4, 64, 0), "int8")
+    plain.qweight[1, 7] = -128
+    packed = qkernels.pack_int8(plain.qweight)
+    assert int(packed.view(torch.int8).min()) == -127
+    clipped = plain.qweight.clamp(min=-127).float() * plain.scales.float()[:, None]
+    x = _activations(1, 64, 0)
+    exact, bound = _reference_and_bound(x.float(), clipped)
+    got = qkernels.linear(x.float(), 8, packed, plain.scales.float(), 4, 0, qkernels.best_isa())
+    assert bool(((got.double() - exact).abs() <= bound).all())
+
+
 def test_a_shape_the_kernels_refuse_falls_back_to_pytorch():
     plain = quantize_weight(_weight(16, 96, 0), "int8")  # 96 inputs: not a multiple of 64
     assert quantize.own_kernel_isa(plain, torch.bfloat16) is None

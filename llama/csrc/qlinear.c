@@ -277,7 +277,8 @@ __attribute__((target(AVX2))) static void tiles_avx2(const job_t *j, int64_t m, 
                 const __m256 s0 = _mm256_broadcast_ss(sc + 2 * c), s1 = _mm256_broadcast_ss(sc + 2 * c + 1);
                 const int64_t g0 = (2 * c) >> j->gshift, g1 = (2 * c + 1) >> j->gshift;
                 for (int i = 0; i < TILE; i++) {
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tile + int4_codes_at(G) + c * TILE * 32 + i * 32));
+                    const uint8_t *p = tile + int4_codes_at(G) + c * TILE * 32 + i * 32;
+                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p);
                     const __m256i lo = _mm256_and_si256(bytes, low);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
                     const __m256 d0 = _mm256_mul_ps(dot4_avx2(lo, x0, ones), s0);
@@ -381,10 +382,12 @@ __attribute__((target(AVX512))) static void int4_avx512(const job_t *j, int64_t 
             const __m512i d1 = _mm512_dpbusd_epi32(zero, codes64(p + 32, shift, low), x);
             const __m512i d2 = _mm512_dpbusd_epi32(zero, codes64(p + 64, shift, low), x);
             const __m512i d3 = _mm512_dpbusd_epi32(zero, codes64(p + 96, shift, low), x);
-            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), l), chunk_scale(sf, c, gshift, pick), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), l), chunk_scale(sf + G, c, gshift, pick), acc1);
-            acc2 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d2), l), chunk_scale(sf + 2 * G, c, gshift, pick), acc2);
-            acc3 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d3), l), chunk_scale(sf + 3 * G, c, gshift, pick), acc3);
+            const __m512 s0 = chunk_scale(sf, c, gshift, pick), s1 = chunk_scale(sf + G, c, gshift, pick);
+            const __m512 s2 = chunk_scale(sf + 2 * G, c, gshift, pick), s3 = chunk_scale(sf + 3 * G, c, gshift, pick);
+            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), l), s0, acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), l), s1, acc1);
+            acc2 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d2), l), s2, acc2);
+            acc3 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d3), l), s3, acc3);
         }
         store(j, m, t * TILE, _mm512_reduce_add_ps(acc0) + z0);
         store(j, m, t * TILE + 1, _mm512_reduce_add_ps(acc1) + z1);
@@ -586,7 +589,8 @@ int qk_pack_int4(const uint8_t *codes, const uint16_t *scales, const uint16_t *z
         for (int64_t c = 0; c < K / CHUNK; c++)
             for (int t = 0; t < 32; t++) {
                 const int64_t lo = c * CHUNK + t, hi = lo + 32;
-                const uint8_t clo = (s[lo / 2] >> ((lo % 2) ? 0 : 4)) & 15, chi = (s[hi / 2] >> ((hi % 2) ? 0 : 4)) & 15;
+                const uint8_t clo = (s[lo / 2] >> ((lo % 2) ? 0 : 4)) & 15;
+                const uint8_t chi = (s[hi / 2] >> ((hi % 2) ? 0 : 4)) & 15;
                 tile[int4_codes_at(G) + c * TILE * 32 + i * 32 + t] = (uint8_t)(clo | (chi << 4));
             }
         memcpy(tile + i * G * 2, scales + r * G, (size_t)G * 2);
