@@ -10,11 +10,12 @@ setup(
     # The import name is `llama`; the distribution needs its own name (PyPI's `llama` is another project).
     name="llama2-reference",
     version=VERSION,
-    description="Llama 2 reference inference: model-parallel on GPU and CPU, exact and fast",
+    description="Llama 2 reference inference (and Code Llama, Llama Guard, Llama 3.x): model-parallel on GPU and CPU",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.serve", "llama._demo"],
+    packages=["llama", "llama.programs", "llama.serve", "llama.engine", "llama.families", "llama.tokenizers",
+              "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
     # llama/csrc: the C source of the quantized CPU kernels, compiled at first use (llama/qkernels.py).
@@ -25,24 +26,28 @@ setup(
     install_requires=(HERE / "requirements.txt").read_text().split(),
     extras_require={
         # Test-only: an independent implementation to check numerics against (transformers; peft for LoRA
-        # adapters; protobuf lets transformers read a SentencePiece tokenizer.model), and the test runner.
+        # adapters; protobuf lets transformers read a SentencePiece tokenizer.model; jinja2 renders the published
+        # Llama 3 chat templates), and the test runner.
         # The serving tests use real clients (openai, httpx) and a real browser (selenium driving Debian's
-        # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras.
-        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "matplotlib", "openai>=1.40", "httpx>=0.27",
-                 "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
+        # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras;
+        # hypothesis generates the fuzzed requests of the server's safety test; jinja2 renders published chat
+        # templates for the family tests.
+        "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
+                 "httpx>=0.27", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6",
+                 "hypothesis>=6.100"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
-        # python -m llama.web (or llama.serve --web): the chat page.
+        # python -m llama web (or llama serve --web): the chat page.
         "web": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.
         "train": ["matplotlib"],
     },
     entry_points={"console_scripts": [
-        "llama-chat = llama.chat:entry_point",
-        "llama-reshard = llama.reshard:entry_point",
-        "llama-convert = llama.convert:entry_point",
-        "llama-quantize = llama.quantize:entry_point",
-        "llama-serve = llama.serve.__main__:entry_point",
-        "llama-web = llama.web:entry_point",
+        "llama-chat = llama.programs.chat:entry_point",
+        "llama-reshard = llama.programs.reshard:entry_point",
+        "llama-convert = llama.programs.convert:entry_point",
+        "llama-quantize = llama.programs.quantize:entry_point",
+        "llama-serve = llama.programs.serve:entry_point",
+        "llama-web = llama.programs.web:entry_point",
     ]},
 )

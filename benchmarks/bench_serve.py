@@ -16,6 +16,16 @@ run produces the same tokens.
     python benchmarks/bench_serve.py --random 512,8,8      # a random checkpoint: dim, layers, heads (vocab 32000)
     python benchmarks/bench_serve.py --ckpt_dir D --tokenizer_path T --levels 1,16
 
+--prefill_stall measures something else: how long running streams stall while long prompts arrive. Two
+servers run side by side, one with --max_prefill_tokens 0 (no limit: every waiting prompt is prefilled in one
+step) and one with the default budget; trials alternate between them. In each trial --streams streams are
+running when --long_prompts prompts of about --long_tokens tokens arrive at once; the gaps between the running
+streams' chunks from the burst's start until every long prompt has its first token are what count. Reported
+per server: the medians over trials of those gaps' p99 and maximum, and of the time to the burst's last first
+token (what the budget costs the newcomers).
+
+    python benchmarks/bench_serve.py --prefill_stall                  # the demo model, 7 prompts of 2000 tokens
+
 Prints one JSON object. The server gets OMP_NUM_THREADS=--threads (default 1: on a small shared machine more
 threads than free cores make every step wait for the slowest one).
 """
@@ -71,12 +81,13 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
 class Server:
     """`python -m llama.serve` on a free loopback port, until stop()."""
 
-    def __init__(self, ckpt: str, tokenizer: str, batch: int, max_seq_len: int, threads: int, dtype: str) -> None:
+    def __init__(self, ckpt: str, tokenizer: str, batch: int, max_seq_len: int, threads: int, dtype: str,
+                 extra: Sequence[str] = ()) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama.serve", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer, "--port", "0",
              "--max_batch_size", str(batch), "--max_seq_len", str(max_seq_len), "--max_queue", "256",
-             "--dtype", dtype, "--model", "bench", "--log_level", "warning"],
+             "--dtype", dtype, "--model", "bench", "--log_level", "warning", *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:
             match = re.search(r"Serving .* on (http://\S+)", line)
@@ -141,11 +152,104 @@ def _r(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 4)
 
 
+def long_prompt(tokenizer: str, n_tokens: int, seed: int) -> str:
+    """A prompt of about n_tokens tokens (BOS included) for this tokenizer."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.Load(tokenizer)
+    rng = random.Random(seed)
+    words: List[str] = []
+    while len(sp.encode(" ".join(words))) + 1 < n_tokens:
+        words += [rng.choice(WORDS) for _ in range(max(1, (n_tokens - len(sp.encode(" ".join(words)))) // 2))]
+    while len(sp.encode(" ".join(words))) + 1 > n_tokens:
+        words.pop()
+    return " ".join(words)
+
+
+async def stall_trial(url: str, streams: int, longs: List[str], stream_tokens: int) -> Dict[str, float]:
+    """One trial: `streams` streams run, then the long prompts arrive at once. The running streams' chunk gaps
+    that end between the burst's start and the last long prompt's first token: their p99 and maximum."""
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(timeout=600, transport=transport) as client:
+        await one(client, url, "warm up", 2)
+        times: List[List[float]] = [[] for _ in range(streams)]
+        started = asyncio.Event()
+
+        async def running(i: int) -> None:
+            body = {"model": "bench", "prompt": f"stream {i}: a wise man", "max_tokens": stream_tokens,
+                    "temperature": 0, "stream": True}
+            async with client.stream("POST", url + "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]" and \
+                            any(c.get("text") for c in json.loads(line[6:])["choices"]):
+                        times[i].append(time.perf_counter())
+                        if all(len(t) >= 8 for t in times):
+                            started.set()
+
+        tasks = [asyncio.create_task(running(i)) for i in range(streams)]
+        await asyncio.wait_for(started.wait(), 600)
+        burst = time.perf_counter()
+        firsts = await asyncio.gather(*(one(client, url, text, 1) for text in longs))
+        end = burst + max(r["ttft"] for r in firsts)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if burst < b <= end + 1e-3 or a < end < b]
+    return {"gap_p99_s": percentile(gaps, 99) or 0.0, "gap_max_s": max(gaps, default=0.0),
+            "last_ttft_s": end - burst, "gaps": len(gaps)}
+
+
+def prefill_stall(args: argparse.Namespace, ckpt: str, tokenizer: str) -> Dict[str, Any]:
+    """The --prefill_stall comparison (see the module docstring): unlimited prefill against the default budget,
+    trials alternating between two servers that run side by side."""
+    from statistics import median
+
+    from llama.serve.limits import MAX_PREFILL_TOKENS
+
+    longs = [long_prompt(tokenizer, args.long_tokens, seed) for seed in range(args.long_prompts)]
+    seq = args.long_tokens + args.stream_tokens + 64
+    batch = args.streams + args.long_prompts
+    setups = {"unlimited": ["--max_prefill_tokens", "0"], f"default_{MAX_PREFILL_TOKENS}": []}
+    servers = {name: Server(ckpt, tokenizer, batch, seq, args.threads, args.dtype, extra)
+               for name, extra in setups.items()}
+    trials: Dict[str, List[Dict[str, float]]] = {name: [] for name in setups}
+    try:
+        for trial in range(args.trials):
+            for name in (list(setups) if trial % 2 == 0 else list(reversed(setups))):
+                result = asyncio.run(stall_trial(servers[name].url, args.streams, longs, args.stream_tokens))
+                trials[name].append(result)
+                print(json.dumps({"server": name, "trial": trial, **{k: _r(v) for k, v in result.items()}}),
+                      file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {name: {"max_prefill_tokens": "none" if name == "unlimited" else MAX_PREFILL_TOKENS,
+                   "running_gap_p99_s": _r(median(r["gap_p99_s"] for r in runs)),
+                   "running_gap_max_s": _r(median(r["gap_max_s"] for r in runs)),
+                   "burst_last_first_token_s": _r(median(r["last_ttft_s"] for r in runs))}
+            for name, runs in trials.items()} | {"streams": args.streams, "long_prompts": args.long_prompts,
+                                                  "long_tokens": args.long_tokens, "trials": args.trials}
+
+
 def random_checkpoint(spec: str, folder: Path) -> Dict[str, Any]:
     dim, layers, heads = (int(x) for x in spec.split(","))
     args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000, multiple_of=256)
     write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(random_state(args, seed=0), 1))
     return {"random": spec, "parameters": count_parameters(args)}
+
+
+def machine() -> Dict[str, Any]:
+    """The CPU's name, core count and vector flags (what README's figures name)."""
+    flags, cpu = "", platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        line = next((ln for ln in info if ln.startswith("flags")), "")
+        flags = " ".join(f for f in line.split() if f.startswith(("avx", "amx", "fma", "f16c")))
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": flags, "date": time.strftime("%Y-%m-%d")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -161,6 +265,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="max_batch_size of every server (default: each level's concurrency)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill_stall", action="store_true",
+                        help="measure running streams' stalls while long prompts arrive (see the docstring)")
+    parser.add_argument("--streams", type=int, default=2, help="--prefill_stall: streams running")
+    parser.add_argument("--long_prompts", type=int, default=7, help="--prefill_stall: prompts arriving at once")
+    parser.add_argument("--long_tokens", type=int, default=2000, help="--prefill_stall: tokens per long prompt")
+    parser.add_argument("--stream_tokens", type=int, default=400, help="--prefill_stall: running streams' max_tokens")
+    parser.add_argument("--trials", type=int, default=4, help="--prefill_stall: trials per server, alternating")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     tmp = tempfile.TemporaryDirectory()
@@ -172,6 +283,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         params = json.loads((Path(ckpt) / "params.json").read_text())
         params["vocab_size"] = params.get("vocab_size", -1) if params.get("vocab_size", -1) > 0 else 32000
         model = {"ckpt_dir": ckpt, "parameters": count_parameters(ModelArgs.from_params(params))}
+    if args.prefill_stall:
+        print(json.dumps({"model": model, "device": "cpu", "dtype": args.dtype, "server_threads": args.threads,
+                          **machine(), "torch": torch.__version__,
+                          "prefill_stall": prefill_stall(args, ckpt, tokenizer)}, indent=1))
+        return
     texts = prompts(args.requests)
     runs = []
     for level in levels:
@@ -185,15 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     base = next((r["tokens_per_s"] for r in runs if r["concurrency"] == 1), None)
     for r in runs:
         r["speedup"] = round(r["tokens_per_s"] / base, 2) if base else None
-    flags, cpu = "", platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        line = next((ln for ln in info if ln.startswith("flags")), "")
-        flags = " ".join(f for f in line.split() if f.startswith(("avx", "amx", "fma", "f16c")))
-        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
     print(json.dumps({"model": model, "device": "cpu", "dtype": args.dtype, "server_threads": args.threads,
-                      "cpu": cpu, "cores": os.cpu_count(),
-                      "cpu_flags": flags, "torch": torch.__version__, "max_tokens": args.max_tokens,
+                      **machine(), "torch": torch.__version__, "max_tokens": args.max_tokens,
                       "requests_per_level": args.requests, "runs": runs}, indent=1))
 
 

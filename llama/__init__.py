@@ -1,4 +1,4 @@
-"""Llama 2 inference: model-parallel Transformer, tokenizer, chat format and generator."""
+"""Llama inference for the family (Llama 2, Code Llama, Llama Guard, Llama 3.x): model, tokenizers, generator."""
 
 import os as _os
 import sys as _sys
@@ -23,9 +23,10 @@ if "torch" not in _sys.modules:
 __version__ = "0.2.0"
 
 from .chat_format import ChatFormat, Dialog, Message
-from .generation import ChatPrediction, CompletionPrediction, Llama
+from .families import Moderation
+from .generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer", "ChatFormat",
-           "CompletionPrediction", "ChatPrediction"]
+           "CompletionPrediction", "ChatPrediction", "InfillingPrediction", "Moderation"]

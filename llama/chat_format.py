@@ -1,10 +1,14 @@
-"""The Llama 2 chat prompt: ``[INST]`` turns, a ``<<SYS>>`` block, one BOS/EOS pair per exchange."""
+"""The Llama 2 chat prompt: ``[INST]`` turns, a ``<<SYS>>`` block, one BOS/EOS pair per exchange.
+
+Also Code Llama Instruct's and Llama Guard 1's. The dialog types and their validation are shared by every chat
+format of the family (Llama 3's is in llama/families/llama3.py).
+"""
 
 from __future__ import annotations
 
 from typing import List, Literal, Optional, Sequence, TypedDict
 
-from .tokenizer import Tokenizer
+from .tokenizers import BaseTokenizer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -52,8 +56,25 @@ def has_special_tags(dialog: Sequence[Message]) -> bool:
 
 
 class ChatFormat:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    """Dialog -> prompt tokens. Every family's chat format offers these methods: `tags` (the prompt's own
+    markers, which a message may not contain, as text) and the checks for them."""
+
+    tags: Sequence[str] = tuple(SPECIAL_TAGS)
+
+    def __init__(self, tokenizer: BaseTokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def contains_tags(self, text: str) -> bool:
+        """True when a text holds one of this format's markers."""
+        return any(tag in text for tag in self.tags)
+
+    def has_special_tags(self, dialog: Sequence[Message]) -> bool:
+        """True when a message smuggles in this format's markers (a prompt injection)."""
+        return any(self.contains_tags(msg["content"]) for msg in dialog)
+
+    def tags_text(self) -> str:
+        """The markers, for messages: "[INST], [/INST], <<SYS>> and <</SYS>>"."""
+        return ", ".join(self.tags[:-1]) + f" and {self.tags[-1]}" if len(self.tags) > 1 else "".join(self.tags)
 
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
         """The exact prompt tokens of a dialog: BOS [INST] user [/INST] answer EOS ... BOS [INST] user [/INST]."""

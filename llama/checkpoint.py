@@ -111,6 +111,7 @@ class CheckpointInfo:
     params: Dict[str, Any]
     vocab_rows: int  # rows of tok_embeddings: the vocabulary the weights were trained with
     quantization: Optional[Dict[str, Any]] = None  # params.json's "quantization" entry (llama.quantize wrote it)
+    tied: bool = False  # no output weight stored: the output projection is tok_embeddings (Llama 3.2 1B, 3B)
 
     @property
     def n_shards(self) -> int:
@@ -124,7 +125,8 @@ def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     first = open_shard(shards[0])  # memory-mapped: reading shapes touches no weights
     if "tok_embeddings.weight" not in first:
         raise ValueError(f"{str(shards[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
-    return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0], quantization)
+    return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0], quantization,
+                          tied="output.weight" not in first)
 
 
 def valid_model_parallel_sizes(args: ModelArgs) -> List[int]:
@@ -191,6 +193,8 @@ def load_rank_state(
     if len(shards) == world:
         state = open_shard(shards[rank], mmap=mmap)
         state = {k: v.to(device=device, dtype=_cast_to(v, dtype)) for k, v in state.items()}
+        if "output.weight" not in state:
+            state["output.weight"] = tied_output(shards, rank, world, dtype, device)
         if progress:
             progress(1, 1, Path(shards[rank]), time.perf_counter() - started)
         return state
@@ -233,7 +237,25 @@ def load_rank_state(
         del src  # drop every reference into this shard's mapping before the next one is opened
         if progress:
             progress(done, len(needed), Path(path), time.perf_counter() - started)
+    if "output.weight" not in out:
+        out["output.weight"] = tied_output(shards, rank, world, dtype, device)
     return out
+
+
+def tied_output(shards: Sequence[PathLike], rank: int, world: int, dtype: Optional[torch.dtype] = None,
+                device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """Rank `rank`'s slice of the output projection of a checkpoint that stores none (tied embeddings): the
+    output is split on its vocabulary rows, the embedding across shards on its columns, so the rank's rows are
+    read from every shard and joined."""
+    out_dim, emb_dim = split_dim("output.weight"), split_dim("tok_embeddings.weight")
+    pieces = []
+    for path in shards:
+        table = open_shard(path)["tok_embeddings.weight"]
+        rows = _piece_bounds(table.shape[out_dim], world, rank)
+        pieces.append(table.narrow(out_dim, rows.start, len(rows)).to(device=device, dtype=_cast_to(table, dtype),
+                                                                       copy=True))
+        del table
+    return torch.cat(pieces, dim=emb_dim) if len(pieces) > 1 else pieces[0]
 
 
 def _cast_to(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:

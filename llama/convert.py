@@ -1,6 +1,6 @@
 """Convert a checkpoint between Meta's layout and Hugging Face's, in either direction.
 
-    python -m llama.convert SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH]
+    python -m llama convert SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH]
 
 The direction follows from SRC_DIR (a config.json means Hugging Face's layout) unless --to says it.
 
@@ -21,16 +21,14 @@ DST_DIR must not already hold a checkpoint of either layout: nothing is ever ove
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import cli, hf
+from . import families, hf
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -43,7 +41,6 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .loading import parse_dtype
 from .model import ModelArgs
 from .tokenizer import Tokenizer
 
@@ -85,8 +82,10 @@ def _meta_layers(shards: List[Path], args: ModelArgs) -> Iterator[Tuple[str, tor
         sources = [open_shard(path) for path in shards]
         full: Dict[str, torch.Tensor] = {}
         for key in keys:
-            dim = split_dim(key)
-            full[key] = sources[0][key] if dim is None else torch.cat([src[key] for src in sources], dim=dim)
+            # A checkpoint with tied embeddings (Llama 3.2 1B, 3B) stores no output: its output is the embedding.
+            stored = key if key != "output.weight" or key in sources[0] else "tok_embeddings.weight"
+            dim = split_dim(stored)
+            full[key] = sources[0][stored] if dim is None else torch.cat([src[stored] for src in sources], dim=dim)
         del sources
         for name, tensor in hf.to_hf_state(full, args).items():
             yield name, tensor
@@ -100,7 +99,7 @@ def _check_meta_shards(shards: List[Path], args: ModelArgs) -> torch.dtype:
     for path in shards:
         src = open_shard(path)
         for key, shape in expected.items():
-            if key == "rope.freqs":
+            if key == "rope.freqs" or (key == "output.weight" and key not in src):  # tied embeddings
                 continue
             if key not in src:
                 raise ValueError(f"{str(path)!r} has no {key}: not a complete Llama checkpoint")
@@ -117,11 +116,13 @@ def _check_meta_shards(shards: List[Path], args: ModelArgs) -> torch.dtype:
 
 def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[PathLike] = None,
                dtype: Optional[torch.dtype] = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES,
-               max_position_embeddings: int = hf.LLAMA2_CONTEXT, log: Optional[_Log] = None) -> Path:
+               max_position_embeddings: Optional[int] = None, log: Optional[_Log] = None,
+               family: Optional[str] = None) -> Path:
     """Write Meta's checkpoint in `src_dir` in Hugging Face's layout into the new or empty `dst_dir`.
 
     Every check (the source's files and shapes, the tokenizer's vocabulary against the embedding rows, the
-    destination) comes before anything is written."""
+    destination) comes before anything is written. The family (detected, or `family`) gives the special tokens,
+    the tokenizer's files and, by default, max_position_embeddings (the context it was trained for)."""
     log = log or (lambda message: None)
     info = inspect_checkpoint(src_dir)
     if info.quantization is not None:
@@ -134,6 +135,9 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     if tokenizer.n_words != info.vocab_rows:
         raise ValueError(f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} tokens but the checkpoint in "
                          f"{str(src_dir)!r} has {info.vocab_rows} embedding rows: they do not belong together")
+    found = families.detect(tokenizer, info.params, family)
+    if max_position_embeddings is None:
+        max_position_embeddings = found.context_for(info.params)
     stored = _check_meta_shards(info.shards, args)
     dtype = dtype or stored
     if dtype not in hf.SAFETENSORS_DTYPES:
@@ -144,7 +148,9 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
         f"({str(dtype).removeprefix('torch.')}, files of at most {max_shard_bytes / 1e9:g} GB)")
     start = time.perf_counter()
     written = hf.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
-                                     tokenizer.bos_id, tokenizer.eos_id, max_shard_bytes, max_position_embeddings)
+                                     tokenizer.bos_id, _one_or_list(found.hf_eos_ids(tokenizer)), max_shard_bytes,
+                                     max_position_embeddings, found.hf_tokenizer_files(tokenizer,
+                                                                                       max_position_embeddings))
     for path in written:
         if path.suffix == ".safetensors":
             log(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB")
@@ -196,6 +202,10 @@ def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: O
     return dst
 
 
+def _one_or_list(ids: List[int]):
+    return ids[0] if len(ids) == 1 else ids
+
+
 def _check_distinct(src_dir: PathLike, dst_dir: PathLike) -> None:
     if Path(src_dir).resolve() == Path(dst_dir).resolve():
         raise FileExistsError(f"source and destination are the same directory {str(Path(src_dir).resolve())!r}; "
@@ -204,7 +214,8 @@ def _check_distinct(src_dir: PathLike, dst_dir: PathLike) -> None:
 
 def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_shards: Optional[int] = None,
             dtype: Optional[torch.dtype] = None, tokenizer_path: Optional[PathLike] = None,
-            max_shard_bytes: int = hf.MAX_SHARD_BYTES, log: Optional[_Log] = None) -> Path:
+            max_shard_bytes: int = hf.MAX_SHARD_BYTES, log: Optional[_Log] = None,
+            family: Optional[str] = None) -> Path:
     """Convert `src_dir` into the other layout (or the one `to` names: 'hf' or 'meta') in `dst_dir`."""
     if not Path(src_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(src_dir)!r} does not exist")
@@ -216,7 +227,7 @@ def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_sh
         raise ValueError(f"--to must be 'hf' or 'meta', got {to!r}")
     if to == source:
         what = "Hugging Face's layout (it has a config.json)" if source == "hf" else "Meta's layout"
-        hint = "; to change its shard count use python -m llama.reshard" if source == "meta" else ""
+        hint = "; to change its shard count use python -m llama reshard" if source == "meta" else ""
         raise ValueError(f"{str(src_dir)!r} is already in {what}: nothing to convert{hint}")
     if to == "meta":
         if tokenizer_path is not None:
@@ -226,37 +237,10 @@ def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_sh
     if n_shards is not None:
         raise ValueError("--mp is for --to meta: Hugging Face's files are not split by process "
                          "(Llama.build slices them for any valid process count)")
-    return meta_to_hf(src_dir, dst_dir, tokenizer_path, dtype, max_shard_bytes, log=log)
+    return meta_to_hf(src_dir, dst_dir, tokenizer_path, dtype, max_shard_bytes, log=log, family=family)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama.convert",
-        description="Convert a Llama checkpoint between Meta's layout (consolidated.NN.pth + params.json) and "
-                    "Hugging Face's (safetensors + config.json), in the direction SRC_DIR's layout implies.",
-    )
-    parser.add_argument("src_dir", help="checkpoint to read, in either layout")
-    parser.add_argument("dst_dir", help="new or empty directory to write the converted checkpoint into")
-    parser.add_argument("--to", choices=("hf", "meta"), default=None,
-                        help="layout to write (default: the one SRC_DIR is not in)")
-    parser.add_argument("--mp", type=int, default=None, metavar="N",
-                        help="--to meta: number of shards to write, the model-parallel process count (default 1)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="dtype of the written weights (default: as stored in SRC_DIR)")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="--to hf: tokenizer.model to include (default: SRC_DIR's, else the folder above's)")
-    parser.add_argument("--max_shard_size", default="5GB",
-                        help="--to hf: largest safetensors file (default 5GB, as transformers writes)")
-    opts = parser.parse_args(argv)
-    return cli.guarded(
-        lambda: convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else None,
-                        opts.tokenizer_path, _parse_size(opts.max_shard_size), log=lambda m: print(m, flush=True)),
-        interrupted="interrupted: no file was left under its final name")
+if __name__ == "__main__":  # `python -m llama.convert`, the old spelling of `python -m llama convert`
+    from .programs.convert import entry_point
 
-
-def entry_point() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
     entry_point()

@@ -21,9 +21,12 @@ from .model import Transformer
 _FIRST_WINDOW = 256
 
 
-def _window_for(length: int, max_seq_len: int, fixed: bool) -> int:
+def _window_for(length: int, max_seq_len: int, fixed: bool, full: bool = False) -> int:
     """Positions a step attends over when the furthest row has `length` tokens: exactly that when eager; in a
-    compiled step, the next power-of-two bucket from FIRST_WINDOW, capped at max_seq_len."""
+    compiled step, the next power-of-two bucket from FIRST_WINDOW, capped at max_seq_len; the whole context
+    when `full` (deterministic: a row's arithmetic must not depend on how far its neighbours are)."""
+    if full:
+        return max_seq_len
     if not fixed:
         return length
     window = _FIRST_WINDOW
@@ -35,10 +38,13 @@ def _window_for(length: int, max_seq_len: int, fixed: bool) -> int:
 class DecodeStep:
     """Calls `model.decode` for a batch whose positions are known on the host (no device sync here)."""
 
-    def __init__(self, model: Transformer, compiled: bool, fixed_window: Optional[bool] = None) -> None:
+    def __init__(self, model: Transformer, compiled: bool, fixed_window: Optional[bool] = None,
+                 full_window: bool = False) -> None:
         """fixed_window (default: as compiled) attends over the bucketed windows even when eager, which
-        gives the compiled step's arithmetic without compiling (the tests compare it with exact windows)."""
+        gives the compiled step's arithmetic without compiling (the tests compare it with exact windows).
+        full_window: always attend over the whole context (deterministic mode)."""
         self.model = model
+        self.full_window = full_window
         self.compiled = compiled
         self.fixed_window = compiled if fixed_window is None else fixed_window
         self.device = model.rope.device
@@ -48,7 +54,7 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
-        window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window)
+        window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled:
             return self.model.decode(tokens, pos, window)

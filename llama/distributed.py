@@ -56,6 +56,8 @@ def pick_device(device: Optional[Union[str, torch.device]]) -> torch.device:
         raise ValueError(f"{local_procs} processes were started on this node but it has {count} CUDA GPU(s): "
                          f"use --nproc_per_node {count} (any checkpoint loads on any valid process count) or "
                          "--device cpu")
+    if dev.index is None:  # this process's GPU: torchrun's local rank picks it
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
     return dev
 
 
@@ -86,8 +88,6 @@ def setup(model_parallel_size: int, device: torch.device) -> _Runtime:
         raise ValueError(f"model parallelism is already initialised with size "
                          f"{fs_init.get_model_parallel_world_size()}, not {model_parallel_size}")
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return _Runtime(fs_init.get_model_parallel_rank(), model_parallel_size, device)
 

@@ -170,17 +170,18 @@ def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[
 
     archs = config.get("architectures")
     if archs is not None and archs != ["LlamaForCausalLM"]:
-        raise bad("architectures", archs, "only LlamaForCausalLM (the Llama 2 architecture) is")
+        raise bad("architectures", archs, "only LlamaForCausalLM (the Llama architecture) is")
     if config.get("model_type", "llama") != "llama":
         raise bad("model_type", config["model_type"], "only 'llama' is")
-    for field in ("rope_scaling", "quantization_config"):
-        if config.get(field):
-            raise bad(field, config[field], "Llama 2 uses plain rotary embeddings and unquantized weights")
-    for field in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+    if config.get("quantization_config"):
+        raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
+    for field in ("attention_bias", "mlp_bias"):
         if config.get(field) not in (None, False):
-            raise bad(field, config[field], "Llama 2 has separate input and output embeddings and no biases")
+            raise bad(field, config[field], "the Llama models have no biases")
+    if config.get("tie_word_embeddings") not in (None, False, True):
+        raise bad("tie_word_embeddings", config["tie_word_embeddings"], "it must be true or false")
     if config.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", config["hidden_act"], "Llama 2's feed-forward uses silu")
+        raise bad("hidden_act", config["hidden_act"], "the Llama feed-forward uses silu")
 
     def positive_int(field: str, default: Any = None) -> int:
         value = config.get(field, default)
@@ -201,14 +202,24 @@ def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[
         raise bad("head_dim", head_dim, f"Llama 2's head dimension is hidden_size / num_attention_heads = "
                                         f"{dim // n_heads}")
     rope_theta = config.get("rope_theta", 10000.0)
-    rope = config.get("rope_parameters")  # transformers 5 keeps rope_theta in here
-    if rope is not None:
-        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-            raise bad("rope_parameters", rope, "only rope_type 'default' (plain rotary embeddings) is")
-        rope_theta = rope.get("rope_theta", rope_theta)
     params: Dict[str, Any] = {"dim": dim, "n_layers": positive_int("num_hidden_layers"), "n_heads": n_heads,
                               "vocab_size": positive_int("vocab_size"),
-                              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta}
+                              "norm_eps": config.get("rms_norm_eps", 1e-6)}
+    # transformers 4 says rope_scaling (and rope_theta at the top level), transformers 5 rope_parameters.
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = config.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise bad(field, rope, "it must be an object")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3":
+            params.update(_scaled_rope_params(rope, bad, field))
+        elif kind != "default":
+            raise bad(field, rope, "only rope_type 'default' (plain rotary embeddings) and 'llama3' (Llama 3.1's "
+                                   "scaling) are")
+        rope_theta = rope.get("rope_theta", rope_theta)
+    params["rope_theta"] = rope_theta
     if n_kv_heads != n_heads:
         params["n_kv_heads"] = n_kv_heads
     params.update(_ffn_params(dim, positive_int("intermediate_size")))
@@ -219,18 +230,41 @@ def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[
     return params
 
 
-def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_id: int = 1, eos_id: int = 2,
-                     max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
-    """config.json of a Llama 2 model in Hugging Face's layout, as the published Llama-2-*-hf files have it
-    (rope_theta at the top level and torch_dtype: transformers 4 and 5 both read these)."""
+_SCALED_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_old_context_len"}
+
+
+def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError], field: str) -> Dict[str, Any]:
+    """params.json keys for a config's rope_type 'llama3' (Llama 3.1's scaling); a factor that is not given is
+    not guessed."""
+    params: Dict[str, Any] = {"use_scaled_rope": True}
+    for hf_key, meta_key in _SCALED_ROPE_KEYS.items():
+        value = rope.get(hf_key)
+        if value is None:
+            raise bad(field, rope, f"rope_type 'llama3' needs {hf_key}")
+        params[meta_key] = value
+    return params
+
+
+def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_id: int = 1,
+                     eos_id: Union[int, List[int]] = 2, max_position_embeddings: int = LLAMA2_CONTEXT
+                     ) -> Dict[str, Any]:
+    """config.json of a Llama model in Hugging Face's layout, as the published meta-llama/*-hf files have it
+    (rope_theta at the top level, rope_scaling for Llama 3.1's RoPE, and torch_dtype: transformers 4 and 5 both
+    read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
+    scaling = args.rope_scaling
+    rope_scaling = None if scaling is None else {
+        "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
         "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": float(args.rope_theta),
-        "rope_scaling": None, "max_position_embeddings": max_position_embeddings, "vocab_size": args.vocab_size,
+        "rope_scaling": rope_scaling, "max_position_embeddings": max_position_embeddings, "vocab_size": args.vocab_size,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
         "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
@@ -238,19 +272,11 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
     }
 
 
-def _generation_config(bos_id: int = 1, eos_id: int = 2,
+def _generation_config(bos_id: int = 1, eos_id: Union[int, List[int]] = 2,
                       max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
     """generation_config.json: this library's sampling defaults (temperature 0.6, top-p 0.9)."""
     return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
             "max_length": max_position_embeddings}
-
-
-def _tokenizer_config(max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
-    """tokenizer_config.json for a SentencePiece tokenizer.model, so that transformers' AutoTokenizer loads it."""
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": max_position_embeddings,
-            "sp_model_kwargs": {}}
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -292,10 +318,12 @@ def _safe_open(path: Path):
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
 
 
-def _weight_index(files: Sequence[Path], args: ModelArgs) -> Dict[str, Tuple[Path, str]]:
+def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) -> Dict[str, Tuple[Path, str]]:
     """Meta key -> (file, Hugging Face name) for every weight the model needs, after checking from the files'
-    headers alone (no weight is read) that each is there once, of the right shape, and that nothing else is."""
-    expected = {k: v for k, v in state_shapes(args).items() if k != "rope.freqs"}
+    headers alone (no weight is read) that each is there once, of the right shape, and that nothing else is.
+    With tied embeddings there is no output weight to find (a stored lm_head is ignored, as transformers does)."""
+    skipped = {"rope.freqs"} | ({"output.weight"} if tied else set())
+    expected = {k: v for k, v in state_shapes(args).items() if k not in skipped}
     found: Dict[str, Tuple[Path, str]] = {}
     unexpected: List[str] = []
     for path in files:
@@ -303,7 +331,7 @@ def _weight_index(files: Sequence[Path], args: ModelArgs) -> Dict[str, Tuple[Pat
             for name in handle.keys():
                 key = meta_name(name)
                 if key is None or key not in expected:
-                    if not _IGNORED.fullmatch(name):
+                    if not _IGNORED.fullmatch(name) and key not in skipped:
                         unexpected.append(name)
                     continue
                 if key in found:
@@ -324,6 +352,11 @@ def _args_of(ckpt_dir: PathLike) -> ModelArgs:
     return ModelArgs.from_params(params_from_config(_read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"))
 
 
+def _tied(config: Mapping[str, Any]) -> bool:
+    """The output projection is the input embedding (Llama 3.2 1B, 3B); LlamaConfig's default is untied."""
+    return bool(config.get("tie_word_embeddings", False))
+
+
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory: Meta's params
     (vocab_size concrete), the embedding rows, and as `shards` the safetensors files (n_shards counts them).
@@ -331,8 +364,8 @@ def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
     config = _read_config(ckpt_dir)
     params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
     files = _find_weight_files(ckpt_dir)
-    _weight_index(files, ModelArgs.from_params(params))
-    return CheckpointInfo(files, params, params["vocab_size"])
+    _weight_index(files, ModelArgs.from_params(params), _tied(config))
+    return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config))
 
 
 def load_rank_state(
@@ -361,7 +394,10 @@ def load_rank_state(
     started = time.perf_counter()
     files = [Path(p) for p in shards]
     args = _args_of(files[0].parent)
-    index = _weight_index(files, args)
+    tied = _tied(_read_config(files[0].parent))
+    index = _weight_index(files, args, tied)
+    if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
+        index["output.weight"] = index["tok_embeddings.weight"]
     out: Dict[str, torch.Tensor] = {}
     for done, path in enumerate(files, start=1):
         with _safe_open(path) as handle:
@@ -471,9 +507,10 @@ def write_hf_checkpoint(
     tokenizer_path: PathLike,
     dtype: torch.dtype = torch.bfloat16,
     bos_id: int = 1,
-    eos_id: int = 2,
+    eos_id: Union[int, List[int]] = 2,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     max_position_embeddings: int = LLAMA2_CONTEXT,
+    tokenizer_files: Optional[Mapping[str, Any]] = None,
 ) -> List[Path]:
     """Write a Hugging Face directory into the new or empty `folder`; returns the files written, in order.
 
@@ -483,6 +520,7 @@ def write_hf_checkpoint(
     else `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`). Every file is written under a
     temporary name and renamed when complete: the tokenizer first, then the weights, config.json last, so a
     directory with a config.json is complete. On an error or Ctrl-C the files this call wrote are removed.
+    `tokenizer_files`: the family's tokenizer_config.json and special_tokens_map.json (default: Llama 2's).
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
@@ -503,8 +541,12 @@ def write_hf_checkpoint(
 
     try:
         save(tokenizer_path.read_bytes(), "tokenizer.model")
-        save(_tokenizer_config(max_position_embeddings), "tokenizer_config.json")
-        save({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "special_tokens_map.json")
+        if tokenizer_files is None:  # Llama 2's SentencePiece files
+            from .families import LLAMA2
+
+            tokenizer_files = LLAMA2.hf_tokenizer_files(None, max_position_embeddings)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            save(dict(tokenizer_files[name]), name)
         for name, file_entries in zip(names, plan):
             save(_safetensors_writer(file_entries, dtype, stream), name)
         if next(stream, None) is not None:

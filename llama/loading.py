@@ -6,16 +6,18 @@ headers and the arguments is checked before any process group is joined or any w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu, distributed, hf, quantize
+from . import checkpoint, cpu, distributed, families, hf, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
+from .decode_step import default_compile
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
-from .tokenizer import Tokenizer
+from .families import Family
+from .tokenizers import BaseTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -41,15 +43,18 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, qu
     return parse_dtype(dtype)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The run's decisions, made once and handed on: process count, device, dtype, the faster kernels, and the
-    weight-only quantization (mode and int4 group size, or None)."""
+    """The run's decisions, made once, checked once and never patched: process count, device (with its index:
+    this process's GPU), dtype, the faster kernels, whether the decode step is compiled, deterministic mode,
+    and the weight-only quantization (mode and int4 group size, or None)."""
 
     model_parallel_size: int
     device: torch.device
     dtype: torch.dtype
     fast: bool
+    compile: bool = False
+    deterministic: bool = False
     quantize: Optional[str] = None
     group_size: Optional[int] = None
     note: Optional[str] = None  # one line when an explicitly chosen dtype is the slow one on this CPU
@@ -71,13 +76,16 @@ class Source:
     reader: Any  # the module checkpoint or hf: inspect_checkpoint and load_rank_state
     info: CheckpointInfo
     adapter: Optional[LoraAdapter]
+    family: Optional[Family] = None  # detected from the files, or the one asked for
 
 
-def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
-            lora: Optional[str] = None) -> Tuple[Source, ModelArgs]:
-    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter."""
+def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_size: int,
+            lora: Optional[str] = None, family: Optional[str] = None) -> Tuple[Source, ModelArgs]:
+    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter;
+    its family detected (or `family` checked against the files)."""
     reader = hf if hf.is_hf_checkpoint(ckpt_dir) else checkpoint
     info = reader.inspect_checkpoint(ckpt_dir)
+    found = families.detect(tokenizer, info.params, family)
     args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
@@ -89,23 +97,25 @@ def inspect(ckpt_dir: str, tokenizer: Tokenizer, max_seq_len: int, max_batch_siz
         raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {ckpt_dir!r}: load its "
                          "bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
     adapter = read_adapter(lora, args) if lora is not None else None
-    return Source(str(ckpt_dir), reader, info, adapter), args
+    return Source(str(ckpt_dir), reader, info, adapter, found), args
 
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
          quantize_mode: Optional[str] = None, group_size: Optional[int] = None,
-         stored: Optional[dict] = None) -> Plan:
-    """Pick the device, the process count, the dtype and the quantization once, and check that the model can
-    be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if it has one."""
+         stored: Optional[dict] = None, compile: Optional[bool] = None, deterministic: bool = False) -> Plan:
+    """Pick the device, the process count, the dtype, compilation and the quantization once, and check that the
+    model can be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if any."""
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be True or False, got {fast!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     dev = distributed.pick_device(device)
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)
     quantized = quantize_mode is not None or stored is not None
-    result = Plan(mp, dev, resolve_dtype(dtype, dev, quantized), fast)
+    result = Plan(mp, dev, resolve_dtype(dtype, dev, quantized), fast, default_compile(dev, compile), deterministic)
     if dtype is not None and not quantized:
-        result.note = cpu.dtype_note(dev, result.dtype)
+        result = replace(result, note=cpu.dtype_note(dev, result.dtype))
     if stored is not None:
         mode, stored_group = quantize.parse_entry(stored, "params.json")
         if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
@@ -126,8 +136,7 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
                          "the model cannot keep them in Meta's layout as fast=False promises")
     quantize.check_device(quantize_mode, result.device, result.dtype)
     quantize.check_layers(args, mp, quantize_mode, group_size, result.device.type)
-    result.quantize, result.group_size = quantize_mode, group_size
-    return result
+    return replace(result, quantize=quantize_mode, group_size=group_size)
 
 
 def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
@@ -136,8 +145,10 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     if plan.quantize is not None:
         weights = quantize.weight_bytes(args, plan.quantize, plan.group_size, plan.dtype, plan.model_parallel_size)
         kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
+    family = f"{source.family.title}: " if source.family is not None else ""
     distributed.print0(
-        f"Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} process(es) on "
+        f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
+        f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
     if plan.note:
@@ -159,6 +170,7 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
                                           progress=_report_shard)
     if source.adapter is not None:
         merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
+        _report_lora(source.adapter)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
     if source.info.quantization is not None:  # its linear layers go in as they are stored: no bfloat16 copy
         quantize.install(model, quantize.take_quantized(state), plan.quantize, plan.group_size, source.ckpt_dir)
@@ -173,6 +185,14 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     if plan.device.type == "cpu":
         distributed.print0(cpu.describe(model))  # the kernels that will run, counted from the model
     return model.eval()
+
+
+def _report_lora(adapter: LoraAdapter) -> None:
+    """Say what was merged, so that an adapter never changes the answers unannounced."""
+    layers = {key.split(".")[1] for key in adapter.weights if key.startswith("layers.")}
+    distributed.print0(f"  merged LoRA adapter {adapter.path} (r {adapter.r}, alpha {adapter.alpha:g}, scale "
+                       f"{adapter.scale:g}) into {len(adapter.weights)} weights of {len(layers)} layer"
+                       f"{'' if len(layers) == 1 else 's'}")
 
 
 def _report_shard(done: int, total: int, path, seconds: float) -> None:

@@ -9,6 +9,7 @@ weights from loading.py.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -33,6 +34,13 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1's long-context RoPE (params.json: use_scaled_rope; the factors as llama-models names them, None:
+    # RopeScaling's defaults, those of Llama 3.1).
+    use_scaled_rope: bool = False
+    rope_scaling_factor: Optional[float] = None
+    rope_high_freq_factor: Optional[float] = None
+    rope_low_freq_factor: Optional[float] = None
+    rope_old_context_len: Optional[int] = None
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -52,9 +60,20 @@ class ModelArgs:
         params: Dict[str, Any] = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
                                   "n_layers": self.n_layers, "norm_eps": self.norm_eps,
                                   "vocab_size": self.vocab_size if vocab_size is None else vocab_size}
-        optional = {"n_kv_heads": None, "ffn_dim_multiplier": None, "rope_theta": 10000.0}
+        optional = {"n_kv_heads": None, "ffn_dim_multiplier": None, "rope_theta": 10000.0, "use_scaled_rope": False,
+                    "rope_scaling_factor": None, "rope_high_freq_factor": None, "rope_low_freq_factor": None,
+                    "rope_old_context_len": None}
         params.update({k: getattr(self, k) for k, default in optional.items() if getattr(self, k) != default})
         return params
+
+    @property
+    def rope_scaling(self) -> Optional["RopeScaling"]:
+        """The frequency scaling of Llama 3.1 and later, None for plain rotary embeddings."""
+        if not self.use_scaled_rope:
+            return None
+        given = {"factor": self.rope_scaling_factor, "high_freq_factor": self.rope_high_freq_factor,
+                 "low_freq_factor": self.rope_low_freq_factor, "old_context_len": self.rope_old_context_len}
+        return RopeScaling(**{k: v for k, v in given.items() if v is not None})
 
     @property
     def kv_heads(self) -> int:
@@ -89,6 +108,18 @@ class ModelArgs:
                 continue
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        scaling = ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor", "rope_old_context_len")
+        for name in scaling:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.use_scaled_rope:
+            self.rope_scaling.check()
+        elif any(getattr(self, name) is not None for name in scaling):
+            raise ValueError(f"{[n for n in scaling if getattr(self, n) is not None]} set without use_scaled_rope")
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -140,9 +171,34 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary frequency scaling (defaults: its published values). Wavelengths shorter than
+    old_context_len / high_freq_factor keep their frequency, those longer than old_context_len /
+    low_freq_factor are slowed down `factor` times, and those between blend the two smoothly."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    old_context_len: int = 8192
+
+    def check(self) -> None:
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"RoPE scaling: high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
+                             f"{self.low_freq_factor}")
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        wavelength = 2 * math.pi / inv_freq
+        ratio = self.old_context_len / wavelength  # how many of its wavelengths the old context held
+        blend = ((ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)).clamp(0, 1)
+        return (1 - blend) * inv_freq / self.factor + blend * inv_freq
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
     """cos and sin of every position's rotation angles, shape (max_pos, head_dim // 2, 2), float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -207,6 +263,11 @@ class KVCache(nn.Module):
         """Store k, v (B, S, H, D) at each token's cache row and position (both (B, S))."""
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
+
+    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
+        """Copy a row's first `length` positions into other rows (choices that share one prefill)."""
+        self.k[list(into), :, :length] = self.k[row, :, :length]
+        self.v[list(into), :, :length] = self.v[row, :, :length]
 
 
 # --- the blocks --------------------------------------------------------------------------------------------
@@ -332,7 +393,8 @@ class Transformer(nn.Module):
 
     def setup_rope(self, device: Union[str, torch.device]) -> None:
         p = self.params
-        self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta).to(device), persistent=False)
+        self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta,
+                                                     p.rope_scaling).to(device), persistent=False)
 
     def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
         """Allocate the rotary tables and the KV caches on the model's device."""
@@ -359,6 +421,11 @@ class Transformer(nn.Module):
                     prepared = kernel(module.weight.data if module.weight is not None else module.kernel)
                     if prepared is not None:
                         module.use_kernel(prepared)
+
+    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
+        """Give cache rows `into` the first `length` cached positions of `row`, in every layer."""
+        for layer in self.layers:
+            layer.attention.cache.copy_rows(row, into, length)
 
     @property
     def has_cache(self) -> bool:

@@ -1,58 +1,25 @@
-"""The SentencePiece tokenizer of Llama 2 (32000 BPE pieces with byte fallback)."""
+"""The released `Tokenizer` name (either tokenizer file of the family) and `TextStream`, text as it streams."""
 
 from __future__ import annotations
 
-import operator
 import os
-from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-from sentencepiece import SentencePieceProcessor
+from .tokenizers import BaseTokenizer, SentencePieceTokenizer, TiktokenTokenizer, file_format
 
 
-class Tokenizer:
-    """Text <-> token ids, with the BOS/EOS handling of the released reference."""
+class Tokenizer(SentencePieceTokenizer):
+    """Text <-> token ids, with the BOS/EOS handling of the released references.
 
-    def __init__(self, model_path: Union[str, os.PathLike]) -> None:
-        path = Path(model_path)
-        if path.is_dir():
-            raise FileNotFoundError(f"tokenizer model {str(path)!r} is a directory; give the tokenizer.model file")
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
-        self.path = str(path)
-        self.sp_model = SentencePieceProcessor()
-        try:
-            self.sp_model.Load(str(path))
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"{str(path)!r} is not a SentencePiece model: {err}") from None
-        self.n_words: int = self.sp_model.vocab_size()
-        self.bos_id: int = self.sp_model.bos_id()
-        self.eos_id: int = self.sp_model.eos_id()
-        self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama 2: it has no pad token
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{str(path)!r} defines no BOS or EOS token; Llama needs both")
+    The released name: `Tokenizer(path)` reads either tokenizer file of the family. A SentencePiece model
+    (Llama 2, Code Llama) gives this class; a tiktoken vocabulary (Llama 3) gives a `TiktokenTokenizer`, which
+    offers the same interface (`llama.tokenizers.BaseTokenizer`).
+    """
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
-        ids = self.sp_model.encode(s)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, t: Sequence[int]) -> str:
-        return self.sp_model.decode([self._check_id(i) for i in t])
-
-    def id_to_piece(self, token: int) -> str:
-        return self.sp_model.id_to_piece(self._check_id(token))
-
-    def _check_id(self, token) -> int:
-        """An integer id (Python, NumPy or 0-d tensor) inside the vocabulary; anything else is named."""
-        try:
-            value = operator.index(token)
-        except TypeError:
-            raise ValueError(f"token id {token!r} is not an integer") from None
-        if not 0 <= value < self.n_words:
-            raise ValueError(f"token id {value} is outside the vocabulary of {self.n_words} (0..{self.n_words - 1})")
-        return value
+    def __new__(cls, model_path: Union[str, os.PathLike]) -> BaseTokenizer:
+        if cls is Tokenizer and file_format(model_path) == "tiktoken":
+            return TiktokenTokenizer(model_path)
+        return super().__new__(cls)
 
 
 class TextStream:
@@ -64,28 +31,79 @@ class TextStream:
     to exactly `tokenizer.decode` of all the tokens. Each push decodes only the tokens from the start of the
     previous chunk on (they give the new token its word-boundary context), so a long answer costs O(n), not
     O(n^2). Every streaming path (Llama's streams, the server) uses this one helper.
+
+    context: tokens that come before the streamed ones (a completion's prompt). Their text is not handed out,
+    but they are decoded with the new tokens, so the chunks join to `decode(context + tokens)` minus
+    `decode(context)`: the first token keeps its leading space, which decoding the new tokens alone drops
+    (SentencePiece strips the first piece's word-boundary space). Only the context's last few tokens are kept,
+    cut where the context's own text ends on a whole character (see `whole_char_end`); `offset` is the length
+    of the text handed out so far.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    CONTEXT = 4  # context tokens kept: one would do for the space rule; a few cover a character's bytes
+
+    def __init__(self, tokenizer: BaseTokenizer, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.tokens: List[int] = []
+        end = whole_char_end(tokenizer, context)
+        self._all: List[int] = list(context[max(0, end - self.CONTEXT):])  # the window's tokens start here
+        self._n_context = len(self._all)
         self._start = 0  # the first token of the last chunk handed out: the decoding window starts here
-        self._read = 0  # tokens before this one are in the text handed out
+        self._read = len(self._all) - (len(context) - end)  # tokens before this one are in the text handed out
+        self.offset = 0  # characters handed out so far
+
+    @property
+    def tokens(self) -> List[int]:
+        """The streamed tokens (the context left out)."""
+        return self._all[self._n_context:]
 
     def push(self, token: int) -> str:
-        self.tokens.append(token)
+        self._all.append(token)
         before, text = self._window()
         if text.endswith("\ufffd") or not text.startswith(before) or len(text) == len(before):
             return ""  # an incomplete UTF-8 character (wait for its remaining bytes), or nothing visible yet
-        self._start, self._read = self._read, len(self.tokens)
-        return text[len(before):]
+        self._start, self._read = self._read, len(self._all)
+        return self._hand_out(text[len(before):])
 
     def finish(self) -> str:
         before, text = self._window()
-        self._start = self._read = len(self.tokens)
-        return text[len(before):] if len(text) > len(before) else ""
+        self._start = self._read = len(self._all)
+        return self._hand_out(text[len(before):] if len(text) > len(before) else "")
+
+    def _hand_out(self, text: str) -> str:
+        self.offset += len(text)
+        return text
 
     def _window(self) -> Tuple[str, str]:
         """The window's text up to the handed-out point, and with every token so far."""
-        window = self.tokens[self._start:]
+        window = self._all[self._start:]
         return self.tokenizer.decode(window[:self._read - self._start]), self.tokenizer.decode(window)
+
+
+def whole_char_end(tokenizer: BaseTokenizer, tokens: Sequence[int]) -> int:
+    """The largest k such that tokens[:k] ends on a whole character: len(tokens) unless the last tokens hold only
+    the first bytes of a UTF-8 character (byte-fallback pieces, or tiktoken's byte-level tokens); then k is where
+    the token holding that character's lead byte starts. decode(tokens[:k]) is then a prefix of the decode of
+    tokens followed by anything."""
+    k = len(tokens)
+    tail = b""
+    for back in range(1, min(4, k) + 1):
+        tail = tokenizer.token_bytes(tokens[k - back]) + tail
+        missing = _missing_bytes(tail)
+        if missing == 0:
+            return k
+        if missing > 0:  # the lead byte is in this token (the tokens after it held continuation bytes only)
+            return k - back
+    return k
+
+
+def _missing_bytes(raw: bytes) -> int:
+    """How many bytes the UTF-8 character at the end of raw still lacks (0: raw ends on a whole character; -1:
+    no lead byte in the last four bytes, as at the start of a slice)."""
+    for back in range(1, min(4, len(raw)) + 1):
+        byte = raw[-back]
+        if byte < 0x80:
+            return 0 if back == 1 else -1
+        if byte >= 0xC0:
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return max(0, need - back)
+    return -1

@@ -67,3 +67,28 @@ def hf_llama_tokenizer(sp, **options):
         [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tokenizer._tokenizer.pre_tokenizer = None
     return tokenizer
+
+
+# --- the other families' fixtures ----------------------------------------------------------------------------
+
+LLAMA3_TOKENIZER = ROOT / "tests" / "fixtures" / "llama3-tokenizer.model"
+LLAMA3_VOCAB = 128256
+CODELLAMA_PIECES = {32007: "\u2581<PRE>", 32008: "\u2581<SUF>", 32009: "\u2581<MID>", 32010: "\u2581<EOT>"}
+
+
+def codellama_tokenizer(folder: Path) -> Path:
+    """Code Llama's 32016-token vocabulary, built from the Llama 2 fixture: 16 pieces appended with
+    SentencePiece's model proto, the four infilling pieces at their published ids, placeholders elsewhere (see
+    tests/fixtures/README.md)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(TOKENIZER.read_bytes())
+    for token in range(VOCAB, VOCAB + 16):
+        piece = proto.pieces.add()
+        piece.piece = CODELLAMA_PIECES.get(token, f"<codellama_placeholder_{token}>")
+        piece.score = 0.0
+        piece.type = model_pb2.ModelProto.SentencePiece.NORMAL
+    path = Path(folder) / "codellama-tokenizer.model"
+    path.write_bytes(proto.SerializeToString())
+    return path

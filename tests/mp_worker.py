@@ -33,9 +33,10 @@ PROMPTS = [
 MAX_GEN_LEN = 6
 
 
-def generate_for(ckpt_dir: str, dtype: str = "float32", device: str = "cpu") -> Dict[str, object]:
+def generate_for(ckpt_dir: str, dtype: str = "float32", device: str = "cpu", tokenizer: str = str(TOKENIZER)
+                 ) -> Dict[str, object]:
     """Build `ckpt_dir` on CPU in this process's group and greedily continue PROMPTS."""
-    generator = Llama.build(ckpt_dir, str(TOKENIZER), max_seq_len=64, max_batch_size=len(PROMPTS),
+    generator = Llama.build(ckpt_dir, tokenizer, max_seq_len=64, max_batch_size=len(PROMPTS),
                             device=device, dtype=dtype)
     prompt_tokens: List[List[int]] = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = generator.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=0.0,
@@ -53,9 +54,10 @@ def main(argv: List[str]) -> int:
     parser.add_argument("ckpt_dirs", nargs="+")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokenizer", default=str(TOKENIZER))
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = {ckpt: generate_for(ckpt, opts.dtype, opts.device) for ckpt in opts.ckpt_dirs}
+    results = {ckpt: generate_for(ckpt, opts.dtype, opts.device, opts.tokenizer) for ckpt in opts.ckpt_dirs}
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,25 +67,28 @@ class ThreadServer:
     """The API (and optionally the web page) over an engine, served by uvicorn in a thread of this process."""
 
     def __init__(self, generator, model: str = "test-model", max_queue: int = 64, api_key: Optional[str] = None,
-                 max_body_bytes: int = 1 << 20, web: bool = False) -> None:
+                 max_body_bytes: int = 1 << 20, web: bool = False, config: Optional[dict] = None,
+                 **app_kwargs) -> None:
+        """config: uvicorn/connection settings for server_config; app_kwargs: more create_app arguments (shield...)."""
         import uvicorn
 
         from llama.serve.api import create_app
+        from llama.serve.connections import server_config
         from llama.serve.scheduler import Engine
 
         self.generator = generator
         self.model = model
         self.engine = Engine(generator, max_queue=max_queue)
         self.gate = self.engine.runner = Gate(self.engine.runner)
-        self.app = create_app(self.engine, model, api_key=api_key, max_body_bytes=max_body_bytes)
+        self.app = create_app(self.engine, model, api_key=api_key, max_body_bytes=max_body_bytes, **app_kwargs)
         if web:
             from llama.serve import web as web_page
 
             web_page.mount(self.app, self.engine, model, api_key=api_key)
         self.sock = free_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=5,
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(server_config(self.app, **{"log_level": "warning", "timeout_graceful_shutdown": 5,
+                                                                **(config or {})}))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ThreadServer":

@@ -7,7 +7,7 @@ import torch
 
 from llama import Llama
 from llama.layers import ParallelLinear
-from llama.sampling import sample_top_p
+from llama.generation import sample_top_p
 
 from helpers import GQA, TOKENIZER, make_checkpoint
 
@@ -204,14 +204,24 @@ def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, atol):
                                atol=atol, rtol=0)
 
 
-def test_a_paused_stream_refuses_to_resume_after_another_call(gen):
+def test_a_paused_stream_resumes_after_another_call_with_its_own_answer(gen):
+    """The engine owns the rows: a paused stream keeps its row while another call runs (it goes on decoding in
+    that call's steps) and, resumed, yields exactly what it yields alone."""
+    alone = "".join(gen.stream_generate([1, 450, 4996], max_gen_len=20, temperature=0))
+    stream = gen.stream_generate([1, 450, 4996], max_gen_len=20, temperature=0)
+    first = next(stream)
+    other = gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)
+    assert other == gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)  # undisturbed by the stream
+    assert first + "".join(stream) == alone
+    assert gen.engine.free_rows() == gen.max_batch_size  # every row is free again
+
+
+def test_a_closed_stream_frees_its_row(gen):
     stream = gen.stream_generate([1, 450, 4996], max_gen_len=20, temperature=0)
     next(stream)
-    gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)  # reuses the cache rows the stream was using
-    with pytest.raises(RuntimeError, match="another generation ran"):
-        list(stream)
-    # the generator itself stays usable
-    assert len(gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)[0][0]) == 2
+    stream.close()
+    gen.generate([[1, 42, 43]], max_gen_len=2, temperature=0)
+    assert gen.engine.free_rows() == gen.max_batch_size
 
 
 def test_stream_arguments_are_checked_at_the_call(gen):

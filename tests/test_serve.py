@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
 
@@ -22,6 +23,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.chat_format import UNSAFE_ERROR  # noqa: E402
+from llama.serve.limits import AUTH_DELAY  # noqa: E402
 from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, noticed,  # noqa: E402
                            ports_refuse, wait_until)
 from test_streaming import HELLO, WORLD, scripted_checkpoint  # noqa: E402
@@ -59,7 +61,18 @@ def looping(loop_dir) -> Llama:
 
 
 def loop_text(n: int) -> str:
-    return "Hello" + " world" * (n - 1)
+    """A completion's text after n scripted tokens: it continues the prompt, so " Hello" keeps its space."""
+    return " Hello" + " world" * (n - 1)
+
+
+def continuation(generator: Llama, prompt: str, max_gen_len: int) -> str:
+    """The text a completion must have: the tokenizer's decode of prompt + answer tokens (the library's greedy
+    answer), minus the prompt's own decode. Decoding the answer's tokens alone would drop its first space."""
+    tokens = generator.tokenizer.encode(prompt, bos=True, eos=False)
+    answer = generator.generate([tokens], max_gen_len, temperature=0)[0][0]
+    whole, head = generator.tokenizer.decode(tokens + answer), generator.tokenizer.decode(tokens)
+    assert whole.startswith(head) and head == prompt
+    return whole[len(head):]
 
 
 def stream_chat(client, model: str, messages, **kwargs):
@@ -99,15 +112,14 @@ def test_openai_client_streams_what_it_gets_whole(request, which):
         parts = [c.choices[0].text for c in client.completions.create(model=which, prompt=prompt, temperature=0,
                                                                       max_tokens=30, stream=True) if c.choices]
         assert "".join(parts) == whole.choices[0].text
-        assert whole.choices[0].text == generator.text_completion([prompt], temperature=0,
-                                                                  max_gen_len=30)[0]["generation"]
+        assert whole.choices[0].text == continuation(generator, prompt, 30)
 
 
 def test_parameters_seed_stop_logprobs_and_echo(looping, randomly):
     with ThreadServer(looping, model="loop") as server:
         client = server.openai()
         r = client.completions.create(model="loop", prompt="x", max_tokens=8, stop=["d w", "zz"], temperature=0)
-        assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hello worl", "stop")
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (" Hello worl", "stop")
         r = client.completions.create(model="loop", prompt="x", max_tokens=3, echo=True, temperature=0)
         assert r.choices[0].text == "x" + loop_text(3) and r.choices[0].finish_reason == "length"
         r = client.chat.completions.create(model="loop", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2)
@@ -166,13 +178,13 @@ def test_a_client_that_disconnects_frees_its_row(looping):
         noticed(server, 1)
         server.gate.allow(None)
         server.wait_idle()
-        assert server.engine.finished == {"stop": 0, "length": 0, "cancelled": 1, "error": 0}
+        assert server.engine.finished == {"stop": 0, "length": 0, "cancelled": 1, "abort": 0, "error": 0}
         # The same for a request that is not streamed: its socket is closed while it runs.
         server.gate.allow(1)
         host, port = server.url[len("http://"):].split(":")
         with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
             payload = json.dumps(body).encode()
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
             assert server.engine.wait_until_running(1, TIMEOUT)
         noticed(server, 2)
@@ -182,7 +194,7 @@ def test_a_client_that_disconnects_frees_its_row(looping):
         # The freed row (the only one) serves the next request.
         r = client.completions.create(model="loop", prompt="y", max_tokens=3, temperature=0)
         assert r.choices[0].text == loop_text(3)
-        assert server.engine.finished == {"stop": 0, "length": 1, "cancelled": 2, "error": 0}
+        assert server.engine.finished == {"stop": 0, "length": 1, "cancelled": 2, "abort": 0, "error": 0}
 
 
 def test_queue_full_is_429_with_retry_after(looping):
@@ -232,9 +244,9 @@ BAD = {  # name: (path, body (a dict, or raw bytes), status, param, code, a piec
     "temperature-negative": (C, {"prompt": "hi", "temperature": -0.1}, 400, "temperature", None, ">= 0"),
     "top-p-0": (C, {"prompt": "hi", "top_p": 0}, 400, "top_p", None, "(0, 1]"),
     "top-p-big": (C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None, "(0, 1]"),
-    "n-2": (C, {"prompt": "hi", "n": 2}, 400, "n", None, "must be 1"),
+    "n-big": (C, {"prompt": "hi", "n": 9}, 400, "n", None, "1..8"),
     "logprobs-big": (C, {"prompt": "hi", "logprobs": 6}, 400, "logprobs", None, "0..5"),
-    "penalty": (C, {"prompt": "hi", "presence_penalty": 1}, 400, "presence_penalty", "unsupported", "only 0"),
+    "penalty": (C, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", None, "[-2, 2]"),
     "unknown-model": (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found", "gpt-4"),
     "messages-empty": (CC, {"messages": []}, 400, "messages", None, "non-empty"),
     "messages-missing": (CC, {}, 400, "messages", None, "non-empty"),
@@ -397,7 +409,7 @@ def test_model_parallel_server_under_torchrun(demo):
         assert server.terminate() == 0, server.text()
     finally:
         server.kill()
-    expected = [g["generation"] for g in demo.text_completion(prompts, temperature=0, max_gen_len=20)]
+    expected = [continuation(demo, p, 20) for p in prompts]
     assert together == expected
     assert text == demo.chat_completion([CHAT], temperature=0, max_gen_len=30)[0]["generation"]["content"]
 
@@ -424,7 +436,9 @@ def test_web_page_asks_for_the_api_key(randomly):
     with ThreadServer(randomly, model="random", api_key="k3y", web=True) as server:
         with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
             assert client.get("/web/config").status_code == 401
+            start = time.monotonic()
             assert client.post("/web/login", data={"username": "me", "password": "k3Y"}).status_code == 400
+            assert time.monotonic() - start >= AUTH_DELAY  # a wrong password is slowed like a wrong key
             assert client.post("/web/login", data={"username": "me", "password": "k3y"}).status_code == 200
             assert client.get("/web/config").status_code == 200
 
@@ -445,3 +459,37 @@ def test_cli_serves_a_model_quantized_at_load():
         assert "int8 (quantized at load) weights" in log and "Int8Linear" in log  # the kernels that ran
     finally:
         server.kill()
+
+
+def test_the_whole_sampling_set_and_n_choices_over_http(demo):
+    """Every engine option is accepted (an out-of-range one is a 400 naming it); n=3 seeded choices share one
+    request and equal three requests seeded seed, seed+1, seed+2; usage counts every choice's tokens."""
+    with ThreadServer(demo, model="m") as server:
+        client = server.openai()
+        extra = {"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.1, "stop_token_ids": [13]}
+        r = client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9, seed=7, n=3,
+                                      presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"450": 2.0},
+                                      extra_body=extra)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        alone = [client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9, seed=7 + i,
+                                           presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"450": 2.0},
+                                           extra_body=extra) for i in range(3)]
+        assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+        assert len({c.text for c in r.choices}) > 1  # the choices do differ
+        assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+        assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+        streamed = {}
+        for chunk in client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9,
+                                               seed=7, n=3, stream=True, presence_penalty=0.3,
+                                               frequency_penalty=0.2, logit_bias={"450": 2.0}, extra_body=extra):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+        assert [streamed[i] for i in range(3)] == [c.text for c in r.choices]
+        for body, param in [({"top_k": -5}, "top_k"), ({"min_p": 2}, "min_p"), ({"presence_penalty": 9},
+                            "presence_penalty"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                            ({"logit_bias": {"5": 500}}, "logit_bias"), ({"n": 99}, "n"),
+                            ({"repetition_penalty": 0}, "repetition_penalty"),
+                            ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+            resp = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2,
+                                                                     **body}, timeout=TIMEOUT)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (body, resp.text)

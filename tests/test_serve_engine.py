@@ -6,6 +6,7 @@ Steps are driven by hand here (`engine.step()`), so each test decides exactly wh
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -14,9 +15,9 @@ import torch
 
 from helpers import MHA, TOKENIZER, make_checkpoint, run_torchrun
 from llama import Llama
-from llama.sampling import next_token, next_tokens
+from llama.engine.sampler import RowSampler, choose
 from llama.serve import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Unavailable
-from llama.serve.stop import StopText
+from llama.engine.stop import StopText
 from test_streaming import EOS, HELLO, WORLD, scripted_checkpoint
 
 PROMPTS = ["Hello", "Once upon a time there was", "a", "世界😀 and", "The quick brown fox jumps over the", "Hi",
@@ -114,16 +115,21 @@ def test_seeded_sampling_matches_a_fresh_generator(random_dir):
         assert sink.text == expected
 
 
-def test_next_tokens_samples_each_row_as_next_token_would():
+def test_each_row_samples_as_it_would_alone():
+    """The sampler works row by row: six rows of mixed parameters draw what each draws alone."""
     torch.manual_seed(0)
     logits = torch.randn(6, 4096) * 3
-    temps, tops = [0, 0.7, 1.0, 0, 1.3, 0.5], [1, 0.9, 1.0, 0.5, 0.95, 0.3]
+    options = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=20),
+               dict(temperature=0, logit_bias={3: 50.0}), dict(temperature=1.3, min_p=0.1),
+               dict(temperature=0.5, top_p=0.3, repetition_penalty=1.2)]
     for trial in range(20):
-        gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(6)]
-        got = next_tokens(logits, temps, tops, gens).tolist()
-        for i in range(6):
-            alone = next_token(logits[i:i + 1], temps[i], tops[i], torch.Generator().manual_seed(100 * trial + i))
-            assert got[i] == alone.item()
+        rows = [RowSampler(SamplingParams(**o), [1, 2, 3], 100 * trial + i, torch.device("cpu"))
+                for i, o in enumerate(options)]
+        got = choose(logits, rows)
+        for i, o in enumerate(options):
+            alone = choose(logits[i:i + 1], [RowSampler(SamplingParams(**o), [1, 2, 3], 100 * trial + i,
+                                                        torch.device("cpu"))])
+            assert got[i] == alone[0]
 
 
 # --- admission and the step's shape ----------------------------------------------------------------------
@@ -283,6 +289,51 @@ def test_stop_text_holds_back_what_may_become_a_stop():
     assert StopText([]).feed("abc") == ("abc", False)
 
 
+def _first_stop(text: str, stops) -> Tuple[str, bool]:
+    """The reference: cut where the first stop string to appear in full begins."""
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s and s in text]
+    return (text[:min(ends)[1]], True) if ends else (text, False)
+
+
+def test_stop_text_matches_the_reference_over_any_chunking():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        alphabet = "ab c"
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        chunks = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        s = StopText(stops)
+        out, stopped = "", False
+        for chunk in chunks:
+            piece, stopped = s.feed(chunk)
+            out += piece
+            assert len(s.held) < max(map(len, stops))  # never more than a stop string's length held back
+            if stopped:
+                break
+        if not stopped:
+            out += s.flush()
+        assert (out, stopped) == _first_stop(text, stops), (text, stops, chunks)
+
+
+def test_stop_matching_is_linear_in_the_answer():
+    """A long answer streamed one character at a time past a long stop string that keeps almost matching:
+    the old matcher re-compared the held tail with every prefix of the stop string at each chunk (quadratic:
+    minutes here); the automaton takes one step per character per stop."""
+    stop = "a" * 5000 + "b"
+    s = StopText([stop, "zz"])
+    start = time.perf_counter()
+    out = []
+    for _ in range(100_000):
+        out.append(s.feed("a")[0])
+    elapsed = time.perf_counter() - start
+    assert len("".join(out)) == 100_000 - 5000 and len(s.held) == 5000  # a possible start of the stop
+    assert s.feed("b") == ("", True)
+    assert elapsed < 20, f"{elapsed:.1f} s for 100000 characters"
+
+
 def test_eos_ends_with_stop_and_is_not_counted(tmp_path):
     folder = scripted_checkpoint(tmp_path, {None: [HELLO, WORLD, EOS]})
     g = Llama.build(str(folder), str(TOKENIZER), max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
@@ -313,7 +364,7 @@ def test_logprobs_are_the_models(gen):
     ([1, 10 ** 6], {}, "outside"),
     ([1] * 96, {}, "up to 95"),
     ([1] * 90, {"max_tokens": 7}, "at most 6"),
-    ([1], {"max_tokens": 0}, "max_tokens"),
+    ([1], {"n": 5}, "n=5 choices"),
     ([1], {"temperature": -1}, "temperature"),
     ([1], {"top_p": 0}, "top_p"),
     ([1], {"logprobs": 21}, "logprobs"),
@@ -325,17 +376,159 @@ def test_bad_requests_are_refused_at_submit(gen, prompt, params, message):
     assert engine.stats()["waiting"] == 0
 
 
-def test_a_failing_model_fails_its_requests_and_stops_the_engine(gen):
+def test_a_failing_prefill_ends_its_requests_and_the_engine_goes_on(gen):
+    """A prefill that fails ends the requests admitted in that step (error, rows freed); a running request
+    loses nothing (its decode is redone) and the next request is served."""
     engine = Engine(gen)
-    req, sink = request(gen, "Hello")
-    engine.submit(req)
+    running, running_sink = request(gen, "Hello", max_tokens=8)
+    engine.submit(running)
+    engine.step()
+    victim, sink = request(gen, "Once upon a time")
+    engine.submit(victim)
     gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     try:
         engine.step()
     finally:
         del gen.model.prefill
     assert sink.finished.reason == "error" and "boom" in sink.finished.message
-    assert "boom" in engine.failure
+    assert engine.failure is None and engine.stats()["running"] == 1
+    late, late_sink = request(gen, "a")
+    engine.submit(late)
+    engine.step()  # decodes the running row alone: a working decode clears the model
+    # the late request holds its row already; its prefill waited for this decode-only step
+    assert engine.stats() == {"running": 2, "waiting": 0, "max_batch_size": 4, "max_queue": 64}
+    assert late_sink.events == []
+    while engine.step():
+        pass
+    assert late_sink.finished.reason == "length"
+    alone = gen.text_completion(["Hello"], temperature=0, max_gen_len=8)[0]["generation"]
+    assert running_sink.text == alone and running_sink.finished.reason == "length"
+    again, again_sink = request(gen, "Once upon a time")
+    run(engine, [again])
+    assert again_sink.finished.reason == "length"
+
+
+def test_whatever_fails_in_one_request_ends_that_request_alone(gen, monkeypatch):
+    """Admission, sampling, turning tokens into text, and the sink each fail for one request: that request
+    ends (error, or cancelled for its own broken sink) and frees its row; the others get their answers."""
+    import llama.engine.engine as row_engine
+
+    engine = Engine(gen)
+    ok, ok_sink = request(gen, "Hello", max_tokens=10)
+    no_row, no_row_sink = request(gen, "a", max_tokens=10)
+    bad_sampling, bad_sampling_sink = request(gen, "Hi", max_tokens=10, temperature=0.77, seed=1)
+    bad_text, bad_text_sink = request(gen, "Ω\n", max_tokens=10)
+    bad_sink = Request(gen.tokenizer.encode("xyz", bos=True, eos=False), SamplingParams(max_tokens=10),
+                       lambda event: 1 / 0)
+
+    start = engine.engine._new_choice
+
+    def start_or_fail(req, index, row, parent):
+        if req is no_row:
+            raise RuntimeError("no generator for you")
+        r = start(req, index, row, parent)
+        if req is bad_text:
+            r.text.push = lambda token: 1 / 0
+        return r
+
+    sample = row_engine.choose
+
+    def sample_or_fail(logits, rows):
+        if any(r.params.temperature == 0.77 for r in rows):
+            raise RuntimeError("bad sampling")
+        return sample(logits, rows)
+
+    monkeypatch.setattr(engine.engine, "_new_choice", start_or_fail)
+    monkeypatch.setattr(row_engine, "choose", sample_or_fail)
+    for r in (ok, no_row, bad_sampling, bad_text, bad_sink):
+        engine.submit(r)
+    while engine.step():
+        pass
+    assert engine.failure is None
+    assert "no generator for you" in no_row_sink.finished.message and no_row_sink.finished.reason == "error"
+    assert bad_sampling_sink.finished.reason == "error" and "sampling" in bad_sampling_sink.finished.message
+    assert bad_text_sink.finished.reason == "error" and "ZeroDivisionError" in bad_text_sink.finished.message
+    assert engine.finished["cancelled"] == 1 and engine.finished["error"] == 3  # the broken sink's request
+    alone = gen.text_completion(["Hello"], temperature=0, max_gen_len=10)[0]["generation"]
+    assert ok_sink.text == alone and ok_sink.finished.reason == "length"
+    assert engine.stats()["running"] == 0
+    again, again_sink = request(gen, "Hello", max_tokens=10)
+    run(engine, [again])
+    assert again_sink.text == alone
+
+
+def test_abort_ends_running_and_waiting_requests_with_a_message(looping):
+    engine = Engine(looping)
+    reqs = [request(looping, p, max_tokens=50) for p in "abc"]  # two rows: one waits
+    for r, _ in reqs:
+        engine.submit(r)
+    engine.step()
+    engine.step()
+    assert engine.abort("time is up") == 3
+    engine.step()
+    assert [s.finished.reason for _, s in reqs] == ["abort"] * 3
+    assert all(s.finished.message == "time is up" for _, s in reqs)
+    assert reqs[0][1].text == "Hello world" and reqs[2][1].text == "" and engine.stats()["running"] == 0
+
+
+def test_tiny_temperatures_are_greedy_and_huge_seeds_are_refused(gen):
+    engine = Engine(gen)
+    greedy, greedy_sink = request(gen, "Hello", max_tokens=8)
+    tiny, tiny_sink = request(gen, "Hello", max_tokens=8, temperature=1e-40, seed=3)
+    run(engine, [greedy, tiny])
+    assert tiny_sink.text == greedy_sink.text and tiny_sink.finished.reason == "length"
+    for seed in (2 ** 64, -1, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit(request(gen, "Hello", temperature=1.0, seed=seed)[0])
+    top, top_sink = request(gen, "Hello", max_tokens=4, temperature=1.0, seed=2 ** 64 - 1)
+    run(engine, [top])
+    assert top_sink.finished.reason == "length"
+
+
+def test_sampling_is_finite_for_float16_logits_and_tiny_temperatures():
+    logits = (torch.randn(3, 1000) * 20).half()
+    rows = [RowSampler(SamplingParams(temperature=t, top_p=p), [1], seed=i, device=torch.device("cpu"))
+            for i, (t, p) in enumerate([(1e-4, 1.0), (1e-40, 1.0), (0.5, 0.9)])]
+    tokens = choose(logits, rows)
+    assert tokens[0] == logits[0].float().argmax() and tokens[1] == logits[1].argmax()
+    assert 0 <= tokens[2] < 1000
+
+
+def test_prefills_failing_again_and_again_stop_the_engine(gen):
+    engine = Engine(gen)
+    sinks = []
+    gen.model.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        for i in range(3):  # MAX_FAILED_STEPS
+            assert engine.failure is None
+            req, sink = request(gen, f"prompt {i}")
+            sinks.append(sink)
+            engine.submit(req)
+            engine.step()
+    finally:
+        del gen.model.prefill
+    assert [s.finished.reason for s in sinks] == ["error"] * 3
+    assert engine.failure is not None and "boom" in engine.failure
+    with pytest.raises(Unavailable):
+        engine.submit(request(gen, "Hello")[0])
+
+
+def test_a_failing_decode_fails_its_requests_and_stops_the_engine(gen):
+    engine = Engine(gen)
+    failures = []
+    engine.on_failure = failures.append
+    req, sink = request(gen, "Hello")
+    engine.submit(req)
+    engine.step()
+    step = gen.decode_step
+    type(step).__call__, original = (lambda self, *a: (_ for _ in ()).throw(RuntimeError("boom"))), \
+        type(step).__call__
+    try:
+        engine.step()
+    finally:
+        type(step).__call__ = original
+    assert sink.finished.reason == "error" and "boom" in sink.finished.message
+    assert "boom" in engine.failure and failures == [engine.failure]
     with pytest.raises(Unavailable):
         engine.submit(request(gen, "Hello")[0])
 
@@ -347,15 +540,15 @@ import json, sys
 from llama import Llama
 from llama.distributed import Broadcast
 from llama.serve import Engine, Request, SamplingParams, Chunk
-from llama.serve.runner import StepRunner, follow
+from llama.engine import Runner, follow
 
 out, ckpt, tok = sys.argv[1:4]
 g = Llama.build(ckpt, tok, max_seq_len=96, max_batch_size=4, device="cpu", dtype="float32")
 channel = Broadcast()
 if channel.rank != 0:
-    follow(g, channel)
+    follow(g.decode_step, channel)
     sys.exit(0)
-engine = Engine(g, runner=StepRunner(g, channel))
+engine = Engine(g, runner=Runner(g.decode_step, channel))
 prompts = json.loads(sys.argv[4])
 results = [[] for _ in prompts]
 for i, p in enumerate(prompts):

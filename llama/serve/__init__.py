@@ -3,11 +3,12 @@
     python -m llama.serve --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model   # pip install -e ".[serve]"
     python -m llama.web ...                                                          # pip install -e ".[web]"
 
-scheduler.py is the engine (requests, rows, sampling; no HTTP), runner.py the model calls of a step on every
-rank, protocol.py the OpenAI request checks and response shapes, api.py the ASGI app, web.py the chat page,
-__main__.py the command line.
+scheduler.py keeps the requests (queue, admission, cancellation, the engine thread) over llama/engine's row
+engine (rows, steps, sampling, stops; no HTTP), protocol.py the OpenAI request checks and response shapes, api.py
+the ASGI app, security.py its Host and Origin checks, connections.py uvicorn's connection limits, limits.py every
+limit's default, web.py the chat page, __main__.py the command line.
 """
 
-from .scheduler import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Unavailable
+from .scheduler import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Scheduler, Unavailable
 
-__all__ = ["Engine", "Request", "SamplingParams", "Chunk", "Finished", "QueueFull", "Unavailable"]
+__all__ = ["Scheduler", "Engine", "Request", "SamplingParams", "Chunk", "Finished", "QueueFull", "Unavailable"]

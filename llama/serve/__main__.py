@@ -5,31 +5,36 @@
 
 Binds 127.0.0.1 unless --host says otherwise. Under torchrun rank 0 serves HTTP and runs the scheduler; the
 other ranks run the same model calls, step by step (runner.follow), and ignore SIGTERM: rank 0 tells them
-when to leave. SIGTERM (or Ctrl-C) on rank 0 drains: new requests get 503, running and queued ones finish,
-then every rank exits 0.
+when to leave. SIGTERM (or Ctrl-C) on rank 0 drains: new requests get 503, running and queued ones finish
+(within --drain_timeout, after which each ends with a last event saying so), then every rank exits 0. After an
+engine failure (/health says "failed") the server stops and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import distributed
-from ..cli import resolve_checkpoint
+from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_PREFILL_TOKENS, MAX_QUEUE
+from ..cli import program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.web" if web else "python -m llama.serve",
-        description="Serve a Llama 2 checkpoint over an OpenAI-compatible HTTP API (continuous batching"
+        prog=program_name("python -m llama.web" if web else "python -m llama.serve"), allow_abbrev=False,
+        description="Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
                     + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
     add = parser.add_argument
     add("--ckpt_dir", "--ckpt-dir", help="checkpoint folder (default with no --tokenizer_path: the demo model)")
@@ -38,48 +43,95 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
     add("--model", default=None, help="model id clients name (default: the checkpoint folder's name)")
     add("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_API_KEY; none: no key)")
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_API_KEY; none: no key; an empty "
+             "key is an error)")
+    add("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", default="",
+        help="comma-separated Host names served besides loopback names and the address connected to (e.g. the "
+             "name a reverse proxy forwards; '*': any). Others get 400: this stops DNS rebinding")
+    add("--allowed-origins", "--allowed_origins", dest="allowed_origins", default="",
+        help="comma-separated web origins (https://app.example) whose pages may call the API, with CORS; "
+             "'*': any. Requests from other origins get 403")
     add("--max_seq_len", "--max-seq-len", type=int, default=2048, help="context per request, prompt + answer")
     add("--max_batch_size", "--max-batch-size", type=int, default=8, help="requests decoded together")
-    add("--max_queue", "--max-queue", type=int, default=64,
+    add("--max_queue", "--max-queue", type=int, default=MAX_QUEUE,
         help="requests that may wait for a row; beyond it: 429 with Retry-After")
-    add("--max_prefill_tokens", "--max-prefill-tokens", type=int, default=None,
+    add("--max_prefill_tokens", "--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
         help="prompt tokens prefilled in one step at most (the first waiting request always is); bounds the "
-             "pause that admissions cause to running streams (default: no limit)")
-    add("--max_body_bytes", "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+             f"pause that admissions cause to running streams (default {MAX_PREFILL_TOKENS}; 0: no limit)")
+    add("--max_body_bytes", "--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+        help=f"largest request body (413 above; default {MAX_BODY_BYTES})")
+    add("--max_connections", "--max-connections", type=int, default=MAX_CONNECTIONS,
+        help=f"open connections at most; beyond: 503 (default {MAX_CONNECTIONS})")
+    add("--header_timeout", "--header-timeout", type=float, default=HEADER_TIMEOUT,
+        help=f"seconds a request's headers may take to arrive (default {HEADER_TIMEOUT:g})")
+    add("--body_timeout", "--body-timeout", type=float, default=BODY_TIMEOUT,
+        help=f"seconds a request's body may take to arrive; beyond: 408 (default {BODY_TIMEOUT:g})")
     add("--drain_timeout", "--drain-timeout", type=float, default=None,
-        help="seconds SIGTERM waits for running requests before cancelling them (default: no limit)")
+        help="seconds SIGTERM waits for running requests; then each ends with a last event (streams: "
+             "finish_reason 'length' and [DONE]; others: a 503 error) (default: no limit)")
     add("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
     add("--dtype", default=None, help="bfloat16, float16 or float32")
     add("--seed", type=int, default=1, help="seeds the requests that send no seed of their own")
+    add("--deterministic", action="store_true",
+        help="a request's tokens never depend on what else is being served (every step has one shape, each "
+             "prompt is prefilled alone; costs ~10%% at batch 1, see README)")
     add("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
     add("--quantize", choices=["int8", "int4"], default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
+    add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
+        help="the model's family (default: detected from the checkpoint)")
+    add("--shield", default=None, metavar="CKPT",
+        help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; OSError naming the port and the flag to change when it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP; without
     # it each streamed chunk after a connection's first response waits ~40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise OSError(err.errno, f"port {port} on {host} is already in use (another server?): choose another "
+                                     "with --port (--port 0 picks a free one)") from None
+        if err.errno == errno.EACCES:
+            raise OSError(err.errno, f"no permission to listen on port {port}: ports below 1024 need "
+                                     "privileges; choose another with --port") from None
+        raise OSError(err.errno, f"cannot listen on {host}:{port} (--host, --port): {err.strerror}") from None
     sock.listen(2048)  # listening from here on: a client that connects before uvicorn starts waits, not fails
     return sock
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    """ValueError naming the first server limit flag out of range."""
+    if args.max_queue < 0 or args.max_body_bytes < 1:
+        raise ValueError("--max_queue must be >= 0 and --max_body_bytes >= 1")
+    if args.max_prefill_tokens < 0:
+        raise ValueError(f"--max_prefill_tokens must be >= 0 (0: no limit), got {args.max_prefill_tokens}")
+    if args.max_connections < 1:
+        raise ValueError(f"--max_connections must be >= 1, got {args.max_connections}")
+    for name in ("header_timeout", "body_timeout", "drain_timeout"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a number of seconds > 0, got {value}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("the API key is empty (--api-key or $LLAMA_API_KEY): give a non-empty key, or none for "
+                         "a server without a key")
 
 
 def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
     args = parse_args(argv, web)
     try:
+        _check_limits(args)
         ckpt_dir, tokenizer_path = resolve_checkpoint(args.ckpt_dir, args.tokenizer_path)
-        if args.max_queue < 0 or args.max_body_bytes < 1:
-            raise ValueError("--max_queue must be >= 0 and --max_body_bytes >= 1")
-        if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
-            raise ValueError(f"--max_prefill_tokens must be >= 1, got {args.max_prefill_tokens}")
         for module in ["uvicorn", "llama.serve.api"] + (["llama.serve.web"] if args.web else []):
             importlib.import_module(module)  # a missing extra fails here, before the slow load
         rank0 = not distributed.launched() or int(os.environ.get("RANK", "0")) == 0
@@ -87,10 +139,16 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
         if not rank0:  # the other ranks must outlive rank 0's drain: rank 0 tells them when to leave
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        shield_files = resolve_shield(args.shield)
+        if shield_files is not None and distributed.launched():
+            raise ValueError("--shield runs in one process: start the server without torchrun to use it")
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
-                                group_size=args.group_size)
+                                group_size=args.group_size, family=args.family, deterministic=args.deterministic)
+        args.shield_model = None if shield_files is None else Llama.build(
+            ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
+            max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
     except ImportError as err:
         print(f"error: {err}: install the extras with pip install -e \".[serve]\" (and \".[web]\" "
               "for the chat page)", file=sys.stderr)
@@ -98,11 +156,11 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         distributed.print0(f"error: {err}", file=sys.stderr)
         return 2
-    from .runner import follow
+    from ..engine import follow
 
     channel = distributed.Broadcast()
     if channel.rank != 0:
-        follow(generator, channel)
+        follow(generator.decode_step, channel)
         return 0
     return _serve(args, generator, channel, sock, Path(ckpt_dir).resolve().name)
 
@@ -112,13 +170,16 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     import uvicorn
 
     from .api import create_app
-    from .runner import StepRunner
-    from .scheduler import Engine
+    from ..engine import Runner
+    from .connections import server_config
+    from .scheduler import Scheduler
 
     model = args.model or default_model
-    engine = Engine(generator, max_queue=args.max_queue, seed=args.seed, runner=StepRunner(generator, channel),
-                    max_prefill_tokens=args.max_prefill_tokens)
-    app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    engine = Scheduler(generator, max_queue=args.max_queue, seed=args.seed,
+                       runner=Runner(generator.decode_step, channel), max_prefill_tokens=args.max_prefill_tokens or None)
+    app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout, allowed_hosts=_names(args.allowed_hosts),
+                     allowed_origins=_names(args.allowed_origins), shield=getattr(args, "shield_model", None))
     if args.web:
         from . import web
 
@@ -127,12 +188,21 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
+            if not engine.draining and args.drain_timeout is not None:
+                timer = threading.Timer(args.drain_timeout, engine.abort,
+                                        [f"the server shut down: --drain_timeout ({args.drain_timeout:g} s) ran "
+                                         "out before this answer was finished"])
+                timer.daemon = True
+                timer.start()
             engine.drain()  # from now on new requests get 503; running ones go on
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
-                            timeout_keep_alive=5)
+    # uvicorn's own grace period comes after ours, so the requests' last events are written before it cancels.
+    grace = None if args.drain_timeout is None else math.ceil(args.drain_timeout) + 5
+    config = server_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
+                           log_level=args.log_level, timeout_graceful_shutdown=grace)
     server = Server(config)
+    engine.on_failure = lambda message: setattr(server, "should_exit", True)  # /health says failed; we stop
     # uvicorn raises the signal that stopped it again once it has shut down; this handler makes that a no-op,
     # so a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,8 +217,15 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
         server.run(sockets=[sock])
     finally:
         engine.stop(cancel=True)  # after the drain nothing is left; after a crash, cancel what is
+    if engine.failure is not None:
+        print(f"Server stopped after an engine failure: {engine.failure}", file=sys.stderr, flush=True)
+        return 1
     print("Server stopped.", flush=True)
     return 0
+
+
+def _names(value: str) -> list:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def entry_point(web: bool = False) -> None:

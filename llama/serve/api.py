@@ -1,36 +1,50 @@
 """The HTTP app: OpenAI-compatible endpoints over the engine, on FastAPI (Starlette) and served by uvicorn.
 
     GET  /health                 liveness and load: 200 while serving, 503 while draining or after a failure
+                                 (HEAD too)
     GET  /v1/models              the one model served
     POST /v1/completions         text completion; "stream": true answers as server-sent events
-    POST /v1/chat/completions    chat completion in the Llama 2 chat format, streamed likewise
+    POST /v1/chat/completions    chat completion in the model family's chat format, streamed likewise
 
 Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
 cancels its request, which frees its row at the next step boundary. Every error is OpenAI's error JSON:
-400 bad parameters or JSON, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over the
-cap, 429 (with Retry-After) when every row is busy and the queue is full, 503 while draining.
+400 bad parameters or JSON, 401 a missing or wrong API key (answered after AUTH_DELAY, so keys cannot be
+guessed fast), 404 an unknown model or route, 408 a body that does not arrive within body_timeout, 413 a body
+over the cap, 415 a body that is not application/json, 429 (with Retry-After) when every row is busy and the
+queue is full, 503 while draining. Host and Origin are checked first (security.py).
+
+Parsing the body and tokenizing the prompt (a megabyte of text takes a while) run in a worker thread, never
+on the event loop, so they do not pause the other streams; turning tokens into text happens on the engine
+thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import json
 import logging
+import threading
 import time
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .connections import quiet_accept_errors
+from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
 from .protocol import APIError, ChunkWriter, Job, chat_job, completion_job, parse_json, response
 from .scheduler import Chunk, Engine, Event, Finished, QueueFull, Request, TokenLogprob, Unavailable
+from .security import HostOriginGuard
 
 log = logging.getLogger("llama.serve")
 
-MAX_BODY_BYTES = 1 << 20
 
 
 class EventStream:
@@ -40,7 +54,7 @@ class EventStream:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
-        self.request = Request(job.prompt, job.params, self._sink, id=job.id)
+        self.request = Request(job.prompt, job.params, self._sink, id=job.id, continues_prompt=job.continues_prompt)
 
     def _sink(self, event: Event) -> None:  # the engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -52,11 +66,15 @@ class EventStream:
         self.engine.cancel(self.request)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        """The request's events until every one of its choices has finished."""
+        left = self.request.params.n
         while True:
             event = await self.queue.get()
             yield event
             if isinstance(event, Finished):
-                return
+                left -= 1
+                if left == 0:
+                    return
 
 
 async def _disconnected(request: HTTPRequest) -> None:
@@ -70,10 +88,31 @@ def _error(err: APIError) -> JSONResponse:
 
 
 def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
-               retry_after: int = 1) -> FastAPI:
+               retry_after: int = 1, body_timeout: float = BODY_TIMEOUT, auth_delay: float = AUTH_DELAY,
+               allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+               shield: Optional[Any] = None) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
-    (compared in constant time). Bodies over max_body_bytes are refused with 413 before they are read whole."""
-    app = FastAPI(title="Llama 2", docs_url=None, redoc_url=None, openapi_url=None)
+    (compared in constant time; an empty key is a ValueError, not "no key"). Bodies over max_body_bytes are
+    refused with 413 before they are read whole. allowed_hosts / allowed_origins widen the Host and Origin
+    checks (security.py; "*" allows any). shield: a Llama Guard `Llama` (see `Shield`) that checks chat messages
+    and whole chat answers."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a non-empty --api-key (or $LLAMA_API_KEY), or none at all "
+                         "for a server without a key")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
+        yield
+
+    # redirect_slashes off: Starlette would build the redirect from the Host header.
+    app = FastAPI(title="Llama", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False,
+                  lifespan=lifespan)
+    app.add_middleware(HostOriginGuard, allowed_hosts=list(allowed_hosts), allowed_origins=list(allowed_origins),
+                       max_body_bytes=max_body_bytes)
+    guard = Shield(shield) if shield is not None else None
     key = api_key.encode() if api_key else None
     created = int(time.time())
 
@@ -97,25 +136,39 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
-    def authorize(request: HTTPRequest) -> None:
+    async def authorize(request: HTTPRequest) -> None:
         if key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)):
+            await asyncio.sleep(auth_delay)  # slows a guesser down without holding up anyone else
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: HTTPRequest) -> Dict[str, Any]:
+    async def read_body(request: HTTPRequest) -> bytes:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"the request body must be application/json, got "
+                                f"{media[:100] or 'no Content-Type'!r}: send 'Content-Type: application/json'",
+                           code="unsupported_media_type")
         too_big = APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             raise too_big
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise too_big
-        return parse_json(bytes(body))
+
+        async def read() -> None:
+            async for part in request.stream():
+                body.extend(part)
+                if len(body) > max_body_bytes:
+                    raise too_big
+
+        try:
+            await asyncio.wait_for(read(), body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {body_timeout:g} s",
+                           code="request_timeout") from None
+        return bytes(body)
 
     def available() -> None:
         if engine.failure is not None or engine.draining:
@@ -126,7 +179,7 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         return {"id": model, "object": "model", "created": created, "owned_by": "llama",
                 "max_seq_len": engine.max_seq_len}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         status = "failed" if engine.failure is not None else "draining" if engine.draining else "ok"
         return JSONResponse({"status": status, **engine.stats(), "finished": dict(engine.finished)},
@@ -134,21 +187,24 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Dict[str, Any]:
-        authorize(request)
+        await authorize(request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: HTTPRequest) -> Dict[str, Any]:
-        authorize(request)
+        await authorize(request)
         if name != model:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}",
                            param="model", code="model_not_found")
         return model_card()
 
     async def complete(request: HTTPRequest, make_job: Callable[..., Job]):
-        authorize(request)
+        await authorize(request)
         available()
-        job = make_job(await read_body(request), engine.generator, model)
+        raw = await read_body(request)
+        job = await run_in_threadpool(lambda: make_job(parse_json(raw), engine.generator, model))  # off the loop
+        if guard is not None and job.dialog is not None:
+            await guard.check(job.dialog, "the messages")
         stream = EventStream(engine, job)
         try:
             stream.submit()
@@ -162,7 +218,12 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         if job.stream:
             return StreamingResponse(_sse(request, stream, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(request, stream, job)
+        answer = await _whole(request, stream, job)
+        if guard is not None and job.dialog is not None and answer.status_code == 200:
+            body = json.loads(answer.body)
+            content = body["choices"][0]["message"]["content"]
+            await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
+        return answer
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -175,6 +236,28 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
     return app
 
 
+class Shield:
+    """--shield: a Llama Guard model rating chat messages before they run and whole (non-streamed) answers after;
+    an unsafe rating is answered with 400 and code 'content_filter'. One rating at a time, off the event loop.
+    A streamed answer reaches its client as it is written: only its messages are checked."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+        self.lock = threading.Lock()
+
+    def _rate(self, dialog: List[Dict[str, str]]):
+        with self.lock:
+            return self.guard.moderate([m for m in dialog if m["role"] != "system"])
+
+    async def check(self, dialog: List[Dict[str, str]], what: str) -> None:
+        try:
+            verdict = await asyncio.to_thread(self._rate, dialog)
+        except ValueError as err:  # too long for the shield's context, say
+            raise APIError(400, f"the shield cannot rate {what}: {err}", code="content_filter") from None
+        if not verdict.safe:
+            raise APIError(400, f"refused: the shield rates {what} {verdict.describe()}", code="content_filter")
+
+
 def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
     """A task that cancels the request when its client disconnects: the engine then ends the events with
     Finished('cancelled') and frees the row at the next step boundary."""
@@ -184,19 +267,27 @@ def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
 
 
 async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONResponse:
-    """Collect the answer (a client that leaves first cancels the request)."""
-    text: List[str] = []
-    entries: List[TokenLogprob] = []
+    """Collect the answer, every choice of it (a client that leaves first cancels the request)."""
+    n = job.params.n
+    texts: List[List[str]] = [[] for _ in range(n)]
+    entries: List[List[TokenLogprob]] = [[] for _ in range(n)]
+    finished: List[Optional[Finished]] = [None] * n
     watcher = _watch(request, stream)
     try:
         async for event in stream:
             if isinstance(event, Chunk):
-                text.append(event.text)
-                entries += event.logprobs
+                texts[event.index].append(event.text)
+                entries[event.index] += event.logprobs
             elif event.reason == "error":
                 raise APIError(500, event.message, type="server_error", code="engine_failed")
-            elif event.reason != "cancelled":
-                return JSONResponse(response(job, "".join(text), entries, event))
+            elif event.reason == "abort":
+                raise APIError(503, event.message, code="shutdown")
+            elif event.reason == "cancelled":
+                break
+            else:
+                finished[event.index] = event
+                if all(f is not None for f in finished):
+                    return JSONResponse(response(job, ["".join(t) for t in texts], entries, finished))
     finally:
         watcher.cancel()
         stream.cancel()  # a no-op once the request has finished
@@ -204,18 +295,27 @@ async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONRes
 
 
 async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIterator[str]:
-    """The answer as server-sent events (a client that leaves cancels the request)."""
+    """The answer as server-sent events, choices interleaved by index (a client that leaves cancels the
+    request)."""
     writer = ChunkWriter(job)
     watcher = _watch(request, stream)
+    finished: List[Finished] = []
     try:
         for line in writer.start():
             yield line
         async for event in stream:
             if isinstance(event, Chunk):
-                yield writer.chunk(event.text, event.logprobs)
-            elif event.reason != "cancelled":
-                for line in writer.finish(event):
+                yield writer.chunk(event.text, event.logprobs, event.index)
+            elif event.reason == "error":
+                for line in writer.error(event):
                     yield line
+                return
+            elif event.reason != "cancelled":
+                finished.append(event)
+                yield writer.finish_choice(event)
+                if len(finished) == job.params.n:
+                    for line in writer.end(finished):
+                        yield line
     finally:
         watcher.cancel()
         stream.cancel()

@@ -8,6 +8,8 @@ and features this server does not have (n > 1, tools, penalties...), are errors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -15,8 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..chat_format import UNSAFE_ERROR, has_special_tags, validate_dialog
+from ..chat_format import UNSAFE_ERROR, validate_dialog
+from ..families.codellama import infilling_prompt
 from ..generation import Llama
+from ..tokenizer import whole_char_end
+from ..engine.params import ParamError
+from .limits import MAX_CHOICES
 from .scheduler import Finished, SamplingParams, TokenLogprob
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
@@ -25,6 +31,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
 
 
 class APIError(Exception):
@@ -56,18 +64,50 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
+    dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
+    continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def parse_json(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object. Strings holding a lone UTF-16 surrogate ("\\ud800", which JSON allows but
+    Unicode text cannot hold) are refused here: nothing later could encode them."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    where = _surrogate(data, "")
+    if where is not None:
+        raise bad(f"the request body is not valid Unicode: {where or 'a key'} holds a lone UTF-16 surrogate",
+                  param=where or None, code="invalid_json")
     return data
+
+
+def _surrogate(value: Any, path: str) -> Optional[str]:
+    """The path of the first string (or key) with a lone surrogate in a parsed JSON value, else None. The
+    nesting is as deep as json.loads allowed; iterative, so any depth it allowed is walked."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+                stack.append((inner, name))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{where}[{i}]") for i, inner in enumerate(item))
+    return None
 
 
 # --- typed getters: each names its parameter -----------------------------------------------------------------
@@ -79,7 +119,7 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
     if value is None:
         return default
     ok = {
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "boolean": isinstance(value, bool),
         "string": isinstance(value, str),
@@ -90,6 +130,14 @@ def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> 
     return value
 
 
+def _finite(value: float) -> bool:
+    """A finite number that a float holds (a JSON integer of 400 digits does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why: str) -> None:
     value = body.get(name)
     if value is not None and value not in allowed:
@@ -97,14 +145,17 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 
 
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
-              prompt_len: int, default_max: int) -> SamplingParams:
+              prompt_len: int, default_max: int, vocab_size: Optional[int] = None) -> SamplingParams:
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
-    if temperature < 0:
-        raise bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
+                  f"{temperature}", param="temperature")
     top_p = _get(body, "top_p", "number", DEFAULT_TOP_P)
     if not 0 < top_p <= 1:
         raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     seed = _get(body, "seed", "integer")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise bad(f"'seed' must be in 0..{MAX_SEED} (64 bits), got {seed}", param="seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -115,13 +166,26 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
     if len(stop) > MAX_STOP:
         raise bad(f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
     n = _get(body, "n", "integer", 1)
-    if n != 1:
-        raise bad(f"'n' must be 1 (one answer per request), got {n}", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get(body, name, "number", 0) != 0:
-            raise bad(f"'{name}' is not supported (only 0)", param=name, code="unsupported")
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("'logit_bias' is not supported", param="logit_bias", code="unsupported")
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad(f"'n' must be in 1..{MAX_CHOICES}, got {n}", param="n")
+    extra = {name: _get(body, name, "number") for name in ("presence_penalty", "frequency_penalty", "min_p",
+                                                           "repetition_penalty")}
+    extra["top_k"] = _get(body, "top_k", "integer")
+    if extra["top_k"] == -1:  # vLLM's spelling of "off"
+        extra["top_k"] = 0
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or not all(isinstance(k, str) and k.strip().lstrip("-").isdigit()
+                                                 for k in bias):
+            raise bad("'logit_bias' must map token ids (as strings) to numbers", param="logit_bias",
+                      code="invalid_type")
+        extra["logit_bias"] = {int(k): v for k, v in bias.items()}
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            raise bad("'stop_token_ids' must be a list of token ids", param="stop_token_ids", code="invalid_type")
+        extra["stop_token_ids"] = tuple(stop_ids)
+    extra = {k: v for k, v in extra.items() if v is not None}
     if prompt_len >= room:
         raise bad(f"the prompt has {prompt_len} tokens, but this server's context (max_seq_len) is {room} "
                   f"tokens including the answer: shorten it to at most {room - 1}", param=prompt_param,
@@ -135,8 +199,12 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         raise bad(f"'max_tokens' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
                   f"(max_seq_len) {room}, which leaves room for {left}", param="max_tokens",
                   code="context_length_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
-                          stop=stop)
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                            stop=tuple(stop), n=n, **extra)
+    try:
+        return params.check(vocab_size)
+    except ParamError as err:
+        raise bad(str(err), param=err.param) from None
 
 
 def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
@@ -168,13 +236,16 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
         vocab = generator.model.params.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
-        tokens, text = list(prompt), generator.tokenizer.decode(prompt)
+        tokens = list(prompt)  # the text of its whole characters: what the answer's text continues
+        text = generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)])
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
     else:
         raise bad("'prompt' must be a string or a non-empty list of token ids", param="prompt",
                   code="invalid_type" if prompt is not None else None)
-    _unsupported(body, "suffix", [""], "no fill-in-the-middle")
+    suffix = _get(body, "suffix", "string", "")
+    if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
+        tokens = _infilling_tokens(generator, prompt, suffix)
     _unsupported(body, "best_of", [1], "one answer per request")
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer")
@@ -183,13 +254,26 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     if echo and logprobs is not None:
         raise bad("'echo' together with 'logprobs' is not supported", param="echo", code="unsupported")
     params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
-                       COMPLETION_MAX_TOKENS)
-    params.logprobs = logprobs
-    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", **common)
+                       COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
+    params = dataclasses.replace(params, logprobs=logprobs)
+    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True, **common)
+
+
+def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
+    """The prompt of a completion with a `suffix` (OpenAI's legacy fill-in-the-middle), in the family's format."""
+    if not generator.family.infilling:
+        raise bad(f"'suffix' (fill in the middle) needs a Code Llama model; this server runs "
+                  f"{generator.family.title}", param="suffix", code="unsupported")
+    if not isinstance(prompt, str):
+        raise bad("'suffix' needs the prompt as a string", param="prompt", code="invalid_type")
+    try:
+        return infilling_prompt(generator.tokenizer, prompt, suffix)
+    except ValueError as err:
+        raise bad(str(err), param="suffix", code="unsupported") from None
 
 
 def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
-    """POST /v1/chat/completions: a dialog in the Llama 2 chat format, answered by the assistant."""
+    """POST /v1/chat/completions: a dialog in the model family's chat format, answered by the assistant."""
     common = _common(body, model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -200,7 +284,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         validate_dialog(dialog)
     except ValueError as err:
         raise bad(str(err).replace("dialog, ", ""), param="messages") from None
-    if has_special_tags(dialog):
+    if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
         raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
     for name in ("tools", "functions"):
         _unsupported(body, name, [[]], "no tool calls")
@@ -212,15 +296,16 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     tokens = generator.formatter.encode_dialog_prompt(dialog)
     max_tokens = _get(body, "max_completion_tokens", "integer")
     max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
-    params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len)
+    params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len,
+                       generator.model.params.vocab_size)
     if _get(body, "logprobs", "boolean", False):
-        params.logprobs = _get(body, "top_logprobs", "integer", 0)
+        params = dataclasses.replace(params, logprobs=_get(body, "top_logprobs", "integer", 0))
         if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
             raise bad(f"'top_logprobs' must be in 0..{MAX_TOP_LOGPROBS}, got {params.logprobs}",
                       param="top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    return Job(chat=True, prompt=tokens, params=params, **common)
+    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
 
 
 def _message(message: Any, index: int) -> Dict[str, str]:
@@ -246,19 +331,18 @@ def _message(message: Any, index: int) -> Dict[str, str]:
 # --- answers ---------------------------------------------------------------------------------------------------
 
 
-def usage(finished: Finished) -> Dict[str, int]:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+def usage(finished: Sequence[Finished]) -> Dict[str, int]:
+    """Token counts of a request: its prompt once, the answers of all its choices."""
+    prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
-    tokens, offsets = [], []
-    for e in entries:
-        offsets.append(offset)
-        tokens.append(e.token)
-        offset += 0 if e.token.startswith("bytes:") else len(e.token)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+def _completion_logprobs(entries: List[TokenLogprob], start: int) -> Dict[str, Any]:
+    """OpenAI's completion log-probs; text_offset is where each token's text starts in the choice's text (after
+    the echoed prompt, `start` characters long)."""
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": [start + e.offset for e in entries]}
 
 
 def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
@@ -268,22 +352,26 @@ def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
 
 
 def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason == "length" else "stop"
+    """OpenAI's finish_reason: 'length' also for an answer the server cut short (a drain that timed out)."""
+    return "length" if finished.reason in ("length", "abort") else "stop"
 
 
-def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished) -> Dict[str, Any]:
-    """The non-streamed answer."""
+def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], finished: List[Finished]
+             ) -> Dict[str, Any]:
+    """The non-streamed answer: one choice per index (n choices share the prompt)."""
     want_lps = job.params.logprobs is not None
-    if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": _chat_logprobs(entries) if want_lps else None}
-        obj, prefix = "chat.completion", "chatcmpl-"
-    else:
-        choice = {"index": 0, "text": job.echo + text,
-                  "logprobs": _completion_logprobs(entries, len(job.echo)) if want_lps else None}
-        obj, prefix = "text_completion", "cmpl-"
-    choice["finish_reason"] = _finish_reason(finished)
-    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice],
+    choices = []
+    for i, (text, lps, end) in enumerate(zip(texts, entries, finished)):
+        if job.chat:
+            choice = {"index": i, "message": {"role": "assistant", "content": text},
+                      "logprobs": _chat_logprobs(lps) if want_lps else None}
+        else:
+            choice = {"index": i, "text": job.echo + text,
+                      "logprobs": _completion_logprobs(lps, len(job.echo)) if want_lps else None}
+        choice["finish_reason"] = _finish_reason(end)
+        choices.append(choice)
+    obj, prefix = ("chat.completion", "chatcmpl-") if job.chat else ("text_completion", "cmpl-")
+    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
             "usage": usage(finished)}
 
 
@@ -292,7 +380,6 @@ class ChunkWriter:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.offset = len(job.echo)
 
     def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
@@ -302,33 +389,40 @@ class ChunkWriter:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def start(self) -> List[str]:
-        """What opens the stream: the assistant role (chat), the echoed prompt (completions with echo)."""
+        """What opens the stream: the assistant role (chat), the echoed prompt (completions with echo), for each
+        choice."""
+        n = self.job.params.n
         if self.job.chat:
-            return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])]
+            return [self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(n)]
         if self.job.echo:
-            return [self._event([{"index": 0, "text": self.job.echo, "logprobs": None, "finish_reason": None}])]
+            return [self._event([{"index": i, "text": self.job.echo, "logprobs": None, "finish_reason": None}])
+                    for i in range(n)]
         return []
 
-    def chunk(self, text: str, entries: List[TokenLogprob]) -> str:
+    def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None
         if self.job.chat:
-            choice = {"index": 0, "delta": {"content": text},
+            choice = {"index": index, "delta": {"content": text},
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
         else:
-            choice = {"index": 0, "text": text,
-                      "logprobs": _completion_logprobs(entries, self.offset) if want_lps else None,
+            choice = {"index": index, "text": text,
+                      "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        self.offset += len(text)
         return self._event([choice])
 
-    def finish(self, finished: Finished) -> List[str]:
-        if finished.reason == "error":
-            err = APIError(500, finished.message, type="server_error", code="engine_failed")
-            return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
-        last = {"index": 0, "finish_reason": _finish_reason(finished), "logprobs": None}
+    def error(self, finished: Finished) -> List[str]:
+        """A failure ends the whole stream: an error object, then [DONE]."""
+        err = APIError(500, finished.message, type="server_error", code="engine_failed")
+        return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
+
+    def finish_choice(self, finished: Finished) -> str:
+        """A choice's last chunk, with its finish_reason."""
+        last = {"index": finished.index, "finish_reason": _finish_reason(finished), "logprobs": None}
         last.update({"delta": {}} if self.job.chat else {"text": ""})
-        events = [self._event([last])]
-        if self.job.include_usage:
-            events.append(self._event([], usage=usage(finished)))
+        return self._event([last])
+
+    def end(self, finished: Sequence[Finished]) -> List[str]:
+        """After every choice has finished: the usage (when asked) and [DONE]."""
+        events = [self._event([], usage=usage(finished))] if self.job.include_usage else []
         return events + ["data: [DONE]\n\n"]

@@ -8,6 +8,7 @@ Gradio is kept offline: no analytics, no share links, no web fonts (the system's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -17,9 +18,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
+from fastapi.responses import RedirectResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from ..chat_format import UNSAFE_ERROR  # noqa: E402
 from .api import EventStream  # noqa: E402
+from .limits import AUTH_DELAY  # noqa: E402
 from .protocol import APIError, chat_job  # noqa: E402
 from .scheduler import Chunk, Engine, QueueFull, Unavailable  # noqa: E402
 
@@ -63,9 +67,11 @@ class ChatPage:
         message = _text(message)
         if not message.strip():
             return
-        body = {"messages": self.dialog(message, history, system), "temperature": float(temperature)}
+        # Tokenizing the conversation takes a while for a long one: a worker thread does it, not the event loop.
+        dialog = await run_in_threadpool(self.dialog, message, history, system)
+        body = {"messages": dialog, "temperature": float(temperature)}
         try:
-            job = chat_job(body, self.engine.generator, self.model)
+            job = await run_in_threadpool(chat_job, body, self.engine.generator, self.model)
         except APIError as err:
             yield UNSAFE_ERROR if err.code == "special_tags" else f"Error: {err.message}"
             return
@@ -102,7 +108,7 @@ def build_page(engine: Engine, model: str) -> gr.Blocks:
     page = ChatPage(engine, model)
     return gr.ChatInterface(
         page.respond,
-        title=f"Llama 2 chat: {model}",
+        title=f"Llama chat: {model}",
         additional_inputs=[
             gr.Textbox(label="System prompt", placeholder="e.g. Answer briefly.", lines=2, elem_id="system-prompt"),
             gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature", elem_id="temperature"),
@@ -122,7 +128,14 @@ def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = Non
     """Serve the page at /web on `app` (with an API key set, the page asks for it as its password)."""
     auth = None
     if api_key:
-        auth = lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+        async def auth(user: str, password: str) -> bool:
+            if hmac.compare_digest(password.encode(), api_key.encode()):
+                return True
+            await asyncio.sleep(AUTH_DELAY)  # a wrong password waits, as a wrong API key does (nobody else)
+            return False
+    # The page's address without its slash: a relative redirect (Starlette's own would be built from Host).
+    app.add_api_route(PATH, lambda: RedirectResponse(PATH + "/", status_code=307), methods=["GET"],
+                      include_in_schema=False)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
     gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,

@@ -1,0 +1,84 @@
+"""The model calls of one engine step, run the same way on every model-parallel rank.
+
+A step is at most one decode (one token for every cache row 0..B-1), then packed prefills of newly admitted
+prompts into their rows, then copies of prefilled rows into the rows of their sibling choices (n > 1). The
+decode comes first: idle rows decode a dummy token at position 0 of their own row, which a prefill or copy in
+the same step rewrites.
+
+Two ways to keep ranks in step: in the library every rank runs its own engine on identical inputs (`Runner`);
+in the server rank 0 plans and shares each plan (plain lists of ints) with the others, which only execute
+(`Runner(channel=...)` and `follow`). Sampling happens where the engine runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..decode_step import DecodeStep
+from ..distributed import Broadcast
+
+
+@dataclass
+class Prefill:
+    """One packed forward pass: prompt i fills cache row rows[i] from position 0."""
+
+    prompts: List[List[int]]
+    rows: List[int]
+    all_logits: bool = False  # logits at every prompt position (prompt log-probs), not only the last
+
+
+@dataclass
+class StepPlan:
+    decode_tokens: Optional[List[int]] = None  # one token per cache row 0..B-1; None: no decode this step
+    decode_positions: Optional[List[int]] = None  # where each row's token goes
+    prefills: List[Prefill] = field(default_factory=list)
+    copies: List[Tuple[int, List[int], int]] = field(default_factory=list)  # (row, into rows, positions)
+
+
+Logits = Tuple[Optional[torch.Tensor], List[torch.Tensor]]
+
+
+def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
+    """Run a plan: decode logits (B, V) or None, and each prefill's logits (last or all positions)."""
+    model = decode.model
+    decoded, prefilled = None, []
+    with torch.inference_mode():
+        if plan.decode_tokens is not None:
+            tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
+            decoded = decode(tokens, plan.decode_positions)
+        for p in plan.prefills:
+            prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
+        for row, into, length in plan.copies:
+            model.copy_rows(row, into, length)
+    return decoded, prefilled
+
+
+class Runner:
+    """Runs each step's plan on this rank; with a channel (rank 0 of a served group) shares it first."""
+
+    def __init__(self, decode: DecodeStep, channel: Optional[Broadcast] = None) -> None:
+        self.decode = decode
+        self.channel = channel if channel is not None and channel.world > 1 else None
+
+    def run(self, plan: StepPlan) -> Logits:
+        if self.channel is not None:
+            self.channel.share(plan)
+        return execute(self.decode, plan)
+
+    def close(self) -> None:
+        """Tell the other ranks that no step follows (they leave `follow`)."""
+        if self.channel is not None:
+            self.channel.share(None)
+            self.channel = None
+
+
+def follow(decode: DecodeStep, channel: Broadcast) -> None:
+    """Ranks other than 0 of a served group: run every plan rank 0 shares, until it shares None."""
+    while True:
+        plan = channel.share(None)
+        if plan is None:
+            return
+        execute(decode, plan)

@@ -1,0 +1,70 @@
+"""The Llama families this library runs, and which one a checkpoint is.
+
+One module per family holds all that is particular to it (tokenizer kind, chat format, stop tokens, RoPE,
+vocabulary, context, generation defaults, Hugging Face bits): llama2, codellama, llama3, llamaguard. The rest
+of the library asks the family.
+
+Detection (`detect`) reads what the files say: the tokenizer file's format (a SentencePiece protobuf or
+tiktoken's base64 lines), params.json's keys (or those Hugging Face's config.json maps to: rope_theta,
+use_scaled_rope...) and the vocabulary. tiktoken means Llama 3; SentencePiece with rope_theta 1e6 or the
+infilling pieces means Code Llama; other SentencePiece checkpoints are Llama 2. Llama Guard looks like its base
+model and is chosen by name. A `family=` name overrides detection, but must fit the files; anything that fits
+no family is a ValueError naming what was found.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+from ..tokenizers import BaseTokenizer
+from .base import Family
+from .codellama import FAMILY as CODELLAMA
+from .llama2 import FAMILY as LLAMA2
+from .llama3 import FAMILY as LLAMA3
+from .llamaguard import V1 as LLAMAGUARD1, V3 as LLAMAGUARD3, LlamaGuard, Moderation
+
+FAMILIES: Dict[str, Family] = {f.name: f for f in (LLAMA2, CODELLAMA, LLAMA3, LLAMAGUARD1, LLAMAGUARD3)}
+NAMES = ("llama2", "codellama", "llama3", "llamaguard")  # what family= takes (llamaguard: its version by tokenizer)
+_DETECTION_ORDER = (LLAMA3, CODELLAMA, LLAMA2)
+
+
+def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer) -> str:
+    keys = {k: params[k] for k in ("vocab_size", "rope_theta", "use_scaled_rope", "n_kv_heads") if k in params}
+    return f"tokenizer {tokenizer.path!r} ({tokenizer.kind}, {tokenizer.n_words} tokens), params {keys}"
+
+
+def get(name: str, tokenizer: Optional[BaseTokenizer] = None) -> Family:
+    """The family called `name` (llama2, codellama, llama3, llamaguard[1|3]); 'llamaguard' alone is version 1
+    with a SentencePiece tokenizer and version 3 with a tiktoken one."""
+    if isinstance(name, Family):
+        return name
+    key = str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
+    if key == "llamaguard":
+        return LLAMAGUARD3 if tokenizer is not None and tokenizer.kind == "tiktoken" else LLAMAGUARD1
+    if key not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}: choose one of {list(NAMES)}")
+    return FAMILIES[key]
+
+
+def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
+           requested: Optional[str] = None) -> Family:
+    """The family of a checkpoint (its params.json keys, Meta's names) read with `tokenizer`; `requested`
+    (family=, --family) overrides detection but must fit."""
+    params = params or {}
+    if requested is not None:
+        family = get(requested, tokenizer)
+        problem = family.check_tokenizer(tokenizer) or family.check_params(params)
+        if problem:
+            raise ValueError(f"family {requested!r} does not fit this checkpoint: {problem} (found "
+                             f"{_found(params, tokenizer)})")
+        return family
+    for family in _DETECTION_ORDER:
+        if family.matches(params, tokenizer):
+            return family
+    raise ValueError(f"no Llama family fits this checkpoint: found {_found(params, tokenizer)}. Known families: "
+                     f"{list(NAMES)} (Llama 3 needs its tiktoken tokenizer.model, Llama 2 and Code Llama a "
+                     "SentencePiece one, and only Llama 3.1 and later use_scaled_rope)")
+
+
+__all__ = ["Family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "LLAMA2", "CODELLAMA",
+           "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD3"]

@@ -1,0 +1,81 @@
+"""What a family of the Llama line is, as data plus a few methods: see llama/families/__init__.py."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from ..chat_format import ChatFormat
+from ..model import RopeScaling
+from ..tokenizers import BaseTokenizer
+
+
+class Family:
+    """One family: its tokenizer kind, chat format, stop tokens, RoPE, context, defaults and HF bits.
+
+    Subclasses set the attributes and override what differs. Nothing outside llama/families knows which family
+    a model is: it asks its Family.
+    """
+
+    name: str = ""  # the value of family= / --family
+    title: str = ""  # for people: "Llama 2"
+    tokenizer_kind: str = "sentencepiece"  # 'sentencepiece' or 'tiktoken' (llama.tokenizers)
+    vocab_size: int = 32000  # the released vocabulary
+    context_length: int = 4096  # the context it was trained for (HF's max_position_embeddings)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # the published RoPE scaling, for checkpoints that ask for it
+    temperature: float = 0.6  # generation defaults of the released examples
+    top_p: float = 0.9
+    chat: bool = True  # a chat (instruct) format exists
+    infilling: bool = False  # Code Llama's fill-in-the-middle
+    moderation: bool = False  # Llama Guard's classification
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.title}>"
+
+    # --- the tokenizer and the prompts ---------------------------------------------------------------------
+
+    def check_tokenizer(self, tokenizer: BaseTokenizer) -> Optional[str]:
+        """Why this tokenizer cannot be this family's, or None."""
+        if tokenizer.kind != self.tokenizer_kind:
+            return f"{self.title} needs a {self.tokenizer_kind} tokenizer, {tokenizer.path!r} is {tokenizer.kind}"
+        return None
+
+    def chat_format(self, tokenizer: BaseTokenizer) -> ChatFormat:
+        return ChatFormat(tokenizer)
+
+    def stop_ids(self, tokenizer: BaseTokenizer) -> Tuple[int, ...]:
+        """The tokens that end an answer (never part of it)."""
+        return (tokenizer.eos_id,)
+
+    # --- the checkpoint ---------------------------------------------------------------------------------------
+
+    def context_for(self, params: Mapping[str, Any]) -> int:
+        """The context a checkpoint of this family was trained for."""
+        return self.context_length
+
+    def check_params(self, params: Mapping[str, Any]) -> Optional[str]:
+        """Why params.json (Meta's keys) cannot be this family's, or None."""
+        if params.get("use_scaled_rope") and self.rope_scaling is None:
+            return f"use_scaled_rope is Llama 3.1's, not {self.title}'s"
+        return None
+
+    def matches(self, params: Mapping[str, Any], tokenizer: BaseTokenizer) -> bool:
+        """Detection: this family is the one the files describe (the first that matches wins)."""
+        return self.check_tokenizer(tokenizer) is None and self.check_params(params) is None
+
+    # --- Hugging Face's layout ------------------------------------------------------------------------------
+
+    def hf_eos_ids(self, tokenizer: BaseTokenizer) -> List[int]:
+        return list(self.stop_ids(tokenizer))
+
+    def hf_tokenizer_files(self, tokenizer: BaseTokenizer, max_position_embeddings: int) -> Dict[str, Any]:
+        """tokenizer_config.json and special_tokens_map.json beside tokenizer.model (SentencePiece: what
+        transformers' LlamaTokenizer reads)."""
+        return {
+            "tokenizer_config.json": {
+                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
+                "clean_up_tokenization_spaces": False, "model_max_length": max_position_embeddings,
+                "sp_model_kwargs": {}},
+            "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        }
