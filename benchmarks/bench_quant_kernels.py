@@ -3,8 +3,8 @@
 One Transformer block of a real shape (its four products as the model runs them: fused wq/wk/wv, wo, fused
 w1/w3, w2) times one token, through each candidate: float32 and bfloat16 F.linear, bfloat16 with oneDNN-packed
 weights (llama.cpu's onednn-bf16 path, where the CPU has native bf16), this library's Int8Linear and Int4Linear
-(PyTorch's built-in weight-only operators) and, when it is installed, torchao's quantize_ with its int8 and
-int4 weight-only configs. The candidates run in alternation, round after round; before each timed call a
+(its own kernels where they run, and `_aten`: PyTorch's built-in weight-only operators) and, when it is
+installed, torchao's quantize_ with its int8 and int4 weight-only configs. The candidates run in alternation, round after round; before each timed call a
 buffer larger than the last-level cache is written, so the weights come from memory as they do in a full
 model. Prints JSON: median microseconds per block, GB/s of weight bytes, and the median of each round's
 ratio to bfloat16 F.linear and to the packed path.
@@ -63,8 +63,10 @@ def candidates(weights: List[torch.Tensor], with_torchao: bool) -> Dict[str, Lis
     if cpu.info().fbgemm:
         out["bfloat16_fbgemm_fp16"] = [cpu.Fp16Linear(w) for w in bf16]
     out["int8"] = [Int8Linear(quantize_weight(w, "int8"), torch.bfloat16) for w in bf16]
+    out["int8_aten"] = [Int8Linear(quantize_weight(w, "int8"), torch.bfloat16, isa=None) for w in bf16]
     for g in (32, 64, 128):
         out[f"int4_g{g}"] = [Int4Linear(quantize_weight(w, "int4", g), torch.bfloat16) for w in bf16]
+        out[f"int4_g{g}_aten"] = [Int4Linear(quantize_weight(w, "int4", g), torch.bfloat16, isa=None) for w in bf16]
     if with_torchao:
         from torchao.quantization import Int8WeightOnlyConfig
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
@@ -82,7 +84,7 @@ def weight_bytes(name: str, weights: List[torch.Tensor]) -> float:
     if "int8" in name:
         return n
     if "int4" in name:
-        g = int(name.rsplit("g", 1)[1])
+        g = int(name.split("_g", 1)[1].split("_")[0])
         return n / 2 + n / g * 4  # codes, plus a bfloat16 scale and zero per group
     return 2 * n
 

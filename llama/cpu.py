@@ -26,6 +26,7 @@ import functools
 import itertools
 import os
 import platform
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Type, Union
@@ -33,6 +34,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Type, Union
 import torch
 from torch import nn
 
+from . import qkernels
 from .layers import ParallelLinear
 
 # The flags that decide the path, in the order `describe` reports them.
@@ -259,6 +261,34 @@ def kernel_counts(model: nn.Module) -> Dict[str, int]:
     return counts
 
 
+def quantized_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
+    """The instruction set the project's quantized kernels (llama/csrc/qlinear.c) run with here: "avx512_vnni"
+    (AVX-512 with VNNI, as the compiled library reports it, unless emulation lowers AVX-512), "avx2", or None
+    where quantized layers use PyTorch's operators instead: no AVX2 (there PyTorch's kernels beat the portable C
+    loops), or the library could not be built (said once, on stderr). `LLAMA_KERNELS=torch` forces None."""
+    cpu = info() if cpu is None else cpu
+    if not {"avx2", "fma"} <= cpu.flags:
+        return None
+    best = qkernels.best_isa()
+    if best is None:
+        _note_once(f"note: the quantized CPU kernels could not be built ({qkernels.unavailable()}); quantized "
+                   "layers use PyTorch's operators, about half as fast at batch 1")
+        return None
+    if best == "avx512_vnni" and "avx512f" in cpu.flags:
+        return "avx512_vnni"
+    return "avx2" if best in ("avx512_vnni", "avx2") else None
+
+
+_NOTED: set = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED and not message.startswith("note: the quantized CPU kernels could not be built "
+                                                        "(LLAMA_KERNELS="):
+        _NOTED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def default_dtype(device: torch.device, cpu: Optional[CpuInfo] = None) -> torch.dtype:
     """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16 or fbgemm), else
     float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
@@ -302,4 +332,4 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
 
 
 __all__ = ["CpuInfo", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for",
-           "kernel_counts", "default_dtype", "dtype_note", "describe"]
+           "kernel_counts", "quantized_isa", "default_dtype", "dtype_note", "describe"]

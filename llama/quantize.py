@@ -14,14 +14,17 @@ at load computes.
 
 The plain form (`QuantizedWeight`) keeps every tensor's output rows on dim 0 and its input columns (bytes,
 groups) on dim 1, so it is sliced across ranks, concatenated by fusion and stored in a checkpoint like any
-weight. The kernels (`Int8Linear`, `Int4Linear`) are PyTorch's built-in weight-only operators:
+weight. The kernels (`Int8Linear`, `Int4Linear`): on x86 CPUs with AVX2, the library's own (llama/qkernels.py,
+llama/csrc/qlinear.c: 8-bit activations against the weights in integer dot products; prefill-sized calls
+through oneDNN on dequantized tiles); elsewhere PyTorch's built-in weight-only operators:
 ``aten._weight_int8pack_mm`` (CPU and CUDA), ``aten._weight_int4pack_mm_for_cpu`` (CPU) and
 ``aten._weight_int4pack_mm`` (CUDA, bfloat16, compute capability 8.0 or newer). See the README's measurements
-for why these and not torchao.
+for why.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, distributed, hf
+from . import checkpoint, cpu, distributed, hf, qkernels
 from .checkpoint import split_dim
 from .layers import ParallelLinear, single_process
 from .model import ModelArgs, Transformer, check_positive_int, count_parameters
@@ -185,22 +188,117 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 CUDA_INT8_KERNEL_ROWS = 16  # on CUDA, larger calls (prefill) go through the dense product: see Int8Linear
+# On a CPU, calls of this many rows or more (prefill) dequantize the weight tile by tile into the dtype of the
+# CPU's fastest float GEMM (oneDNN bfloat16 with native bf16 instructions or AMX, else MKL float32) instead of
+# running the matrix-vector kernels: they are compute-bound there, and the GEMMs use the matrix units.
+CPU_PREFILL_ROWS = 32
+DEQUANTIZED_TILE = 2**22  # weights dequantized at a time for such a call (8 MiB in bfloat16)
+
+
+_SCRATCH = threading.local()  # each thread's buffer for dequantized tiles, reused: fresh pages cost more than the work
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
+def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
+                group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
+    """x (M, K) @ W.T through llama/csrc/qlinear.c: its matrix-vector kernels below CPU_PREFILL_ROWS rows, else
+    tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
+    if x.dtype not in (torch.bfloat16, torch.float32):  # the C kernels read bfloat16 or float32
+        return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
+    if x.shape[0] < CPU_PREFILL_ROWS:
+        return qkernels.linear(x, kind, packed, rscale, n, group, isa)
+    k = x.shape[1]
+    xg = x.to(gemm_dtype)
+    step = min(n, max(64, DEQUANTIZED_TILE // k // 64 * 64))
+    buf = _tile_buffer(step * k, gemm_dtype)
+    out = torch.empty(x.shape[0], n, dtype=gemm_dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        tile = qkernels.dequantize(kind, packed, rscale, k, group, slice(lo, hi), gemm_dtype, isa, out=buf)
+        out[:, lo:hi] = F.linear(xg, tile)
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("llama::quantized_matmul", mutates_args=())
+def quantized_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
+                     group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
+    """`_own_matmul` as an opaque operator, which torch.compile calls as it is."""
+    return _own_matmul(x, packed, rscale, n, kind, group, isa, gemm_dtype)
+
+
+@quantized_matmul.register_fake
+def _(x, packed, rscale, n, kind, group, isa, gemm_dtype):
+    return x.new_empty((x.shape[0], n))
+
+
+class _OwnKernel(nn.Module):
+    """The weight packed for llama/csrc/qlinear.c (llama.qkernels) and the product through it: 8-bit
+    activations per block of 32 inputs against the int8 or int4 weights in integer dot products."""
+
+    def __init__(self, weight: "QuantizedWeight", isa: str) -> None:
+        super().__init__()
+        self.isa, self.n, self.k = isa, weight.out_features, weight.in_features
+        self.kind = 8 if weight.mode == "int8" else 4
+        self.group = weight.group_size or 0
+        if self.kind == 8:
+            packed = qkernels.pack_int8(weight.qweight)
+            rscale = torch.zeros(-(-self.n // 4) * 4)  # whole tiles of 4 rows: the padding rows' scales are 0
+            rscale[: self.n] = weight.scales.float()
+        else:
+            packed, rscale = qkernels.pack_int4(weight.qweight, weight.scales, weight.zeros, self.group), None
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("rscale", rscale, persistent=False)
+        self.gemm_dtype = torch.bfloat16 if cpu.info().native_bf16 else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (self.packed, self.rscale, self.n, self.kind, self.group, self.isa, self.gemm_dtype)
+        if torch.compiler.is_compiling():
+            return quantized_matmul(x, *args)
+        return _own_matmul(x, *args)
+
+
+def own_kernel_isa(weight: "QuantizedWeight", dtype: torch.dtype) -> Optional[str]:
+    """The instruction set llama/csrc/qlinear.c runs this weight with here, or None where PyTorch's operator
+    serves it instead: off the CPU, activations other than bfloat16 (the library's only quantized CPU dtype; the
+    kernels' 8-bit activations would miss the float32 tests' tolerance), a CPU without AVX2 (the portable C
+    loops are slower than PyTorch's), no compiler, or a shape the kernels refuse (K not a multiple of 64)."""
+    if weight.qweight.device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    isa = cpu.quantized_isa()
+    if isa is None or qkernels.packed_bytes(8 if weight.mode == "int8" else 4, weight.out_features,
+                                            weight.in_features, weight.group_size or 0) < 0:
+        return None
+    return isa
 
 
 class Int8Linear(nn.Module):
-    """x @ W.T for an int8 weight through ``aten._weight_int8pack_mm`` (it reads the int8 rows directly and
-    applies each row's scale to the output). On CUDA that operator is a matrix-vector kernel without tensor
+    """x @ W.T for an int8 weight. On CPUs with AVX2 or AVX-512 VNNI (bfloat16 activations): the project's own
+    kernels (`_OwnKernel`). Elsewhere ``aten._weight_int8pack_mm``, which reads the int8 rows directly and
+    applies each row's scale to the output; on CUDA that operator is a matrix-vector kernel without tensor
     cores, so calls of more than CUDA_INT8_KERNEL_ROWS tokens (prefill, compute-bound) cast the weight to the
-    activations' dtype for one dense product instead, scaling its output."""
+    activations' dtype for one dense product instead, scaling its output. `path` names the kernel that runs."""
 
-    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, isa: Optional[str] = "auto") -> None:
         super().__init__()
-        self.register_buffer("qweight", weight.qweight.contiguous(), persistent=False)
-        self.register_buffer("scales", weight.scales.to(dtype), persistent=False)
+        isa = own_kernel_isa(weight, dtype) if isa == "auto" else isa
+        self.own = _OwnKernel(weight, isa) if isa is not None else None
+        self.path = f"Int8Linear/{isa or 'aten'}"
+        if self.own is None:
+            self.register_buffer("qweight", weight.qweight.contiguous(), persistent=False)
+            self.register_buffer("scales", weight.scales.to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows.is_cuda and rows.shape[0] > CUDA_INT8_KERNEL_ROWS:
+        if self.own is not None:
+            out = self.own(rows)
+        elif rows.is_cuda and rows.shape[0] > CUDA_INT8_KERNEL_ROWS:
             out = F.linear(rows, self.qweight.to(rows.dtype)) * self.scales
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
@@ -208,12 +306,19 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """x @ W.T for a groupwise int4 weight through PyTorch's tinygemm operators: the codes are repacked once into
-    the device's blocked layout, with scales and zeros interleaved as (K/group_size, N, 2)."""
+    """x @ W.T for a groupwise int4 weight. On CPUs with AVX2 or AVX-512 VNNI (bfloat16 activations): the
+    project's own kernels (`_OwnKernel`). Elsewhere PyTorch's tinygemm operators: the codes are repacked once
+    into the device's blocked layout, with scales and zeros interleaved as (K/group_size, N, 2). `path` names
+    the kernel that runs."""
 
-    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, isa: Optional[str] = "auto") -> None:
         super().__init__()
         self.group_size = weight.group_size
+        isa = own_kernel_isa(weight, dtype) if isa == "auto" else isa
+        self.own = _OwnKernel(weight, isa) if isa is not None else None
+        self.path = f"Int4Linear/{isa or 'aten'}"
+        if self.own is not None:
+            return
         device = weight.qweight.device
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(weight.qweight.contiguous(),
@@ -229,7 +334,8 @@ class Int4Linear(nn.Module):
             torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._mm(_rows(x), self.packed, self.group_size, self.scale_zero)
+        rows = _rows(x)
+        out = self.own(rows) if self.own is not None else self._mm(rows, self.packed, self.group_size, self.scale_zero)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -316,11 +422,13 @@ def check_layers(args: ModelArgs, world: int, mode: str, group_size: Optional[in
 
 
 def kernel_for_quantize(mode: str, device: Union[str, torch.device], dtype: torch.dtype,
-                        group_size: Optional[int] = None
+                        group_size: Optional[int] = None, isa: Optional[str] = "auto"
                         ) -> Callable[[Union[torch.Tensor, QuantizedWeight]], nn.Module]:
     """The `Transformer.prepare` kernel for `mode`: it quantizes a float weight (or takes a loaded
-    QuantizedWeight) and returns the module computing x @ W.T through the device's weight-only operator.
-    Raises ValueError for an unknown mode, a bad group size, or a device or dtype without that operator."""
+    QuantizedWeight) and returns the module computing x @ W.T (the project's CPU kernels where they run, else
+    the device's weight-only operator; `isa` forces one: an instruction set name, or None for PyTorch's
+    operator). Raises ValueError for an unknown mode, a bad group size, or a device or dtype without that
+    operator."""
     group_size = check_mode(mode, group_size)
     device = torch.device(device)
     check_device(mode, device, dtype)
@@ -331,7 +439,7 @@ def kernel_for_quantize(mode: str, device: Union[str, torch.device], dtype: torc
         if (plain.mode, plain.group_size) != (mode, group_size):
             raise ValueError(f"a {plain.mode} weight (group size {plain.group_size}) cannot run as {mode} "
                              f"(group size {group_size})")
-        return linear(plain, dtype)
+        return linear(plain, dtype, isa)
 
     return make
 

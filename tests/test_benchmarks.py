@@ -67,6 +67,25 @@ def test_bench_decode_reports_the_path_that_ran():
     assert result["decode_step"] == "eager"  # on a CPU, as Llama.build
 
 
+def test_bench_cpu_reports_each_precision_with_its_kernels_and_bandwidth_share():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--dim", "256", "--n_layers", "1",
+                          "--rounds", "1", "--decode_tokens", "2", "--prompt_len", "40", "--threads", "1",
+                          "--read_gib", "0.125", "--aten"],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
+                         check=True)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert list(result["precisions"]) == ["bfloat16", "int8", "int4_g64", "int8_aten", "int4_g64_aten"]
+    assert result["read_bandwidth_gb_s"] > 0 and result["date"] and result["cpu"]
+    for name, entry in result["precisions"].items():
+        assert entry["decode_tok_s"] > 0 and entry["prefill_tok_s"] > 0 and entry["bandwidth_share"] > 0
+        assert sum(entry["kernels"].values()) == 5  # fused wqkv, wo, w13, w2 and the output
+        if name.endswith("_aten"):
+            assert set(entry["kernels"]) == {name.split("_")[0].capitalize() + "Linear/aten"}
+    # int8 reads about half the bytes of bfloat16, int4 (groups of 64) about a quarter plus its scales
+    sizes = {name: entry["weight_bytes_read_per_token"] for name, entry in result["precisions"].items()}
+    assert 0.45 < sizes["int8"] / sizes["bfloat16"] < 0.55 and 0.25 < sizes["int4_g64"] / sizes["bfloat16"] < 0.35
+
+
 def test_bench_decode_against_transformers_needs_no_pytest(tmp_path):
     """--hf converts the weights with benchmarks/hf_reference.py, a plain module: no tests/ on the path, no
     pytest (an installed pytest is hidden here behind one that cannot be imported)."""

@@ -1,0 +1,199 @@
+"""The project's own quantized CPU kernels (llama/csrc/qlinear.c): built at first use, called through ctypes.
+
+Why a C file of its own: at batch 1 PyTorch's weight-only int8 and int4 CPU operators stream the weights at about
+half the memory bandwidth (README, "Quantization"), and torchao and Inductor's templates do no better. The C
+kernels quantize each row of activations to 8 bits per block of 32 inputs and take integer dot products with
+the weights (AVX-512 VNNI, AVX2, or portable C), as llama.cpp does.
+
+How it is built: the plain C source (no Python or PyTorch headers) is compiled by the system's C compiler (`CC`,
+else `cc`, `gcc`, `clang`) the first time a process needs it, into a cache folder (`LLAMA_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/llama2-reference` or `~/.cache/llama2-reference`), named by a hash of the source and the
+compiler, and loaded from there afterwards (about 2 s once). One binary serves every x86 CPU: each instruction
+set's kernel is compiled for it alone and chosen at run time. Where no compiler is found or the build fails,
+`load()` returns None, `unavailable()` says why, and the quantized layers use PyTorch's operators instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "qlinear.c"
+# The instruction sets of the kernels, by the number the C library uses; "best" = the highest this CPU runs.
+ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+CHUNK = 64  # input features per kernel chunk: the kernels take K a multiple of this
+BLOCK = 32  # inputs per activation scale
+CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+
+_lib: Optional[ctypes.CDLL] = None
+_why: Optional[str] = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("LLAMA_KERNEL_CACHE"):
+        return Path(os.environ["LLAMA_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama2-reference"
+
+
+def _compiler() -> Optional[str]:
+    for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + ["cc", "gcc", "clang"]:
+        path = shutil.which(name.split()[0])
+        if path:
+            return path
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (if not cached) and return the shared library's path. Raises RuntimeError saying why
+    it could not: no compiler, or the compiler's own message."""
+    if sys.platform == "win32":
+        raise RuntimeError("the C kernels are built on Linux and macOS only")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + _compiler_version(cc).encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"qlinear-{key}.so"
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary name in the same folder, renamed into place: processes building at once never see half a file.
+    fd, tmp = tempfile.mkstemp(prefix=".qlinear-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.qk_best_isa.restype = c_int
+    lib.qk_best_isa.argtypes = []
+    lib.qk_packed_bytes.restype = i64
+    lib.qk_packed_bytes.argtypes = [c_int, i64, i64, i64]
+    lib.qk_pack_int8.restype = c_int
+    lib.qk_pack_int8.argtypes = [ptr, ptr, i64, i64]
+    lib.qk_pack_int4.restype = c_int
+    lib.qk_pack_int4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.qk_linear.restype = c_int
+    lib.qk_linear.argtypes = [c_int, c_int, c_int, ptr, c_int, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
+    lib.qk_dequantize.restype = c_int
+    lib.qk_dequantize.argtypes = [c_int, c_int, c_int, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The kernels' library, built on first use; None where it cannot be built or loaded (see `unavailable`)."""
+    global _lib, _why, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("LLAMA_KERNELS", "").lower() in ("0", "off", "torch"):
+            _why = "LLAMA_KERNELS=" + os.environ["LLAMA_KERNELS"]
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                _declare(lib)
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _why = str(err)
+    return _lib
+
+
+def unavailable() -> Optional[str]:
+    """Why the C kernels cannot run here (None when they can)."""
+    load()
+    return _why
+
+
+def best_isa() -> Optional[str]:
+    """The highest instruction set of the C kernels this CPU runs, None without the library."""
+    lib = load()
+    if lib is None:
+        return None
+    level = lib.qk_best_isa()
+    return next(name for name, number in ISAS.items() if number == level)
+
+
+def _check(code: int, what: str) -> None:
+    if code:
+        raise ValueError(f"{what}: the C kernel refused its arguments (error {code})")
+
+
+def packed_bytes(kind: int, n: int, k: int, group: int = 0) -> int:
+    """Bytes of the packed form of an (n, k) weight; -1 for a shape the kernels do not take (k not a multiple of
+    64, a group size other than 32, 64, 128 or 256, or one that does not divide k)."""
+    return int(load().qk_packed_bytes(kind, n, k, group))
+
+
+def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) in the kernels' tiled layout (uint8, flat)."""
+    src = qweight.contiguous()
+    n, k = src.shape
+    out = torch.empty(packed_bytes(8, n, k), dtype=torch.uint8)
+    _check(load().qk_pack_int8(src.data_ptr(), out.data_ptr(), n, k), "qk_pack_int8")
+    return out
+
+
+def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """The checkpoint's int4 codes (N, K/2 bytes, even input in the high nibble) with their bfloat16 scales and
+    zeros (N, K/group) in the kernels' tiled layout (uint8, flat)."""
+    codes = packed.contiguous()
+    s, z = scales.to(torch.bfloat16).contiguous(), zeros.to(torch.bfloat16).contiguous()
+    n, k = codes.shape[0], codes.shape[1] * 2
+    out = torch.empty(packed_bytes(4, n, k, group), dtype=torch.uint8)
+    _check(load().qk_pack_int4(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), n, k, group),
+           "qk_pack_int4")
+    return out
+
+
+def linear(x: torch.Tensor, kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, group: int,
+           isa: str, threads: Optional[int] = None) -> torch.Tensor:
+    """y = x @ W.T for x (M, K) contiguous bfloat16 or float32, the result in x's dtype. `packed` from
+    `pack_int8` (then `rscale`: the float32 row scales) or `pack_int4` (`group`: its group size)."""
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    _check(load().qk_linear(kind, ISAS[isa], threads or torch.get_num_threads(), x.data_ptr(), bf16, m, k,
+                            packed.data_ptr(), None if rscale is None else rscale.data_ptr(), n, group,
+                            out.data_ptr(), bf16), "qk_linear")
+    return out
+
+
+def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], k: int, group: int, rows: slice,
+               dtype: torch.dtype, isa: str, threads: Optional[int] = None,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows `rows` of the packed weight as floats (bfloat16 or float32), arguments as `linear`'s; into `out`
+    (contiguous, of that many elements or more) when given."""
+    count = (rows.stop - rows.start) * k
+    if out is None:
+        out = torch.empty(count, dtype=dtype)
+    if out.dtype != dtype or out.numel() < count or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {count} elements or more")
+    _check(load().qk_dequantize(kind, ISAS[isa], threads or torch.get_num_threads(), packed.data_ptr(),
+                                None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
+                                out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
+    return out.view(-1)[:count].view(rows.stop - rows.start, k)

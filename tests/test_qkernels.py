@@ -1,0 +1,184 @@
+"""The project's quantized CPU kernels (llama/csrc/qlinear.c through llama/qkernels.py), against an independent
+reference: the weight dequantized by llama.quantize's own plain form (torch), times the activations, in float64.
+
+The kernels round each block of 32 activations to 8 bits (a scale of max|x| / 127 per block), so an output may
+differ from the exact product by at most half a step per input: sum over blocks of (max|x_b| / 254) * sum|w_b|
+per output row. That bound, plus float32 accumulation and the output's rounding, is the tolerance. Each
+instruction set this CPU runs is forced in turn (the others are skipped, saying why); speed is measured by
+benchmarks/bench_cpu.py, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import ROOT
+from llama import qkernels, quantize
+from llama.quantize import Int4Linear, Int8Linear, quantize_weight
+
+LEVELS = list(qkernels.ISAS)  # scalar, avx2, avx512_vnni
+
+
+def _runnable(isa: str) -> None:
+    best = qkernels.best_isa()
+    if best is None:
+        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    if LEVELS.index(isa) > LEVELS.index(best):
+        pytest.skip(f"this CPU runs the C kernels up to {best}, not {isa}")
+
+
+def _weight(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    w[0] += 0.3  # an offset row (asymmetric int4 groups) and an outlier
+    w[-1, k // 3] = 1.5
+    return w
+
+
+def _activations(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # an outlier channel, as real activations have
+    x[0, 32:64] = 0  # an all-zero block (scale 0)
+    return x.to(torch.bfloat16)
+
+
+def _reference_and_bound(x: torch.Tensor, w: torch.Tensor):
+    """x @ w.T in float64, and the largest difference 8-bit activations per block of 32 may make."""
+    x64, w64 = x.double(), w.double()
+    exact = x64 @ w64.t()
+    half_step = x64.abs().reshape(x.shape[0], -1, 32).amax(-1) / 254  # (M, K/32)
+    block_w = w64.abs().reshape(w.shape[0], -1, 32).sum(-1)  # (N, K/32)
+    bound = half_step @ block_w.t()
+    slack = 1e-5 * (x64.abs() @ w64.abs().t()) + 1e-6  # float32 sums and scales
+    return exact, bound + slack
+
+
+SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048)]  # (M, N, K): odd row counts, short rows
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_kernel_is_within_the_activation_rounding_of_the_exact_product(isa, threads, mode, group):
+    _runnable(isa)
+    for seed, (m, n, k) in enumerate(SHAPES):
+        if group and k % group:
+            continue
+        plain = quantize_weight(_weight(n, k, seed), mode, group)
+        x = _activations(m, k, seed)
+        if mode == "int8":
+            packed, rscale = qkernels.pack_int8(plain.qweight), plain.scales.float()
+            rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
+            got = qkernels.linear(x.float(), 8, packed, rscale, n, 0, isa, threads)
+        else:
+            packed = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group)
+            got = qkernels.linear(x.float(), 4, packed, None, n, group, isa, threads)
+        exact, bound = _reference_and_bound(x.float(), plain.dequantize())
+        err = (got.double() - exact).abs()
+        assert got.shape == (m, n) and bool((err <= bound).all()), \
+            (m, n, k, float((err - bound).max()), float(bound.max()))
+        assert float(err.max()) > 0 or k == 64  # the activations really are rounded (not an exact path)
+        bf16 = qkernels.linear(x, 8 if mode == "int8" else 4, packed, rscale if mode == "int8" else None, n,
+                               group or 0, isa, threads)  # bfloat16 in and out: the same, rounded once more
+        assert bf16.dtype == torch.bfloat16
+        assert bool(((bf16.double() - exact).abs() <= bound + exact.abs() * 2 ** -8).all())
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 128)])
+def test_dequantize_gives_the_plain_forms_weights(isa, mode, group):
+    _runnable(isa)
+    n, k = 37, 256
+    plain = quantize_weight(_weight(n, k, 3), mode, group)
+    if mode == "int8":
+        packed, rscale, kind = qkernels.pack_int8(plain.qweight), plain.scales.float(), 8
+        rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
+    else:
+        packed, rscale, kind = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group), None, 4
+    rows = slice(3, 30)
+    got = qkernels.dequantize(kind, packed, rscale, k, group or 0, rows, torch.float32, isa, threads=2)
+    assert torch.equal(got, plain.dequantize()[rows])
+    got16 = qkernels.dequantize(kind, packed, rscale, k, group or 0, rows, torch.bfloat16, isa, threads=1)
+    assert torch.equal(got16, plain.dequantize()[rows].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 64)])
+def test_modules_choose_the_kernels_and_prefill_dequantizes(mode, group):
+    isa = quantize.own_kernel_isa(quantize_weight(_weight(8, 256, 0), mode, group), torch.bfloat16)
+    if isa is None:
+        pytest.skip(f"the C kernels do not run here: {qkernels.unavailable() or 'no AVX2'}")
+    plain = quantize_weight(_weight(40, 256, 1), mode, group)
+    layer = (Int8Linear if mode == "int8" else Int4Linear)(plain, torch.bfloat16)
+    assert layer.path.endswith("/" + isa)
+    for m in (1, quantize.CPU_PREFILL_ROWS - 1, quantize.CPU_PREFILL_ROWS, 40):  # both sides of the switch
+        x = _activations(m, 256, m)
+        got = layer(x.reshape(1, m, 256))
+        exact, bound = _reference_and_bound(x.float(), plain.dequantize())
+        assert got.shape == (1, m, 40) and got.dtype == torch.bfloat16
+        # Prefill-sized calls: bfloat16 weights and activations in a float GEMM; decode: the bound above.
+        tol = bound + exact.abs() * 2 ** -7 + 2 ** -8 * (x.double().abs() @ plain.dequantize().double().abs().t())
+        assert bool(((got[0].double() - exact).abs() <= tol).all())
+
+
+def test_an_int8_code_of_minus_128_counts_as_minus_127():
+    # The library's quantizer never writes -128, but a checkpoint from elsewhere may: the kernels negate codes.
+    _runnable("scalar")
+    plain = quantize_weight(_weight(4, 64, 0), "int8")
+    plain.qweight[1, 7] = -128
+    packed = qkernels.pack_int8(plain.qweight)
+    assert int(packed.view(torch.int8).min()) == -127
+    clipped = plain.qweight.clamp(min=-127).float() * plain.scales.float()[:, None]
+    x = _activations(1, 64, 0)
+    exact, bound = _reference_and_bound(x.float(), clipped)
+    got = qkernels.linear(x.float(), 8, packed, plain.scales.float(), 4, 0, qkernels.best_isa())
+    assert bool(((got.double() - exact).abs() <= bound).all())
+
+
+def test_a_shape_the_kernels_refuse_falls_back_to_pytorch():
+    plain = quantize_weight(_weight(16, 96, 0), "int8")  # 96 inputs: not a multiple of 64
+    assert quantize.own_kernel_isa(plain, torch.bfloat16) is None
+    assert qkernels.packed_bytes(8, 16, 96) == -1
+    layer = Int8Linear(plain, torch.bfloat16)
+    assert layer.path == "Int8Linear/aten"
+    x = torch.randn(2, 96).to(torch.bfloat16)
+    assert torch.allclose(layer(x).float(), F.linear(x.float(), plain.dequantize()), rtol=2e-2, atol=2e-2)
+
+
+def test_without_a_compiler_quantized_models_use_pytorch_and_say_so(tmp_path):
+    demo = ROOT / "demo" / "fortune-llama"
+    code = ("from llama import Llama\n"
+            f"g = Llama.build({str(demo)!r}, {str(demo / 'tokenizer.model')!r}, max_seq_len=64, max_batch_size=1, "
+            "device='cpu', quantize='int8')\n"
+            "print(len(g.text_completion(['Hello'], max_gen_len=4, temperature=0)[0]['generation']) > 0)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CC="no-such-compiler", PATH=str(tmp_path),
+               LLAMA_KERNEL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "the quantized CPU kernels could not be built (no C compiler found" in out.stderr
+    assert "Int8Linear/aten" in out.stdout + out.stderr and out.stdout.strip().endswith("True")
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
+
+
+def test_the_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
+    if qkernels.best_isa() is None:
+        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    first = qkernels.build()
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert qkernels.build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_an_install_carries_the_c_source():
+    # A wheel (or a non-editable install) has no checkout beside it: setup.py must ship the source to compile.
+    setup = (ROOT / "setup.py").read_text()
+    assert '"llama": ["csrc/*.c"]' in setup
+    assert qkernels.SOURCE.parent == ROOT / "llama" / "csrc" and qkernels.SOURCE.suffix == ".c"
