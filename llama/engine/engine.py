@@ -233,12 +233,23 @@ class Engine:
         for c in group:
             end = start + len(c.request.prompt)
             prompt = torch.tensor(c.request.prompt[1:], device=logits.device).unsqueeze(-1)
-            values = log_probs(logits[start:end - 1]).gather(-1, prompt).squeeze(-1).tolist()
-            self._guarded(c, lambda c=c, v=values: self._emit(c, Chunk("", prompt_logprobs=[0.0] + v,
-                                                                       index=c.index)))
+            lps = log_probs(logits[start:end - 1])
+            values = lps.gather(-1, prompt).squeeze(-1).tolist()
+            top = self._prompt_top(lps, c.request.params.logprobs)
+            self._guarded(c, lambda c=c, v=values, t=top: self._emit(c, Chunk("", prompt_logprobs=[0.0] + v,
+                                                                              prompt_top=t, index=c.index)))
             out.append(logits[end - 1])
             start = end
         return out
+
+    def _prompt_top(self, lps: torch.Tensor, k: Optional[int]) -> Optional[List[List[Tuple[str, List[int], float]]]]:
+        """The k likeliest tokens at each prompt position after the first (None when no logprobs were asked)."""
+        if k is None:
+            return None
+        if not k or not len(lps):
+            return [[] for _ in range(len(lps) + 1)]
+        values, ids = torch.topk(lps, k, dim=-1)
+        return [[]] + [top_entries(self.tokenizer, v, i) for v, i in zip(values.tolist(), ids.tolist())]
 
     def _advance(self, order: List[_Choice], logits: Optional[torch.Tensor]) -> None:
         """Sample each choice's next token (rows of `logits` in `order`), emit, and finish choices."""

@@ -5,6 +5,7 @@
     GET  /v1/models              the one model served
     POST /v1/completions         text completion; "stream": true answers as server-sent events
     POST /v1/chat/completions    chat completion in the model family's chat format, streamed likewise
+    POST /tokenize, /detokenize, GET /tokenizer_info   the tokenizer, in vLLM's shapes (tokenize.py)
 
 Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
@@ -39,9 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .connections import quiet_accept_errors
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
-from .protocol import APIError, ChunkWriter, Job, chat_job, completion_job, parse_json, response
+from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
+                       response)
 from .scheduler import Chunk, Engine, Event, Finished, QueueFull, Request, TokenLogprob, Unavailable
 from .security import HostOriginGuard
+from .tokenize import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("llama.serve")
 
@@ -198,32 +201,65 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         await authorize(request)
         available()
         raw = await read_body(request)
-        job = await run_in_threadpool(lambda: make_job(parse_json(raw), engine.generator, model))  # off the loop
+        made = await run_in_threadpool(lambda: make_job(parse_json(raw), engine.generator, model))  # off the loop
+        jobs = made if isinstance(made, list) else [made]
+        job = jobs[0]
         if guard is not None and job.dialog is not None:
             await guard.check(job.dialog, "the messages")
-        stream = EventStream(engine, job)
+        streams = [EventStream(engine, j) for j in jobs]
         try:
-            stream.submit()
-        except QueueFull as err:
-            raise APIError(429, f"the server is busy ({err}); retry after {retry_after} s", code="queue_full",
-                           type="rate_limit_error", headers={"Retry-After": str(retry_after)}) from None
-        except Unavailable as err:
-            raise APIError(503, str(err), code="unavailable", headers={"Retry-After": str(retry_after)}) from None
-        except ValueError as err:
+            for stream in streams:
+                stream.submit()
+        except (QueueFull, Unavailable, ValueError) as err:
+            for stream in streams:  # a list of prompts runs whole or not at all
+                stream.cancel()
+            if isinstance(err, QueueFull):
+                raise APIError(429, f"the server is busy ({err}); retry after {retry_after} s", code="queue_full",
+                               type="rate_limit_error", headers={"Retry-After": str(retry_after)}) from None
+            if isinstance(err, Unavailable):
+                raise APIError(503, str(err), code="unavailable",
+                               headers={"Retry-After": str(retry_after)}) from None
             raise APIError(400, str(err)) from None
         if job.stream:
-            return StreamingResponse(_sse(request, stream, job), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, streams[0], job, engine.generator.tokenizer),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await _whole(request, stream, job)
+        if len(jobs) > 1:
+            try:
+                answers = await asyncio.gather(*[_whole(request, s, j, engine.generator.tokenizer)
+                                                 for s, j in zip(streams, jobs)])
+            finally:
+                for stream in streams:
+                    stream.cancel()
+            return JSONResponse(merged([json.loads(a.body) for a in answers]))
+        answer = await _whole(request, streams[0], job, engine.generator.tokenizer)
         if guard is not None and job.dialog is not None and answer.status_code == 200:
             body = json.loads(answer.body)
             content = body["choices"][0]["message"]["content"]
             await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
         return answer
 
+    async def tokenizer_route(request: HTTPRequest, work: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
+        await authorize(request)
+        raw = await read_body(request)
+        return await run_in_threadpool(lambda: work(parse_json(raw), engine.generator))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+        return await tokenizer_route(request, tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+        return await tokenizer_route(request, detokenize)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: HTTPRequest) -> Dict[str, Any]:
+        await authorize(request)
+        return tokenizer_info(engine.generator)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        return await complete(request, completion_job)
+        return await complete(request, completion_jobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -262,29 +298,32 @@ def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
     return watcher
 
 
-async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONResponse:
+async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> JSONResponse:
     """Collect the answer (a client that leaves first cancels the request)."""
     text: List[str] = []
     entries: List[TokenLogprob] = []
+    prompt: List[TokenLogprob] = []
     watcher = _watch(request, stream)
     try:
         async for event in stream:
             if isinstance(event, Chunk):
                 text.append(event.text)
                 entries += event.logprobs
+                if event.prompt_logprobs is not None:
+                    prompt = prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)
             elif event.reason == "error":
                 raise APIError(500, event.message, type="server_error", code="engine_failed")
             elif event.reason == "abort":
                 raise APIError(503, event.message, code="shutdown")
             elif event.reason != "cancelled":
-                return JSONResponse(response(job, "".join(text), entries, event))
+                return JSONResponse(response(job, "".join(text), entries, event, prompt))
     finally:
         watcher.cancel()
         stream.cancel()  # a no-op once the request has finished
     return JSONResponse({}, status_code=499)  # the client has gone: nobody reads this
 
 
-async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIterator[str]:
+async def _sse(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> AsyncIterator[str]:
     """The answer as server-sent events (a client that leaves cancels the request)."""
     writer = ChunkWriter(job)
     watcher = _watch(request, stream)
@@ -293,7 +332,10 @@ async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIter
             yield line
         async for event in stream:
             if isinstance(event, Chunk):
-                yield writer.chunk(event.text, event.logprobs)
+                if event.prompt_logprobs is not None and job.echo:
+                    yield writer.echo(prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top))
+                if event.text or event.logprobs or event.prompt_logprobs is None:
+                    yield writer.chunk(event.text, event.logprobs)
             elif event.reason != "cancelled":
                 for line in writer.finish(event):
                     yield line

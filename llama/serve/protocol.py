@@ -15,13 +15,14 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat_format import UNSAFE_ERROR, validate_dialog
 from ..families.codellama import infilling_prompt
 from ..generation import Llama
-from ..tokenizer import whole_char_end
-from .scheduler import Finished, SamplingParams, TokenLogprob
+from ..tokenizer import TextStream, whole_char_end
+from .limits import MAX_PROMPTS
+from .scheduler import Finished, SamplingParams, TokenLogprob, token_text
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9
@@ -64,6 +65,7 @@ class Job:
     echo: str = ""  # completions with echo: the prompt text, put before the answer
     dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
     continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
+    index: int = 0  # completions with a list of prompts: which prompt (the choice's index)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -205,39 +207,77 @@ def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
 # --- the two endpoints -----------------------------------------------------------------------------------------
 
 
-def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
-    """POST /v1/completions: one prompt (a string, or token ids) continued."""
-    common = _common(body, model)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        tokens, text = generator.tokenizer.encode(prompt, bos=True, eos=False), prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = generator.model.params.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
-        tokens = list(prompt)  # the text of its whole characters: what the answer's text continues
-        text = generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)])
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
+def _prompts(prompt: Any, generator: Llama) -> List[Tuple[List[int], str, Any]]:
+    """The completion's prompts as (tokens, text, the prompt as sent): a string, a list of token ids, or a list
+    of either kind (not both); the text of a token prompt is that of its whole characters, which the answer's
+    text continues."""
+    ids = lambda p: isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in p)
+    if isinstance(prompt, str) or ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or all(map(ids, prompt))):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+        raise bad("'prompt' mixes strings and token-id lists: send a list of one kind", param="prompt",
+                  code="invalid_type")
     else:
-        raise bad("'prompt' must be a string or a non-empty list of token ids", param="prompt",
+        raise bad("'prompt' must be a string, a non-empty list of token ids, or a list of either", param="prompt",
                   code="invalid_type" if prompt is not None else None)
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"'prompt' may hold up to {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
+    vocab = generator.model.params.vocab_size
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((generator.tokenizer.encode(p, bos=True, eos=False), p, p))
+        elif not all(0 <= t < vocab for t in p):
+            raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
+        else:
+            tokens = list(p)
+            out.append((tokens, generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)]), p))
+    return out
+
+
+def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> List[Job]:
+    """POST /v1/completions: each prompt (a string, token ids, or a list of either) continued; one job per
+    prompt, answered as the choice of that index. echo with logprobs gives the prompt tokens' log-probs too
+    (max_tokens 0: those alone), as evaluation harnesses ask."""
+    common = _common(body, model)
+    prompts = _prompts(body.get("prompt"), generator)
+    if len(prompts) > 1 and common["stream"]:
+        raise bad("'stream' with a list of prompts is not supported: stream one prompt per request",
+                  param="stream", code="unsupported")
     suffix = _get(body, "suffix", "string", "")
-    if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
-        tokens = _infilling_tokens(generator, prompt, suffix)
     _unsupported(body, "best_of", [1], "one answer per request")
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
         raise bad(f"'logprobs' must be in 0..{MAX_COMPLETION_LOGPROBS}, got {logprobs}", param="logprobs")
-    if echo and logprobs is not None:
-        raise bad("'echo' together with 'logprobs' is not supported", param="echo", code="unsupported")
-    params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
-                       COMPLETION_MAX_TOKENS)
-    params = dataclasses.replace(params, logprobs=logprobs)
-    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True, **common)
+    max_tokens = _get(body, "max_tokens", "integer")
+    if max_tokens == 0 and not echo:
+        raise bad("'max_tokens' must be >= 1 (0 only with 'echo': the prompt's log-probs alone)", param="max_tokens")
+    jobs = []
+    for index, (tokens, text, sent) in enumerate(prompts):
+        if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
+            tokens = _infilling_tokens(generator, sent, suffix)
+        params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
+                           len(tokens), COMPLETION_MAX_TOKENS)
+        params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                                     max_tokens=0 if max_tokens == 0 else params.max_tokens)
+        jobs.append(Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True,
+                        index=index, **common))
+    if len(jobs) > 1:
+        for job in jobs[1:]:
+            job.id, job.created = jobs[0].id, jobs[0].created
+    return jobs
+
+
+def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
+    """POST /v1/completions with one prompt (see completion_jobs)."""
+    jobs = completion_jobs(body, generator, model)
+    if len(jobs) != 1:
+        raise bad("'prompt' must be one prompt here", param="prompt")
+    return jobs[0]
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -316,12 +356,32 @@ def usage(finished: Finished) -> Dict[str, int]:
             "total_tokens": finished.prompt_tokens + finished.completion_tokens}
 
 
-def _completion_logprobs(entries: List[TokenLogprob], start: int) -> Dict[str, Any]:
+def prompt_entries(tokenizer: Any, job: Job, values: Sequence[float], top: Optional[Sequence[Any]]) \
+        -> List[TokenLogprob]:
+    """The echoed prompt's log-prob entries (OpenAI's legacy echo): its first token has none (null), each other
+    token its log-prob given the tokens before it and its position's top alternatives; text_offset points into
+    the echoed text."""
+    stream = TextStream(tokenizer)
+    entries = []
+    for i, token in enumerate(job.prompt):
+        text, raw = token_text(tokenizer, token)
+        offset = min(stream.offset, len(job.echo))
+        stream.push(token)
+        entries.append(TokenLogprob(text, raw, None if i == 0 else values[i], [] if top is None else top[i],
+                                    offset))
+    return entries
+
+
+def _completion_logprobs(entries: List[TokenLogprob], start: int, prompt: Sequence[TokenLogprob] = ()) \
+        -> Dict[str, Any]:
     """OpenAI's completion log-probs; text_offset is where each token's text starts in the choice's text (after
-    the echoed prompt, `start` characters long)."""
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
-            "text_offset": [start + e.offset for e in entries]}
+    the echoed prompt, `start` characters long). prompt: the echoed prompt's entries, first (a null log-prob
+    and null alternatives for its first token)."""
+    return {"tokens": [e.token for e in prompt] + [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in prompt] + [e.logprob for e in entries],
+            "top_logprobs": [None if e.logprob is None else {t: lp for t, _, lp in e.top} for e in prompt] +
+                            [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": [e.offset for e in prompt] + [start + e.offset for e in entries]}
 
 
 def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
@@ -335,20 +395,29 @@ def _finish_reason(finished: Finished) -> str:
     return "length" if finished.reason in ("length", "abort") else "stop"
 
 
-def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished) -> Dict[str, Any]:
-    """The non-streamed answer."""
+def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished,
+             prompt: Sequence[TokenLogprob] = ()) -> Dict[str, Any]:
+    """The non-streamed answer (prompt: the echoed prompt's log-prob entries, when asked)."""
     want_lps = job.params.logprobs is not None
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": _chat_logprobs(entries) if want_lps else None}
         obj, prefix = "chat.completion", "chatcmpl-"
     else:
-        choice = {"index": 0, "text": job.echo + text,
-                  "logprobs": _completion_logprobs(entries, len(job.echo)) if want_lps else None}
+        choice = {"index": job.index, "text": job.echo + text,
+                  "logprobs": _completion_logprobs(entries, len(job.echo), prompt) if want_lps else None}
         obj, prefix = "text_completion", "cmpl-"
     choice["finish_reason"] = _finish_reason(finished)
     return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice],
             "usage": usage(finished)}
+
+
+def merged(answers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The answers to a completion's prompts as one: their choices in prompt order, their usage summed."""
+    first = dict(answers[0])
+    first["choices"] = [a["choices"][0] for a in answers]
+    first["usage"] = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
+    return first
 
 
 class ChunkWriter:
@@ -369,9 +438,14 @@ class ChunkWriter:
         if self.job.chat:
             return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])]
-        if self.job.echo:
+        if self.job.echo and not self.job.params.prompt_logprobs:
             return [self._event([{"index": 0, "text": self.job.echo, "logprobs": None, "finish_reason": None}])]
         return []
+
+    def echo(self, prompt: List[TokenLogprob]) -> str:
+        """The echoed prompt with its log-probs (the engine's first chunk carries them)."""
+        return self._event([{"index": 0, "text": self.job.echo, "finish_reason": None,
+                             "logprobs": _completion_logprobs([], 0, prompt)}])
 
     def chunk(self, text: str, entries: List[TokenLogprob]) -> str:
         want_lps = self.job.params.logprobs is not None
