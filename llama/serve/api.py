@@ -6,6 +6,7 @@
     POST /v1/completions         text completion; "stream": true answers as server-sent events
     POST /v1/chat/completions    chat completion in the model family's chat format, streamed likewise
     POST /tokenize, /detokenize, GET /tokenizer_info   the tokenizer, in vLLM's shapes (tokenize.py)
+    GET  /metrics                Prometheus metrics (metrics.py); every answer carries an X-Request-ID
 
 Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
@@ -33,11 +34,12 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .connections import quiet_accept_errors
+from .metrics import Metrics, RequestID, optional_metrics
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
 from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
@@ -53,11 +55,14 @@ log = logging.getLogger("llama.serve")
 class EventStream:
     """One request's engine events, as an async iterator on the event loop."""
 
-    def __init__(self, engine: Engine, job: Job) -> None:
+    def __init__(self, engine: Engine, job: Job, metrics: Optional[Metrics] = None, rid: str = "") -> None:
+        """rid: the HTTP request's X-Request-ID, which the engine's log lines about this request then name."""
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
-        self.request = Request(job.prompt, job.params, self._sink, id=job.id, continues_prompt=job.continues_prompt)
+        sink = self._sink if metrics is None else metrics.watch(self._sink)
+        self.request = Request(job.prompt, job.params, sink, id=f"{rid}/{job.index}" if rid else job.id,
+                               continues_prompt=job.continues_prompt)
 
     def _sink(self, event: Event) -> None:  # the engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -89,7 +94,7 @@ def _error(err: APIError) -> JSONResponse:
 def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1, body_timeout: float = BODY_TIMEOUT, auth_delay: float = AUTH_DELAY,
                allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
-               shield: Optional[Any] = None) -> FastAPI:
+               shield: Optional[Any] = None, metrics: bool = True) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
     (compared in constant time; an empty key is a ValueError, not "no key"). Bodies over max_body_bytes are
     refused with 413 before they are read whole. allowed_hosts / allowed_origins widen the Host and Origin
@@ -111,6 +116,8 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
                   lifespan=lifespan)
     app.add_middleware(HostOriginGuard, allowed_hosts=list(allowed_hosts), allowed_origins=list(allowed_origins),
                        max_body_bytes=max_body_bytes)
+    meter = optional_metrics(engine.stats) if metrics else None
+    app.add_middleware(RequestID, metrics=meter)  # outermost: refused requests get an ID and a count too
     guard = Shield(shield) if shield is not None else None
     key = api_key.encode() if api_key else None
     created = int(time.time())
@@ -184,6 +191,14 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         return JSONResponse({"status": status, **engine.stats(), "finished": dict(engine.finished)},
                             status_code=200 if status == "ok" else 503)
 
+    @app.get("/metrics")
+    async def metrics_route(request: HTTPRequest) -> Response:
+        await authorize(request)
+        if meter is None:
+            raise APIError(404, "metrics are off" if not metrics else
+                           "metrics need prometheus-client: pip install 'llama[metrics]'", code="not_found")
+        return Response(meter.text(), media_type=meter.content_type)
+
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Dict[str, Any]:
         await authorize(request)
@@ -206,7 +221,8 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         job = jobs[0]
         if guard is not None and job.dialog is not None:
             await guard.check(job.dialog, "the messages")
-        streams = [EventStream(engine, j) for j in jobs]
+        rid = request.scope.get("state", {}).get("request_id", "")
+        streams = [EventStream(engine, j, meter, rid) for j in jobs]
         try:
             for stream in streams:
                 stream.submit()
