@@ -32,11 +32,14 @@ setup(
         # (its api extra: aiohttp, tenacity); prometheus-client reads the server's /metrics.
         "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
                  "httpx>=0.27", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6",
-                 "hypothesis>=6.100", "lm-eval[api]>=0.4.9", "prometheus-client>=0.20"],
+                 "hypothesis>=6.100", "lm-eval[api]>=0.4.9", "prometheus-client>=0.20",
+                 "llguidance>=1.0", "jsonschema"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
         # python -m llama.web (or llama.serve --web): the chat page.
         "web": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
+        # Structured output (response_format, structured_outputs): llguidance, chosen by bench_grammar.py.
+        "structured": ["llguidance>=1.0"],
         # /metrics in Prometheus' format on the server.
         "metrics": ["prometheus-client>=0.20"],
         # Training the bundled demo model (scripts/train_demo.py) draws its loss curve.

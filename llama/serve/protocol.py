@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat_format import UNSAFE_ERROR, validate_dialog
 from ..families.codellama import infilling_prompt
+from ..engine.grammar import Grammar
 from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
 from .limits import MAX_PROMPTS
@@ -253,6 +254,7 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
     logprobs = _get(body, "logprobs", "integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
         raise bad(f"'logprobs' must be in 0..{MAX_COMPLETION_LOGPROBS}, got {logprobs}", param="logprobs")
+    grammar = _grammar(body, generator)
     max_tokens = _get(body, "max_tokens", "integer")
     if max_tokens == 0 and not echo:
         raise bad("'max_tokens' must be >= 1 (0 only with 'echo': the prompt's log-probs alone)", param="max_tokens")
@@ -263,6 +265,7 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
         params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
                            len(tokens), COMPLETION_MAX_TOKENS)
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                                     grammar=grammar,
                                      max_tokens=0 if max_tokens == 0 else params.max_tokens)
         jobs.append(Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True,
                         index=index, **common))
@@ -278,6 +281,53 @@ def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job
     if len(jobs) != 1:
         raise bad("'prompt' must be one prompt here", param="prompt")
     return jobs[0]
+
+
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar",
+          "guided_choice": "choice"}  # vLLM's older names
+STRUCTURED = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}  # vLLM's
+
+
+def _grammar(body: Mapping[str, Any], generator: Llama) -> Optional[Grammar]:
+    """The answer's constraint, if any: OpenAI's `response_format` ({"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"schema": ...}}), or vLLM's `structured_outputs` ({"json" | "regex" |
+    "grammar" | "choice": ...}) and its older `guided_json` / `guided_regex` / `guided_grammar` /
+    `guided_choice`. One at a time; a schema or grammar the engine cannot use is a 400 naming the parameter and
+    the feature."""
+    asked = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+                      param="response_format", code="invalid_type")
+        if fmt["type"] == "json_object":
+            asked.append(("response_format", "json_schema", {"type": "object"}))
+        elif fmt["type"] == "json_schema":
+            inner = fmt.get("json_schema")
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
+                raise bad("'response_format.json_schema' must be an object with a 'schema' object",
+                          param="response_format.json_schema", code="invalid_type")
+            asked.append(("response_format.json_schema.schema", "json_schema", inner.get("schema", {})))
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise bad("'structured_outputs' must be an object", param="structured_outputs", code="invalid_type")
+        asked += [(f"structured_outputs.{k}", STRUCTURED[k], v) for k, v in outputs.items()
+                  if k in STRUCTURED and v is not None]
+    asked += [(name, kind, body[name]) for name, kind in GUIDED.items() if body.get(name) is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise bad(f"ask for one kind of structured output, got {', '.join(a[0] for a in asked)}", param=asked[1][0])
+    param, kind, spec = asked[0]
+    if body.get("stop"):
+        raise bad("'stop' strings with structured output are not supported: they could cut the answer short",
+                  param="stop", code="unsupported")
+    try:
+        return Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
+                               generator.model.params.vocab_size)
+    except ValueError as err:
+        raise bad(f"'{param}' cannot be used: {err}", param=param, code="invalid_grammar") from None
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -310,10 +360,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     for name in ("tools", "functions"):
         _unsupported(body, name, [[]], "no tool calls")
     _unsupported(body, "tool_choice", ["none"], "no tool calls")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("'response_format' other than text is not supported", param="response_format",
-                  code="unsupported")
+    grammar = _grammar(body, generator)
     tokens = generator.formatter.encode_dialog_prompt(dialog)
     max_tokens = _get(body, "max_completion_tokens", "integer")
     max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
@@ -325,6 +372,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
                       param="top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    params = dataclasses.replace(params, grammar=grammar)
     return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
 
 
