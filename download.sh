@@ -215,7 +215,8 @@ read_inputs() {
 
 # Fetch URL $1 into file $2, resuming it ($3 = 1: progress bar).  Sets DL_RC, DL_HTTP and, from one table
 # for both tools, DL_KIND: ok (416: nothing left), norange (won't resume), forbidden, missing, busy
-# (retry), http (another status), net (resume), disk, tls or other.
+# (retry), http (another status), dns (the host name does not resolve: no retry), net (resume), disk, tls
+# or other.
 transfer() {
     local key first second rest bar=()
     if [ "$DOWNLOADER" = wget ]; then   # "force": wget would choose dots, its log being a file
@@ -226,6 +227,7 @@ transfer() {
         DL_RC=$? DL_HTTP="" key=wget:$DL_RC
         while read -r first second rest; do [[ $first == HTTP/* ]] && DL_HTTP=$second; done < "$LOG_FILE"
         if [ "$DL_RC" != 0 ] && grep -q 'Continued download failed' "$LOG_FILE"; then key=wget:norange; fi
+        if [ "$DL_RC" = 4 ] && grep -q 'unable to resolve host address' "$LOG_FILE"; then key=wget:dns; fi
     else
         bar=(--silent); [ "$3" = 1 ] && bar=(--progress-bar)
         DL_HTTP=$(curl --globoff --location --fail --continue-at - --connect-timeout 30 --speed-limit 1 \
@@ -241,8 +243,9 @@ transfer() {
         http:408|http:429|http:500|http:502|http:503|http:504) DL_KIND=busy ;;
         http:*) DL_KIND=http ;;
         wget:norange|curl:33|curl:36) DL_KIND=norange ;;
+        wget:dns|curl:5|curl:6) DL_KIND=dns ;;
         wget:3|curl:23) DL_KIND=disk ;;
-        wget:4|curl:[5-7]|curl:16|curl:18|curl:28|curl:52|curl:55|curl:56|curl:92) DL_KIND=net ;;
+        wget:4|curl:7|curl:16|curl:18|curl:28|curl:52|curl:55|curl:56|curl:92) DL_KIND=net ;;
         wget:5|curl:35|curl:51|curl:58|curl:59|curl:60|curl:77|curl:80|curl:83|curl:90|curl:91) DL_KIND=tls ;;
         *) DL_KIND=other ;;
     esac
@@ -254,12 +257,13 @@ fail_file() { FAILED+=("$1: $2"); if [ $# -gt 2 ]; then err "$3"; fi; }
 # Say why release path $1 (partial file $2, $3 attempts) failed; FATAL: the rest would fail too.
 report_failure() {
     local rel=$1 part=$2 free
-    case $DL_KIND in forbidden|net|disk|tls) FATAL=1 ;; esac
+    case $DL_KIND in forbidden|dns|net|disk|tls) FATAL=1 ;; esac
     case $DL_KIND in
         forbidden) fail_file "$rel" "403 Forbidden (link expired or download limit reached)" "the server refused $rel with 403 Forbidden. Your download link has expired (links are valid for 24 hours) or has reached its download limit, or it was not copied completely. Request a new link at $REQUEST_PAGE and run this script again with it: files already verified are kept and will not be downloaded again." ;;
         missing) fail_file "$rel" "404 Not Found" "$rel was not found on the server (404). Check that your link is for Llama 2 and covers this model, and that the whole link was copied." ;;
         busy) fail_file "$rel" "HTTP $DL_HTTP" "the server kept answering $DL_HTTP for $rel. Try again later; verified files are kept." ;;
         http) fail_file "$rel" "HTTP ${DL_HTTP:-error}" "the server answered HTTP ${DL_HTTP:-error} for $rel." ;;
+        dns) fail_file "$rel" "unknown host $(url_host "$URL")" "could not resolve the host name $(url_host "$URL") (fetching $rel): it does not exist, or this machine cannot reach a DNS server. Check that the whole link was copied from the e-mail and that you are online; retrying would not help, so nothing more is tried." ;;
         net) file_size "$part"
             fail_file "$rel" "network error (partial file kept for resuming)" "could not download $rel: the connection failed $3 time(s). Check your network connection. The $SIZE bytes received so far are kept in $part; run the same command again to resume." ;;
         disk) free=$(free_kb "$TARGET")
@@ -280,7 +284,7 @@ fetch_part() {
         file_size "$part"; had=$SIZE
         if [ "$had" -gt 0 ]; then RESUMED=1; say "Resuming $rel from byte $had"; else say "Downloading $rel"; fi
         transfer "$URL_PREFIX$rel$URL_SUFFIX" "$part" "$2"
-        case $DL_KIND in forbidden|missing|busy|http) [ -s "$part" ] || rm -f "$part" ;; esac   # wget's empty file
+        case $DL_KIND in forbidden|missing|busy|http|dns) [ -s "$part" ] || rm -f "$part" ;; esac   # wget's empty file
         if [ "$DL_KIND" = ok ]; then CURRENT=""; return 0; fi
         if [ "$DL_KIND" = norange ] && [ "$had" -gt 0 ]; then   # restarting is not a retry
             say "The server does not support resuming $rel; starting it again from the beginning."
@@ -306,9 +310,9 @@ html_error() {  # record that the server sent a web page (or nothing) instead of
 is_real_text() { [ -f "$1" ] && [ -s "$1" ] && ! looks_like_html "$1"; }
 # Rename the verified $TARGET/$1.part to its final name.
 install_part() { mv -f "$TARGET/$1.part" "$TARGET/$1" || { fail_file "$1" "could not rename"; return 1; }; }
-fetch_text() {  # download small text file $1 afresh into its .part; fail on a web page
-    rm -f "$TARGET/$1.part"
-    fetch_part "$1" 0 || return 1
+fetch_text() {  # download small text file $1 afresh into its .part; fail on a web page (no .part is kept:
+    rm -f "$TARGET/$1.part"   # the next run fetches it afresh anyway)
+    fetch_part "$1" 0 || { rm -f "$TARGET/$1.part"; return 1; }
     is_real_text "$TARGET/$1.part" || { html_error "$1"; return 1; }
 }
 

@@ -1,7 +1,7 @@
 """Answer a few chat dialogs. Run: torchrun --nproc_per_node MP example_chat_completion.py --ckpt_dir ...
 
-With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `python` is enough for it); the demo
-is not a chat model and answers in its own style.
+With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `python` is enough for it): a tiny model
+that answers in one short sentence of its own (it is not Llama 2).
 """
 
 from typing import List, Optional

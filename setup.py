@@ -14,7 +14,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.serve", "llama.families", "llama.tokenizers", "llama._demo"],
+    packages=["llama", "llama.programs", "llama.serve", "llama.engine", "llama.families", "llama.tokenizers",
+              "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
     package_data={"llama._demo": ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md",
@@ -36,7 +37,7 @@ setup(
                  "llguidance>=1.0", "jsonschema"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
-        # python -m llama.web (or llama.serve --web): the chat page.
+        # python -m llama web (or llama serve --web): the chat page.
         "web": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # Structured output (response_format, structured_outputs): llguidance, chosen by bench_grammar.py.
         "structured": ["llguidance>=1.0"],
@@ -46,11 +47,11 @@ setup(
         "train": ["matplotlib"],
     },
     entry_points={"console_scripts": [
-        "llama-chat = llama.chat:entry_point",
-        "llama-reshard = llama.reshard:entry_point",
-        "llama-convert = llama.convert:entry_point",
-        "llama-quantize = llama.quantize:entry_point",
-        "llama-serve = llama.serve.__main__:entry_point",
-        "llama-web = llama.web:entry_point",
+        "llama-chat = llama.programs.chat:entry_point",
+        "llama-reshard = llama.programs.reshard:entry_point",
+        "llama-convert = llama.programs.convert:entry_point",
+        "llama-quantize = llama.programs.quantize:entry_point",
+        "llama-serve = llama.programs.serve:entry_point",
+        "llama-web = llama.programs.web:entry_point",
     ]},
 )

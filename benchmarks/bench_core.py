@@ -138,8 +138,7 @@ def paired(folder: Path, tokenizer: str, opts) -> dict:
     torch.set_num_threads(opts.threads)
     import transformers
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
+    from hf_reference import meta_to_hf  # independent of llama/hf.py; shared with tests/test_parity.py
 
     from llama import ModelArgs
 

@@ -172,8 +172,7 @@ def main() -> None:
     model = random_model(args, device, dtype)
     hf = None
     if opts.hf or opts.hf_static:  # the same weights in the Hugging Face layout, converted before ours are packed
-        sys.path.insert(0, str(ROOT / "tests"))
-        from test_parity import meta_to_hf  # the tests' independent conversion to the Hugging Face layout
+        from hf_reference import meta_to_hf  # independent of llama/hf.py; shared with tests/test_parity.py
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
     f32 = same_weights(model, torch.float32) if opts.vs_float32 and dtype != torch.float32 else None

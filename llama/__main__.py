@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import List, Optional
 
-# command -> (module, one line of help); each module has entry_point() and reads its own flags from sys.argv.
+from .cli import exit_with
+
+# command -> (module, one line of help); each module, in llama/programs/, has main(argv) and entry_point().
 _COMMANDS = {
-    "chat": ("llama.chat", "chat in the terminal, answers streamed (llama-chat)"),
-    "reshard": ("llama.reshard", "rewrite a Meta checkpoint with another shard count (llama-reshard)"),
-    "convert": ("llama.convert", "convert between Meta's and Hugging Face's layouts (llama-convert)"),
-    "quantize": ("llama.quantize", "write an int8 or int4 weight-only checkpoint (llama-quantize)"),
-    "serve": ("llama.serve.__main__", "serve an OpenAI-compatible HTTP API (llama-serve; needs the serve extra)"),
-    "web": ("llama.web", "serve the API and a web chat page (llama-web; needs the web extra)"),
+    "chat": ("llama.programs.chat", "chat in the terminal, answers streamed (llama-chat)"),
+    "reshard": ("llama.programs.reshard", "rewrite a Meta checkpoint with another shard count (llama-reshard)"),
+    "convert": ("llama.programs.convert", "convert between Meta's and Hugging Face's layouts (llama-convert)"),
+    "quantize": ("llama.programs.quantize", "write an int8 or int4 weight-only checkpoint (llama-quantize)"),
+    "serve": ("llama.programs.serve", "serve an OpenAI-compatible HTTP API (llama-serve; needs the serve extra)"),
+    "web": ("llama.programs.web", "serve the API and a web chat page (llama-web; needs the web extra)"),
 }
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: python -m llama COMMAND [--help | flags...]\n\ncommands:")
@@ -27,10 +30,10 @@ def main(argv=None) -> int:
     if name not in _COMMANDS:
         print(f"error: unknown command {name!r}; commands: {', '.join(_COMMANDS)}", file=sys.stderr)
         return 2
-    sys.argv = [f"python -m llama {name}", *argv[1:]]
+    sys.argv = [f"python -m llama {name}", *argv[1:]]  # the name the program's usage line shows
     importlib.import_module(_COMMANDS[name][0]).entry_point()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

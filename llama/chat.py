@@ -1,4 +1,5 @@
-"""Chat with a Llama chat model (Llama 2, Code Llama Instruct, Llama 3.x) in the terminal, token by token.
+"""The terminal chat with a Llama chat model (Llama 2, Code Llama Instruct, Llama 3.x): answers appear token by
+token. The program that runs it is llama/programs/chat.py:
 
     torchrun --nproc_per_node MP chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model   # one process
@@ -6,8 +7,9 @@
     llama-chat ...  /  python -m llama chat ...                                   # the same, once installed
 
 Type a message and press Enter. Commands: /help, /reset, /system [TEXT], /quit (or Ctrl-D). Ctrl-C while an
-answer streams stops it and the conversation goes on. Piped stdin works too (one message or command per
-line; end of input leaves), so sessions can be scripted.
+answer streams stops it and the conversation goes on. A message of several lines ends its lines with a
+backslash, or sits between lines of triple quotes (`read_message`). Piped stdin works too (one message or
+command per line, with the same conventions; end of input leaves), so sessions can be scripted.
 
 Under torchrun, rank 0 reads the terminal and sends every line to the other ranks; all ranks generate in step
 and only rank 0 prints. torchrun starts its workers in their own sessions, so the terminal's Ctrl-C reaches
@@ -19,18 +21,15 @@ at the prompt goes to torchrun, which ends the whole session; leave with /quit o
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import select
 import signal
-import sys
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence, TextIO
+from typing import Callable, Iterator, List, Optional, Sequence, TextIO
 
-from . import cli
 from .chat_format import Message
-from .distributed import Broadcast, launched
+from .distributed import Broadcast
 from .generation import Llama
 
 try:  # line editing and history at the prompt, where the platform has it
@@ -43,7 +42,10 @@ _HELP = """Commands:
   /reset         forget the conversation (the system prompt stays)
   /system TEXT   set the system prompt; /system alone removes it
   /quit          leave (so do /exit, /bye and Ctrl-D)
-Ctrl-C while an answer streams stops it; the conversation goes on."""
+Ctrl-C while an answer streams stops it; the conversation goes on.
+Several lines as one message (a pasted code block, say): end a line with \\ to go on to the next, or open a
+block with a line that starts with \"\"\" and close it with a line that ends with \"\"\". A paste that the
+terminal brackets arrives whole by itself."""
 
 _QUIT_COMMANDS = ("/quit", "/exit", "/bye")
 SHIELD_CONTEXT = 1024  # the shield's prompt adds its instructions and categories to the conversation
@@ -80,10 +82,13 @@ class _Console:
         self.stop.set()
 
     def read_line(self) -> Optional[str]:
-        """The next line without its end of line; None at the end of input (Ctrl-D, closed pipe)."""
+        """The next message (see `read_message`); "" for a message cancelled with Ctrl-C; None at the end of
+        input (Ctrl-D, closed pipe)."""
         self.at_prompt = True
         try:
-            return self._read_tty() if self.interactive else self._read_pipe()
+            return read_message(self._read_one)
+        except _Cancelled:
+            return ""
         except KeyboardInterrupt:
             # Python runs a signal handler between two bytecodes: a Ctrl-C that came as readline began waiting
             # is handled only when the line is in, and may land here, outside input(). Treat it as a cancel.
@@ -92,8 +97,11 @@ class _Console:
         finally:
             self.at_prompt = False
 
-    def _read_pipe(self) -> Optional[str]:
-        self.write("> ")
+    def _read_one(self, prompt: str) -> Optional[str]:
+        return self._read_tty(prompt) if self.interactive else self._read_pipe(prompt)
+
+    def _read_pipe(self, prompt: str) -> Optional[str]:
+        self.write(prompt)
         try:
             line = self.stdin.readline()
         except KeyboardInterrupt:  # nobody types here: Ctrl-C ends a scripted session
@@ -105,18 +113,18 @@ class _Console:
         self.write(line + "\n")  # echoed, so a transcript shows what was asked
         return line
 
-    def _read_tty(self) -> Optional[str]:
+    def _read_tty(self, prompt: str) -> Optional[str]:
         text, self.typeahead = self.typeahead, ""
         if readline is not None and text:
             readline.set_startup_hook(lambda: readline.insert_text(text))
         try:
-            return input("> ")
+            return input(prompt)
         except EOFError:
             self.write("\n")
             return None
         except KeyboardInterrupt:
             self.write("\n(Ctrl-C stops an answer; to leave, type /quit or press Ctrl-D)\n")
-            return ""
+            raise _Cancelled from None
         finally:
             if readline is not None:
                 readline.set_startup_hook(None)
@@ -139,6 +147,54 @@ class _Console:
     def _on_sigterm(self, signum, frame) -> None:
         self.restore_tty()
         os._exit(128 + signum)
+
+
+class _Cancelled(Exception):
+    """Ctrl-C at the prompt: the message being typed is dropped."""
+
+
+BLOCK = '"""'
+PROMPT, MORE = "> ", "... "
+
+
+def read_message(read_one: Callable[[str], Optional[str]]) -> Optional[str]:
+    """One message from lines read by `read_one(prompt)` (None at the end of input), so that text of several
+    lines (a pasted code block) is sent as one message:
+
+    - a line ending in a backslash continues on the next line (the backslash is dropped, the line break kept);
+    - a line starting with triple quotes (\"\"\") opens a block: every line up to the next line that ends with
+      triple quotes is one message, blank lines and backslashes as they are (text beside the quotes counts);
+    - where the terminal and readline bracket a paste (readline 8.1 and later), a pasted text of several lines
+      arrives as one line already and is sent whole.
+
+    None at the end of input before any text; a block or continuation cut short by it is sent as it stands.
+    """
+    line = read_one(PROMPT)
+    if line is None:
+        return None
+    if line.lstrip().startswith(BLOCK):
+        rest = line.lstrip()[len(BLOCK):]
+        if rest.rstrip().endswith(BLOCK):  # \"\"\"one line\"\"\"
+            return rest.rstrip()[:-len(BLOCK)]
+        lines = [rest] if rest.strip() else []
+        while True:
+            line = read_one(MORE)
+            if line is None:
+                break
+            if line.rstrip().endswith(BLOCK):
+                last = line.rstrip()[:-len(BLOCK)]
+                if last.strip():
+                    lines.append(last)
+                break
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line is not None and line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read_one(MORE)
+    if line is not None:
+        lines.append(line)
+    return "\n".join(lines)
 
 
 class _KeyWatcher:
@@ -402,84 +458,3 @@ class ChatSession:
             line = self.channel.share(read_line() if self.channel.rank == 0 else None)
             if line is None or not self.handle(line):
                 return
-
-
-# --- the command line ------------------------------------------------------------------------------------
-
-
-def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    system: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 2048,
-    max_gen_len: Optional[int] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    seed: int = 1,
-    lora: Optional[str] = None,
-    quantize: Optional[str] = None,
-    group_size: Optional[int] = None,
-    family: Optional[str] = None,
-    shield: Optional[str] = None,
-) -> None:
-    """
-    ckpt_dir: chat checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
-    tokenizer_path: the tokenizer.model file (default for a Hugging Face folder: its own)
-    system: system prompt (change it in the chat with /system)
-    temperature: sampling temperature; 0 is greedy
-    top_p: nucleus sampling: draw from the most likely tokens whose probabilities add up to this
-    max_seq_len: context length: the conversation, the system prompt and the answer, in tokens
-    max_gen_len: longest answer in tokens, kept free in the context (default max_seq_len / 4)
-    device: cuda, cuda:N or cpu (default: cuda where there is a GPU)
-    dtype: bfloat16, float16 or float32 (default: the fastest the device supports)
-    seed: seed of the sampler (the same seed and inputs give the same answers)
-    lora: a PEFT LoRA adapter folder to merge into the weights
-    quantize: int8 or int4 weight-only quantization at load (none for a quantized checkpoint)
-    group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
-    family: llama2, codellama, llama3 or llamaguard (default: detected from the checkpoint)
-    shield: a Llama Guard checkpoint folder: each message and each answer is checked, and refused when unsafe
-    """
-    if launched():  # torchrun's Ctrl-C reaches the workers as SIGINT while it ends the run: leave quietly
-        signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, None))
-    _answer_room(max_seq_len, max_gen_len)
-    ckpt_dir, tokenizer_path = cli.resolve_checkpoint(ckpt_dir, tokenizer_path)
-    formatter = cli.chat_format_for(tokenizer_path, family)
-    if system and formatter.contains_tags(system):
-        raise ValueError(f"--system may not contain {formatter.tags_text()}")
-    shield_files = cli.resolve_shield(shield)
-    cli.check_before_loading(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len, family=family)
-    generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=1, seed=seed, device=device, dtype=dtype, lora=lora,
-                            quantize=quantize, group_size=group_size, family=family)
-    guard = None
-    if shield_files is not None:
-        guard = Llama.build(ckpt_dir=shield_files[0], tokenizer_path=shield_files[1],
-                            max_seq_len=max_seq_len + SHIELD_CONTEXT, max_batch_size=1, seed=seed, device=device,
-                            dtype=dtype, family="llamaguard")
-    channel = Broadcast()
-    if channel.rank == 0:
-        for stream in (sys.stdout, sys.stdin):
-            if hasattr(stream, "reconfigure"):
-                stream.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?'
-        console = _Console(sys.stdin, sys.stdout)
-    else:
-        console = _SilentConsole()
-    if launched() or channel.world > 1:
-        signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, console if channel.rank == 0 else None))
-    else:
-        signal.signal(signal.SIGINT, console.on_sigint)
-    session = ChatSession(generator, console, channel, system=system, temperature=temperature, top_p=top_p,
-                          max_gen_len=max_gen_len, shield=guard)
-    console.write(f"Ready: max_seq_len {session.max_seq_len}, answers up to {session.max_gen_len} tokens, "
-                  f"temperature {session.temperature}. /help lists the commands; Ctrl-C stops an answer, "
-                  f"Ctrl-D or /quit leaves.\n")
-    if session.system:
-        console.write(f"System prompt: {session.system}\n")
-    session.run(console.read_line if channel.rank == 0 else None)
-
-
-def entry_point() -> None:
-    """`llama-chat` and `python -m llama chat`."""
-    cli.run(main)

@@ -1,17 +1,24 @@
-"""What the command-line programs share: the demo default, checks before loading, help, and one way to fail.
+"""What the command-line programs share: the demo default, checks before loading, the argument parser and its
+help, and one way to fail.
 
 Every program shows a user's mistake as one line, `error: ...`, printed by rank 0 alone, with exit status 2;
-Ctrl-C as one line with exit status 130; and never a traceback for either.
+Ctrl-C as one line with exit status 130; and never a traceback for either. Output into a pipe that closes
+early (`--help | head`) ends quietly. The programs themselves live in llama/programs/ and parse their flags
+with `ArgumentParser` below; the two torchrun examples keep fire, as in the released reference (`run`).
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
+import os
 import sys
+import textwrap
+import time
 import typing
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from . import distributed, families
 from .chat_format import ChatFormat, Dialog, validate_dialog
@@ -101,13 +108,42 @@ def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: 
                          f"{max(lengths)} tokens")
 
 
+def flag(name: str) -> Tuple[str, ...]:
+    """A flag's spellings: `--max_seq_len`, as the released scripts write them, and `--max-seq-len`, as most
+    programs do (--help shows the first)."""
+    dashed = name.replace("_", "-")
+    return (f"--{name}",) + ((f"--{dashed}",) if dashed != name else ())
+
+
+def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint folder") -> None:
+    """The flags of every program that loads a model for generation, as the example scripts name them."""
+    parser.add_argument(*flag("ckpt_dir"), default=None,
+                        help=f"{what}, Meta's layout or Hugging Face's (default, with --tokenizer_path unset: the "
+                             "bundled demo model)")
+    parser.add_argument(*flag("tokenizer_path"), default=None,
+                        help="the tokenizer.model file (default for a Hugging Face folder: its own)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is a GPU)")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                        help="weights' and activations' dtype (default: the fastest the device supports)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the sampler (the same seed and inputs give the same answers)")
+    parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
+    parser.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                        help="weight-only quantization at load (none for a quantized checkpoint)")
+    parser.add_argument(*flag("group_size"), type=int, default=None,
+                        help="int4's inputs per scale: 32, 64 or 128 (default 64)")
+
+
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
-    a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone."""
+    a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone. A closed output pipe
+    is left to `exit_with`."""
     try:
         fn()
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         return _say(f"error: {err}", 2)
+    except BrokenPipeError:
+        raise
     except OSError as err:
         return _say(f"error: {err}", 1)
     except KeyboardInterrupt:
@@ -117,20 +153,116 @@ def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
 
 def _say(message: str, status: int) -> int:
     distributed.print0(message, file=sys.stderr)
+    if not distributed._is_rank0():
+        # Every rank meets the same mistake at the same moment, but only rank 0 says it: the others wait a
+        # moment before exiting, or torchrun, seeing them fail first, would end rank 0 before it had spoken.
+        time.sleep(2.0)
     return status
 
 
+def exit_with(program: Callable[[], Optional[int]]) -> NoReturn:
+    """Run a program and exit with its status (argparse's own exits included). When the reader of its output
+    goes away (`llama-chat --help | head`), it ends quietly with status 141, as a program killed by SIGPIPE
+    does, instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            status = program()
+        except SystemExit as done:  # --help, and the parser's one-line errors
+            status = done.code
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that this flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        status = 141
+    sys.exit(status)
+
+
+def program_name(default: str) -> str:
+    """The name the user ran the program by, for usage lines: an installed script (`llama-chat`), the name
+    `python -m llama` gave it (`python -m llama chat`), a script file (`chat.py`), else `default`."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if invoked.startswith("python -m "):
+        return invoked
+    name = Path(invoked).name
+    inside_package = Path(invoked).resolve().parent.is_relative_to(Path(__file__).resolve().parent)
+    if not name or name in ("__main__.py", "-c") or inside_package:
+        return default
+    return name
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag on its own line with its type and default, its explanation indented below: the same help as
+    the fire scripts' (`_usage`)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
+            return super()._format_action(action)
+        if not action.option_strings:  # a positional argument
+            head = f"  {action.dest}"
+        else:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            short = [o for o in action.option_strings if not o.startswith("--")]
+            head = f"  {', '.join(short + long[:1])}"  # a flag's dashed spelling is accepted, not listed
+            if action.nargs == 0:
+                pass  # a switch: no value
+            elif action.choices is not None:
+                head += f" ({' or '.join(map(str, action.choices))}"
+                head += "" if action.default in (None, argparse.SUPPRESS) else f", default {action.default!r}"
+                head += ")"
+            else:
+                kind = getattr(action.type, "__name__", "str")
+                head += f" ({kind}"
+                head += "" if action.default in (None, argparse.SUPPRESS) else f", default {action.default!r}"
+                head += ")"
+        text = action.help % {"prog": self._prog} if action.help else ""
+        lines = textwrap.wrap(text, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        return "\n".join([head, *lines]) + "\n"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the programs' manners: the name the program was run by in its usage line, no abbreviated
+    flags (`--max_b` is not `--max_batch_size`), each flag's type and default in --help, and a mistake shown
+    as one line, `error: ...` (a mistyped flag with the closest real one), exit status 2, from rank 0 alone."""
+
+    def __init__(self, default_prog: str, description: str, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(prog=program_name(default_prog), description=description, **kwargs)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text.replace("\noptions:\n", "\nflags:\n")
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message = self._unknown(message.split(": ", 1)[1].split())
+        _say(f"error: {message}", 2)
+        sys.exit(2)
+
+    def _unknown(self, words: Sequence[str]) -> str:
+        flags = [w for w in words if w.startswith("-")]
+        if not flags:
+            return f"unexpected argument(s) {' '.join(words)} (--help lists the arguments)"
+        name = flags[0].split("=", 1)[0]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unknown flag {name}{hint} (--help lists the flags)"
+
+
 def run(main: Callable) -> None:
-    """fire.Fire(main), with --help printed plainly from main's signature and docstring, unknown or misspelt
-    flags refused before anything runs, and errors and Ctrl-C shown as one line (see `guarded`)."""
+    """fire.Fire(main), for the torchrun example scripts: --help printed plainly from main's signature and
+    docstring, unknown or misspelt flags refused before anything runs, and errors and Ctrl-C shown as one line
+    (see `guarded`)."""
     import fire
 
     argv = sys.argv[1:]
     if any(arg in ("-h", "--help", "-help") for arg in argv):
-        print(_usage(main))
-        sys.exit(0)
+        exit_with(lambda: print(_usage(main)))
     status = guarded(lambda: _check_flags(main, argv))
-    sys.exit(status or guarded(lambda: fire.Fire(main, command=argv, name=Path(sys.argv[0]).name)))
+    exit_with(lambda: status or guarded(lambda: fire.Fire(main, command=argv, name=Path(sys.argv[0]).name)))
 
 
 def _flag_names(main: Callable) -> List[str]:
@@ -175,7 +307,7 @@ def _usage(main: Callable) -> str:
         elif notes and line.startswith(" "):
             last = list(notes)[-1]
             notes[last] += " " + line.strip()
-    lines = [summary, "", f"usage: {Path(sys.argv[0]).name} [--flag value ...]", "", "flags:"]
+    lines = [summary, "", f"usage: {program_name(Path(sys.argv[0]).name)} [--flag value ...]", "", "flags:"]
     for name, param in inspect.signature(main).parameters.items():
         default = "" if param.default is inspect.Parameter.empty else f", default {param.default!r}"
         lines.append(f"  --{name} ({_type_name(param.annotation)}{default})")

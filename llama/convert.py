@@ -1,6 +1,6 @@
 """Convert a checkpoint between Meta's layout and Hugging Face's, in either direction.
 
-    python -m llama.convert SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH]
+    python -m llama convert SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH]
 
 The direction follows from SRC_DIR (a config.json means Hugging Face's layout) unless --to says it.
 
@@ -21,16 +21,14 @@ DST_DIR must not already hold a checkpoint of either layout: nothing is ever ove
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import cli, families, hf
+from . import families, hf
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -43,7 +41,6 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .loading import parse_dtype
 from .model import ModelArgs
 from .tokenizer import Tokenizer
 
@@ -230,7 +227,7 @@ def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_sh
         raise ValueError(f"--to must be 'hf' or 'meta', got {to!r}")
     if to == source:
         what = "Hugging Face's layout (it has a config.json)" if source == "hf" else "Meta's layout"
-        hint = "; to change its shard count use python -m llama.reshard" if source == "meta" else ""
+        hint = "; to change its shard count use python -m llama reshard" if source == "meta" else ""
         raise ValueError(f"{str(src_dir)!r} is already in {what}: nothing to convert{hint}")
     if to == "meta":
         if tokenizer_path is not None:
@@ -243,37 +240,7 @@ def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_sh
     return meta_to_hf(src_dir, dst_dir, tokenizer_path, dtype, max_shard_bytes, log=log, family=family)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama.convert",
-        description="Convert a Llama checkpoint between Meta's layout (consolidated.NN.pth + params.json) and "
-                    "Hugging Face's (safetensors + config.json), in the direction SRC_DIR's layout implies.",
-    )
-    parser.add_argument("src_dir", help="checkpoint to read, in either layout")
-    parser.add_argument("dst_dir", help="new or empty directory to write the converted checkpoint into")
-    parser.add_argument("--to", choices=("hf", "meta"), default=None,
-                        help="layout to write (default: the one SRC_DIR is not in)")
-    parser.add_argument("--mp", type=int, default=None, metavar="N",
-                        help="--to meta: number of shards to write, the model-parallel process count (default 1)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="dtype of the written weights (default: as stored in SRC_DIR)")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="--to hf: tokenizer.model to include (default: SRC_DIR's, else the folder above's)")
-    parser.add_argument("--family", default=None, choices=families.NAMES,
-                        help="--to hf: the model's family (default: detected from the files)")
-    parser.add_argument("--max_shard_size", default="5GB",
-                        help="--to hf: largest safetensors file (default 5GB, as transformers writes)")
-    opts = parser.parse_args(argv)
-    return cli.guarded(
-        lambda: convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else None,
-                        opts.tokenizer_path, _parse_size(opts.max_shard_size), log=lambda m: print(m, flush=True),
-                        family=opts.family),
-        interrupted="interrupted: no file was left under its final name")
+if __name__ == "__main__":  # `python -m llama.convert`, the old spelling of `python -m llama convert`
+    from .programs.convert import entry_point
 
-
-def entry_point() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
     entry_point()

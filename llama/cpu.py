@@ -297,7 +297,8 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
     if model is not None:
         counts = kernel_counts(model)
         line += "; linear layers: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
-    return line + f"; {torch.get_num_threads()} threads, OpenMP wait {wait_policy()}"
+    threads = torch.get_num_threads()
+    return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 
 
 __all__ = ["CpuInfo", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for",

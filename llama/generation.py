@@ -96,7 +96,7 @@ class Llama:
         (default: detected from the files, see llama/families); it decides the chat format and stop tokens.
         deterministic: a request's tokens never depend on
         what else shares its batch (every decode step has one shape and every prompt is prefilled alone; see
-        README, "Deterministic mode", for its cost).
+        README, "What a seed promises", for its cost).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
@@ -141,6 +141,13 @@ class Llama:
         """The decode step (eager or compiled) this generator runs: next-token logits for cache rows 0..B-1 at
         host-known positions. Public so that a second engine (llama.serve) reuses it, compiled graphs included."""
         return self._decode
+
+    @decode_step.setter
+    def decode_step(self, step: DecodeStep) -> None:
+        """Run later calls through another decode step (eager or compiled, other windows): a new engine over
+        the same model and cache, so call it between generations."""
+        self._decode = step
+        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic)
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""

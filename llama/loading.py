@@ -170,6 +170,7 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
                                           progress=_report_shard)
     if source.adapter is not None:
         merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
+        _report_lora(source.adapter)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
     if source.info.quantization is not None:  # its linear layers go in as they are stored: no bfloat16 copy
         quantize.install(model, quantize.take_quantized(state), plan.quantize, plan.group_size, source.ckpt_dir)
@@ -184,6 +185,14 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     if plan.device.type == "cpu":
         distributed.print0(cpu.describe(model))  # the kernels that will run, counted from the model
     return model.eval()
+
+
+def _report_lora(adapter: LoraAdapter) -> None:
+    """Say what was merged, so that an adapter never changes the answers unannounced."""
+    layers = {key.split(".")[1] for key in adapter.weights if key.startswith("layers.")}
+    distributed.print0(f"  merged LoRA adapter {adapter.path} (r {adapter.r}, alpha {adapter.alpha:g}, scale "
+                       f"{adapter.scale:g}) into {len(adapter.weights)} weights of {len(layers)} layer"
+                       f"{'' if len(layers) == 1 else 's'}")
 
 
 def _report_shard(done: int, total: int, path, seconds: float) -> None:

@@ -22,8 +22,6 @@ for why these and not torchao.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -499,31 +497,7 @@ def _row_parallel_amax(reader, info, n_shards: int, layers: Sequence[str]) -> Di
     return amax
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama.quantize",
-        description="Write a Llama checkpoint with int8 or int4 weights (Meta's layout), which Llama.build loads "
-                    "without a bfloat16 copy.")
-    parser.add_argument("src_dir", help="checkpoint to read (Meta's layout or Hugging Face's, any shard count)")
-    parser.add_argument("dst_dir", help="new or empty directory to write the quantized checkpoint into")
-    parser.add_argument("--mode", choices=MODES, required=True,
-                        help="int8: one scale per output row; int4: a scale and zero per group of inputs")
-    parser.add_argument("--group_size", type=int, default=None, metavar="G",
-                        help=f"int4 inputs per group, one of {list(GROUP_SIZES)} (default {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--mp", type=int, default=None, metavar="N",
-                        help="number of shards to write (default: the source's; 1 for Hugging Face's layout)")
-    opts = parser.parse_args(argv)
-    from . import cli  # the programs' helpers sit above the library: imported only by the program
+if __name__ == "__main__":  # `python -m llama.quantize`, the old spelling of `python -m llama quantize`
+    from .programs.quantize import entry_point
 
-    return cli.guarded(lambda: quantize_checkpoint(opts.src_dir, opts.dst_dir, opts.mode, opts.group_size, opts.mp,
-                                                   log=lambda m: print(m, flush=True)),
-                       interrupted="interrupted: no shard was left under its final name")
-
-
-def entry_point() -> None:
-    """`llama-quantize` and `python -m llama quantize`."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
     entry_point()

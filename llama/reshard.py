@@ -1,6 +1,6 @@
 """Rewrite a checkpoint in Meta's layout with another number of shards.
 
-    python -m llama.reshard SRC_DIR DST_DIR --mp N
+    python -m llama reshard SRC_DIR DST_DIR --mp N
 
 Reads a checkpoint of any number of shards and writes one of N shards (bfloat16 unless --dtype says
 otherwise; params.json copied byte for byte; rope.freqs and the other replicated entries kept in every shard).
@@ -13,15 +13,12 @@ Resharding saves the slicing work at every start, and gives files that match the
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from . import cli
 from .checkpoint import (
     PathLike,
     check_model_parallel_size,
@@ -31,7 +28,6 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .loading import parse_dtype
 from .model import ModelArgs, check_positive_int
 
 
@@ -81,27 +77,7 @@ def reshard(
     return Path(dst_dir)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama.reshard",
-        description="Rewrite a Llama checkpoint (consolidated.NN.pth + params.json) with N shards, "
-                    "one per model-parallel process.",
-    )
-    parser.add_argument("src_dir", help="checkpoint to read (any number of shards)")
-    parser.add_argument("dst_dir", help="new or empty directory to write the resharded checkpoint into")
-    parser.add_argument("--mp", type=int, required=True, metavar="N",
-                        help="number of shards to write: the model-parallel process count it will run on")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                        help="dtype of the written weights (default: bfloat16, as Meta's files)")
-    opts = parser.parse_args(argv)
-    return cli.guarded(lambda: reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype),
-                                       log=lambda m: print(m, flush=True)),
-                       interrupted="interrupted: no shard was left under its final name")
+if __name__ == "__main__":  # `python -m llama.reshard`, the old spelling of `python -m llama reshard`
+    from .programs.reshard import entry_point
 
-
-def entry_point() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
     entry_point()

@@ -65,3 +65,18 @@ def test_bench_decode_reports_the_path_that_ran():
     assert result["packed_linear_modules"].endswith(" of 5")
     assert {"linear_kernels", "cpu", "cpu_flags", "aten_capability", "omp_wait_policy"} <= set(result)
     assert result["decode_step"] == "eager"  # on a CPU, as Llama.build
+
+
+def test_bench_decode_against_transformers_needs_no_pytest(tmp_path):
+    """--hf converts the weights with benchmarks/hf_reference.py, a plain module: no tests/ on the path, no
+    pytest (an installed pytest is hidden here behind one that cannot be imported)."""
+    pytest.importorskip("transformers")
+    (tmp_path / "pytest.py").write_text("raise ImportError('no pytest in this environment')\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1",
+                          "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1", "--threads", "1",
+                          "--batches", "1", "--hf", "--pairs", "1"],
+                         env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert any("hf" in key or "transformers" in key for key in result), sorted(result)

@@ -153,6 +153,62 @@ def test_bad_max_gen_len_is_refused():
         session(max_seq_len=64, max_gen_len=64)
 
 
+# --- several lines as one message, through the REPL's input function -----------------------------------------
+
+CODE = 'def f(x):\n\n    return "a\\b"  # a backslash inside is kept\n'
+
+
+def piped_console(text: str):
+    """The REPL's own console reading `text` as piped stdin (what a terminal paste or a script sends)."""
+    import io
+
+    out = io.StringIO()
+    return chat._Console(io.StringIO(text), out), out
+
+
+def read_all(console) -> List[str]:
+    messages = []
+    while (message := console.read_line()) is not None:
+        messages.append(message)
+    return messages
+
+
+def test_a_block_between_triple_quotes_is_one_message():
+    console, out = piped_console('"""\n' + CODE + '"""\nnext\n')
+    assert read_all(console) == [CODE.rstrip("\n"), "next"]
+    # The first line is prompted with "> ", each further line of the block with "... ", and all are echoed.
+    assert out.getvalue().startswith('> """\n... def f(x):\n... \n...     return')
+
+
+def test_backslash_continues_a_line():
+    console, _ = piped_console("first line \\\nsecond line\\\nthird\nalone\n")
+    assert read_all(console) == ["first line \nsecond line\nthird", "alone"]
+
+
+def test_one_line_block_text_beside_the_quotes_and_end_of_input():
+    console, _ = piped_console('"""just this"""\n"""Explain:\nx = 1\ny = 2"""\n"""\nunterminated\n')
+    assert read_all(console) == ["just this", "Explain:\nx = 1\ny = 2", "unterminated"]
+    console, _ = piped_console("dangling \\\n")
+    assert read_all(console) == ["dangling "]
+
+
+def test_a_pasted_block_reaches_the_model_as_one_user_message():
+    """A session reading from the REPL's console: the model is asked once, with the whole block."""
+    console, _ = piped_console('"""\n' + CODE + '"""\n/quit\n')
+    gen = FakeGenerator(512)
+    recording = RecordingConsole()
+    s = chat.ChatSession(gen, recording, Broadcast(), temperature=0, max_gen_len=16)
+    s.run(console.read_line)
+    assert [d[-1] for d in gen.dialogs] == [{"role": "user", "content": CODE.strip()}]
+    assert s.history[0]["content"] == CODE.strip()
+
+
+def test_help_explains_multi_line_input():
+    s, _ = session(max_seq_len=512)
+    s.handle("/help")
+    assert "\\" in s.console.text and '"""' in s.console.text
+
+
 # --- whole sessions --------------------------------------------------------------------------------------
 
 LONG = "tell me everything about " + "this and that " * 20

@@ -120,6 +120,72 @@ def test_every_command_has_help_and_a_console_script():
         assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (name, proc.stderr[-2000:])
 
 
+def test_programs_live_apart_from_the_library():
+    """Every program is a module of llama/programs/ (installed and run by `python -m llama`); no module of the
+    library proper defines `main` or `entry_point` (llama/serve/__main__.py, the server's start-up, aside)."""
+    import ast
+
+    from llama.__main__ import _COMMANDS
+
+    assert all(module == f"llama.programs.{name}" for name, (module, _) in _COMMANDS.items())
+    for path in sorted((ROOT / "llama").rglob("*.py")):
+        relative = path.relative_to(ROOT / "llama").as_posix()
+        if relative.startswith("programs/") or relative in ("__main__.py", "serve/__main__.py"):
+            continue
+        names = {node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+        assert not names & {"main", "entry_point"}, f"llama/{relative} defines {names & {'main', 'entry_point'}}"
+
+
+@pytest.mark.parametrize("command", ["chat", "convert", "quantize", "reshard", "serve"])
+def test_usage_names_the_program_as_it_was_run(command):
+    """`python -m llama X` says so; an installed `llama-X` script (its argv[0] is the script's path) says
+    `llama-X`; neither says `python -m llama.X`."""
+    via_module = run("-m", "llama", command, "--help")
+    assert via_module.returncode == 0, via_module.stderr
+    assert f"usage: python -m llama {command}" in via_module.stdout, via_module.stdout[:300]
+    script = (f"import sys; sys.argv = ['/usr/local/bin/llama-{command}', '--help']; "
+              f"from llama.programs.{command} import entry_point; entry_point()")
+    installed = run("-c", script)
+    assert installed.returncode == 0, installed.stderr
+    assert f"usage: llama-{command} " in installed.stdout, installed.stdout[:300]
+    assert "python -m" not in installed.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("argv", [["-m", "llama", "chat", "--help"], ["-m", "llama", "quantize", "--help"],
+                                  ["-m", "llama", "serve", "--help"], ["-m", "llama"],
+                                  ["example_text_completion.py", "--help"]])
+def test_help_into_a_closed_pipe_ends_quietly(argv):
+    """`llama-chat --help | head -1`: the reader is gone before the help is written. No BrokenPipeError."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    _, stderr = proc.communicate(timeout=120)
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
+    # 141 (as a program ended by SIGPIPE) where the write failed at the end; argparse itself drops a long help
+    # that fails as it is written, and the program then ends normally.
+    assert proc.returncode in (0, 141, 2 if argv == ["-m", "llama"] else 141), (proc.returncode, stderr.decode())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "--max_seq", "64"], "unknown flag --max_seq; did you mean --max_seq_len?"),
+    (["reshard", "a", "b", "--mp", "2", "--dtyp", "float32"], "unknown flag --dtyp; did you mean --dtype?"),
+    (["quantize", "a", "b", "--mode", "int8", "--group", "64"], "unknown flag --group; did you mean --group_size?"),
+])
+def test_abbreviated_or_mistyped_flags_are_refused_with_a_suggestion(argv, message):
+    proc = run("-m", "llama", *argv)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {message} (--help lists the flags)", proc.stderr
+
+
+def test_quantize_runs_without_runpys_warning(tmp_path):
+    """`python -m llama quantize` (README's spelling) prints no RuntimeWarning, and the old spelling
+    `python -m llama.quantize` still runs the program."""
+    new = run("-m", "llama", "quantize", "--help")
+    assert new.returncode == 0 and "RuntimeWarning" not in new.stderr, new.stderr
+    old = run("-m", "llama.quantize", "--help")
+    assert old.returncode == 0 and "--mode" in old.stdout, old.stderr
+
+
 def test_version_and_distribution_name():
     import llama
 

@@ -79,7 +79,13 @@ def test_describe_names_the_cpu_the_deciding_flags_and_the_kernels_counted_from_
     line = cpu.describe(model, info)
     assert "AMD EPYC 7B12" in line and "avx2" in line and "-avx512_bf16" in line
     assert "linear layers: 1 Identity, 1 aten" in line
-    assert "\n" not in line and "threads" in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("threads, words", [(1, "; 1 thread, "), (2, "; 2 threads, ")])
+def test_describe_counts_threads_in_good_english(threads, words, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert words in cpu.describe(None, detect(EPYC_AVX2, capability="AVX2"))
 
 
 def test_without_proc_cpuinfo_the_flags_come_from_pytorch_dispatch():

@@ -35,7 +35,8 @@ def ragged_long_prompts():
 
 
 def run(generator, step: DecodeStep):
-    generator._decode = step
+    generator.decode_step = step
+    assert generator.engine.decode is step  # the generation below runs through this step
     return generator.generate(ragged_long_prompts(), max_gen_len=12, temperature=0, logprobs=True)
 
 

@@ -371,6 +371,19 @@ def test_expired_link_403(cdn, tmp_path, dl):
 
 
 @pytest.mark.parametrize("dl", DOWNLOADERS)
+def test_unresolvable_host_fails_at_once_and_leaves_nothing(tmp_path, dl):
+    """A host name that does not resolve (a mistyped link; `.invalid` never resolves) is not a network hiccup:
+    one attempt, one clear message, the run stops, and no LICENSE.part (or any file) is left behind."""
+    url = "https://download.llamameta.invalid/*?Policy=a&Signature=b&Key-Pair-Id=c"
+    r = run("--url", url, "--models", "7B", "-d", str(tmp_path), "--retries", "5", dl=dl)
+    assert r.rc == 1, r
+    assert "could not resolve the host name download.llamameta.invalid" in r.stderr, r
+    assert "attempt 2" not in r.out and r.out.count("Downloading LICENSE") == 1, r
+    assert "Stopped early" in r.stdout
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], r
+
+
+@pytest.mark.parametrize("dl", DOWNLOADERS)
 def test_404_is_reported_and_other_files_continue(cdn, tmp_path, dl):
     cdn.behaviour.status["llama-2-7b/params.json"] = 404
     r = run("--url", cdn.url(), "--models", "7B,7B-chat", "-d", str(tmp_path), dl=dl)

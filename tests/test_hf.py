@@ -1,4 +1,4 @@
-"""Hugging Face's layout, both ways: `python -m llama.convert` and `Llama.build` on a Hugging Face directory.
+"""Hugging Face's layout, both ways: `python -m llama convert` and `Llama.build` on a Hugging Face directory.
 
 transformers is the independent oracle: it must load the converted directory with `from_pretrained` and agree
 with this library on the original Meta checkpoint (log-probs within 1e-4 in float32, the same greedy tokens).
@@ -25,7 +25,8 @@ from llama import Llama, ModelArgs, Tokenizer
 from llama import convert as convert_mod
 from llama import hf
 from llama.checkpoint import find_shards, random_state, split_state, valid_model_parallel_sizes
-from llama.convert import convert, main
+from llama.convert import convert
+from llama.programs.convert import main
 from llama.model import PRESETS
 
 transformers = pytest.importorskip("transformers")
@@ -341,7 +342,7 @@ def test_refuses_to_overwrite(tmp_path, meta, hf_dirs, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["{hf}", "{dst}", "--to", "hf"], "already in Hugging Face's layout"),
-    (["{meta}", "{dst}", "--to", "meta"], "llama.reshard"),
+    (["{meta}", "{dst}", "--to", "meta"], "python -m llama reshard"),
     (["{meta}", "{dst}", "--mp", "2", "--tokenizer_path", "{tok}"], "--mp is for --to meta"),
     (["{hf}", "{dst}", "--mp", "3"], "valid process counts: [1, 2, 4]"),
     (["{hf}", "{dst}", "--mp", "0"], "valid values for this checkpoint: [1, 2, 4]"),
@@ -385,7 +386,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, 
 
 def test_command_line_entry_point(tmp_path, hf_dirs):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "llama.convert", str(hf_dirs["mha"]), str(tmp_path / "m"),
+    proc = subprocess.run([sys.executable, "-m", "llama", "convert", str(hf_dirs["mha"]), str(tmp_path / "m"),
                            "--mp", "4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(find_shards(tmp_path / "m")) == 4 and "[4/4] consolidated.03.pth" in proc.stdout

@@ -206,7 +206,12 @@ def test_example_script_and_chat_take_lora(setup, capsys):
     case = setup["mha"]
     example_text_completion.main(ckpt_dir=str(case["meta"]), tokenizer_path=str(TOKENIZER), temperature=0,
                                  max_gen_len=3, device="cpu", dtype="float32", lora=str(case["adapter"]))
-    with_lora = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
+    out = capsys.readouterr().out
+    with_lora = [line for line in out.splitlines() if line.startswith("> ")]
+    # What was merged is said, with the adapter's own settings (r=4, alpha=8: peft's config above).
+    n_layers = SHAPES["mha"].n_layers
+    assert (f"merged LoRA adapter {case['adapter']} (r 4, alpha 8, scale 2) into {7 * n_layers} weights of "
+            f"{n_layers} layers") in out, out
     example_text_completion.main(ckpt_dir=str(case["meta"]), tokenizer_path=str(TOKENIZER), temperature=0,
                                  max_gen_len=3, device="cpu", dtype="float32")
     without = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]

@@ -1,11 +1,13 @@
 """Numerical parity with an independent implementation: Hugging Face transformers' LlamaForCausalLM.
 
 Random weights are written in Meta's layout, loaded by `Llama.build`, and converted independently into the
-Hugging Face layout (which orders each head's rotary pairs as two halves, not interleaved, so wq and wk rows
-are permuted the way Hugging Face's own conversion script does). Both run in float32.
+Hugging Face layout by benchmarks/hf_reference.py (shared with the benchmarks that time the two side by side).
+Both run in float32.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -13,7 +15,13 @@ import torch
 from llama import Llama, ModelArgs
 from llama.checkpoint import random_state
 
-from helpers import SHAPES, TOKENIZER, make_checkpoint
+from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
+
+# benchmarks/ is not a package (and `benchmarks` may name an unrelated installed one): load the file itself.
+_spec = importlib.util.spec_from_file_location("hf_reference", ROOT / "benchmarks" / "hf_reference.py")
+hf_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hf_reference)
+meta_to_hf = hf_reference.meta_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,38 +31,6 @@ PROMPTS = [
     "Grouped-query attention shares keys and values between heads. 42 × 7 = 294; 😀 世界",
 ]
 GEN_LEN = 12
-
-
-def meta_to_hf(state: dict, args: ModelArgs) -> "transformers.LlamaForCausalLM":
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=256,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2,
-    )
-
-    def unpair(w: torch.Tensor, heads: int) -> torch.Tensor:
-        # Meta: rows of a head ordered (pair, 2); Hugging Face: (2, pair).
-        rows, cols = w.shape
-        return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-          "lm_head.weight": state["output.weight"]}
-    for i in range(args.n_layers):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        hf[h + "self_attn.q_proj.weight"] = unpair(state[m + "attention.wq.weight"], args.n_heads)
-        hf[h + "self_attn.k_proj.weight"] = unpair(state[m + "attention.wk.weight"], args.kv_heads)
-        hf[h + "self_attn.v_proj.weight"] = state[m + "attention.wv.weight"]
-        hf[h + "self_attn.o_proj.weight"] = state[m + "attention.wo.weight"]
-        hf[h + "mlp.gate_proj.weight"] = state[m + "feed_forward.w1.weight"]
-        hf[h + "mlp.up_proj.weight"] = state[m + "feed_forward.w3.weight"]
-        hf[h + "mlp.down_proj.weight"] = state[m + "feed_forward.w2.weight"]
-        hf[h + "input_layernorm.weight"] = state[m + "attention_norm.weight"]
-        hf[h + "post_attention_layernorm.weight"] = state[m + "ffn_norm.weight"]
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return model
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,5 +1,6 @@
-"""README's code blocks stay true: every Python block runs (on the demo model), and every command in a bash
-block names a program that exists with flags that program accepts."""
+"""README's code blocks stay true: every Python block runs (on the demo model); every command in a bash block
+names a program that exists with flags that program accepts; and every command that needs no more than the
+weights runs as written, in a folder where the README's checkpoint names point at the demo model."""
 
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ def test_python_block_runs(index, tmp_path):
     code = re.sub(r'"llama-2-[\w-]*/"', repr(str(DEMO)), code).replace('"tokenizer.model"',
                                                                         repr(str(DEMO / "tokenizer.model")))
     server = None
-    if "http://127.0.0.1:8000" in code:  # a client of `python -m llama.serve`: serve the demo model for it
+    if "http://127.0.0.1:8000" in code:  # a client of `python -m llama.serve`: the demo server, as it starts
         skip_without("fastapi", "uvicorn", "openai")
-        named = re.search(r'model="([^"]+)"', code)
-        server = ProcessServer(["--model", named.group(1)] if named else [])
+        server = ProcessServer([])
         code = code.replace("http://127.0.0.1:8000", server.url)
     script = tmp_path / "block.py"
     script.write_text(code)
@@ -99,8 +99,8 @@ def check_program(line: str, words: List[str]) -> None:
         module, rest = rest[1], rest[2:]
         if module == "pytest" or module == "llama" and not rest:
             return
-        name = f"llama.{rest.pop(0)}" if module == "llama" else module
-        text = help_text(sys.executable, "-m", name)
+        name = f"llama {rest.pop(0)}" if module == "llama" else module
+        text = help_text(sys.executable, "-m", *name.split())
         for flag in flags(rest):
             assert flag.split("=")[0] in text, f"{line!r}: {name} has no flag {flag}"
         return
@@ -113,7 +113,7 @@ def check_program(line: str, words: List[str]) -> None:
     if program.endswith(".py"):
         path = ROOT / program
         assert path.is_file(), f"{line!r}: {program} does not exist"
-        if path.parent.name in ("benchmarks", "scripts"):
+        if path.parent.name in ("benchmarks", "scripts") or path.name == "chat.py":  # argparse programs
             text = help_text(sys.executable, str(path))
             for flag in flags(rest):
                 assert flag.split("=")[0] in text, f"{line!r}: {program} has no flag {flag}"
@@ -124,9 +124,13 @@ def check_program(line: str, words: List[str]) -> None:
         for flag in flags(rest):
             assert flag.split("=")[0] in text, f"{line!r}: download.sh has no flag {flag}"
     elif program.startswith("llama-"):
+        from llama.__main__ import _COMMANDS
+
         entry = re.search(rf"{program} = ([\w.]+):", (ROOT / "setup.py").read_text())
         assert entry, f"{line!r}: setup.py installs no {program}"
-        text = help_text(sys.executable, "-m", entry.group(1))
+        command = program[len("llama-"):]
+        assert _COMMANDS[command][0] == entry.group(1), f"{program} and python -m llama {command} differ"
+        text = help_text(sys.executable, "-m", "llama", command)
         for flag in flags(rest):
             assert flag.split("=")[0] in text, f"{line!r}: {program} has no flag {flag}"
 
@@ -142,3 +146,83 @@ def test_bash_command_names_real_programs_and_flags(line, words):
 def test_the_commands_are_found():
     programs = {words[0] for _, words in COMMANDS}
     assert {"pip", "python", "torchrun", "./download.sh"} <= programs
+
+
+# --- the commands, run as written ------------------------------------------------------------------------------
+
+# README's checkpoint folders, each standing for the demo model here (the Hugging Face one: the demo converted).
+CHECKPOINTS = ["llama-2-7b", "llama-2-7b-chat", "llama-2-13b", "llama-2-13b-chat", "llama-2-70b-chat"]
+HF_CHECKPOINTS = ["Llama-2-7b-chat-hf"]
+DEMO_PROCESSES = 2  # the demo's 2 KV heads split over 1 or 2 processes
+
+
+def not_run_here(words: List[str]) -> str:
+    """Why a command is not run by test_bash_block_runs_as_written (and where it is run instead), or ""."""
+    if words[0] == "pip":
+        return "installs packages: CI runs README's install and test command (.ci/run)"
+    if any(w.endswith("download.sh") for w in words):
+        return "needs Meta's signed link: tests/test_download.py runs download.sh against a fake CDN"
+    if "pytest" in words:
+        return "the test suite itself"
+    if "llama.serve" in words or words[:4] in (["python", "-m", "llama", "serve"], ["python", "-m", "llama", "web"]):
+        return "a server runs until stopped: the OpenAI client block runs against one, and tests/test_serve.py"
+    if "--nnodes" in words:
+        return "needs two machines"
+    for flag in ("--nproc_per_node", "--mp"):
+        if flag in words and int(words[words.index(flag) + 1]) > DEMO_PROCESSES:
+            count = words[words.index(flag) + 1]
+            return f"{flag} {count}: the demo model splits over {DEMO_PROCESSES} processes at most"
+    return ""
+
+
+def runnable_commands(block: str) -> List[str]:
+    """The block's commands (a `&&` chain split in its parts, a pipeline kept whole) that run here."""
+    out = []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            out += [part for part in line.split(" && ") if not not_run_here(shlex.split(part)) and part not in out]
+    return out
+
+
+RUNNABLE = [(i, cmds) for i, cmds in enumerate(runnable_commands(b) for b in blocks("bash")) if cmds]
+
+
+@pytest.fixture(scope="module")
+def hf_demo(tmp_path_factory):
+    from llama.convert import convert
+
+    return convert(DEMO, tmp_path_factory.mktemp("readme") / "hf", to="hf", log=lambda m: None)
+
+
+@pytest.mark.parametrize("index, cmds", RUNNABLE, ids=[f"block{i}" for i, _ in RUNNABLE])
+def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
+    """The block's commands, in order, in a folder holding README's names: its checkpoint folders (the demo
+    model), tokenizer.model and the scripts; `python` and `torchrun` are this interpreter's."""
+    for name in CHECKPOINTS:
+        (tmp_path / name).symlink_to(DEMO, target_is_directory=True)
+    for name in HF_CHECKPOINTS:
+        (tmp_path / name).symlink_to(hf_demo, target_is_directory=True)
+    (tmp_path / "tokenizer.model").symlink_to(DEMO / "tokenizer.model")
+    for script in ("example_text_completion.py", "example_chat_completion.py", "chat.py"):
+        (tmp_path / script).symlink_to(ROOT / script)
+    bindir = tmp_path / ".bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    (bindir / "torchrun").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run \"$@\"\n")
+    (bindir / "torchrun").chmod(0o755)
+    env = {**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1",
+           "PATH": f"{bindir}:{__import__('os').environ['PATH']}"}
+    for cmd in cmds:
+        proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, f"README: {cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"README: {cmd}\n{proc.stderr[-3000:]}"
+
+
+def test_every_command_is_run_or_says_where_it_is():
+    """Each bash command either runs in test_bash_block_runs_as_written or has a reason, and the reasons
+    cover only what cannot run here."""
+    ran = {c for _, cmds in RUNNABLE for c in cmds}
+    assert any("example_chat_completion.py" in c for c in ran) and any("convert" in c for c in ran)
+    assert any("chat.py" in c and "printf" in c for c in ran) and any("quantize" in c for c in ran)

@@ -1,4 +1,4 @@
-"""`python -m llama.reshard SRC DST --mp N`: bit-exact round trips, one target shard in memory at a time,
+"""`python -m llama reshard SRC DST --mp N`: bit-exact round trips, one target shard in memory at a time,
 no overwriting, no half-written shard under a final name, clear errors."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from helpers import GQA, MHA, ROOT, make_checkpoint
 from llama import reshard as reshard_mod
 from llama.checkpoint import find_shards, random_state, split_state
-from llama.reshard import main, reshard
+from llama.programs.reshard import main
+from llama.reshard import reshard
 
 
 def load_shards(folder: Path) -> List[Dict[str, torch.Tensor]]:
@@ -36,7 +37,7 @@ def assert_shards_equal(got: List[Dict[str, torch.Tensor]], want: List[Dict[str,
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "llama.reshard", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "llama", "reshard", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -146,7 +147,7 @@ def test_killed_run_leaves_only_complete_shards(tmp_path):
     dst = tmp_path / "dst"
     script = textwrap.dedent(f"""
         import os, sys, torch
-        from llama.reshard import main
+        from llama.programs.reshard import main
         real_save, count = torch.save, [0]
         def save(obj, f, *args, **kwargs):
             count[0] += 1

@@ -244,9 +244,9 @@ BAD = {  # name: (path, body (a dict, or raw bytes), status, param, code, a piec
     "temperature-negative": (C, {"prompt": "hi", "temperature": -0.1}, 400, "temperature", None, ">= 0"),
     "top-p-0": (C, {"prompt": "hi", "top_p": 0}, 400, "top_p", None, "(0, 1]"),
     "top-p-big": (C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None, "(0, 1]"),
-    "n-2": (C, {"prompt": "hi", "n": 2}, 400, "n", None, "must be 1"),
+    "n-big": (C, {"prompt": "hi", "n": 9}, 400, "n", None, "1..8"),
     "logprobs-big": (C, {"prompt": "hi", "logprobs": 6}, 400, "logprobs", None, "0..5"),
-    "penalty": (C, {"prompt": "hi", "presence_penalty": 1}, 400, "presence_penalty", "unsupported", "only 0"),
+    "penalty": (C, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", None, "[-2, 2]"),
     "unknown-model": (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found", "gpt-4"),
     "messages-empty": (CC, {"messages": []}, 400, "messages", None, "non-empty"),
     "messages-missing": (CC, {}, 400, "messages", None, "non-empty"),
@@ -459,3 +459,37 @@ def test_cli_serves_a_model_quantized_at_load():
         assert "int8 (quantized at load) weights" in log and "Int8Linear" in log  # the kernels that ran
     finally:
         server.kill()
+
+
+def test_the_whole_sampling_set_and_n_choices_over_http(demo):
+    """Every engine option is accepted (an out-of-range one is a 400 naming it); n=3 seeded choices share one
+    request and equal three requests seeded seed, seed+1, seed+2; usage counts every choice's tokens."""
+    with ThreadServer(demo, model="m") as server:
+        client = server.openai()
+        extra = {"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.1, "stop_token_ids": [13]}
+        r = client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9, seed=7, n=3,
+                                      presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"450": 2.0},
+                                      extra_body=extra)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        alone = [client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9, seed=7 + i,
+                                           presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"450": 2.0},
+                                           extra_body=extra) for i in range(3)]
+        assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+        assert len({c.text for c in r.choices}) > 1  # the choices do differ
+        assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+        assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+        streamed = {}
+        for chunk in client.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0.9,
+                                               seed=7, n=3, stream=True, presence_penalty=0.3,
+                                               frequency_penalty=0.2, logit_bias={"450": 2.0}, extra_body=extra):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+        assert [streamed[i] for i in range(3)] == [c.text for c in r.choices]
+        for body, param in [({"top_k": -5}, "top_k"), ({"min_p": 2}, "min_p"), ({"presence_penalty": 9},
+                            "presence_penalty"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                            ({"logit_bias": {"5": 500}}, "logit_bias"), ({"n": 99}, "n"),
+                            ({"repetition_penalty": 0}, "repetition_penalty"),
+                            ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+            resp = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2,
+                                                                     **body}, timeout=TIMEOUT)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (body, resp.text)

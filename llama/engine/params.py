@@ -20,18 +20,29 @@ MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy: logits / T would overf
 SEED_BITS = 64  # seeds are unsigned 64-bit integers, the range torch.Generator takes; others are refused
 
 
-def _number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+class ParamError(ValueError):
+    """A sampling parameter out of range; `param` names the field (the server's 400 names it too)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _number(name: str, value, low: float, high: float, low_open: bool = False, param: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
             not (low < value if low_open else low <= value) or not value <= high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+        if math.isinf(high):
+            span = f"a number {'>' if low_open else '>='} {low:g}"
+        else:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ParamError(f"{name} must be {span}, got {value!r}", param or name)
     return float(value)
 
 
-def _integer(name: str, value, low: int, high: Optional[int] = None) -> int:
+def _integer(name: str, value, low: int, high: Optional[int] = None, param: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         span = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+        raise ParamError(f"{name} must be an integer {span}, got {value!r}", param or name)
     return value
 
 
@@ -77,20 +88,20 @@ class SamplingParams:
         _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
         if not isinstance(self.logit_bias, Mapping):
-            raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            raise ParamError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}", "logit_bias")
         for token, bias in self.logit_bias.items():
-            _integer("a logit_bias token id", token, 0, top_id)
-            _number(f"logit_bias[{token}]", bias, -100.0, 100.0)
+            _integer("a logit_bias token id", token, 0, top_id, param="logit_bias")
+            _number(f"logit_bias[{token}]", bias, -100.0, 100.0, param="logit_bias")
         if self.seed is not None:
             _integer("seed", self.seed, 0, 2 ** SEED_BITS - 1)
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+            raise ParamError(f"stop must be a list of strings, got {self.stop!r}", "stop")
         for token in self.stop_token_ids:
-            _integer("a stop_token_ids entry", token, 0, top_id)
+            _integer("a stop_token_ids entry", token, 0, top_id, param="stop_token_ids")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.prompt_logprobs, bool):
-            raise ValueError(f"prompt_logprobs must be True or False, got {self.prompt_logprobs!r}")
+            raise ParamError(f"prompt_logprobs must be True or False, got {self.prompt_logprobs!r}", "prompt_logprobs")
         _integer("n", self.n, 1)
         if self.grammar is not None and not isinstance(self.grammar, Grammar):
             raise ValueError(f"grammar must be a Grammar (Grammar.compile), got {type(self.grammar).__name__}")

@@ -74,11 +74,15 @@ class EventStream:
         self.engine.cancel(self.request)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        """The request's events until every one of its choices has finished."""
+        left = self.request.params.n
         while True:
             event = await self.queue.get()
             yield event
             if isinstance(event, Finished):
-                return
+                left -= 1
+                if left == 0:
+                    return
 
 
 async def _disconnected(request: HTTPRequest) -> None:
@@ -315,24 +319,30 @@ def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
 
 
 async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> JSONResponse:
-    """Collect the answer (a client that leaves first cancels the request)."""
-    text: List[str] = []
-    entries: List[TokenLogprob] = []
+    """Collect the answer, every choice of it (a client that leaves first cancels the request)."""
+    n = job.params.n
+    texts: List[List[str]] = [[] for _ in range(n)]
+    entries: List[List[TokenLogprob]] = [[] for _ in range(n)]
+    finished: List[Optional[Finished]] = [None] * n
     prompt: List[TokenLogprob] = []
     watcher = _watch(request, stream)
     try:
         async for event in stream:
             if isinstance(event, Chunk):
-                text.append(event.text)
-                entries += event.logprobs
+                texts[event.index].append(event.text)
+                entries[event.index] += event.logprobs
                 if event.prompt_logprobs is not None:
                     prompt = prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)
             elif event.reason == "error":
                 raise APIError(500, event.message, type="server_error", code="engine_failed")
             elif event.reason == "abort":
                 raise APIError(503, event.message, code="shutdown")
-            elif event.reason != "cancelled":
-                return JSONResponse(response(job, "".join(text), entries, event, prompt))
+            elif event.reason == "cancelled":
+                break
+            else:
+                finished[event.index] = event
+                if all(f is not None for f in finished):
+                    return JSONResponse(response(job, ["".join(t) for t in texts], entries, finished, prompt))
     finally:
         watcher.cancel()
         stream.cancel()  # a no-op once the request has finished
@@ -340,21 +350,31 @@ async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer:
 
 
 async def _sse(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> AsyncIterator[str]:
-    """The answer as server-sent events (a client that leaves cancels the request)."""
+    """The answer as server-sent events, choices interleaved by index (a client that leaves cancels the
+    request)."""
     writer = ChunkWriter(job)
     watcher = _watch(request, stream)
+    finished: List[Finished] = []
     try:
         for line in writer.start():
             yield line
         async for event in stream:
             if isinstance(event, Chunk):
                 if event.prompt_logprobs is not None and job.echo:
-                    yield writer.echo(prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top))
+                    for line in writer.echo(prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)):
+                        yield line
                 if event.text or event.logprobs or event.prompt_logprobs is None:
-                    yield writer.chunk(event.text, event.logprobs)
-            elif event.reason != "cancelled":
-                for line in writer.finish(event):
+                    yield writer.chunk(event.text, event.logprobs, event.index)
+            elif event.reason == "error":
+                for line in writer.error(event):
                     yield line
+                return
+            elif event.reason != "cancelled":
+                finished.append(event)
+                yield writer.finish_choice(event)
+                if len(finished) == job.params.n:
+                    for line in writer.end(finished):
+                        yield line
     finally:
         watcher.cancel()
         stream.cancel()

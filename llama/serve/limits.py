@@ -11,3 +11,4 @@ AUTH_DELAY = 0.25  # seconds before a wrong or missing API key is answered (awai
 MAX_PREFILL_TOKENS = 512  # prompt tokens one step prefills at most (--max_prefill_tokens; the first always goes)
 MAX_QUEUE = 64  # requests waiting for a row at most (--max_queue); beyond: 429
 MAX_PROMPTS = 64  # prompts one completion request may list at most (each takes a row or a queue place)
+MAX_CHOICES = 8  # choices (`n`) one request may ask for; each takes a cache row, so also at most max_batch_size

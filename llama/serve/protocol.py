@@ -22,7 +22,8 @@ from ..families.codellama import infilling_prompt
 from ..engine.grammar import Grammar
 from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
-from .limits import MAX_PROMPTS
+from ..engine.params import ParamError
+from .limits import MAX_CHOICES, MAX_PROMPTS
 from .scheduler import Finished, SamplingParams, TokenLogprob, token_text
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
@@ -146,7 +147,7 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 
 
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
-              prompt_len: int, default_max: int) -> SamplingParams:
+              prompt_len: int, default_max: int, vocab_size: Optional[int] = None) -> SamplingParams:
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
@@ -167,13 +168,26 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
     if len(stop) > MAX_STOP:
         raise bad(f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
     n = _get(body, "n", "integer", 1)
-    if n != 1:
-        raise bad(f"'n' must be 1 (one answer per request), got {n}", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get(body, name, "number", 0) != 0:
-            raise bad(f"'{name}' is not supported (only 0)", param=name, code="unsupported")
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("'logit_bias' is not supported", param="logit_bias", code="unsupported")
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad(f"'n' must be in 1..{MAX_CHOICES}, got {n}", param="n")
+    extra = {name: _get(body, name, "number") for name in ("presence_penalty", "frequency_penalty", "min_p",
+                                                           "repetition_penalty")}
+    extra["top_k"] = _get(body, "top_k", "integer")
+    if extra["top_k"] == -1:  # vLLM's spelling of "off"
+        extra["top_k"] = 0
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or not all(isinstance(k, str) and k.strip().lstrip("-").isdigit()
+                                                 for k in bias):
+            raise bad("'logit_bias' must map token ids (as strings) to numbers", param="logit_bias",
+                      code="invalid_type")
+        extra["logit_bias"] = {int(k): v for k, v in bias.items()}
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            raise bad("'stop_token_ids' must be a list of token ids", param="stop_token_ids", code="invalid_type")
+        extra["stop_token_ids"] = tuple(stop_ids)
+    extra = {k: v for k, v in extra.items() if v is not None}
     if prompt_len >= room:
         raise bad(f"the prompt has {prompt_len} tokens, but this server's context (max_seq_len) is {room} "
                   f"tokens including the answer: shorten it to at most {room - 1}", param=prompt_param,
@@ -187,8 +201,12 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         raise bad(f"'max_tokens' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
                   f"(max_seq_len) {room}, which leaves room for {left}", param="max_tokens",
                   code="context_length_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
-                          stop=stop)
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                            stop=tuple(stop), n=n, **extra)
+    try:
+        return params.check(vocab_size)
+    except ParamError as err:
+        raise bad(str(err), param=err.param) from None
 
 
 def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
@@ -263,7 +281,7 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
         if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
             tokens = _infilling_tokens(generator, sent, suffix)
         params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
-                           len(tokens), COMPLETION_MAX_TOKENS)
+                           len(tokens), COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
                                      grammar=grammar,
                                      max_tokens=0 if max_tokens == 0 else params.max_tokens)
@@ -364,7 +382,8 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     tokens = generator.formatter.encode_dialog_prompt(dialog)
     max_tokens = _get(body, "max_completion_tokens", "integer")
     max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
-    params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len)
+    params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len,
+                       generator.model.params.vocab_size)
     if _get(body, "logprobs", "boolean", False):
         params = dataclasses.replace(params, logprobs=_get(body, "top_logprobs", "integer", 0))
         if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
@@ -399,9 +418,10 @@ def _message(message: Any, index: int) -> Dict[str, str]:
 # --- answers ---------------------------------------------------------------------------------------------------
 
 
-def usage(finished: Finished) -> Dict[str, int]:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+def usage(finished: Sequence[Finished]) -> Dict[str, int]:
+    """Token counts of a request: its prompt once, the answers of all its choices."""
+    prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def prompt_entries(tokenizer: Any, job: Job, values: Sequence[float], top: Optional[Sequence[Any]]) \
@@ -443,27 +463,31 @@ def _finish_reason(finished: Finished) -> str:
     return "length" if finished.reason in ("length", "abort") else "stop"
 
 
-def response(job: Job, text: str, entries: List[TokenLogprob], finished: Finished,
+def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], finished: List[Finished],
              prompt: Sequence[TokenLogprob] = ()) -> Dict[str, Any]:
-    """The non-streamed answer (prompt: the echoed prompt's log-prob entries, when asked)."""
+    """The non-streamed answer: one choice per index (n choices share the prompt; with a list of prompts, the
+    choices of prompt k are k*n..k*n+n-1). prompt: the echoed prompt's log-prob entries, when asked."""
     want_lps = job.params.logprobs is not None
-    if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": _chat_logprobs(entries) if want_lps else None}
-        obj, prefix = "chat.completion", "chatcmpl-"
-    else:
-        choice = {"index": job.index, "text": job.echo + text,
-                  "logprobs": _completion_logprobs(entries, len(job.echo), prompt) if want_lps else None}
-        obj, prefix = "text_completion", "cmpl-"
-    choice["finish_reason"] = _finish_reason(finished)
-    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice],
+    choices = []
+    for i, (text, lps, end) in enumerate(zip(texts, entries, finished)):
+        index = job.index * job.params.n + i
+        if job.chat:
+            choice = {"index": index, "message": {"role": "assistant", "content": text},
+                      "logprobs": _chat_logprobs(lps) if want_lps else None}
+        else:
+            choice = {"index": index, "text": job.echo + text,
+                      "logprobs": _completion_logprobs(lps, len(job.echo), prompt) if want_lps else None}
+        choice["finish_reason"] = _finish_reason(end)
+        choices.append(choice)
+    obj, prefix = ("chat.completion", "chatcmpl-") if job.chat else ("text_completion", "cmpl-")
+    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
             "usage": usage(finished)}
 
 
 def merged(answers: List[Dict[str, Any]]) -> Dict[str, Any]:
     """The answers to a completion's prompts as one: their choices in prompt order, their usage summed."""
     first = dict(answers[0])
-    first["choices"] = [a["choices"][0] for a in answers]
+    first["choices"] = [c for a in answers for c in a["choices"]]
     first["usage"] = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
     return first
 
@@ -482,37 +506,45 @@ class ChunkWriter:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def start(self) -> List[str]:
-        """What opens the stream: the assistant role (chat), the echoed prompt (completions with echo)."""
+        """What opens the stream: the assistant role (chat), the echoed prompt (completions with echo), for each
+        choice."""
+        n = self.job.params.n
         if self.job.chat:
-            return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])]
+            return [self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(n)]
         if self.job.echo and not self.job.params.prompt_logprobs:
-            return [self._event([{"index": 0, "text": self.job.echo, "logprobs": None, "finish_reason": None}])]
+            return [self._event([{"index": i, "text": self.job.echo, "logprobs": None, "finish_reason": None}])
+                    for i in range(n)]
         return []
 
-    def echo(self, prompt: List[TokenLogprob]) -> str:
-        """The echoed prompt with its log-probs (the engine's first chunk carries them)."""
-        return self._event([{"index": 0, "text": self.job.echo, "finish_reason": None,
-                             "logprobs": _completion_logprobs([], 0, prompt)}])
+    def echo(self, prompt: List[TokenLogprob]) -> List[str]:
+        """The echoed prompt with its log-probs, for each choice (the engine's first chunk carries them)."""
+        return [self._event([{"index": i, "text": self.job.echo, "finish_reason": None,
+                              "logprobs": _completion_logprobs([], 0, prompt)}]) for i in range(self.job.params.n)]
 
-    def chunk(self, text: str, entries: List[TokenLogprob]) -> str:
+    def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None
         if self.job.chat:
-            choice = {"index": 0, "delta": {"content": text},
+            choice = {"index": index, "delta": {"content": text},
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
         else:
-            choice = {"index": 0, "text": text,
+            choice = {"index": index, "text": text,
                       "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
         return self._event([choice])
 
-    def finish(self, finished: Finished) -> List[str]:
-        if finished.reason == "error":
-            err = APIError(500, finished.message, type="server_error", code="engine_failed")
-            return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
-        last = {"index": 0, "finish_reason": _finish_reason(finished), "logprobs": None}
+    def error(self, finished: Finished) -> List[str]:
+        """A failure ends the whole stream: an error object, then [DONE]."""
+        err = APIError(500, finished.message, type="server_error", code="engine_failed")
+        return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
+
+    def finish_choice(self, finished: Finished) -> str:
+        """A choice's last chunk, with its finish_reason."""
+        last = {"index": finished.index, "finish_reason": _finish_reason(finished), "logprobs": None}
         last.update({"delta": {}} if self.job.chat else {"text": ""})
-        events = [self._event([last])]
-        if self.job.include_usage:
-            events.append(self._event([], usage=usage(finished)))
+        return self._event([last])
+
+    def end(self, finished: Sequence[Finished]) -> List[str]:
+        """After every choice has finished: the usage (when asked) and [DONE]."""
+        events = [self._event([], usage=usage(finished))] if self.job.include_usage else []
         return events + ["data: [DONE]\n\n"]

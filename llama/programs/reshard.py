@@ -1,0 +1,36 @@
+"""`llama-reshard`, `python -m llama reshard`: a Meta checkpoint rewritten with another shard count
+(llama/reshard.py does the work)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from .. import cli
+from ..loading import parse_dtype
+from ..reshard import reshard
+
+
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        "python -m llama reshard",
+        "Rewrite a Llama checkpoint (consolidated.NN.pth + params.json) with N shards, one per model-parallel "
+        "process.",
+        usage="%(prog)s SRC_DIR DST_DIR --mp N [--dtype D]")
+    p.add_argument("src_dir", help="checkpoint to read (any number of shards)")
+    p.add_argument("dst_dir", help="new or empty directory to write the resharded checkpoint into")
+    p.add_argument("--mp", type=int, required=True, metavar="N",
+                   help="number of shards to write: the model-parallel process count it will run on")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of the written weights (bfloat16, as Meta's files)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    opts = parser().parse_args(argv)
+    return cli.guarded(lambda: reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype),
+                                       log=lambda m: print(m, flush=True)),
+                       interrupted="interrupted: no shard was left under its final name")
+
+
+def entry_point() -> None:
+    cli.exit_with(main)
