@@ -231,12 +231,14 @@ class Rows:
     rows: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
+    first: int = 0  # the cache row of batch index 0 (rows first..first+B-1): a chunk of one row's prompt
 
     @classmethod
-    def at(cls, positions: torch.Tensor, window: int) -> "Rows":
+    def at(cls, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":
         bsz, seqlen = positions.shape
-        rows = torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
-        return cls(rows, positions, torch.arange(window, device=positions.device) <= positions.unsqueeze(-1))
+        rows = first + torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
+        return cls(rows, positions, torch.arange(window, device=positions.device) <= positions.unsqueeze(-1),
+                   first)
 
 
 @dataclass
@@ -310,7 +312,7 @@ class Attention(nn.Module):
         else:
             self.cache.update(where.rows, where.positions, k, v)
             out = self._within_segments(q, k, v, where.segments) if isinstance(where, Packed) else \
-                self._over_cache(q, where.mask)
+                self._over_cache(q, where.mask, where.first)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
     def _attend(self, q, keys, values, mask=None, causal=False):
@@ -325,10 +327,12 @@ class Attention(nn.Module):
                              causal=True) for a, b in segments]
         return torch.cat(outs, dim=1)
 
-    def _over_cache(self, q, mask):
-        """Each row's tokens over that row's cached keys within the mask's window (B, S, T)."""
+    def _over_cache(self, q, mask, first: int = 0):
+        """Each row's tokens over that row's cached keys within the mask's window (B, S, T); batch index b is
+        cache row first + b."""
         bsz, seqlen = q.shape[:2]
-        keys, values = self.cache.k[:bsz, :, :mask.shape[-1]], self.cache.v[:bsz, :, :mask.shape[-1]]
+        window = mask.shape[-1]
+        keys, values = self.cache.k[first:first + bsz, :, :window], self.cache.v[first:first + bsz, :, :window]
         if seqlen > 1:
             return self._attend(q.transpose(1, 2), keys, values, mask=mask.unsqueeze(1))
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
@@ -488,6 +492,20 @@ class Transformer(nn.Module):
         where = Packed(row_of.unsqueeze(0), positions, [(end - n, end) for end, n in zip(ends, lengths)])
         logits_at = None if all_logits else torch.tensor(ends, device=device).unsqueeze(0) - 1
         return self._run(tokens, positions, where, logits_at)[0]
+
+    def extend(self, tokens: Sequence[int], row: int, start: int, all_logits: bool = False) -> torch.Tensor:
+        """Continue cache row `row` with tokens at positions start..start+n-1, attending over the row's cached
+        positions below start (a chunk of a long prompt, after the chunks before it). Returns the logits of the
+        last token (1, V), or with all_logits those of every token (n, V)."""
+        device = self.rope.device
+        n = len(tokens)
+        if not 0 <= row < self.params.max_batch_size or start < 0 or start + n > self.params.max_seq_len or not n:
+            raise ValueError(f"{n} tokens at positions {start}.. of row {row} do not fit the cache "
+                             f"({self.params.max_batch_size} x {self.params.max_seq_len})")
+        positions = (start + torch.arange(n, device=device)).unsqueeze(0)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        logits_at = None if all_logits else torch.tensor([[n - 1]], device=device)
+        return self._run(ids, positions, Rows.at(positions, start + n, first=row), logits_at)[0]
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, where: Union[Rows, Packed, None],
              logits_at: Optional[torch.Tensor]) -> torch.Tensor:

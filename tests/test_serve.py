@@ -228,7 +228,7 @@ BAD = {  # name: (path, body (a dict, or raw bytes), status, param, code, a piec
     "not-utf8": (C, b'{"prompt": "\xff"}', 400, None, "invalid_json", "not valid JSON"),
     "prompt-type": (C, {"prompt": 5}, 400, "prompt", "invalid_type", "prompt"),
     "prompt-missing": (C, {}, 400, "prompt", None, "prompt"),
-    "prompt-batch": (C, {"prompt": ["a", "b"]}, 400, "prompt", None, "one prompt"),
+    "prompt-mixed": (C, {"prompt": ["a", [1, 2]]}, 400, "prompt", "invalid_type", "mixes"),
     "token-ids": (C, {"prompt": [1, 99999999]}, 400, "prompt", None, "outside"),
     "temperature-type": (C, {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "invalid_type", "number"),
     "max-tokens-type": (C, {"prompt": "hi", "max_tokens": "9"}, 400, "max_tokens", "invalid_type", "integer"),

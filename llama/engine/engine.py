@@ -4,8 +4,9 @@ The engine owns the KV cache's rows. A request added with `add` takes n rows (on
   1. frees the rows of cancelled requests,
   2. plans one decode step for every running row (an idle row below the highest busy one decodes a dummy
      token at position 0 of its own row; a fixed-shape step, compiled or deterministic, decodes all rows),
-  3. prefills newly added prompts in one packed pass (at most max_prefill_tokens tokens in all, the first
-     always), then copies each prefilled row into its sibling choices' rows,
+  3. prefills newly added prompts in one packed pass (at most max_prefill_tokens tokens in all); a prompt longer
+     than the budget is prefilled in chunks over several steps, interleaved with the decode steps of running
+     rows (chunked prefill), then copies each prefilled row into its sibling choices' rows,
   4. samples each row's next token with that request's own parameters and generator, turns tokens into text,
      applies stop tokens, stop strings and lengths, and hands events to the request's sink,
   5. frees finished rows at once.
@@ -54,6 +55,7 @@ class _Choice:
     stops: StopText
     parent: Optional["_Choice"] = None  # a sibling choice whose prefilled row this one copies
     prefilled: bool = False
+    filled: int = 0  # prompt tokens in the row so far (a long prompt is prefilled in chunks, over several steps)
     position: int = 0  # where `pending` goes in the row
     pending: int = 0  # the last sampled token, decoded at the next step
     generated: int = 0  # tokens sampled so far (a stop token included)
@@ -162,7 +164,9 @@ class Engine:
             return False
         self.steps += 1
         running = [c for c in self._rows.values() if c.prefilled]
-        admitted = [] if self._probe and running else self._take_prefills()
+        whole, chunks = ([], []) if self._probe and running else self._take_prefills()
+        admitted = whole + [c for c, _, _ in chunks]
+        ending = whole + [c for c, _, end in chunks if end == len(c.request.prompt)]  # prefilled by this step
         plan = StepPlan()
         if running:
             fixed = self.fixed_shape
@@ -172,11 +176,16 @@ class Engine:
             plan.decode_tokens, plan.decode_positions = [0] * width, [0] * width
             for c in running:
                 plan.decode_tokens[c.row], plan.decode_positions[c.row] = c.pending, c.position
-        groups = self._group(admitted)
+            for c in self._rows.values():  # a row part-way through its prompt: its idle decode writes where
+                if c.filled and not c.prefilled and c.row < width:  # its next chunk writes, never on its prefix
+                    plan.decode_positions[c.row] = c.filled
+        groups = self._group(whole)
         for group in groups:
             plan.prefills.append(Prefill([c.request.prompt for c in group], [c.row for c in group],
                                          all_logits=group[0].request.params.prompt_logprobs))
-        forks = {c: [s for s in self._rows.values() if s.parent is c] for c in admitted}
+        for c, start, end in chunks:
+            plan.prefills.append(Prefill([c.request.prompt[start:end]], [c.row], start=start))
+        forks = {c: [s for s in self._rows.values() if s.parent is c] for c in ending}
         plan.copies = [(c.row, [s.row for s in sibs], len(c.request.prompt)) for c, sibs in forks.items() if sibs]
         try:
             decoded, prefilled = self.runner.run(plan)
@@ -188,8 +197,12 @@ class Engine:
         rows: List[torch.Tensor] = []
         if running:
             rows.append(decoded[torch.tensor([c.row for c in running], device=decoded.device)])
-        for group, logits in zip(groups, prefilled):
-            last = self._prefill_logits(group, logits)
+        for c, _, end in chunks:
+            c.filled = end
+        done = [(group, self._prefill_logits(group, logits)) for group, logits in zip(groups, prefilled)]
+        done += [([c], [logits[-1]]) for (c, _, end), logits in zip(chunks, prefilled[len(groups):])
+                 if end == len(c.request.prompt)]
+        for group, last in done:
             for c, row_logits in zip(group, last):
                 family = [c] + forks[c]
                 for member in family:
@@ -199,22 +212,44 @@ class Engine:
         self._advance([c for c in order], torch.cat(rows) if rows else None)
         return True
 
-    def _take_prefills(self) -> List[_Choice]:
-        """The prompts prefilled this step: in order of arrival, within the token budget (the first always)."""
+    def _take_prefills(self) -> Tuple[List[_Choice], List[Tuple[_Choice, int, int]]]:
+        """The prompts prefilled this step, within the token budget: whole prompts (packed together), and chunks
+        (choice, start, end) of long ones. Prompts go in order of arrival while they fit. A prompt longer than
+        what is left is prefilled in chunks (chunked prefill: running streams keep decoding meanwhile), one
+        such prompt per step, which keeps at least half the budget for itself, so the short prompts behind it
+        start at once without starving it. A prompt that cannot be chunked (prompt log-probs, or deterministic
+        mode, whose arithmetic must not depend on neighbours) waits until it is first, then goes whole."""
         budget = self.max_prefill_tokens
-        taken: List[_Choice] = []
-        while self._to_prefill:
-            c = self._to_prefill[0]
-            if c.done:
-                self._to_prefill.popleft()
-                continue
-            if budget is not None and taken and len(c.request.prompt) > budget:
-                break
-            self._to_prefill.popleft()
-            if budget is not None:
-                budget -= len(c.request.prompt)
-            taken.append(c)
-        return taken
+        queue = [c for c in self._to_prefill if not c.done]
+        whole: List[_Choice] = []
+        chunks: List[Tuple[_Choice, int, int]] = []
+        long: Optional[_Choice] = None
+        held = 0
+        room = budget
+        for c in queue:
+            need = len(c.request.prompt) - c.filled
+            if room is None or need <= room:
+                (chunks.append((c, c.filled, len(c.request.prompt))) if c.filled else whole.append(c))
+                room = None if room is None else room - need
+            elif self._chunkable(c):
+                if long is None:
+                    long, held = c, room // 2 if room > 1 else room
+                    room -= held
+            elif not whole and not chunks and long is None:  # the first always goes, however long
+                whole.append(c)
+                room -= need
+            else:
+                break  # it goes first at a later step
+        if long is not None and room + held > 0:
+            chunks.append((long, long.filled, long.filled + room + held))
+        ended = set(whole) | {c for c, _, end in chunks if end == len(c.request.prompt)}
+        self._to_prefill = deque(c for c in queue if c not in ended)
+        return whole, chunks
+
+    def _chunkable(self, c: _Choice) -> bool:
+        """Whether a prompt may be prefilled over several steps (not with prompt log-probs, which come from one
+        pass, nor in deterministic mode, where chunk boundaries would depend on the other prompts)."""
+        return not self.deterministic and not c.request.params.prompt_logprobs
 
     def _group(self, admitted: List[_Choice]) -> List[List[_Choice]]:
         """Packed prefill groups: prompts wanting every position's logits apart from the rest; in deterministic
@@ -233,12 +268,23 @@ class Engine:
         for c in group:
             end = start + len(c.request.prompt)
             prompt = torch.tensor(c.request.prompt[1:], device=logits.device).unsqueeze(-1)
-            values = log_probs(logits[start:end - 1]).gather(-1, prompt).squeeze(-1).tolist()
-            self._guarded(c, lambda c=c, v=values: self._emit(c, Chunk("", prompt_logprobs=[0.0] + v,
-                                                                       index=c.index)))
+            lps = log_probs(logits[start:end - 1])
+            values = lps.gather(-1, prompt).squeeze(-1).tolist()
+            top = self._prompt_top(lps, c.request.params.logprobs)
+            self._guarded(c, lambda c=c, v=values, t=top: self._emit(c, Chunk("", prompt_logprobs=[0.0] + v,
+                                                                              prompt_top=t, index=c.index)))
             out.append(logits[end - 1])
             start = end
         return out
+
+    def _prompt_top(self, lps: torch.Tensor, k: Optional[int]) -> Optional[List[List[Tuple[str, List[int], float]]]]:
+        """The k likeliest tokens at each prompt position after the first (None when no logprobs were asked)."""
+        if k is None:
+            return None
+        if not k or not len(lps):
+            return [[] for _ in range(len(lps) + 1)]
+        values, ids = torch.topk(lps, k, dim=-1)
+        return [[]] + [top_entries(self.tokenizer, v, i) for v, i in zip(values.tolist(), ids.tolist())]
 
     def _advance(self, order: List[_Choice], logits: Optional[torch.Tensor]) -> None:
         """Sample each choice's next token (rows of `logits` in `order`), emit, and finish choices."""

@@ -14,7 +14,7 @@ class TokenLogprob:
 
     token: str
     bytes: List[int]
-    logprob: float
+    logprob: Optional[float]  # None: an echoed prompt's first token (nothing before it)
     top: List[Tuple[str, List[int], float]]
     offset: int = 0  # where its text starts in the answer's text (characters)
 
@@ -29,6 +29,8 @@ class Chunk:
     tokens: List[int] = field(default_factory=list)
     index: int = 0  # which of the request's n choices
     prompt_logprobs: Optional[List[float]] = None
+    # with prompt log-probs and logprobs=k: each prompt position's k likeliest tokens (the first position's: [])
+    prompt_top: Optional[List[List[Tuple[str, List[int], float]]]] = None
 
 
 @dataclass

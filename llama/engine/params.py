@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
+from .grammar import Grammar
+
 DEFAULT_TEMPERATURE = 0.6  # the released reference's defaults for Llama 2 (its generation_config.json too)
 DEFAULT_TOP_P = 0.9
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
@@ -63,6 +65,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: no log-probs; k: each token's and the k likeliest alternatives
     prompt_logprobs: bool = False  # also the log-prob of each prompt token (echo)
     n: int = 1  # choices sharing one prefill
+    grammar: Optional[Grammar] = None  # structured output: what each choice's tokens must spell (grammar.py)
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +103,8 @@ class SamplingParams:
         if not isinstance(self.prompt_logprobs, bool):
             raise ParamError(f"prompt_logprobs must be True or False, got {self.prompt_logprobs!r}", "prompt_logprobs")
         _integer("n", self.n, 1)
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ValueError(f"grammar must be a Grammar (Grammar.compile), got {type(self.grammar).__name__}")
         return self
 
     def seed_for(self, choice: int) -> Optional[int]:

@@ -1,7 +1,7 @@
 """The model calls of one engine step, run the same way on every model-parallel rank.
 
 A step is at most one decode (one token for every cache row 0..B-1), then packed prefills of newly admitted
-prompts into their rows, then copies of prefilled rows into the rows of their sibling choices (n > 1). The
+prompts into their rows (a long prompt's later chunks continue its row: `Prefill.start`), then copies of prefilled rows into the rows of their sibling choices (n > 1). The
 decode comes first: idle rows decode a dummy token at position 0 of their own row, which a prefill or copy in
 the same step rewrites.
 
@@ -28,6 +28,7 @@ class Prefill:
     prompts: List[List[int]]
     rows: List[int]
     all_logits: bool = False  # logits at every prompt position (prompt log-probs), not only the last
+    start: int = 0  # > 0: one chunk of a long prompt, continuing its row from this position (one prompt)
 
 
 @dataclass
@@ -50,7 +51,10 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
             tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
             decoded = decode(tokens, plan.decode_positions)
         for p in plan.prefills:
-            prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
+            if p.start:  # a later chunk of one long prompt, over its row's cached prefix
+                prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
+            else:
+                prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
         for row, into, length in plan.copies:
             model.copy_rows(row, into, length)
     return decoded, prefilled

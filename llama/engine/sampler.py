@@ -1,7 +1,8 @@
 """The one sampler: each row's next token from its logits, under that row's own parameters and generator.
 
 Order, as transformers and vLLM apply them: logit_bias, then the penalties (transformers' repetition_penalty
-over prompt and answer; OpenAI's presence and frequency penalties over the answer), then temperature, top-k,
+over prompt and answer; OpenAI's presence and frequency penalties over the answer), then a grammar's mask
+(structured output: the tokens it forbids next at -inf; grammar.py), then temperature, top-k,
 top-p over what top-k kept, min-p, and a draw with the row's generator. Greedy rows take the argmax of the
 adjusted logits. Every operation works row by row, so a row samples the same token whatever rows share its
 batch. Every rank of a model-parallel group samples from identical logits with identically seeded generators,
@@ -28,8 +29,11 @@ class RowSampler:
         self.generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
         self.seen = set(prompt) if params.repetition_penalty != 1.0 else set()  # prompt + answer
         self.counts: Counter = Counter()  # answer tokens, for presence and frequency penalties
+        self.constraint = params.grammar.constraint() if params.grammar is not None else None
 
     def record(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.consume(token)
         if self.params.penalized:
             self.counts[token] += 1
             if self.params.repetition_penalty != 1.0:
@@ -49,11 +53,13 @@ class RowSampler:
             ids = torch.tensor(list(self.counts), device=logits.device)
             counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
             logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
+        if self.constraint is not None:  # last: whatever the grammar forbids is out, whatever the biases
+            self.constraint.mask(logits)
         return logits
 
     @property
     def adjusts(self) -> bool:
-        return bool(self.params.logit_bias) or self.params.penalized
+        return bool(self.params.logit_bias) or self.params.penalized or self.constraint is not None
 
 
 def choose(logits: torch.Tensor, rows: Sequence[RowSampler]) -> List[int]:

@@ -5,6 +5,8 @@
     GET  /v1/models              the one model served
     POST /v1/completions         text completion; "stream": true answers as server-sent events
     POST /v1/chat/completions    chat completion in the model family's chat format, streamed likewise
+    POST /tokenize, /detokenize, GET /tokenizer_info   the tokenizer, in vLLM's shapes (tokenize.py)
+    GET  /metrics                Prometheus metrics (metrics.py); every answer carries an X-Request-ID
 
 Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
@@ -32,16 +34,19 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .connections import quiet_accept_errors
+from .metrics import Metrics, RequestID, optional_metrics
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
-from .protocol import APIError, ChunkWriter, Job, chat_job, completion_job, parse_json, response
+from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
+                       response)
 from .scheduler import Chunk, Engine, Event, Finished, QueueFull, Request, TokenLogprob, Unavailable
 from .security import HostOriginGuard
+from .tokenize import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("llama.serve")
 
@@ -50,11 +55,14 @@ log = logging.getLogger("llama.serve")
 class EventStream:
     """One request's engine events, as an async iterator on the event loop."""
 
-    def __init__(self, engine: Engine, job: Job) -> None:
+    def __init__(self, engine: Engine, job: Job, metrics: Optional[Metrics] = None, rid: str = "") -> None:
+        """rid: the HTTP request's X-Request-ID, which the engine's log lines about this request then name."""
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
-        self.request = Request(job.prompt, job.params, self._sink, id=job.id, continues_prompt=job.continues_prompt)
+        sink = self._sink if metrics is None else metrics.watch(self._sink)
+        self.request = Request(job.prompt, job.params, sink, id=f"{rid}/{job.index}" if rid else job.id,
+                               continues_prompt=job.continues_prompt)
 
     def _sink(self, event: Event) -> None:  # the engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -90,7 +98,7 @@ def _error(err: APIError) -> JSONResponse:
 def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1, body_timeout: float = BODY_TIMEOUT, auth_delay: float = AUTH_DELAY,
                allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
-               shield: Optional[Any] = None) -> FastAPI:
+               shield: Optional[Any] = None, metrics: bool = True) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
     (compared in constant time; an empty key is a ValueError, not "no key"). Bodies over max_body_bytes are
     refused with 413 before they are read whole. allowed_hosts / allowed_origins widen the Host and Origin
@@ -112,6 +120,8 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
                   lifespan=lifespan)
     app.add_middleware(HostOriginGuard, allowed_hosts=list(allowed_hosts), allowed_origins=list(allowed_origins),
                        max_body_bytes=max_body_bytes)
+    meter = optional_metrics(engine.stats) if metrics else None
+    app.add_middleware(RequestID, metrics=meter)  # outermost: refused requests get an ID and a count too
     guard = Shield(shield) if shield is not None else None
     key = api_key.encode() if api_key else None
     created = int(time.time())
@@ -185,6 +195,14 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         return JSONResponse({"status": status, **engine.stats(), "finished": dict(engine.finished)},
                             status_code=200 if status == "ok" else 503)
 
+    @app.get("/metrics")
+    async def metrics_route(request: HTTPRequest) -> Response:
+        await authorize(request)
+        if meter is None:
+            raise APIError(404, "metrics are off" if not metrics else
+                           "metrics need prometheus-client: pip install 'llama[metrics]'", code="not_found")
+        return Response(meter.text(), media_type=meter.content_type)
+
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Dict[str, Any]:
         await authorize(request)
@@ -202,32 +220,66 @@ def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_bo
         await authorize(request)
         available()
         raw = await read_body(request)
-        job = await run_in_threadpool(lambda: make_job(parse_json(raw), engine.generator, model))  # off the loop
+        made = await run_in_threadpool(lambda: make_job(parse_json(raw), engine.generator, model))  # off the loop
+        jobs = made if isinstance(made, list) else [made]
+        job = jobs[0]
         if guard is not None and job.dialog is not None:
             await guard.check(job.dialog, "the messages")
-        stream = EventStream(engine, job)
+        rid = request.scope.get("state", {}).get("request_id", "")
+        streams = [EventStream(engine, j, meter, rid) for j in jobs]
         try:
-            stream.submit()
-        except QueueFull as err:
-            raise APIError(429, f"the server is busy ({err}); retry after {retry_after} s", code="queue_full",
-                           type="rate_limit_error", headers={"Retry-After": str(retry_after)}) from None
-        except Unavailable as err:
-            raise APIError(503, str(err), code="unavailable", headers={"Retry-After": str(retry_after)}) from None
-        except ValueError as err:
+            for stream in streams:
+                stream.submit()
+        except (QueueFull, Unavailable, ValueError) as err:
+            for stream in streams:  # a list of prompts runs whole or not at all
+                stream.cancel()
+            if isinstance(err, QueueFull):
+                raise APIError(429, f"the server is busy ({err}); retry after {retry_after} s", code="queue_full",
+                               type="rate_limit_error", headers={"Retry-After": str(retry_after)}) from None
+            if isinstance(err, Unavailable):
+                raise APIError(503, str(err), code="unavailable",
+                               headers={"Retry-After": str(retry_after)}) from None
             raise APIError(400, str(err)) from None
         if job.stream:
-            return StreamingResponse(_sse(request, stream, job), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, streams[0], job, engine.generator.tokenizer),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await _whole(request, stream, job)
+        if len(jobs) > 1:
+            try:
+                answers = await asyncio.gather(*[_whole(request, s, j, engine.generator.tokenizer)
+                                                 for s, j in zip(streams, jobs)])
+            finally:
+                for stream in streams:
+                    stream.cancel()
+            return JSONResponse(merged([json.loads(a.body) for a in answers]))
+        answer = await _whole(request, streams[0], job, engine.generator.tokenizer)
         if guard is not None and job.dialog is not None and answer.status_code == 200:
             body = json.loads(answer.body)
             content = body["choices"][0]["message"]["content"]
             await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
         return answer
 
+    async def tokenizer_route(request: HTTPRequest, work: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
+        await authorize(request)
+        raw = await read_body(request)
+        return await run_in_threadpool(lambda: work(parse_json(raw), engine.generator))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+        return await tokenizer_route(request, tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+        return await tokenizer_route(request, detokenize)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: HTTPRequest) -> Dict[str, Any]:
+        await authorize(request)
+        return tokenizer_info(engine.generator)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        return await complete(request, completion_job)
+        return await complete(request, completion_jobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -266,18 +318,21 @@ def _watch(request: HTTPRequest, stream: EventStream) -> "asyncio.Future[None]":
     return watcher
 
 
-async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONResponse:
+async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> JSONResponse:
     """Collect the answer, every choice of it (a client that leaves first cancels the request)."""
     n = job.params.n
     texts: List[List[str]] = [[] for _ in range(n)]
     entries: List[List[TokenLogprob]] = [[] for _ in range(n)]
     finished: List[Optional[Finished]] = [None] * n
+    prompt: List[TokenLogprob] = []
     watcher = _watch(request, stream)
     try:
         async for event in stream:
             if isinstance(event, Chunk):
                 texts[event.index].append(event.text)
                 entries[event.index] += event.logprobs
+                if event.prompt_logprobs is not None:
+                    prompt = prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)
             elif event.reason == "error":
                 raise APIError(500, event.message, type="server_error", code="engine_failed")
             elif event.reason == "abort":
@@ -287,14 +342,14 @@ async def _whole(request: HTTPRequest, stream: EventStream, job: Job) -> JSONRes
             else:
                 finished[event.index] = event
                 if all(f is not None for f in finished):
-                    return JSONResponse(response(job, ["".join(t) for t in texts], entries, finished))
+                    return JSONResponse(response(job, ["".join(t) for t in texts], entries, finished, prompt))
     finally:
         watcher.cancel()
         stream.cancel()  # a no-op once the request has finished
     return JSONResponse({}, status_code=499)  # the client has gone: nobody reads this
 
 
-async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIterator[str]:
+async def _sse(request: HTTPRequest, stream: EventStream, job: Job, tokenizer: Any) -> AsyncIterator[str]:
     """The answer as server-sent events, choices interleaved by index (a client that leaves cancels the
     request)."""
     writer = ChunkWriter(job)
@@ -305,7 +360,11 @@ async def _sse(request: HTTPRequest, stream: EventStream, job: Job) -> AsyncIter
             yield line
         async for event in stream:
             if isinstance(event, Chunk):
-                yield writer.chunk(event.text, event.logprobs, event.index)
+                if event.prompt_logprobs is not None and job.echo:
+                    for line in writer.echo(prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)):
+                        yield line
+                if event.text or event.logprobs or event.prompt_logprobs is None:
+                    yield writer.chunk(event.text, event.logprobs, event.index)
             elif event.reason == "error":
                 for line in writer.error(event):
                     yield line

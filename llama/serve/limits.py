@@ -10,4 +10,5 @@ MAX_HEAD_BYTES = 16 * 1024  # a request's line and headers at most; beyond: 400
 AUTH_DELAY = 0.25  # seconds before a wrong or missing API key is answered (awaited: nobody else waits)
 MAX_PREFILL_TOKENS = 512  # prompt tokens one step prefills at most (--max_prefill_tokens; the first always goes)
 MAX_QUEUE = 64  # requests waiting for a row at most (--max_queue); beyond: 429
+MAX_PROMPTS = 64  # prompts one completion request may list at most (each takes a row or a queue place)
 MAX_CHOICES = 8  # choices (`n`) one request may ask for; each takes a cache row, so also at most max_batch_size

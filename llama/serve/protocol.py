@@ -15,15 +15,16 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat_format import UNSAFE_ERROR, validate_dialog
 from ..families.codellama import infilling_prompt
+from ..engine.grammar import Grammar
 from ..generation import Llama
-from ..tokenizer import whole_char_end
+from ..tokenizer import TextStream, whole_char_end
 from ..engine.params import ParamError
-from .limits import MAX_CHOICES
-from .scheduler import Finished, SamplingParams, TokenLogprob
+from .limits import MAX_CHOICES, MAX_PROMPTS
+from .scheduler import Finished, SamplingParams, TokenLogprob, token_text
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9
@@ -66,6 +67,7 @@ class Job:
     echo: str = ""  # completions with echo: the prompt text, put before the answer
     dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
     continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
+    index: int = 0  # completions with a list of prompts: which prompt (the choice's index)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -224,39 +226,126 @@ def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
 # --- the two endpoints -----------------------------------------------------------------------------------------
 
 
-def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
-    """POST /v1/completions: one prompt (a string, or token ids) continued."""
-    common = _common(body, model)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        tokens, text = generator.tokenizer.encode(prompt, bos=True, eos=False), prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = generator.model.params.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
-        tokens = list(prompt)  # the text of its whole characters: what the answer's text continues
-        text = generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)])
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("'prompt' must be one prompt: send one request per prompt", param="prompt")
+def _prompts(prompt: Any, generator: Llama) -> List[Tuple[List[int], str, Any]]:
+    """The completion's prompts as (tokens, text, the prompt as sent): a string, a list of token ids, or a list
+    of either kind (not both); the text of a token prompt is that of its whole characters, which the answer's
+    text continues."""
+    ids = lambda p: isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in p)
+    if isinstance(prompt, str) or ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or all(map(ids, prompt))):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+        raise bad("'prompt' mixes strings and token-id lists: send a list of one kind", param="prompt",
+                  code="invalid_type")
     else:
-        raise bad("'prompt' must be a string or a non-empty list of token ids", param="prompt",
+        raise bad("'prompt' must be a string, a non-empty list of token ids, or a list of either", param="prompt",
                   code="invalid_type" if prompt is not None else None)
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"'prompt' may hold up to {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
+    vocab = generator.model.params.vocab_size
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((generator.tokenizer.encode(p, bos=True, eos=False), p, p))
+        elif not all(0 <= t < vocab for t in p):
+            raise bad(f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
+        else:
+            tokens = list(p)
+            out.append((tokens, generator.tokenizer.decode(tokens[:whole_char_end(generator.tokenizer, tokens)]), p))
+    return out
+
+
+def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> List[Job]:
+    """POST /v1/completions: each prompt (a string, token ids, or a list of either) continued; one job per
+    prompt, answered as the choice of that index. echo with logprobs gives the prompt tokens' log-probs too
+    (max_tokens 0: those alone), as evaluation harnesses ask."""
+    common = _common(body, model)
+    prompts = _prompts(body.get("prompt"), generator)
+    if len(prompts) > 1 and common["stream"]:
+        raise bad("'stream' with a list of prompts is not supported: stream one prompt per request",
+                  param="stream", code="unsupported")
     suffix = _get(body, "suffix", "string", "")
-    if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
-        tokens = _infilling_tokens(generator, prompt, suffix)
     _unsupported(body, "best_of", [1], "one answer per request")
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
         raise bad(f"'logprobs' must be in 0..{MAX_COMPLETION_LOGPROBS}, got {logprobs}", param="logprobs")
-    if echo and logprobs is not None:
-        raise bad("'echo' together with 'logprobs' is not supported", param="echo", code="unsupported")
-    params = _sampling(body, _get(body, "max_tokens", "integer"), generator.max_seq_len, "prompt", len(tokens),
-                       COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
-    params = dataclasses.replace(params, logprobs=logprobs)
-    return Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True, **common)
+    grammar = _grammar(body, generator)
+    max_tokens = _get(body, "max_tokens", "integer")
+    if max_tokens == 0 and not echo:
+        raise bad("'max_tokens' must be >= 1 (0 only with 'echo': the prompt's log-probs alone)", param="max_tokens")
+    jobs = []
+    for index, (tokens, text, sent) in enumerate(prompts):
+        if suffix:  # fill in the middle (Code Llama): the answer is the text between the prompt and the suffix
+            tokens = _infilling_tokens(generator, sent, suffix)
+        params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
+                           len(tokens), COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
+        params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                                     grammar=grammar,
+                                     max_tokens=0 if max_tokens == 0 else params.max_tokens)
+        jobs.append(Job(chat=False, prompt=tokens, params=params, echo=text if echo else "", continues_prompt=True,
+                        index=index, **common))
+    if len(jobs) > 1:
+        for job in jobs[1:]:
+            job.id, job.created = jobs[0].id, jobs[0].created
+    return jobs
+
+
+def completion_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
+    """POST /v1/completions with one prompt (see completion_jobs)."""
+    jobs = completion_jobs(body, generator, model)
+    if len(jobs) != 1:
+        raise bad("'prompt' must be one prompt here", param="prompt")
+    return jobs[0]
+
+
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar",
+          "guided_choice": "choice"}  # vLLM's older names
+STRUCTURED = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}  # vLLM's
+
+
+def _grammar(body: Mapping[str, Any], generator: Llama) -> Optional[Grammar]:
+    """The answer's constraint, if any: OpenAI's `response_format` ({"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"schema": ...}}), or vLLM's `structured_outputs` ({"json" | "regex" |
+    "grammar" | "choice": ...}) and its older `guided_json` / `guided_regex` / `guided_grammar` /
+    `guided_choice`. One at a time; a schema or grammar the engine cannot use is a 400 naming the parameter and
+    the feature."""
+    asked = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+                      param="response_format", code="invalid_type")
+        if fmt["type"] == "json_object":
+            asked.append(("response_format", "json_schema", {"type": "object"}))
+        elif fmt["type"] == "json_schema":
+            inner = fmt.get("json_schema")
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
+                raise bad("'response_format.json_schema' must be an object with a 'schema' object",
+                          param="response_format.json_schema", code="invalid_type")
+            asked.append(("response_format.json_schema.schema", "json_schema", inner.get("schema", {})))
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise bad("'structured_outputs' must be an object", param="structured_outputs", code="invalid_type")
+        asked += [(f"structured_outputs.{k}", STRUCTURED[k], v) for k, v in outputs.items()
+                  if k in STRUCTURED and v is not None]
+    asked += [(name, kind, body[name]) for name, kind in GUIDED.items() if body.get(name) is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise bad(f"ask for one kind of structured output, got {', '.join(a[0] for a in asked)}", param=asked[1][0])
+    param, kind, spec = asked[0]
+    if body.get("stop"):
+        raise bad("'stop' strings with structured output are not supported: they could cut the answer short",
+                  param="stop", code="unsupported")
+    try:
+        return Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
+                               generator.model.params.vocab_size)
+    except ValueError as err:
+        raise bad(f"'{param}' cannot be used: {err}", param=param, code="invalid_grammar") from None
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -289,10 +378,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     for name in ("tools", "functions"):
         _unsupported(body, name, [[]], "no tool calls")
     _unsupported(body, "tool_choice", ["none"], "no tool calls")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("'response_format' other than text is not supported", param="response_format",
-                  code="unsupported")
+    grammar = _grammar(body, generator)
     tokens = generator.formatter.encode_dialog_prompt(dialog)
     max_tokens = _get(body, "max_completion_tokens", "integer")
     max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
@@ -305,6 +391,7 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
                       param="top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    params = dataclasses.replace(params, grammar=grammar)
     return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
 
 
@@ -337,12 +424,32 @@ def usage(finished: Sequence[Finished]) -> Dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(entries: List[TokenLogprob], start: int) -> Dict[str, Any]:
+def prompt_entries(tokenizer: Any, job: Job, values: Sequence[float], top: Optional[Sequence[Any]]) \
+        -> List[TokenLogprob]:
+    """The echoed prompt's log-prob entries (OpenAI's legacy echo): its first token has none (null), each other
+    token its log-prob given the tokens before it and its position's top alternatives; text_offset points into
+    the echoed text."""
+    stream = TextStream(tokenizer)
+    entries = []
+    for i, token in enumerate(job.prompt):
+        text, raw = token_text(tokenizer, token)
+        offset = min(stream.offset, len(job.echo))
+        stream.push(token)
+        entries.append(TokenLogprob(text, raw, None if i == 0 else values[i], [] if top is None else top[i],
+                                    offset))
+    return entries
+
+
+def _completion_logprobs(entries: List[TokenLogprob], start: int, prompt: Sequence[TokenLogprob] = ()) \
+        -> Dict[str, Any]:
     """OpenAI's completion log-probs; text_offset is where each token's text starts in the choice's text (after
-    the echoed prompt, `start` characters long)."""
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
-            "text_offset": [start + e.offset for e in entries]}
+    the echoed prompt, `start` characters long). prompt: the echoed prompt's entries, first (a null log-prob
+    and null alternatives for its first token)."""
+    return {"tokens": [e.token for e in prompt] + [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in prompt] + [e.logprob for e in entries],
+            "top_logprobs": [None if e.logprob is None else {t: lp for t, _, lp in e.top} for e in prompt] +
+                            [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": [e.offset for e in prompt] + [start + e.offset for e in entries]}
 
 
 def _chat_logprobs(entries: List[TokenLogprob]) -> Dict[str, Any]:
@@ -356,23 +463,33 @@ def _finish_reason(finished: Finished) -> str:
     return "length" if finished.reason in ("length", "abort") else "stop"
 
 
-def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], finished: List[Finished]
-             ) -> Dict[str, Any]:
-    """The non-streamed answer: one choice per index (n choices share the prompt)."""
+def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], finished: List[Finished],
+             prompt: Sequence[TokenLogprob] = ()) -> Dict[str, Any]:
+    """The non-streamed answer: one choice per index (n choices share the prompt; with a list of prompts, the
+    choices of prompt k are k*n..k*n+n-1). prompt: the echoed prompt's log-prob entries, when asked."""
     want_lps = job.params.logprobs is not None
     choices = []
     for i, (text, lps, end) in enumerate(zip(texts, entries, finished)):
+        index = job.index * job.params.n + i
         if job.chat:
-            choice = {"index": i, "message": {"role": "assistant", "content": text},
+            choice = {"index": index, "message": {"role": "assistant", "content": text},
                       "logprobs": _chat_logprobs(lps) if want_lps else None}
         else:
-            choice = {"index": i, "text": job.echo + text,
-                      "logprobs": _completion_logprobs(lps, len(job.echo)) if want_lps else None}
+            choice = {"index": index, "text": job.echo + text,
+                      "logprobs": _completion_logprobs(lps, len(job.echo), prompt) if want_lps else None}
         choice["finish_reason"] = _finish_reason(end)
         choices.append(choice)
     obj, prefix = ("chat.completion", "chatcmpl-") if job.chat else ("text_completion", "cmpl-")
     return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
             "usage": usage(finished)}
+
+
+def merged(answers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The answers to a completion's prompts as one: their choices in prompt order, their usage summed."""
+    first = dict(answers[0])
+    first["choices"] = [c for a in answers for c in a["choices"]]
+    first["usage"] = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
+    return first
 
 
 class ChunkWriter:
@@ -395,10 +512,15 @@ class ChunkWriter:
         if self.job.chat:
             return [self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]) for i in range(n)]
-        if self.job.echo:
+        if self.job.echo and not self.job.params.prompt_logprobs:
             return [self._event([{"index": i, "text": self.job.echo, "logprobs": None, "finish_reason": None}])
                     for i in range(n)]
         return []
+
+    def echo(self, prompt: List[TokenLogprob]) -> List[str]:
+        """The echoed prompt with its log-probs, for each choice (the engine's first chunk carries them)."""
+        return [self._event([{"index": i, "text": self.job.echo, "finish_reason": None,
+                              "logprobs": _completion_logprobs([], 0, prompt)}]) for i in range(self.job.params.n)]
 
     def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None

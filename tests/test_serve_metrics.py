@@ -1,0 +1,70 @@
+"""Operations: Prometheus /metrics (read with prometheus-client's own parser) and X-Request-ID."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from llama import Llama
+
+from helpers import MHA, TOKENIZER, make_checkpoint
+from serve_support import TIMEOUT, ThreadServer
+
+parser = pytest.importorskip("prometheus_client.parser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("metrics"), MHA, seed=3)
+    gen = Llama.build(str(folder), str(TOKENIZER), max_seq_len=128, max_batch_size=3, device="cpu", dtype="float32")
+    with ThreadServer(gen, model="m") as s:
+        yield s
+
+
+def scrape(server) -> dict:
+    r = httpx.get(server.url + "/metrics", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in parser.text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_requests_tokens_and_latencies(server):
+    before = scrape(server)
+    client = server.openai()
+    answers = [client.completions.create(model="m", prompt=p, max_tokens=6, temperature=0, stop=[])
+               for p in ("Hello there", "One two three four")]
+    stream = list(client.completions.create(model="m", prompt="x", max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": 5}, timeout=TIMEOUT)
+    assert bad.status_code == 400
+    after = scrape(server)
+    delta = lambda name, **labels: after.get((name, tuple(sorted(labels.items()))), 0) - \
+        before.get((name, tuple(sorted(labels.items()))), 0)
+    usages = [a.usage for a in answers] + [stream[-1].usage]
+    assert delta("llama_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("llama_generation_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert delta("llama_time_to_first_token_seconds_count") == 3
+    assert delta("llama_inter_token_seconds_count") == sum(u.completion_tokens - 1 for u in usages)
+    reasons = {r: delta("llama_requests_finished_total", reason=r) for r in ("stop", "length")}
+    assert sum(reasons.values()) == 3
+    assert delta("llama_http_requests_total", path="/v1/completions", status="200") == 3
+    assert delta("llama_http_requests_total", path="/v1/completions", status="400") == 1
+    assert after[("llama_queue_depth", ())] == 0 and after[("llama_kv_rows_in_use", ())] == 0
+    assert after[("llama_kv_rows_total", ())] == 3
+
+
+def test_request_id_is_echoed_and_logged(server, caplog):
+    caplog.set_level(logging.INFO, logger="llama.serve")
+    r = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2},
+                   headers={"X-Request-ID": "trace-42.a"}, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42.a"
+    assert any("trace-42.a" in m and "/v1/completions -> 200" in m for m in caplog.messages)
+    odd = httpx.get(server.url + "/health", headers={"X-Request-ID": "bad id\twith spaces"}, timeout=TIMEOUT)
+    made = odd.headers["x-request-id"]
+    assert made != "bad id\twith spaces" and len(made) == 32  # a new one: odd text never reaches the log
+    assert httpx.get(server.url + "/nowhere", timeout=TIMEOUT).headers["x-request-id"]
