@@ -35,6 +35,7 @@ from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, t
 from .params import SEED_BITS, SamplingParams
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
+from .speculative import DraftRow, Speculation, accept_greedy, accept_sampled, verification
 from .stop import StopText
 
 log = logging.getLogger("llama.engine")
@@ -64,9 +65,10 @@ class Engine:
 
     def __init__(self, decode: DecodeStep, tokenizer, stop_ids: Sequence[int], runner: Optional[Runner] = None,
                  deterministic: bool = False, max_prefill_tokens: Optional[int] = None, seed: int = 0,
-                 fixed_shape: Optional[bool] = None) -> None:
+                 fixed_shape: Optional[bool] = None, speculation: Optional[Speculation] = None) -> None:
         """fixed_shape: decode all rows every step (True) or rows 0..the highest busy one (False); None: fixed
-        when the step is compiled (CUDA graphs replay one shape) or deterministic."""
+        when the step is compiled (CUDA graphs replay one shape) or deterministic. speculation: draft tokens
+        and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step."""
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
@@ -86,6 +88,10 @@ class Engine:
         self._to_prefill: Deque[_Choice] = deque()
         self.failure: Optional[str] = None
         self.steps = 0
+        if speculation is not None and (deterministic or decode.compiled or fixed_shape):
+            raise ValueError("speculative decoding needs an eager, non-deterministic engine: its verification "
+                             "passes change shape, which deterministic mode and compiled steps do not allow")
+        self.speculation = speculation
 
     # --- requests in ---------------------------------------------------------------------------------------
 
@@ -157,7 +163,10 @@ class Engine:
         running = [c for c in self._rows.values() if c.prefilled]
         admitted = self._take_prefills()
         plan = StepPlan()
-        if running:
+        drafts = self._draft(running) if self.speculation is not None and running else None
+        if drafts is not None:
+            self._plan_verify(plan, running, drafts)
+        elif running:
             fixed = self.fixed_shape
             if fixed is None:
                 fixed = self.decode.compiled or self.deterministic
@@ -177,9 +186,11 @@ class Engine:
             log.exception("a model call failed; the engine stops")
             self.fail(f"the model failed: {type(err).__name__}: {err}")
             return True
-        order: List[_Choice] = list(running)
+        order: List[_Choice] = [] if drafts is not None else list(running)
         rows: List[torch.Tensor] = []
-        if running:
+        if drafts is not None:
+            self._verify(running, drafts, decoded)
+        elif running:
             rows.append(decoded[torch.tensor([c.row for c in running], device=decoded.device)])
         for group, logits in zip(groups, prefilled):
             last = self._prefill_logits(group, logits)
@@ -191,6 +202,49 @@ class Engine:
                 rows.append(row_logits.unsqueeze(0).expand(len(family), -1))
         self._advance([c for c in order], torch.cat(rows) if rows else None)
         return True
+
+    # --- speculative decoding (llama/engine/speculative.py) ---------------------------------------------------
+
+    def _draft(self, running: List[_Choice]) -> Optional[Dict[_Choice, List[int]]]:
+        """Each running row's drafts, at most as many as its max_tokens and the context leave room for; None
+        when no row has any (the step is then a plain decode)."""
+        asks = []
+        for c in running:
+            room = min(self.speculation.k, c.request.params.max_tokens - c.generated - 1,
+                       self.max_seq_len - 1 - c.position)
+            asks.append(DraftRow(c.row, c, list(c.request.prompt) + c.text.tokens, max(room, 0)))
+        try:
+            proposed = self.speculation.drafter.propose(asks)
+        except Exception:  # a failing drafter costs speed, never the answer: decode plainly this step
+            log.exception("the drafter failed; decoding this step without drafts")
+            return None
+        drafts = {c: [int(t) for t in d[:a.k]] for c, d, a in zip(running, proposed, asks)}
+        return drafts if any(drafts.values()) else None
+
+    def _plan_verify(self, plan: StepPlan, running: List[_Choice], drafts: Dict[_Choice, List[int]]) -> None:
+        """One pass over each running row's pending token and drafts (rows 0..the highest busy one)."""
+        width = 1 + max(c.row for c in running)
+        plan.verify_tokens, plan.verify_positions = verification(
+            width, {c.row: (c.pending, c.position, drafts[c]) for c in running})
+
+    def _verify(self, running: List[_Choice], drafts: Dict[_Choice, List[int]], logits: torch.Tensor) -> None:
+        """Keep each row's drafts by the rules of speculative.py, emitting every token through `_take`."""
+        spec = self.speculation
+        spec.passes += 1
+        for c in running:
+            d = drafts[c]
+            row_logits = logits[c.row, :len(d) + 1]
+            wants_lps = c.request.params.logprobs is not None
+
+            def take(token: int, i: int, c=c, row_logits=row_logits, wants_lps=wants_lps) -> bool:
+                if not c.done:
+                    self._take(c, token, log_probs(row_logits[i]) if wants_lps else None)
+                return not c.done
+
+            rule = accept_greedy if c.sampler.generator is None else accept_sampled
+            kept = self._guarded(c, lambda c=c, d=d, r=row_logits, rule=rule, take=take: rule(r, d, c.sampler, take))
+            spec.proposed += len(d)
+            spec.accepted += kept or 0
 
     def _take_prefills(self) -> List[_Choice]:
         """The prompts prefilled this step: in order of arrival, within the token budget (the first always)."""
