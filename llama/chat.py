@@ -423,6 +423,8 @@ def main(
     group_size: Optional[int] = None,
     family: Optional[str] = None,
     shield: Optional[str] = None,
+    speculative: Optional[str] = None,
+    num_draft_tokens: int = 4,
 ) -> None:
     """
     ckpt_dir: chat checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
@@ -440,6 +442,9 @@ def main(
     group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
     family: llama2, codellama, llama3 or llamaguard (default: detected from the checkpoint)
     shield: a Llama Guard checkpoint folder: each message and each answer is checked, and refused when unsafe
+    speculative: ngram (prompt lookup) or a draft checkpoint folder with the same tokenizer: speculative decoding,
+    the same answers faster where drafts are right (README, "Speculative decoding")
+    num_draft_tokens: drafts checked per step with --speculative (default 4)
     """
     if launched():  # torchrun's Ctrl-C reaches the workers as SIGINT while it ends the run: leave quietly
         signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, None))
@@ -452,7 +457,8 @@ def main(
     cli.check_before_loading(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len, family=family)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, seed=seed, device=device, dtype=dtype, lora=lora,
-                            quantize=quantize, group_size=group_size, family=family)
+                            quantize=quantize, group_size=group_size, family=family, speculative=speculative,
+                            num_draft_tokens=num_draft_tokens)
     guard = None
     if shield_files is not None:
         guard = Llama.build(ckpt_dir=shield_files[0], tokenizer_path=shield_files[1],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -236,3 +237,37 @@ def test_the_library_speculates_when_asked(tmp_path):
     assert gen.speculation.passes > 0 and gen.speculation.proposed > 0
     plain = Llama.build(str(DEMO), str(DEMO_TOKENIZER), 128, 2, device="cpu", dtype="float32")
     assert got == plain.text_completion([prompt], temperature=0.0, max_gen_len=24)
+
+
+# --- the programs -----------------------------------------------------------------------------------------------
+
+
+def test_the_server_speculates_with_plain_decodings_answers(demo):
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e \".[serve]\"")
+    httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -e \".[test]\"")
+    from serve_support import TIMEOUT, ProcessServer, demo_paths
+
+    server = ProcessServer([*demo_paths(), "--max_seq_len", "160", "--max_batch_size", "4", "--dtype", "float32",
+                            "--model", "demo", "--speculative", "ngram", "--num_draft_tokens", "5"])
+    try:
+        answers = [httpx.post(server.url + "/v1/completions", timeout=TIMEOUT, json=dict(
+            model="demo", prompt=p, temperature=0, max_tokens=40)).json()["choices"][0]["text"] for p in PROMPTS[:4]]
+        assert server.terminate() == 0, server.text()
+    finally:
+        server.kill()
+    assert "Speculative decoding: ngram, up to 5 drafts per step" in server.text()
+    demo.engine = Engine(demo.decode_step, demo.tokenizer, demo.stop_ids)
+    assert answers == [r["generation"] for r in demo.text_completion(PROMPTS[:4], temperature=0, max_gen_len=40)]
+
+
+def test_chat_speculates_with_the_same_answers(tmp_path):
+    from test_chat_script import chat_args, run_piped, transcript
+    from test_streaming import HELLO, WORLD, scripted_checkpoint
+
+    ckpt = scripted_checkpoint(tmp_path / "chatty", {None: [HELLO, WORLD, WORLD]})  # "Hello world world ..."
+    lines = ["hi", "and again"]
+    plain = run_piped([sys.executable, *chat_args(ckpt)], lines)
+    fast = run_piped([sys.executable, *chat_args(ckpt), "--speculative", "ngram", "--num_draft_tokens", "4"], lines)
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-3000:]
+    assert "Speculative decoding: ngram" in fast.stdout
+    assert transcript(fast.stdout) == transcript(plain.stdout) and "world world" in transcript(plain.stdout)
