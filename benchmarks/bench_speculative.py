@@ -24,6 +24,7 @@ what verification costs and earns at a real weight size, printed against the ban
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy)
 import torch  # noqa: E402
 
-from llama import Llama, Tokenizer, cpu  # noqa: E402
+from llama import Llama, ModelArgs, Tokenizer, cpu  # noqa: E402
 from llama.engine import Engine  # noqa: E402
 from llama.engine.speculative import ModelDrafter, NgramDrafter, Speculation  # noqa: E402
 from llama.loading import resolve_dtype  # noqa: E402
@@ -98,14 +99,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="rounds of plain and speculative, alternating")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no_bandwidth", action="store_true", help="skip measuring the read bandwidth")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device("cpu")
     dtype = resolve_dtype(opts.dtype, device)
     if opts.shape:
-        args = PRESETS[opts.shape]
-        args.max_seq_len, args.max_batch_size = 512, 1
+        args = ModelArgs(**PRESETS[opts.shape], max_seq_len=512, max_batch_size=1)
         progress(f"random {opts.shape} weights in {dtype}")
         model = random_model(args, device, dtype)
         model.prepare(cpu.kernel_for(device, dtype))
@@ -115,18 +116,21 @@ def main() -> None:
     else:
         ckpt = DEMO if opts.model == "demo" else Path(opts.model)
         tok = opts.tokenizer_path or str(ckpt / "tokenizer.model")
-        plain = Llama.build(str(ckpt), tok, max_seq_len=512, max_batch_size=1, device="cpu", dtype=dtype)
+        with contextlib.redirect_stdout(sys.stderr):
+            plain = Llama.build(str(ckpt), tok, max_seq_len=512, max_batch_size=1, device="cpu", dtype=dtype)
         model, tokenizer, name = plain.model, plain.tokenizer, ckpt.name
     drafter = NgramDrafter()
     if opts.draft:
-        drafter = ModelDrafter(Llama.build(opts.draft, str(tokenizer.path), 512, 1, device="cpu", dtype=dtype).model)
+        with contextlib.redirect_stdout(sys.stderr):
+            draft = Llama.build(opts.draft, str(tokenizer.path), 512, 1, device="cpu", dtype=dtype)
+        drafter = ModelDrafter(draft.model)
     spec = Speculation(drafter, opts.num_draft_tokens)
     fast = Llama(model, tokenizer)
     for gen in (plain, fast):  # never stop early: both sides decode the same count
         gen.engine = Engine(gen.decode_step, tokenizer, [], speculation=spec if gen is fast else None)
     params = count_parameters(model.params)
     weight_bytes = (params - model.params.vocab_size * model.params.dim) * dtype.itemsize
-    bandwidth = read_bandwidth(device)
+    bandwidth = float("nan") if opts.no_bandwidth else read_bandwidth(device)
     result = {"model": name, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "cpu": cpu.describe(model), "drafter": drafter.name,
               "num_draft_tokens": spec.k, "tokens": opts.tokens, "pairs": opts.pairs,

@@ -5,7 +5,9 @@ from the model's own full forward passes (a chi-square test with fixed seeds), a
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -271,3 +273,14 @@ def test_chat_speculates_with_the_same_answers(tmp_path):
     assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-3000:]
     assert "Speculative decoding: ngram" in fast.stdout
     assert transcript(fast.stdout) == transcript(plain.stdout) and "world world" in transcript(plain.stdout)
+
+
+def test_the_benchmark_prints_both_sides_and_the_acceptance():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--workloads",
+                          "code-edit", "--tokens", "12", "--pairs", "1", "--threads", "1", "--no_bandwidth"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    row = result["workloads"]["code-edit"]
+    assert row["identical_answers"] and row["plain_tok_s"] > 0 and row["speculative_tok_s"] > 0
+    assert 0 <= row["acceptance_rate"] <= 1 and result["drafter"] == "ngram"
