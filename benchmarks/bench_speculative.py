@@ -12,13 +12,15 @@ Workloads (prompts where an answer may repeat what came before):
 --model demo (default): the bundled demo model (demo/fortune-llama, trained on fortunes), whose answers are
 real continuations: its acceptance rates are what the prompts earn. It is tiny (5M parameters), so its step
 time is Python and launch overhead, not weight reads.
---shape 1.1B: random weights at that shape (bfloat16 by default). Greedy decoding of a random model falls into
-loops, which prompt lookup drafts well: the acceptance there comes from the loop, not from the prompt. It shows
-what verification costs and earns at a real weight size, printed against the bandwidth limit of plain decoding
-(bytes of weights per token / the read bandwidth measured in the same run).
+--shape 1.1B: random weights at that shape (bfloat16 by default); prompt lookup seldom guesses a random model's
+answer. With --copying, the same random weights but every attention and MLP output zeroed and the embeddings
+and output made a bigram model of the prompt: the answer copies the prompt's text (the last successor of each
+token), as an edit of a code block mostly does. The weights read per token are the same; the acceptance is by
+construction. It shows what verification costs and earns at a real weight size, printed against the bandwidth
+limit of plain decoding (bytes of weights per token / the read bandwidth measured in the same run).
 
     python benchmarks/bench_speculative.py                             # the demo model, every workload
-    python benchmarks/bench_speculative.py --shape 1.1B --workloads code-edit --tokens 48 --pairs 3
+    python benchmarks/bench_speculative.py --shape 1.1B --copying --workloads code-edit --tokens 48 --pairs 3
 """
 
 from __future__ import annotations
@@ -72,6 +74,34 @@ def progress(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def script_copying(model, prompt: list) -> None:
+    """Make an unprepared model answer by copying `prompt`: attention and MLP outputs zeroed (the residual stream
+    stays the token's embedding), embeddings one-hot per token state, output scoring each token's last
+    successor in the prompt. Every weight is still read at every step."""
+    weights = model.state_dict()
+    dim, vocab = model.params.dim, model.params.vocab_size
+    successor = {}
+    for a, b in zip(prompt, prompt[1:]):
+        successor[a] = b  # the last successor: after the prompt's last line, where an edited copy goes on
+    state = {tok: i + 1 for i, tok in enumerate(successor)}  # column 0: any token not in the prompt
+    if len(state) >= dim:
+        raise ValueError(f"the prompt has {len(state)} distinct tokens; the copying script holds {dim - 1}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                tensor.zero_()
+        emb = torch.zeros(vocab, dim)
+        emb[:, 0] = 1.0
+        out = torch.zeros(vocab, dim)
+        out[prompt[1], 0] = 10.0
+        for tok, i in state.items():
+            emb[tok] = 0.0
+            emb[tok, i] = 1.0
+            out[successor[tok], i] = 10.0
+        weights["tok_embeddings.weight"].copy_(emb)
+        weights["output.weight"].copy_(out)
+
+
 def runner(gen: Llama, prompt: list):
     def run(n: int) -> list:
         return gen.generate([prompt], max_gen_len=n, temperature=0.0)[0][0]
@@ -92,6 +122,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="demo, or a checkpoint folder (with --tokenizer_path)")
     parser.add_argument("--tokenizer_path", default=None)
     parser.add_argument("--shape", default=None, choices=sorted(PRESETS), help="random weights at this shape")
+    parser.add_argument("--copying", action="store_true", help="with --shape: answers copy the prompt (see above)")
     parser.add_argument("--draft", default=None, help="a draft checkpoint folder (default: prompt lookup)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--num_draft_tokens", type=int, default=6)
@@ -109,10 +140,15 @@ def main() -> None:
         args = ModelArgs(**PRESETS[opts.shape], max_seq_len=512, max_batch_size=1)
         progress(f"random {opts.shape} weights in {dtype}")
         model = random_model(args, device, dtype)
-        model.prepare(cpu.kernel_for(device, dtype))
         tokenizer = Tokenizer(FIXTURE_TOKENIZER)
+        if opts.copying:
+            workloads = opts.workloads.split(",")
+            if len(workloads) != 1:
+                raise SystemExit("--copying scripts the model for one workload: give --workloads with one name")
+            script_copying(model, tokenizer.encode(WORKLOADS[workloads[0]], bos=True, eos=False))
+        model.prepare(cpu.kernel_for(device, dtype))
         plain = Llama(model, tokenizer)
-        name = f"random {opts.shape}"
+        name = f"random {opts.shape}" + (", copying the prompt" if opts.copying else "")
     else:
         ckpt = DEMO if opts.model == "demo" else Path(opts.model)
         tok = opts.tokenizer_path or str(ckpt / "tokenizer.model")

@@ -46,10 +46,12 @@ def random_draft(tmp_path_factory) -> Path:
 def test_lookup_takes_what_followed_the_latest_longest_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]  # latest of two 3-token matches
     assert lookup([5, 2, 3, 9, 9, 4, 2, 3], 3) == [9, 9, 4]  # 2-token tail; the 3-token one never occurred
-    assert lookup([7, 1, 8, 4, 1], 5) == [8, 4, 1]  # one-token tail; the proposal may run into the tail itself
+    assert lookup([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
+    assert lookup([7, 1, 8, 4, 1], 5) == [8, 4, 1, 8, 4]  # one-token tail; past the end the copy goes on
+    assert lookup([9, 5, 6, 5, 6, 5, 6], 5) == [5, 6, 5, 6, 5]  # a loop of period 2, proposed in full
     assert lookup([1, 2, 3, 4], 3) == []  # nothing repeats
     assert lookup([6], 3) == []
-    assert lookup([4, 4, 4], 2, max_n=1) == [4]  # the latest earlier 4 is followed by the last token
+    assert lookup([4, 4, 4], 3, max_n=1) == [4, 4, 4]
 
 
 def test_speculation_counts_and_options_are_checked():

@@ -58,15 +58,20 @@ class Drafter:
 
 
 def lookup(tokens: Sequence[int], k: int, max_n: int = NGRAM_MAX) -> List[int]:
-    """Prompt lookup: up to k tokens that followed the most recent earlier occurrence of the last n tokens of
-    `tokens`, trying n = max_n down to 1; [] when no tail occurs earlier."""
+    """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the last n tokens of
+    `tokens`, trying n = max_n down to 1; [] when no tail occurs earlier. Where the occurrence is so recent that
+    fewer than k tokens follow it, the copy goes on into its own proposal (as an LZ77 match does), so a loop of
+    period p is proposed in full rather than cut after p tokens."""
     length = len(tokens)
     for n in range(min(max_n, length - 1), 0, -1):
         tail = list(tokens[length - n:])
         last = tail[-1]
         for end in range(length - 2, n - 2, -1):  # the occurrence ends at `end`, before the tail's own end
             if tokens[end] == last and list(tokens[end - n + 1:end + 1]) == tail:
-                return list(tokens[end + 1:end + 1 + k])
+                out: List[int] = []
+                for i in range(end + 1, end + 1 + k):
+                    out.append(tokens[i] if i < length else out[i - length])
+                return out
     return []
 
 
