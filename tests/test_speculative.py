@@ -286,3 +286,17 @@ def test_the_benchmark_prints_both_sides_and_the_acceptance():
     row = result["workloads"]["code-edit"]
     assert row["identical_answers"] and row["plain_tok_s"] > 0 and row["speculative_tok_s"] > 0
     assert 0 <= row["acceptance_rate"] <= 1 and result["drafter"] == "ngram"
+
+
+class Broken(Drafter):
+    def propose(self, rows: Sequence[DraftRow]) -> List[List[int]]:
+        if any(len(r.tokens) % 3 == 0 for r in rows):
+            raise RuntimeError("a drafter's own bug")
+        return [[5, 10 ** 6, 7][:r.k] for r in rows]
+
+
+def test_a_failing_or_out_of_vocabulary_drafter_costs_speed_never_the_answer(demo):
+    plain = _generate(demo, None, temperature=0.0, max_gen_len=20)
+    spec = Speculation(Broken(), 3)
+    assert _generate(demo, spec, temperature=0.0, max_gen_len=20) == plain
+    assert 0 < spec.proposed <= spec.passes * len(PROMPTS)  # one draft per row and pass: [5], never 10**6

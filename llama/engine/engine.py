@@ -9,6 +9,8 @@ The engine owns the KV cache's rows. A request added with `add` takes n rows (on
   4. samples each row's next token with that request's own parameters and generator, turns tokens into text,
      applies stop tokens, stop strings and lengths, and hands events to the request's sink,
   5. frees finished rows at once.
+With speculation (speculative.py) step 2 becomes one pass over each running row's pending token and its drafted
+tokens, and step 4 keeps drafts by rules that leave the output plain decoding's.
 A failure inside one request (its sampling, text or sink) ends that request alone with an 'error' event; only
 a failing model call, which leaves the cache in doubt, ends every request (`failure` is then set).
 
@@ -57,6 +59,16 @@ class _Choice:
     pending: int = 0  # the last sampled token, decoded at the next step
     generated: int = 0  # tokens sampled so far (a stop token included)
     done: bool = False
+
+
+def _valid(drafts: Sequence[int], vocab_size: int) -> List[int]:
+    """A drafter's tokens up to the first that is not a token id of this vocabulary."""
+    out = []
+    for t in drafts:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            break
+        out.append(t)
+    return out
 
 
 class Engine:
@@ -218,7 +230,7 @@ class Engine:
         except Exception:  # a failing drafter costs speed, never the answer: decode plainly this step
             log.exception("the drafter failed; decoding this step without drafts")
             return None
-        drafts = {c: [int(t) for t in d[:a.k]] for c, d, a in zip(running, proposed, asks)}
+        drafts = {c: _valid(d[:a.k], self.vocab_size) for c, d, a in zip(running, proposed, asks)}
         return drafts if any(drafts.values()) else None
 
     def _plan_verify(self, plan: StepPlan, running: List[_Choice], drafts: Dict[_Choice, List[int]]) -> None:
