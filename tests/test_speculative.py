@@ -18,7 +18,9 @@ import torch
 from helpers import ROOT, make_checkpoint
 from llama import Llama, ModelArgs
 from llama.engine import Chunk, Engine, Request, SamplingParams
-from llama.engine.speculative import DraftRow, Drafter, ModelDrafter, NgramDrafter, Speculation, lookup
+from llama.engine.sampler import RowSampler, choose
+from llama.engine.speculative import (DraftRow, Drafter, ModelDrafter, NgramDrafter, Speculation, accept_sampled,
+                                      lookup)
 
 DEMO = ROOT / "demo" / "fortune-llama"
 DEMO_TOKENIZER = DEMO / "tokenizer.model"
@@ -128,7 +130,7 @@ def test_stop_strings_lengths_and_log_probs_stay_plain_decodings(demo, params, r
 
 # --- sampled: the same distribution ----------------------------------------------------------------------------
 
-TOP_K, LENGTH, CHOICES, REQUESTS = 4, 4, 64, 12  # 768 samples of 4-token answers over 256 possible ones
+TOP_K, LENGTH, CHOICES, REQUESTS = 4, 4, 64, 8  # 512 samples of 4-token answers over 256 possible ones
 
 
 @torch.inference_mode()
@@ -209,6 +211,36 @@ def test_sampled_answers_follow_plain_decodings_exact_distribution(demo, presenc
     # Fixed seeds make each p-value a constant; 1e-4 stays far from any honest result's typical value.
     assert all(p > 1e-4 for p, _ in results.values()), results
     assert 0.2 < results["self-draft"][1] < 0.98 and 0.05 < results["scripted"][1] < 0.9, results
+
+
+def test_the_rejection_rule_alone_with_penalties_updated_token_by_token():
+    """A scripted 'model' whose logits depend on the position alone, so that the exact distribution of three
+    tokens is a product: p_i = softmax(L[i] - 2.0 for each token already drawn) (presence penalty). Drafting the
+    likeliest token twice, the rule's tokens (then plain draws where it stopped early) must follow it."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [2.5, 1.5, 0.0, 0.5, -1.0], [1.0, 0.0, 2.0, 0.5, 0.2]])
+    params = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=2.0)
+    exact: Dict[Tuple[int, ...], float] = {}
+    for answer in itertools.product(range(5), repeat=3):
+        prob = 1.0
+        for i, t in enumerate(answer):
+            row = logits[i].double() - 2.0 * torch.tensor([float(v in answer[:i]) for v in range(5)]).double()
+            prob *= float(torch.softmax(row, -1)[t])
+        exact[answer] = prob
+    counts: Dict[Tuple[int, ...], int] = {}
+    for seed in range(3000):
+        sampler = RowSampler(params, [], seed, torch.device("cpu"))
+        out: List[int] = []
+
+        def take(token: int, i: int) -> bool:
+            sampler.record(token)
+            out.append(token)
+            return True
+
+        accept_sampled(logits, [0, 0], sampler, take)
+        while len(out) < 3:  # the next steps, plain
+            take(choose(logits[len(out):len(out) + 1], [sampler])[0], len(out))
+        counts[tuple(out[:3])] = counts.get(tuple(out[:3]), 0) + 1
+    assert _chi_square_p(counts, exact) > 1e-4
 
 
 # --- options --------------------------------------------------------------------------------------------------
