@@ -74,6 +74,21 @@ def _generate(gen: Llama, speculation, **options) -> List[List[int]]:
     return tokens
 
 
+def _staggered(gen: Llama, speculation, max_gen_len: int, **options) -> List[List[int]]:
+    """PROMPTS added two per step, so that rows start while others run."""
+    engine = Engine(gen.decode_step, gen.tokenizer, gen.stop_ids, speculation=speculation)
+    params = SamplingParams(max_tokens=max_gen_len, temperature=0.0, **options)
+    got: List[List[int]] = [[] for _ in PROMPTS]
+    waiting = list(enumerate(PROMPTS))
+    while waiting or engine.has_work:
+        for i, text in waiting[:2]:
+            engine.add(Request(gen.tokenizer.encode(text, bos=True, eos=False), params,
+                               lambda e, i=i: got[i].extend(e.tokens) if isinstance(e, Chunk) else None))
+        waiting = waiting[2:]
+        engine.step()
+    return got
+
+
 @pytest.mark.parametrize("drafter", ["ngram", "self", "random"])
 @pytest.mark.parametrize("options", [
     dict(max_gen_len=48),
@@ -94,6 +109,7 @@ def test_greedy_answers_are_plain_decodings_token_for_token(demo, random_draft, 
         assert spec.acceptance > 0.9
     if drafter != "ngram":  # again with the same drafter: its cache rows now belong to new requests
         assert _generate(demo, spec, temperature=0.0, **options) == plain
+        assert _staggered(demo, spec, **options) == plain  # some rows prefilled while others catch up
 
 
 def _events(gen: Llama, speculation, params: SamplingParams) -> List[list]:

@@ -107,34 +107,48 @@ class ModelDrafter(Drafter):
         for row in range(width):  # rows decoded idle below write at positions 0..k: their caches start over
             if row not in {r.row for r in wanted}:
                 self._cached.pop(row, None)
-        news: Dict[int, Tuple[int, List[int]]] = {}
+        fresh, news = [], {}
         for r in wanted:
             key, start = self._cached.get(r.row, (None, 0))
-            start = start if key is r.key and start < len(r.tokens) else 0
-            news[r.row] = (start, r.tokens[start:])
-        span = max(len(new) for _, new in news.values())
-        tokens, positions = _padded(width, span, {row: (list(range(s, s + len(t))), t) for row, (s, t) in
-                                                  news.items()})
-        last = [len(news[row][1]) - 1 if row in news else 0 for row in range(width)]
-        logits = self.model.decode_many(torch.tensor(tokens, device=self.device),
-                                        torch.tensor(positions, device=self.device),
-                                        1 + max(max(p) for p in positions),
-                                        logits_at=torch.tensor(last, device=self.device).unsqueeze(1))[:, 0]
-        drafts = {r.row: [] for r in wanted}
-        nxt = logits.argmax(-1)
-        here = [positions[row][last[row]] for row in range(width)]
-        for step in range(max(r.k for r in wanted)):
+            if key is r.key and start < len(r.tokens):
+                news[r.row] = (start, r.tokens[start:])
+            else:
+                fresh.append(r)
+        last_logits: Dict[int, torch.Tensor] = {}
+        if news:  # rows catching up on the tokens kept since their last drafts, in one pass
+            span = max(len(new) for _, new in news.values())
+            tokens, positions = _padded(width, span, {row: (list(range(s, s + len(t))), t)
+                                                      for row, (s, t) in news.items()})
+            last = [len(news[row][1]) - 1 if row in news else 0 for row in range(width)]
+            logits = self.model.decode_many(torch.tensor(tokens, device=self.device),
+                                            torch.tensor(positions, device=self.device),
+                                            1 + max(max(p) for p in positions),
+                                            logits_at=torch.tensor(last, device=self.device).unsqueeze(1))[:, 0]
+            last_logits.update({row: logits[row] for row in news})
+        if fresh:  # new rows: their whole sequence in one packed prefill (after the pass above, which wrote
+            # position 0 of these rows as idle ones)
+            logits = self.model.prefill([r.tokens for r in fresh], rows=[r.row for r in fresh])
+            last_logits.update({r.row: logits[i] for i, r in enumerate(fresh)})
+        drafts: Dict[int, List[int]] = {r.row: [] for r in wanted}
+        here = [0] * width  # each row's last position so far
+        for r in wanted:
+            here[r.row] = len(r.tokens) - 1
+        nxt = torch.zeros(width, dtype=torch.long, device=self.device)
+        for row, row_logits in last_logits.items():
+            nxt[row] = row_logits.argmax(-1)
+        most = max(r.k for r in wanted)
+        for step in range(most):
             picks = nxt.tolist()
             for r in wanted:
                 if step < r.k:
                     drafts[r.row].append(picks[r.row])
-            if step + 1 == max(r.k for r in wanted):
+            if step + 1 == most:
                 break
             here = [p + 1 for p in here]
             nxt = self.model.decode(nxt, torch.tensor(here, device=self.device), 1 + max(here)).argmax(-1)
         for r in wanted:
             self._cached[r.row] = (r.key, len(r.tokens))
-        return [drafts.get(r.row, []) if r.k > 0 else [] for r in rows]
+        return [drafts[r.row] if r.k > 0 else [] for r in rows]
 
 
 def _padded(width: int, span: int, rows: Dict[int, Tuple[List[int], List[int]]]
