@@ -21,6 +21,7 @@ from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
+from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
 from .families.codellama import decode_infill, infilling_prompt
@@ -76,6 +77,8 @@ class Llama:
         group_size: Optional[int] = None,
         deterministic: bool = False,
         family: Optional[str] = None,
+        speculative: Optional[str] = None,
+        num_draft_tokens: int = 4,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -97,11 +100,25 @@ class Llama:
         deterministic: a request's tokens never depend on
         what else shares its batch (every decode step has one shape and every prompt is prefilled alone; see
         README, "What a seed promises", for its cost).
+        speculative: "ngram" (prompt lookup) or a draft checkpoint folder sharing this tokenizer: decode with up
+        to `num_draft_tokens` drafted tokens per step, verified in one pass; the output is plain decoding's
+        (greedy: the same tokens; sampled: the same distribution). Not with deterministic mode or compile=True;
+        with compile=None the decode step stays eager. See llama/engine/speculative.py.
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
+        check_choice(speculative)
+        if speculative is not None:
+            Speculation(NgramDrafter(), num_draft_tokens)  # checks num_draft_tokens before any loading
+            if deterministic or compile:
+                raise ValueError(f"speculative={speculative!r} cannot run with "
+                                 f"{'deterministic=True' if deterministic else 'compile=True'}: its verification "
+                                 "passes change shape from step to step")
+            compile = False
         tokenizer = Tokenizer(tokenizer_path)
         source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora, family)
+        if speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
+            loading.inspect(speculative, tokenizer, max_seq_len, max_batch_size)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
                             source.info.quantization, compile=compile, deterministic=deterministic)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
@@ -109,11 +126,22 @@ class Llama:
         loading.announce(source, args, plan)
         model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
+        speculation = None
+        if speculative == "ngram":
+            speculation = Speculation(NgramDrafter(), num_draft_tokens)
+        elif speculative is not None:
+            draft = Llama.build(speculative, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size,
+                                seed=seed, device=device, dtype=dtype, compile=False, fast=fast)
+            speculation = Speculation(ModelDrafter(draft.model), num_draft_tokens)
+        if speculation is not None:
+            distributed.print0(f"Speculative decoding: {speculation.drafter.name}, up to {num_draft_tokens} "
+                               "drafts per step")
         return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic,
-                     family=source.family)
+                     family=source.family, speculation=speculation)
 
     def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
-                 deterministic: bool = False, family: Union[Family, str, None] = None) -> None:
+                 deterministic: bool = False, family: Union[Family, str, None] = None,
+                 speculation: Optional[Speculation] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
@@ -125,7 +153,9 @@ class Llama:
         self.deterministic = deterministic
         self._seed = seed  # the next sequence's seed: a call's first row draws as a request seeded `seed` would
         self._decode = DecodeStep(model, compiled=compile, full_window=deterministic)
-        self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic)
+        self.speculation = speculation  # drafter and counts, shared by every engine over this model (the server's)
+        self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic,
+                             speculation=speculation)
 
     @property
     def max_seq_len(self) -> int:

@@ -473,6 +473,14 @@ class Transformer(nn.Module):
         positions = positions.unsqueeze(1)
         return self._run(tokens.unsqueeze(1), positions, Rows.at(positions, window), None)[:, 0]
 
+    def decode_many(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+                    logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Several new tokens per cache row 0..B-1 (speculative verification, a draft model's catch-up): tokens
+        (B, S) at positions (B, S), each seeing its row's cached positions up to its own below `window`. Returns
+        logits (B, S, V), or (B, K, V) at logits_at (B, K) indices into S. A row with fewer real tokens repeats its
+        last (token, position), which writes the same keys and values again."""
+        return self._run(tokens, positions, Rows.at(positions, window), logits_at)
+
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None,
                 all_logits: bool = False) -> torch.Tensor:
         """Fill cache rows (default 0..B-1) with the given prompts in one packed forward pass: no padding is

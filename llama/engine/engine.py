@@ -10,6 +10,8 @@ The engine owns the KV cache's rows. A request added with `add` takes n rows (on
   4. samples each row's next token with that request's own parameters and generator, turns tokens into text,
      applies stop tokens, stop strings and lengths, and hands events to the request's sink,
   5. frees finished rows at once.
+With speculation (speculative.py) step 2 becomes one pass over each running row's pending token and its drafted
+tokens, and step 4 keeps drafts by rules that leave the output plain decoding's.
 A failure inside one request (its sampling, text or sink) ends that request alone with an 'error' event; only
 a failing model call, which leaves the cache in doubt, ends every request (`failure` is then set).
 
@@ -36,6 +38,7 @@ from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, t
 from .params import SEED_BITS, SamplingParams
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
+from .speculative import DraftRow, Speculation, accept_greedy, accept_sampled, verification
 from .stop import StopText
 
 log = logging.getLogger("llama.engine")
@@ -64,15 +67,26 @@ class _Choice:
     entries: List[TokenLogprob] = field(default_factory=list)  # log-probs whose text is not shown yet
 
 
+def _valid(drafts: Sequence[int], vocab_size: int) -> List[int]:
+    """A drafter's tokens up to the first that is not a token id of this vocabulary."""
+    out = []
+    for t in drafts:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            break
+        out.append(t)
+    return out
+
+
 class Engine:
     """See the module docstring. One thread calls `add`, `step` and `fail`; `request.cancelled` may be set from
     any thread."""
 
     def __init__(self, decode: DecodeStep, tokenizer, stop_ids: Sequence[int], runner: Optional[Runner] = None,
                  deterministic: bool = False, max_prefill_tokens: Optional[int] = None, seed: int = 0,
-                 fixed_shape: Optional[bool] = None) -> None:
+                 fixed_shape: Optional[bool] = None, speculation: Optional[Speculation] = None) -> None:
         """fixed_shape: decode all rows every step (True) or rows 0..the highest busy one (False); None: fixed
-        when the step is compiled (CUDA graphs replay one shape) or deterministic."""
+        when the step is compiled (CUDA graphs replay one shape) or deterministic. speculation: draft tokens
+        and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step."""
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
@@ -94,6 +108,10 @@ class Engine:
         self.steps = 0
         self._failed_steps = 0  # model calls that failed in a row
         self._probe = False  # after a failed step with prefills: the next step only decodes (see _step_failed)
+        if speculation is not None and (deterministic or decode.compiled or fixed_shape):
+            raise ValueError("speculative decoding needs an eager, non-deterministic engine: its verification "
+                             "passes change shape, which deterministic mode and compiled steps do not allow")
+        self.speculation = speculation
 
     # --- requests in ---------------------------------------------------------------------------------------
 
@@ -168,7 +186,10 @@ class Engine:
         admitted = whole + [c for c, _, _ in chunks]
         ending = whole + [c for c, _, end in chunks if end == len(c.request.prompt)]  # prefilled by this step
         plan = StepPlan()
-        if running:
+        drafts = self._draft(running) if self.speculation is not None and running else None
+        if drafts is not None:
+            self._plan_verify(plan, running, drafts)
+        elif running:
             fixed = self.fixed_shape
             if fixed is None:
                 fixed = self.decode.compiled or self.deterministic
@@ -193,9 +214,11 @@ class Engine:
             self._step_failed(err, admitted)
             return True
         self._failed_steps, self._probe = 0, False
-        order: List[_Choice] = list(running)
+        order: List[_Choice] = [] if drafts is not None else list(running)
         rows: List[torch.Tensor] = []
-        if running:
+        if drafts is not None:
+            self._verify(running, drafts, decoded)
+        elif running:
             rows.append(decoded[torch.tensor([c.row for c in running], device=decoded.device)])
         for c, _, end in chunks:
             c.filled = end
@@ -211,6 +234,52 @@ class Engine:
                 rows.append(row_logits.unsqueeze(0).expand(len(family), -1))
         self._advance([c for c in order], torch.cat(rows) if rows else None)
         return True
+
+    # --- speculative decoding (llama/engine/speculative.py) ---------------------------------------------------
+
+    def _draft(self, running: List[_Choice]) -> Optional[Dict[_Choice, List[int]]]:
+        """Each running row's drafts, at most as many as its max_tokens and the context leave room for; None
+        when no row has any (the step is then a plain decode)."""
+        asks = []
+        for c in running:
+            room = min(self.speculation.k, c.request.params.max_tokens - c.generated - 1,
+                       self.max_seq_len - 1 - c.position)
+            asks.append(DraftRow(c.row, c, list(c.request.prompt) + c.text.tokens, max(room, 0)))
+        try:
+            proposed = self.speculation.drafter.propose(asks)
+        except Exception:  # a failing drafter costs speed, never the answer: decode plainly this step
+            log.exception("the drafter failed; decoding this step without drafts")
+            return None
+        drafts = {c: _valid(d[:a.k], self.vocab_size) for c, d, a in zip(running, proposed, asks)}
+        return drafts if any(drafts.values()) else None
+
+    def _plan_verify(self, plan: StepPlan, running: List[_Choice], drafts: Dict[_Choice, List[int]]) -> None:
+        """One pass over each running row's pending token and drafts (rows 0..the highest busy one)."""
+        width = 1 + max(c.row for c in running)
+        plan.verify_tokens, plan.verify_positions = verification(
+            width, {c.row: (c.pending, c.position, drafts[c]) for c in running})
+        for c in self._rows.values():  # a row part-way through its prompt: its idle entries write where its
+            if c.filled and not c.prefilled and c.row < width:  # next chunk writes, never on its cached prefix
+                plan.verify_positions[c.row] = [c.filled] * len(plan.verify_positions[c.row])
+
+    def _verify(self, running: List[_Choice], drafts: Dict[_Choice, List[int]], logits: torch.Tensor) -> None:
+        """Keep each row's drafts by the rules of speculative.py, emitting every token through `_take`."""
+        spec = self.speculation
+        spec.passes += 1
+        for c in running:
+            d = drafts[c]
+            row_logits = logits[c.row, :len(d) + 1]
+            wants_lps = c.request.params.logprobs is not None
+
+            def take(token: int, i: int, c=c, row_logits=row_logits, wants_lps=wants_lps) -> bool:
+                if not c.done:
+                    self._take(c, token, log_probs(row_logits[i]) if wants_lps else None)
+                return not c.done
+
+            rule = accept_greedy if c.sampler.generator is None else accept_sampled
+            kept = self._guarded(c, lambda c=c, d=d, r=row_logits, rule=rule, take=take: rule(r, d, c.sampler, take))
+            spec.proposed += len(d)
+            spec.accepted += kept or 0
 
     def _take_prefills(self) -> Tuple[List[_Choice], List[Tuple[_Choice, int, int]]]:
         """The prompts prefilled this step, within the token budget: whole prompts (packed together), and chunks

@@ -35,6 +35,10 @@ class Prefill:
 class StepPlan:
     decode_tokens: Optional[List[int]] = None  # one token per cache row 0..B-1; None: no decode this step
     decode_positions: Optional[List[int]] = None  # where each row's token goes
+    # Speculative verification instead of the decode: S tokens per cache row 0..B-1 (the pending token, then the
+    # drafts, padded by repeating the last), each at its own position; logits (B, S, V) come back.
+    verify_tokens: Optional[List[List[int]]] = None
+    verify_positions: Optional[List[List[int]]] = None
     prefills: List[Prefill] = field(default_factory=list)
     copies: List[Tuple[int, List[int], int]] = field(default_factory=list)  # (row, into rows, positions)
 
@@ -43,13 +47,19 @@ Logits = Tuple[Optional[torch.Tensor], List[torch.Tensor]]
 
 
 def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
-    """Run a plan: decode logits (B, V) or None, and each prefill's logits (last or all positions)."""
+    """Run a plan: decode logits (B, V) (verification: (B, S, V)) or None, and each prefill's logits (last or all
+    positions)."""
     model = decode.model
     decoded, prefilled = None, []
     with torch.inference_mode():
         if plan.decode_tokens is not None:
             tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
             decoded = decode(tokens, plan.decode_positions)
+        if plan.verify_tokens is not None:
+            tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
+            positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
+            window = 1 + max(max(row) for row in plan.verify_positions)
+            decoded = model.decode_many(tokens, positions, window)
         for p in plan.prefills:
             if p.start:  # a later chunk of one long prompt, over its row's cached prefix
                 prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))

@@ -36,6 +36,10 @@ def parser() -> cli.ArgumentParser:
                    help="longest answer in tokens, kept free in the context (default max_seq_len / 4)")
     p.add_argument("--family", default=None, choices=families.NAMES,
                    help="the model's family (default: detected from the checkpoint)")
+    p.add_argument("--speculative", default=None, metavar="ngram|DRAFT_DIR",
+                   help="speculative decoding: ngram (prompt lookup) or a draft checkpoint folder with the same "
+                        "tokenizer; the same answers, faster where drafts are right")
+    p.add_argument(*cli.flag("num_draft_tokens"), type=int, default=4, help="drafts checked per step")
     p.add_argument("--shield", default=None, metavar="CKPT",
                    help="a Llama Guard checkpoint folder: each message and each answer is checked, and refused "
                         "when unsafe")
@@ -64,7 +68,8 @@ def chat(opts: argparse.Namespace) -> None:
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=opts.max_seq_len,
                             max_batch_size=1, seed=opts.seed, device=opts.device, dtype=opts.dtype,
                             lora=opts.lora, quantize=opts.quantize, group_size=opts.group_size,
-                            family=opts.family)
+                            family=opts.family, speculative=opts.speculative,
+                            num_draft_tokens=opts.num_draft_tokens)
     guard = None
     if shield_files is not None:
         guard = Llama.build(ckpt_dir=shield_files[0], tokenizer_path=shield_files[1],

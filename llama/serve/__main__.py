@@ -83,6 +83,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
         help="the model's family (default: detected from the checkpoint)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
+    add("--speculative", default=None, metavar="ngram|DRAFT_CKPT",
+        help="speculative decoding: ngram (prompt lookup) or a draft checkpoint folder with the same tokenizer")
+    add("--num_draft_tokens", "--num-draft-tokens", type=int, default=4, help="drafts checked per step")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
@@ -142,10 +145,13 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
         shield_files = resolve_shield(args.shield)
         if shield_files is not None and distributed.launched():
             raise ValueError("--shield runs in one process: start the server without torchrun to use it")
+        if args.speculative not in (None, "ngram") and distributed.launched():
+            raise ValueError("--speculative with a draft model runs in one process (ngram works under torchrun)")
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
-                                group_size=args.group_size, family=args.family, deterministic=args.deterministic)
+                                group_size=args.group_size, family=args.family, deterministic=args.deterministic,
+                                speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")

@@ -48,7 +48,7 @@ class Scheduler:
         self.engine = RowEngine(generator.decode_step, generator.tokenizer, generator.stop_ids,
                              runner=runner if runner is not None else Runner(generator.decode_step),
                              deterministic=generator.deterministic, max_prefill_tokens=max_prefill_tokens,
-                             seed=seed, fixed_shape=fixed_shape)
+                             seed=seed, fixed_shape=fixed_shape, speculation=getattr(generator, "speculation", None))
         self.tokenizer = generator.tokenizer
         self.max_batch_size = generator.max_batch_size
         self.max_seq_len = generator.max_seq_len
