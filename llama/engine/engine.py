@@ -232,7 +232,7 @@ class Engine:
                     member.prefilled = True
                 order += family
                 rows.append(row_logits.unsqueeze(0).expand(len(family), -1))
-        self._advance([c for c in order], torch.cat(rows) if rows else None)
+        self._advance(order, torch.cat(rows) if rows else None)
         return True
 
     # --- speculative decoding (llama/engine/speculative.py) ---------------------------------------------------

@@ -9,6 +9,7 @@ the ASGI app, security.py its Host and Origin checks, connections.py uvicorn's c
 limit's default, web.py the chat page, __main__.py the command line.
 """
 
-from .scheduler import Chunk, Engine, Finished, QueueFull, Request, SamplingParams, Scheduler, Unavailable
+from ..engine import Chunk, Finished, Request, SamplingParams
+from .scheduler import Engine, QueueFull, Scheduler, Unavailable
 
 __all__ = ["Scheduler", "Engine", "Request", "SamplingParams", "Chunk", "Finished", "QueueFull", "Unavailable"]

@@ -8,7 +8,7 @@
     POST /tokenize, /detokenize, GET /tokenizer_info   the tokenizer, in vLLM's shapes (tokenize.py)
     GET  /metrics                Prometheus metrics (metrics.py); every answer carries an X-Request-ID
 
-Requests reach the engine thread through `Engine.submit`; its events come back onto the event loop with
+Requests reach the engine thread through `Scheduler.submit`; its events come back onto the event loop with
 `loop.call_soon_threadsafe` into an asyncio queue per request. A client that disconnects, streaming or not,
 cancels its request, which frees its row at the next step boundary. Every error is OpenAI's error JSON:
 400 bad parameters or JSON, 401 a missing or wrong API key (answered after AUTH_DELAY, so keys cannot be
@@ -44,7 +44,8 @@ from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
 from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
                        response)
-from .scheduler import Chunk, Engine, Event, Finished, QueueFull, Request, TokenLogprob, Unavailable
+from ..engine import Chunk, Event, Finished, Request, TokenLogprob
+from .scheduler import QueueFull, Scheduler, Unavailable
 from .security import HostOriginGuard
 from .tokenize import detokenize, tokenize, tokenizer_info
 
@@ -55,7 +56,7 @@ log = logging.getLogger("llama.serve")
 class EventStream:
     """One request's engine events, as an async iterator on the event loop."""
 
-    def __init__(self, engine: Engine, job: Job, metrics: Optional[Metrics] = None, rid: str = "") -> None:
+    def __init__(self, engine: Scheduler, job: Job, metrics: Optional[Metrics] = None, rid: str = "") -> None:
         """rid: the HTTP request's X-Request-ID, which the engine's log lines about this request then name."""
         self.engine = engine
         self.loop = asyncio.get_running_loop()
@@ -95,7 +96,7 @@ def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(engine: Engine, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1, body_timeout: float = BODY_TIMEOUT, auth_delay: float = AUTH_DELAY,
                allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                shield: Optional[Any] = None, metrics: bool = True) -> FastAPI:

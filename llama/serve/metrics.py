@@ -61,7 +61,7 @@ class Metrics:
 
     def watch(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
         """A request's sink that also times its tokens and counts its end (called on the engine thread)."""
-        from .scheduler import Chunk, Finished
+        from ..engine import Chunk, Finished
 
         start = time.perf_counter()
         last: list = [None]

@@ -24,7 +24,7 @@ from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
 from ..engine.params import ParamError
 from .limits import MAX_CHOICES, MAX_PROMPTS
-from .scheduler import Finished, SamplingParams, TokenLogprob, token_text
+from ..engine import Finished, SamplingParams, TokenLogprob, token_text
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9

@@ -20,8 +20,8 @@ from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..engine import Engine as RowEngine, Runner
-from ..engine.events import Chunk, Event, Finished, Request, TokenLogprob, token_text  # noqa: F401 (re-exported)
-from ..engine.params import MAX_LOGPROBS, SamplingParams  # noqa: F401 (re-exported)
+from ..engine.events import Event, Finished, Request
+from ..engine.params import SamplingParams
 from ..generation import Llama
 
 log = logging.getLogger("llama.serve")
@@ -268,4 +268,4 @@ class Scheduler:
             log.exception("request %s: its event sink failed", request.id)
 
 
-Engine = Scheduler  # the name the server modules and tests used before the row engine moved to llama/engine
+Engine = Scheduler  # llama.serve.Engine, this class's public name before the row engine moved to llama/engine

@@ -25,7 +25,8 @@ from ..chat_format import UNSAFE_ERROR  # noqa: E402
 from .api import EventStream  # noqa: E402
 from .limits import AUTH_DELAY  # noqa: E402
 from .protocol import APIError, chat_job  # noqa: E402
-from .scheduler import Chunk, Engine, QueueFull, Unavailable  # noqa: E402
+from ..engine import Chunk  # noqa: E402
+from .scheduler import QueueFull, Scheduler, Unavailable  # noqa: E402
 
 PATH = "/web"
 
@@ -45,7 +46,7 @@ class ChatPage:
     """The answer function behind the page: a dialog in, the growing answer out, oldest turns dropped when
     the conversation outgrows the context (a quarter of it stays free for the answer)."""
 
-    def __init__(self, engine: Engine, model: str) -> None:
+    def __init__(self, engine: Scheduler, model: str) -> None:
         self.engine = engine
         self.model = model
         self.answer_room = max(1, engine.max_seq_len // 4)
@@ -104,7 +105,7 @@ def _pairs(turns: List[Dict[str, str]]) -> List[Dict[str, str]]:
     return out[:len(out) - len(out) % 2]
 
 
-def build_page(engine: Engine, model: str) -> gr.Blocks:
+def build_page(engine: Scheduler, model: str) -> gr.Blocks:
     page = ChatPage(engine, model)
     return gr.ChatInterface(
         page.respond,
@@ -124,7 +125,7 @@ def build_page(engine: Engine, model: str) -> gr.Blocks:
     )
 
 
-def mount(app: FastAPI, engine: Engine, model: str, api_key: Optional[str] = None) -> None:
+def mount(app: FastAPI, engine: Scheduler, model: str, api_key: Optional[str] = None) -> None:
     """Serve the page at /web on `app` (with an API key set, the page asks for it as its password)."""
     auth = None
     if api_key:
