@@ -18,8 +18,8 @@ setup(
               "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
-    # llama/csrc: the C source of the quantized CPU kernels, compiled at first use (llama/qkernels.py).
-    package_data={"llama": ["csrc/*.c"],
+    # llama/csrc: the C source of the CPU kernels, compiled at first use (llama/qkernels.py).
+    package_data={"llama": ["csrc/*.c", "csrc/*.h"],
                   "llama._demo": ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md",
                                   "CORPUS_LICENSE.txt"]},
     python_requires=">=3.9",

@@ -2,12 +2,13 @@
 
 Random weights at a real shape (default 1.1B: dim 2048, 22 layers), built as `Llama.build` builds them: bfloat16
 on this CPU's fastest path (llama.cpu), int8 and int4 (groups of 64) through the kernels llama.quantize picks
-here (--aten adds PyTorch's own weight-only operators on the same weights, for comparison). Each round times
+here (--aten adds oneDNN's bfloat16 product and PyTorch's own weight-only operators on the same weights, for
+comparison). Each round times
 every variant once, in a rotating order, together with a plain streaming read of 1 GiB (`x.sum()`); the figures
 are medians over the rounds, and each round's shares use that round's read bandwidth:
 
-- decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the model's decode step (as `Llama.generate`
-  calls it) after a 16-token prompt;
+- decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the engine's decode step after a 16-token
+  prompt;
 - prefill_tok_s: one forward pass over a prompt of --prompt_len tokens (logits at its last position only);
 - bandwidth_share: decode_tok_s x the bytes of weights read per token (every weight once, except the embedding
   table, of which one row) / the read bandwidth.
@@ -36,6 +37,7 @@ import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy)
 import torch  # noqa: E402
 
 from llama import ModelArgs, Transformer, cpu, quantize  # noqa: E402
+from llama.decode_step import DecodeStep  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
 from bench_decode import prompts, random_model  # noqa: E402
 from common import kernel_report  # noqa: E402
@@ -68,8 +70,9 @@ def bytes_read_per_token(model: Transformer) -> int:
 def build(args: ModelArgs, precision: str) -> Transformer:
     """The random model (always the same weights) in one precision: bfloat16, int8, int4_g64 (+ _aten)."""
     model = random_model(args, CPU, torch.bfloat16)
-    if precision == "bfloat16":
-        model.prepare(cpu.kernel_for(CPU, torch.bfloat16))
+    if precision.startswith("bfloat16"):  # as Llama.build picks it, or oneDNN's (bfloat16_onednn)
+        path = "onednn-bf16" if precision.endswith("onednn") else None
+        model.prepare(cpu.kernel_for(CPU, torch.bfloat16, path, max_batch=args.max_batch_size))
         return model
     mode, _, rest = precision.partition("_")
     group = 64 if mode == "int4" else None
@@ -90,7 +93,8 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=256)
     parser.add_argument("--precisions", default="bfloat16,int8,int4_g64",
                         help="comma-separated: bfloat16, int8, int4_g64")
-    parser.add_argument("--aten", action="store_true", help="also int8 and int4 through PyTorch's operators")
+    parser.add_argument("--aten", action="store_true",
+                        help="also bfloat16 through oneDNN and int8/int4 through PyTorch's operators")
     parser.add_argument("--read_gib", type=float, default=1.0, help="size of the streaming read")
     opts = parser.parse_args()
     if opts.threads:
@@ -101,8 +105,12 @@ def main() -> None:
     if opts.dim:
         shape["dim"] = opts.dim
     args = ModelArgs(**shape, max_batch_size=1, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
-    names = opts.precisions.split(",") + (["int8_aten", "int4_g64_aten"] if opts.aten else [])
-    bad = [n for n in names if n not in ("bfloat16", "int8", "int4_g64", "int8_aten", "int4_g64_aten")]
+    peers = ["int8_aten", "int4_g64_aten"]
+    if "bfloat16" in opts.precisions.split(",") and cpu.linear_path(CPU, torch.bfloat16, max_batch=1) == "own-bf16":
+        peers.insert(0, "bfloat16_onednn")  # the path the own kernel replaces here
+    names = opts.precisions.split(",") + (peers if opts.aten else [])
+    bad = [n for n in names if n not in ("bfloat16", "int8", "int4_g64", "bfloat16_onednn", "int8_aten",
+                                         "int4_g64_aten")]
     if bad:
         parser.error(f"unknown precision {bad[0]!r}: use bfloat16, int8, int4_g64")
 
@@ -113,18 +121,18 @@ def main() -> None:
     per_token = {name: bytes_read_per_token(model) for name, model in models.items()}
     prompt = torch.tensor(prompts(1, opts.prompt_len, args.vocab_size))
     last = torch.tensor([[opts.prompt_len - 1]])
-    window = args.max_seq_len
+    steps = {name: DecodeStep(model, compiled=False) for name, model in models.items()}  # as the engine steps
 
     def decode(name: str) -> float:
-        """Tokens/s of greedy decode steps after a 16-token prompt (the model's own decode step, as the
-        generation loop calls it; the prompt's prefill is not timed)."""
-        model = models[name]
+        """Tokens/s of greedy decode steps after a 16-token prompt (llama.decode_step.DecodeStep, as the engine
+        calls it; the prompt's prefill is not timed)."""
+        model, step_fn = models[name], steps[name]
         with torch.inference_mode():
             logits = model(prompt[:, :16], 0, logits_at=torch.tensor([[15]]))
             token = logits[:, -1].argmax(-1)
             start = time.perf_counter()
             for step in range(opts.decode_tokens):
-                logits = model.decode(token, torch.tensor([16 + step]), window)
+                logits = step_fn(token, [16 + step])
                 token = logits.argmax(-1)
             return opts.decode_tokens / (time.perf_counter() - start)
 
@@ -175,8 +183,8 @@ def main() -> None:
             out["precisions"][name]["decode_vs_bfloat16"] = round(median(lambda r: r[name][0] / r["bfloat16"][0]), 2)
             out["precisions"][name]["prefill_vs_bfloat16"] = round(median(lambda r: r[name][1] / r["bfloat16"][1]), 2)
     for name in names:
-        own = name[: -len("_aten")]
-        if name.endswith("_aten") and own in models:
+        own = name.rpartition("_")[0]
+        if name.endswith(("_aten", "_onednn")) and own in models:
             out["precisions"][name][f"decode_vs_{own}"] = round(median(lambda r: r[name][0] / r[own][0]), 2)
             out["precisions"][name][f"prefill_vs_{own}"] = round(median(lambda r: r[name][1] / r[own][1]), 2)
     print(json.dumps(out, indent=2))

@@ -4,7 +4,12 @@ Batch-1 decoding streams every weight once per token, so it runs at the speed at
 weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"), three CPU kinds:
 
 - AVX-512 with BF16 (or AMX): oneDNN's inner product over weights packed once in its blocked layout runs the
-  native bf16 instructions: `onednn-bf16` (2.7x transformers' decode there).
+  native bf16 instructions: `onednn-bf16` (2.7x transformers' decode there). At batch 1 it streams the weights
+  at about 55% of the read bandwidth; the project's own kernel (llama/csrc/linear16.c, `vdpbf16ps` over weights
+  tiled for one sequential stream) at about 93%. It cannot share oneDNN's layout, and above 2 rows it is slower
+  (1.3-1.5x at 4-16 rows, and a 256-token prefill unpacks row blocks for oneDNN: about 1.25x). So a model built
+  for at most OWN_BF16_MAX_BATCH rows (`max_batch_size`, as chat.py and single-prompt generation do) takes
+  `own-bf16`, and a batched one (the server) keeps `onednn-bf16`.
 - AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
   weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). fbgemm's fp16 GEMM keeps 16-bit
   weights and computes in float32 with F16C/FMA: 21 GB/s at batch 1, and 4x faster than the bf16 kernels at
@@ -27,17 +32,22 @@ import itertools
 import os
 import platform
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import qkernels
 from .layers import ParallelLinear
 
 # The flags that decide the path, in the order `describe` reports them.
+OWN_BF16_MAX_BATCH = 2  # the largest max_batch_size for which bfloat16 models take `own-bf16` (see above)
+OWN_BF16_PREFILL_ROWS = 32  # from this many rows, `own-bf16` unpacks row blocks for oneDNN
+UNPACKED_BLOCK = 2**21  # weights unpacked at a time for such a call (4 MiB of bfloat16)
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
 FP16_MAX = 65504.0
 
@@ -224,27 +234,85 @@ class Fp16Linear(nn.Module):
         return _fbgemm_fp16_linear(x, self.packed.keys)
 
 
-KERNELS: Dict[str, Optional[Type[nn.Module]]] = {"onednn-bf16": OneDnnLinear, "fbgemm-fp16": Fp16Linear,
-                                                 "aten": None}
+_SCRATCH = threading.local()  # each thread's buffer for unpacked row blocks, reused
 
 
-def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> str:
-    """The name of the fastest linear kernel for this device and dtype ("aten": plain F.linear, as off the CPU)."""
+def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    m, k = rows.shape
+    if m < OWN_BF16_PREFILL_ROWS:
+        out = qkernels.linear_bf16(rows, packed, n)
+    else:  # compute-bound: oneDNN's GEMM over row blocks unpacked into a reused buffer
+        step = min(n, max(64, UNPACKED_BLOCK // k // 64 * 64))
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < step * k:
+            buf = _SCRATCH.buf = torch.empty(step * k, dtype=torch.bfloat16)
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            out[:, lo:hi] = F.linear(rows, qkernels.untile_bf16(packed, k, slice(lo, hi), buf))
+    return out.view(*x.shape[:-1], n).to(x.dtype)
+
+
+@torch.library.custom_op("llama::own_bf16_linear", mutates_args=())
+def own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x @ weight.T over a weight packed by qkernels.pack_bf16."""
+    return _own_bf16_linear(x, packed, n)
+
+
+@own_bf16_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+class OwnBf16Linear(nn.Module):
+    """x @ weight.T through the project's bfloat16 kernel (llama/csrc/linear16.c) below OWN_BF16_PREFILL_ROWS
+    rows, oneDNN's GEMM over unpacked row blocks above."""
+
+    path = "own-bf16"
+    detail = "own AVX-512 BF16 kernel over weights tiled once (decoding), oneDNN for prefill"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.register_buffer("packed", qkernels.pack_bf16(weight), persistent=False)
+
+    @staticmethod
+    def accepts(weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] % 32 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return own_bf16_linear(x, self.packed, self.out_features)
+        return _own_bf16_linear(x, self.packed, self.out_features)
+
+
+KERNELS: Dict[str, Optional[Type[nn.Module]]] = {"own-bf16": OwnBf16Linear, "onednn-bf16": OneDnnLinear,
+                                                 "fbgemm-fp16": Fp16Linear, "aten": None}
+
+
+def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None,
+                max_batch: Optional[int] = None) -> str:
+    """The name of the fastest linear kernel for this device and dtype ("aten": plain F.linear, as off the CPU),
+    for a model decoding at most `max_batch` rows at a time (None: any number)."""
     if torch.device(device).type != "cpu":
         return "aten"
     cpu = info() if cpu is None else cpu
     if dtype == torch.bfloat16 and cpu.native_bf16:
+        if max_batch is not None and max_batch <= OWN_BF16_MAX_BATCH and "avx512_bf16" in cpu.flags and \
+                qkernels.has_avx512_bf16():
+            return "own-bf16"
         return "onednn-bf16"
     if dtype in (torch.bfloat16, torch.float16) and cpu.fbgemm:
         return "fbgemm-fp16"
     return "aten"
 
 
-def kernel_for(device: torch.device, dtype: torch.dtype, path: Optional[str] = None
+def kernel_for(device: torch.device, dtype: torch.dtype, path: Optional[str] = None, max_batch: Optional[int] = None
                ) -> Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]]:
     """What `Transformer.prepare` takes: weight -> the module computing its product on this CPU's path (None
     keeps the weight plain). `path` forces a path by name (benchmarks compare them); None: `linear_path`."""
-    kind = KERNELS[path if path is not None else linear_path(device, dtype)]
+    kind = KERNELS[path if path is not None else linear_path(device, dtype, max_batch=max_batch)]
     if kind is None:
         return None
     return lambda weight: kind(weight) if isinstance(weight, torch.Tensor) and kind.accepts(weight) else None
@@ -259,6 +327,13 @@ def kernel_counts(model: nn.Module) -> Dict[str, int]:
             name = "aten" if kernel is None else getattr(kernel, "path", type(kernel).__name__)
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def decodes_on_own_kernels(model: nn.Module) -> bool:
+    """Whether every linear layer of a CPU model computes through the project's own kernels (llama/csrc) at
+    decoding sizes: then a decoding step runs inside `qkernels.decoding_threads`."""
+    paths = [name for name in kernel_counts(model)]
+    return bool(paths) and all(p == OwnBf16Linear.path or p.split("/")[-1] in qkernels.ISAS for p in paths)
 
 
 def quantized_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
@@ -331,5 +406,5 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 
 
-__all__ = ["CpuInfo", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for",
+__all__ = ["CpuInfo", "OwnBf16Linear", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for", "decodes_on_own_kernels",
            "kernel_counts", "quantized_isa", "default_dtype", "dtype_note", "describe"]

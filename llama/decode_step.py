@@ -10,12 +10,13 @@ work where launches are cheap (CPUs).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import distributed
+from . import cpu, distributed, qkernels
 from .model import Transformer
 
 _FIRST_WINDOW = 256
@@ -51,9 +52,17 @@ class DecodeStep:
         self._warm = set()  # (batch, window) shapes already run
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs where they exist
         self._compiled_fn: Optional[Callable] = torch.compile(model.decode, mode=mode) if compiled else None
+        # On a CPU whose linear layers all run the project's own kernels, the step's other operators run on one
+        # thread and the kernels on all (llama.qkernels.decoding_threads).
+        self._threads = qkernels.decoding_threads if self.device.type == "cpu" and \
+            cpu.decodes_on_own_kernels(model) else contextlib.nullcontext
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
+        with self._threads():
+            return self._step(tokens, positions)
+
+    def _step(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled:

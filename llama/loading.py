@@ -162,7 +162,7 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     if plan.quantize is not None:
         kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
     else:
-        kernel = cpu.kernel_for(plan.device, plan.dtype) if plan.fast else None
+        kernel = cpu.kernel_for(plan.device, plan.dtype, max_batch=args.max_batch_size) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
     state = source.reader.load_rank_state(source.info.shards, rank, plan.model_parallel_size, dtype=plan.dtype,

@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT
+from llama import cpu
 
 TINY = ["--dim", "128", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
 
@@ -74,13 +76,18 @@ def test_bench_cpu_reports_each_precision_with_its_kernels_and_bandwidth_share()
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
                          check=True)
     result = json.loads(out.stdout[out.stdout.index("{"):])
-    assert list(result["precisions"]) == ["bfloat16", "int8", "int4_g64", "int8_aten", "int4_g64_aten"]
+    own_bf16 = cpu.linear_path(torch.device("cpu"), torch.bfloat16, max_batch=1) == "own-bf16"
+    assert list(result["precisions"]) == ["bfloat16", "int8", "int4_g64"] + ["bfloat16_onednn"] * own_bf16 + [
+        "int8_aten", "int4_g64_aten"]
     assert result["read_bandwidth_gb_s"] > 0 and result["date"] and result["cpu"]
     for name, entry in result["precisions"].items():
         assert entry["decode_tok_s"] > 0 and entry["prefill_tok_s"] > 0 and entry["bandwidth_share"] > 0
         assert sum(entry["kernels"].values()) == 5  # fused wqkv, wo, w13, w2 and the output
         if name.endswith("_aten"):
             assert set(entry["kernels"]) == {name.split("_")[0].capitalize() + "Linear/aten"}
+    if own_bf16:
+        assert set(result["precisions"]["bfloat16"]["kernels"]) == {"own-bf16"}
+        assert set(result["precisions"]["bfloat16_onednn"]["kernels"]) == {"onednn-bf16"}
     # int8 reads about half the bytes of bfloat16, int4 (groups of 64) about a quarter plus its scales
     sizes = {name: entry["weight_bytes_read_per_token"] for name, entry in result["precisions"].items()}
     assert 0.45 < sizes["int8"] / sizes["bfloat16"] < 0.55 and 0.25 < sizes["int4_g64"] / sizes["bfloat16"] < 0.35

@@ -180,5 +180,6 @@ def test_the_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
 def test_an_install_carries_the_c_source():
     # A wheel (or a non-editable install) has no checkout beside it: setup.py must ship the source to compile.
     setup = (ROOT / "setup.py").read_text()
-    assert '"llama": ["csrc/*.c"]' in setup
-    assert qkernels.SOURCE.parent == ROOT / "llama" / "csrc" and qkernels.SOURCE.suffix == ".c"
+    assert '"llama": ["csrc/*.c", "csrc/*.h"]' in setup
+    shipped = {p.name for p in (ROOT / "llama" / "csrc").iterdir() if p.suffix in (".c", ".h")}
+    assert {p.name for p in qkernels.SOURCES + qkernels.HEADERS} == shipped

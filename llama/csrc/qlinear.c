@@ -23,48 +23,12 @@
  * Plain C, no Python or PyTorch headers: llama/qkernels.py compiles it at first use and calls it through ctypes.
  */
 
-#define _GNU_SOURCE
-#include <errno.h>
-#include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#define QK_X86 1
-#include <immintrin.h>
-#else
-#define QK_X86 0
-#endif
+#include "common.h"
 
 #define BLOCK 32   /* inputs per activation scale */
 #define CHUNK 64   /* inputs per int4 code chunk; K must be a multiple */
-#define TILE 4     /* output rows stored interleaved and computed together */
-#define MAX_THREADS 64
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 enum { KIND_INT8 = 8, KIND_INT4 = 4 };
-
-/* --- numbers ------------------------------------------------------------------------------------------------ */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* --- the weights' layouts (qk_pack_int8, qk_pack_int4) --------------------------------------------------------
  * Rows are stored in tiles of TILE (the last padded with zero rows), the tile's rows interleaved chunk by chunk,
@@ -211,9 +175,6 @@ static void tiles_scalar(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
 }
 
 #if QK_X86
-
-#define AVX2 "avx2,fma"
-#define AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"
 
 __attribute__((target(AVX2))) static void quantize_avx2(act_t *a, const void *x, int x_bf16, int64_t group) {
     quantize_body(a, x, x_bf16, group);
@@ -424,106 +385,6 @@ static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
     }
 }
 
-/* --- the thread pool ------------------------------------------------------------------------------------------
- * Workers wait for a new generation number; after a call they keep checking for about SPIN_NS (yielding the core
- * to anything else runnable), since a decoding step makes its next call within microseconds, then sleep on a
- * condition variable. The caller's thread runs share 0 and then waits for the others. */
-
-typedef void (*task_fn)(const void *ctx, int64_t part, int64_t parts);
-
-#define SPIN_NS 200000
-
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    pthread_mutex_t call;     /* one call at a time uses the pool */
-    pthread_t threads[MAX_THREADS];
-    int workers, sleepers;
-    unsigned long first_seen[MAX_THREADS];  /* the generation each worker was started at */
-    atomic_ulong generation;
-    atomic_int pending;
-    task_fn fn;
-    const void *ctx;
-    int64_t parts;
-} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .call = PTHREAD_MUTEX_INITIALIZER};
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void *worker(void *arg) {
-    const int64_t id = (int64_t)(intptr_t)arg;  /* runs share id (1 ..) */
-    unsigned long seen = pool.first_seen[id - 1];  /* not read here: the caller may have moved it on already */
-    for (;;) {
-        unsigned long g;
-        int64_t start = now_ns();
-        while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
-            if (now_ns() - start < SPIN_NS) {
-                sched_yield();
-                continue;
-            }
-            pthread_mutex_lock(&pool.mu);
-            pool.sleepers++;
-            while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
-            pool.sleepers--;
-            pthread_mutex_unlock(&pool.mu);
-            break;
-        }
-        seen = g;
-        if (id < pool.parts) pool.fn(pool.ctx, id, pool.parts);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-static void pool_reset_after_fork(void) {  /* a forked child has no workers: start over */
-    pthread_mutex_init(&pool.mu, NULL);
-    pthread_cond_init(&pool.cv, NULL);
-    pthread_mutex_init(&pool.call, NULL);
-    pool.workers = pool.sleepers = 0;
-    atomic_store(&pool.pending, 0);
-}
-
-static int pool_run(task_fn fn, const void *ctx, int64_t parts) {
-    static int registered;
-    if (parts > MAX_THREADS) parts = MAX_THREADS;
-    if (parts <= 1) {
-        fn(ctx, 0, 1);
-        return 0;
-    }
-    pthread_mutex_lock(&pool.call);
-    if (!registered) {
-        pthread_atfork(NULL, NULL, pool_reset_after_fork);
-        registered = 1;
-    }
-    while (pool.workers < parts - 1) {
-        pool.first_seen[pool.workers] = atomic_load(&pool.generation);
-        if (pthread_create(&pool.threads[pool.workers], NULL, worker, (void *)(intptr_t)(pool.workers + 1))) break;
-        pool.workers++;
-    }
-    if (parts > pool.workers + 1) parts = pool.workers + 1;
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.parts = parts;
-    atomic_store(&pool.pending, pool.workers);
-    pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-    if (pool.sleepers) pthread_cond_broadcast(&pool.cv);
-    pthread_mutex_unlock(&pool.mu);
-    fn(ctx, 0, parts);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) sched_yield();
-    pthread_mutex_unlock(&pool.call);
-    return 0;
-}
-
-/* Share `part` of `parts` of n items, in whole items. */
-static void share(int64_t n, int64_t part, int64_t parts, int64_t *lo, int64_t *hi) {
-    *lo = n * part / parts;
-    *hi = n * (part + 1) / parts;
-}
-
 static void linear_part(const void *ctx, int64_t part, int64_t parts) {
     const job_t *j = (const job_t *)ctx;
     int64_t t0, t1;
@@ -532,18 +393,6 @@ static void linear_part(const void *ctx, int64_t part, int64_t parts) {
 }
 
 /* --- the interface ------------------------------------------------------------------------------------------- */
-
-/* The best instruction set this CPU and this build have: 2 AVX-512 VNNI (with BW and VL), 1 AVX2 + FMA, 0. */
-int qk_best_isa(void) {
-#if QK_X86 && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        return ISA_AVX512_VNNI;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
-#endif
-    return ISA_SCALAR;
-}
 
 static int check_shape(int kind, int64_t K, int64_t group) {
     if (kind != KIND_INT8 && kind != KIND_INT4) return EINVAL;
@@ -674,14 +523,6 @@ static inline void dequantize_body(const deq_t *d, int64_t lo, int64_t hi) {
 }
 
 #if QK_X86
-/* 16 floats to bfloat16 (round to nearest even; the weights are finite), stored at out. */
-__attribute__((target(AVX512))) static inline void store_bf16x16(uint16_t *out, __m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
 __attribute__((target(AVX512))) static inline void put16(const deq_t *d, void *out, int64_t at, __m512 v) {
     if (d->out_bf16) store_bf16x16((uint16_t *)out + at, v);
     else _mm512_storeu_ps((float *)out + at, v);

@@ -1,0 +1,74 @@
+/* What the kernels share: includes, the instruction sets, bfloat16 conversions and the thread pool (pool.c).
+ * Plain C, no Python or PyTorch headers. */
+
+#ifndef LLAMA_KERNELS_COMMON_H
+#define LLAMA_KERNELS_COMMON_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QK_X86 1
+#include <immintrin.h>
+#else
+#define QK_X86 0
+#endif
+
+#define TILE 4     /* output rows stored interleaved and computed together */
+#define MAX_THREADS 64
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+
+/* --- numbers ------------------------------------------------------------------------------------------------ */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#if QK_X86
+#define AVX2 "avx2,fma"
+#define AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"
+#define AVX512BF16 "avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma"
+
+/* 16 floats to bfloat16 (round to nearest even; finite values), stored at out. */
+__attribute__((target(AVX512))) static inline void store_bf16x16(uint16_t *out, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#endif
+
+/* The pool (pool.c): fn(ctx, part, parts) for part 0..parts-1, the caller's thread running part 0. */
+typedef void (*task_fn)(const void *ctx, int64_t part, int64_t parts);
+int pool_run(task_fn fn, const void *ctx, int64_t parts);
+
+/* Share `part` of `parts` of n items, in whole items. */
+static inline void share(int64_t n, int64_t part, int64_t parts, int64_t *lo, int64_t *hi) {
+    *lo = n * part / parts;
+    *hi = n * (part + 1) / parts;
+}
+
+int qk_best_isa(void);
+int qk_has_avx512_bf16(void);
+
+#endif

@@ -1,0 +1,124 @@
+/* The kernels' thread pool, and the CPU's instruction sets. */
+
+#include "common.h"
+
+/* --- the thread pool ------------------------------------------------------------------------------------------
+ * Workers wait for a new generation number; after a call they keep checking for about SPIN_NS (yielding the core
+ * to anything else runnable), since a decoding step makes its next call within microseconds, then sleep on a
+ * condition variable. The caller's thread runs share 0 and then waits for the others. */
+
+#define SPIN_NS 200000
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t call;     /* one call at a time uses the pool */
+    pthread_t threads[MAX_THREADS];
+    int workers, sleepers;
+    unsigned long first_seen[MAX_THREADS];  /* the generation each worker was started at */
+    atomic_ulong generation;
+    atomic_int pending;
+    task_fn fn;
+    const void *ctx;
+    int64_t parts;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .call = PTHREAD_MUTEX_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void *worker(void *arg) {
+    const int64_t id = (int64_t)(intptr_t)arg;  /* runs share id (1 ..) */
+    unsigned long seen = pool.first_seen[id - 1];  /* not read here: the caller may have moved it on already */
+    for (;;) {
+        unsigned long g;
+        int64_t start = now_ns();
+        while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
+            if (now_ns() - start < SPIN_NS) {
+                sched_yield();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            pool.sleepers++;
+            while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.mu);
+            break;
+        }
+        seen = g;
+        if (id < pool.parts) pool.fn(pool.ctx, id, pool.parts);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void pool_reset_after_fork(void) {  /* a forked child has no workers: start over */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&pool.call, NULL);
+    pool.workers = pool.sleepers = 0;
+    atomic_store(&pool.pending, 0);
+}
+
+int pool_run(task_fn fn, const void *ctx, int64_t parts) {
+    static int registered;
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts <= 1) {
+        fn(ctx, 0, 1);
+        return 0;
+    }
+    pthread_mutex_lock(&pool.call);
+    if (!registered) {
+        pthread_atfork(NULL, NULL, pool_reset_after_fork);
+        registered = 1;
+    }
+    while (pool.workers < parts - 1) {
+        pool.first_seen[pool.workers] = atomic_load(&pool.generation);
+        if (pthread_create(&pool.threads[pool.workers], NULL, worker, (void *)(intptr_t)(pool.workers + 1))) break;
+        pool.workers++;
+    }
+    if (parts > pool.workers + 1) parts = pool.workers + 1;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.parts = parts;
+    atomic_store(&pool.pending, pool.workers);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    fn(ctx, 0, parts);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) sched_yield();
+    pthread_mutex_unlock(&pool.call);
+    return 0;
+}
+
+/* The best instruction set this CPU and this build have: 2 AVX-512 VNNI (with BW and VL), 1 AVX2 + FMA, 0. */
+int qk_best_isa(void) {
+#if QK_X86 && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return ISA_AVX512_VNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+/* Whether this CPU has AVX-512 BF16 (vdpbf16ps): the bfloat16 matrix-vector kernel (linear16.c). */
+int qk_has_avx512_bf16(void) {
+    static atomic_int known = -1;
+    int has = atomic_load(&known);
+    if (has >= 0) return has;
+#if QK_X86 && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+          __builtin_cpu_supports("avx512bf16");
+#else
+    has = 0;
+#endif
+    atomic_store(&known, has);
+    return has;
+}
