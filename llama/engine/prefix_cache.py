@@ -141,8 +141,9 @@ class PrefixCache:
         return None
 
     def commit(self, reserved: Sequence[Tuple[int, int, bytes]]) -> None:
-        """The blocks were written: they are hits from now on (the most recently used)."""
-        for _, block, key in reserved:
+        """The blocks were written: they are hits from now on (the most recently used, a prefix's first block
+        most of all)."""
+        for _, block, key in reversed(reserved):
             if self._pending.pop(key, None) == block:
                 self._table[key] = block
 
