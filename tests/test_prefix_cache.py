@@ -263,7 +263,8 @@ def test_off_flag_and_deterministic_mode_run_without_it(pair, ckpt):
 
 
 @pytest.mark.parametrize("options, piece", [
-    (dict(prefix_cache_gib=-1), "prefix_cache_gib must be a positive number of GiB (or None: the default size), got -1"),
+    (dict(prefix_cache_gib=-1), "prefix_cache_gib must be a positive number of GiB (or None: the default size), "
+                                "got -1"),
     (dict(prefix_cache_gib="2"), "got '2'"),
     (dict(prefix_cache="yes"), "prefix_cache must be True or False, got 'yes'"),
 ])
