@@ -4,6 +4,7 @@ multi-turn chat that hits, requests it must not serve from the cache, its flags,
 
 from __future__ import annotations
 
+import json
 import random
 
 import httpx
@@ -321,3 +322,56 @@ def test_metrics_show_the_hit_rate_and_blocks(pair):
         after["llama_prefix_cache_hits_total"] / after["llama_prefix_cache_queries_total"])
     assert after["llama_prefix_cache_blocks_in_use"] == gen.prefix_cache.in_use >= 4
     assert after["llama_prefix_cache_blocks_total"] == gen.prefix_cache.blocks
+
+
+# --- model parallelism: every rank makes the same copies ---------------------------------------------------
+
+MP_WORKER = r'''
+import json, sys
+from llama import Llama
+from llama.distributed import Broadcast
+from llama.engine import Runner, follow
+from llama.serve import Chunk, Request, SamplingParams
+from llama.serve.scheduler import Scheduler
+
+out, ckpt, tok = sys.argv[1:4]
+prompts = json.loads(sys.argv[4])
+g = Llama.build(ckpt, tok, max_seq_len=128, max_batch_size=2, device="cpu", dtype="float32")
+channel = Broadcast()
+if channel.rank != 0:
+    follow(g.decode_step, channel)
+    sys.exit(0)
+scheduler = Scheduler(g, runner=Runner(g.decode_step, channel))
+scheduler.start()
+results = [[] for _ in prompts]
+for i, p in enumerate(prompts):  # one after the other: each later prompt finds the earlier ones' blocks
+    scheduler.submit(Request(p, SamplingParams(max_tokens=6, temperature=0, logprobs=0, stop_token_ids=()),
+                             lambda e, i=i: results[i].append([e.tokens, [x.logprob for x in e.logprobs]])
+                             if isinstance(e, Chunk) else None))
+    assert scheduler.wait_idle(120)
+scheduler.stop(timeout=120)
+with open(out, "w", encoding="utf-8") as handle:
+    json.dump({"results": results, "hits": g.prefix_cache.hits}, handle)
+'''
+
+
+def test_model_parallel_serving_copies_the_same_blocks_on_every_rank(tmp_path, pair):
+    from helpers import MHA, run_torchrun
+
+    folder = make_checkpoint(tmp_path / "mp2", MHA, n_shards=2, seed=23)
+    worker = tmp_path / "worker.py"
+    worker.write_text(MP_WORKER)
+    prompts = [SYSTEM + [5, 6], SYSTEM + [7], SYSTEM[:40] + [8, 9, 10]]
+    proc = run_torchrun(worker, [str(tmp_path / "out.json"), str(folder), str(TOKENIZER), json.dumps(prompts)],
+                        nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert got["hits"] == 64 + 32
+    alone = Llama.build(str(folder), str(TOKENIZER), max_seq_len=128, max_batch_size=2, device="cpu",
+                        dtype="float32", prefix_cache=False)
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, stop_token_ids=())
+    for events, expected in zip(got["results"], answers(alone, params, prompts)):
+        (ref_tokens, ref_lps), = expected
+        assert [t for e in events for t in e[0]] == ref_tokens
+        torch.testing.assert_close(torch.tensor([x for e in events for x in e[1]]), torch.tensor(ref_lps),
+                                   atol=1e-4, rtol=0)
