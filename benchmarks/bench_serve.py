@@ -27,6 +27,16 @@ token (what the budget costs the newcomers).
 
     python benchmarks/bench_serve.py --prefill_stall                  # the demo model, 7 prompts of 2000 tokens
 
+--shared_prefix measures the prefix cache: two servers run side by side, one with the prefix cache (the default)
+and one with --no-prefix-cache; rounds alternate between them. Each round makes a new prefix of --prefix_tokens
+tokens (1000 by default: a long system prompt or document) and sends, one after the other, a first request
+(prefix + a question: the cache is cold), a second (prefix + another question: its prefix is cached, on the
+first server) and then --followers requests sharing it at once. Reported per server, medians over rounds: the
+first and second requests' time to first token and their ratio (the target: the second at least 5x sooner with
+the cache), and over the followers their time to first token and inter-token p50/p99 and tokens/s.
+
+    python benchmarks/bench_serve.py --shared_prefix --shape 1.1B --dtype bfloat16     # the README's figure
+
 Prints one JSON object. The server gets OMP_NUM_THREADS=--threads (default 1: on a small shared machine more
 threads than free cores make every step wait for the slowest one).
 """
@@ -58,7 +68,7 @@ import torch  # noqa: E402
 
 from llama import ModelArgs  # noqa: E402
 from llama.checkpoint import random_state, split_state, write_checkpoint  # noqa: E402
-from llama.model import count_parameters  # noqa: E402
+from llama.model import PRESETS, count_parameters  # noqa: E402
 
 DEMO = ROOT / "demo" / "fortune-llama"
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
@@ -238,9 +248,63 @@ def prefill_stall(args: argparse.Namespace, ckpt: str, tokenizer: str) -> Dict[s
                                                   "long_tokens": args.long_tokens, "trials": args.trials}
 
 
+async def prefix_round(url: str, prefix: str, followers: int, max_tokens: int) -> Dict[str, Any]:
+    """One --shared_prefix round on one server (see the module docstring)."""
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(timeout=1200, transport=transport) as client:
+        await one(client, url, "warm up", 2)
+        first = await one(client, url, prefix + " question: who are you", max_tokens)
+        second = await one(client, url, prefix + " question: where is it", max_tokens)
+        start = time.perf_counter()
+        rest = await asyncio.gather(*(one(client, url, f"{prefix} question {i}: why", max_tokens)
+                                      for i in range(followers)))
+        wall = time.perf_counter() - start
+    ttfts = [r["ttft"] for r in rest if r["ttft"] is not None]
+    gaps = [g for r in rest for g in r["gaps"]]
+    return {"first_ttft_s": first["ttft"], "second_ttft_s": second["ttft"],
+            "first_over_second": first["ttft"] / second["ttft"],
+            "followers_ttft_p50_s": percentile(ttfts, 50), "followers_ttft_p99_s": percentile(ttfts, 99),
+            "followers_itl_p50_s": percentile(gaps, 50), "followers_itl_p99_s": percentile(gaps, 99),
+            "followers_tokens_per_s": sum(r["tokens"] for r in rest) / wall}
+
+
+def shared_prefix(args: argparse.Namespace, ckpt: str, tokenizer: str) -> Dict[str, Any]:
+    """The --shared_prefix comparison: the prefix cache on against off, rounds alternating between two servers
+    that run side by side; medians over rounds."""
+    from statistics import median
+
+    seq = args.prefix_tokens + args.max_tokens + 64
+    setups = {"prefix_cache_on": [], "prefix_cache_off": ["--no-prefix-cache"]}
+    servers = {name: Server(ckpt, tokenizer, args.followers, seq, args.threads, args.dtype, extra)
+               for name, extra in setups.items()}
+    rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in setups}
+    try:
+        for r in range(args.rounds):
+            prefix = long_prompt(tokenizer, args.prefix_tokens, seed=100 + r)  # new each round: the first is cold
+            for name in (list(setups) if r % 2 == 0 else list(reversed(setups))):
+                result = asyncio.run(prefix_round(servers[name].url, prefix, args.followers, args.max_tokens))
+                rounds[name].append(result)
+                print(json.dumps({"server": name, "round": r, **{k: _r(v) for k, v in result.items()}}),
+                      file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    out: Dict[str, Any] = {name: {key: _r(median(x[key] for x in runs)) for key in runs[0]}
+                           for name, runs in rounds.items()}
+    on, off = out["prefix_cache_on"], out["prefix_cache_off"]
+    out["second_ttft_speedup_on_over_off"] = _r(off["second_ttft_s"] / on["second_ttft_s"])
+    return out | {"prefix_tokens": args.prefix_tokens, "followers": args.followers, "rounds": args.rounds,
+                  "max_tokens": args.max_tokens}
+
+
 def random_checkpoint(spec: str, folder: Path) -> Dict[str, Any]:
-    dim, layers, heads = (int(x) for x in spec.split(","))
-    args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000, multiple_of=256)
+    """A random checkpoint: "dim,layers,heads" (vocab 32000) or a shape's name in PRESETS (1.1B...)."""
+    if spec in PRESETS:
+        args = ModelArgs(**PRESETS[spec])
+    else:
+        dim, layers, heads = (int(x) for x in spec.split(","))
+        args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000, multiple_of=256)
     write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(random_state(args, seed=0), 1))
     return {"random": spec, "parameters": count_parameters(args)}
 
@@ -261,6 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--ckpt_dir")
     parser.add_argument("--tokenizer_path")
     parser.add_argument("--random", help="dim,layers,heads of a random checkpoint (vocab 32000)")
+    parser.add_argument("--shape", choices=sorted(PRESETS), help="a random checkpoint of this shape (1.1B...)")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent streams to measure")
     parser.add_argument("--requests", type=int, default=64, help="requests per level (the same ones each time)")
     parser.add_argument("--max_tokens", type=int, default=32)
@@ -276,7 +341,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--long_tokens", type=int, default=2000, help="--prefill_stall: tokens per long prompt")
     parser.add_argument("--stream_tokens", type=int, default=400, help="--prefill_stall: running streams' max_tokens")
     parser.add_argument("--trials", type=int, default=4, help="--prefill_stall: trials per server, alternating")
+    parser.add_argument("--shared_prefix", action="store_true",
+                        help="measure the prefix cache, on against off (see the docstring)")
+    parser.add_argument("--prefix_tokens", type=int, default=1000, help="--shared_prefix: tokens of the prefix")
+    parser.add_argument("--followers", type=int, default=4,
+                        help="--shared_prefix: requests sharing the prefix sent at once after the second")
+    parser.add_argument("--rounds", type=int, default=4, help="--shared_prefix: rounds per server, alternating")
     args = parser.parse_args(argv)
+    if args.shape:
+        args.random = args.shape
     levels = [int(x) for x in args.levels.split(",")]
     tmp = tempfile.TemporaryDirectory()
     if args.random:
@@ -287,6 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         params = json.loads((Path(ckpt) / "params.json").read_text())
         params["vocab_size"] = params.get("vocab_size", -1) if params.get("vocab_size", -1) > 0 else 32000
         model = {"ckpt_dir": ckpt, "parameters": count_parameters(ModelArgs.from_params(params))}
+    if args.shared_prefix:
+        print(json.dumps({"model": model, "device": "cpu", "dtype": args.dtype, "server_threads": args.threads,
+                          **machine(), "torch": torch.__version__,
+                          "shared_prefix": shared_prefix(args, ckpt, tokenizer)}, indent=1))
+        return
     if args.prefill_stall:
         print(json.dumps({"model": model, "device": "cpu", "dtype": args.dtype, "server_threads": args.threads,
                           **machine(), "torch": torch.__version__,

@@ -21,6 +21,7 @@ from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
+from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
@@ -79,6 +80,8 @@ class Llama:
         family: Optional[str] = None,
         speculative: Optional[str] = None,
         num_draft_tokens: int = 4,
+        prefix_cache: bool = True,
+        prefix_cache_gib: Optional[float] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -104,10 +107,15 @@ class Llama:
         to `num_draft_tokens` drafted tokens per step, verified in one pass; the output is plain decoding's
         (greedy: the same tokens; sampled: the same distribution). Not with deterministic mode or compile=True;
         with compile=None the decode step stays eager. See llama/engine/speculative.py.
+        prefix_cache: keep the keys and values of prompts' full 16-token blocks in a pool and copy them into later
+        requests that start the same way instead of prefilling them again (llama/engine/prefix_cache.py); off
+        in deterministic mode. prefix_cache_gib: the pool's size per process in GiB (default: a quarter of the
+        KV cache's rows, at least one whole context).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         check_choice(speculative)
+        check_prefix_cache(prefix_cache, prefix_cache_gib)  # before any loading
         if speculative is not None:
             Speculation(NgramDrafter(), num_draft_tokens)  # checks num_draft_tokens before any loading
             if deterministic or compile:
@@ -131,17 +139,19 @@ class Llama:
             speculation = Speculation(NgramDrafter(), num_draft_tokens)
         elif speculative is not None:
             draft = Llama.build(speculative, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size,
-                                seed=seed, device=device, dtype=dtype, compile=False, fast=fast)
+                                seed=seed, device=device, dtype=dtype, compile=False, fast=fast, prefix_cache=False)
             speculation = Speculation(ModelDrafter(draft.model), num_draft_tokens)
         if speculation is not None:
             distributed.print0(f"Speculative decoding: {speculation.drafter.name}, up to {num_draft_tokens} "
                                "drafts per step")
         return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic,
-                     family=source.family, speculation=speculation)
+                     family=source.family, speculation=speculation, prefix_cache=prefix_cache,
+                     prefix_cache_gib=prefix_cache_gib)
 
     def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
                  deterministic: bool = False, family: Union[Family, str, None] = None,
-                 speculation: Optional[Speculation] = None) -> None:
+                 speculation: Optional[Speculation] = None, prefix_cache: bool = True,
+                 prefix_cache_gib: Optional[float] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
@@ -154,8 +164,10 @@ class Llama:
         self._seed = seed  # the next sequence's seed: a call's first row draws as a request seeded `seed` would
         self._decode = DecodeStep(model, compiled=compile, full_window=deterministic)
         self.speculation = speculation  # drafter and counts, shared by every engine over this model (the server's)
+        # The prefix cache's table, shared like the model's pool by every engine over this model (the server's).
+        self.prefix_cache = _prefix_cache(model, prefix_cache, prefix_cache_gib) if not deterministic else None
         self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic,
-                             speculation=speculation)
+                             speculation=speculation, prefix_cache=self.prefix_cache)
 
     @property
     def max_seq_len(self) -> int:
@@ -177,7 +189,8 @@ class Llama:
         """Run later calls through another decode step (eager or compiled, other windows): a new engine over
         the same model and cache, so call it between generations."""
         self._decode = step
-        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic)
+        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic,
+                             prefix_cache=self.prefix_cache)
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
@@ -471,3 +484,9 @@ class Llama:
 def _check_gen_len(max_gen_len) -> None:
     if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
         raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+
+
+def _prefix_cache(model: Transformer, enabled: bool, gib: Optional[float]) -> Optional[PrefixCache]:
+    """The model's prefix cache (its block pool allocated), or None when it is off."""
+    check_prefix_cache(enabled, gib)
+    return prefix_cache_for(model, gib) if enabled and model.has_cache else None

@@ -271,6 +271,27 @@ class KVCache(nn.Module):
         self.k[list(into), :, :length] = self.k[row, :, :length]
         self.v[list(into), :, :length] = self.v[row, :, :length]
 
+    def setup_blocks(self, blocks: int, block_size: int) -> None:
+        """A pool of `blocks` KV blocks of `block_size` positions beside the rows (the prefix cache's storage)."""
+        shape = (blocks, self.k.shape[1], block_size, self.k.shape[3])
+        self.register_buffer("block_k", torch.empty(shape, dtype=self.k.dtype, device=self.k.device),
+                             persistent=False)
+        self.register_buffer("block_v", torch.empty(shape, dtype=self.v.dtype, device=self.v.device),
+                             persistent=False)
+
+    def load_blocks(self, row: int, blocks: torch.Tensor) -> None:
+        """Copy pool blocks (m,) into a row's first m * block_size positions."""
+        m, size = len(blocks), self.block_k.shape[2]
+        self.k[row, :, :m * size].unflatten(1, (m, size)).copy_(self.block_k[blocks].transpose(0, 1))
+        self.v[row, :, :m * size].unflatten(1, (m, size)).copy_(self.block_v[blocks].transpose(0, 1))
+
+    def save_blocks(self, row: int, starts: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Copy a row's positions starts[i] .. starts[i] + block_size - 1 into pool block blocks[i]."""
+        size = self.block_k.shape[2]
+        positions = (starts.unsqueeze(1) + torch.arange(size, device=starts.device)).reshape(-1)
+        self.block_k[blocks] = self.k[row][:, positions].unflatten(1, (len(blocks), size)).transpose(0, 1)
+        self.block_v[blocks] = self.v[row][:, positions].unflatten(1, (len(blocks), size)).transpose(0, 1)
+
 
 # --- the blocks --------------------------------------------------------------------------------------------
 
@@ -430,6 +451,25 @@ class Transformer(nn.Module):
         """Give cache rows `into` the first `length` cached positions of `row`, in every layer."""
         for layer in self.layers:
             layer.attention.cache.copy_rows(row, into, length)
+
+    def setup_blocks(self, blocks: int, block_size: int) -> None:
+        """Allocate the prefix cache's pool of KV blocks in every layer (llama/engine/prefix_cache.py)."""
+        for layer in self.layers:
+            layer.attention.cache.setup_blocks(blocks, block_size)
+
+    def load_blocks(self, row: int, blocks: Sequence[int]) -> None:
+        """Give cache row `row` the pool blocks' keys and values as its first positions, in every layer."""
+        index = torch.tensor(list(blocks), dtype=torch.long, device=self.rope.device)
+        for layer in self.layers:
+            layer.attention.cache.load_blocks(row, index)
+
+    def save_blocks(self, row: int, starts: Sequence[int], blocks: Sequence[int]) -> None:
+        """Copy the block_size positions of cache row `row` from each of `starts` into pool blocks `blocks`."""
+        device = self.rope.device
+        first = torch.tensor(list(starts), dtype=torch.long, device=device)
+        index = torch.tensor(list(blocks), dtype=torch.long, device=device)
+        for layer in self.layers:
+            layer.attention.cache.save_blocks(row, first, index)
 
     @property
     def has_cache(self) -> bool:

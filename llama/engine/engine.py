@@ -4,19 +4,24 @@ The engine owns the KV cache's rows. A request added with `add` takes n rows (on
   1. frees the rows of cancelled requests,
   2. plans one decode step for every running row (an idle row below the highest busy one decodes a dummy
      token at position 0 of its own row; a fixed-shape step, compiled or deterministic, decodes all rows),
-  3. prefills newly added prompts in one packed pass (at most max_prefill_tokens tokens in all); a prompt longer
+  3. copies the longest cached run of each newly added prompt's full blocks into its row (the prefix cache,
+     prefix_cache.py), so that only the rest is prefilled;
+     prefills newly added prompts in one packed pass (at most max_prefill_tokens tokens in all); a prompt longer
      than the budget is prefilled in chunks over several steps, interleaved with the decode steps of running
      rows (chunked prefill), then copies each prefilled row into its sibling choices' rows,
   4. samples each row's next token with that request's own parameters and generator, turns tokens into text,
      applies stop tokens, stop strings and lengths, and hands events to the request's sink,
-  5. frees finished rows at once.
+  5. frees finished rows at once,
+  6. copies the new full blocks of each prompt just prefilled, and of each answer just ended, from its row
+     into the prefix cache's pool, for later requests that start the same way.
 With speculation (speculative.py) step 2 becomes one pass over each running row's pending token and its drafted
 tokens, and step 4 keeps drafts by rules that leave the output plain decoding's.
 A failure inside one request (its sampling, text or sink) ends that request alone with an 'error' event; only
 a failing model call, which leaves the cache in doubt, ends every request (`failure` is then set).
 
 Deterministic mode makes a request's tokens independent of whatever else is in the batch: every decode step
-has one shape (all rows, attending over the whole context) and every prompt is prefilled alone.
+has one shape (all rows, attending over the whole context) and every prompt is prefilled alone. It runs without
+the prefix cache: a prompt's arithmetic would then depend on which earlier requests shared its start.
 
 The engine knows rows and positions; the callers know requests: `Llama` adds its prompts and steps until
 they finish; the server's scheduler keeps a queue and a thread and adds requests as rows free up.
@@ -36,6 +41,7 @@ from ..decode_step import DecodeStep
 from ..tokenizer import TextStream
 from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, top_entries
 from .params import SEED_BITS, SamplingParams
+from .prefix_cache import PrefixCache
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
 from .speculative import DraftRow, Speculation, accept_greedy, accept_sampled, verification
@@ -58,6 +64,7 @@ class _Choice:
     stops: StopText
     parent: Optional["_Choice"] = None  # a sibling choice whose prefilled row this one copies
     prefilled: bool = False
+    looked_up: bool = False  # the prefix cache was asked for this prompt
     filled: int = 0  # prompt tokens in the row so far (a long prompt is prefilled in chunks, over several steps)
     position: int = 0  # where `pending` goes in the row
     pending: int = 0  # the last sampled token, decoded at the next step
@@ -83,10 +90,13 @@ class Engine:
 
     def __init__(self, decode: DecodeStep, tokenizer, stop_ids: Sequence[int], runner: Optional[Runner] = None,
                  deterministic: bool = False, max_prefill_tokens: Optional[int] = None, seed: int = 0,
-                 fixed_shape: Optional[bool] = None, speculation: Optional[Speculation] = None) -> None:
+                 fixed_shape: Optional[bool] = None, speculation: Optional[Speculation] = None,
+                 prefix_cache: Optional[PrefixCache] = None) -> None:
         """fixed_shape: decode all rows every step (True) or rows 0..the highest busy one (False); None: fixed
         when the step is compiled (CUDA graphs replay one shape) or deterministic. speculation: draft tokens
-        and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step."""
+        and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step.
+        prefix_cache: the block table of the model's block pool (prefix_cache.py; the model's `setup_blocks`
+        made the pool), shared by every engine over that model; None: every prompt is prefilled whole."""
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
@@ -112,6 +122,11 @@ class Engine:
             raise ValueError("speculative decoding needs an eager, non-deterministic engine: its verification "
                              "passes change shape, which deterministic mode and compiled steps do not allow")
         self.speculation = speculation
+        if prefix_cache is not None and deterministic:
+            raise ValueError("the prefix cache cannot run in deterministic mode: a prompt's arithmetic would "
+                             "depend on which earlier requests shared its start")
+        self.prefix_cache = prefix_cache
+        self._saves: List[Tuple[int, List[int]]] = []  # rows of answers just ended: (row, tokens with KV in it)
 
     # --- requests in ---------------------------------------------------------------------------------------
 
@@ -182,7 +197,12 @@ class Engine:
             return False
         self.steps += 1
         running = [c for c in self._rows.values() if c.prefilled]
-        whole, chunks = ([], []) if self._probe and running else self._take_prefills()
+        loaded: List[Tuple[_Choice, List[int]]] = []
+        if self._probe and running:
+            whole, chunks = [], []
+        else:
+            loaded = self._lookup()
+            whole, chunks = self._take_prefills()
         admitted = whole + [c for c, _, _ in chunks]
         ending = whole + [c for c, _, end in chunks if end == len(c.request.prompt)]  # prefilled by this step
         plan = StepPlan()
@@ -208,11 +228,19 @@ class Engine:
             plan.prefills.append(Prefill([c.request.prompt[start:end]], [c.row], start=start))
         forks = {c: [s for s in self._rows.values() if s.parent is c] for c in ending}
         plan.copies = [(c.row, [s.row for s in sibs], len(c.request.prompt)) for c, sibs in forks.items() if sibs]
+        plan.loads = [(c.row, blocks) for c, blocks in loaded]
+        reserved = self._plan_saves(plan, [(c.row, c.request.prompt) for c in ending])
         try:
             decoded, prefilled = self.runner.run(plan)
         except Exception as err:
+            if reserved:
+                self.prefix_cache.release(reserved)
+            for c, _ in loaded:  # whether its blocks reached its row is unknown: it starts over
+                c.filled, c.looked_up = 0, False
             self._step_failed(err, admitted)
             return True
+        if reserved:
+            self.prefix_cache.commit(reserved)
         self._failed_steps, self._probe = 0, False
         order: List[_Choice] = [] if drafts is not None else list(running)
         rows: List[torch.Tensor] = []
@@ -233,7 +261,58 @@ class Engine:
                 order += family
                 rows.append(row_logits.unsqueeze(0).expand(len(family), -1))
         self._advance(order, torch.cat(rows) if rows else None)
+        self._save_answers()
         return True
+
+    # --- the prefix cache (llama/engine/prefix_cache.py) -------------------------------------------------------
+
+    def _lookup(self) -> List[Tuple[_Choice, List[int]]]:
+        """Ask the prefix cache once for each waiting prompt: a hit's blocks are copied into its row in this
+        step (before the prefills) and the prompt counts as filled that far, so only the rest is prefilled.
+        Prompts wanting every position's log-probs are prefilled whole."""
+        if self.prefix_cache is None:
+            return []
+        out = []
+        for c in self._to_prefill:
+            if c.done or c.looked_up or c.filled or c.request.params.prompt_logprobs:
+                continue
+            c.looked_up = True
+            blocks = self.prefix_cache.lookup(c.request.prompt)
+            if blocks:
+                c.filled = len(blocks) * self.prefix_cache.block_size
+                out.append((c, blocks))
+        return out
+
+    def _plan_saves(self, plan: StepPlan, rows: List[Tuple[int, Sequence[int]]]) -> list:
+        """Reserve pool blocks for the new full blocks of each (row, tokens whose KV the row holds once the plan
+        ran) and add their copies to the plan; the reservations are committed once the plan has run."""
+        if self.prefix_cache is None:
+            return []
+        size, reserved = self.prefix_cache.block_size, []
+        for row, tokens in rows:
+            blocks = self.prefix_cache.reserve(tokens)
+            if blocks:
+                plan.saves.append((row, [i * size for i, _, _ in blocks], [b for _, b, _ in blocks]))
+                reserved += blocks
+        return reserved
+
+    def _save_answers(self) -> None:
+        """Copy the rows of answers that ended in this step into the pool (a later turn of the conversation
+        starts with prompt + answer), before any other request can take those rows."""
+        if not self._saves:
+            return
+        plan = StepPlan()
+        saves, self._saves = self._saves, []
+        reserved = self._plan_saves(plan, saves)
+        if not reserved:
+            return
+        try:
+            self.runner.run(plan)
+        except Exception:  # a lost copy costs a later prefill, never an answer
+            log.exception("copying ended answers into the prefix cache failed")
+            self.prefix_cache.release(reserved)
+            return
+        self.prefix_cache.commit(reserved)
 
     # --- speculative decoding (llama/engine/speculative.py) ---------------------------------------------------
 
@@ -441,6 +520,10 @@ class Engine:
         c.done = True
         if self._rows.get(c.row) is c:
             del self._rows[c.row]
+            if self.prefix_cache is not None and reason in ("stop", "length") and c.prefilled:
+                # the row holds the KV of the prompt and of every sampled token but the last (never decoded)
+                held = len(c.request.prompt) + c.generated - 1
+                self._saves.append((c.row, (list(c.request.prompt) + c.text.tokens)[:held]))
         for sibling in [s for s in self._rows.values() if s.parent is c and not s.prefilled]:
             self._finish(sibling, reason, message)  # a choice whose prefill never ran cannot go on either
         self._emit(c, Finished(reason, len(c.request.prompt), len(c.text.tokens), message, index=c.index))

@@ -1,7 +1,10 @@
 """The model calls of one engine step, run the same way on every model-parallel rank.
 
-A step is at most one decode (one token for every cache row 0..B-1), then packed prefills of newly admitted
-prompts into their rows (a long prompt's later chunks continue its row: `Prefill.start`), then copies of prefilled rows into the rows of their sibling choices (n > 1). The
+A step is at most one decode (one token for every cache row 0..B-1), then the prefix cache's cached blocks
+copied into newly admitted rows, packed prefills of newly admitted prompts into their rows (a long prompt's
+later chunks, or the rest of a prompt after its cached blocks, continue its row: `Prefill.start`), copies of
+prefilled rows into the rows of their sibling choices (n > 1), and last rows' new full blocks copied into the
+prefix cache's pool. The
 decode comes first: idle rows decode a dummy token at position 0 of their own row, which a prefill or copy in
 the same step rewrites.
 
@@ -41,6 +44,10 @@ class StepPlan:
     verify_positions: Optional[List[List[int]]] = None
     prefills: List[Prefill] = field(default_factory=list)
     copies: List[Tuple[int, List[int], int]] = field(default_factory=list)  # (row, into rows, positions)
+    # The prefix cache (prefix_cache.py): pool blocks copied into a row's first positions before the prefills,
+    # and a row's positions (block starts) copied into pool blocks after them.
+    loads: List[Tuple[int, List[int]]] = field(default_factory=list)  # (row, pool blocks)
+    saves: List[Tuple[int, List[int], List[int]]] = field(default_factory=list)  # (row, starts, pool blocks)
 
 
 Logits = Tuple[Optional[torch.Tensor], List[torch.Tensor]]
@@ -60,6 +67,8 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
             positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
             window = 1 + max(max(row) for row in plan.verify_positions)
             decoded = model.decode_many(tokens, positions, window)
+        for row, blocks in plan.loads:
+            model.load_blocks(row, blocks)
         for p in plan.prefills:
             if p.start:  # a later chunk of one long prompt, over its row's cached prefix
                 prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
@@ -67,6 +76,8 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
                 prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
         for row, into, length in plan.copies:
             model.copy_rows(row, into, length)
+        for row, starts, blocks in plan.saves:
+            model.save_blocks(row, starts, blocks)
     return decoded, prefilled
 
 

@@ -75,6 +75,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--deterministic", action="store_true",
         help="a request's tokens never depend on what else is being served (every step has one shape, each "
              "prompt is prefilled alone; costs ~10%% at batch 1, see README)")
+    add("--no-prefix-cache", "--no_prefix_cache", dest="prefix_cache", action="store_false",
+        help="prefill every prompt whole: no reuse of the keys and values of prompt starts that earlier requests "
+             "shared (the prefix cache is on by default, except with --deterministic; see README)")
+    add("--prefix_cache_gib", "--prefix-cache-gib", type=float, default=None, metavar="GIB",
+        help="memory for the prefix cache's blocks, GiB per process (default: a quarter of the KV cache's rows, "
+             "at least one whole context)")
     add("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
     add("--quantize", choices=["int8", "int4"], default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
@@ -125,6 +131,10 @@ def _check_limits(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} must be a number of seconds > 0, got {value}")
+    if args.prefix_cache_gib is not None and not (math.isfinite(args.prefix_cache_gib) and args.prefix_cache_gib > 0):
+        raise ValueError(f"--prefix_cache_gib must be a positive number of GiB, got {args.prefix_cache_gib}")
+    if args.prefix_cache_gib is not None and not args.prefix_cache:
+        raise ValueError("--prefix_cache_gib sizes the prefix cache, which --no-prefix-cache turns off: give one")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("the API key is empty (--api-key or $LLAMA_API_KEY): give a non-empty key, or none for "
                          "a server without a key")
@@ -151,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
-                                speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
+                                speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
+                                prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")

@@ -121,7 +121,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
                   lifespan=lifespan)
     app.add_middleware(HostOriginGuard, allowed_hosts=list(allowed_hosts), allowed_origins=list(allowed_origins),
                        max_body_bytes=max_body_bytes)
-    meter = optional_metrics(engine.stats) if metrics else None
+    meter = optional_metrics(engine.stats, getattr(engine, "prefix_cache_stats", None)) if metrics else None
     app.add_middleware(RequestID, metrics=meter)  # outermost: refused requests get an ID and a count too
     guard = Shield(shield) if shield is not None else None
     key = api_key.encode() if api_key else None

@@ -8,6 +8,11 @@ Metrics (each server has its own registry):
     llama_time_to_first_token_seconds            histogram: submit to the first generated token's event
     llama_inter_token_seconds                    histogram: between generated tokens of one request
     llama_queue_depth, llama_kv_rows_in_use, llama_kv_rows_total
+    llama_prefix_cache_queries_total, llama_prefix_cache_hits_total   prompt tokens looked up in the prefix cache,
+                                                 and of those the ones found cached (as vLLM counts them)
+    llama_prefix_cache_hit_rate                  hits / queries since the start (0 before any query)
+    llama_prefix_cache_blocks_in_use, llama_prefix_cache_blocks_total   the prefix cache's pool blocks
+(the prefix cache's metrics only while it is on)
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class Metrics:
     """The counters and histograms one server updates, and its /metrics text. stats: the scheduler's stats()
     (read at each scrape for the queue and row gauges)."""
 
-    def __init__(self, stats: Callable[[], Dict[str, int]]) -> None:
+    def __init__(self, stats: Callable[[], Dict[str, int]],
+                 prefix_stats: Optional[Callable[[], Optional[Dict[str, int]]]] = None) -> None:
         import prometheus_client as prom  # the optional `metrics` extra
 
         self._prom = prom
@@ -51,6 +57,8 @@ class Metrics:
             lambda: stats()["running"])
         prom.Gauge("llama_kv_rows_total", "KV cache rows", registry=r).set_function(
             lambda: stats()["max_batch_size"])
+        if prefix_stats is not None:
+            r.register(_PrefixCacheCollector(prefix_stats))
 
     def text(self) -> bytes:
         return self._prom.generate_latest(self.registry)
@@ -88,10 +96,35 @@ class Metrics:
         return watched
 
 
-def optional_metrics(stats: Callable[[], Dict[str, int]]) -> Optional[Metrics]:
+class _PrefixCacheCollector:
+    """The prefix cache's counters, read from the engine's table at each scrape."""
+
+    def __init__(self, prefix_stats: Callable[[], Optional[Dict[str, int]]]) -> None:
+        self.prefix_stats = prefix_stats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.prefix_stats()
+        if s is None:
+            return
+        queries, hits = s["prefix_cache_queries"], s["prefix_cache_hits"]
+        yield CounterMetricFamily("llama_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=queries)
+        yield CounterMetricFamily("llama_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=hits)
+        yield GaugeMetricFamily("llama_prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens",
+                                value=hits / queries if queries else 0.0)
+        yield GaugeMetricFamily("llama_prefix_cache_blocks_in_use", "Prefix cache pool blocks holding KV",
+                                value=s["prefix_cache_blocks_in_use"])
+        yield GaugeMetricFamily("llama_prefix_cache_blocks_total", "Prefix cache pool blocks",
+                                value=s["prefix_cache_blocks_total"])
+
+
+def optional_metrics(stats: Callable[[], Dict[str, int]],
+                     prefix_stats: Optional[Callable[[], Optional[Dict[str, int]]]] = None) -> Optional[Metrics]:
     """Metrics when prometheus-client is installed, else None (/metrics then says how to get it)."""
     try:
-        return Metrics(stats)
+        return Metrics(stats, prefix_stats)
     except ImportError:
         return None
 

@@ -48,7 +48,8 @@ class Scheduler:
         self.engine = RowEngine(generator.decode_step, generator.tokenizer, generator.stop_ids,
                              runner=runner if runner is not None else Runner(generator.decode_step),
                              deterministic=generator.deterministic, max_prefill_tokens=max_prefill_tokens,
-                             seed=seed, fixed_shape=fixed_shape, speculation=getattr(generator, "speculation", None))
+                             seed=seed, fixed_shape=fixed_shape, speculation=getattr(generator, "speculation", None),
+                             prefix_cache=getattr(generator, "prefix_cache", None))
         self.tokenizer = generator.tokenizer
         self.max_batch_size = generator.max_batch_size
         self.max_seq_len = generator.max_seq_len
@@ -130,6 +131,11 @@ class Scheduler:
         with self._cond:
             return {"running": self._running, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue}
+
+    def prefix_cache_stats(self) -> Optional[Dict[str, int]]:
+        """The prefix cache's counters (tokens queried and hit, blocks in use and in all), None when it is off."""
+        cache = self.engine.prefix_cache
+        return None if cache is None else cache.stats()
 
     def cancelling(self) -> int:
         """Running requests that were cancelled and whose rows the next step boundary frees."""
