@@ -14,7 +14,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.programs", "llama.serve", "llama.engine", "llama.families", "llama.tokenizers",
+    packages=["llama", "llama.programs", "llama.quant", "llama.serve", "llama.engine", "llama.families", "llama.tokenizers",
               "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu, distributed, families, hf, quantize
+from . import checkpoint, cpu, distributed, families, hf, quant, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .lora import LoraAdapter, merge_lora, read_adapter
 from .decode_step import default_compile
@@ -47,7 +47,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, qu
 class Plan:
     """The run's decisions, made once, checked once and never patched: process count, device (with its index:
     this process's GPU), dtype, the faster kernels, whether the decode step is compiled, deterministic mode,
-    and the weight-only quantization (mode and int4 group size, or None)."""
+    and the weight-only quantization scheme (llama/quant), or None."""
 
     model_parallel_size: int
     device: torch.device
@@ -55,9 +55,17 @@ class Plan:
     fast: bool
     compile: bool = False
     deterministic: bool = False
-    quantize: Optional[str] = None
-    group_size: Optional[int] = None
+    scheme: Optional[quant.Scheme] = None
     note: Optional[str] = None  # one line when an explicitly chosen dtype is the slow one on this CPU
+
+    @property
+    def quantize(self) -> Optional[str]:
+        """The scheme's name ("int8", "int4"), None when unquantized."""
+        return None if self.scheme is None else self.scheme.name
+
+    @property
+    def group_size(self) -> Optional[int]:
+        return None if self.scheme is None else self.scheme.group_size
 
 
 def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
@@ -117,34 +125,35 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     if dtype is not None and not quantized:
         result = replace(result, note=cpu.dtype_note(dev, result.dtype))
     if stored is not None:
-        mode, stored_group = quantize.parse_entry(stored, "params.json")
-        if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
-            raise ValueError(f"the checkpoint is quantized ({mode}, group_size {stored_group}); it cannot be "
-                             f"loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass neither, or "
-                             "quantize its bfloat16 source")
+        scheme = quant.from_entry(stored, "params.json")
+        asked = quantize_mode.name if isinstance(quantize_mode, quant.Scheme) else quantize_mode
+        if asked not in (None, scheme.name) or group_size not in (None, scheme.group_size):
+            raise ValueError(f"the checkpoint is quantized ({scheme.name}, group_size {scheme.group_size}); it "
+                             f"cannot be loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass "
+                             "neither, or quantize its bfloat16 source")
         if not fast:
-            raise ValueError(f"the checkpoint is quantized ({mode}) and needs fast=True: its layers hold no "
+            raise ValueError(f"the checkpoint is quantized ({scheme.name}) and needs fast=True: its layers hold no "
                              "weights in Meta's layout for fast=False to keep")
-        quantize_mode, group_size = mode, stored_group
     elif quantize_mode is None:
         if group_size is not None:
             raise ValueError(f"group_size={group_size!r} needs quantize='int4'")
         return result
-    group_size = quantize.check_mode(quantize_mode, group_size)
+    else:
+        scheme = quant.parse(quantize_mode, group_size)
     if not fast:
-        raise ValueError(f"quantize={quantize_mode!r} needs fast=True: quantized layers replace the weights, so "
+        raise ValueError(f"quantize={scheme.name!r} needs fast=True: quantized layers replace the weights, so "
                          "the model cannot keep them in Meta's layout as fast=False promises")
-    quantize.check_device(quantize_mode, result.device, result.dtype)
-    quantize.check_layers(args, mp, quantize_mode, group_size, result.device.type)
-    return replace(result, quantize=quantize_mode, group_size=group_size)
+    scheme.check_device(result.device, result.dtype)
+    scheme.check_shapes(quantize.linear_shapes(args, mp), mp, result.device.type)
+    return replace(result, scheme=scheme)
 
 
 def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
     kind = ""
-    if plan.quantize is not None:
-        weights = quantize.weight_bytes(args, plan.quantize, plan.group_size, plan.dtype, plan.model_parallel_size)
-        kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
+    if plan.scheme is not None:
+        weights = quantize.weight_bytes(args, plan.scheme, None, plan.dtype, plan.model_parallel_size)
+        kind = f"{plan.scheme.name} " + ("(quantized at load) " if source.info.quantization is None else "")
     family = f"{source.family.title}: " if source.family is not None else ""
     distributed.print0(
         f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
@@ -159,8 +168,8 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     """This rank's share of the model, on its device, weights in place, KV cache allocated."""
     with torch.device("meta"):
         model = Transformer(args)
-    if plan.quantize is not None:
-        kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
+    if plan.scheme is not None:
+        kernel = quantize.kernel_for_quantize(plan.scheme, plan.device, plan.dtype)
     else:
         kernel = cpu.kernel_for(plan.device, plan.dtype) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
@@ -173,12 +182,13 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
         _report_lora(source.adapter)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
     if source.info.quantization is not None:  # its linear layers go in as they are stored: no bfloat16 copy
-        quantize.install(model, quantize.take_quantized(state), plan.quantize, plan.group_size, source.ckpt_dir)
+        quantize.install(model, quantize.take_quantized(state, plan.scheme, source.ckpt_dir), plan.scheme,
+                         source.ckpt_dir)
     _check_state(model, state, source.ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    if plan.quantize is not None and source.info.quantization is None:
-        quantize.quantize_model(model, plan.quantize, plan.group_size)
+    if plan.scheme is not None and source.info.quantization is None:
+        quantize.quantize_model(model, plan.scheme)
     if plan.fast:
         model.prepare(kernel)
     model.setup_cache(plan.device, plan.dtype)
