@@ -174,8 +174,9 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
 
     Each shard holds the scheme's entries for every linear layer: `<layer>.weight` (int8, or uint8 with two int4
     codes per byte), `<layer>.scales` and (int4) `<layer>.zeros`; the embeddings and norms as stored.
-    params.json gains the scheme's entry, ``"quantization": {"mode": ..., "group_size": ...}``. Shards are built one at a time from this rank's slices
-    of the source, so memory holds about one bfloat16 shard. All checks come before anything is written."""
+    params.json gains the scheme's entry, ``"quantization": {"mode": ..., "group_size": ...}``. Shards are built
+    one at a time from this rank's slices of the source, so memory holds about one bfloat16 shard. All checks
+    come before anything is written."""
 
     log = log or (lambda message: None)
     scheme = parse(mode, group_size)
