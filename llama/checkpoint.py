@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -27,13 +27,62 @@ _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 PathLike = Union[str, os.PathLike]
 
 
+# --- the model's parameters: shapes and split dims, in one place ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Every parameter of one model shape: its full (unsplit) shape and the dim it is split on across processes,
+    read once off a Transformer built on the meta device (the layers declare their split dims). The one place
+    that learns shapes from the model: checkpoints, conversion, LoRA and quantization all ask it."""
+
+    shapes: Dict[str, Tuple[int, ...]]  # the full state dict in Meta's names and the released files' order
+    split_dims: Dict[str, Optional[int]]  # each entry's split dim, None where every process holds all of it
+    linear: Tuple[str, ...]  # the linear layers as checkpoints store them (wq ... w3, output)
+    fused: Dict[str, Tuple[Tuple[int, int], int]]  # the linear layers as the prepared model runs them (wq/wk/wv
+    # and w1/w3 fused): full (out, in) and split dim
+
+    def fused_shapes(self, world: int) -> Dict[str, Tuple[int, int]]:
+        """Each linear layer's (out, in) on one of `world` processes, as the prepared model runs them."""
+        out = {}
+        for name, (shape, dim) in self.fused.items():
+            piece = list(shape)
+            piece[dim] //= world
+            out[name] = (piece[0], piece[1])
+        return out
+
+
+_SIZE_ONLY = ("max_seq_len", "max_batch_size")  # a run's settings: they change no parameter's shape
+
+
+def model_layout(args: ModelArgs) -> ModelLayout:
+    """The layout of the model `args` describe (cached per shape; max_seq_len and max_batch_size do not count)."""
+    if args.vocab_size < 1:
+        raise ValueError("a model's layout needs a concrete vocab_size (the checkpoint's embedding rows)")
+    return _layout(tuple((f.name, getattr(args, f.name)) for f in fields(args) if f.name not in _SIZE_ONLY))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(key: Tuple[Tuple[str, Any], ...]) -> ModelLayout:
+    args = ModelArgs(**dict(key))
+    with torch.device("meta"), layers.single_process():
+        model = Transformer(args)
+    modules = dict(model.named_modules())
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    shapes["rope.freqs"] = (args.head_dim // 2,)
+    split = {k: getattr(modules.get(k.rpartition(".")[0]), "split_dim", None) for k in shapes}
+    linear = tuple(name for name, m in modules.items() if isinstance(m, layers.ParallelLinear))
+    model.prepare()  # fuse, as the run does
+    fused = {name: ((m.out_features, m.in_features), m.split_dim) for name, m in model.named_modules()
+             if isinstance(m, layers.ParallelLinear)}
+    return ModelLayout(shapes, split, linear, fused)
+
+
 @functools.lru_cache(maxsize=None)
 def _split_dims() -> Dict[str, int]:
     """Module name (wq, w2, tok_embeddings...) -> split dim, as the model's parallel layers declare it."""
-    with torch.device("meta"), layers.single_process():
-        model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8))
-    return {name.rsplit(".", 1)[-1]: module.split_dim for name, module in model.named_modules()
-            if hasattr(module, "split_dim")}
+    layout = model_layout(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8))
+    return {key.split(".")[-2]: dim for key, dim in layout.split_dims.items() if dim is not None}
 
 
 def split_dim(key: str, ndim: Optional[int] = None) -> Optional[int]:
@@ -369,14 +418,10 @@ def write_checkpoint(folder: PathLike, params: Union[Dict[str, Any], bytes],
 
 def state_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Every entry of a full (unsplit) state dict in Meta's naming, with its shape, in the released files' order
-    (read off the model itself, built on the meta device)."""
+    (read off the model itself: `model_layout`)."""
     if args.vocab_size < 1:
         raise ValueError("state_shapes needs a concrete vocab_size (the checkpoint's embedding rows)")
-    with torch.device("meta"), layers.single_process():
-        model = Transformer(args)
-    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    shapes["rope.freqs"] = (args.head_dim // 2,)
-    return shapes
+    return dict(model_layout(args).shapes)
 
 
 def rope_freqs(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

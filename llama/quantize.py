@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import checkpoint, distributed, hf
 from .checkpoint import split_dim
-from .layers import ParallelLinear, single_process
-from .model import ModelArgs, Transformer, check_positive_int, count_parameters
+from .layers import ParallelLinear
+from .model import ModelArgs, check_positive_int, count_parameters
 from .quant import SCHEMES, Int4Grouped, Int8PerRow, Scheme, from_entry, parse
 from .quant.kernels import (  # noqa: F401  (the kernels' names, as this module had them)
     CPU_PREFILL_ROWS, CUDA_INT8_KERNEL_ROWS, DEQUANTIZED_TILE, Int4Linear, Int8Linear, cuda_inner_k_tiles,
@@ -63,17 +63,7 @@ def check_device(mode: Union[str, Scheme], device: torch.device, dtype: torch.dt
 
 def linear_shapes(args: ModelArgs, world: int) -> Dict[str, tuple]:
     """Each linear layer's (out, in) on one of `world` ranks, as the model runs them (wq/wk/wv and w1/w3 fused)."""
-
-    with torch.device("meta"), single_process():
-        model = Transformer(args)
-        model.prepare()
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ParallelLinear):
-            shape = [module.out_features, module.in_features]
-            shape[module.split_dim] //= world
-            shapes[name] = tuple(shape)
-    return shapes
+    return checkpoint.model_layout(args).fused_shapes(world)
 
 
 def check_layers(args: ModelArgs, world: int, mode: Union[str, Scheme], group_size: Optional[int] = None,
@@ -197,7 +187,7 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
     if Path(src_dir).resolve() == Path(dst_dir).resolve():
         raise FileExistsError(f"source and destination are the same directory {str(Path(src_dir).resolve())!r}")
     checkpoint.ensure_empty_destination(dst_dir)
-    layers = _linear_layers(args)
+    layers = checkpoint.model_layout(args).linear
     row_amax = _row_parallel_amax(reader, info, n_shards, layers) if scheme.whole_row_scales and n_shards > 1 \
         else {}
     log(f"quantizing {info.n_shards} shard(s) of {src_dir} to {scheme.describe()} into {n_shards} shard(s) in "
@@ -222,14 +212,6 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
     checkpoint.write_checkpoint(dst_dir, params, shards())
     log(f"done: {dst_dir}")
     return Path(dst_dir)
-
-
-def _linear_layers(args: ModelArgs) -> List[str]:
-    """The checkpoint names of every linear layer (wq ... w3, output), unfused as checkpoints store them."""
-
-    with torch.device("meta"), single_process():
-        model = Transformer(args)
-    return [name for name, module in model.named_modules() if isinstance(module, ParallelLinear)]
 
 
 def _row_parallel_amax(reader, info, n_shards: int, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
