@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from . import layers
+from . import layers, quant
 from .model import ModelArgs, Transformer
 
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -85,17 +85,18 @@ def _split_dims() -> Dict[str, int]:
     return {key.split(".")[-2]: dim for key, dim in layout.split_dims.items() if dim is not None}
 
 
-def split_dim(key: str, ndim: Optional[int] = None) -> Optional[int]:
+def split_dim(key: str, ndim: Optional[int] = None, scheme: Optional[quant.Scheme] = None) -> Optional[int]:
     """The dim a state-dict entry is split on across shards, None where every shard holds all of it.
 
-    A quantized layer's entries (`<layer>.weight`, `.scales`, `.zeros`: output rows on dim 0, input columns or
-    groups on dim 1) split like its weight, except a one-dim per-output-row scale (int8) of a layer split on its
-    input dim: every shard holds all of it. Pass the entry's `ndim` for that rule."""
+    A quantized layer's entries other than its codes (`<layer>.scales`, `.zeros`) split as its scheme says
+    (`Scheme.entry_split_dim`, given the entry's `ndim`): like the weight, except a per-output-row vector
+    (int8's scales) of a layer split on its input dim, which every shard holds whole. Without a scheme, the
+    rule every scheme here follows."""
     parts = key.split(".")
     dim = _split_dims().get(parts[-2]) if len(parts) >= 2 else None
-    if dim is not None and ndim is not None and dim >= ndim and parts[-1] == "scales":
-        return None
-    return dim
+    if dim is None or ndim is None or parts[-1] == "weight":
+        return dim
+    return (scheme or quant.Scheme).entry_split_dim(parts[-1], dim, ndim)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def load_rank_state(
     device: Union[str, torch.device] = "cpu",
     mmap: bool = True,
     progress: Optional[Callable[[int, int, Path, float], None]] = None,
+    scheme: Optional[quant.Scheme] = None,
 ) -> Dict[str, torch.Tensor]:
     """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
 
@@ -232,7 +234,7 @@ def load_rank_state(
     (check_model_parallel_size): here only the split dimensions' sizes are checked. mmap=False reads the
     rank's own shard into one buffer per tensor instead, so that a caller replacing tensors one by one (weight
     packing) frees each as it goes, which a shared mapping would not. `progress(i, n, path, seconds)` is called
-    after each of the n shards this rank reads.
+    after each of the n shards this rank reads. `scheme`: a quantized checkpoint's, which slices its entries.
     """
     if not shards:
         raise ValueError("no checkpoint shards given")
@@ -263,7 +265,7 @@ def load_rank_state(
             raise ValueError(f"shards {Path(ref_path).name} and {Path(path).name} of the same checkpoint do not "
                              f"hold the same entries with the same shapes (first differences: {diff[:5]})")
         for key, piece in src.items():
-            dim = split_dim(key, piece.dim())
+            dim = split_dim(key, piece.dim(), scheme)
             if dim is None:
                 if key not in out:
                     out[key] = piece.to(device=device, dtype=_cast_to(piece, dtype), copy=True)

@@ -120,7 +120,7 @@ class Llama:
         if speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
             loading.inspect(speculative, tokenizer, max_seq_len, max_batch_size)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
-                            source.info.quantization, compile=compile, deterministic=deterministic)
+                            source.checkpoint.scheme, compile=compile, deterministic=deterministic)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         torch.manual_seed(seed)
         loading.announce(source, args, plan)

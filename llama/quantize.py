@@ -16,10 +16,11 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, hf
+from . import checkpoint, distributed
 from .checkpoint import split_dim
 from .layers import ParallelLinear
 from .model import ModelArgs, check_positive_int, count_parameters
+from .source import Checkpoint
 from .quant import SCHEMES, Int4Grouped, Int8PerRow, Scheme, from_entry, parse
 from .quant.kernels import (  # noqa: F401  (the kernels' names, as this module had them)
     CPU_PREFILL_ROWS, CUDA_INT8_KERNEL_ROWS, DEQUANTIZED_TILE, Int4Linear, Int8Linear, cuda_inner_k_tiles,
@@ -170,33 +171,30 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
 
     log = log or (lambda message: None)
     scheme = parse(mode, group_size)
-    reader = hf if hf.is_hf_checkpoint(src_dir) else checkpoint
-    info = reader.inspect_checkpoint(src_dir)
-    if info.quantization is not None:
-        raise ValueError(f"{str(src_dir)!r} is already quantized ({info.quantization}); quantize its bfloat16 "
+    ckpt = Checkpoint.open(src_dir)
+    if ckpt.quantization is not None:
+        raise ValueError(f"{str(src_dir)!r} is already quantized ({ckpt.quantization}); quantize its bfloat16 "
                          "source instead")
-    args = ModelArgs.from_params(info.params)
-    args.vocab_size = info.vocab_rows
-    n_shards = (info.n_shards if reader is checkpoint else 1) if n_shards is None else n_shards
+    args, meta = ckpt.args, ckpt.layout == "meta"
+    n_shards = (ckpt.n_shards if meta else 1) if n_shards is None else n_shards
     try:
         check_positive_int("--mp", n_shards)
     except ValueError as err:
-        raise ValueError(f"{err}; valid values: {checkpoint.valid_model_parallel_sizes(args)}") from None
-    checkpoint.check_model_parallel_size(args, n_shards)
+        raise ValueError(f"{err}; valid values: {ckpt.valid_worlds()}") from None
+    ckpt.check_world(n_shards)
     scheme.check_shapes(linear_shapes(args, n_shards), n_shards, None)
     if Path(src_dir).resolve() == Path(dst_dir).resolve():
         raise FileExistsError(f"source and destination are the same directory {str(Path(src_dir).resolve())!r}")
     checkpoint.ensure_empty_destination(dst_dir)
     layers = checkpoint.model_layout(args).linear
-    row_amax = _row_parallel_amax(reader, info, n_shards, layers) if scheme.whole_row_scales and n_shards > 1 \
-        else {}
-    log(f"quantizing {info.n_shards} shard(s) of {src_dir} to {scheme.describe()} into {n_shards} shard(s) in "
+    row_amax = _row_parallel_amax(ckpt, n_shards, layers) if scheme.whole_row_scales and n_shards > 1 else {}
+    log(f"quantizing {ckpt.n_shards} shard(s) of {src_dir} to {scheme.describe()} into {n_shards} shard(s) in "
         f"{dst_dir}")
 
     def shards() -> Iterator[Dict[str, torch.Tensor]]:
         for index in range(n_shards):
             start = time.perf_counter()
-            state = reader.load_rank_state(info.shards, index, n_shards, mmap=False)
+            state = ckpt.load_rank_state(index, n_shards, mmap=False)
             for layer in layers:
                 weight = state.pop(f"{layer}.weight")
                 state.update(scheme.quantize(weight, row_amax.get(layer)).state(layer))
@@ -207,21 +205,21 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
             log(f"  [{index + 1}/{n_shards}] consolidated.{index:02d}.pth: {size / 2**20:.1f} MiB "
                 f"in {time.perf_counter() - start:.1f} s")
 
-    params = {**(info.params if reader is checkpoint else args.to_params(vocab_size=-1)),
+    params = {**(ckpt.params if meta else args.to_params(vocab_size=-1)),
               "quantization": scheme.entry()}
     checkpoint.write_checkpoint(dst_dir, params, shards())
     log(f"done: {dst_dir}")
     return Path(dst_dir)
 
 
-def _row_parallel_amax(reader, info, n_shards: int, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
+def _row_parallel_amax(ckpt: Checkpoint, n_shards: int, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The whole rows' largest magnitudes of the row-parallel layers (split on their input dim), which each
     target shard holds only a slice of: per-row scales (int8) are per whole row, the same in every shard."""
 
     row_parallel = [layer for layer in layers if split_dim(f"{layer}.weight") == 1]
     amax: Dict[str, torch.Tensor] = {}
     for index in range(n_shards):
-        state = reader.load_rank_state(info.shards, index, n_shards)
+        state = ckpt.load_rank_state(index, n_shards)
         for layer in row_parallel:
             piece = state[f"{layer}.weight"].abs().amax(dim=1).float()
             amax[layer] = piece if layer not in amax else torch.maximum(amax[layer], piece)

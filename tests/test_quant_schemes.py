@@ -175,3 +175,19 @@ def test_a_new_scheme_is_one_class_and_a_registry_entry(tmp_path, monkeypatch):
     out = quantize.quantize_checkpoint(bf16, tmp_path / "q", "int8-again")
     assert json.loads((out / "params.json").read_text())["quantization"] == {"mode": "int8-again"}
     assert torch.equal(_logits(out), _logits(bf16, quantize="int8"))
+
+
+# --- slicing for a process ---------------------------------------------------------------------------------
+
+
+def test_each_scheme_slices_its_entries_like_the_layer_except_whole_row_vectors():
+    from llama.checkpoint import split_dim
+
+    for scheme in (Int8PerRow(), Int4Grouped(32), None):
+        assert split_dim("layers.0.attention.wq.weight", 2, scheme) == 0
+        assert split_dim("layers.0.feed_forward.w2.weight", 2, scheme) == 1
+        assert split_dim("layers.0.attention.wq.scales", 1, scheme) == 0  # per output row: rows split
+        assert split_dim("layers.0.feed_forward.w2.scales", 1, scheme) is None  # whole rows on every shard
+        assert split_dim("layers.0.feed_forward.w2.scales", 2, scheme) == 1  # groups split with the inputs
+        assert split_dim("layers.0.feed_forward.w2.zeros", 2, scheme) == 1
+        assert split_dim("layers.0.attention_norm.weight", 1, scheme) is None

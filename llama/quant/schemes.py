@@ -96,7 +96,8 @@ class Scheme:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
 
-    def entry_split_dim(self, entry: str, layer_dim: Optional[int], ndim: int) -> Optional[int]:
+    @classmethod
+    def entry_split_dim(cls, entry: str, layer_dim: Optional[int], ndim: int) -> Optional[int]:
         """The dim a layer's stored `entry` of `ndim` dims is split on across shards when the layer's weight is
         split on `layer_dim`: every entry keeps output rows on dim 0 and input columns (or groups) on dim 1, so
         it splits like the weight; one with no such dim (a per-row vector of a layer split on its inputs) is
