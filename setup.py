@@ -14,8 +14,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.programs", "llama.serve", "llama.engine", "llama.families", "llama.tokenizers",
-              "llama._demo"],
+    packages=["llama", "llama.programs", "llama.quant", "llama.serve", "llama.engine", "llama.families",
+              "llama.tokenizers", "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
     # llama/csrc: the C source of the CPU kernels, compiled at first use (llama/qkernels.py).

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy)
 import torch  # noqa: E402
 
-from llama import ModelArgs, Transformer, cpu, quantize  # noqa: E402
+from llama import ModelArgs, Transformer, cpu, quant, quantize  # noqa: E402
 from llama.decode_step import DecodeStep  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
 from bench_decode import prompts, random_model  # noqa: E402
@@ -75,9 +75,9 @@ def build(args: ModelArgs, precision: str) -> Transformer:
         model.prepare(cpu.kernel_for(CPU, torch.bfloat16, path, max_batch=args.max_batch_size))
         return model
     mode, _, rest = precision.partition("_")
-    group = 64 if mode == "int4" else None
-    quantize.quantize_model(model, mode, group)
-    model.prepare(quantize.kernel_for_quantize(mode, CPU, torch.bfloat16, group,
+    scheme = quant.parse(mode)  # int4: the default groups of 64
+    quantize.quantize_model(model, scheme)
+    model.prepare(quantize.kernel_for_quantize(scheme, CPU, torch.bfloat16,
                                                isa=None if rest.endswith("aten") else "auto"))
     return model
 

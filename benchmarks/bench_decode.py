@@ -40,7 +40,7 @@ import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy, an emula
 import torch  # noqa: E402
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from llama import cpu, distributed, quantize  # noqa: E402
+from llama import cpu, distributed, quant, quantize  # noqa: E402
 from llama.decode_step import default_compile  # noqa: E402
 from llama.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
@@ -273,11 +273,11 @@ def compare_quantized(opts, args: ModelArgs, device: torch.device, dtype: torch.
     add(str(dtype).removeprefix("torch."), base)
     for spec in opts.quantize.split(","):
         mode, _, group = spec.partition(":")
-        group_size = int(group) if group else None
+        scheme = quant.parse(mode, int(group) if group else None)
         model = random_model(args, device, dtype)  # the same seed: the same weights
-        quantize.quantize_model(model, mode, group_size)
-        model.prepare(quantize.kernel_for_quantize(mode, device, dtype, group_size))
-        add(f"{mode}_g{quantize.check_mode(mode, group_size)}" if mode == "int4" else mode, model)
+        quantize.quantize_model(model, scheme)
+        model.prepare(quantize.kernel_for_quantize(scheme, device, dtype))
+        add(scheme.label, model)
     if opts.float32:
         model = random_model(args, device, torch.float32)
         model.prepare(cpu.kernel_for(device, torch.float32))

@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 from llama import cpu  # noqa: E402
 from llama.model import PRESETS, ModelArgs  # noqa: E402
-from llama.quantize import Int4Linear, Int8Linear, quantize_weight  # noqa: E402
+from llama.quant import GROUP_SIZES, Int4Grouped, Int8PerRow  # noqa: E402
 
 
 def block_weights(args: ModelArgs, seed: int = 0) -> List[torch.Tensor]:
@@ -62,11 +62,9 @@ def candidates(weights: List[torch.Tensor], with_torchao: bool) -> Dict[str, Lis
         out["bfloat16_packed"] = [cpu.OneDnnLinear(w) for w in bf16]
     if cpu.info().fbgemm:
         out["bfloat16_fbgemm_fp16"] = [cpu.Fp16Linear(w) for w in bf16]
-    out["int8"] = [Int8Linear(quantize_weight(w, "int8"), torch.bfloat16) for w in bf16]
-    out["int8_aten"] = [Int8Linear(quantize_weight(w, "int8"), torch.bfloat16, isa=None) for w in bf16]
-    for g in (32, 64, 128):
-        out[f"int4_g{g}"] = [Int4Linear(quantize_weight(w, "int4", g), torch.bfloat16) for w in bf16]
-        out[f"int4_g{g}_aten"] = [Int4Linear(quantize_weight(w, "int4", g), torch.bfloat16, isa=None) for w in bf16]
+    for scheme in [Int8PerRow()] + [Int4Grouped(g) for g in GROUP_SIZES]:  # each: the own kernels, then aten's
+        out[scheme.label] = [scheme.kernel(scheme.quantize(w), torch.bfloat16) for w in bf16]
+        out[f"{scheme.label}_aten"] = [scheme.kernel(scheme.quantize(w), torch.bfloat16, isa=None) for w in bf16]
     if with_torchao:
         from torchao.quantization import Int8WeightOnlyConfig
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig

@@ -14,39 +14,89 @@ import os
 import pickle
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import layers
+from . import layers, quant
 from .model import ModelArgs, Transformer
 
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 PathLike = Union[str, os.PathLike]
 
 
+# --- the model's parameters: shapes and split dims, in one place ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Every parameter of one model shape: its full (unsplit) shape and the dim it is split on across processes,
+    read once off a Transformer built on the meta device (the layers declare their split dims). The one place
+    that learns shapes from the model: checkpoints, conversion, LoRA and quantization all ask it."""
+
+    shapes: Dict[str, Tuple[int, ...]]  # the full state dict in Meta's names and the released files' order
+    split_dims: Dict[str, Optional[int]]  # each entry's split dim, None where every process holds all of it
+    linear: Tuple[str, ...]  # the linear layers as checkpoints store them (wq ... w3, output)
+    fused: Dict[str, Tuple[Tuple[int, int], int]]  # the linear layers as the prepared model runs them (wq/wk/wv
+    # and w1/w3 fused): full (out, in) and split dim
+
+    def fused_shapes(self, world: int) -> Dict[str, Tuple[int, int]]:
+        """Each linear layer's (out, in) on one of `world` processes, as the prepared model runs them."""
+        out = {}
+        for name, (shape, dim) in self.fused.items():
+            piece = list(shape)
+            piece[dim] //= world
+            out[name] = (piece[0], piece[1])
+        return out
+
+
+_SIZE_ONLY = ("max_seq_len", "max_batch_size")  # a run's settings: they change no parameter's shape
+
+
+def model_layout(args: ModelArgs) -> ModelLayout:
+    """The layout of the model `args` describe (cached per shape; max_seq_len and max_batch_size do not count)."""
+    if args.vocab_size < 1:
+        raise ValueError("a model's layout needs a concrete vocab_size (the checkpoint's embedding rows)")
+    return _layout(tuple((f.name, getattr(args, f.name)) for f in fields(args) if f.name not in _SIZE_ONLY))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(key: Tuple[Tuple[str, Any], ...]) -> ModelLayout:
+    args = ModelArgs(**dict(key))
+    with torch.device("meta"), layers.single_process():
+        model = Transformer(args)
+    modules = dict(model.named_modules())
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    shapes["rope.freqs"] = (args.head_dim // 2,)
+    split = {k: getattr(modules.get(k.rpartition(".")[0]), "split_dim", None) for k in shapes}
+    linear = tuple(name for name, m in modules.items() if isinstance(m, layers.ParallelLinear))
+    model.prepare()  # fuse, as the run does
+    fused = {name: ((m.out_features, m.in_features), m.split_dim) for name, m in model.named_modules()
+             if isinstance(m, layers.ParallelLinear)}
+    return ModelLayout(shapes, split, linear, fused)
+
+
 @functools.lru_cache(maxsize=None)
 def _split_dims() -> Dict[str, int]:
     """Module name (wq, w2, tok_embeddings...) -> split dim, as the model's parallel layers declare it."""
-    with torch.device("meta"), layers.single_process():
-        model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8))
-    return {name.rsplit(".", 1)[-1]: module.split_dim for name, module in model.named_modules()
-            if hasattr(module, "split_dim")}
+    layout = model_layout(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8))
+    return {key.split(".")[-2]: dim for key, dim in layout.split_dims.items() if dim is not None}
 
 
-def split_dim(key: str, ndim: Optional[int] = None) -> Optional[int]:
+def split_dim(key: str, ndim: Optional[int] = None, scheme: Optional[quant.Scheme] = None) -> Optional[int]:
     """The dim a state-dict entry is split on across shards, None where every shard holds all of it.
 
-    A quantized layer's entries (`<layer>.weight`, `.scales`, `.zeros`: output rows on dim 0, input columns or
-    groups on dim 1) split like its weight, except a one-dim per-output-row scale (int8) of a layer split on its
-    input dim: every shard holds all of it. Pass the entry's `ndim` for that rule."""
+    A quantized layer's entries other than its codes (`<layer>.scales`, `.zeros`) split as its scheme says
+    (`Scheme.entry_split_dim`, given the entry's `ndim`): like the weight, except a per-output-row vector
+    (int8's scales) of a layer split on its input dim, which every shard holds whole. Without a scheme, the
+    rule every scheme here follows."""
     parts = key.split(".")
     dim = _split_dims().get(parts[-2]) if len(parts) >= 2 else None
-    if dim is not None and ndim is not None and dim >= ndim and parts[-1] == "scales":
-        return None
-    return dim
+    if dim is None or ndim is None or parts[-1] == "weight":
+        return dim
+    return (scheme or quant.Scheme).entry_split_dim(parts[-1], dim, ndim)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -173,6 +223,7 @@ def load_rank_state(
     device: Union[str, torch.device] = "cpu",
     mmap: bool = True,
     progress: Optional[Callable[[int, int, Path, float], None]] = None,
+    scheme: Optional[quant.Scheme] = None,
 ) -> Dict[str, torch.Tensor]:
     """The tensors rank `rank` of `world` processes needs, from a checkpoint of any number of shards.
 
@@ -183,7 +234,7 @@ def load_rank_state(
     (check_model_parallel_size): here only the split dimensions' sizes are checked. mmap=False reads the
     rank's own shard into one buffer per tensor instead, so that a caller replacing tensors one by one (weight
     packing) frees each as it goes, which a shared mapping would not. `progress(i, n, path, seconds)` is called
-    after each of the n shards this rank reads.
+    after each of the n shards this rank reads. `scheme`: a quantized checkpoint's, which slices its entries.
     """
     if not shards:
         raise ValueError("no checkpoint shards given")
@@ -214,7 +265,7 @@ def load_rank_state(
             raise ValueError(f"shards {Path(ref_path).name} and {Path(path).name} of the same checkpoint do not "
                              f"hold the same entries with the same shapes (first differences: {diff[:5]})")
         for key, piece in src.items():
-            dim = split_dim(key, piece.dim())
+            dim = split_dim(key, piece.dim(), scheme)
             if dim is None:
                 if key not in out:
                     out[key] = piece.to(device=device, dtype=_cast_to(piece, dtype), copy=True)
@@ -369,14 +420,10 @@ def write_checkpoint(folder: PathLike, params: Union[Dict[str, Any], bytes],
 
 def state_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Every entry of a full (unsplit) state dict in Meta's naming, with its shape, in the released files' order
-    (read off the model itself, built on the meta device)."""
+    (read off the model itself: `model_layout`)."""
     if args.vocab_size < 1:
         raise ValueError("state_shapes needs a concrete vocab_size (the checkpoint's embedding rows)")
-    with torch.device("meta"), layers.single_process():
-        model = Transformer(args)
-    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    shapes["rope.freqs"] = (args.head_dim // 2,)
-    return shapes
+    return dict(model_layout(args).shapes)
 
 
 def rope_freqs(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
-from . import distributed, families
+from . import distributed, families, quant
 from .chat_format import ChatFormat, Dialog, validate_dialog
 from .model import check_positive_int
 from .engine.params import SamplingParams
@@ -128,10 +128,11 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of the sampler (the same seed and inputs give the same answers)")
     parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
-    parser.add_argument("--quantize", default=None, choices=("int8", "int4"),
+    parser.add_argument("--quantize", default=None, choices=tuple(quant.SCHEMES),
                         help="weight-only quantization at load (none for a quantized checkpoint)")
     parser.add_argument(*flag("group_size"), type=int, default=None,
-                        help="int4's inputs per scale: 32, 64 or 128 (default 64)")
+                        help=f"int4's inputs per scale: {', '.join(map(str, quant.GROUP_SIZES))} "
+                             f"(default {quant.DEFAULT_GROUP_SIZE})")
 
 
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:

@@ -98,7 +98,7 @@ class Llama:
         instructions, fbgemm fp16 on other x86), printing which. quantize: "int8" (one scale per output row)
         or "int4" (groups of `group_size` inputs: 32, 64 or 128, default 64) weight-only quantization of the
         linear layers at load, per process; a checkpoint written by `python -m llama.quantize` is loaded
-        quantized as it is stored (see llama/quantize.py). family: llama2, codellama, llama3 or llamaguard
+        quantized as it is stored (see llama/quant). family: llama2, codellama, llama3 or llamaguard
         (default: detected from the files, see llama/families); it decides the chat format and stop tokens.
         deterministic: a request's tokens never depend on
         what else shares its batch (every decode step has one shape and every prompt is prefilled alone; see
@@ -128,7 +128,7 @@ class Llama:
         if speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
             loading.inspect(speculative, tokenizer, max_seq_len, max_batch_size)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
-                            source.info.quantization, compile=compile, deterministic=deterministic)
+                            source.checkpoint.scheme, compile=compile, deterministic=deterministic)
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         torch.manual_seed(seed)
         loading.announce(source, args, plan)

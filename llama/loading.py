@@ -7,12 +7,13 @@ headers and the arguments is checked before any process group is joined or any w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, cpu, distributed, families, hf, quantize
+from . import cpu, distributed, families, quant, quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
+from .source import Checkpoint
 from .lora import LoraAdapter, merge_lora, read_adapter
 from .decode_step import default_compile
 from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
@@ -47,7 +48,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, qu
 class Plan:
     """The run's decisions, made once, checked once and never patched: process count, device (with its index:
     this process's GPU), dtype, the faster kernels, whether the decode step is compiled, deterministic mode,
-    and the weight-only quantization (mode and int4 group size, or None)."""
+    and the weight-only quantization scheme (llama/quant), or None."""
 
     model_parallel_size: int
     device: torch.device
@@ -55,9 +56,17 @@ class Plan:
     fast: bool
     compile: bool = False
     deterministic: bool = False
-    quantize: Optional[str] = None
-    group_size: Optional[int] = None
+    scheme: Optional[quant.Scheme] = None
     note: Optional[str] = None  # one line when an explicitly chosen dtype is the slow one on this CPU
+
+    @property
+    def quantize(self) -> Optional[str]:
+        """The scheme's name ("int8", "int4"), None when unquantized."""
+        return None if self.scheme is None else self.scheme.name
+
+    @property
+    def group_size(self) -> Optional[int]:
+        return None if self.scheme is None else self.scheme.group_size
 
 
 def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
@@ -69,26 +78,30 @@ def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
 
 @dataclass
 class Source:
-    """Where the weights come from: the folder, its layout's reader (Meta's or Hugging Face's), what its
-    headers say, and an optional LoRA adapter to merge in."""
+    """Where the weights come from: the opened checkpoint (llama/source.py), an optional LoRA adapter to merge
+    in, and the family."""
 
-    ckpt_dir: str
-    reader: Any  # the module checkpoint or hf: inspect_checkpoint and load_rank_state
-    info: CheckpointInfo
+    checkpoint: Checkpoint
     adapter: Optional[LoraAdapter]
     family: Optional[Family] = None  # detected from the files, or the one asked for
+
+    @property
+    def ckpt_dir(self) -> str:
+        return self.checkpoint.folder
+
+    @property
+    def info(self) -> CheckpointInfo:
+        return self.checkpoint.info
 
 
 def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_size: int,
             lora: Optional[str] = None, family: Optional[str] = None) -> Tuple[Source, ModelArgs]:
     """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter;
     its family detected (or `family` checked against the files)."""
-    reader = hf if hf.is_hf_checkpoint(ckpt_dir) else checkpoint
-    info = reader.inspect_checkpoint(ckpt_dir)
+    ckpt = Checkpoint.open(ckpt_dir)
+    info = ckpt.info
     found = families.detect(tokenizer, info.params, family)
-    args = ModelArgs.from_params(info.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
+    args = ckpt.run_args(max_seq_len, max_batch_size)
     if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
         raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
                          f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
@@ -97,14 +110,16 @@ def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch
         raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {ckpt_dir!r}: load its "
                          "bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
     adapter = read_adapter(lora, args) if lora is not None else None
-    return Source(str(ckpt_dir), reader, info, adapter, found), args
+    return Source(ckpt, adapter, found), args
 
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
          quantize_mode: Optional[str] = None, group_size: Optional[int] = None,
-         stored: Optional[dict] = None, compile: Optional[bool] = None, deterministic: bool = False) -> Plan:
+         stored: Union[quant.Scheme, dict, None] = None, compile: Optional[bool] = None,
+         deterministic: bool = False) -> Plan:
     """Pick the device, the process count, the dtype, compilation and the quantization once, and check that the
-    model can be split and run so. `stored`: the checkpoint's own quantization entry (params.json), if any."""
+    model can be split and run so. `stored`: the checkpoint's own quantization scheme (or its params.json
+    entry), if any."""
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be True or False, got {fast!r}")
     if not isinstance(deterministic, bool):
@@ -117,34 +132,35 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     if dtype is not None and not quantized:
         result = replace(result, note=cpu.dtype_note(dev, result.dtype))
     if stored is not None:
-        mode, stored_group = quantize.parse_entry(stored, "params.json")
-        if quantize_mode not in (None, mode) or group_size not in (None, stored_group):
-            raise ValueError(f"the checkpoint is quantized ({mode}, group_size {stored_group}); it cannot be "
-                             f"loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass neither, or "
-                             "quantize its bfloat16 source")
+        scheme = stored if isinstance(stored, quant.Scheme) else quant.from_entry(stored, "params.json")
+        asked = quantize_mode.name if isinstance(quantize_mode, quant.Scheme) else quantize_mode
+        if asked not in (None, scheme.name) or group_size not in (None, scheme.group_size):
+            raise ValueError(f"the checkpoint is quantized ({scheme.name}, group_size {scheme.group_size}); it "
+                             f"cannot be loaded as quantize={quantize_mode!r}, group_size={group_size!r}: pass "
+                             "neither, or quantize its bfloat16 source")
         if not fast:
-            raise ValueError(f"the checkpoint is quantized ({mode}) and needs fast=True: its layers hold no "
+            raise ValueError(f"the checkpoint is quantized ({scheme.name}) and needs fast=True: its layers hold no "
                              "weights in Meta's layout for fast=False to keep")
-        quantize_mode, group_size = mode, stored_group
     elif quantize_mode is None:
         if group_size is not None:
             raise ValueError(f"group_size={group_size!r} needs quantize='int4'")
         return result
-    group_size = quantize.check_mode(quantize_mode, group_size)
+    else:
+        scheme = quant.parse(quantize_mode, group_size)
     if not fast:
-        raise ValueError(f"quantize={quantize_mode!r} needs fast=True: quantized layers replace the weights, so "
+        raise ValueError(f"quantize={scheme.name!r} needs fast=True: quantized layers replace the weights, so "
                          "the model cannot keep them in Meta's layout as fast=False promises")
-    quantize.check_device(quantize_mode, result.device, result.dtype)
-    quantize.check_layers(args, mp, quantize_mode, group_size, result.device.type)
-    return replace(result, quantize=quantize_mode, group_size=group_size)
+    scheme.check_device(result.device, result.dtype)
+    scheme.check_shapes(quantize.linear_shapes(args, mp), mp, result.device.type)
+    return replace(result, scheme=scheme)
 
 
 def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
     kind = ""
-    if plan.quantize is not None:
-        weights = quantize.weight_bytes(args, plan.quantize, plan.group_size, plan.dtype, plan.model_parallel_size)
-        kind = f"{plan.quantize} " + ("(quantized at load) " if source.info.quantization is None else "")
+    if plan.scheme is not None:
+        weights = quantize.weight_bytes(args, plan.scheme, None, plan.dtype, plan.model_parallel_size)
+        kind = f"{plan.scheme.name} " + ("(quantized at load) " if source.info.quantization is None else "")
     family = f"{source.family.title}: " if source.family is not None else ""
     distributed.print0(
         f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
@@ -159,26 +175,27 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
     """This rank's share of the model, on its device, weights in place, KV cache allocated."""
     with torch.device("meta"):
         model = Transformer(args)
-    if plan.quantize is not None:
-        kernel = quantize.kernel_for_quantize(plan.quantize, plan.device, plan.dtype, plan.group_size)
+    if plan.scheme is not None:
+        kernel = quantize.kernel_for_quantize(plan.scheme, plan.device, plan.dtype)
     else:
         kernel = cpu.kernel_for(plan.device, plan.dtype, max_batch=args.max_batch_size) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
-    state = source.reader.load_rank_state(source.info.shards, rank, plan.model_parallel_size, dtype=plan.dtype,
-                                          device=plan.device, mmap=not (plan.fast and plan.device.type == "cpu"),
-                                          progress=_report_shard)
+    state = source.checkpoint.load_rank_state(rank, plan.model_parallel_size, dtype=plan.dtype, device=plan.device,
+                                              mmap=not (plan.fast and plan.device.type == "cpu"),
+                                              progress=_report_shard)
     if source.adapter is not None:
         merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
         _report_lora(source.adapter)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
-    if source.info.quantization is not None:  # its linear layers go in as they are stored: no bfloat16 copy
-        quantize.install(model, quantize.take_quantized(state), plan.quantize, plan.group_size, source.ckpt_dir)
+    stored = source.checkpoint.scheme
+    if stored is not None:  # its linear layers go in as they are stored: no bfloat16 copy
+        quantize.install(model, quantize.take_quantized(state, stored, source.ckpt_dir), stored, source.ckpt_dir)
     _check_state(model, state, source.ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    if plan.quantize is not None and source.info.quantization is None:
-        quantize.quantize_model(model, plan.quantize, plan.group_size)
+    if plan.scheme is not None and stored is None:
+        quantize.quantize_model(model, plan.scheme)
     if plan.fast:
         model.prepare(kernel)
     model.setup_cache(plan.device, plan.dtype)

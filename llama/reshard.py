@@ -19,16 +19,9 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from .checkpoint import (
-    PathLike,
-    check_model_parallel_size,
-    ensure_empty_destination,
-    inspect_checkpoint,
-    load_rank_state,
-    valid_model_parallel_sizes,
-    write_checkpoint,
-)
-from .model import ModelArgs, check_positive_int
+from .checkpoint import PathLike, ensure_empty_destination, load_rank_state, write_checkpoint
+from .model import check_positive_int
+from .source import Checkpoint
 
 
 def reshard(
@@ -45,27 +38,27 @@ def reshard(
     values) or a destination that already holds a checkpoint.
     """
     log = log or (lambda message: None)
-    info = inspect_checkpoint(src_dir)
-    # The vocabulary is split too: take its size from the weights, as params.json says -1 in Meta's files.
-    args = ModelArgs.from_params(info.params)
-    args.vocab_size = info.vocab_rows
+    ckpt = Checkpoint.open(src_dir)
+    if ckpt.layout != "meta":
+        raise ValueError(f"{str(src_dir)!r} is in Hugging Face's layout: convert it (python -m llama convert) "
+                         "instead of resharding it")
     try:
         check_positive_int("--mp", n_shards)
     except ValueError as err:
-        raise ValueError(f"{err}; valid values for this checkpoint: {valid_model_parallel_sizes(args)}") from None
-    check_model_parallel_size(args, n_shards)
+        raise ValueError(f"{err}; valid values for this checkpoint: {ckpt.valid_worlds()}") from None
+    ckpt.check_world(n_shards)
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if src == dst:
         raise FileExistsError(f"source and destination are the same directory {str(src)!r}; choose a new one")
     ensure_empty_destination(dst)  # also checked by write_checkpoint; here so nothing is read before it fails
     params_bytes = (Path(src_dir) / "params.json").read_bytes()
-    log(f"resharding {info.n_shards} shard(s) of {src_dir} into {n_shards} shard(s) in {dst_dir} "
+    log(f"resharding {ckpt.n_shards} shard(s) of {src_dir} into {n_shards} shard(s) in {dst_dir} "
         f"({str(dtype).removeprefix('torch.')})")
 
     def shards() -> Iterator[dict]:
         for index in range(n_shards):
             start = time.perf_counter()
-            state = load_rank_state(info.shards, index, n_shards, dtype=dtype)
+            state = load_rank_state(ckpt.shards, index, n_shards, dtype=dtype, scheme=ckpt.scheme)
             size = sum(t.numel() * t.element_size() for t in state.values())
             yield state
             del state

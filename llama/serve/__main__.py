@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import distributed
+from .. import distributed, quant
 from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_PREFILL_TOKENS, MAX_QUEUE
 from ..cli import program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
@@ -82,7 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
         help="memory for the prefix cache's blocks, GiB per process (default: a quarter of the KV cache's rows, "
              "at least one whole context)")
     add("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
-    add("--quantize", choices=["int8", "int4"], default=None,
+    add("--quantize", choices=list(quant.SCHEMES), default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
     add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
