@@ -8,7 +8,8 @@ every variant once, in a rotating order, together with a plain streaming read of
 are medians over the rounds, and each round's shares use that round's read bandwidth:
 
 - decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the engine's decode step after a 16-token
-  prompt;
+  prompt (on the own kernels: their layers in one C call, llama/fused_decode.py; --layers adds the same
+  models stepping layer by layer in PyTorch, as <precision>_layers);
 - prefill_tok_s: one forward pass over a prompt of --prompt_len tokens (logits at its last position only);
 - bandwidth_share: decode_tok_s x the bytes of weights read per token (every weight once, except the embedding
   table, of which one row) / the read bandwidth.
@@ -95,6 +96,8 @@ def main() -> None:
                         help="comma-separated: bfloat16, int8, int4_g64")
     parser.add_argument("--aten", action="store_true",
                         help="also bfloat16 through oneDNN and int8/int4 through PyTorch's operators")
+    parser.add_argument("--layers", action="store_true",
+                        help="also decode layer by layer in PyTorch (<precision>_layers) beside the fused C step")
     parser.add_argument("--read_gib", type=float, default=1.0, help="size of the streaming read")
     opts = parser.parse_args()
     if opts.threads:
@@ -111,17 +114,20 @@ def main() -> None:
     names = opts.precisions.split(",") + (peers if opts.aten else [])
     bad = [n for n in names if n not in ("bfloat16", "int8", "int4_g64", "bfloat16_onednn", "int8_aten",
                                          "int4_g64_aten")]
+    if opts.layers:
+        names += [f"{n}_layers" for n in opts.precisions.split(",")]
     if bad:
         parser.error(f"unknown precision {bad[0]!r}: use bfloat16, int8, int4_g64")
 
     models: Dict[str, Transformer] = {}
     for name in names:
         progress(f"building {opts.shape} ({args.n_layers} layers) as {name}")
-        models[name] = build(args, name)
+        models[name] = build(args, name.removesuffix("_layers"))
     per_token = {name: bytes_read_per_token(model) for name, model in models.items()}
     prompt = torch.tensor(prompts(1, opts.prompt_len, args.vocab_size))
     last = torch.tensor([[opts.prompt_len - 1]])
-    steps = {name: DecodeStep(model, compiled=False) for name, model in models.items()}  # as the engine steps
+    steps = {name: DecodeStep(model, compiled=False, fused=not name.endswith("_layers"))  # as the engine steps
+             for name, model in models.items()}
 
     def decode(name: str) -> float:
         """Tokens/s of greedy decode steps after a 16-token prompt (llama.decode_step.DecodeStep, as the engine
@@ -172,6 +178,7 @@ def main() -> None:
     for name in names:
         out["precisions"][name] = {
             "kernels": kernel_report(models[name])["linear_kernels"],
+            "decode_step": "fused C layers" if steps[name].fused is not None else "PyTorch layer by layer",
             "weight_bytes_read_per_token": per_token[name],
             "decode_tok_s": round(median(lambda r: r[name][0]), 2),
             "prefill_tok_s": round(median(lambda r: r[name][1]), 1),
@@ -184,7 +191,7 @@ def main() -> None:
             out["precisions"][name]["prefill_vs_bfloat16"] = round(median(lambda r: r[name][1] / r["bfloat16"][1]), 2)
     for name in names:
         own = name.rpartition("_")[0]
-        if name.endswith(("_aten", "_onednn")) and own in models:
+        if name.endswith(("_aten", "_onednn", "_layers")) and own in models:
             out["precisions"][name][f"decode_vs_{own}"] = round(median(lambda r: r[name][0] / r[own][0]), 2)
             out["precisions"][name][f"prefill_vs_{own}"] = round(median(lambda r: r[name][1] / r[own][1]), 2)
     print(json.dumps(out, indent=2))

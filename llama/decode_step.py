@@ -5,7 +5,8 @@ capped at max_seq_len) with the mask carrying the positions, so during a generat
 the window grows, a handful of times at most. On CUDA it is compiled with ``mode="reduce-overhead"``: each shape
 is captured once as a CUDA graph and replayed with one launch per step, which removes the per-kernel launch
 cost that bounds batch-1 decoding on a GPU. Eager steps attend over exactly the positions in use, the least
-work where launches are cheap (CPUs).
+work where launches are cheap (CPUs). An eager CPU step of a model whose linear layers all run on the project's
+own kernels runs its layers in one C call (llama/fused_decode.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import cpu, distributed, qkernels
+from .fused_decode import MAX_ROWS, FusedDecode
 from .model import Transformer
 
 _FIRST_WINDOW = 256
@@ -40,10 +42,13 @@ class DecodeStep:
     """Calls `model.decode` for a batch whose positions are known on the host (no device sync here)."""
 
     def __init__(self, model: Transformer, compiled: bool, fixed_window: Optional[bool] = None,
-                 full_window: bool = False) -> None:
+                 full_window: bool = False, fused: Optional[bool] = None) -> None:
         """fixed_window (default: as compiled) attends over the bucketed windows even when eager, which
         gives the compiled step's arithmetic without compiling (the tests compare it with exact windows).
-        full_window: always attend over the whole context (deterministic mode)."""
+        full_window: always attend over the whole context (deterministic mode).
+        fused: run an eager CPU step's layers in one C call (llama.fused_decode) where the model allows it
+        (None, the default) or never (False; benchmarks compare the two). A fused row attends over its own
+        positions only, whatever the window."""
         self.model = model
         self.full_window = full_window
         self.compiled = compiled
@@ -56,6 +61,8 @@ class DecodeStep:
         # thread and the kernels on all (llama.qkernels.decoding_threads).
         self._threads = qkernels.decoding_threads if self.device.type == "cpu" and \
             cpu.decodes_on_own_kernels(model) else contextlib.nullcontext
+        self.fused = FusedDecode.for_model(model) if fused is not False and not compiled and \
+            self.device.type == "cpu" else None
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits (B, V) for tokens (B,) at host-known positions (one per cache row 0..B-1)."""
@@ -63,6 +70,8 @@ class DecodeStep:
             return self._step(tokens, positions)
 
     def _step(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        if self.fused is not None and len(positions) < MAX_ROWS:
+            return self.fused(tokens, positions)
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled:

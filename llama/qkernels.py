@@ -2,6 +2,7 @@
 
 - qlinear.c: quantized (int8, int4) linear layers at decoding sizes, and dequantized row tiles for prefill;
 - linear16.c: bfloat16 linear layers at decoding sizes with AVX-512 BF16 (llama.cpu's `own-bf16` path);
+- decode.c: a decoding step's layers in one call over those kernels (llama/fused_decode.py);
 - pool.c, common.h: the threads they share, the instruction sets, bfloat16 conversions.
 
 Why a C file of its own: at batch 1 PyTorch's weight-only int8 and int4 CPU operators stream the weights at about
@@ -34,7 +35,7 @@ from typing import Iterator, Optional
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / name for name in ("pool.c", "qlinear.c", "linear16.c")]
+SOURCES = [CSRC / name for name in ("pool.c", "qlinear.c", "linear16.c", "decode.c")]
 HEADERS = [CSRC / "common.h"]
 # The instruction sets of the kernels, by the number the C library uses; "best" = the highest this CPU runs.
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
@@ -50,7 +51,8 @@ _tried = False
 _STEP = threading.local()  # the kernels' thread count inside `decoding_threads` (this thread only)
 
 
-def _threads() -> int:
+def kernel_threads() -> int:
+    """The threads the kernels run on: PyTorch's count, or inside `decoding_threads` the count before it."""
     return getattr(_STEP, "threads", None) or torch.get_num_threads()
 
 
@@ -150,6 +152,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_linear_bf16.argtypes = [c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qk_untile_bf16.restype = c_int
     lib.qk_untile_bf16.argtypes = [c_int, ptr, i64, i64, i64, ptr]
+    lib.qk_decode_layers.restype = c_int
+    lib.qk_decode_layers.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, ptr]
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -223,7 +227,7 @@ def linear(x: torch.Tensor, kind: int, packed: torch.Tensor, rscale: Optional[to
     m, k = x.shape
     out = torch.empty(m, n, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
-    _check(load().qk_linear(kind, ISAS[isa], threads or _threads(), x.data_ptr(), bf16, m, k,
+    _check(load().qk_linear(kind, ISAS[isa], threads or kernel_threads(), x.data_ptr(), bf16, m, k,
                             packed.data_ptr(), None if rscale is None else rscale.data_ptr(), n, group,
                             out.data_ptr(), bf16), "qk_linear")
     return out
@@ -239,7 +243,7 @@ def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], 
         out = torch.empty(count, dtype=dtype)
     if out.dtype != dtype or out.numel() < count or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of {count} elements or more")
-    _check(load().qk_dequantize(kind, ISAS[isa], threads or _threads(), packed.data_ptr(),
+    _check(load().qk_dequantize(kind, ISAS[isa], threads or kernel_threads(), packed.data_ptr(),
                                 None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
                                 out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
     return out.view(-1)[:count].view(rows.stop - rows.start, k)
@@ -270,7 +274,7 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, threads: Optional
     """y = x @ W.T for x (M, K) contiguous bfloat16 and W packed by `pack_bf16`, in bfloat16."""
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    _check(load().qk_linear_bf16(threads or _threads(), x.data_ptr(), m, k, packed.data_ptr(), n,
+    _check(load().qk_linear_bf16(threads or kernel_threads(), x.data_ptr(), m, k, packed.data_ptr(), n,
                                  out.data_ptr()), "qk_linear_bf16")
     return out
 
@@ -281,6 +285,6 @@ def untile_bf16(packed: torch.Tensor, k: int, rows: slice, out: torch.Tensor,
     count = (rows.stop - rows.start) * k
     if out.dtype != torch.bfloat16 or out.numel() < count or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous bfloat16 tensor of {count} elements or more")
-    _check(load().qk_untile_bf16(threads or _threads(), packed.data_ptr(), k, rows.start, rows.stop,
+    _check(load().qk_untile_bf16(threads or kernel_threads(), packed.data_ptr(), k, rows.start, rows.stop,
                                  out.data_ptr()), "qk_untile_bf16")
     return out.view(-1)[:count].view(rows.stop - rows.start, k)

@@ -87,11 +87,11 @@ def test_decoding_threads_give_the_kernels_every_thread_and_restore_them():
     torch.set_num_threads(2)
     try:
         with qkernels.decoding_threads():
-            assert torch.get_num_threads() == 1 and qkernels._threads() == 2
+            assert torch.get_num_threads() == 1 and qkernels.kernel_threads() == 2
             with qkernels.decoding_threads():  # nested: unchanged
-                assert torch.get_num_threads() == 1 and qkernels._threads() == 2
+                assert torch.get_num_threads() == 1 and qkernels.kernel_threads() == 2
             assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2 and qkernels._threads() == 2
+        assert torch.get_num_threads() == 2 and qkernels.kernel_threads() == 2
         with pytest.raises(RuntimeError):
             with qkernels.decoding_threads():
                 raise RuntimeError("a failing step")

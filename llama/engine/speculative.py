@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..decode_step import DecodeStep
 from .sampler import RowSampler, choose, distribution
 
 MAX_DRAFT_TOKENS = 32
@@ -96,6 +97,7 @@ class ModelDrafter(Drafter):
     def __init__(self, model) -> None:
         self.model = model
         self.device = model.rope.device
+        self._step = DecodeStep(model, compiled=False)  # eager: on the own CPU kernels, the fused C step
         self._cached: Dict[int, Tuple[object, int]] = {}  # row -> (key, tokens of the sequence in the cache)
 
     @torch.inference_mode()
@@ -145,7 +147,7 @@ class ModelDrafter(Drafter):
             if step + 1 == most:
                 break
             here = [p + 1 for p in here]
-            nxt = self.model.decode(nxt, torch.tensor(here, device=self.device), 1 + max(here)).argmax(-1)
+            nxt = self._step(nxt, here).argmax(-1)
         for r in wanted:
             self._cached[r.row] = (r.key, len(r.tokens))
         return [drafts[r.row] if r.k > 0 else [] for r in rows]

@@ -1,0 +1,288 @@
+/* A decoding step's transformer layers in one call, for models whose every linear layer runs on this library's
+ * own kernels (qlinear.c, linear16.c) in one process.
+ *
+ * At batch 1 the weights' stream is the step's real work, and the C kernels keep it near the memory bandwidth.
+ * What PyTorch adds around them (norms, rotations, the cache writes, attention over a short context, the
+ * residual adds, Python between them) costs 8-12 ms per token at the 1.1B shape on 2 cores, a quarter of an
+ * int8 step. Here each layer is: RMSNorm, the fused wq/wk/wv product, rotary embedding of q and k, the new k
+ * and v written into the cache row, attention over the row's positions 0..pos, wo, the residual add, RMSNorm,
+ * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add.
+ *
+ * It computes what llama/model.py computes, in the same dtypes: activations bfloat16 between operators (each
+ * operator's float32 result rounded once, as PyTorch's bfloat16 operators do), norms, rotations, softmax and
+ * attention sums in float32. The order of float additions differs from PyTorch's, so results agree to
+ * bfloat16 rounding, not bit for bit. Each row attends over its own positions only, so a row's tokens never
+ * depend on the other rows or on a window.
+ *
+ * Vector code: the operators below are plain loops written in lanes of 16, compiled for AVX-512, AVX2 and
+ * portable C, and chosen at run time. exp is a polynomial (Cephes' expf: about 1 ulp), so it vectorizes. */
+
+#include "common.h"
+
+int qk_linear(int kind, int isa, int threads, const void *x, int x_bf16, int64_t M, int64_t K, const void *w,
+              const float *rscale, int64_t N, int64_t group, void *out, int out_bf16);
+int qk_linear_bf16(int threads, const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
+                   uint16_t *out);
+
+#define KIND_BF16 16
+#define LANES 16
+#define MAX_HEAD_DIM 256
+
+/* The structures the Python side fills (llama/fused_decode.py mirrors them with ctypes). */
+typedef struct {
+    int32_t kind, isa;      /* 16: bfloat16 (linear16.c); 8 or 4: int8 or int4 (qlinear.c) with instruction set isa */
+    int64_t n, k, group;    /* output and input features; int4's group size */
+    const void *w;          /* the packed weight */
+    const float *rscale;    /* int8: the row scales */
+} qk_lin_t;
+
+typedef struct {
+    qk_lin_t qkv, wo, w13, w2;
+    const uint16_t *attn_norm, *ffn_norm;  /* bfloat16 norm weights (dim) */
+    uint16_t *k, *v;                       /* the layer's cache: (rows, kv_heads, max_seq, head_dim), bfloat16 */
+} qk_layer_t;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, max_seq, rows;
+    float eps;
+    const float *rope;  /* (max_seq, head_dim / 2, 2): cos and sin of each position's angles */
+} qk_model_t;
+
+/* --- the operators, written once, compiled for each instruction set ------------------------------------------ */
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf(uint16_t h) { return bf16_to_f32(h); }
+
+/* e^x for x <= 88 (Cephes' expf): x = n ln2 + r, e^r by its polynomial, 2^n in the exponent bits. */
+INLINE float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w), one row of n (n a multiple of 16). */
+INLINE void rmsnorm_body(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
+    float acc[LANES] = {0};
+    for (int64_t i = 0; i < n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float v = bf(x[i + l]);
+            acc[l] += v * v;
+        }
+    float ss = 0.0f;
+    for (int l = 0; l < LANES; l++) ss += acc[l];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf(f32_to_bf16(bf(x[i]) * r)) * bf(w[i]));
+}
+
+/* x = bf16(x + y), n values. */
+INLINE void add_body(uint16_t *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf(x[i]) + bf(y[i]));
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for the rows of gu (gate, up: `hidden` each). */
+INLINE void silu_mul_body(const uint16_t *gu, int64_t rows, int64_t hidden, uint16_t *out) {
+    for (int64_t m = 0; m < rows; m++) {
+        const uint16_t *g = gu + m * 2 * hidden, *u = g + hidden;
+        uint16_t *o = out + m * hidden;
+        for (int64_t i = 0; i < hidden; i++) {
+            const float v = bf(g[i]);
+            o[i] = f32_to_bf16(bf(f32_to_bf16(v / (1.0f + exp_poly(-v)))) * bf(u[i]));
+        }
+    }
+}
+
+/* Rotate the interleaved pairs of n heads of size d in place (x bfloat16), by one position's table. */
+INLINE void rope_body(uint16_t *x, int64_t heads, int64_t d, const float *table) {
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < d / 2; i++) {
+            const float a = bf(x[h * d + 2 * i]), b = bf(x[h * d + 2 * i + 1]);
+            const float c = table[2 * i], s = table[2 * i + 1];
+            x[h * d + 2 * i] = f32_to_bf16(a * c - b * s);
+            x[h * d + 2 * i + 1] = f32_to_bf16(a * s + b * c);
+        }
+}
+
+/* n_rep query heads (q: n_rep x d, bfloat16) over one KV head's positions 0..len-1 (keys, values: len x d).
+ * scores: n_rep x len floats of scratch. out: n_rep x d, bfloat16. */
+INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, const uint16_t *keys, const uint16_t *values,
+                        int64_t len, float *scores, uint16_t *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float qf[MAX_HEAD_DIM];
+    for (int64_t r = 0; r < n_rep; r++) {
+        for (int64_t i = 0; i < d; i++) qf[i] = bf(q[r * d + i]);
+        float *s = scores + r * len;
+        for (int64_t t = 0; t < len; t++) {
+            const uint16_t *k = keys + t * d;
+            float acc[LANES] = {0};
+            for (int64_t i = 0; i < d; i += LANES)
+                for (int l = 0; l < LANES; l++) acc[l] += qf[i + l] * bf(k[i + l]);
+            float dot = 0.0f;
+            for (int l = 0; l < LANES; l++) dot += acc[l];
+            s[t] = dot * scale;
+        }
+        float top = s[0];
+        for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = exp_poly(s[t] - top);
+            sum += s[t];
+        }
+        float o[MAX_HEAD_DIM] = {0};
+        for (int64_t t = 0; t < len; t++) {
+            const uint16_t *v = values + t * d;
+            const float p = s[t];
+            for (int64_t i = 0; i < d; i++) o[i] += p * bf(v[i]);
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < d; i++) out[r * d + i] = f32_to_bf16(o[i] * inv);
+    }
+}
+
+typedef struct {
+    void (*rmsnorm)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
+    void (*add)(uint16_t *, const uint16_t *, int64_t);
+    void (*silu_mul)(const uint16_t *, int64_t, int64_t, uint16_t *);
+    void (*rope)(uint16_t *, int64_t, int64_t, const float *);
+    void (*attend)(const uint16_t *, int64_t, int64_t, const uint16_t *, const uint16_t *, int64_t, float *,
+                   uint16_t *);
+} ops_t;
+
+#define DEFINE_OPS(name, attr)                                                                                  \
+    attr static void rmsnorm_##name(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *o) {  \
+        rmsnorm_body(x, w, n, eps, o);                                                                          \
+    }                                                                                                           \
+    attr static void add_##name(uint16_t *x, const uint16_t *y, int64_t n) { add_body(x, y, n); }              \
+    attr static void silu_mul_##name(const uint16_t *gu, int64_t rows, int64_t hidden, uint16_t *o) {           \
+        silu_mul_body(gu, rows, hidden, o);                                                                     \
+    }                                                                                                           \
+    attr static void rope_##name(uint16_t *x, int64_t heads, int64_t d, const float *t) {                       \
+        rope_body(x, heads, d, t);                                                                              \
+    }                                                                                                           \
+    attr static void attend_##name(const uint16_t *q, int64_t n_rep, int64_t d, const uint16_t *k,              \
+                                   const uint16_t *v, int64_t len, float *s, uint16_t *o) {                     \
+        attend_body(q, n_rep, d, k, v, len, s, o);                                                              \
+    }                                                                                                           \
+    static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name};
+
+DEFINE_OPS(scalar, )
+#if QK_X86
+DEFINE_OPS(avx2, __attribute__((target(AVX2))))
+DEFINE_OPS(avx512, __attribute__((target(AVX512))))
+#endif
+
+static const ops_t *ops_for(int isa) {
+#if QK_X86
+    if (isa >= ISA_AVX512_VNNI) return &ops_avx512;
+    if (isa == ISA_AVX2) return &ops_avx2;
+#endif
+    (void)isa;
+    return &ops_scalar;
+}
+
+/* --- attention, split over the pool's threads by (row, KV head) ------------------------------------------- */
+
+typedef struct {
+    const ops_t *ops;
+    const qk_model_t *model;
+    const qk_layer_t *layer;
+    int64_t M, first, max_len;
+    const int64_t *pos;
+    const uint16_t *qkv;  /* M x (n_heads + 2 kv_heads) x head_dim, q already rotated */
+    uint16_t *out;        /* M x n_heads x head_dim */
+    float *scores;        /* M x n_heads x max_len */
+} att_t;
+
+static void attend_part(const void *ctx, int64_t part, int64_t parts) {
+    const att_t *a = (const att_t *)ctx;
+    const qk_model_t *s = a->model;
+    const int64_t d = s->head_dim, kv = s->n_kv_heads, n_rep = s->n_heads / kv, width = (s->n_heads + 2 * kv) * d;
+    int64_t lo, hi;
+    share(a->M * kv, part, parts, &lo, &hi);
+    for (int64_t item = lo; item < hi; item++) {
+        const int64_t m = item / kv, h = item % kv, row = a->first + m, len = a->pos[m] + 1;
+        const int64_t at = ((row * kv + h) * s->max_seq) * d;
+        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + at, a->layer->v + at, len,
+                       a->scores + item * n_rep * a->max_len, a->out + (m * s->n_heads + h * n_rep) * d);
+    }
+}
+
+static int linear(const qk_lin_t *l, int threads, const uint16_t *x, int64_t M, uint16_t *out) {
+    if (l->kind == KIND_BF16) return qk_linear_bf16(threads, x, M, l->k, (const uint16_t *)l->w, l->n, out);
+    return qk_linear(l->kind, l->isa, threads, x, 1, M, l->k, l->w, l->rscale, l->n, l->group, out, 1);
+}
+
+/* The layers of one decoding step: x (M x dim, bfloat16) holds token m's embedding for cache row first + m at
+ * position pos[m]; on return it holds the last layer's output (before the final norm). Each layer's new keys and
+ * values are written into its cache. Returns 0, EINVAL (shapes or positions out of range), ENOMEM, or a
+ * kernel's error. */
+int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t *layers, int64_t M, int64_t first,
+                     const int64_t *pos, uint16_t *x) {
+    const int64_t dim = s->dim, d = s->head_dim, H = s->n_heads, kv = s->n_kv_heads, hidden = s->hidden;
+    if (M < 1 || first < 0 || first + M > s->rows || d < 2 || d > MAX_HEAD_DIM || d % LANES || dim % LANES ||
+        kv < 1 || H % kv)
+        return EINVAL;
+    int64_t max_len = 0;
+    for (int64_t m = 0; m < M; m++) {
+        if (pos[m] < 0 || pos[m] >= s->max_seq) return EINVAL;
+        max_len = pos[m] + 1 > max_len ? pos[m] + 1 : max_len;
+    }
+    for (int64_t l = 0; l < s->n_layers; l++) {
+        const qk_layer_t *L = layers + l;
+        if (L->qkv.n != (H + 2 * kv) * d || L->qkv.k != dim || L->wo.n != dim || L->wo.k != H * d ||
+            L->w13.n != 2 * hidden || L->w13.k != dim || L->w2.n != dim || L->w2.k != hidden)
+            return EINVAL;
+    }
+    const ops_t *ops = ops_for(isa);
+    const int64_t width = (H + 2 * kv) * d;
+    const size_t halves = (size_t)(M * (dim + width + H * d + dim + 2 * hidden + hidden));
+    uint16_t *mem = malloc(halves * 2 + (size_t)(M * H * max_len) * 4 + 64);
+    if (!mem) return ENOMEM;
+    uint16_t *xn = mem, *qkv = xn + M * dim, *att = qkv + M * width, *o = att + M * H * d, *gu = o + M * dim;
+    uint16_t *hb = gu + M * 2 * hidden;
+    float *scores = (float *)(((uintptr_t)(hb + M * hidden) + 63) & ~(uintptr_t)63);
+    int rc = 0;
+    for (int64_t l = 0; l < s->n_layers && !rc; l++) {
+        const qk_layer_t *L = layers + l;
+        for (int64_t m = 0; m < M; m++) ops->rmsnorm(x + m * dim, L->attn_norm, dim, s->eps, xn + m * dim);
+        if ((rc = linear(&L->qkv, threads, xn, M, qkv))) break;
+        for (int64_t m = 0; m < M; m++) {
+            uint16_t *q = qkv + m * width, *k = q + H * d, *v = k + kv * d;
+            const float *table = s->rope + pos[m] * d;
+            ops->rope(q, H, d, table);
+            ops->rope(k, kv, d, table);
+            for (int64_t h = 0; h < kv; h++) {
+                const int64_t at = (((first + m) * kv + h) * s->max_seq + pos[m]) * d;
+                memcpy(L->k + at, k + h * d, (size_t)d * 2);
+                memcpy(L->v + at, v + h * d, (size_t)d * 2);
+            }
+        }
+        att_t a = {.ops = ops, .model = s, .layer = L, .M = M, .first = first, .max_len = max_len, .pos = pos,
+                   .qkv = qkv, .out = att, .scores = scores};
+        int64_t parts = threads < 1 ? 1 : threads;
+        if (parts > M * kv) parts = M * kv;
+        pool_run(attend_part, &a, parts);
+        if ((rc = linear(&L->wo, threads, att, M, o))) break;
+        ops->add(x, o, M * dim);
+        for (int64_t m = 0; m < M; m++) ops->rmsnorm(x + m * dim, L->ffn_norm, dim, s->eps, xn + m * dim);
+        if ((rc = linear(&L->w13, threads, xn, M, gu))) break;
+        ops->silu_mul(gu, M, hidden, hb);
+        if ((rc = linear(&L->w2, threads, hb, M, o))) break;
+        ops->add(x, o, M * dim);
+    }
+    free(mem);
+    return rc;
+}

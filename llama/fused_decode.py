@@ -1,0 +1,135 @@
+"""A CPU decoding step whose layers run in one C call (llama/csrc/decode.c), for models on the own kernels.
+
+When every linear layer of a one-process CPU model computes through the project's own kernels (int8, int4 or
+`own-bf16`), the weights already stream near the memory bandwidth, and what is left of a step is PyTorch's
+small operators between them and the Python that calls them: about 8 ms per token at the 1.1B shape on two
+cores, a quarter of an int8 step. `FusedDecode` hands the kernels' packed weights, the norm weights, the rotary
+tables and the KV cache to one C function that runs every layer, and keeps the embedding lookup, the final norm
+and the output projection in PyTorch. Results agree with the layer-by-layer step to bfloat16 rounding (the C
+code keeps PyTorch's dtypes; only the order of float additions differs), and each row attends over its own
+positions only, so a row's tokens do not depend on the others in the batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import cpu, qkernels
+from .layers import ParallelLinear
+from .model import Transformer
+from .quant.kernels import Int4Linear, Int8Linear
+
+# Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
+# cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
+MAX_ROWS = 32
+_BF16 = 16  # decode.c's number for a linear layer on linear16.c
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("isa", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("w", ctypes.c_void_p), ("rscale", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("wo", _Linear), ("w13", _Linear), ("w2", _Linear),
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("k", ctypes.c_void_p),
+                ("v", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
+                ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
+                ("max_seq", ctypes.c_int64), ("rows", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("rope", ctypes.c_void_p)]
+
+
+def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
+    """A linear layer as decode.c takes it, or None where it is not on the own kernels."""
+    kernel = getattr(layer, "kernel", None)
+    if isinstance(kernel, cpu.OwnBf16Linear):
+        return _Linear(_BF16, 0, kernel.out_features, layer.in_features, 0, kernel.packed.data_ptr(), None)
+    if isinstance(kernel, (Int8Linear, Int4Linear)) and kernel.own is not None:
+        own = kernel.own
+        return _Linear(own.kind, qkernels.ISAS[own.isa], own.n, own.k, own.group, own.packed.data_ptr(),
+                       None if own.rscale is None else own.rscale.data_ptr())
+    return None
+
+
+def why_not(model: Transformer) -> Optional[str]:
+    """Why `model` cannot decode through decode.c (None when it can)."""
+    if model.rope.device.type != "cpu" or not model.has_cache:
+        return "not a CPU model with a KV cache"
+    if model.tok_embeddings.world != 1:
+        return "model parallel"
+    first = model.layers[0].attention
+    if first.cache.k.dtype != torch.bfloat16 or model.norm.weight.dtype != torch.bfloat16:
+        return "not bfloat16"
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.wqkv is None or ffn.w13 is None:
+            return "layers not fused"
+        if any(_describe(lin) is None for lin in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)):
+            return "a linear layer not on the own kernels"
+    if first.head_dim % 16 or first.head_dim > 256 or model.params.dim % 16:
+        return f"head dimension {first.head_dim} or dim {model.params.dim} (decode.c takes multiples of 16)"
+    if qkernels.load() is None:  # (the own kernels above imply it; checked last, as it may build the library)
+        return f"the C kernels are not available ({qkernels.unavailable()})"
+    return None
+
+
+class FusedDecode:
+    """`model.decode` for cache rows 0..B-1 (B < MAX_ROWS), the layers in one call of decode.c."""
+
+    def __init__(self, model: Transformer) -> None:
+        why = why_not(model)
+        if why is not None:
+            raise ValueError(f"this model cannot decode through llama/csrc/decode.c: {why}")
+        self.model = model
+        self.lib = qkernels.load()
+        self.isa = qkernels.ISAS[cpu.quantized_isa() or "scalar"]
+        self._describe()
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> Optional["FusedDecode"]:
+        """The fused step for `model`, or None where it cannot run (see `why_not`)."""
+        return cls(model) if why_not(model) is None else None
+
+    def _describe(self) -> None:
+        model, p = self.model, self.model.params
+        attn0 = model.layers[0].attention
+        layers: List[_Layer] = []
+        for layer in model.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            layers.append(_Layer(_describe(attn.wqkv), _describe(attn.wo), _describe(ffn.w13), _describe(ffn.w2),
+                                 layer.attention_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
+                                 attn.cache.k.data_ptr(), attn.cache.v.data_ptr()))
+        self._layers = (_Layer * len(layers))(*layers)
+        self._shape = _Model(len(layers), p.dim, attn0.n_local_heads, attn0.n_local_kv_heads, attn0.head_dim,
+                             model.layers[0].feed_forward.w2.in_features, attn0.cache.k.shape[2],
+                             attn0.cache.k.shape[0], model.layers[0].attention_norm.eps, model.rope.data_ptr())
+        self._cache = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers]
+
+    def _current(self) -> bool:
+        return all(c.k is k and c.v is v for (k, v), c in
+                   zip(self._cache, (layer.attention.cache for layer in self.model.layers)))
+
+    def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Next-token logits (B, V), float32, for tokens (B,) of cache rows 0..B-1 at host-known positions."""
+        bsz = len(positions)
+        if not 0 < bsz < MAX_ROWS or tokens.shape != (bsz,):
+            raise ValueError(f"the fused step takes 1..{MAX_ROWS - 1} rows of one token each, got {tuple(tokens.shape)}"
+                             f" tokens for {bsz} positions")
+        if not self._current():  # the cache was set up again: new buffers
+            self._describe()
+        model = self.model
+        x = model.tok_embeddings(tokens).contiguous()
+        pos = torch.tensor(list(positions), dtype=torch.int64)
+        code = self.lib.qk_decode_layers(qkernels.kernel_threads(), self.isa, ctypes.byref(self._shape),
+                                         self._layers, bsz, 0, pos.data_ptr(), x.data_ptr())
+        if code:
+            raise ValueError(f"decode.c refused the step (error {code}): positions {list(positions)} for a cache of "
+                             f"{self._shape.rows} x {self._shape.max_seq}")
+        return model.output(model.norm(x)).float()

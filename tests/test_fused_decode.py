@@ -1,0 +1,152 @@
+"""The fused CPU decoding step (llama/fused_decode.py, llama/csrc/decode.c) against the layer-by-layer step on
+the same weights and kernels, and against a float32 model. Speed is measured by benchmarks/bench_cpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama import cpu, qkernels, quant, quantize
+from llama.decode_step import DecodeStep
+from llama.fused_decode import MAX_ROWS, FusedDecode, why_not
+from llama.layers import ParallelLinear
+from llama.model import ModelArgs, Transformer
+
+CPU = torch.device("cpu")
+ARGS = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=64, max_batch_size=3,
+            max_seq_len=64)
+
+
+def _random(args: ModelArgs, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape))
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
+    return model.to(dtype).eval()
+
+
+def _build(precision: str, batch: int = 3) -> Transformer:
+    """The random model (always the same weights) on one of the own-kernel paths."""
+    if qkernels.load() is None:
+        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    if precision == "bfloat16":
+        if not qkernels.has_avx512_bf16():
+            pytest.skip("this CPU has no AVX-512 BF16: the own bfloat16 kernel runs here only in its test loop")
+        model.prepare(cpu.kernel_for(CPU, torch.bfloat16, "own-bf16"))
+    else:
+        if cpu.quantized_isa() is None:
+            pytest.skip("this CPU has no AVX2: quantized layers use PyTorch's operators here")
+        scheme = quant.parse(precision)
+        quantize.quantize_model(model, scheme)
+        model.prepare(quantize.kernel_for_quantize(scheme, CPU, torch.bfloat16, isa="auto"))
+    model.setup_cache(CPU, torch.bfloat16)
+    assert why_not(model) is None, why_not(model)
+    return model
+
+
+PRECISIONS = ["int8", "int4", "bfloat16"]
+
+
+def _reference(precision: str, batch: int = 3) -> Transformer:
+    """The independent reference: the weights each path computes with (bfloat16, or the quantized codes
+    dequantized), in float32 through PyTorch's operators."""
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    if precision != "bfloat16":
+        scheme = quant.parse(precision)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, ParallelLinear):
+                    module.weight.copy_(scheme.dequantize(scheme.quantize(module.weight.data), torch.float32))
+    model = model.float()
+    model.setup_cache(CPU, torch.float32)
+    return model
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_steps_are_as_close_to_float32_as_the_layer_by_layer_steps(precision):
+    fused_model, plain_model, exact = _build(precision), _build(precision), _reference(precision)
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    assert fused.fused is not None and plain.fused is None
+    prompts = [[5, 17, 3, 40, 2, 9, 11], [7, 7, 1], [60, 2, 33, 4, 8]]
+    errors = {"fused": 0.0, "plain": 0.0}
+    with torch.inference_mode():
+        for model in (fused_model, plain_model, exact):
+            model.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2, 3]), [len(p) for p in prompts]
+        for _ in range(8):
+            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (3, 96)
+            assert (a - b).norm() <= 0.05 * b.norm()  # the two agree to bfloat16 rounding through 2 layers
+            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
+            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
+            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+    for x, y in zip(fused_model.layers, plain_model.layers):  # the cache rows hold the same keys and values
+        for row, length in enumerate(positions):
+            for name in ("k", "v"):
+                a = getattr(x.attention.cache, name)[row, :, :length].float()
+                b = getattr(y.attention.cache, name)[row, :, :length].float()
+                assert (a - b).norm() <= 0.05 * b.norm()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_rows_logits_do_not_depend_on_the_other_rows(precision):
+    model = _build(precision)
+    step = DecodeStep(model, compiled=False)
+    with torch.inference_mode():
+        model.prefill([[1, 2, 3, 4, 5, 6], [9, 8, 7]])
+        both = step(torch.tensor([11, 12]), [6, 3])
+        alone = step(torch.tensor([11]), [6])
+    assert torch.equal(both[0], alone[0])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_every_instruction_set_computes_the_same_step(precision):
+    model = _build(precision)
+    fused = FusedDecode(model)
+    best = fused.isa
+    outs = {}
+    with torch.inference_mode():
+        model.prefill([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
+        for isa in range(best + 1):
+            fused.isa = isa
+            outs[isa] = fused(torch.tensor([4]), [17])
+    for isa, out in outs.items():
+        torch.testing.assert_close(out, outs[best], atol=2e-2, rtol=2e-2)
+
+
+def test_a_cache_set_up_again_is_picked_up():
+    model = _build("int8")
+    step = DecodeStep(model, compiled=False)
+    plain = DecodeStep(model, compiled=False, fused=False)
+    with torch.inference_mode():
+        model.setup_cache(CPU, torch.bfloat16)  # new buffers: the fused step must write into these
+        model.prefill([[4, 5, 6]])
+        a = step(torch.tensor([7]), [3])
+        b = plain(torch.tensor([7]), [3])
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+
+
+def test_bad_calls_are_named():
+    model = _build("int8")
+    fused = FusedDecode(model)
+    with torch.inference_mode(), pytest.raises(ValueError, match="positions \\[64\\]"):
+        fused(torch.tensor([1]), [64])
+    with torch.inference_mode(), pytest.raises(ValueError, match=f"1..{MAX_ROWS - 1} rows"):
+        fused(torch.tensor([1, 2]), [3])
+
+
+def test_models_off_the_own_kernels_decode_layer_by_layer():
+    model = _random(ModelArgs(**ARGS), torch.float32)
+    model.prepare()
+    model.setup_cache(CPU, torch.float32)
+    assert "bfloat16" in why_not(model)
+    assert DecodeStep(model, compiled=False).fused is None
+    with pytest.raises(ValueError, match="cannot decode through llama/csrc/decode.c: not bfloat16"):
+        FusedDecode(model)
