@@ -60,7 +60,8 @@ def _reference_and_bound(x: torch.Tensor, w: torch.Tensor):
     return exact, bound + slack
 
 
-SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048)]  # (M, N, K): odd row counts, short rows
+SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048), (5, 40, 256), (9, 17, 512)]  # (M, N, K): odd
+# row counts, short rows; 5 and 9 activation rows run the int4 kernel 4 rows at a time, then the rest one by one
 
 
 @pytest.mark.parametrize("isa", LEVELS)

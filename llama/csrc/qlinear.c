@@ -8,10 +8,10 @@
  * dot products (AVX-512 VNNI `vpdpbusd`, or AVX2's `vpmaddubsw` + `vpmaddwd`); each block's integer sum is scaled
  * once. The only approximation is the activations' rounding to 8 bits (at most half a step per input).
  *
- * The weights are repacked once (qk_pack_int8, qk_pack_int4) into tiles of 4 output rows that are read as one
- * sequential stream; see "the weights' layouts" below. int8 codes are signed, -127..127 (packing turns -128
- * into -127: the kernels negate codes), with one float32 scale per row. int4 codes are 0..15 with a bfloat16
- * scale and zero per group: w = (code - 8) * scale + zero, so a group adds
+ * The weights are repacked once (qk_pack_int8, qk_pack_int4) so that each thread reads one sequential stream;
+ * see "the weights' layouts" below. int8 codes are signed, -127..127 (packing turns -128 into -127: the kernels
+ * negate codes), with one float32 scale per row. int4 codes are 0..15 with a bfloat16 scale and zero per group:
+ * w = (code - 8) * scale + zero, so a group adds
  *     scale * sum(code * x) + (zero - 8 * scale) * sum(x).
  *
  * One binary serves every x86 CPU: each instruction set's kernel is compiled for it alone (GCC/Clang target
@@ -31,17 +31,24 @@
 enum { KIND_INT8 = 8, KIND_INT4 = 4 };
 
 /* --- the weights' layouts (qk_pack_int8, qk_pack_int4) --------------------------------------------------------
- * Rows are stored in tiles of TILE (the last padded with zero rows), the tile's rows interleaved chunk by chunk,
- * so that the rows computed together are read as one sequential stream (several streams a thread measured up to
- * 2x slower here):
- *   int8: chunk c of row i of a tile at c * 256 + i * 64 (64 bytes each); the row scales apart, float32.
- *   int4: the tile's bfloat16 scales (TILE x G) and zeros (TILE x G), then chunk c of row i at c * 128 + i * 32
- *         (32 bytes: input 64c + t in the low nibble of byte t, 64c + 32 + t in the high one). */
+ * int8: rows in tiles of TILE (the last padded with zero rows), the tile's rows interleaved chunk by chunk, so that
+ *   the rows computed together are read as one sequential stream (several streams a thread measured up to 2x
+ *   slower here): chunk c of row i of a tile at c * 256 + i * 64 (64 bytes each); the row scales apart, float32.
+ * int4: rows in panels of PANEL = 16 (the last padded with zero rows), transposed so that each output row is one
+ *   lane of a 16-lane vector: the integer dot products, the scales and the zeros of 16 rows then take one
+ *   instruction each, where a row-major layout needs one per row and a horizontal sum at the end (3x the
+ *   instructions per weight, which made the int4 kernel compute-bound). Per group of `group` inputs, a panel
+ *   holds the 16 rows' bfloat16 scales (32 bytes), their zeros (32 bytes), then group / 8 quads of 64 bytes:
+ *   quad q holds, at byte 4i + j (row i, j < 4), input 8q + j of the group in the low nibble and input
+ *   8q + 4 + j in the high one; so a quad's low nibbles are 16 rows x 4 inputs, what one `vpdpbusd` takes. */
 
 static inline int64_t tiles_of(int64_t n) { return (n + TILE - 1) / TILE; }
 static inline int64_t int8_tile_bytes(int64_t K) { return TILE * K; }
-static inline int64_t int4_tile_bytes(int64_t K, int64_t G) { return 2 * TILE * G * 2 + TILE * K / 2; }
-static inline int64_t int4_codes_at(int64_t G) { return 2 * TILE * G * 2; }
+
+#define PANEL 16
+static inline int64_t panels_of(int64_t n) { return (n + PANEL - 1) / PANEL; }
+static inline int64_t int4_group_bytes(int64_t group) { return 64 + 8 * group; }
+static inline int64_t int4_panel_bytes(int64_t K, int64_t group) { return K / group * int4_group_bytes(group); }
 
 /* --- the activations, quantized once per call ---------------------------------------------------------------- */
 
@@ -112,9 +119,9 @@ static void quantize_scalar(act_t *a, const void *x, int x_bf16, int64_t group) 
 
 typedef struct {
     int kind, isa, out_bf16;
-    int64_t N, K, group, gshift;  /* gshift: log2(group / 32), the activation blocks per group as a shift */
+    int64_t N, K, group;          /* group: int4's group size */
     const uint8_t *w;             /* the packed tiles */
-    const float *rscale;          /* int8: row scales (tiles x TILE) */
+    const float *rscale;          /* int8: row scales (N) */
     const act_t *a;
     void *out;                    /* M x N */
 } job_t;
@@ -125,52 +132,57 @@ static inline void store(const job_t *j, int64_t m, int64_t r, float v) {
     else ((float *)j->out)[m * j->N + r] = v;
 }
 
-/* int4: a tile row's group scales as floats, and its zero term sum over groups of (zero - 8 scale) * sum(x). */
-static inline float int4_row_setup(const job_t *j, int64_t m, const uint8_t *tile, int i, float *sf) {
-    const int64_t K = j->K, G = K / j->group;
-    const uint16_t *s = (const uint16_t *)tile + i * G, *z = (const uint16_t *)tile + TILE * G + i * G;
-    const float *gs = j->a->gsum + m * G;
-    float zero_term = 0.0f;
-    for (int64_t g = 0; g < G; g++) {
-        sf[g] = bf16_to_f32(s[g]);
-        zero_term += (bf16_to_f32(z[g]) - 8.0f * sf[g]) * gs[g];
-    }
-    return zero_term;
+/* int4: 16 outputs of a panel, one per lane. */
+static inline void store16(const job_t *j, int64_t m, int64_t r0, const float *v) {
+    for (int i = 0; i < PANEL; i++) store(j, m, r0 + i, v[i]);
 }
 
 static void tiles_scalar(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
-    const int64_t K = j->K, G = j->group ? K / j->group : 1;
+    const int64_t K = j->K;
     const int8_t *xq = j->a->q + m * K;
     const float *sc = j->a->scale + m * (K / BLOCK);
-    float sf[G];
-    for (int64_t t = t0; t < t1; t++) {
+    for (int64_t t = t0; t < t1; t++)
         for (int i = 0; i < TILE; i++) {
             float acc = 0.0f;
-            if (j->kind == KIND_INT8) {
-                const int8_t *w = (const int8_t *)j->w + t * int8_tile_bytes(K) + i * CHUNK;
-                for (int64_t b = 0; b < K / BLOCK; b++) {
-                    const int8_t *wb = w + (b / 2) * TILE * CHUNK + (b % 2) * BLOCK;
+            const int8_t *w = (const int8_t *)j->w + t * int8_tile_bytes(K) + i * CHUNK;
+            for (int64_t b = 0; b < K / BLOCK; b++) {
+                const int8_t *wb = w + (b / 2) * TILE * CHUNK + (b % 2) * BLOCK;
+                int32_t d = 0;
+                for (int k = 0; k < BLOCK; k++) d += (int32_t)wb[k] * xq[b * BLOCK + k];
+                acc += (float)d * sc[b];
+            }
+            store(j, m, t * TILE + i, acc * j->rscale[t * TILE + i]);
+        }
+}
+
+/* int4 panels [p0, p1) for activation row m. */
+static void panels_scalar(const job_t *j, int64_t m, int64_t p0, int64_t p1) {
+    const int64_t K = j->K, group = j->group, ng = K / group;
+    const int8_t *xq = j->a->q + m * K;
+    const float *sc = j->a->scale + m * (K / BLOCK), *gs = j->a->gsum + m * ng;
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *panel = j->w + p * int4_panel_bytes(K, group);
+        float acc[PANEL];
+        for (int i = 0; i < PANEL; i++) acc[i] = 0.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *gp = panel + g * int4_group_bytes(group);
+            const uint16_t *s = (const uint16_t *)gp, *z = (const uint16_t *)(gp + 32);
+            for (int i = 0; i < PANEL; i++) {
+                const float sf = bf16_to_f32(s[i]);
+                acc[i] += (bf16_to_f32(z[i]) - 8.0f * sf) * gs[g];
+                for (int64_t b = 0; b < group / BLOCK; b++) {
+                    const int8_t *x = xq + g * group + b * BLOCK;
                     int32_t d = 0;
-                    for (int k = 0; k < BLOCK; k++) d += (int32_t)wb[k] * xq[b * BLOCK + k];
-                    acc += (float)d * sc[b];
-                }
-                acc *= j->rscale[t * TILE + i];
-            } else {
-                const uint8_t *tile = j->w + t * int4_tile_bytes(K, G);
-                acc = int4_row_setup(j, m, tile, i, sf);
-                for (int64_t c = 0; c < K / CHUNK; c++) {
-                    const uint8_t *p = tile + int4_codes_at(G) + c * TILE * 32 + i * 32;
-                    int32_t lo = 0, hi = 0;
-                    for (int k = 0; k < 32; k++) {
-                        lo += (int32_t)(p[k] & 15) * xq[c * CHUNK + k];
-                        hi += (int32_t)(p[k] >> 4) * xq[c * CHUNK + 32 + k];
-                    }
-                    acc += (float)lo * sc[2 * c] * sf[(2 * c) >> j->gshift] +
-                           (float)hi * sc[2 * c + 1] * sf[(2 * c + 1) >> j->gshift];
+                    for (int q = 0; q < 4; q++)
+                        for (int k = 0; k < 4; k++) {
+                            const uint8_t byte = gp[64 + (b * 4 + q) * 64 + 4 * i + k];
+                            d += (int32_t)(byte & 15) * x[8 * q + k] + (int32_t)(byte >> 4) * x[8 * q + 4 + k];
+                        }
+                    acc[i] += (float)d * sf * sc[(g * group) / BLOCK + b];
                 }
             }
-            store(j, m, t * TILE + i, acc);
         }
+        store16(j, m, p * PANEL, acc);
     }
 }
 
@@ -199,57 +211,76 @@ __attribute__((target(AVX2))) static inline __m256 dot8_avx2(const int8_t *w, __
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, q), ones));
 }
 
-/* One 32-input block of int4 codes (unsigned) against the activations. */
-__attribute__((target(AVX2))) static inline __m256 dot4_avx2(__m256i codes, __m256i x, __m256i ones) {
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones));
-}
-
 __attribute__((target(AVX2))) static void tiles_avx2(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
-    const int64_t K = j->K, G = j->group ? K / j->group : 1, nc = K / CHUNK;
+    const int64_t K = j->K, nc = K / CHUNK;
     const int8_t *xq = j->a->q + m * K;
     const uint8_t *xa = j->a->absq + m * K;
     const float *sc = j->a->scale + m * (K / BLOCK);
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    float sf[TILE * G], zt[TILE];
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t t = t0; t < t1; t++) {
         __m256 acc[TILE];
         for (int i = 0; i < TILE; i++) acc[i] = _mm256_setzero_ps();
-        if (j->kind == KIND_INT8) {
-            const int8_t *w = (const int8_t *)j->w + t * int8_tile_bytes(K);
-            for (int64_t c = 0; c < nc; c++) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK + 32));
-                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + c * CHUNK));
-                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + c * CHUNK + 32));
-                const __m256 s0 = _mm256_broadcast_ss(sc + 2 * c), s1 = _mm256_broadcast_ss(sc + 2 * c + 1);
-                const int8_t *wc = w + c * TILE * CHUNK;
-                for (int i = 0; i < TILE; i++) {
-                    acc[i] = _mm256_fmadd_ps(dot8_avx2(wc + i * CHUNK, x0, a0, ones), s0, acc[i]);
-                    acc[i] = _mm256_fmadd_ps(dot8_avx2(wc + i * CHUNK + 32, x1, a1, ones), s1, acc[i]);
-                }
+        const int8_t *w = (const int8_t *)j->w + t * int8_tile_bytes(K);
+        for (int64_t c = 0; c < nc; c++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK + 32));
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + c * CHUNK));
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + c * CHUNK + 32));
+            const __m256 s0 = _mm256_broadcast_ss(sc + 2 * c), s1 = _mm256_broadcast_ss(sc + 2 * c + 1);
+            const int8_t *wc = w + c * TILE * CHUNK;
+            for (int i = 0; i < TILE; i++) {
+                acc[i] = _mm256_fmadd_ps(dot8_avx2(wc + i * CHUNK, x0, a0, ones), s0, acc[i]);
+                acc[i] = _mm256_fmadd_ps(dot8_avx2(wc + i * CHUNK + 32, x1, a1, ones), s1, acc[i]);
             }
-            for (int i = 0; i < TILE; i++) store(j, m, t * TILE + i, hsum256(acc[i]) * j->rscale[t * TILE + i]);
-        } else {
-            const uint8_t *tile = j->w + t * int4_tile_bytes(K, G);
-            for (int i = 0; i < TILE; i++) zt[i] = int4_row_setup(j, m, tile, i, sf + i * G);
-            for (int64_t c = 0; c < nc; c++) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + c * CHUNK + 32));
-                const __m256 s0 = _mm256_broadcast_ss(sc + 2 * c), s1 = _mm256_broadcast_ss(sc + 2 * c + 1);
-                const int64_t g0 = (2 * c) >> j->gshift, g1 = (2 * c + 1) >> j->gshift;
-                for (int i = 0; i < TILE; i++) {
-                    const uint8_t *p = tile + int4_codes_at(G) + c * TILE * 32 + i * 32;
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p);
-                    const __m256i lo = _mm256_and_si256(bytes, low);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                    const __m256 d0 = _mm256_mul_ps(dot4_avx2(lo, x0, ones), s0);
-                    const __m256 d1 = _mm256_mul_ps(dot4_avx2(hi, x1, ones), s1);
-                    acc[i] = _mm256_fmadd_ps(d0, _mm256_broadcast_ss(sf + i * G + g0), acc[i]);
-                    acc[i] = _mm256_fmadd_ps(d1, _mm256_broadcast_ss(sf + i * G + g1), acc[i]);
-                }
-            }
-            for (int i = 0; i < TILE; i++) store(j, m, t * TILE + i, hsum256(acc[i]) + zt[i]);
         }
+        for (int i = 0; i < TILE; i++) store(j, m, t * TILE + i, hsum256(acc[i]) * j->rscale[t * TILE + i]);
+    }
+}
+
+static inline int32_t four(const int8_t *x) {  /* 4 activation codes as one 32-bit lane */
+    int32_t v;
+    memcpy(&v, x, 4);
+    return v;
+}
+
+/* 8 bfloat16 values at p as floats. */
+__attribute__((target(AVX2))) static inline __m256 bf16x8_avx2(const void *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* int4 panels [p0, p1) for activation row m: each half panel (8 rows) in 8 lanes. A block's 16 products per
+ * 16-bit lane (`vpmaddubsw` pairs, 8 quads) stay below 2^15: 16 x 15 x 127. */
+__attribute__((target(AVX2))) static void panels_avx2(const job_t *j, int64_t m, int64_t p0, int64_t p1) {
+    const int64_t K = j->K, group = j->group, ng = K / group;
+    const int8_t *xq = j->a->q + m * K;
+    const float *sc = j->a->scale + m * (K / BLOCK), *gs = j->a->gsum + m * ng;
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t p = p0; p < p1; p++) {
+        float out[PANEL];
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *gp = j->w + p * int4_panel_bytes(K, group);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++, gp += int4_group_bytes(group)) {
+                const __m256 sv = bf16x8_avx2(gp + 16 * h), zv = bf16x8_avx2(gp + 32 + 16 * h);
+                acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv), _mm256_set1_ps(gs[g]), acc);
+                for (int64_t b = 0; b < group / BLOCK; b++) {
+                    const int8_t *x = xq + g * group + b * BLOCK;
+                    const uint8_t *qp = gp + 64 + b * 256 + 32 * h;
+                    __m256i d = _mm256_setzero_si256();
+                    for (int q = 0; q < 4; q++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qp + 64 * q));
+                        const __m256i lo = _mm256_and_si256(v, low);
+                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        d = _mm256_add_epi16(d, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(x + 8 * q))));
+                        d = _mm256_add_epi16(d, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(x + 8 * q + 4))));
+                    }
+                    const __m256 s = _mm256_mul_ps(sv, _mm256_set1_ps(sc[(g * group) / BLOCK + b]));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)), s, acc);
+                }
+            }
+            _mm256_storeu_ps(out + 8 * h, acc);
+        }
+        store16(j, m, p * PANEL, out);
     }
 }
 
@@ -285,75 +316,65 @@ __attribute__((target(AVX512))) static void int8_avx512(const job_t *j, int64_t 
     }
 }
 
-/* int4_row_setup, 16 groups at a time. */
-__attribute__((target(AVX512))) static inline float int4_row_avx512(const job_t *j, int64_t m, const uint8_t *tile,
-                                                                    int i, float *sf) {
-    const int64_t G = j->K / j->group;
-    const uint16_t *s = (const uint16_t *)tile + i * G, *z = (const uint16_t *)tile + TILE * G + i * G;
-    const float *gs = j->a->gsum + m * G;
-    __m512 zt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16) {
-        const __m512 sg = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + g))), 16));
-        const __m512 zg = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(z + g))), 16));
-        _mm512_storeu_ps(sf + g, sg);
-        zt = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg, zg), _mm512_loadu_ps(gs + g), zt);
+/* 16 bfloat16 values at p as floats. */
+__attribute__((target(AVX512))) static inline __m512 bf16x16(const void *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 outputs of a panel (one per lane) for activation row m. */
+__attribute__((target(AVX512))) static inline void store16_avx512(const job_t *j, int64_t m, int64_t r0, __m512 v) {
+    if (r0 + PANEL > j->N) {
+        float out[PANEL];
+        _mm512_storeu_ps(out, v);
+        store16(j, m, r0, out);
+    } else if (j->out_bf16) {
+        store_bf16x16((uint16_t *)j->out + m * j->N + r0, v);
+    } else {
+        _mm512_storeu_ps((float *)j->out + m * j->N + r0, v);
     }
-    float tail = 0.0f;
-    for (; g < G; g++) {
-        sf[g] = bf16_to_f32(s[g]);
-        tail += (bf16_to_f32(z[g]) - 8.0f * sf[g]) * gs[g];
-    }
-    return _mm512_reduce_add_ps(zt) + tail;
 }
 
-/* 64 int4 codes in input order from the 32 bytes at p: the low nibbles in bytes 0-31, the high ones in 32-63. */
-__attribute__((target(AVX512))) static inline __m512i codes64(const uint8_t *p, __m512i shift, __m512i low) {
-    __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_and_si512(_mm512_srlv_epi16(b, shift), low);
-}
-
-/* The group scale of chunk c's lanes for one row: one group's (groups of 64 or more), or two (groups of 32). */
-__attribute__((target(AVX512))) static inline __m512 chunk_scale(const float *sf, int64_t c, int64_t gshift,
-                                                                 __m512i pick) {
-    if (gshift) return _mm512_set1_ps(sf[(2 * c) >> gshift]);
-    __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(sf + 2 * c)));
-    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
-}
-
-__attribute__((target(AVX512))) static void int4_avx512(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
-    const int64_t K = j->K, nc = K / CHUNK, G = K / j->group, gshift = j->gshift;
-    const int8_t *xq = j->a->q + m * K;
-    const float *lanes = j->a->lanes + m * nc * 16;
-    const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(15);
-    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    const __m512i pick = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(1), 1);
-    float sf[TILE * G];
-    for (int64_t t = t0; t < t1; t++) {
-        const uint8_t *tile = j->w + t * int4_tile_bytes(K, G), *p = tile + int4_codes_at(G);
-        const float z0 = int4_row_avx512(j, m, tile, 0, sf), z1 = int4_row_avx512(j, m, tile, 1, sf + G);
-        const float z2 = int4_row_avx512(j, m, tile, 2, sf + 2 * G), z3 = int4_row_avx512(j, m, tile, 3, sf + 3 * G);
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-        for (int64_t c = 0; c < nc; c++, p += TILE * 32) {
-            const __m512i x = _mm512_loadu_si512(xq + c * CHUNK);
-            const __m512 l = _mm512_loadu_ps(lanes + c * 16);
-            const __m512i d0 = _mm512_dpbusd_epi32(zero, codes64(p, shift, low), x);
-            const __m512i d1 = _mm512_dpbusd_epi32(zero, codes64(p + 32, shift, low), x);
-            const __m512i d2 = _mm512_dpbusd_epi32(zero, codes64(p + 64, shift, low), x);
-            const __m512i d3 = _mm512_dpbusd_epi32(zero, codes64(p + 96, shift, low), x);
-            const __m512 s0 = chunk_scale(sf, c, gshift, pick), s1 = chunk_scale(sf + G, c, gshift, pick);
-            const __m512 s2 = chunk_scale(sf + 2 * G, c, gshift, pick), s3 = chunk_scale(sf + 3 * G, c, gshift, pick);
-            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), l), s0, acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), l), s1, acc1);
-            acc2 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d2), l), s2, acc2);
-            acc3 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d3), l), s3, acc3);
+/* One int4 panel against R activation rows m0.. (R = 1 or 4: each quad's codes are unpacked once for all R). */
+__attribute__((target(AVX512))) static inline __attribute__((always_inline)) void panel_avx512(
+        const job_t *j, int64_t p, int64_t m0, const int R) {
+    const int64_t K = j->K, group = j->group, ng = K / group, nb = K / BLOCK;
+    const uint8_t *gp = j->w + p * int4_panel_bytes(K, group);
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++, gp += int4_group_bytes(group)) {
+        const __m512 sv = bf16x16(gp), zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, bf16x16(gp + 32));
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(zz, _mm512_set1_ps(j->a->gsum[(m0 + r) * ng + g]), acc[r]);
+        for (int64_t b = 0; b < group / BLOCK; b++) {
+            const uint8_t *qp = gp + 64 + b * 256;
+            const int64_t k0 = g * group + b * BLOCK;
+            __m512i d0[4], d1[4];
+            for (int r = 0; r < R; r++) d0[r] = d1[r] = _mm512_setzero_si512();
+            for (int q = 0; q < 4; q++) {
+                const __m512i v = _mm512_loadu_si512(qp + 64 * q);
+                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = j->a->q + (m0 + r) * K + k0 + 8 * q;
+                    d0[r] = _mm512_dpbusd_epi32(d0[r], lo, _mm512_set1_epi32(four(x)));
+                    d1[r] = _mm512_dpbusd_epi32(d1[r], hi, _mm512_set1_epi32(four(x + 4)));
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(j->a->scale[(m0 + r) * nb + k0 / BLOCK]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0[r], d1[r])), s, acc[r]);
+            }
         }
-        store(j, m, t * TILE, _mm512_reduce_add_ps(acc0) + z0);
-        store(j, m, t * TILE + 1, _mm512_reduce_add_ps(acc1) + z1);
-        store(j, m, t * TILE + 2, _mm512_reduce_add_ps(acc2) + z2);
-        store(j, m, t * TILE + 3, _mm512_reduce_add_ps(acc3) + z3);
+    }
+    for (int r = 0; r < R; r++) store16_avx512(j, m0 + r, p * PANEL, acc[r]);
+}
+
+__attribute__((target(AVX512))) static void panels_avx512(const job_t *j, int64_t p0, int64_t p1) {
+    const int64_t M = j->a->M;
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) panel_avx512(j, p, m, 4);
+        for (; m < M; m++) panel_avx512(j, p, m, 1);
     }
 }
 
@@ -362,8 +383,7 @@ __attribute__((target(AVX512))) static void int4_avx512(const job_t *j, int64_t 
 static void run_rows(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
 #if QK_X86
     if (j->isa == ISA_AVX512_VNNI) {
-        if (j->kind == KIND_INT8) int8_avx512(j, m, t0, t1);
-        else int4_avx512(j, m, t0, t1);
+        int8_avx512(j, m, t0, t1);
         return;
     }
     if (j->isa == ISA_AVX2) {
@@ -374,22 +394,43 @@ static void run_rows(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
     tiles_scalar(j, m, t0, t1);
 }
 
-/* Tiles [t0, t1) for every activation row: a few tiles at a time (about 32 KiB, in the core's L1 or L2 cache)
- * meet all M rows, so that the weights stream from memory once whatever M. */
+/* int8: tiles [t0, t1) for every activation row: a few tiles at a time (about 32 KiB, in the core's L1 or L2
+ * cache) meet all M rows, so that the weights stream from memory once whatever M. */
 static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
-    const int64_t K = j->K, bytes = j->kind == KIND_INT8 ? int8_tile_bytes(K) : int4_tile_bytes(K, K / j->group);
-    const int64_t step = j->a->M == 1 ? t1 - t0 : (32768 / bytes > 1 ? 32768 / bytes : 1);
+    const int64_t step = j->a->M == 1 ? t1 - t0 : (32768 / int8_tile_bytes(j->K) > 1 ? 32768 / int8_tile_bytes(j->K) : 1);
     for (int64_t t = t0; t < t1; t += step) {
         const int64_t end = t + step < t1 ? t + step : t1;
         for (int64_t m = 0; m < j->a->M; m++) run_rows(j, m, t, end);
     }
 }
 
+/* int4: panels [p0, p1), each meeting every activation row while it is in the core's cache. */
+static void run_panels(const job_t *j, int64_t p0, int64_t p1) {
+#if QK_X86
+    if (j->isa == ISA_AVX512_VNNI) {
+        panels_avx512(j, p0, p1);
+        return;
+    }
+#endif
+    for (int64_t p = p0; p < p1; p++)
+        for (int64_t m = 0; m < j->a->M; m++) {
+#if QK_X86
+            if (j->isa == ISA_AVX2) {
+                panels_avx2(j, m, p, p + 1);
+                continue;
+            }
+#endif
+            panels_scalar(j, m, p, p + 1);
+        }
+}
+
 static void linear_part(const void *ctx, int64_t part, int64_t parts) {
     const job_t *j = (const job_t *)ctx;
-    int64_t t0, t1;
-    share(tiles_of(j->N), part, parts, &t0, &t1);
-    if (t0 < t1) run_tiles(j, t0, t1);
+    int64_t lo, hi;
+    share(j->kind == KIND_INT8 ? tiles_of(j->N) : panels_of(j->N), part, parts, &lo, &hi);
+    if (lo >= hi) return;
+    if (j->kind == KIND_INT8) run_tiles(j, lo, hi);
+    else run_panels(j, lo, hi);
 }
 
 /* --- the interface ------------------------------------------------------------------------------------------- */
@@ -405,7 +446,7 @@ static int check_shape(int kind, int64_t K, int64_t group) {
 /* Bytes of the packed form of an N x K weight (int4: in groups of `group`); -1 for a shape the kernels refuse. */
 int64_t qk_packed_bytes(int kind, int64_t N, int64_t K, int64_t group) {
     if (check_shape(kind, K, group) || N < 1) return -1;
-    return tiles_of(N) * (kind == KIND_INT8 ? int8_tile_bytes(K) : int4_tile_bytes(K, K / group));
+    return kind == KIND_INT8 ? tiles_of(N) * int8_tile_bytes(K) : panels_of(N) * int4_panel_bytes(K, group);
 }
 
 /* int8 (N x K, row-major) into tiles; the padding rows are zeros. A code of -128 (which this library's
@@ -429,21 +470,24 @@ int qk_pack_int8(const int8_t *src, uint8_t *dst, int64_t N, int64_t K) {
 int qk_pack_int4(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, uint8_t *dst, int64_t N,
                  int64_t K, int64_t group) {
     if (check_shape(KIND_INT4, K, group) || N < 1) return EINVAL;
-    const int64_t G = K / group, tb = int4_tile_bytes(K, G);
+    const int64_t ng = K / group;
     memset(dst, 0, (size_t)qk_packed_bytes(KIND_INT4, N, K, group));
     for (int64_t r = 0; r < N; r++) {
-        const uint8_t *s = codes + r * (K / 2);
-        uint8_t *tile = dst + (r / TILE) * tb;
-        const int i = (int)(r % TILE);
-        for (int64_t c = 0; c < K / CHUNK; c++)
-            for (int t = 0; t < 32; t++) {
-                const int64_t lo = c * CHUNK + t, hi = lo + 32;
-                const uint8_t clo = (s[lo / 2] >> ((lo % 2) ? 0 : 4)) & 15;
-                const uint8_t chi = (s[hi / 2] >> ((hi % 2) ? 0 : 4)) & 15;
-                tile[int4_codes_at(G) + c * TILE * 32 + i * 32 + t] = (uint8_t)(clo | (chi << 4));
-            }
-        memcpy(tile + i * G * 2, scales + r * G, (size_t)G * 2);
-        memcpy(tile + TILE * G * 2 + i * G * 2, zeros + r * G, (size_t)G * 2);
+        const uint8_t *src = codes + r * (K / 2);
+        const int i = (int)(r % PANEL);
+        uint8_t *panel = dst + (r / PANEL) * int4_panel_bytes(K, group);
+        for (int64_t g = 0; g < ng; g++) {
+            uint8_t *gp = panel + g * int4_group_bytes(group);
+            memcpy(gp + 2 * i, scales + r * ng + g, 2);
+            memcpy(gp + 32 + 2 * i, zeros + r * ng + g, 2);
+            for (int64_t q = 0; q < group / 8; q++)
+                for (int k = 0; k < 4; k++) {
+                    const int64_t lo = g * group + 8 * q + k, hi = lo + 4;
+                    const uint8_t clo = (src[lo / 2] >> ((lo % 2) ? 0 : 4)) & 15;
+                    const uint8_t chi = (src[hi / 2] >> ((hi % 2) ? 0 : 4)) & 15;
+                    gp[64 + 64 * q + 4 * i + k] = (uint8_t)(clo | (chi << 4));
+                }
+        }
     }
     return 0;
 }
@@ -473,12 +517,11 @@ int qk_linear(int kind, int isa, int threads, const void *x, int x_bf16, int64_t
     else
 #endif
         quantize_scalar(&a, x, x_bf16, g);
-    int64_t gshift = 0;
-    while (g && (BLOCK << gshift) < g) gshift++;
-    job_t j = {.kind = kind, .isa = isa, .out_bf16 = out_bf16, .N = N, .K = K, .group = g, .gshift = gshift,
+    job_t j = {.kind = kind, .isa = isa, .out_bf16 = out_bf16, .N = N, .K = K, .group = g,
                .w = (const uint8_t *)w, .rscale = rscale, .a = &a, .out = out};
     int64_t parts = threads < 1 ? 1 : threads;
-    if (parts > tiles_of(N)) parts = tiles_of(N);
+    const int64_t units = kind == KIND_INT8 ? tiles_of(N) : panels_of(N);
+    if (parts > units) parts = units;
     pool_run(linear_part, &j, parts);
     free(mem);
     return 0;
@@ -493,7 +536,7 @@ typedef struct {
 } deq_t;
 
 static inline void dequantize_body(const deq_t *d, int64_t lo, int64_t hi) {
-    const int64_t K = d->K, G = d->kind == KIND_INT4 ? K / d->group : 1;
+    const int64_t K = d->K;
     for (int64_t n = lo; n < hi; n++) {
         const int64_t r = d->r0 + n, t = r / TILE;
         const int i = (int)(r % TILE);
@@ -508,16 +551,22 @@ static inline void dequantize_body(const deq_t *d, int64_t lo, int64_t hi) {
             }
             continue;
         }
-        const uint8_t *tile = d->w + t * int4_tile_bytes(K, G);
-        const uint16_t *sc = (const uint16_t *)tile + i * G, *zr = (const uint16_t *)tile + TILE * G + i * G;
-        for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {  /* one block: 32 codes of one nibble, one group */
-            const uint8_t *bytes = tile + int4_codes_at(G) + (k0 / CHUNK) * TILE * 32 + i * 32;
-            const int shift = (k0 % CHUNK) ? 4 : 0;
-            const float s = bf16_to_f32(sc[k0 / d->group]), z = bf16_to_f32(zr[k0 / d->group]) - 8.0f * s;
-            if (d->out_bf16)
-                for (int k = 0; k < BLOCK; k++) ob[k0 + k] = f32_to_bf16((float)((bytes[k] >> shift) & 15) * s + z);
-            else
-                for (int k = 0; k < BLOCK; k++) of[k0 + k] = (float)((bytes[k] >> shift) & 15) * s + z;
+        const int64_t group = d->group, p = r / PANEL;
+        const int ip = (int)(r % PANEL);
+        const uint8_t *gp = d->w + p * int4_panel_bytes(K, group);
+        for (int64_t g = 0; g < K / group; g++, gp += int4_group_bytes(group)) {
+            uint16_t sbits, zbits;
+            memcpy(&sbits, gp + 2 * ip, 2);
+            memcpy(&zbits, gp + 32 + 2 * ip, 2);
+            const float s = bf16_to_f32(sbits), z = bf16_to_f32(zbits) - 8.0f * s;
+            for (int64_t q = 0; q < group / 8; q++)
+                for (int k = 0; k < 8; k++) {
+                    const uint8_t byte = gp[64 + 64 * q + 4 * ip + (k & 3)];
+                    const float v = (float)(k < 4 ? byte & 15 : byte >> 4) * s + z;
+                    const int64_t at = g * group + 8 * q + k;
+                    if (d->out_bf16) ob[at] = f32_to_bf16(v);
+                    else of[at] = v;
+                }
         }
     }
 }
@@ -529,15 +578,14 @@ __attribute__((target(AVX512))) static inline void put16(const deq_t *d, void *o
 }
 
 __attribute__((target(AVX512))) static void dequantize_avx512(const deq_t *d, int64_t lo, int64_t hi) {
-    const int64_t K = d->K, G = d->kind == KIND_INT4 ? K / d->group : 1;
-    const __m512i low = _mm512_set1_epi8(15);
-    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    const int64_t K = d->K;
+    const __m128i low = _mm_set1_epi8(15);
     for (int64_t n = lo; n < hi; n++) {
-        const int64_t r = d->r0 + n, t = r / TILE;
-        const int i = (int)(r % TILE);
+        const int64_t r = d->r0 + n;
         if (d->kind == KIND_INT8) {
+            const int64_t t = r / TILE;
             const __m512 s = _mm512_set1_ps(d->rscale[r]);
-            const int8_t *w = (const int8_t *)d->w + t * int8_tile_bytes(K) + i * CHUNK;
+            const int8_t *w = (const int8_t *)d->w + t * int8_tile_bytes(K) + (r % TILE) * CHUNK;
             for (int64_t c = 0; c < K / CHUNK; c++, w += TILE * CHUNK)
                 for (int q = 0; q < 4; q++) {
                     __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * q)));
@@ -545,18 +593,27 @@ __attribute__((target(AVX512))) static void dequantize_avx512(const deq_t *d, in
                 }
             continue;
         }
-        const uint8_t *tile = d->w + t * int4_tile_bytes(K, G), *p = tile + int4_codes_at(G) + i * 32;
-        const uint16_t *sc = (const uint16_t *)tile + i * G, *zr = (const uint16_t *)tile + TILE * G + i * G;
-        for (int64_t c = 0; c < K / CHUNK; c++, p += TILE * 32) {
-            __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-            uint8_t codes[64];
-            _mm512_storeu_si512(codes, _mm512_and_si512(_mm512_srlv_epi16(b, shift), low));
-            for (int q = 0; q < 4; q++) {
-                const int64_t k = c * CHUNK + 16 * q, g = k / d->group;
-                const float sg = bf16_to_f32(sc[g]);
-                const __m512 s = _mm512_set1_ps(sg), z = _mm512_set1_ps(bf16_to_f32(zr[g]) - 8.0f * sg);
-                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * q))));
-                put16(d, d->out, n * K + k, _mm512_fmadd_ps(v, s, z));
+        /* int4: a block of 32 inputs is the row's 4 bytes in each of 4 quads; its low nibbles are inputs 8q..8q+3
+         * and its high ones 8q+4..8q+7, so interleaving the two per quad puts the 32 codes in input order. */
+        const int64_t group = d->group, ip = r % PANEL;
+        const uint8_t *gp = d->w + (r / PANEL) * int4_panel_bytes(K, group);
+        for (int64_t g = 0; g < K / group; g++, gp += int4_group_bytes(group)) {
+            uint16_t sbits, zbits;
+            memcpy(&sbits, gp + 2 * ip, 2);
+            memcpy(&zbits, gp + 32 + 2 * ip, 2);
+            const float sf = bf16_to_f32(sbits);
+            const __m512 s = _mm512_set1_ps(sf), z = _mm512_set1_ps(bf16_to_f32(zbits) - 8.0f * sf);
+            for (int64_t b = 0; b < group / BLOCK; b++) {
+                const uint8_t *qp = gp + 64 + b * 256 + 4 * ip;
+                int32_t w4[4];
+                for (int q = 0; q < 4; q++) memcpy(w4 + q, qp + 64 * q, 4);
+                const __m128i v = _mm_loadu_si128((const __m128i *)w4);
+                const __m128i l = _mm_and_si128(v, low), h = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+                const int64_t at = n * K + g * group + b * BLOCK;
+                const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi32(l, h)));
+                const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi32(l, h)));
+                put16(d, d->out, at, _mm512_fmadd_ps(first, s, z));
+                put16(d, d->out, at + 16, _mm512_fmadd_ps(second, s, z));
             }
         }
     }
