@@ -3,9 +3,10 @@
 Random weights at a real shape (default 1.1B: dim 2048, 22 layers), built as `Llama.build` builds them: bfloat16
 on this CPU's fastest path (llama.cpu), int8 and int4 (groups of 64) through the kernels llama.quantize picks
 here (--aten adds oneDNN's bfloat16 product and PyTorch's own weight-only operators on the same weights, for
-comparison). Each round times
-every variant once, in a rotating order, together with a plain streaming read of 1 GiB (`x.sum()`); the figures
-are medians over the rounds, and each round's shares use that round's read bandwidth:
+comparison). Each round times every variant once, in a rotating order, each one's decoding between two plain
+streaming reads of 1 GiB (the faster of PyTorch's `x.sum()` and the C kernels' threads reading it with their
+widest loads, llama.qkernels.read); the figures are medians over the rounds, and each share uses the mean of
+the two reads around it (the bandwidth of a shared host drifts within a round):
 
 - decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the engine's decode step after a 16-token
   prompt (on the own kernels: their layers in one C call, llama/fused_decode.py; --layers adds the same
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy)
 import torch  # noqa: E402
 
-from llama import ModelArgs, Transformer, cpu, quant, quantize  # noqa: E402
+from llama import ModelArgs, Transformer, cpu, qkernels, quant, quantize  # noqa: E402
 from llama.decode_step import DecodeStep  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
 from bench_decode import prompts, random_model  # noqa: E402
@@ -51,10 +52,15 @@ def progress(*args) -> None:
 
 
 def read_bandwidth(x: torch.Tensor) -> float:
-    """Bytes/s of one streaming read of `x` (a sum over it)."""
-    start = time.perf_counter()
-    x.sum()
-    return x.numel() * x.element_size() / (time.perf_counter() - start)
+    """Bytes/s of a plain streaming read of `x`: the faster of PyTorch's sum over it and the C kernels' pool
+    reading it once with the widest loads (llama.qkernels.read), each timed once."""
+    reads = [x.sum] + ([lambda: qkernels.read(x)] if qkernels.load() is not None else [])
+    best = 0.0
+    for read in reads:
+        start = time.perf_counter()
+        read()
+        best = max(best, x.numel() * x.element_size() / (time.perf_counter() - start))
+    return best
 
 
 def bytes_read_per_token(model: Transformer) -> int:
@@ -157,24 +163,24 @@ def main() -> None:
     for r in range(opts.rounds):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always runs first
         progress(f"round {r + 1}/{opts.rounds}: {', '.join(order)}")
-        result: Dict[str, object] = {"read": read_bandwidth(stream)}
-        for name in order:
-            result[name] = (decode(name), prefill(name))
-        result["read_after"] = read_bandwidth(stream)
+        result: Dict[str, object] = {}
+        for name in order:  # each decode between two reads: the bandwidth drifts within a round on a shared host
+            before = read_bandwidth(stream)
+            tok_s = decode(name)
+            result[name] = (tok_s, prefill(name), (before + read_bandwidth(stream)) / 2)
         rounds.append(result)
 
     def median(fn: Callable[[dict], float]) -> float:
         return statistics.median(fn(r) for r in rounds)
 
-    def bandwidth(r: dict) -> float:  # the round's read bandwidth: the mean of the reads before and after it
-        return (r["read"] + r["read_after"]) / 2
 
     info = cpu.info()
     out = {"shape": opts.shape, "n_layers": args.n_layers, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": info.model,
            "cpu_flags": sorted(info.flags), "quantized_isa": cpu.quantized_isa(), "rounds": opts.rounds,
            "decode_tokens": opts.decode_tokens, "prompt_len": opts.prompt_len,
-           "read_bandwidth_gb_s": round(median(bandwidth) / 1e9, 1), "precisions": {}}
+           "read_bandwidth_gb_s": round(statistics.median(r[n][2] for r in rounds for n in names) / 1e9, 1),
+           "precisions": {}}
     for name in names:
         out["precisions"][name] = {
             "kernels": kernel_report(models[name])["linear_kernels"],
@@ -182,8 +188,9 @@ def main() -> None:
             "weight_bytes_read_per_token": per_token[name],
             "decode_tok_s": round(median(lambda r: r[name][0]), 2),
             "prefill_tok_s": round(median(lambda r: r[name][1]), 1),
-            "bandwidth_share": round(median(lambda r: r[name][0] * per_token[name] / bandwidth(r)), 3),
-            "bandwidth_share_each_round": [round(r[name][0] * per_token[name] / bandwidth(r), 3) for r in rounds],
+            "read_bandwidth_gb_s": round(median(lambda r: r[name][2]) / 1e9, 1),
+            "bandwidth_share": round(median(lambda r: r[name][0] * per_token[name] / r[name][2]), 3),
+            "bandwidth_share_each_round": [round(r[name][0] * per_token[name] / r[name][2], 3) for r in rounds],
         }
     if "bfloat16" in models:  # each round's ratio, then the median: the load drifts between rounds
         for name in names:

@@ -152,6 +152,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_linear_bf16.argtypes = [c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qk_untile_bf16.restype = c_int
     lib.qk_untile_bf16.argtypes = [c_int, ptr, i64, i64, i64, ptr]
+    lib.qk_read.restype = ctypes.c_uint64
+    lib.qk_read.argtypes = [c_int, ptr, i64]
     lib.qk_decode_layers.restype = c_int
     lib.qk_decode_layers.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, ptr]
 
@@ -247,6 +249,15 @@ def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], 
                                 None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
                                 out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
     return out.view(-1)[:count].view(rows.stop - rows.start, k)
+
+
+def read(x: torch.Tensor, threads: Optional[int] = None) -> int:
+    """Read every byte of `x` (contiguous, on the CPU) once, split between the kernels' threads with the widest
+    loads this CPU has (pool.c): the benchmarks' yardstick of memory bandwidth. Returns the XOR of its 64-bit
+    words (which keeps the reads from being optimized away)."""
+    if not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("read() takes a contiguous CPU tensor")
+    return int(load().qk_read(threads or kernel_threads(), x.data_ptr(), x.numel() * x.element_size()))
 
 
 # --- bfloat16 (linear16.c) ---------------------------------------------------------------------------------

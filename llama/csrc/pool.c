@@ -122,3 +122,65 @@ int qk_has_avx512_bf16(void) {
     atomic_store(&known, has);
     return has;
 }
+
+/* --- a plain streaming read, the yardstick of the benchmarks -------------------------------------------------
+ * Every byte of a buffer read once, split between the pool's threads as the kernels split their weights, with
+ * the widest loads this CPU has and no arithmetic to speak of (an XOR per load): the bandwidth a kernel that
+ * streams its weights could reach at best. Returns the XOR of the buffer's 64-bit words. */
+
+typedef struct {
+    const uint64_t *p;
+    int64_t words;
+    uint64_t out[MAX_THREADS];
+} read_t;
+
+static inline uint64_t xor_words(const uint64_t *p, int64_t n) {
+    uint64_t acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] ^= p[i + l];
+    for (; i < n; i++) acc[0] ^= p[i];
+    return acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+}
+
+#if QK_X86
+__attribute__((target(AVX512))) static uint64_t xor_words_avx512(const uint64_t *p, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 8));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 16));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 24));
+    }
+    uint64_t lanes[8];
+    _mm512_storeu_si512(lanes, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+    return xor_words(lanes, 8) ^ xor_words(p + i, n - i);
+}
+
+__attribute__((target(AVX2))) static uint64_t xor_words_avx2(const uint64_t *p, int64_t n) {
+    return xor_words(p, n);
+}
+#endif
+
+static void read_part(const void *ctx, int64_t part, int64_t parts) {
+    read_t *r = (read_t *)ctx;
+    int64_t lo, hi;
+    share(r->words, part, parts, &lo, &hi);
+#if QK_X86
+    const int isa = qk_best_isa();
+    if (isa == ISA_AVX512_VNNI) { r->out[part] = xor_words_avx512(r->p + lo, hi - lo); return; }
+    if (isa == ISA_AVX2) { r->out[part] = xor_words_avx2(r->p + lo, hi - lo); return; }
+#endif
+    r->out[part] = xor_words(r->p + lo, hi - lo);
+}
+
+uint64_t qk_read(int threads, const void *p, int64_t bytes) {
+    read_t r = {.p = (const uint64_t *)p, .words = bytes / 8};
+    int64_t parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    memset(r.out, 0, sizeof r.out);
+    pool_run(read_part, &r, parts);
+    uint64_t x = 0;
+    for (int64_t i = 0; i < parts; i++) x ^= r.out[i];
+    return x;
+}
