@@ -67,6 +67,8 @@ def why_not(model: Transformer) -> Optional[str]:
     first = model.layers[0].attention
     if first.cache.k.dtype != torch.bfloat16 or model.norm.weight.dtype != torch.bfloat16:
         return "not bfloat16"
+    if model.rope.dtype != torch.float32 or not model.rope.is_contiguous():
+        return "rotary tables not contiguous float32"
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.wqkv is None or ffn.w13 is None:
