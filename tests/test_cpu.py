@@ -65,6 +65,13 @@ def test_float32_where_bfloat16_is_fast_gets_a_note():
     assert cpu.dtype_note(CPU, torch.bfloat16, info) is None
 
 
+def test_quantized_prefill_is_integer_with_vnni_and_no_amx():
+    amx = {"model name": "Intel(R) Xeon(R) Platinum 8481C", "flags": XEON_AVX512["flags"] + " avx512_bf16 amx_bf16"}
+    assert cpu.quantized_prefill("avx512_vnni", detect(XEON_AVX512)) == "integer"
+    assert cpu.quantized_prefill("avx512_vnni", detect(amx)) == "dequantized"  # AMX's bf16 tiles win there
+    assert cpu.quantized_prefill("avx2", detect(EPYC_AVX2, capability="AVX2")) == "dequantized"
+
+
 def test_gpu_keeps_plain_linear():
     info = detect(EPYC_BF16)
     assert cpu.linear_path(torch.device("cuda"), torch.bfloat16, info) == "aten"

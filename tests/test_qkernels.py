@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ROOT
-from llama import qkernels, quantize
+from llama import cpu, qkernels, quantize
 from llama.quantize import Int4Linear, Int8Linear, quantize_weight
 
 LEVELS = list(qkernels.ISAS)  # scalar, avx2, avx512_vnni
@@ -60,8 +60,10 @@ def _reference_and_bound(x: torch.Tensor, w: torch.Tensor):
     return exact, bound + slack
 
 
-SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048), (5, 40, 256), (9, 17, 512)]  # (M, N, K): odd
-# row counts, short rows; 5 and 9 activation rows run the int4 kernel 4 rows at a time, then the rest one by one
+SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048), (5, 40, 256), (9, 17, 512), (21, 40, 256),
+          (34, 70, 512)]  # (M, N, K): odd row counts, short rows; 5 and 9 activation rows run the int4 kernel 4
+# rows at a time, then the rest one by one; 9, 21 and 34 rows take int8's GEMM (AVX-512), 4 rows at a time and the
+# rest one by one, its last panel partly padding (N = 17, 40, 70) or absent tiles (40, 70)
 
 
 @pytest.mark.parametrize("isa", LEVELS)
@@ -111,21 +113,24 @@ def test_dequantize_gives_the_plain_forms_weights(isa, mode, group):
 
 
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 64)])
-def test_modules_choose_the_kernels_and_prefill_dequantizes(mode, group):
+def test_modules_choose_the_kernels_and_prefill_path(mode, group):
     isa = quantize.own_kernel_isa(quantize_weight(_weight(8, 256, 0), mode, group), torch.bfloat16)
     if isa is None:
         pytest.skip(f"the C kernels do not run here: {qkernels.unavailable() or 'no AVX2'}")
     plain = quantize_weight(_weight(40, 256, 1), mode, group)
     layer = (Int8Linear if mode == "int8" else Int4Linear)(plain, torch.bfloat16)
-    assert layer.path.endswith("/" + isa)
-    for m in (1, quantize.CPU_PREFILL_ROWS - 1, quantize.CPU_PREFILL_ROWS, 40):  # both sides of the switch
-        x = _activations(m, 256, m)
-        got = layer(x.reshape(1, m, 256))
-        exact, bound = _reference_and_bound(x.float(), plain.dequantize())
-        assert got.shape == (1, m, 40) and got.dtype == torch.bfloat16
-        # Prefill-sized calls: bfloat16 weights and activations in a float GEMM; decode: the bound above.
-        tol = bound + exact.abs() * 2 ** -7 + 2 ** -8 * (x.double().abs() @ plain.dequantize().double().abs().t())
-        assert bool(((got[0].double() - exact).abs() <= tol).all())
+    assert layer.path.endswith("/" + isa) and layer.own.prefill == cpu.quantized_prefill(isa)
+    for gemm_dtype in {layer.own.gemm_dtype, torch.bfloat16}:  # this CPU's choice, and dequantized tiles
+        layer.own.gemm_dtype = gemm_dtype
+        for m in (1, quantize.CPU_PREFILL_ROWS - 1, quantize.CPU_PREFILL_ROWS, 40):  # both sides of the switch
+            x = _activations(m, 256, m)
+            got = layer(x.reshape(1, m, 256))
+            exact, bound = _reference_and_bound(x.float(), plain.dequantize())
+            assert got.shape == (1, m, 40) and got.dtype == torch.bfloat16
+            # Prefill-sized calls: the integer kernels (the bound above) or, dequantized, bfloat16 weights and
+            # activations in a float GEMM.
+            tol = bound + exact.abs() * 2 ** -7 + 2 ** -8 * (x.double().abs() @ plain.dequantize().double().abs().t())
+            assert bool(((got[0].double() - exact).abs() <= tol).all())
 
 
 def test_an_int8_code_of_minus_128_counts_as_minus_127():

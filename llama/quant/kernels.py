@@ -1,7 +1,8 @@
 """The quantized linear layers' kernels: the modules that compute x @ W.T from a packed quantized weight.
 
 On x86 CPUs with AVX2, the library's own (llama/qkernels.py, llama/csrc/qlinear.c: 8-bit activations against
-the weights in integer dot products; prefill-sized calls through oneDNN on dequantized tiles); elsewhere
+the weights in integer dot products; prefill-sized calls too with AVX-512 VNNI, else through a float GEMM on
+dequantized tiles: see `cpu.quantized_prefill`); elsewhere
 PyTorch's built-in weight-only operators: ``aten._weight_int8pack_mm`` (CPU and CUDA),
 ``aten._weight_int4pack_mm_for_cpu`` (CPU) and ``aten._weight_int4pack_mm`` (CUDA, bfloat16, compute capability
 8.0 or newer). See the README's measurements for why. Which module a weight gets is its scheme's choice
@@ -29,9 +30,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 CUDA_INT8_KERNEL_ROWS = 16  # on CUDA, larger calls (prefill) go through the dense product: see Int8Linear
-# On a CPU, calls of this many rows or more (prefill) dequantize the weight tile by tile into the dtype of the
-# CPU's fastest float GEMM (oneDNN bfloat16 with native bf16 instructions or AMX, else MKL float32) instead of
-# running the matrix-vector kernels: they are compute-bound there, and the GEMMs use the matrix units.
+# Where prefill goes through a float GEMM (cpu.quantized_prefill), calls of this many rows or more dequantize the
+# weight tile by tile into the dtype of the CPU's fastest float GEMM (oneDNN bfloat16 with native bf16
+# instructions or AMX, else MKL float32) instead of running the integer kernels.
 CPU_PREFILL_ROWS = 32
 DEQUANTIZED_TILE = 2**22  # weights dequantized at a time for such a call (8 MiB in bfloat16)
 
@@ -48,12 +49,12 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
-                group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
-    """x (M, K) @ W.T through llama/csrc/qlinear.c: its matrix-vector kernels below CPU_PREFILL_ROWS rows, else
-    tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
+                group: int, isa: str, gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """x (M, K) @ W.T through llama/csrc/qlinear.c, at every size when `gemm_dtype` is None; else from
+    CPU_PREFILL_ROWS rows, tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
     if x.dtype not in (torch.bfloat16, torch.float32):  # the C kernels read bfloat16 or float32
         return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
-    if x.shape[0] < CPU_PREFILL_ROWS:
+    if gemm_dtype is None or x.shape[0] < CPU_PREFILL_ROWS:
         return qkernels.linear(x, kind, packed, rscale, n, group, isa)
     k = x.shape[1]
     xg = x.to(gemm_dtype)
@@ -69,7 +70,7 @@ def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Te
 
 @torch.library.custom_op("llama::quantized_matmul", mutates_args=())
 def quantized_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
-                     group: int, isa: str, gemm_dtype: torch.dtype) -> torch.Tensor:
+                     group: int, isa: str, gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
     """`_own_matmul` as an opaque operator, which torch.compile calls as it is."""
     return _own_matmul(x, packed, rscale, n, kind, group, isa, gemm_dtype)
 
@@ -90,7 +91,10 @@ class _OwnKernel(nn.Module):
         packed, rscale = weight.scheme.own_pack(weight)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("rscale", rscale, persistent=False)
-        self.gemm_dtype = torch.bfloat16 if cpu.info().native_bf16 else torch.float32
+        self.prefill = cpu.quantized_prefill(isa)
+        # the float GEMM's dtype for dequantized prefill; None: the integer kernels at every size
+        self.gemm_dtype = None if self.prefill == "integer" else \
+            torch.bfloat16 if cpu.info().native_bf16 else torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (self.packed, self.rscale, self.n, self.kind, self.group, self.isa, self.gemm_dtype)
