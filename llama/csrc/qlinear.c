@@ -605,9 +605,11 @@ int qk_pack_int4(const uint8_t *codes, const uint16_t *scales, const uint16_t *z
     return 0;
 }
 
-/* y (M x N) = x (M x K) @ W.T from the packed weight. x and y bfloat16 (flags set) or float32; rscale: int8's
- * float32 row scales (one per row, N). Returns 0, or EINVAL (a shape the kernels refuse, an instruction set this
- * CPU lacks), ENOMEM. */
+/* The activations are quantized on every thread from QUANTIZE_SHARED_ROWS rows, on the caller's below: a second
+ * round of the pool cost more than it saved there (int4 2048 x 2048, 2 threads: 35-65 us more at 2-7 rows, even
+ * at 32, 5% less at 256). */
+#define QUANTIZE_SHARED_ROWS 64
+
 typedef struct {
     const act_t *a;
     const void *x;
@@ -644,7 +646,8 @@ int qk_linear(int kind, int isa, int threads, const void *x, int x_bf16, int64_t
     /* the activations' sums per group: int4's groups; for int8's GEMM, one group of K */
     const int64_t g = kind == KIND_INT4 ? group : (gemm ? K : 0), G = g ? K / g : 1;
     const int64_t nc = K / CHUNK, nb = K / BLOCK, units = kind == KIND_INT8 && !gemm ? tiles_of(N) : panels_of(N);
-    int64_t parts = threads < 1 ? 1 : threads, qparts = parts < M ? parts : M;
+    int64_t parts = threads < 1 ? 1 : threads;
+    const int64_t qparts = M < QUANTIZE_SHARED_ROWS ? 1 : parts;
     if (parts > units) parts = units;
     const size_t scratch = gemm ? (size_t)(parts * gemm_scratch_bytes(K)) : 0;
     const size_t bytes = (size_t)(M * nc * 8 + M * nb * 4 + M * nc * 64 + M * G * 4 + qparts * K * 4 + M * K * 2 + 64)
