@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import require_kernels
 from llama import cpu, qkernels
 from llama.model import ModelArgs, Transformer
 
 
 def _built() -> None:
-    if qkernels.load() is None:
-        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    require_kernels()
 
 
 def _pair(m: int, n: int, k: int, seed: int):
