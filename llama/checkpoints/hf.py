@@ -36,6 +36,7 @@ from .checkpoint import (
     split_dim,
     state_shapes,
 )
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model.transformer import ModelArgs
 
 _CONFIG = "config.json"
@@ -274,9 +275,9 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
 
 def _generation_config(bos_id: int = 1, eos_id: Union[int, List[int]] = 2,
                       max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
-    """generation_config.json: this library's sampling defaults (temperature 0.6, top-p 0.9)."""
-    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
-            "max_length": max_position_embeddings}
+    """generation_config.json: this library's sampling defaults (llama.engine.params)."""
+    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": DEFAULT_TEMPERATURE,
+            "top_p": DEFAULT_TOP_P, "max_length": max_position_embeddings}
 
 
 # --- reading -----------------------------------------------------------------------------------------------
