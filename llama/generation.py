@@ -168,8 +168,12 @@ class Llama:
         self.speculation = speculation  # drafter and counts, shared by every engine over this model (the server's)
         # The prefix cache's table, shared like the model's pool by every engine over this model (the server's).
         self.prefix_cache = _prefix_cache(model, prefix_cache, prefix_cache_gib) if not deterministic else None
-        self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic,
-                             speculation=speculation, prefix_cache=self.prefix_cache)
+        self.engine = self._engine(self._decode)
+
+    def _engine(self, step: DecodeStep) -> Engine:
+        """The one place this generator makes its engine: over `step`, with its speculation and prefix cache."""
+        return Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic,
+                      speculation=self.speculation, prefix_cache=self.prefix_cache)
 
     @property
     def max_seq_len(self) -> int:
@@ -191,8 +195,7 @@ class Llama:
         """Run later calls through another decode step (eager or compiled, other windows): a new engine over
         the same model and cache, so call it between generations."""
         self._decode = step
-        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic,
-                             prefix_cache=self.prefix_cache)
+        self.engine = self._engine(step)
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
