@@ -22,7 +22,7 @@ from .checkpoints import loading
 from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
-from .engine.params import SEED_BITS
+from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
@@ -211,15 +211,7 @@ class Llama:
         if len(prompt_tokens) > params.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}")
         for i, prompt in enumerate(prompt_tokens):
-            name = names[i] if names else f"prompt {i}"
-            if not isinstance(prompt, (list, tuple)) or not prompt:
-                raise ValueError(f"{name} must be a non-empty list of token ids, got {prompt!r}")
-            if len(prompt) > params.max_seq_len:
-                raise ValueError(f"{name} has {len(prompt)} tokens, more than max_seq_len {params.max_seq_len}")
-            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or
-                   not 0 <= t < params.vocab_size]
-            if bad:
-                raise ValueError(f"{name} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
+            check_prompt(prompt, params.vocab_size, params.max_seq_len, names[i] if names else f"prompt {i}")
 
     def _params(self, max_gen_len: int, temperature: float, top_p: float, options: Dict[str, Any],
                 logprobs: bool = False, echo: bool = False) -> SamplingParams:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import qkernels
-from .features import FLAGS, CpuInfo, detect, info, kernel_isa
+from .features import FLAGS, CpuInfo, detect, info, kernel_isa  # noqa: F401  (llama.cpu's names)
 from ..model.layers import ParallelLinear
 
 OWN_BF16_MAX_BATCH = 2  # the largest max_batch_size for which bfloat16 models take `own-bf16` (see above)

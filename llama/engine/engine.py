@@ -40,7 +40,7 @@ import torch
 from ..model.decode_step import DecodeStep
 from ..tokenizer import TextStream
 from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, top_entries
-from .params import SEED_BITS, SamplingParams
+from .params import SEED_BITS, SamplingParams, check_prompt
 from .prefix_cache import PrefixCache
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
@@ -133,10 +133,7 @@ class Engine:
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """ValueError unless the request can run: token ids in the vocabulary, parameters in range, room in the
         context for prompt plus max_tokens, and no more choices than rows."""
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("the prompt must be a non-empty list of token ids")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"the prompt has token ids outside 0..{self.vocab_size - 1}")
+        check_prompt(prompt, self.vocab_size)
         params.check(self.vocab_size)
         if params.n > self.max_batch_size:
             raise ValueError(f"n={params.n} choices need as many cache rows; there are {self.max_batch_size} "

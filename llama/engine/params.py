@@ -81,6 +81,20 @@ def check_range(name: str, value, param: str = "") -> Union[int, float]:
     return RANGES[name].check(param or name, value, param or name)
 
 
+def check_prompt(prompt: object, vocab_size: int, max_seq_len: Optional[int] = None,
+                 name: str = "the prompt") -> None:
+    """ValueError unless `prompt` is a non-empty list of token ids in 0..vocab_size-1, of at most `max_seq_len`
+    tokens when given: the one prompt check of Llama's methods and the engine (the server's prompts come from
+    its tokenizer; whether an answer fits besides is the caller's own check, with its own words)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"{name} must be a non-empty list of token ids, got {repr(prompt)[:100]}")
+    if max_seq_len is not None and len(prompt) > max_seq_len:
+        raise ValueError(f"{name} has {len(prompt)} tokens, more than max_seq_len {max_seq_len}")
+    bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token ids outside 0..{vocab_size - 1}: {bad[:5]}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is continued. `check` validates it (ValueError naming the field) before any work."""
