@@ -42,13 +42,13 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     add("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
     add("--model", default=None, help="model id clients name (default: the checkpoint folder's name)")
-    add("--api_key", default=os.environ.get("LLAMA_API_KEY"),
+    add("--api-key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_API_KEY; none: no key; an empty "
              "key is an error)")
-    add("--allowed_hosts", default="",
+    add("--allowed-hosts", dest="allowed_hosts", default="",
         help="comma-separated Host names served besides loopback names and the address connected to (e.g. the "
              "name a reverse proxy forwards; '*': any). Others get 400: this stops DNS rebinding")
-    add("--allowed_origins", default="",
+    add("--allowed-origins", dest="allowed_origins", default="",
         help="comma-separated web origins (https://app.example) whose pages may call the API, with CORS; "
              "'*': any. Requests from other origins get 403")
     add("--max_seq_len", type=int, default=2048, help="context per request, prompt + answer")
@@ -70,7 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--deterministic", action="store_true",
         help="a request's tokens never depend on what else is being served (every step has one shape, each "
              "prompt is prefilled alone; costs ~10%% at batch 1, see README)")
-    add("--no_prefix_cache", dest="prefix_cache", action="store_false",
+    add("--no-prefix-cache", dest="prefix_cache", action="store_false",
         help="prefill every prompt whole: no reuse of the keys and values of prompt starts that earlier requests "
              "shared (the prefix cache is on by default, except with --deterministic; see README)")
     add("--prefix_cache_gib", type=float, default=None, metavar="GIB",
