@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .. import families
-from . import hf
+from . import hf, hf_write
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -144,11 +144,11 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     if dtype not in hf.SAFETENSORS_DTYPES:
         raise ValueError(f"the weights are {dtype}; --dtype must be one of bfloat16, float16, float32")
     check_distinct(src_dir, dst_dir)
-    hf.ensure_empty_destination(dst_dir, also=hf.OTHER_FILES)
+    hf_write.ensure_empty_destination(dst_dir, also=hf.OTHER_FILES)
     log(f"converting {info.n_shards} shard(s) of {src_dir} to Hugging Face's layout in {dst_dir} "
         f"({str(dtype).removeprefix('torch.')}, files of at most {max_shard_bytes / 1e9:g} GB)")
     start = time.perf_counter()
-    written = hf.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
+    written = hf_write.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
                                      tokenizer.bos_id, _one_or_list(found.hf_eos_ids(tokenizer)), max_shard_bytes,
                                      max_position_embeddings, found.hf_tokenizer_files(tokenizer,
                                                                                        max_position_embeddings))
@@ -172,7 +172,7 @@ def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: O
     if tokenizer.is_file():
         Tokenizer(tokenizer)  # a readable SentencePiece model, or an error now
     check_distinct(src_dir, dst_dir)
-    dst = hf.ensure_empty_destination(dst_dir, also=("tokenizer.model",))
+    dst = hf_write.ensure_empty_destination(dst_dir, also=("tokenizer.model",))
     log(f"converting {info.n_shards} safetensors file(s) of {src_dir} to {n_shards} shard(s) of Meta's layout in "
         f"{dst_dir}" + (f" ({str(dtype).removeprefix('torch.')})" if dtype else ""))
 

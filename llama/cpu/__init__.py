@@ -40,7 +40,6 @@ from torch import nn
 
 from . import qkernels
 from .features import FLAGS, CpuInfo, detect, info, kernel_isa  # noqa: F401  (llama.cpu's names)
-from ..model.layers import ParallelLinear
 
 OWN_BF16_MAX_BATCH = 2  # the largest max_batch_size for which bfloat16 models take `own-bf16` (see above)
 OWN_BF16_PREFILL_ROWS = 32  # from this many rows, `own-bf16` unpacks row blocks for oneDNN
@@ -247,8 +246,8 @@ def kernel_counts(model: nn.Module) -> Dict[str, int]:
     """How many linear layers of a built model compute through each kernel ("aten": the plain product)."""
     counts: Dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, ParallelLinear):
-            kernel = module.kernel
+        if callable(getattr(module, "use_kernel", None)):  # a llama.model.layers.ParallelLinear (no import: the
+            kernel = module.kernel                          # model wing uses this one, not the other way)
             name = "aten" if kernel is None else getattr(kernel, "path", type(kernel).__name__)
             counts[name] = counts.get(name, 0) + 1
     return counts
