@@ -45,7 +45,8 @@ def test_a_mistyped_flag_fails_at_once_with_a_suggestion(script, ckpt):
 
 # Every program, however started: the same one line for a mistyped flag, whichever spelling it was given in.
 PROGRAMS = [["example_text_completion.py"], ["example_chat_completion.py"], ["chat.py"], ["-m", "llama.serve"],
-            ["-m", "llama", "web"], ["-m", "llama", "chat"], ["-m", "llama", "serve"], ["-m", "llama", "convert", "src", "dst"]]
+            ["-m", "llama", "web"], ["-m", "llama", "chat"], ["-m", "llama", "serve"],
+            ["-m", "llama", "convert", "src", "dst"]]
 
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=" ".join)

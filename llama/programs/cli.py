@@ -202,6 +202,22 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
                         help="the model's family (default: detected from the checkpoint)")
 
 
+def rewrite_parser(command: str, description: str, usage: str, src_help: str, dst_help: str) -> "ArgumentParser":
+    """The parser of a program that writes one checkpoint folder from another (reshard, quantize, convert):
+    SRC_DIR and DST_DIR, then the program's own flags."""
+    parser = ArgumentParser(f"python -m llama {command}", description, usage=usage)
+    parser.add_argument("src_dir", help=src_help)
+    parser.add_argument("dst_dir", help=dst_help)
+    return parser
+
+
+def run_rewrite(write: Callable[[Callable[[str], None]], object], what: str = "shard") -> int:
+    """Run `write(log)`, the log printed line by line, as `guarded` does; Ctrl-C says nothing was left half
+    written (the writers rename each file into place when complete)."""
+    return guarded(lambda: write(lambda message: print(message, flush=True)),
+                   interrupted=f"interrupted: no {what} was left under its final name")
+
+
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
     a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone. A closed output pipe

@@ -326,8 +326,8 @@ class ChatSession:
     """The dialog, the commands and the streamed answers. Every rank runs one, fed the same lines."""
 
     def __init__(self, generator: Llama, console, channel: Broadcast, system: Optional[str] = None,
-                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, max_gen_len: Optional[int] = None,
-                 shield: Optional[Llama] = None) -> None:
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 max_gen_len: Optional[int] = None, shield: Optional[Llama] = None) -> None:
         self.generator = generator
         self.shield = shield  # a Llama Guard model that checks each message and each answer
         self.formatter = generator.formatter  # the family's chat format: its tags may not appear in messages
