@@ -26,6 +26,7 @@ from ..families.chat_format import ChatFormat, Dialog, validate_dialog
 from ..model.transformer import check_positive_int
 from ..engine.params import SamplingParams
 from ..tokenizer import Tokenizer
+from . import interrupt
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # llama/
 _CHECKOUT_DEMO = _PACKAGE.parent / "demo" / "fortune-llama"
@@ -141,6 +142,7 @@ def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
     a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone. A closed output pipe
     is left to `exit_with`."""
+    interrupt.hand_back()  # the work begins: Ctrl-C now raises KeyboardInterrupt, to stop it cleanly
     try:
         fn()
     except (ValueError, FileNotFoundError, FileExistsError) as err:
