@@ -136,6 +136,22 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument(*flag("group_size"), type=int, default=None,
                         help=f"int4's inputs per scale: {', '.join(map(str, quant.GROUP_SIZES))} "
                              f"(default {quant.DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--verbose", action=Verbose, help=Verbose.HELP)
+
+
+class Verbose(argparse.Action):
+    """--verbose: the load reports its detail, as LLAMA_LOG=debug does (set as the flag is parsed)."""
+
+    HELP = "report the load's detail: the CPU's flags and the kernels the layers run (as LLAMA_LOG=debug)"
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..checkpoints.loading import set_verbose
+
+        set_verbose()
+        setattr(namespace, self.dest, True)
 
 
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
