@@ -18,17 +18,23 @@ import sys
 import threading
 
 STATUS = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C ended
+CLONE_SCRIPTS = ("example_text_completion.py", "example_chat_completion.py", "chat.py")  # at a clone's top
 
 
 def is_program_start() -> bool:
     """Whether this process is starting one of the library's programs (and not a library user's code)."""
-    if sys.argv[:1] == ["-m"]:  # `python -m llama...` (and torchrun -m): runpy is importing the package
-        return True
+    if sys.argv[:1] == ["-m"]:  # `python -m MODULE` while runpy imports MODULE's packages: is it one of ours?
+        line = list(getattr(sys, "orig_argv", []))
+        module = line[line.index("-m") + 1] if "-m" in line[:-1] else "llama"
+        return module == "llama" or module.startswith("llama.")
     if os.path.basename(sys.argv[0] if sys.argv else "").startswith("llama-"):  # an installed console script
         return True
     main = getattr(sys.modules.get("__main__"), "__file__", None)
-    clone = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return bool(main) and os.path.dirname(os.path.abspath(main)) == clone  # example_*.py, chat.py
+    if not main:
+        return False
+    main = os.path.realpath(main)  # a link to the script counts
+    clone = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    return os.path.dirname(main) == clone and os.path.basename(main) in CLONE_SCRIPTS
 
 
 def _exit_at_once(signum, frame) -> None:
