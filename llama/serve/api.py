@@ -240,7 +240,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
             if isinstance(err, Unavailable):
                 raise APIError(503, str(err), code="unavailable",
                                headers={"Retry-After": str(retry_after)}) from None
-            raise APIError(400, str(err)) from None
+            raise APIError(400, str(err), param=getattr(err, "param", None)) from None
         if job.stream:
             return StreamingResponse(_sse(request, streams[0], job, engine.generator.tokenizer),
                                      media_type="text/event-stream",
