@@ -45,6 +45,10 @@ class GrammarError(RuntimeError):
     """A matcher that failed mid-answer (a limit of llguidance's reached): its request ends, alone."""
 
 
+class GrammarBusy(RuntimeError):
+    """Every grammar worker stayed busy (with other requests' grammars) for the whole time budget: retry later."""
+
+
 def limits() -> Any:
     """llguidance's limits for every grammar (LIMITS; its messages without the grammar's text)."""
     return _ll().LLParserLimits(verbose_errors=False, **LIMITS)
@@ -199,16 +203,23 @@ class Grammar:
                 timeout: float = COMPILE_SECONDS) -> "Grammar":
         """kind: 'json_schema' (spec: a schema, dict or JSON text), 'regex', 'grammar' (Lark) or 'choice' (a list
         of strings). ValueError (llguidance's message: the unsupported key, the syntax error; or the budget
-        passed) when it cannot be used. The work runs in a worker thread (llguidance drops the GIL), waited for
-        at most `timeout` seconds."""
+        passed) when it cannot be used. The work runs in a worker thread (llguidance drops the GIL), given
+        `timeout` seconds once it starts; GrammarBusy when no worker is free within `timeout` either."""
         _ll()
         if kind not in KINDS:
             raise ValueError(f"unknown grammar kind {kind!r}; known: {', '.join(KINDS)}")
-        work = _pool.submit(_build, kind, spec, tokenizer, stop_ids, vocab_size)
+        started = threading.Event()
+
+        def build() -> "Grammar":
+            started.set()
+            return _build(kind, spec, tokenizer, stop_ids, vocab_size)
+
+        work = _pool.submit(build)
+        if not started.wait(timeout) and work.cancel():
+            raise GrammarBusy("the server is busy compiling other grammars: retry in a moment")
         try:
             return work.result(timeout)
-        except concurrent.futures.TimeoutError:
-            work.cancel()  # a build that has started runs on within llguidance's limits; its result is dropped
+        except concurrent.futures.TimeoutError:  # the build runs on within llguidance's limits; it is dropped
             raise ValueError(f"it takes over {timeout:g} s to compile: simplify it") from None
 
     def constraint(self) -> "Constraint":

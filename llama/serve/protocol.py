@@ -26,7 +26,7 @@ from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
 from ..engine.params import ParamError
 from .limits import MAX_CHOICES, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS
-from ..engine.grammar import GrammarError
+from ..engine.grammar import GrammarBusy, GrammarError
 from ..engine.stop import StopText
 from ..engine import Finished, SamplingParams, TokenLogprob, token_text
 
@@ -360,6 +360,9 @@ def _grammar(body: Mapping[str, Any], generator: Llama) -> Optional[Grammar]:
                                   generator.model.params.vocab_size)
     except ValueError as err:
         raise bad(f"'{param}' cannot be used: {err}", param=param, code="invalid_grammar") from None
+    except GrammarBusy as err:
+        raise APIError(429, str(err), param=param, code="grammar_busy", type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
     return dataclasses.replace(grammar, origin=param)
 
 
