@@ -268,6 +268,17 @@ def test_a_request_head_over_the_limit_is_refused_however_it_arrives(server):
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
 
 
+@pytest.mark.parametrize("header", [b"Host: 127.0.0.1:\xb2", b"Content-Length: \xb2"])
+def test_non_ascii_digits_in_headers_are_no_500(server, header):
+    """A superscript two (latin-1 0xB2, which str.isdigit accepts and int refuses) where a port or a length goes."""
+    host = b"" if header.startswith(b"Host") else b"Host: 127.0.0.1\r\n"
+    with _connect(server.url) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\n" + host + header +
+                     b"\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+
+
 def test_one_client_cannot_take_every_connection(tmp_path):
     """Per-address cap: one address holding its share of idle connections gets JSON 503s, another address is
     served; when all connections are taken, /health and /metrics are still answered on the reserved ones."""
