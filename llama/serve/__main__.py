@@ -30,7 +30,7 @@ from ..model import distributed
 from .. import quant
 from .limits import (BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS,
                      MAX_PREFILL_TOKENS, MAX_QUEUE)
-from ..programs.cli import program_name, resolve_checkpoint, resolve_shield
+from ..programs.cli import Verbose, program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
@@ -101,6 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--num_draft_tokens", "--num-draft-tokens", type=int, default=4, help="drafts checked per step")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add("--verbose", action=Verbose, help=Verbose.HELP)
     return parser.parse_args(argv)
 
 
@@ -237,7 +238,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     grace = None if args.drain_timeout is None else math.ceil(args.drain_timeout) + 5
     config = server_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
                            max_client_connections=args.max_client_connections, log_level=args.log_level,
-                           timeout_graceful_shutdown=grace)
+                           timeout_graceful_shutdown=grace,
+                           access_log=False)  # the app logs one line per request, with its ID (metrics.RequestID)
     server = Server(config)
     engine.on_failure = lambda message: setattr(server, "should_exit", True)  # /health says failed; we stop
     # uvicorn raises the signal that stopped it again once it has shut down; this handler makes that a no-op,
@@ -267,7 +269,10 @@ def _names(value: str) -> list:
 
 def entry_point(web: bool = False) -> None:
     """`llama-serve`, `python -m llama serve` (and with web=True `llama-web`, `python -m llama web`)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..checkpoints.loading import verbose
+
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main(web=web))
 
 

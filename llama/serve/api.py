@@ -136,6 +136,8 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else \
             str(err.detail)
+        if err.status_code == 404 and request.url.path.rstrip("/") == "/web":
+            message += ": this server has no chat page (start it with --web, or as python -m llama web)"
         return _error(APIError(err.status_code, message, code=code, headers=dict(err.headers or {})))
 
     @app.exception_handler(RequestValidationError)
