@@ -25,6 +25,7 @@ from ..families.chat_format import ChatFormat, Dialog, validate_dialog
 from ..model.transformer import check_positive_int
 from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ParamError, SamplingParams
 from ..tokenizer import Tokenizer
+from . import interrupt
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # llama/
 _CHECKOUT_DEMO = _PACKAGE.parent / "demo" / "fortune-llama"
@@ -200,6 +201,7 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
                              f"(default {quant.DEFAULT_GROUP_SIZE})")
     parser.add_argument("--family", default=None, choices=families.NAMES,
                         help="the model's family (default: detected from the checkpoint)")
+    parser.add_argument("--verbose", action=Verbose, help=Verbose.HELP)
 
 
 def rewrite_parser(command: str, description: str, usage: str, src_help: str, dst_help: str) -> "ArgumentParser":
@@ -218,10 +220,26 @@ def run_rewrite(write: Callable[[Callable[[str], None]], object], what: str = "s
                    interrupted=f"interrupted: no {what} was left under its final name")
 
 
+class Verbose(argparse.Action):
+    """--verbose: the load reports its detail, as LLAMA_LOG=debug does (set as the flag is parsed)."""
+
+    HELP = "report the load's detail: the CPU's flags and the kernels the layers run (as LLAMA_LOG=debug)"
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..checkpoints.loading import set_verbose
+
+        set_verbose()
+        setattr(namespace, self.dest, True)
+
+
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
     a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone. A closed output pipe
     is left to `exit_with`."""
+    interrupt.hand_back()  # the work begins: Ctrl-C now raises KeyboardInterrupt, to stop it cleanly
     try:
         fn()
     except (ValueError, FileNotFoundError, FileExistsError) as err:
