@@ -237,11 +237,11 @@ class Fp16Linear(nn.Module):
 _SCRATCH = threading.local()  # each thread's buffer for unpacked row blocks, reused
 
 
-def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str = "avx512_vnni") -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     m, k = rows.shape
-    if m < OWN_BF16_PREFILL_ROWS:
-        out = qkernels.linear_bf16(rows, packed, n)
+    if m < OWN_BF16_PREFILL_ROWS or isa != "avx512_vnni":  # (AVX2: the kernel's own GEMM, faster than fbgemm's)
+        out = qkernels.linear_bf16(rows, packed, n, isa=isa)
     else:  # compute-bound: oneDNN's GEMM over row blocks unpacked into a reused buffer
         step = min(n, max(64, UNPACKED_BLOCK // k // 64 * 64))
         buf = getattr(_SCRATCH, "buf", None)
@@ -255,25 +255,36 @@ def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Ten
 
 
 @torch.library.custom_op("llama::own_bf16_linear", mutates_args=())
-def own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x @ weight.T over a weight packed by qkernels.pack_bf16."""
-    return _own_bf16_linear(x, packed, n)
+    return _own_bf16_linear(x, packed, n, isa)
 
 
 @own_bf16_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
+def own_bf16_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
+    """The loop of the own bfloat16 kernel here: "avx512_vnni" (AVX-512 BF16), "avx2" (no bfloat16 instructions,
+    or emulation lowered them), None (no AVX2 or no C kernels)."""
+    cpu = info() if cpu is None else cpu
+    if not {"avx2", "fma"} <= cpu.flags or qkernels.best_isa() not in ("avx2", "avx512_vnni"):
+        return None
+    return "avx512_vnni" if "avx512_bf16" in cpu.flags and qkernels.has_avx512_bf16() else "avx2"
+
+
 class OwnBf16Linear(nn.Module):
-    """x @ weight.T through the project's bfloat16 kernel (llama/cpu/csrc/linear16.c) below OWN_BF16_PREFILL_ROWS
-    rows, oneDNN's GEMM over unpacked row blocks above."""
+    """x @ weight.T through the project's bfloat16 kernel (llama/cpu/csrc/linear16.c): with AVX-512 BF16 below
+    OWN_BF16_PREFILL_ROWS rows, oneDNN's GEMM over unpacked row blocks above; with AVX2 at every size (its own
+    GEMM from 16 rows). `isa`: the kernel's loop (`own_bf16_isa`)."""
 
     path = "own-bf16"
-    detail = "own AVX-512 BF16 kernel over weights tiled once (decoding), oneDNN for prefill"
+    detail = "own AVX-512 BF16 or AVX2 kernel over weights tiled once (decoding), the BLAS for prefill"
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, isa: Optional[str] = None) -> None:
         super().__init__()
+        self.isa = isa or own_bf16_isa() or "scalar"
         self.out_features = weight.shape[0]
         self.register_buffer("packed", qkernels.pack_bf16(weight), persistent=False)
 
@@ -283,8 +294,8 @@ class OwnBf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return own_bf16_linear(x, self.packed, self.out_features)
-        return _own_bf16_linear(x, self.packed, self.out_features)
+            return own_bf16_linear(x, self.packed, self.out_features, self.isa)
+        return _own_bf16_linear(x, self.packed, self.out_features, self.isa)
 
 
 KERNELS: Dict[str, Optional[Type[nn.Module]]] = {"own-bf16": OwnBf16Linear, "onednn-bf16": OneDnnLinear,
@@ -303,6 +314,8 @@ def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo]
                 qkernels.has_avx512_bf16():
             return "own-bf16"
         return "onednn-bf16"
+    if dtype == torch.bfloat16 and own_bf16_isa(cpu) == "avx2":  # measured faster than fbgemm at 1-32 rows
+        return "own-bf16"
     if dtype in (torch.bfloat16, torch.float16) and cpu.fbgemm:
         return "fbgemm-fp16"
     return "aten"
@@ -415,6 +428,10 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
         prefill = sorted({m.prefill for m in model.modules() if isinstance(getattr(m, "prefill", None), str)})
         if prefill:  # the quantized kernels' (llama.quant.kernels._OwnKernel)
             line += f"; quantized prefill {', '.join(prefill)}"
+        own = sorted({m.isa for m in model.modules() if isinstance(m, OwnBf16Linear)})
+        if own:
+            line += "; own-bf16 " + ", ".join("vdpbf16ps, oneDNN from 32 rows" if isa == "avx512_vnni" else
+                                              f"{isa} (fbgemm measured slower at 1-256 rows)" for isa in own)
     threads = torch.get_num_threads()
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 
