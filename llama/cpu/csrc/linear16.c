@@ -37,7 +37,8 @@ typedef struct {
     int64_t M, N, K;
     int isa;                /* ISA_AVX512_VNNI: vdpbf16ps (where the CPU has it); ISA_AVX2; ISA_SCALAR */
     const uint16_t *x, *w;  /* x: M x K; w: packed */
-    const float *xf;        /* AVX2: x as floats (widen16_avx2) */
+    const float *xf;        /* AVX2: x as floats (widen16_avx2, or in order for the GEMM) */
+    float *panels;          /* AVX2's GEMM: K x GP floats per part */
     uint16_t *out;          /* M x N */
 } job16_t;
 
@@ -250,10 +251,7 @@ static void gemm16_part(const void *ctx, int64_t part, int64_t parts) {
     share((j->N + GP - 1) / GP, part, parts, &p0, &p1);
     if (p0 >= p1) return;
 #if QK_X86
-    float *panel = malloc((size_t)j->K * GP * 4);
-    if (!panel) abort();  /* (K x 64 bytes: far less than the caller's x) */
-    gemm16_avx2(j, panel, p0, p1);
-    free(panel);
+    gemm16_avx2(j, j->panels + part * j->K * GP, p0, p1);
 #endif
 }
 
@@ -293,17 +291,18 @@ int qk_linear_bf16(int isa, int threads, const uint16_t *x, int64_t M, int64_t K
     job16_t j = {.M = M, .N = N, .K = K, .isa = qk_bf16_isa(isa), .x = x, .w = w, .out = out};
     float *xf = NULL;
     const int gemm = j.isa == ISA_AVX2 && M >= GEMM16_ROWS;
-#if QK_X86
-    if (j.isa == ISA_AVX2) {
-        if (!(xf = malloc((size_t)(M * K) * 4))) return ENOMEM;
-        if (gemm) widen_avx2(x, M * K, xf);
-        else widen16_avx2(x, M * K, xf);
-        j.xf = xf;
-    }
-#endif
     int64_t parts = threads < 1 ? 1 : threads;
     const int64_t units = gemm ? (N + GP - 1) / GP : (N + TILE - 1) / TILE;
     if (parts > units) parts = units;
+#if QK_X86
+    if (j.isa == ISA_AVX2) {
+        if (!(xf = malloc((size_t)(M * K + (gemm ? parts * K * GP : 0)) * 4))) return ENOMEM;
+        if (gemm) widen_avx2(x, M * K, xf);
+        else widen16_avx2(x, M * K, xf);
+        j.xf = xf;
+        j.panels = xf + M * K;
+    }
+#endif
     pool_run(gemm ? gemm16_part : linear16_part, &j, parts);
     free(xf);
     return 0;
