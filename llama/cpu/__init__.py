@@ -11,9 +11,13 @@ weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"
   for at most OWN_BF16_MAX_BATCH rows (`max_batch_size`, as chat.py and single-prompt generation do) takes
   `own-bf16`, and a batched one (the server) keeps `onednn-bf16`.
 - AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
-  weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). fbgemm's fp16 GEMM keeps 16-bit
-  weights and computes in float32 with F16C/FMA: 21 GB/s at batch 1, and 4x faster than the bf16 kernels at
-  batch 4 and 8, with prefill close to float32's. `fbgemm-fp16` holds the model's bf16 weights as fp16:
+  weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). The own kernel's AVX2 loop
+  (`own-bf16` with isa "avx2") turns each bf16 weight into a float by a shift or a mask and streams the same
+  tiles with FMA, a register-blocked GEMM of its own from 16 rows: measured (2026-12-07, Zen 4 emulated as
+  AVX2, 2 threads, a shared host) 4x fbgemm's fp16 product at batch 1 on 1.1B layers, ahead of it at 2-32 rows
+  and level with it at 256; so bfloat16 models take it at every batch size. fbgemm's fp16 GEMM keeps 16-bit
+  weights and computes in float32 with F16C/FMA (4x faster than the bf16 kernels at batch 4 and 8): it stays
+  the path for float16 models. `fbgemm-fp16` holds the model's weights as fp16:
   exact for every |w| in [2**-17, 65504] (bf16's 8 significant bits fit fp16's 11); smaller magnitudes round by
   under 2**-25; a matrix with a larger one keeps its plain form (counted as `aten` by `kernel_counts`).
 - Anything else (no AVX2, not x86): PyTorch's generic kernels (`aten`); there `dtype=None` is float32.
