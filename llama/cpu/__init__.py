@@ -392,10 +392,11 @@ def _note_once(message: str) -> None:
 
 
 def default_dtype(device: torch.device, cpu: Optional[CpuInfo] = None) -> torch.dtype:
-    """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16 or fbgemm), else
-    float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
+    """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16, the own AVX2 kernel or
+    fbgemm), else float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
     cpu = info() if cpu is None else cpu
-    return torch.bfloat16 if cpu.native_bf16 or cpu.fbgemm else torch.float32
+    fast = cpu.native_bf16 or cpu.fbgemm or own_bf16_isa(cpu) is not None
+    return torch.bfloat16 if fast else torch.float32
 
 
 def dtype_note(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> Optional[str]:
