@@ -21,8 +21,13 @@ EPYC_AVX2 = {"model name": "AMD EPYC 7B12", "flags": AVX2_FLAGS}
 XEON_AVX512 = {"model name": "Intel(R) Xeon(R) Processor", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_vnni"}
 EPYC_BF16 = {"model name": "AMD EPYC 9B14", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_bf16"}
 NO_AVX2 = {"model name": "Old x86", "flags": "fpu sse sse2 avx"}
-# bfloat16 without AVX-512 BF16: the own kernel's AVX2 loop where the C library builds (x86), else fbgemm's fp16
-AVX2_PATH = "own-bf16" if qkernels.best_isa() in ("avx2", "avx512_vnni") else "fbgemm-fp16"
+AVX2_PATH = "fbgemm-fp16"  # bfloat16 without AVX-512 BF16, by default (the own AVX2 loop is opt-in)
+OWN_AVX2 = qkernels.best_isa() in ("avx2", "avx512_vnni")  # the C library runs its AVX2 loop here
+
+
+@pytest.fixture(autouse=True)
+def _default_paths(monkeypatch):
+    monkeypatch.delenv("LLAMA_OWN_BF16_AVX2", raising=False)  # the paths as shipped, whatever the caller's shell
 
 
 def detect(cpuinfo, capability="AVX512", env=None, onednn_bf16=True, fbgemm_built=True):
@@ -63,19 +68,21 @@ def test_without_fbgemm_or_the_own_kernels_bf16_is_the_slow_choice_and_says_so(m
     assert cpu.dtype_note(CPU, torch.float32, info) is None
 
 
-def test_the_own_avx2_kernel_alone_makes_bfloat16_the_default():
-    if AVX2_PATH != "own-bf16":
+def test_the_own_avx2_kernel_when_asked_for_makes_bfloat16_the_default(monkeypatch):
+    if not OWN_AVX2:
         pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
     info = detect(EPYC_AVX2, capability="AVX2", fbgemm_built=False)
+    assert cpu.linear_path(CPU, torch.bfloat16, info) == "aten"
+    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "1")
     assert cpu.linear_path(CPU, torch.bfloat16, info) == "own-bf16" and cpu.default_dtype(CPU, info) == torch.bfloat16
 
 
 def test_describe_prints_the_bfloat16_kernels_choice():
-    if AVX2_PATH != "own-bf16":
+    if not OWN_AVX2:
         pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
     layer = ColumnParallelLinear(64, 48)
     layer.use_kernel(cpu.OwnBf16Linear(weight(), isa="avx2"))
-    assert "; own-bf16 avx2 (fbgemm measured slower at 1-256 rows)" in cpu.describe(layer)
+    assert "; own-bf16 avx2 (LLAMA_OWN_BF16_AVX2=1)" in cpu.describe(layer)
 
 
 def test_float32_where_bfloat16_is_fast_gets_a_note():

@@ -13,11 +13,10 @@ weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"
 - AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
   weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). The own kernel's AVX2 loop
   (`own-bf16` with isa "avx2") turns each bf16 weight into a float by a shift or a mask and streams the same
-  tiles with FMA, a register-blocked GEMM of its own from 16 rows: measured (2026-12-07, Zen 4 emulated as
-  AVX2, 2 threads, a shared host) 4x fbgemm's fp16 product at batch 1 on 1.1B layers, ahead of it at 2-32 rows
-  and level with it at 256; so bfloat16 models take it at every batch size. fbgemm's fp16 GEMM keeps 16-bit
-  weights and computes in float32 with F16C/FMA (4x faster than the bf16 kernels at batch 4 and 8): it stays
-  the path for float16 models. `fbgemm-fp16` holds the model's weights as fp16:
+  tiles with FMA, a register-blocked GEMM of its own from 16 rows; it is opt-in (`own_bf16_on_avx2`: measured
+  level with fbgemm per layer, behind it end to end on a loaded host). fbgemm's fp16 GEMM keeps 16-bit weights
+  and computes in float32 with F16C/FMA (21 GB/s at batch 1, 4x faster than the bf16 kernels at batch 4 and
+  8, prefill close to float32's): the default. `fbgemm-fp16` holds the model's weights as fp16:
   exact for every |w| in [2**-17, 65504] (bf16's 8 significant bits fit fp16's 11); smaller magnitudes round by
   under 2**-25; a matrix with a larger one keeps its plain form (counted as `aten` by `kernel_counts`).
 - Anything else (no AVX2, not x86): PyTorch's generic kernels (`aten`); there `dtype=None` is float32.
@@ -269,6 +268,14 @@ def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
+def own_bf16_on_avx2() -> bool:
+    """Whether bfloat16 models take the own kernel's AVX2 loop where there is no AVX-512 BF16 (else fbgemm-fp16):
+    opt-in, LLAMA_OWN_BF16_AVX2=1. Measured on 2026-12-07 (Zen 4 emulated as AVX2, 2 threads, a host loaded 15-20):
+    the loop alone streams 1.1B layers at fbgemm's speed or better, but end to end it decoded 0.25-0.9x and
+    prefilled 0.6x fbgemm there; the default waits for a measurement on a quiet machine."""
+    return os.environ.get("LLAMA_OWN_BF16_AVX2", "") == "1"
+
+
 def own_bf16_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
     """The loop of the own bfloat16 kernel here: "avx512_vnni" (AVX-512 BF16), "avx2" (no bfloat16 instructions,
     or emulation lowered them), None (no AVX2 or no C kernels)."""
@@ -318,7 +325,7 @@ def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo]
                 qkernels.has_avx512_bf16():
             return "own-bf16"
         return "onednn-bf16"
-    if dtype == torch.bfloat16 and own_bf16_isa(cpu) == "avx2":  # measured faster than fbgemm at 1-32 rows
+    if dtype == torch.bfloat16 and own_bf16_on_avx2() and own_bf16_isa(cpu) == "avx2":
         return "own-bf16"
     if dtype in (torch.bfloat16, torch.float16) and cpu.fbgemm:
         return "fbgemm-fp16"
@@ -395,7 +402,7 @@ def default_dtype(device: torch.device, cpu: Optional[CpuInfo] = None) -> torch.
     """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16, the own AVX2 kernel or
     fbgemm), else float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
     cpu = info() if cpu is None else cpu
-    fast = cpu.native_bf16 or cpu.fbgemm or own_bf16_isa(cpu) is not None
+    fast = cpu.native_bf16 or cpu.fbgemm or (own_bf16_on_avx2() and own_bf16_isa(cpu) is not None)
     return torch.bfloat16 if fast else torch.float32
 
 
@@ -436,7 +443,7 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
         own = sorted({m.isa for m in model.modules() if isinstance(m, OwnBf16Linear)})
         if own:
             line += "; own-bf16 " + ", ".join("vdpbf16ps, oneDNN from 32 rows" if isa == "avx512_vnni" else
-                                              f"{isa} (fbgemm measured slower at 1-256 rows)" for isa in own)
+                                              f"{isa} (LLAMA_OWN_BF16_AVX2=1)" for isa in own)
     threads = torch.get_num_threads()
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 
