@@ -155,7 +155,8 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
-        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope}
+        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope,
+                  "dim": model.params.dim}
         self.family: Family = family if isinstance(family, Family) else families.detect(tokenizer, params, family)
         self.formatter = self.family.chat_format(tokenizer)
         self.stop_ids = frozenset(self.family.stop_ids(tokenizer))  # an answer ends at any of these
@@ -457,7 +458,8 @@ class Llama:
                     raise ValueError(f"{name} {i} must be a string, got {type(text).__name__}: {text!r}")
         prompts = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
         self._check_prompts(prompts, names=[f"infilling prompt {i}" for i in range(len(prompts))])
-        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs)
+        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs,
+                                    **self.infill_stops())
         results: List[InfillingPrediction] = []
         for i, toks in enumerate(tokens):
             middle = decode_infill(self.tokenizer, toks)
@@ -468,14 +470,22 @@ class Llama:
             results.append(result)
         return results
 
-    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32) -> Moderation:
+    def infill_stops(self) -> Dict[str, Tuple[int, ...]]:
+        """The sampling options that make a fill-in-the-middle answer end where the family's do (Code Llama:
+        at ▁<EOT> only, not at EOS)."""
+        stops = tuple(self.family.infill_stop_ids(self.tokenizer))
+        return {"stop_token_ids": stops, "ignore_stop_ids": tuple(sorted(self.stop_ids - set(stops)))}
+
+    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32,
+                 excluded: Sequence[str] = ()) -> Moderation:
         """Llama Guard: classify a conversation's last turn (the user's message, or the assistant's answer when
         it ends with one) as safe or unsafe, with the violated categories. `categories`: names, (name,
-        description) pairs or llamaguard.Category (default: the published list of this guard's version)."""
+        description) pairs or llamaguard.Category (default: the published list of this guard's version);
+        `excluded`: codes (S14...) to leave out."""
         if not self.family.moderation:
             raise ValueError(f"moderate needs a Llama Guard model, this is {self.family.title}: build it with "
                              "family='llamaguard'")
-        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories)
+        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories, excluded)
         self._check_prompts([prompt], names=["the moderation prompt"])
         (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
         return self.family.parse(self.tokenizer.decode(tokens), categories)

@@ -282,6 +282,10 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
             tokens = _infilling_tokens(generator, sent, suffix)
         params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
                            len(tokens), COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
+        if suffix:
+            stops = generator.infill_stops()
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + stops["stop_token_ids"],
+                                         ignore_stop_ids=stops["ignore_stop_ids"])
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
                                      grammar=grammar,
                                      max_tokens=0 if max_tokens == 0 else params.max_tokens)
