@@ -264,7 +264,9 @@ BAD = {  # name: (path, body (a dict, or raw bytes), status, param, code, a piec
                      "special_tags", UNSAFE_ERROR),
     "chat-max-tokens-huge": (CC, {"messages": OK_CHAT, "max_tokens": 500}, 400, "max_tokens",
                              "context_length_exceeded", "max_seq_len"),
-    "tools": (CC, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported", "tool"),
+    "tools": (CC, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function", None, "name"),
+    "tools-on-llama2": (CC, {"messages": OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                        "tools", None, "Llama 3.1"),
     "top-logprobs-alone": (CC, {"messages": OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs", None, "logprobs"),
 }
 

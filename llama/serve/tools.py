@@ -1,0 +1,161 @@
+"""Tool calling over OpenAI's chat API: the request's messages, tools and tool_choice checked into a prompt and
+a constraint, and the answer's text turned into tool calls (whole or streamed).
+
+    tools          [{"type": "function", "function": {"name", "description", "parameters": JSON schema}}]
+    tool_choice    "auto" (default with tools: the model may answer in text), "none" (text; the tools are still
+                   shown to the model, as vLLM does), "required" or {"type": "function", "function": {"name"}}:
+                   the answer is grammar-constrained (llama/engine/grammar.py) to one call
+                   {"name": ..., "parameters": ...} whose name is declared and whose arguments follow its schema
+    messages       also "tool" messages (results) and assistant messages with "tool_calls" and content null
+
+Every tool's schema is compiled when the request arrives, so a schema the engine cannot use is a 400 naming
+tools[i].function.parameters. The answer is read as vLLM's llama3_json parser reads it (llama/families/tools.py):
+calls give message.tool_calls, content null and finish_reason "tool_calls". A streamed answer that starts like a
+call is held back and sent as tool-call deltas (name, then arguments) that the openai client assembles.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from ..engine.grammar import Grammar
+from ..families.tools import ToolCall, ToolError, call_schema, check_tool_choice, check_tools, looks_like_call, \
+    parse, parameters
+
+
+def bad_request(message: str, param: str, code: Optional[str] = None):
+    from .protocol import bad
+
+    return bad(message, param=param, code=code)
+
+
+def message(raw: Any, index: int) -> Dict[str, Any]:
+    """One chat message: role, content (a string, text parts joined, or null on an assistant message with
+    tool_calls), and for tools tool_calls / tool_call_id / name."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise bad_request(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+    role, content = raw.get("role"), raw.get("content")
+    role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
+    if role not in ("system", "user", "assistant", "tool", "ipython"):
+        raise bad_request(f"{where}.role must be 'system', 'user', 'assistant' or 'tool', got "
+                          f"{json.dumps(role)[:100]}", f"{where}.role")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    out: Dict[str, Any] = {"role": role, "content": content}
+    calls = raw.get("tool_calls")
+    if calls is not None and role == "assistant":
+        if not isinstance(calls, list) or not all(_call_ok(c) for c in calls):
+            raise bad_request(f"{where}.tool_calls must be a list of {{\"id\", \"type\": \"function\", \"function\": "
+                              "{\"name\", \"arguments\": JSON text}}", f"{where}.tool_calls", "invalid_type")
+        if calls:
+            out["tool_calls"] = [{"id": c.get("id", ""), "type": "function",
+                                  "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                                 for c in calls]
+    if content is None and "tool_calls" in out:
+        return out
+    if not isinstance(content, str):
+        raise bad_request(f"{where}.content must be a string (or a list of text parts)", f"{where}.content",
+                          "invalid_type")
+    for key in ("tool_call_id", "name"):
+        if role in ("tool", "ipython") and isinstance(raw.get(key), str):
+            out[key] = raw[key]
+    return out
+
+
+def _call_ok(call: Any) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return False
+    try:
+        return isinstance(json.loads(function.get("arguments")), dict)
+    except (TypeError, ValueError):
+        return False
+
+
+def plain(messages: List[Dict[str, Any]]) -> bool:
+    """Only system/user/assistant text messages (Meta's plain chat formats take these)."""
+    return all(m["role"] in ("system", "user", "assistant") and "tool_calls" not in m for m in messages)
+
+
+def request_tools(body: Mapping[str, Any], generator: Any) -> Tuple[Optional[List[Dict[str, Any]]], str,
+                                                                    Optional[Grammar]]:
+    """(tools, tool_choice, the call's grammar for required / named) of a request; 400 naming the field."""
+    if body.get("functions") is not None:
+        raise bad_request("'functions' (OpenAI's older API) is not supported: send 'tools'", "functions",
+                          "unsupported")
+    tools = body.get("tools")
+    try:
+        tools = check_tools(tools) if tools is not None else None
+        choice = check_tool_choice(body.get("tool_choice"), tools or [])
+    except ToolError as err:
+        raise bad_request(str(err), err.param) from None
+    if not tools:
+        return None, "none", None
+    stop_ids, vocab = generator.stop_ids, generator.model.params.vocab_size
+    for i, tool in enumerate(tools):  # every schema must compile: a bad one is the caller's to fix
+        try:
+            Grammar.compile("json_schema", parameters(tool), generator.tokenizer, stop_ids, vocab)
+        except ValueError as err:
+            if "llguidance" in str(err):
+                break  # no structured-output engine: schemas unchecked (auto and none still work)
+            raise bad_request(f"tools[{i}].function.parameters cannot be used: {err}",
+                              f"tools[{i}].function.parameters", "invalid_schema") from None
+    grammar = None
+    if choice not in ("auto", "none"):
+        try:
+            grammar = Grammar.compile("json_schema", call_schema(tools, None if choice == "required" else choice),
+                                      generator.tokenizer, stop_ids, vocab)
+        except ValueError as err:
+            raise bad_request(f"'tool_choice' {choice!r} cannot be constrained: {err}", "tool_choice") from None
+    return tools, choice, grammar
+
+
+def answer(text: str, finish_reason: str) -> Tuple[Dict[str, Any], str]:
+    """The choice's message and finish_reason for an answer that may call tools."""
+    content, calls = parse(text)
+    if not calls:
+        return {"role": "assistant", "content": text}, finish_reason
+    message = {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in calls]}
+    return message, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+class StreamedCalls:
+    """One streamed choice: text passes through until the answer starts like a call; then it is held and sent as
+    tool-call deltas when the choice ends (or as text, when it was not a call after all)."""
+
+    def __init__(self, always: bool) -> None:
+        self.held: List[str] = []
+        self.decided: Optional[bool] = True if always else None
+
+    def feed(self, text: str) -> str:
+        """The text to send now ('' while held)."""
+        if self.decided is False:
+            return text
+        self.held.append(text)
+        if self.decided is None:
+            self.decided = looks_like_call("".join(self.held))
+            if self.decided is False:
+                out, self.held = "".join(self.held), []
+                return out
+        return ""
+
+    def finish(self) -> Tuple[str, List[ToolCall]]:
+        """(text still to send, calls) at the end of the choice."""
+        text, self.held = "".join(self.held), []
+        if not text:
+            return "", []
+        content, calls = parse(text)
+        return ("", calls) if calls else (text, [])
+
+
+def call_deltas(calls: List[ToolCall]) -> List[Dict[str, Any]]:
+    """The deltas of finished calls, as OpenAI streams them: per call its id, type and name, then its arguments."""
+    deltas = []
+    for i, call in enumerate(calls):
+        deltas.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
+    return deltas
