@@ -194,3 +194,15 @@ def test_library_chat_completion_returns_parsed_calls(templated, monkeypatch):
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
     (plain,) = templated.chat_completion([ASK])
     assert plain["generation"] == {"role": "assistant", "content": said}
+
+
+def test_langchain_bind_tools(server):
+    """LangChain's ChatOpenAI with bind_tools, a real agent-framework client, gets a valid call."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="l31", temperature=1.0,
+                                       max_tokens=200, timeout=TIMEOUT, max_retries=0, seed=4)
+    bound = chat.bind_tools(TOOLS, tool_choice="get_time")
+    message = bound.invoke("What time is it in Tokyo?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_time" and call["id"]
+    jsonschema.validate(call["args"], SCHEMAS["get_time"])
