@@ -28,7 +28,7 @@ from .families import Family, Moderation
 from .families.codellama import decode_infill, infilling_prompt
 from .families.prompting import ChatPrompts
 from .families.templates import ChatTemplate, from_checkpoint, load as load_template
-from .families.tools import check_tools, parse as parse_tool_calls
+from .families.tools import assistant_message, check_tools
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
@@ -446,7 +446,7 @@ class Llama:
         tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
                                     logprobs, **sampling)
         for j, i in enumerate(safe):
-            result: ChatPrediction = {"generation": _answer(self.tokenizer.decode(tokens[j]), tools)}
+            result: ChatPrediction = {"generation": assistant_message(self.tokenizer.decode(tokens[j]), tools)}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([t]) for t in tokens[j]]
                 result["logprobs"] = lps[j]
@@ -516,15 +516,6 @@ class Llama:
         self._check_prompts([prompt], names=["the moderation prompt"])
         (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
         return self.family.parse(self.tokenizer.decode(tokens), categories)
-
-
-def _answer(text: str, tools: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """The assistant's message: its text, or with tools the calls it makes (content None)."""
-    if tools:
-        content, calls = parse_tool_calls(text)
-        if calls:
-            return {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in calls]}
-    return {"role": "assistant", "content": text}
 
 
 def _check_gen_len(max_gen_len) -> None:

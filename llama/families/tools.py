@@ -142,6 +142,15 @@ def parse(text: str) -> Tuple[Optional[str], List[ToolCall]]:
     return None, calls
 
 
+def assistant_message(text: str, tools: Optional[Sequence[Mapping[str, Any]]]) -> Dict[str, Any]:
+    """The assistant's message for an answer: its text, or with tools the calls it makes (content None)."""
+    if tools:
+        content, calls = parse(text)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in calls]}
+    return {"role": "assistant", "content": text}
+
+
 def looks_like_call(text: str) -> Optional[bool]:
     """While streaming: True once an answer starts as a call would, False once it cannot, None while undecided."""
     head = text.lstrip()
