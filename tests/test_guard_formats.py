@@ -147,3 +147,15 @@ def test_codellama_70b_adds_an_empty_system_message_as_meta_does(code70):
 def test_codellama_70b_needs_the_step_piece(tok2):
     with pytest.raises(ValueError, match="<step>"):
         codellama.FAMILY_70B.chat_format(tok2).encode_dialog_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_a_guard_chat_prompt_takes_the_templates_excluded_category_keys(tok3, ref3):
+    """Served, a guard's chat prompt is its moderation prompt; chat_template_kwargs' excluded_category_keys (the
+    1B template's variable) leaves categories out, as the template does."""
+    from llama.families.prompting import ChatPrompts
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    body = _body(render("meta-llama-Llama-Guard-3-1B.jinja", parts, excluded_category_keys=["S1"]))
+    ids = ChatPrompts(llamaguard.V3_1B, tok3).encode([{"role": "user", "content": "hi"}],
+                                                      excluded_category_keys=["S1"])
+    assert tok3.decode(ids).count("S1:") == 0 and body.strip() in tok3.decode(ids)

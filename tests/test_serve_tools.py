@@ -206,3 +206,14 @@ def test_langchain_bind_tools(server):
     (call,) = message.tool_calls
     assert call["name"] == "get_time" and call["id"]
     jsonschema.validate(call["args"], SCHEMAS["get_time"])
+
+
+def test_chat_template_flag_fails_fast_naming_the_file(tmp_path, capsys):
+    from llama.serve.__main__ import main, parse_args
+
+    assert parse_args(["--chat-template", "t.jinja"]).chat_template == "t.jinja"
+    assert main(["--port", "0", "--chat-template", str(tmp_path / "nope.jinja")]) == 2
+    assert "nope.jinja" in capsys.readouterr().err
+    (tmp_path / "broken.jinja").write_text("{% for %}")
+    assert main(["--port", "0", "--chat-template", str(tmp_path / "broken.jinja")]) == 2
+    assert "does not compile" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 The format is a chat template when there is one (given with chat_template= / --chat-template, or a Hugging Face
 checkpoint's own), rendered as transformers renders it (templates.py); otherwise the family's Meta format: its
 ChatFormat, Meta's Llama 3.1 JSON tool format when there are tools (tools.py), and for Llama Guard the moderation
-prompt of the conversation (llamaguard.py), which may end with the assistant's answer.
+prompt of the conversation (llamaguard.py), which may end with the assistant's answer (`excluded_category_keys`,
+the Llama Guard 3 1B template's variable, leaves categories out).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class ChatPrompts:
         if self.family.moderation:
             if not _plain(messages):
                 raise ToolError("Llama Guard rates user and assistant messages, not tool calls", "messages")
-            return self.family.encode_prompt(self.tokenizer, messages)
+            excluded = template_kwargs.get("excluded_category_keys") or ()  # the 1B template's name for it
+            return self.family.encode_prompt(self.tokenizer, messages, None, excluded)
         if tools or not _plain(messages):
             if self.family.tokenizer_kind != "tiktoken":
                 raise ToolError(f"tool calling needs Llama 3.1 or later (or a chat template that renders tools); "
