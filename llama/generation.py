@@ -16,9 +16,11 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, 
 
 import torch
 
-from . import distributed, families, loading
-from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
-from .decode_step import DecodeStep
+from .model import distributed
+from . import families
+from .checkpoints import loading
+from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
+from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
@@ -29,7 +31,7 @@ from .families.codellama import decode_infill, infilling_prompt
 from .families.prompting import ChatPrompts
 from .families.templates import ChatTemplate, from_checkpoint, load as load_template
 from .families.tools import assistant_message, check_tools
-from .model import Transformer
+from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
 

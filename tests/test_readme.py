@@ -190,7 +190,7 @@ RUNNABLE = [(i, cmds) for i, cmds in enumerate(runnable_commands(b) for b in blo
 
 @pytest.fixture(scope="module")
 def hf_demo(tmp_path_factory):
-    from llama.convert import convert
+    from llama.checkpoints.convert import convert
 
     return convert(DEMO, tmp_path_factory.mktemp("readme") / "hf", to="hf", log=lambda m: None)
 
@@ -208,7 +208,10 @@ def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
         (tmp_path / script).symlink_to(ROOT / script)
     bindir = tmp_path / ".bin"
     bindir.mkdir()
-    (bindir / "python").symlink_to(sys.executable)
+    # A wrapper, not a symlink: a symlink to a virtualenv's python runs the base interpreter (venv detection reads
+    # pyvenv.cfg beside the path invoked), which has none of the venv's packages.
+    (bindir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (bindir / "python").chmod(0o755)
     (bindir / "torchrun").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run \"$@\"\n")
     (bindir / "torchrun").chmod(0o755)
     env = {**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1",

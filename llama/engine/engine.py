@@ -37,7 +37,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..decode_step import DecodeStep
+from ..model.decode_step import DecodeStep
 from ..tokenizer import TextStream
 from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, top_entries
 from .params import SEED_BITS, SamplingParams

@@ -20,8 +20,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..decode_step import DecodeStep
-from ..distributed import Broadcast
+from ..model.decode_step import DecodeStep
+from ..model.distributed import Broadcast
 
 
 @dataclass

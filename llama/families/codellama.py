@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from ..chat_format import ChatFormat, Message, validate_dialog
+from .chat_format import ChatFormat, Message, validate_dialog
 from ..tokenizers import BaseTokenizer
 from .base import Family
 

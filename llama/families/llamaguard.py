@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..chat_format import ChatFormat, Message
+from .chat_format import ChatFormat, Message
 from ..tokenizers import BaseTokenizer
 from . import guard_categories as published
 from .base import Family

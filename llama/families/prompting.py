@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..chat_format import validate_dialog
+from .chat_format import validate_dialog
 from ..tokenizers import BaseTokenizer
 from .base import Family
 from .templates import ChatTemplate

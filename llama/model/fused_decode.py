@@ -1,4 +1,4 @@
-"""A CPU decoding step whose layers run in one C call (llama/csrc/decode.c), for models on the own kernels.
+"""A CPU decoding step whose layers run in one C call (llama/cpu/csrc/decode.c), for models on the own kernels.
 
 When every linear layer of a one-process CPU model computes through the project's own kernels (int8, int4 or
 `own-bf16`), the weights already stream near the memory bandwidth, and what is left of a step is PyTorch's
@@ -17,10 +17,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import cpu, qkernels
+from .. import cpu
+from ..cpu import qkernels
 from .layers import ParallelLinear
-from .model import Transformer
-from .quant.kernels import Int4Linear, Int8Linear
+from .transformer import Transformer
+from ..quant.kernels import Int4Linear, Int8Linear
 
 # Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
 # cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
@@ -88,7 +89,7 @@ class FusedDecode:
     def __init__(self, model: Transformer) -> None:
         why = why_not(model)
         if why is not None:
-            raise ValueError(f"this model cannot decode through llama/csrc/decode.c: {why}")
+            raise ValueError(f"this model cannot decode through llama/cpu/csrc/decode.c: {why}")
         self.model = model
         self.lib = qkernels.load()
         self.isa = qkernels.ISAS[cpu.quantized_isa() or "scalar"]
