@@ -197,3 +197,21 @@ def test_parsing_reads_answers_as_vllm_llama3_json(text, calls):
     assert [(c.name, json.loads(c.arguments)) for c in found] == calls
     assert content == (None if calls else text)
     assert all(c.id.startswith("chatcmpl-tool-") for c in found) and len({c.id for c in found}) == len(found)
+
+
+def test_streamed_answers_are_held_only_while_they_may_be_calls():
+    from llama.serve.tools import StreamedCalls, call_deltas
+
+    text = StreamedCalls(always=False)
+    assert [text.feed(t) for t in ["", " ", "Hi", " there"]] == ["", "", " Hi", " there"]
+    assert text.finish() == ("", [])
+    tagged = StreamedCalls(always=False)
+    assert [tagged.feed(t) for t in ["<|python", "_tag|>", '{"name": "f", ', '"parameters": {}}']] == [""] * 4
+    rest, calls = tagged.finish()
+    assert rest == "" and [c.name for c in calls] == ["f"]
+    assert call_deltas(calls)[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert call_deltas(calls)[1]["tool_calls"][0]["function"] == {"arguments": "{}"}
+    braces = StreamedCalls(always=False)  # starts like a call, is not one: sent as text at the end
+    assert braces.feed("{not json") == "" and braces.finish() == ("{not json", [])
+    almost = StreamedCalls(always=False)
+    assert almost.feed("<|py") == "" and almost.feed("thon") == "" and almost.feed(" no") == "<|python no"
