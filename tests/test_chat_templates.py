@@ -202,16 +202,34 @@ def test_parsing_reads_answers_as_vllm_llama3_json(text, calls):
 def test_streamed_answers_are_held_only_while_they_may_be_calls():
     from llama.serve.tools import StreamedCalls, call_deltas
 
+    def feed(stream, pieces):
+        return [stream.feed(p) for p in pieces]
+
     text = StreamedCalls(always=False)
-    assert [text.feed(t) for t in ["", " ", "Hi", " there"]] == ["", "", " Hi", " there"]
-    assert text.finish() == ("", [])
+    assert feed(text, ["", " ", "Hi", " there"]) == [("", []), ("", []), (" Hi", []), (" there", [])]
+    assert text.finish() == ("", [], False)
     tagged = StreamedCalls(always=False)
-    assert [tagged.feed(t) for t in ["<|python", "_tag|>", '{"name": "f", ', '"parameters": {}}']] == [""] * 4
-    rest, calls = tagged.finish()
-    assert rest == "" and [c.name for c in calls] == ["f"]
-    assert call_deltas(calls)[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
-    assert call_deltas(calls)[1]["tool_calls"][0]["function"] == {"arguments": "{}"}
+    assert feed(tagged, ["<|python", "_tag|>", '{"name": "f", ', '"parameters": {}}']) == [("", [])] * 4
+    rest, deltas, called = tagged.finish()
+    assert rest == "" and called and deltas[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert deltas[1]["tool_calls"][0]["function"] == {"arguments": "{}"}
     braces = StreamedCalls(always=False)  # starts like a call, is not one: sent as text at the end
-    assert braces.feed("{not json") == "" and braces.finish() == ("{not json", [])
+    assert braces.feed("{not json") == ("", []) and braces.finish() == ("{not json", [], False)
     almost = StreamedCalls(always=False)
-    assert almost.feed("<|py") == "" and almost.feed("thon") == "" and almost.feed(" no") == "<|python no"
+    assert feed(almost, ["<|py", "thon", " no"]) == [("", []), ("", []), ("<|python no", [])]
+    assert call_deltas([]) == []
+
+
+def test_a_constrained_call_streams_its_name_then_its_arguments():
+    from llama.serve.tools import StreamedCalls
+
+    stream = StreamedCalls(always=True)
+    pieces = ['{"na', 'me": "get_w\\u00e9ather", "param', 'eters": {"city": "a}\\"', '{", "n": [1, {"x": 2}]',
+              "}", "}"]
+    deltas = [d for p in pieces for d in stream.feed(p)[1]]
+    head = deltas[0]["tool_calls"][0]
+    assert head["function"] == {"name": "get_w\u00e9ather", "arguments": ""} and head["id"] and head["type"]
+    arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:])
+    assert json.loads(arguments) == {"city": "a}\"{", "n": [1, {"x": 2}]}
+    assert len(deltas) > 3  # the arguments came in pieces, as they were written
+    assert stream.finish() == ("", [], True)

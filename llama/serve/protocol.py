@@ -538,10 +538,12 @@ class ChunkWriter:
 
     def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None
+        before = ""
         if self.calls is not None:
-            text = self.calls[index].feed(text)
+            text, deltas = self.calls[index].feed(text)
+            before = "".join(self._delta(index, d) for d in deltas)
             if not text:
-                return ""  # held: it may be a tool call
+                return before  # the rest is held: it may be a tool call
         if self.job.chat:
             choice = {"index": index, "delta": {"content": text},
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
@@ -549,7 +551,10 @@ class ChunkWriter:
             choice = {"index": index, "text": text,
                       "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        return self._event([choice])
+        return before + self._event([choice])
+
+    def _delta(self, index: int, delta: Dict[str, Any]) -> str:
+        return self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def error(self, finished: Finished) -> List[str]:
         """A failure ends the whole stream: an error object, then [DONE]."""
@@ -560,14 +565,10 @@ class ChunkWriter:
         """A choice's last chunk, with its finish_reason."""
         reason, before = _finish_reason(finished), ""
         if self.calls is not None:
-            text, calls = self.calls[finished.index].finish()
-            if text:
-                before = self._event([{"index": finished.index, "delta": {"content": text}, "logprobs": None,
-                                       "finish_reason": None}])
-            for delta in tool_calls.call_deltas(calls):
-                before += self._event([{"index": finished.index, "delta": delta, "logprobs": None,
-                                        "finish_reason": None}])
-            reason = "tool_calls" if calls and reason == "stop" else reason
+            text, deltas, called = self.calls[finished.index].finish()
+            before = self._delta(finished.index, {"content": text}) if text else ""
+            before += "".join(self._delta(finished.index, d) for d in deltas)
+            reason = "tool_calls" if called and reason == "stop" else reason
         last = {"index": finished.index, "finish_reason": reason, "logprobs": None}
         last.update({"delta": {}} if self.job.chat else {"text": ""})
         return before + self._event([last])

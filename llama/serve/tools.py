@@ -10,13 +10,14 @@ a constraint, and the answer's text turned into tool calls (whole or streamed).
 
 Every tool's schema is compiled when the request arrives, so a schema the engine cannot use is a 400 naming
 tools[i].function.parameters. The answer is read as vLLM's llama3_json parser reads it (llama/families/tools.py):
-calls give message.tool_calls, content null and finish_reason "tool_calls". A streamed answer that starts like a
-call is held back and sent as tool-call deltas (name, then arguments) that the openai client assembles.
+calls give message.tool_calls, content null and finish_reason "tool_calls". Streamed, calls go out as tool-call
+deltas (id and name, then arguments) that the openai client assembles (StreamedCalls).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..engine.grammar import Grammar
@@ -122,33 +123,83 @@ def answer(text: str, finish_reason: str) -> Tuple[Dict[str, Any], str]:
     return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
+_HEAD = re.compile(r'\s*(?:<\|python_tag\|>)?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*'
+                   r'"(?:parameters|arguments)"\s*:\s*(?=\{)')
+
+
 class StreamedCalls:
-    """One streamed choice: text passes through until the answer starts like a call; then it is held and sent as
-    tool-call deltas when the choice ends (or as text, when it was not a call after all)."""
+    """One streamed choice. auto: text passes through until the answer starts like a call; then it is held and
+    sent as tool-call deltas when the choice ends (or as text, when it was not a call after all). required or a
+    named function (the grammar makes the answer one call): the call's id and name go out as soon as the name is
+    complete, then its arguments as they are written."""
 
     def __init__(self, always: bool) -> None:
+        self.always = always
         self.held: List[str] = []
         self.decided: Optional[bool] = True if always else None
+        self.call: Optional[ToolCall] = None  # constrained: the call being streamed
+        self.args_at, self.sent, self.depth, self.in_string, self.escaped = 0, 0, 0, False, False
 
-    def feed(self, text: str) -> str:
-        """The text to send now ('' while held)."""
+    def feed(self, text: str) -> Tuple[str, List[Dict[str, Any]]]:
+        """(text to send now, tool-call deltas to send now)."""
         if self.decided is False:
-            return text
+            return text, []
         self.held.append(text)
         if self.decided is None:
             self.decided = looks_like_call("".join(self.held))
             if self.decided is False:
                 out, self.held = "".join(self.held), []
-                return out
-        return ""
+                return out, []
+        return "", self._progress() if self.always else []
 
-    def finish(self) -> Tuple[str, List[ToolCall]]:
-        """(text still to send, calls) at the end of the choice."""
+    def _progress(self) -> List[Dict[str, Any]]:
+        """Constrained: the deltas the held text allows now (the name once whole; the arguments so far)."""
+        text = "".join(self.held)
+        deltas = []
+        if self.call is None:
+            match = _HEAD.match(text)
+            if match is None:
+                return []
+            self.call = ToolCall(json.loads(f'"{match.group(1)}"'), "")
+            self.args_at = self.sent = match.end()
+            deltas.append({"tool_calls": [{"index": 0, "id": self.call.id, "type": "function",
+                                           "function": {"name": self.call.name, "arguments": ""}}]})
+        end = self._args_end(text)
+        if end > self.sent:
+            piece, self.sent = text[self.sent:end], end
+            self.call.arguments += piece
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        return deltas
+
+    def _args_end(self, text: str) -> int:
+        """How far the arguments object reaches in `text` (to its closing brace, not past it)."""
+        at = self.sent
+        if self.depth == 0 and at > self.args_at:
+            return at  # closed already
+        while at < len(text):
+            char = text[at]
+            at += 1
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (char == "\\", char != '"')
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return at
+        return at
+
+    def finish(self) -> Tuple[str, List[Dict[str, Any]], bool]:
+        """(text still to send, tool-call deltas still to send, whether the answer was a call) at the end."""
         text, self.held = "".join(self.held), []
+        if self.call is not None:
+            return "", [], bool(parse(text)[1])
         if not text:
-            return "", []
+            return "", [], False
         content, calls = parse(text)
-        return ("", calls) if calls else (text, [])
+        return ("", call_deltas(calls), True) if calls else (text, [], False)
 
 
 def call_deltas(calls: List[ToolCall]) -> List[Dict[str, Any]]:
