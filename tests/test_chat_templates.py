@@ -138,9 +138,11 @@ def test_checkpoint_templates_are_found(tmp_path):
 # --- Meta's JSON tool format without a template -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("template", LLAMA3_TEMPLATES, ids=[t.stem for t in LLAMA3_TEMPLATES])
 @pytest.mark.parametrize("case", range(len(TOOL_DIALOGS)))
-def test_meta_tool_prompt_is_the_published_31_template(tok3, ref3, case):
-    source = (TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+def test_meta_tool_prompt_is_the_published_templates(tok3, ref3, case, template):
+    """3.1, 3.2 and 3.3 write tools alike: Meta's JSON tool prompt is each one's text."""
+    source = template.read_text()
     expected = transformers_render(source, [dict(m) for m in TOOL_DIALOGS[case]], [WEATHER, TIME],
                                    date_string=DATE, **SPECIALS3)
     ids = encode_meta(tok3, TOOL_DIALOGS[case], [WEATHER, TIME], DATE)
