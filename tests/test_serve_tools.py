@@ -172,6 +172,7 @@ def test_round_trip_call_result_answer(server):
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "sometimes"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
      "cannot be combined"),
+    ({"tools": TOOLS, "tool_choice": "required", "stop": ["}"]}, "stop", "cut the call short"),
     ({"messages": ASK + [{"role": "assistant", "content": None}]}, "messages[1].content", "string"),
     ({"messages": ASK + [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]},
      "messages[1].tool_calls", "arguments")])

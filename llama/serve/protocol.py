@@ -389,6 +389,9 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         if grammar is not None:
             raise bad(f"'tool_choice' {choice!r} constrains the answer to a tool call: it cannot be combined with "
                       "'response_format' or structured outputs", param="tool_choice")
+        if body.get("stop"):
+            raise bad("'stop' strings with a required or named 'tool_choice' are not supported: they could cut "
+                      "the call short", param="stop", code="unsupported")
         grammar = call_grammar
     tokens = chat_prompt(generator, dialog, tools, body)
     max_tokens = _get(body, "max_completion_tokens", "integer")
