@@ -84,7 +84,7 @@ def plain(messages: List[Dict[str, Any]]) -> bool:
 def request_tools(body: Mapping[str, Any], generator: Any) -> Tuple[Optional[List[Dict[str, Any]]], str,
                                                                     Optional[Grammar]]:
     """(tools, tool_choice, the call's grammar for required / named) of a request; 400 naming the field."""
-    if body.get("functions") is not None:
+    if body.get("functions"):  # [] is no functions
         raise bad_request("'functions' (OpenAI's older API) is not supported: send 'tools'", "functions",
                           "unsupported")
     tools = body.get("tools")
