@@ -7,9 +7,13 @@ of the library asks the family.
 Detection (`detect`) reads what the files say: the tokenizer file's format (a SentencePiece protobuf or
 tiktoken's base64 lines), params.json's keys (or those Hugging Face's config.json maps to: rope_theta,
 use_scaled_rope...) and the vocabulary. tiktoken means Llama 3; SentencePiece with rope_theta 1e6 or the
-infilling pieces means Code Llama; other SentencePiece checkpoints are Llama 2. Llama Guard looks like its base
-model and is chosen by name. A `family=` name overrides detection, but must fit the files; anything that fits
-no family is a ValueError naming what was found.
+infilling pieces means Code Llama (width 8192: Code Llama 70B, with 70B Instruct's chat format); other
+SentencePiece checkpoints are Llama 2. Llama Guard looks like its base model and is chosen by name ('llamaguard'
+alone: the version the files say, see llamaguard.version_for). A `family=` name overrides detection, but must fit
+the files; anything that fits no family is a ValueError naming what was found.
+
+Beside the families: the chat prompts a generator uses (prompting.py: a Jinja chat template, templates.py, or the
+family's Meta format) and tool calling (tools.py).
 """
 
 from __future__ import annotations
