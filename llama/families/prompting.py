@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from .chat_format import validate_dialog
 from ..tokenizers import BaseTokenizer
 from .base import Family
-from .templates import ChatTemplate
+from .templates import ChatTemplate, SpecialEncoder
 from .tools import TOOL_ROLES, ToolError, encode_meta
 
 ROLES = ("system", "user", "assistant") + TOOL_ROLES
@@ -53,6 +53,7 @@ class ChatPrompts:
     def __init__(self, family: Family, tokenizer: BaseTokenizer, template: Optional[ChatTemplate] = None) -> None:
         self.family, self.tokenizer, self.template = family, tokenizer, template
         self.formatter = family.chat_format(tokenizer)
+        self._encoder: Optional[SpecialEncoder] = None  # Meta's tool prompt's, made at its first use
 
     def describe(self) -> str:
         """Which format, for the start-up line and /v1/models."""
@@ -81,7 +82,9 @@ class ChatPrompts:
                 raise ToolError(f"tool calling needs Llama 3.1 or later (or a chat template that renders tools); "
                                 f"this is {self.family.title}", "tools" if tools else "messages")
             date = template_kwargs.get("date_string") or datetime.now().strftime("%d %b %Y")
-            return encode_meta(self.tokenizer, messages, tools or [], date)
+            if self._encoder is None:
+                self._encoder = SpecialEncoder(self.tokenizer)
+            return encode_meta(self.tokenizer, messages, tools or [], date, self._encoder)
         try:
             validate_dialog(messages)
         except ValueError as err:

@@ -208,9 +208,9 @@ def meta_tool_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapp
 
 
 def encode_meta(tokenizer: BaseTokenizer, messages: Sequence[Mapping[str, Any]],
-                tools: Sequence[Mapping[str, Any]], date: str) -> List[int]:
-    """meta_tool_prompt's token ids (Llama 3 tokenizer)."""
+                tools: Sequence[Mapping[str, Any]], date: str, encoder: Any = None) -> List[int]:
+    """meta_tool_prompt's token ids (Llama 3 tokenizer); `encoder`: a templates.SpecialEncoder to reuse."""
     from .templates import SpecialEncoder
 
-    encoder = SpecialEncoder(tokenizer)
+    encoder = encoder or SpecialEncoder(tokenizer)
     return encoder.encode(meta_tool_prompt(messages, tools, date, encoder.mark))
