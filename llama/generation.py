@@ -30,7 +30,7 @@ from .families import Family, Moderation
 from .families.codellama import decode_infill, infilling_prompt
 from .families.prompting import ChatPrompts
 from .families.templates import ChatTemplate, from_checkpoint, load as load_template
-from .families.tools import assistant_message, check_tools
+from .families.tools import assistant_message, check_tools, has_tool_messages
 from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
@@ -430,11 +430,11 @@ class Llama:
             raise ValueError(f"dialogs must be a non-empty list of dialogs, got {dialogs!r}")
         if tools is not None:
             check_tools(tools)
-        plain = tools is None and self.prompts.template is None
+        plain = [tools is None and self.prompts.template is None and not has_tool_messages(d) for d in dialogs]
         for i, dialog in enumerate(dialogs):
-            if plain:
+            if plain[i]:
                 validate_dialog(dialog, index=i)
-        safe = [i for i, d in enumerate(dialogs) if not (plain and self.formatter.has_special_tags(d))]
+        safe = [i for i, d in enumerate(dialogs) if not (plain[i] and self.formatter.has_special_tags(d))]
         results: List[ChatPrediction] = [
             {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, **({"tokens": [], "logprobs": []}
                                                                            if logprobs else {})}

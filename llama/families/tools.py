@@ -142,6 +142,12 @@ def parse(text: str) -> Tuple[Optional[str], List[ToolCall]]:
     return None, calls
 
 
+def has_tool_messages(messages: Any) -> bool:
+    """True when a conversation holds tool results or assistant tool calls (not Meta's plain chat formats')."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, Mapping) and (m.get("role") in TOOL_ROLES or m.get("tool_calls")) for m in messages)
+
+
 def assistant_message(text: str, tools: Optional[Sequence[Mapping[str, Any]]]) -> Dict[str, Any]:
     """The assistant's message for an answer: its text, or with tools the calls it makes (content None)."""
     if tools:
