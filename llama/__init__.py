@@ -3,6 +3,11 @@
 import os as _os
 import sys as _sys
 
+from .programs import interrupt as _interrupt
+
+if _interrupt.is_program_start():  # Ctrl-C during the imports below: one line and status 130, no traceback
+    _interrupt.install()
+
 # Idle OpenMP threads spin between parallel regions by default. On a machine whose cores are shared with other
 # work, the spinning threads take the cores from the very thread they wait for, and every matrix product pays
 # a scheduler time slice: measured on 2 cores with one other busy process, batch-1 decoding fell from 7 to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -115,3 +116,11 @@ def llama3_reference():
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     return tiktoken.Encoding("llama3-reference", pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={n: i for i, n in names.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def program_help(*argv: str) -> subprocess.CompletedProcess:
+    """`python ARGV --help`, run once per test session: several files read the same programs' help (each run
+    imports torch, seconds on a busy machine)."""
+    return subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))

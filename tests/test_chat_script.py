@@ -272,19 +272,15 @@ def test_piped_session(single_process_session):
     assert replies["/help"].startswith("Commands:")
 
 
-def test_quit_stops_reading(greeting_ckpt):
-    proc = run_piped([sys.executable, *chat_args(greeting_ckpt)], ["hi", "/quit", "never read"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "never read" not in proc.stdout and proc.stdout.count(ANSWER) == 1
-
-
-def test_torchrun_piped_session_is_the_same(greeting_ckpt, single_process_session):
+def test_torchrun_piped_session_is_the_same_and_quit_stops_reading(greeting_ckpt, single_process_session):
+    """(One run for both: /quit is the session's own command, the same code in one process or several.)"""
     proc = run_piped([*TORCHRUN, *chat_args(greeting_ckpt)], SESSION + ["/quit", "never read"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "into 2 process(es)" in proc.stdout
     # Only rank 0 prints: the transcript is the one-process transcript, up to the /quit.
     expected = transcript(single_process_session.stdout)
     assert transcript(proc.stdout) == expected.removesuffix("\n") + "/quit\n"
+    assert "never read" not in proc.stdout
 
 
 # --- a terminal: Ctrl-C while answering, Ctrl-C at the prompt, Ctrl-D ------------------------------------

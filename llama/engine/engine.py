@@ -40,7 +40,7 @@ import torch
 from ..model.decode_step import DecodeStep
 from ..tokenizer import TextStream
 from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, top_entries
-from .params import SEED_BITS, SamplingParams
+from .params import SEED_BITS, ParamError, SamplingParams
 from .prefix_cache import PrefixCache
 from .runner import Prefill, Runner, StepPlan
 from .sampler import RowSampler, choose, log_probs
@@ -139,8 +139,8 @@ class Engine:
             raise ValueError(f"the prompt has token ids outside 0..{self.vocab_size - 1}")
         params.check(self.vocab_size)
         if params.n > self.max_batch_size:
-            raise ValueError(f"n={params.n} choices need as many cache rows; there are {self.max_batch_size} "
-                             "(max_batch_size)")
+            raise ParamError(f"n={params.n} choices need as many cache rows; there are {self.max_batch_size} "
+                             "(max_batch_size)", "n")
         if len(prompt) > self.max_seq_len or (params.max_tokens and len(prompt) >= self.max_seq_len):
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
                              f"{self.max_seq_len} with the answer, so prompts may have up to {self.max_seq_len - 1}")

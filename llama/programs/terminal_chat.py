@@ -89,6 +89,8 @@ class _Console:
             return read_message(self._read_one)
         except _Cancelled:
             return ""
+        except _Ended:
+            raise KeyboardInterrupt from None  # the program's one line, `interrupted`, and status 130
         except KeyboardInterrupt:
             # Python runs a signal handler between two bytecodes: a Ctrl-C that came as readline began waiting
             # is handled only when the line is in, and may land here, outside input(). Treat it as a cancel.
@@ -104,8 +106,8 @@ class _Console:
         self.write(prompt)
         try:
             line = self.stdin.readline()
-        except KeyboardInterrupt:  # nobody types here: Ctrl-C ends a scripted session
-            line = ""
+        except KeyboardInterrupt:  # nobody types here: Ctrl-C ends a scripted session, as an interrupt
+            raise _Ended from None
         if not line:
             self.write("\n")
             return None
@@ -151,6 +153,10 @@ class _Console:
 
 class _Cancelled(Exception):
     """Ctrl-C at the prompt: the message being typed is dropped."""
+
+
+class _Ended(Exception):
+    """Ctrl-C at a scripted session's prompt: the session ends as interrupted (status 130)."""
 
 
 BLOCK = '"""'

@@ -16,11 +16,12 @@ deltas (id and name, then arguments) that the openai client assembles (StreamedC
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..engine.grammar import Grammar
+from ..engine.grammar import Grammar, GrammarBusy
 from ..families.tools import ToolCall, ToolError, call_schema, check_tool_choice, check_tools, looks_like_call, \
     parse, parameters
 
@@ -95,23 +96,35 @@ def request_tools(body: Mapping[str, Any], generator: Any) -> Tuple[Optional[Lis
         raise bad_request(str(err), err.param) from None
     if not tools:
         return None, "none", None
-    stop_ids, vocab = generator.stop_ids, generator.model.params.vocab_size
     for i, tool in enumerate(tools):  # every schema must compile: a bad one is the caller's to fix
+        param = f"tools[{i}].function.parameters"
         try:
-            Grammar.compile("json_schema", parameters(tool), generator.tokenizer, stop_ids, vocab)
+            _compile(parameters(tool), generator, param)
         except ValueError as err:
             if "llguidance" in str(err):
                 break  # no structured-output engine: schemas unchecked (auto and none still work)
-            raise bad_request(f"tools[{i}].function.parameters cannot be used: {err}",
-                              f"tools[{i}].function.parameters", "invalid_schema") from None
+            raise bad_request(f"{param} cannot be used: {err}", param, "invalid_schema") from None
     grammar = None
     if choice not in ("auto", "none"):
         try:
-            grammar = Grammar.compile("json_schema", call_schema(tools, None if choice == "required" else choice),
-                                      generator.tokenizer, stop_ids, vocab)
+            grammar = _compile(call_schema(tools, None if choice == "required" else choice), generator, "tool_choice")
         except ValueError as err:
             raise bad_request(f"'tool_choice' {choice!r} cannot be constrained: {err}", "tool_choice") from None
     return tools, choice, grammar
+
+
+def _compile(schema: Dict[str, Any], generator: Any, param: str) -> Grammar:
+    """A JSON schema compiled for the generator's tokenizer (its failures named by `param`); 429 when every
+    grammar worker stays busy."""
+    from .protocol import APIError
+
+    try:
+        grammar = Grammar.compile("json_schema", schema, generator.tokenizer, generator.stop_ids,
+                                  generator.model.params.vocab_size)
+    except GrammarBusy as err:
+        raise APIError(429, str(err), param=param, code="grammar_busy", type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    return dataclasses.replace(grammar, origin=param)
 
 
 def answer(text: str, finish_reason: str) -> Tuple[Dict[str, Any], str]:
