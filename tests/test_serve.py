@@ -451,7 +451,7 @@ def test_cli_serves_a_model_quantized_at_load():
                             device="cpu", dtype="bfloat16", quantize="int8")
     want = quantized.chat_completion([CHAT], temperature=0, max_gen_len=24)[0]["generation"]["content"]
     server = ProcessServer([*demo_paths(), "--max_seq_len", "256", "--max_batch_size", "2", "--dtype", "bfloat16",
-                            "--quantize", "int8", "--model", "q"])
+                            "--quantize", "int8", "--model", "q", "--verbose"])  # --verbose: the kernel line
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
         got = client.chat.completions.create(model="q", messages=CHAT, temperature=0, max_tokens=24)
