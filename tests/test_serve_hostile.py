@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install
 
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
-from serve_support import TIMEOUT, ProcessServer, ThreadServer, wait_until  # noqa: E402
+from serve_support import TIMEOUT, ProcessServer, ThreadServer, ports_refuse, wait_until  # noqa: E402
 
 C, CC = "/v1/completions", "/v1/chat/completions"
 MAX_PAUSE = 1.0  # seconds a running stream may wait for its next chunk while a hostile request is handled
@@ -362,8 +362,7 @@ def test_shutdown_ends_each_stream_with_a_last_event(long_loop, how):
             start = time.monotonic()
             if how == "second ctrl-c":
                 server.proc.send_signal(signal.SIGINT)
-                wait_until(lambda: httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 503,
-                           "the drain to start")
+                wait_until(lambda: ports_refuse(server.url), "the drain to start (the port closes)")
                 server.proc.send_signal(signal.SIGINT)
                 rc = server.proc.wait(TIMEOUT)
             else:

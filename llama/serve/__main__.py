@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model import distributed
-from .. import quant
+from .. import families, quant
 from .limits import (BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS,
                      MAX_PREFILL_TOKENS, MAX_QUEUE)
-from ..programs.cli import program_name, resolve_checkpoint, resolve_shield
+from ..programs.cli import Verbose, program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
@@ -92,8 +92,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--quantize", choices=list(quant.SCHEMES), default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
-    add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
+    add("--family", default=None, choices=list(families.NAMES),
         help="the model's family (default: detected from the checkpoint)")
+    add("--chat-template", "--chat_template", dest="chat_template", default=None, metavar="FILE",
+        help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
+             "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     add("--speculative", default=None, metavar="ngram|DRAFT_CKPT",
@@ -101,6 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--num_draft_tokens", "--num-draft-tokens", type=int, default=4, help="drafts checked per step")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add("--verbose", action=Verbose, help=Verbose.HELP)
     return parser.parse_args(argv)
 
 
@@ -173,7 +177,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
-                                prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib)
+                                prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
+                                chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
@@ -237,7 +242,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     grace = None if args.drain_timeout is None else math.ceil(args.drain_timeout) + 5
     config = server_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
                            max_client_connections=args.max_client_connections, log_level=args.log_level,
-                           timeout_graceful_shutdown=grace)
+                           timeout_graceful_shutdown=grace,
+                           access_log=False)  # the app logs one line per request, with its ID (metrics.RequestID)
     server = Server(config)
     engine.on_failure = lambda message: setattr(server, "should_exit", True)  # /health says failed; we stop
     # uvicorn raises the signal that stopped it again once it has shut down; this handler makes that a no-op,
@@ -248,8 +254,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {model!r} on http://{shown}:{port} (pid {os.getpid()}, max_batch_size "
           f"{engine.max_batch_size}, queue {engine.max_queue}, max_seq_len {engine.max_seq_len}"
-          f"{', API key required' if args.api_key else ''})" + (f"; chat page: http://{shown}:{port}/web"
-                                                                if args.web else ""), flush=True)
+          f"{', API key required' if args.api_key else ''}; chat prompts: {generator.prompts.describe()})"
+          + (f"; chat page: http://{shown}:{port}/web" if args.web else ""), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -267,7 +273,10 @@ def _names(value: str) -> list:
 
 def entry_point(web: bool = False) -> None:
     """`llama-serve`, `python -m llama serve` (and with web=True `llama-web`, `python -m llama web`)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..checkpoints.loading import verbose
+
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main(web=web))
 
 
