@@ -271,8 +271,9 @@ def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
 def own_bf16_on_avx2() -> bool:
     """Whether bfloat16 models take the own kernel's AVX2 loop where there is no AVX-512 BF16 (else fbgemm-fp16):
     opt-in, LLAMA_OWN_BF16_AVX2=1. Measured on 2026-12-07 (Zen 4 emulated as AVX2, 2 threads, a host loaded 15-20):
-    the loop alone streams 1.1B layers at fbgemm's speed or better, but end to end it decoded 0.25-0.9x and
-    prefilled 0.6x fbgemm there; the default waits for a measurement on a quiet machine."""
+    the loop alone streams 1.1B layers at fbgemm's speed or better and a 4-layer model's decode steps, timed in
+    one process, 7.7x; separate processes timed later said 0.25-0.9x, and its GEMM prefills 64-128 tokens at
+    0.6x fbgemm's. The default waits for a measurement on a quiet machine (docs/quantization.md)."""
     return os.environ.get("LLAMA_OWN_BF16_AVX2", "") == "1"
 
 
