@@ -460,7 +460,8 @@ class Engine:
         c.sampler.record(token)
         if c.request.cancelled:
             return self._finish_cancelled(c)
-        if token in self.stop_ids or token in params.stop_token_ids:  # the end: no entry, no text of its own
+        if (token in self.stop_ids and token not in params.ignore_stop_ids) or token in params.stop_token_ids:
+            # the end: no entry, no text of its own
             self._show(c, c.stops.feed(c.text.finish())[0] + c.stops.flush(), [], final=True)
             return self._finish(c, "stop")
         if lps is not None:

@@ -50,7 +50,7 @@ def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
     """A linear layer as decode.c takes it, or None where it is not on the own kernels."""
     kernel = getattr(layer, "kernel", None)
     if isinstance(kernel, cpu.OwnBf16Linear):
-        return _Linear(qkernels.KINDS["bf16"], 0, kernel.out_features, layer.in_features, 0,
+        return _Linear(qkernels.KINDS["bf16"], qkernels.ISAS[kernel.isa], kernel.out_features, layer.in_features, 0,
                        kernel.packed.data_ptr(), None)
     if isinstance(kernel, (Int8Linear, Int4Linear)) and kernel.own is not None:
         own = kernel.own

@@ -83,6 +83,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--prefix_cache_gib", type=float, default=None, metavar="GIB",
         help="memory for the prefix cache's blocks, GiB per process (default: a quarter of the KV cache's rows, "
              "at least one whole context)")
+    add("--chat-template", dest="chat_template", default=None, metavar="FILE",
+        help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
+             "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     cli.add_speculation_flags(parser)
@@ -160,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 dtype=args.dtype, lora=args.lora, quantize=args.quantize,
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
-                                prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib)
+                                prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
+                                chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
@@ -236,8 +240,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {model!r} on http://{shown}:{port} (pid {os.getpid()}, max_batch_size "
           f"{engine.max_batch_size}, queue {engine.max_queue}, max_seq_len {engine.max_seq_len}"
-          f"{', API key required' if args.api_key else ''})" + (f"; chat page: http://{shown}:{port}/web"
-                                                                if args.web else ""), flush=True)
+          f"{', API key required' if args.api_key else ''}; chat prompts: {generator.prompts.describe()})"
+          + (f"; chat page: http://{shown}:{port}/web" if args.web else ""), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
