@@ -19,6 +19,7 @@ positions; see README, "Paged KV cache").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -134,6 +135,24 @@ def pool_bytes_per_block(n_layers: int, kv_heads: int, head_dim: int, dtype: tor
                          block_size: int = BLOCK_SIZE) -> int:
     """Bytes one block takes on one process: keys and values of block_size positions in every layer."""
     return 2 * n_layers * kv_heads * head_dim * block_size * dtype.itemsize
+
+
+def check_gib(gib: Optional[float]) -> Optional[float]:
+    """kv_cache_gib: None (the default size) or a positive finite number of GiB; ValueError otherwise."""
+    if gib is None:
+        return None
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not math.isfinite(gib) or gib <= 0:
+        raise ValueError(f"kv_cache_gib must be a positive number of GiB (or None: what fits), got {gib!r}")
+    return float(gib)
+
+
+def pool_blocks(gib: Optional[float], per_block: int, max_batch_size: int, max_seq_len: int,
+                device: torch.device, spare: int = 0) -> int:
+    """Blocks of the pool (the null block included): `gib` GiB of them, or by default `default_gib`'s size."""
+    gib = check_gib(gib)
+    if gib is None:
+        gib = default_gib(per_block, max_batch_size, max_seq_len, device, spare)
+    return max(2, int(gib * 2 ** 30 // per_block))
 
 
 def default_gib(per_block: int, max_batch_size: int, max_seq_len: int, device: torch.device,
