@@ -74,10 +74,12 @@ class BlockTables(nn.Module):
         self.max_blocks = blocks_for(max_seq_len, block_size)
         self.register_buffer("table", torch.zeros((rows, self.max_blocks), dtype=torch.long, device=device),
                              persistent=False)
+        self.static = False  # rows mapped to blocks of their own (map_rows), not by an engine
 
     def assign(self, row: int, first: int, blocks: Sequence[int]) -> None:
         """Row `row`'s entries first.. become `blocks`, and every later entry the null block."""
         end = first + len(blocks)
+        self.static = False
         if blocks:
             self.table[row, first:end] = torch.tensor(list(blocks), dtype=torch.long)
         self.table[row, end:] = NULL_BLOCK
@@ -86,6 +88,7 @@ class BlockTables(nn.Module):
         """Give row r the consecutive blocks 1 + r * max_blocks.. (a row cache); returns the blocks needed."""
         rows = self.table.shape[0]
         self.table.copy_(1 + torch.arange(rows * self.max_blocks, device=self.table.device).view(rows, -1))
+        self.static = True
         return 1 + rows * self.max_blocks
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

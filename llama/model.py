@@ -416,7 +416,8 @@ class Transformer(nn.Module):
         its own, never beyond.
         logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
         output projection over the vocabulary is the costliest matrix at a single position). Default: all.
-        Without `setup_cache` (training) only start_pos 0 is possible and the call attends causally to itself.
+        Without `setup_cache` (training), or when an engine manages the paged pool (a model built by Llama.build),
+        only start_pos 0 is possible and the call attends causally to itself, writing no keys.
         """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
@@ -426,9 +427,11 @@ class Transformer(nn.Module):
         length = int(positions.max()) + 1
         if int(positions.min()) < 0 or length > self.params.max_seq_len:
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
-        if not self.has_cache:
+        if not self.has_cache or not self.tables.static:
             if int(start.max()) != 0:
-                raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
+                raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible; with a "
+                                 "paged pool that an engine manages (Llama's), forward starts at 0 and keeps no "
+                                 "keys: continue through the engine")
             return self._run(tokens, positions, None, logits_at)
         return self._run(tokens, positions, Rows.at(self.tables, positions, length), logits_at)
 

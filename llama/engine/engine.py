@@ -38,6 +38,7 @@ from ..decode_step import DecodeStep
 from ..kv_cache import BLOCK_SIZE, blocks_for
 from ..tokenizer import TextStream
 from .blocks import BlockPool, for_model as pool_for
+from .admission import check
 from .events import Event, Finished, Request
 from .outputs import Outputs
 from .params import SEED_BITS, SamplingParams
@@ -109,34 +110,8 @@ class Engine:
     # --- requests in ---------------------------------------------------------------------------------------
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """ValueError unless the request can run: token ids in the vocabulary, parameters in range, room in the
-        context for prompt plus max_tokens, no more choices than rows, and blocks for all of it in the pool."""
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("the prompt must be a non-empty list of token ids")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"the prompt has token ids outside 0..{self.vocab_size - 1}")
-        params.check(self.vocab_size)
-        if params.n > self.max_batch_size:
-            raise ValueError(f"n={params.n} choices need as many rows; there are {self.max_batch_size} "
-                             "(max_batch_size)")
-        if len(prompt) > self.max_seq_len or (params.max_tokens and len(prompt) >= self.max_seq_len):
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
-                             f"{self.max_seq_len} with the answer, so prompts may have up to {self.max_seq_len - 1}")
-        if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
-                             f"context (max_seq_len {self.max_seq_len}): ask for at most "
-                             f"{self.max_seq_len - len(prompt)}")
-        need = self.blocks_needed(len(prompt), params.max_tokens, params.n)
-        if need > self.pool.usable:
-            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} (n={params.n}) "
-                             f"need {need} KV blocks of {BLOCK_SIZE} positions; the KV pool holds "
-                             f"{self.pool.usable} ({self.pool.usable * BLOCK_SIZE} positions, kv_cache_gib)")
-
-    @staticmethod
-    def blocks_needed(prompt: int, max_tokens: int, n: int) -> int:
-        """Blocks a request holds at its longest: its prompt's full blocks once, each choice's own rest."""
-        shared = prompt // BLOCK_SIZE if n > 1 else 0
-        return shared + n * (blocks_for(prompt + max(max_tokens, 1)) - shared)
+        """ValueError unless the request can run (admission.check)."""
+        check(prompt, params, self.vocab_size, self.max_batch_size, self.max_seq_len, self.pool.usable)
 
     def free_rows(self) -> int:
         return self.max_batch_size - len(self.rows)
@@ -173,11 +148,11 @@ class Engine:
         first: Optional[Choice] = None
         for index in range(n):
             c = self._new_choice(request, index, first)
-            self._take_row(c)
+            self.take_row(c)
             if first is None:
                 first = c
                 self.prefix.map_cached(c)
-                self._grow(c, blocks_for(len(c.tokens)))
+                self.grow(c, blocks_for(len(c.tokens)))
                 self.to_prefill.append(c)
             elif len(request.prompt) % BLOCK_SIZE:
                 c.cow = self.pool.allocate()
@@ -195,11 +170,11 @@ class Engine:
 
     # --- rows and blocks -----------------------------------------------------------------------------------
 
-    def _take_row(self, c: Choice) -> None:
+    def take_row(self, c: Choice) -> None:
         c.row = next(row for row in range(self.max_batch_size) if row not in self.rows)
         self.rows[c.row] = c
 
-    def _grow(self, c: Choice, blocks: int) -> bool:
+    def grow(self, c: Choice, blocks: int) -> bool:
         """Give c blocks until it has `blocks`; False (and the blocks given so far kept) when none is free."""
         first = len(c.blocks)
         while len(c.blocks) < blocks:
@@ -223,27 +198,6 @@ class Engine:
             self.table_updates.append((c.row, 0, []))
         c.row = None
 
-    def preempt(self, c: Choice) -> None:
-        """Recompute preemption: c keeps its sampler, text and pending token; its full blocks stay in the prefix
-        cache; it gives up its row and blocks and waits at the head of the queue."""
-        self.prefix.keep(c, c.held())
-        self.release(c)
-        c.tokens, c.resumed = c.held(), True
-        c.prefilled, c.filled = False, 0
-        self.preempted.appendleft(c)
-        self.preemptions += 1
-        log.info("request %s (choice %d) preempted at %d tokens: no free KV block", c.request.id, c.index,
-                 len(c.tokens))
-
-    def _resume(self) -> None:
-        """Admit preempted choices again, oldest first, while rows and blocks allow."""
-        while self.preempted and self.free_rows() and self.pool.available() >= blocks_for(len(self.preempted[0].tokens) + 1):
-            c = self.preempted.popleft()
-            self._take_row(c)
-            self.prefix.map_cached(c)
-            self._grow(c, blocks_for(len(c.tokens) + 1))
-            self.to_prefill.appendleft(c)
-
     # --- steps ---------------------------------------------------------------------------------------------
 
     @property
@@ -254,7 +208,7 @@ class Engine:
     def step(self) -> bool:
         """One step (see the module docstring). False when there was nothing to do."""
         self._free_cancelled()
-        self._resume()
+        self.planner.resume()
         if not self.rows:
             return False
         self.steps += 1

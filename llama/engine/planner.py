@@ -4,6 +4,7 @@ prefill within the token budget, the decode or verification pass, and the block 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -12,6 +13,8 @@ from ..kv_cache import BLOCK_SIZE, blocks_for
 from . import spec_glue
 from .runner import Prefill, StepPlan
 from .state import Choice
+
+log = logging.getLogger("llama.engine")
 
 
 @dataclass
@@ -79,15 +82,39 @@ class Planner:
             if c not in alive:
                 continue
             need = blocks_for(min(c.position + 1 + extra, e.max_seq_len))
-            while not e._grow(c, need):
+            while not e.grow(c, need):
                 if len(c.blocks) > c.position // BLOCK_SIZE:  # the pending token has its block: drafts wait
                     break
                 victim = alive[-1]
                 alive.remove(victim)
-                e.preempt(victim)
+                self.preempt(victim)
                 if victim is c:
                     break
         return alive
+
+    def preempt(self, c: Choice) -> None:
+        """Recompute preemption: c keeps its sampler, text and pending token; its full blocks stay in the prefix
+        cache; it gives up its row and blocks and waits at the head of the queue."""
+        e = self.e
+        e.prefix.keep(c, c.held())
+        e.release(c)
+        c.tokens, c.resumed = c.held(), True
+        c.prefilled, c.filled = False, 0
+        e.preempted.appendleft(c)
+        e.preemptions += 1
+        log.info("request %s (choice %d) preempted at %d tokens: no free KV block", c.request.id, c.index,
+                 len(c.tokens))
+
+    def resume(self) -> None:
+        """Admit preempted choices again, oldest first, while rows and blocks allow."""
+        e = self.e
+        while e.preempted and e.free_rows() and \
+                e.pool.available() >= blocks_for(len(e.preempted[0].tokens) + 1):
+            c = e.preempted.popleft()
+            e.take_row(c)
+            e.prefix.map_cached(c)
+            e.grow(c, blocks_for(len(c.tokens) + 1))
+            e.to_prefill.appendleft(c)
 
     def _fork(self, c: Choice, plan: StepPlan) -> List[Choice]:
         """The sibling choices of a prompt whose prefill ends this step share its full blocks by reference and
