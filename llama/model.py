@@ -281,9 +281,9 @@ class Attention(nn.Module):
 
     def _over_cache(self, q, where: Rows):
         """Each row's tokens over that row's cached keys, gathered from the pool through its block table
-        (`where.index`, (B, T)) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
+        (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
-        keys, values = self.cache.read(where.index)
+        keys, values = self.cache.read(where.blocks, where.window)
         if seqlen > 1:
             return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
