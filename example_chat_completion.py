@@ -7,8 +7,8 @@ that answers in one short sentence of its own (it is not Llama 2).
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import check_before_loading, resolve_checkpoint, run
-from llama.distributed import print0
+from llama.programs.cli import check_before_loading, resolve_checkpoint, run
+from llama.model.distributed import print0
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],

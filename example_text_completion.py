@@ -6,8 +6,8 @@ With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `pytho
 from typing import Optional
 
 from llama import Llama
-from llama.cli import check_before_loading, resolve_checkpoint, run
-from llama.distributed import print0
+from llama.programs.cli import check_before_loading, resolve_checkpoint, run
+from llama.model.distributed import print0
 
 PROMPTS = [
     # For these prompts, the expected answer is the natural continuation of the prompt

@@ -14,12 +14,12 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["llama", "llama.programs", "llama.quant", "llama.serve", "llama.engine", "llama.families",
-              "llama.tokenizers", "llama._demo"],
+    packages=["llama", "llama.model", "llama.cpu", "llama.checkpoints", "llama.programs", "llama.quant",
+              "llama.serve", "llama.engine", "llama.families", "llama.tokenizers", "llama._demo"],
     # The demo model travels inside the wheel, so the examples' default works from any install.
     package_dir={"llama._demo": "demo/fortune-llama"},
-    # llama/csrc: the C source of the CPU kernels, compiled at first use (llama/qkernels.py).
-    package_data={"llama": ["csrc/*.c", "csrc/*.h"],
+    # llama/cpu/csrc: the C source of the CPU kernels, compiled at first use (llama/cpu/qkernels.py).
+    package_data={"llama.cpu": ["csrc/*.c", "csrc/*.h"],
                   "llama._demo": ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md",
                                   "CORPUS_LICENSE.txt"]},
     python_requires=">=3.9",

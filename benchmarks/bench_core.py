@@ -59,7 +59,7 @@ def rss_mb() -> float:
 
 def make(folder: Path, args_json: str) -> None:
     from llama import ModelArgs
-    from llama.checkpoint import random_state, split_state, write_checkpoint
+    from llama.checkpoints.checkpoint import random_state, split_state, write_checkpoint
 
     args = ModelArgs(**json.loads(args_json))
     write_checkpoint(folder, args.to_params(vocab_size=-1), split_state(random_state(args, seed=0), 1))
@@ -138,7 +138,7 @@ def paired(folder: Path, tokenizer: str, opts) -> dict:
     torch.set_num_threads(opts.threads)
     import transformers
 
-    from hf_reference import meta_to_hf  # independent of llama/hf.py; shared with tests/test_parity.py
+    from hf_reference import meta_to_hf  # independent of llama/checkpoints/hf.py; shared with tests/test_parity.py
 
     from llama import ModelArgs
 

@@ -1,7 +1,7 @@
 """Decode and prefill on a CPU for each precision, against the memory bandwidth measured in the same run.
 
 Random weights at a real shape (default 1.1B: dim 2048, 22 layers), built as `Llama.build` builds them: bfloat16
-on this CPU's fastest path (llama.cpu), int8 and int4 (groups of 64) through the kernels llama.quantize picks
+on this CPU's fastest path (llama.cpu), int8 and int4 (groups of 64) through the kernels llama.checkpoints.quantize picks
 here (--aten adds oneDNN's bfloat16 product and PyTorch's own weight-only operators on the same weights, for
 comparison). Each round times every variant once, in a rotating order, each one's decoding between two plain
 streaming reads of 1 GiB (the faster of PyTorch's `x.sum()` and the C kernels' threads reading it with their
@@ -9,7 +9,7 @@ widest loads, llama.qkernels.read); the figures are medians over the rounds, and
 the two reads around it (the bandwidth of a shared host drifts within a round):
 
 - decode_tok_s: batch-1 greedy decoding, --decode_tokens steps of the engine's decode step after a 16-token
-  prompt (on the own kernels: their layers in one C call, llama/fused_decode.py; --layers adds the same
+  prompt (on the own kernels: their layers in one C call, llama/model/fused_decode.py; --layers adds the same
   models stepping layer by layer in PyTorch, as <precision>_layers);
 - prefill_tok_s: one forward pass over a prompt of --prompt_len tokens (logits at its last position only);
 - bandwidth_share: decode_tok_s x the bytes of weights read per token (every weight once, except the embedding
@@ -39,7 +39,7 @@ import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy)
 import torch  # noqa: E402
 
 from llama import ModelArgs, Transformer, cpu, qkernels, quant, quantize  # noqa: E402
-from llama.decode_step import DecodeStep  # noqa: E402
+from llama.model.decode_step import DecodeStep  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
 from bench_decode import prompts, random_model  # noqa: E402
 from common import kernel_report  # noqa: E402

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 from llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
 from llama import cpu, distributed, quant, quantize  # noqa: E402
-from llama.decode_step import default_compile  # noqa: E402
-from llama.loading import resolve_dtype  # noqa: E402
+from llama.model.decode_step import default_compile  # noqa: E402
+from llama.checkpoints.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 from common import kernel_report, paired, timed  # noqa: E402
 
@@ -172,7 +172,7 @@ def main() -> None:
     model = random_model(args, device, dtype)
     hf = None
     if opts.hf or opts.hf_static:  # the same weights in the Hugging Face layout, converted before ours are packed
-        from hf_reference import meta_to_hf  # independent of llama/hf.py; shared with tests/test_parity.py
+        from hf_reference import meta_to_hf  # independent of llama/checkpoints/hf.py; shared with tests/test_parity.py
 
         hf = meta_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, args).to(device, dtype)
     f32 = same_weights(model, torch.float32) if opts.vs_float32 and dtype != torch.float32 else None

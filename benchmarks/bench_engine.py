@@ -25,7 +25,7 @@ import torch
 
 from llama import cpu
 from llama.engine import Engine, Request, SamplingParams
-from llama.decode_step import DecodeStep
+from llama.model.decode_step import DecodeStep
 from llama.model import PRESETS, ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 

@@ -130,7 +130,7 @@ def prefix_part(opts) -> dict:
 def concurrency_part(opts) -> dict:
     """48 requests of ~300 tokens on the KV budget that 4 rows of 8192 tokens take: how many run at once."""
     from llama.engine import Engine, Request, SamplingParams
-    from llama.kv_cache import pool_bytes_per_block
+    from llama.model.kv_cache import pool_bytes_per_block
 
     shape = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=64, vocab_size=32000)
     args = ModelArgs(**shape)
@@ -150,7 +150,8 @@ def concurrency_part(opts) -> dict:
         most = max(most, engine.running)
         engine.step()
     ends = [e for e in finished if type(e).__name__ == "Finished"]
-    return {"kv_budget_tokens": budget_tokens, "kv_budget_gib": round((1 + budget_tokens // 16) * per_block / 2 ** 30, 3),
+    return {"model": "dim 256, 2 layers, 4 KV heads, float32 (only the token count matters here)",
+            "kv_budget_tokens": budget_tokens, "kv_budget_gib": round((1 + budget_tokens // 16) * per_block / 2 ** 30, 3),
             "row_design_concurrency": 4, "requests": 48, "prompt_tokens": 300, "max_tokens": opts.tokens,
             "most_running_at_once": most, "finished": len(ends),
             "failed": sum(e.reason not in ("stop", "length") for e in ends), "preemptions": engine.preemptions,

@@ -1,4 +1,4 @@
-"""Weight-only kernels at one layer's matrix-vector products, side by side: what llama.quantize chose and why.
+"""Weight-only kernels at one layer's matrix-vector products, side by side: what llama.checkpoints.quantize chose and why.
 
 One Transformer block of a real shape (its four products as the model runs them: fused wq/wk/wv, wo, fused
 w1/w3, w2) times one token, through each candidate: float32 and bfloat16 F.linear, bfloat16 with oneDNN-packed

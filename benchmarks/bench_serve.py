@@ -67,7 +67,7 @@ import llama  # noqa: E402,F401  (before torch: the OpenMP wait policy, an emula
 import torch  # noqa: E402
 
 from llama import ModelArgs  # noqa: E402
-from llama.checkpoint import random_state, split_state, write_checkpoint  # noqa: E402
+from llama.checkpoints.checkpoint import random_state, split_state, write_checkpoint  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 
 DEMO = ROOT / "demo" / "fortune-llama"

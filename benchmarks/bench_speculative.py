@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from llama import Llama, ModelArgs, Tokenizer, cpu  # noqa: E402
 from llama.engine import Engine  # noqa: E402
 from llama.engine.speculative import ModelDrafter, NgramDrafter, Speculation  # noqa: E402
-from llama.loading import resolve_dtype  # noqa: E402
+from llama.checkpoints.loading import resolve_dtype  # noqa: E402
 from llama.model import PRESETS, count_parameters  # noqa: E402
 from bench_decode import random_model, read_bandwidth  # noqa: E402
 

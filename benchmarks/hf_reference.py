@@ -1,8 +1,8 @@
-"""Meta-layout weights as transformers' LlamaForCausalLM, converted independently of llama/hf.py.
+"""Meta-layout weights as transformers' LlamaForCausalLM, converted independently of llama/checkpoints/hf.py.
 
 The tests (tests/test_parity.py) and the benchmarks (bench_decode.py --hf, bench_core.py) compare this library
 with transformers on the same weights; converting them here, apart from the library's own conversion, keeps a
-mistake in llama/hf.py from hiding in both sides of the comparison. Hugging Face orders each head's rotary
+mistake in llama/checkpoints/hf.py from hiding in both sides of the comparison. Hugging Face orders each head's rotary
 pairs as two halves, not interleaved, so wq and wk rows are permuted as Hugging Face's own conversion script
 does. Needs transformers; nothing else (no pytest, no path set-up).
 """

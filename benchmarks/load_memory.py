@@ -84,7 +84,7 @@ def worker(ckpt: str, out_dir: str, dtype: str, quantize=None) -> None:
 
 def make_checkpoint(folder: Path, opts) -> Path:
     from llama import ModelArgs
-    from llama.checkpoint import random_state, split_state, write_checkpoint
+    from llama.checkpoints.checkpoint import random_state, split_state, write_checkpoint
 
     args = ModelArgs(dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.n_heads, n_kv_heads=opts.n_kv_heads,
                      vocab_size=VOCAB, multiple_of=opts.multiple_of)

@@ -22,10 +22,59 @@ if "torch" not in _sys.modules:
 
 __version__ = "0.2.0"
 
-from .chat_format import ChatFormat, Dialog, Message
+# Modules that moved into the wings (model/, cpu/, checkpoints/, families/, programs/) keep their old import
+# paths: `import llama.checkpoint` gives llama.checkpoints.checkpoint itself (one module object, so patching
+# either name patches both). The old `python -m llama.convert` style spellings are gone (README, "Changes").
+_MOVED = {
+    "llama.layers": "llama.model.layers",
+    "llama.distributed": "llama.model.distributed",
+    "llama.decode_step": "llama.model.decode_step",
+    "llama.fused_decode": "llama.model.fused_decode",
+    "llama.qkernels": "llama.cpu.qkernels",
+    "llama.checkpoint": "llama.checkpoints.checkpoint",
+    "llama.hf": "llama.checkpoints.hf",
+    "llama.source": "llama.checkpoints.source",
+    "llama.loading": "llama.checkpoints.loading",
+    "llama.lora": "llama.checkpoints.lora",
+    "llama.convert": "llama.checkpoints.convert",
+    "llama.quantize": "llama.checkpoints.quantize",
+    "llama.reshard": "llama.checkpoints.reshard",
+    "llama.chat_format": "llama.families.chat_format",
+    "llama.cli": "llama.programs.cli",
+    "llama.chat": "llama.programs.terminal_chat",
+}
+
+
+class _MovedModules:
+    """An import hook that answers an old module name with the module at its new place."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in _MOVED:
+            return None
+        import importlib
+        import importlib.util
+
+        module = importlib.import_module(_MOVED[name])
+        spec = importlib.util.spec_from_loader(name, _MovedModules)
+        spec._moved, spec._real = module, module.__spec__  # type: ignore[attr-defined]
+        return spec
+
+    @staticmethod
+    def create_module(spec):
+        return spec._moved
+
+    @staticmethod
+    def exec_module(module):
+        module.__spec__ = module.__spec__._real  # importlib set the old name's spec on it: put the real one back
+
+
+_sys.meta_path.insert(0, _MovedModules)
+
+from .families.chat_format import ChatFormat, Dialog, Message
 from .families import Moderation
 from .generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
-from .model import ModelArgs, Transformer
+from .model.transformer import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer", "ChatFormat",

@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .cli import exit_with
+from .programs.cli import exit_with
 
 # command -> (module, one line of help); each module, in llama/programs/, has main(argv) and entry_point().
 _COMMANDS = {

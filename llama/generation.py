@@ -16,18 +16,20 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, 
 
 import torch
 
-from . import distributed, families, loading
-from .chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
-from .decode_step import DecodeStep
+from .model import distributed
+from . import families
+from .checkpoints import loading
+from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
+from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
-from .kv_cache import check_gib as check_kv_gib
+from .model.kv_cache import check_gib as check_kv_gib
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
 from .families.codellama import decode_infill, infilling_prompt
-from .model import Transformer
+from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
 
@@ -113,7 +115,7 @@ class Llama:
         requests that start the same way instead of prefilling them again (llama/engine/prefix_cache.py); off
         in deterministic mode. prefix_cache_gib: the most KV the prefix cache keeps, per process in GiB (default:
         the whole pool; blocks no request holds are free memory, evicted least recently used first).
-        kv_cache_gib: the paged KV cache's pool per process in GiB (llama/kv_cache.py): requests are admitted by
+        kv_cache_gib: the paged KV cache's pool per process in GiB (llama/model/kv_cache.py): requests are admitted by
         free blocks of 16 positions, max_batch_size caps the running requests and max_seq_len one request's
         context. Default: what fits beside the weights on the device, at most max_batch_size full contexts;
         the chosen size is printed.

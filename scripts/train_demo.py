@@ -53,8 +53,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from demo_dialogs import build_dialogs  # noqa: E402
-from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, Dialog  # noqa: E402
-from llama.checkpoint import atomic_save, write_checkpoint  # noqa: E402
+from llama.families.chat_format import B_INST, B_SYS, E_INST, E_SYS, Dialog  # noqa: E402
+from llama.checkpoints.checkpoint import atomic_save, write_checkpoint  # noqa: E402
 from llama.model import ModelArgs, Transformer, count_parameters  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 

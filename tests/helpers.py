@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from llama import ModelArgs
-from llama.checkpoint import random_state, split_state, write_checkpoint
+from llama.checkpoints.checkpoint import random_state, split_state, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"

@@ -25,7 +25,7 @@ import mp_worker
 from helpers import MHA, ROOT, SHAPES, make_checkpoint, run_torchrun
 from llama import ModelArgs
 from llama import checkpoint as ckpt_mod
-from llama.checkpoint import (
+from llama.checkpoints.checkpoint import (
     check_model_parallel_size,
     find_shards,
     load_rank_state,

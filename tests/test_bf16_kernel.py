@@ -1,4 +1,4 @@
-"""The project's bfloat16 CPU kernel (llama/csrc/linear16.c through llama/qkernels.py and llama.cpu's
+"""The project's bfloat16 CPU kernel (llama/cpu/csrc/linear16.c through llama/cpu/qkernels.py and llama.cpu's
 `own-bf16` path), against float64 products of the same bfloat16 numbers; and how decoding steps use the kernels'
 threads (llama.qkernels.decoding_threads). Speed is measured by benchmarks/bench_cpu.py, not here."""
 
@@ -104,7 +104,7 @@ def test_a_model_on_the_own_kernel_decodes_as_on_onednn():
     _built()
     if not cpu.info().onednn_bf16:
         pytest.skip("PyTorch's oneDNN has no bfloat16 kernels here: no reference path")
-    from llama.decode_step import DecodeStep
+    from llama.model.decode_step import DecodeStep
     args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_batch_size=1,
                      max_seq_len=64)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from sentencepiece import SentencePieceProcessor
 
 from helpers import TOKENIZER, hf_llama_tokenizer
 from llama import ChatFormat, Tokenizer
-from llama.chat_format import SPECIAL_TAGS, UNSAFE_ERROR, has_special_tags, validate_dialog
+from llama.families.chat_format import SPECIAL_TAGS, UNSAFE_ERROR, has_special_tags, validate_dialog
 
 BOS, EOS = 1, 2
 # Derived piece by piece (checked in test_tag_ids_spell_the_tags): "▁[" "INST" "]" and "▁[" "/" "INST" "]".

@@ -26,11 +26,11 @@ import pytest
 
 from helpers import ROOT, TOKENIZER
 from llama import Tokenizer
-from llama.chat_format import ChatFormat
+from llama.families.chat_format import ChatFormat
 from test_streaming import EOS, GREETING, HELLO, WORLD, scripted_checkpoint
 
 from llama import chat
-from llama.distributed import Broadcast
+from llama.model.distributed import Broadcast
 
 ANSWER = "Hello 世界😀!"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

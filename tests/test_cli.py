@@ -178,12 +178,9 @@ def test_abbreviated_or_mistyped_flags_are_refused_with_a_suggestion(argv, messa
 
 
 def test_quantize_runs_without_runpys_warning(tmp_path):
-    """`python -m llama quantize` (README's spelling) prints no RuntimeWarning, and the old spelling
-    `python -m llama.quantize` still runs the program."""
+    """`python -m llama quantize` (README's spelling) runs the program and prints no RuntimeWarning."""
     new = run("-m", "llama", "quantize", "--help")
-    assert new.returncode == 0 and "RuntimeWarning" not in new.stderr, new.stderr
-    old = run("-m", "llama.quantize", "--help")
-    assert old.returncode == 0 and "--mode" in old.stdout, old.stderr
+    assert new.returncode == 0 and "RuntimeWarning" not in new.stderr and "--mode" in new.stdout, new.stderr
 
 
 def test_version_and_distribution_name():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from helpers import ROOT
 from llama import cpu
-from llama.layers import ColumnParallelLinear
+from llama.model.layers import ColumnParallelLinear
 
 CPU = torch.device("cpu")
 AVX2_FLAGS = "fpu sse sse2 avx fma f16c avx2 bmi2"

@@ -10,7 +10,7 @@ import torch
 
 from helpers import GQA, MHA, TOKENIZER, make_checkpoint
 from llama import Llama
-from llama.decode_step import DecodeStep, _window_for
+from llama.model.decode_step import DecodeStep, _window_for
 
 MAX_SEQ = 600  # windows 256, 512, then 600: a generation below crosses from the first into the second
 

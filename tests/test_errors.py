@@ -17,8 +17,8 @@ import torch
 
 from helpers import GQA, MHA, TOKENIZER, make_checkpoint
 from llama import Llama, ModelArgs
-from llama.chat_format import UNSAFE_ERROR
-from llama.checkpoint import check_model_parallel_size
+from llama.families.chat_format import UNSAFE_ERROR
+from llama.checkpoints.checkpoint import check_model_parallel_size
 
 MAX_SEQ_LEN = 64
 MAX_BATCH = 2
@@ -518,7 +518,7 @@ def pretend_gpus(monkeypatch, count: int) -> None:
 
 
 def test_cuda_device_beyond_the_gpus_names_the_count(monkeypatch):
-    from llama.distributed import pick_device
+    from llama.model.distributed import pick_device
 
     pretend_gpus(monkeypatch, 1)
     with pytest.raises(ValueError) as err:
@@ -528,7 +528,7 @@ def test_cuda_device_beyond_the_gpus_names_the_count(monkeypatch):
 
 
 def test_more_processes_than_gpus_says_what_to_do(monkeypatch):
-    from llama.distributed import pick_device
+    from llama.model.distributed import pick_device
 
     pretend_gpus(monkeypatch, 1)
     for key, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():

@@ -12,7 +12,7 @@ import torch
 
 from helpers import LLAMA3_TOKENIZER, LLAMA3_VOCAB, codellama_tokenizer, make_checkpoint
 from llama import Llama, ModelArgs
-from llama.checkpoint import random_state
+from llama.checkpoints.checkpoint import random_state
 from llama.model import rope_tables
 from test_parity import meta_to_hf
 
@@ -157,7 +157,7 @@ TIED = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=LLAMA3_
 
 @pytest.mark.parametrize("n_shards, world", [(1, 2), (2, 1), (2, 2)])
 def test_tied_output_slices_for_any_split(tmp_path, n_shards, world):
-    from llama.checkpoint import find_shards, load_rank_state
+    from llama.checkpoints.checkpoint import find_shards, load_rank_state
 
     state = random_state(TIED, seed=8)
     del state["output.weight"]
@@ -194,7 +194,7 @@ def test_quantized_tied_llama3_stays_close_to_bfloat16(tmp_path):
     tests/test_quantize.py asks of Llama 2."""
     import torch.nn.functional as F
 
-    from llama.quantize import Int8Linear
+    from llama.checkpoints.quantize import Int8Linear
 
     state = random_state(LLAMA32, seed=10)
     del state["output.weight"]

@@ -1,4 +1,4 @@
-"""The fused CPU decoding step (llama/fused_decode.py, llama/csrc/decode.c) against the layer-by-layer step on
+"""The fused CPU decoding step (llama/model/fused_decode.py, llama/cpu/csrc/decode.c) against the layer-by-layer step on
 the same weights and kernels, and against a float32 model. Speed is measured by benchmarks/bench_cpu.py."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llama import cpu, qkernels, quant, quantize
-from llama.decode_step import DecodeStep
-from llama.fused_decode import MAX_ROWS, FusedDecode, why_not
-from llama.layers import ParallelLinear
+from llama.model.decode_step import DecodeStep
+from llama.model.fused_decode import MAX_ROWS, FusedDecode, why_not
+from llama.model.layers import ParallelLinear
 from llama.model import ModelArgs, Transformer
 
 CPU = torch.device("cpu")
@@ -180,5 +180,5 @@ def test_models_off_the_own_kernels_decode_layer_by_layer():
     model.setup_cache(CPU, torch.float32)
     assert "bfloat16" in why_not(model)
     assert DecodeStep(model, compiled=False).fused is None
-    with pytest.raises(ValueError, match="cannot decode through llama/csrc/decode.c: not bfloat16"):
+    with pytest.raises(ValueError, match="cannot decode through llama/cpu/csrc/decode.c: not bfloat16"):
         FusedDecode(model)

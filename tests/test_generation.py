@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.layers import ParallelLinear
+from llama.model.layers import ParallelLinear
 from llama.generation import sample_top_p
 
 from helpers import GQA, TOKENIZER, make_checkpoint

@@ -24,8 +24,8 @@ from helpers import GQA, ROOT, SHAPES, TOKENIZER, make_checkpoint
 from llama import Llama, ModelArgs, Tokenizer
 from llama import convert as convert_mod
 from llama import hf
-from llama.checkpoint import find_shards, random_state, split_state, valid_model_parallel_sizes
-from llama.convert import convert
+from llama.checkpoints.checkpoint import find_shards, random_state, split_state, valid_model_parallel_sizes
+from llama.checkpoints.convert import convert
 from llama.programs.convert import main
 from llama.model import PRESETS
 
@@ -361,7 +361,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, meta, hf_dirs, capsys, argv
 @pytest.mark.parametrize("direction", ["hf", "meta"])
 def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, capsys, direction):
     """Ctrl-C while the second weight file is written: exit 130, and no file is left under any final name."""
-    import llama.checkpoint as ckpt_mod
+    import llama.checkpoints.checkpoint as ckpt_mod
 
     real, weights = ckpt_mod.atomic_save, []
 

@@ -23,8 +23,8 @@ import hf_worker
 from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
 from llama import Llama, Tokenizer
 from llama import lora as lora_mod
-from llama.checkpoint import random_state, split_dim, valid_model_parallel_sizes
-from llama.convert import convert
+from llama.checkpoints.checkpoint import random_state, split_dim, valid_model_parallel_sizes
+from llama.checkpoints.convert import convert
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

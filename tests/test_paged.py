@@ -11,7 +11,7 @@ from helpers import TOKENIZER, make_checkpoint
 from llama import Llama
 from llama.checkpoint import random_state
 from llama.engine import Engine, Request, SamplingParams
-from llama.kv_cache import BLOCK_SIZE, pool_bytes_per_block
+from llama.model.kv_cache import BLOCK_SIZE, pool_bytes_per_block
 
 from test_engine import SHAPE, Collect, prompts, run
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama import Llama, ModelArgs
-from llama.checkpoint import random_state
+from llama.checkpoints.checkpoint import random_state
 
 from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import random_state
+from llama.checkpoints.checkpoint import random_state
 from llama.engine import Chunk, Engine, Request, SamplingParams
 from llama.engine.prefix_cache import PrefixCache, block_keys, cache_blocks
 
@@ -333,7 +333,7 @@ def test_metrics_show_the_hit_rate_and_blocks(pair):
 MP_WORKER = r'''
 import json, sys
 from llama import Llama
-from llama.distributed import Broadcast
+from llama.model.distributed import Broadcast
 from llama.engine import Runner, follow
 from llama.serve import Chunk, Request, SamplingParams
 from llama.serve.scheduler import Scheduler

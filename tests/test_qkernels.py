@@ -1,5 +1,5 @@
-"""The project's quantized CPU kernels (llama/csrc/qlinear.c through llama/qkernels.py), against an independent
-reference: the weight dequantized by llama.quantize's own plain form (torch), times the activations, in float64.
+"""The project's quantized CPU kernels (llama/cpu/csrc/qlinear.c through llama/cpu/qkernels.py), against an independent
+reference: the weight dequantized by llama.checkpoints.quantize's own plain form (torch), times the activations, in float64.
 
 The kernels round each block of 32 activations to 8 bits (a scale of max|x| / 127 per block), so an output may
 differ from the exact product by at most half a step per input: sum over blocks of (max|x_b| / 254) * sum|w_b|
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from helpers import ROOT
 from llama import cpu, qkernels, quantize
-from llama.quantize import Int4Linear, Int8Linear, quantize_weight
+from llama.checkpoints.quantize import Int4Linear, Int8Linear, quantize_weight
 
 LEVELS = list(qkernels.ISAS)  # scalar, avx2, avx512_vnni
 
@@ -186,6 +186,6 @@ def test_the_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
 def test_an_install_carries_the_c_source():
     # A wheel (or a non-editable install) has no checkout beside it: setup.py must ship the source to compile.
     setup = (ROOT / "setup.py").read_text()
-    assert '"llama": ["csrc/*.c", "csrc/*.h"]' in setup
-    shipped = {p.name for p in (ROOT / "llama" / "csrc").iterdir() if p.suffix in (".c", ".h")}
+    assert '"llama.cpu": ["csrc/*.c", "csrc/*.h"]' in setup
+    shipped = {p.name for p in (ROOT / "llama" / "cpu" / "csrc").iterdir() if p.suffix in (".c", ".h")}
     assert {p.name for p in qkernels.SOURCES + qkernels.HEADERS} == shipped

@@ -17,7 +17,7 @@ import torch
 
 from helpers import GQA, TOKENIZER, make_checkpoint
 from llama import Llama, quant, quantize
-from llama.checkpoint import random_state
+from llama.checkpoints.checkpoint import random_state
 from llama.quant import Int4Grouped, Int8PerRow
 
 
@@ -181,7 +181,7 @@ def test_a_new_scheme_is_one_class_and_a_registry_entry(tmp_path, monkeypatch):
 
 
 def test_each_scheme_slices_its_entries_like_the_layer_except_whole_row_vectors():
-    from llama.checkpoint import split_dim
+    from llama.checkpoints.checkpoint import split_dim
 
     for scheme in (Int8PerRow(), Int4Grouped(32), None):
         assert split_dim("layers.0.attention.wq.weight", 2, scheme) == 0

@@ -1,4 +1,4 @@
-"""Weight-only quantization (llama/quantize.py): the math, the kernels, loading, quantized checkpoints, errors.
+"""Weight-only quantization (llama/checkpoints/quantize.py): the math, the kernels, loading, quantized checkpoints, errors.
 
 Speed is measured by benchmarks/bench_decode.py --quantize, not here; quality is tested on the demo model's
 held-out text, against the issue's bounds.
@@ -18,8 +18,8 @@ import quant_worker
 from helpers import GQA, MHA, TOKENIZER, make_checkpoint, run_torchrun
 from llama import Llama, quantize
 from llama import checkpoint as ckpt_mod
-from llama.checkpoint import find_shards, load_rank_state, random_state
-from llama.quantize import Int4Linear, Int8Linear, QuantizedWeight, quantize_weight
+from llama.checkpoints.checkpoint import find_shards, load_rank_state, random_state
+from llama.checkpoints.quantize import Int4Linear, Int8Linear, QuantizedWeight, quantize_weight
 from test_demo import DEMO, HELDOUT_THRESHOLD, _fortunes
 
 CPU = torch.device("cpu")
@@ -201,7 +201,7 @@ def test_mp2_under_torchrun_quantized_checkpoint_equals_quantizing_at_load(tmp_p
 
 
 def test_resharding_a_quantized_checkpoint_keeps_it(tmp_path, gqa_ckpt):
-    from llama.reshard import reshard
+    from llama.checkpoints.reshard import reshard
 
     q = quantize.quantize_checkpoint(gqa_ckpt, tmp_path / "q", "int8")
     resharded = reshard(q, tmp_path / "q2", 2)
@@ -211,7 +211,7 @@ def test_resharding_a_quantized_checkpoint_keeps_it(tmp_path, gqa_ckpt):
 
 def test_lora_adapter_is_merged_before_quantizing_at_load(tmp_path, gqa_ckpt):
     pytest.importorskip("peft")
-    from llama.convert import meta_to_hf
+    from llama.checkpoints.convert import meta_to_hf
     from test_lora import make_adapter
 
     hf_dir = meta_to_hf(gqa_ckpt, tmp_path / "hf", tokenizer_path=TOKENIZER)

@@ -1,6 +1,7 @@
-"""README's code blocks stay true: every Python block runs (on the demo model); every command in a bash block
-names a program that exists with flags that program accepts; and every command that needs no more than the
-weights runs as written, in a folder where the README's checkpoint names point at the demo model."""
+"""The code blocks of README.md and of every page in docs/ stay true: every Python block runs (on the demo model);
+every command in a bash block names a program that exists with flags that program accepts; and every command that
+needs no more than the weights runs as written, in a folder where the docs' checkpoint names point at the demo
+model. The links between the pages resolve, README stays a front page, and the layout page names every module."""
 
 from __future__ import annotations
 
@@ -19,16 +20,33 @@ from helpers import ROOT
 from llama import cli
 from serve_support import ProcessServer, skip_without
 
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+TEXTS = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
 DEMO = ROOT / "demo" / "fortune-llama"
 ENV_PYTHONPATH = {"PYTHONPATH": str(ROOT)}
+FRONT_PAGE_LINES = 250
+
+
+def page_blocks(language: str) -> List[Tuple[str, str]]:
+    """Every fenced block of that language in every page: (the page, the block's text)."""
+    return [(name, block) for name, text in TEXTS.items()
+            for block in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)]
 
 
 def blocks(language: str) -> List[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return [block for _, block in page_blocks(language)]
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def block_ids(language: str) -> List[str]:
+    seen: dict = {}
+    ids = []
+    for name, _ in page_blocks(language):
+        seen[name] = seen.get(name, -1) + 1
+        ids.append(f"{name}:{seen[name]}")
+    return ids
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))), ids=block_ids("python"))
 def test_python_block_runs(index, tmp_path):
     code = blocks("python")[index]
     # The blocks name the released checkpoints; run them on the bundled demo model instead.
@@ -47,7 +65,7 @@ def test_python_block_runs(index, tmp_path):
     finally:
         if server is not None:
             server.kill()
-    assert proc.returncode == 0, f"README python block {index} failed:\n{code}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{block_ids('python')[index]} failed:\n{code}\n{proc.stderr[-3000:]}"
 
 
 def commands() -> List[Tuple[str, List[str]]]:
@@ -186,16 +204,17 @@ def runnable_commands(block: str) -> List[str]:
 
 
 RUNNABLE = [(i, cmds) for i, cmds in enumerate(runnable_commands(b) for b in blocks("bash")) if cmds]
+BASH_IDS = block_ids("bash")
 
 
 @pytest.fixture(scope="module")
 def hf_demo(tmp_path_factory):
-    from llama.convert import convert
+    from llama.checkpoints.convert import convert
 
     return convert(DEMO, tmp_path_factory.mktemp("readme") / "hf", to="hf", log=lambda m: None)
 
 
-@pytest.mark.parametrize("index, cmds", RUNNABLE, ids=[f"block{i}" for i, _ in RUNNABLE])
+@pytest.mark.parametrize("index, cmds", RUNNABLE, ids=[BASH_IDS[i] for i, _ in RUNNABLE])
 def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
     """The block's commands, in order, in a folder holding README's names: its checkpoint folders (the demo
     model), tokenizer.model and the scripts; `python` and `torchrun` are this interpreter's."""
@@ -208,7 +227,10 @@ def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
         (tmp_path / script).symlink_to(ROOT / script)
     bindir = tmp_path / ".bin"
     bindir.mkdir()
-    (bindir / "python").symlink_to(sys.executable)
+    # A wrapper, not a symlink: a symlink to a virtualenv's python runs the base interpreter (venv detection reads
+    # pyvenv.cfg beside the path invoked), which has none of the venv's packages.
+    (bindir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (bindir / "python").chmod(0o755)
     (bindir / "torchrun").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run \"$@\"\n")
     (bindir / "torchrun").chmod(0o755)
     env = {**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1",
@@ -216,8 +238,8 @@ def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
     for cmd in cmds:
         proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, f"README: {cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        assert "Traceback" not in proc.stderr, f"README: {cmd}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{BASH_IDS[index]}: {cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{BASH_IDS[index]}: {cmd}\n{proc.stderr[-3000:]}"
 
 
 def test_every_command_is_run_or_says_where_it_is():
@@ -226,3 +248,38 @@ def test_every_command_is_run_or_says_where_it_is():
     ran = {c for _, cmds in RUNNABLE for c in cmds}
     assert any("example_chat_completion.py" in c for c in ran) and any("convert" in c for c in ran)
     assert any("chat.py" in c and "printf" in c for c in ran) and any("quantize" in c for c in ran)
+
+
+# --- the pages themselves ---------------------------------------------------------------------------------------
+
+
+def test_readme_is_a_front_page_that_links_every_docs_page():
+    readme = TEXTS["README.md"]
+    assert len(readme.splitlines()) <= FRONT_PAGE_LINES, f"README.md has {len(readme.splitlines())} lines"
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_relative_links_resolve(name):
+    """Every link to a file of the repository, from README or a docs page, names a file that exists."""
+    page = ROOT / name
+    text = re.sub(r"```.*?```", "", TEXTS[name], flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        assert (page.parent / target.split("#")[0]).exists(), f"{name}: the link {target} leads nowhere"
+
+
+def test_the_layout_page_names_every_module():
+    """docs/architecture.md ("How the code is laid out") stays true: every module and C source of the package is
+    named there, and every file it names exists."""
+    layout = TEXTS["docs/architecture.md"]
+    package = ROOT / "llama"
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".c", ".h") and path.name != "__init__.py" and "__pycache__" not in path.parts:
+            assert path.name in layout or re.search(rf"\b{path.stem}\b", layout), \
+                f"docs/architecture.md does not name {path.relative_to(ROOT)}"
+    named = set(re.findall(r"\b([\w]+\.(?:py|c|h))\b", layout))
+    existing = {p.name for p in ROOT.rglob("*") if p.suffix in (".py", ".c", ".h") and ".git" not in p.parts}
+    assert not named - existing, f"docs/architecture.md names files that do not exist: {sorted(named - existing)}"

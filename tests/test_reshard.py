@@ -17,9 +17,9 @@ import torch
 
 from helpers import GQA, MHA, ROOT, make_checkpoint
 from llama import reshard as reshard_mod
-from llama.checkpoint import find_shards, random_state, split_state
+from llama.checkpoints.checkpoint import find_shards, random_state, split_state
 from llama.programs.reshard import main
-from llama.reshard import reshard
+from llama.checkpoints.reshard import reshard
 
 
 def load_shards(folder: Path) -> List[Dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 from helpers import MHA, TOKENIZER, make_checkpoint  # noqa: E402
 from llama import Llama  # noqa: E402
-from llama.chat_format import UNSAFE_ERROR  # noqa: E402
+from llama.families.chat_format import UNSAFE_ERROR  # noqa: E402
 from llama.serve.limits import AUTH_DELAY  # noqa: E402
 from serve_support import (DEMO, TIMEOUT, ProcessServer, ThreadServer, demo_paths, noticed,  # noqa: E402
                            ports_refuse, wait_until)

@@ -538,7 +538,7 @@ def test_a_failing_decode_fails_its_requests_and_stops_the_engine(gen):
 WORKER = r'''
 import json, sys
 from llama import Llama
-from llama.distributed import Broadcast
+from llama.model.distributed import Broadcast
 from llama.serve import Engine, Request, SamplingParams, Chunk
 from llama.engine import Runner, follow
 

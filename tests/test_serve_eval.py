@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import random_state
+from llama.checkpoints.checkpoint import random_state
 
 from helpers import MHA, TOKENIZER, make_checkpoint
 from serve_support import TIMEOUT, ThreadServer

@@ -66,7 +66,7 @@ def test_metrics_count_requests_tokens_and_latencies(server):
 def test_a_small_pool_preempts_and_every_answer_equals_its_answer_alone(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from llama.kv_cache import pool_bytes_per_block
+    from llama.model.kv_cache import pool_bytes_per_block
 
     import torch
 

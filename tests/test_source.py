@@ -1,4 +1,4 @@
-"""The opened checkpoint (llama/source.py) and the one table of parameter shapes (checkpoint.model_layout)."""
+"""The opened checkpoint (llama/checkpoints/source.py) and the one table of parameter shapes (checkpoint.model_layout)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from helpers import GQA, TOKENIZER, make_checkpoint
 from llama import quantize
-from llama.checkpoint import model_layout
+from llama.checkpoints.checkpoint import model_layout
 from llama.model import ModelArgs, Transformer
 from llama.quant import Int4Grouped
-from llama.source import Checkpoint
+from llama.checkpoints.source import Checkpoint
 
 
 def test_layout_shapes_and_split_dims_follow_the_model_arithmetic():
@@ -54,7 +54,7 @@ def test_an_opened_checkpoint_knows_its_layout_shards_params_and_scheme(tmp_path
 
 def test_a_hugging_face_folder_opens_as_such(tmp_path):
     pytest.importorskip("safetensors")
-    from llama.convert import meta_to_hf
+    from llama.checkpoints.convert import meta_to_hf
 
     hf_dir = meta_to_hf(make_checkpoint(tmp_path / "meta", GQA, 1, seed=2), tmp_path / "hf", tokenizer_path=TOKENIZER)
     ckpt = Checkpoint.open(hf_dir)

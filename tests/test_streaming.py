@@ -16,8 +16,8 @@ import torch
 
 from helpers import MHA, TOKENIZER, make_checkpoint
 from llama import Llama, ModelArgs
-from llama.chat_format import UNSAFE_ERROR
-from llama.checkpoint import random_state
+from llama.families.chat_format import UNSAFE_ERROR
+from llama.checkpoints.checkpoint import random_state
 
 EOS = 2
 # Pieces of the Llama 2 vocabulary (tests/fixtures/llama2-tokenizer.model).

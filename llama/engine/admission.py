@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..kv_cache import BLOCK_SIZE, blocks_for
+from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from .params import SamplingParams
 
 

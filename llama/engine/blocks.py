@@ -1,6 +1,6 @@
 """The host side of the paged KV cache: which pool blocks are free, and how many holders each block has.
 
-The model's pool (llama/kv_cache.py) has `total` blocks; block 0 is the null block and is never handed out. A
+The model's pool (llama/model/kv_cache.py) has `total` blocks; block 0 is the null block and is never handed out. A
 block is held by every sequence whose block table names it and by the prefix cache while it keeps the block's
 tokens (prefix_cache.py). Sharing is by reference: a prefix-cache hit, or the n choices of one request, name
 the same blocks, and a block returns to the free list when its last holder lets go. A block that only the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from ..kv_cache import NULL_BLOCK
+from ..model.kv_cache import NULL_BLOCK
 
 
 class BlockPool:

@@ -1,7 +1,7 @@
 """The engine: every generation, the library's and the server's, runs here.
 
 The engine owns the rows of the decode batch and, through the model's block pool (blocks.py), the blocks of the
-paged KV cache (llama/kv_cache.py). A request added with `add` takes n rows (one per choice) and the blocks of
+paged KV cache (llama/model/kv_cache.py). A request added with `add` takes n rows (one per choice) and the blocks of
 its prompt (a prefix-cache hit maps cached blocks by reference); each `step`
   1. frees the rows and blocks of cancelled requests and admits preempted choices again when blocks allow,
   2. plans (planner.py): gives each running choice the blocks this step writes into, preempting the newest
@@ -34,8 +34,8 @@ from typing import Deque, Dict, List, Optional, Sequence
 
 import torch
 
-from ..decode_step import DecodeStep
-from ..kv_cache import BLOCK_SIZE, blocks_for
+from ..model.decode_step import DecodeStep
+from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from ..tokenizer import TextStream
 from .blocks import BlockPool, for_model as pool_for
 from .admission import check

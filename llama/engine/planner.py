@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..kv_cache import BLOCK_SIZE, blocks_for
+from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from . import spec_glue
 from .runner import Prefill, StepPlan
 from .state import Choice

@@ -1,7 +1,7 @@
 """The prefix cache: which pool blocks hold the keys and values of which token prefixes.
 
 Prompts that share a start (a system prompt, few-shot examples, a conversation's earlier turns) share the keys
-and values of that start. Every sequence's KV lives in the model's paged pool (llama/kv_cache.py, blocks of
+and values of that start. Every sequence's KV lives in the model's paged pool (llama/model/kv_cache.py, blocks of
 `block_size` positions); this table maps a full block of tokens to the pool block holding its KV. A block's
 key is a chained hash: it covers the block's own tokens and, through its parent's key, every token before
 them, so a hit on block i means the whole prefix up to block i's end matches.
@@ -25,7 +25,7 @@ from array import array
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-from ..kv_cache import BLOCK_SIZE, pool_bytes_per_block
+from ..model.kv_cache import BLOCK_SIZE, pool_bytes_per_block
 from .blocks import BlockPool
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..kv_cache import BLOCK_SIZE
+from ..model.kv_cache import BLOCK_SIZE
 from .state import Choice
 
 

@@ -1,6 +1,6 @@
 """The model calls of one engine step, run the same way on every model-parallel rank.
 
-A step first updates the block tables of the paged KV cache (llama/kv_cache.py: blocks newly given to rows,
+A step first updates the block tables of the paged KV cache (llama/model/kv_cache.py: blocks newly given to rows,
 rows emptied), then runs at most one decode (one token for every row 0..B-1; an idle row at position -1 writes
 into the null block), then packed prefills of newly admitted prompts into their rows' blocks (a long prompt's
 later chunks, or the rest of a prompt after its cached blocks, continue its row: `Prefill.start`), and last
@@ -19,8 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..decode_step import DecodeStep
-from ..distributed import Broadcast
+from ..model.decode_step import DecodeStep
+from ..model.distributed import Broadcast
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StepPlan:
     verify_tokens: Optional[List[List[int]]] = None
     verify_positions: Optional[List[List[int]]] = None
     prefills: List[Prefill] = field(default_factory=list)
-    # Block tables (llama/kv_cache.py), before anything else: (row, first entry, blocks), the entries from
+    # Block tables (llama/model/kv_cache.py), before anything else: (row, first entry, blocks), the entries from
     # `first` on becoming `blocks` and then the null block.
     tables: List[Tuple[int, int, List[int]]] = field(default_factory=list)
     copies: List[Tuple[int, int]] = field(default_factory=list)  # (pool block, into pool block), after prefills

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..kv_cache import BLOCK_SIZE
+from ..model.kv_cache import BLOCK_SIZE
 from .runner import StepPlan
 from .sampler import log_probs
 from .speculative import DraftRow, accept_greedy, accept_sampled, verification

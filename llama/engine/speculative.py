@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..decode_step import DecodeStep
+from ..model.decode_step import DecodeStep
 from .sampler import RowSampler, choose, distribution
 
 MAX_DRAFT_TOKENS = 32

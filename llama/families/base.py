@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..chat_format import ChatFormat
-from ..model import RopeScaling
+from .chat_format import ChatFormat
+from ..model.transformer import RopeScaling
 from ..tokenizers import BaseTokenizer
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..chat_format import ChatFormat, Message
+from .chat_format import ChatFormat, Message
 from ..tokenizers import BaseTokenizer
 from .base import Family
 from .llama3 import FAMILY as LLAMA3, Llama3ChatFormat

@@ -1,6 +1,6 @@
 """`llama-chat`, `python -m llama chat`, `python chat.py`: chat with a Llama chat model in the terminal.
 
-The conversation itself (commands, history, streamed answers, torchrun in step) is llama/chat.py; this module
+The conversation itself (commands, history, streamed answers, torchrun in step) is llama/programs/terminal_chat.py; this module
 reads the flags, loads the model and wires the terminal and signals to it.
 """
 
@@ -12,10 +12,10 @@ import signal
 import sys
 from typing import List, Optional
 
-from .. import cli
+from . import cli
 from .. import families
-from ..chat import SHIELD_CONTEXT, _HELP, ChatSession, _answer_room, _Console, _leave_on_sigint, _SilentConsole
-from ..distributed import Broadcast, launched
+from .terminal_chat import SHIELD_CONTEXT, _HELP, ChatSession, _answer_room, _Console, _leave_on_sigint, _SilentConsole
+from ..model.distributed import Broadcast, launched
 from ..generation import Llama
 
 

@@ -1,13 +1,14 @@
 """`llama-convert`, `python -m llama convert`: a checkpoint from Meta's layout to Hugging Face's, or back
-(llama/convert.py does the work)."""
+(llama/checkpoints/convert.py does the work)."""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
-from .. import cli, families
-from ..convert import _parse_size, convert
-from ..loading import parse_dtype
+from . import cli
+from .. import families
+from ..checkpoints.convert import _parse_size, convert
+from ..checkpoints.loading import parse_dtype
 
 
 def parser() -> cli.ArgumentParser:

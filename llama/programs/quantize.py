@@ -1,12 +1,12 @@
 """`llama-quantize`, `python -m llama quantize`: write a checkpoint with int8 or int4 weights
-(llama/quantize.py does the work)."""
+(llama/checkpoints/quantize.py does the work)."""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
-from .. import cli
-from ..quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES, quantize_checkpoint
+from . import cli
+from ..checkpoints.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES, quantize_checkpoint
 
 
 def parser() -> cli.ArgumentParser:

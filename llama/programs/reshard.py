@@ -1,13 +1,13 @@
 """`llama-reshard`, `python -m llama reshard`: a Meta checkpoint rewritten with another shard count
-(llama/reshard.py does the work)."""
+(llama/checkpoints/reshard.py does the work)."""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
-from .. import cli
-from ..loading import parse_dtype
-from ..reshard import reshard
+from . import cli
+from ..checkpoints.loading import parse_dtype
+from ..checkpoints.reshard import reshard
 
 
 def parser() -> cli.ArgumentParser:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .. import cli
+from . import cli
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The quantized linear layers' kernels: the modules that compute x @ W.T from a packed quantized weight.
 
-On x86 CPUs with AVX2, the library's own (llama/qkernels.py, llama/csrc/qlinear.c: 8-bit activations against
+On x86 CPUs with AVX2, the library's own (llama/cpu/qkernels.py, llama/cpu/csrc/qlinear.c: 8-bit activations against
 the weights in integer dot products; prefill-sized calls too with AVX-512 VNNI, else through a float GEMM on
 dequantized tiles: see `cpu.quantized_prefill`); elsewhere
 PyTorch's built-in weight-only operators: ``aten._weight_int8pack_mm`` (CPU and CUDA),
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import cpu, qkernels
+from .. import cpu
+from ..cpu import qkernels
 from .weight import QuantizedWeight, unpack_nibbles
 
 _CHUNK_ROWS = 2048  # rows repacked at a time for PyTorch's CPU int4 layout: the int32 temporaries stay small
@@ -50,7 +51,7 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int, kind: int,
                 group: int, isa: str, gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """x (M, K) @ W.T through llama/csrc/qlinear.c, at every size when `gemm_dtype` is None; else from
+    """x (M, K) @ W.T through llama/cpu/csrc/qlinear.c, at every size when `gemm_dtype` is None; else from
     CPU_PREFILL_ROWS rows, tiles of the dequantized weight (in a reused buffer) through F.linear in `gemm_dtype`."""
     if x.dtype not in (torch.bfloat16, torch.float32):  # the C kernels read bfloat16 or float32
         return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
@@ -81,7 +82,7 @@ def _(x, packed, rscale, n, kind, group, isa, gemm_dtype):
 
 
 class _OwnKernel(nn.Module):
-    """The weight packed for llama/csrc/qlinear.c (llama.qkernels) and the product through it: 8-bit
+    """The weight packed for llama/cpu/csrc/qlinear.c (llama.qkernels) and the product through it: 8-bit
     activations per block of 32 inputs against the int8 or int4 weights in integer dot products."""
 
     def __init__(self, weight: QuantizedWeight, isa: str) -> None:
@@ -104,7 +105,7 @@ class _OwnKernel(nn.Module):
 
 
 def own_kernel_isa(weight: QuantizedWeight, dtype: torch.dtype) -> Optional[str]:
-    """The instruction set llama/csrc/qlinear.c runs this weight with here, or None where PyTorch's operator
+    """The instruction set llama/cpu/csrc/qlinear.c runs this weight with here, or None where PyTorch's operator
     serves it instead: off the CPU, activations other than bfloat16 (the library's only quantized CPU dtype; the
     kernels' 8-bit activations would miss the float32 tests' tolerance), a CPU without AVX2 (the portable C
     loops are slower than PyTorch's), no compiler, or a shape the kernels refuse (K not a multiple of 64)."""

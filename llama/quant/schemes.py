@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .. import qkernels
+from ..cpu import qkernels
 from .kernels import Int4Linear, Int8Linear
 from .weight import STORED_DTYPE, QuantizedWeight, pack_nibbles, unpack_nibbles
 
@@ -61,7 +61,7 @@ class Scheme:
     code_dtype: ClassVar[torch.dtype]  # the dtype of the stored codes (<layer>.weight)
     codes_per_byte: ClassVar[int] = 1  # input features per stored code element
     whole_row_scales: ClassVar[bool] = False  # a row-parallel slice needs its whole row's magnitude (int8)
-    own_kind: ClassVar[int]  # the number llama/csrc/qlinear.c knows this scheme's layout by
+    own_kind: ClassVar[int]  # the number llama/cpu/csrc/qlinear.c knows this scheme's layout by
     operators: ClassVar[Mapping[str, str]]  # device type -> the aten operator its kernel needs there
     group_size: ClassVar[Optional[int]] = None  # inputs per scale, None for per-row schemes
 
@@ -135,11 +135,11 @@ class Scheme:
 
     @property
     def own_group(self) -> int:
-        """The group size llama/csrc/qlinear.c is given (0: per-row scales)."""
+        """The group size llama/cpu/csrc/qlinear.c is given (0: per-row scales)."""
         return self.group_size or 0
 
     def own_pack(self, weight: QuantizedWeight) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(packed weight, float32 row scales or None) in the layout of llama/csrc/qlinear.c."""
+        """(packed weight, float32 row scales or None) in the layout of llama/cpu/csrc/qlinear.c."""
         raise NotImplementedError
 
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:

@@ -25,9 +25,10 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import distributed, quant
+from ..model import distributed
+from .. import quant
 from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_PREFILL_TOKENS, MAX_QUEUE
-from ..cli import program_name, resolve_checkpoint, resolve_shield
+from ..programs.cli import program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..chat_format import UNSAFE_ERROR, validate_dialog
+from ..families.chat_format import UNSAFE_ERROR, validate_dialog
 from ..families.codellama import infilling_prompt
 from ..engine.grammar import Grammar
 from ..generation import Llama

@@ -21,7 +21,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.responses import RedirectResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
-from ..chat_format import UNSAFE_ERROR  # noqa: E402
+from ..families.chat_format import UNSAFE_ERROR  # noqa: E402
 from .api import EventStream  # noqa: E402
 from .limits import AUTH_DELAY  # noqa: E402
 from .protocol import APIError, chat_job  # noqa: E402

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from . import layers, quant
-from .model import ModelArgs, Transformer
+from ..model import layers
+from .. import quant
+from ..model.transformer import ModelArgs, Transformer
 
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 PathLike = Union[str, os.PathLike]

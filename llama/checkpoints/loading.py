@@ -11,15 +11,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import cpu, distributed, families, quant, quantize
+from .. import cpu, families, quant
+from ..model import distributed
+from . import quantize
 from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .source import Checkpoint
 from .lora import LoraAdapter, merge_lora, read_adapter
-from .decode_step import default_compile
-from .kv_cache import BLOCK_SIZE, pool_blocks, pool_bytes_per_block
-from .model import ModelArgs, Transformer, check_positive_int, memory_per_process
-from .families import Family
-from .tokenizers import BaseTokenizer
+from ..model.decode_step import default_compile
+from ..model.kv_cache import BLOCK_SIZE, pool_blocks, pool_bytes_per_block
+from ..model.transformer import ModelArgs, Transformer, check_positive_int, memory_per_process
+from ..families import Family
+from ..tokenizers import BaseTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -79,7 +81,7 @@ def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
 
 @dataclass
 class Source:
-    """Where the weights come from: the opened checkpoint (llama/source.py), an optional LoRA adapter to merge
+    """Where the weights come from: the opened checkpoint (llama/checkpoints/source.py), an optional LoRA adapter to merge
     in, and the family."""
 
     checkpoint: Checkpoint

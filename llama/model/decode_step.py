@@ -6,7 +6,7 @@ the window grows, a handful of times at most. On CUDA it is compiled with ``mode
 is captured once as a CUDA graph and replayed with one launch per step, which removes the per-kernel launch
 cost that bounds batch-1 decoding on a GPU. Eager steps attend over exactly the positions in use, the least
 work where launches are cheap (CPUs). An eager CPU step of a model whose linear layers all run on the project's
-own kernels runs its layers in one C call (llama/fused_decode.py).
+own kernels runs its layers in one C call (llama/model/fused_decode.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import cpu, distributed, qkernels
+from .. import cpu
+from . import distributed
+from ..cpu import qkernels
 from .fused_decode import MAX_ROWS, FusedDecode
-from .model import Transformer
+from .transformer import Transformer
 
 _FIRST_WINDOW = 256
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Literal, Optional, Sequence, TypedDict
 
-from .tokenizers import BaseTokenizer
+from ..tokenizers import BaseTokenizer
 
 Role = Literal["system", "user", "assistant"]
 

@@ -13,7 +13,7 @@ Built alone (`setup_cache(blocks=None)`), a model maps each row to its own conse
 row cache's behaviour to callers that use the model directly (tests, benchmarks, a draft model).
 
 Attention over the table gathers each row's blocks for its first `window` positions, then runs SDPA over them
-(see README, "The paged KV cache", for the alternatives measured); the fused CPU decode step (csrc/decode.c)
+(see README, "The paged KV cache", for the alternatives measured); the fused CPU decode step (cpu/csrc/decode.c)
 reads the blocks in place.
 """
 

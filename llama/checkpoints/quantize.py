@@ -16,17 +16,18 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint
+from ..model import distributed
 from .checkpoint import split_dim
-from .layers import ParallelLinear
-from .model import ModelArgs, check_positive_int, count_parameters
+from ..model.layers import ParallelLinear
+from ..model.transformer import ModelArgs, check_positive_int, count_parameters
 from .source import Checkpoint
-from .quant import SCHEMES, Int4Grouped, Int8PerRow, Scheme, from_entry, parse
-from .quant.kernels import (  # noqa: F401  (the kernels' names, as this module had them)
+from ..quant import SCHEMES, Int4Grouped, Int8PerRow, Scheme, from_entry, parse
+from ..quant.kernels import (  # noqa: F401  (the kernels' names, as this module had them)
     CPU_PREFILL_ROWS, CUDA_INT8_KERNEL_ROWS, DEQUANTIZED_TILE, Int4Linear, Int8Linear, cuda_inner_k_tiles,
     own_kernel_isa, quantized_matmul)
-from .quant.schemes import DEFAULT_GROUP_SIZE, GROUP_SIZES, has_operator  # noqa: F401
-from .quant.weight import STORED_DTYPE, QuantizedWeight, pack_nibbles, unpack_nibbles  # noqa: F401
+from ..quant.schemes import DEFAULT_GROUP_SIZE, GROUP_SIZES, has_operator  # noqa: F401
+from ..quant.weight import STORED_DTYPE, QuantizedWeight, pack_nibbles, unpack_nibbles  # noqa: F401
 
 MODES = tuple(SCHEMES)  # the schemes' user-facing names
 
@@ -225,9 +226,3 @@ def _row_parallel_amax(ckpt: Checkpoint, n_shards: int, layers: Sequence[str]) -
             amax[layer] = piece if layer not in amax else torch.maximum(amax[layer], piece)
         del state
     return amax
-
-
-if __name__ == "__main__":  # `python -m llama.quantize`, the old spelling of `python -m llama quantize`
-    from .programs.quantize import entry_point
-
-    entry_point()

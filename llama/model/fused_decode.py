@@ -1,4 +1,4 @@
-"""A CPU decoding step whose layers run in one C call (llama/csrc/decode.c), for models on the own kernels.
+"""A CPU decoding step whose layers run in one C call (llama/cpu/csrc/decode.c), for models on the own kernels.
 
 When every linear layer of a one-process CPU model computes through the project's own kernels (int8, int4 or
 `own-bf16`), the weights already stream near the memory bandwidth, and what is left of a step is PyTorch's
@@ -8,7 +8,7 @@ tables and the KV cache to one C function that runs every layer, and keeps the e
 and the output projection in PyTorch. Results agree with the layer-by-layer step to bfloat16 rounding (the C
 code keeps PyTorch's dtypes; only the order of float additions differs), and each row attends over its own
 positions only, so a row's tokens do not depend on the others in the batch. The cache is the paged pool of
-llama/kv_cache.py: the C code reads each row's block table.
+llama/model/kv_cache.py: the C code reads each row's block table.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import cpu, qkernels
+from .. import cpu
+from ..cpu import qkernels
 from .layers import ParallelLinear
-from .model import Transformer
-from .quant.kernels import Int4Linear, Int8Linear
+from .transformer import Transformer
+from ..quant.kernels import Int4Linear, Int8Linear
 
 # Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
 # cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
@@ -92,7 +93,7 @@ class FusedDecode:
     def __init__(self, model: Transformer) -> None:
         why = why_not(model)
         if why is not None:
-            raise ValueError(f"this model cannot decode through llama/csrc/decode.c: {why}")
+            raise ValueError(f"this model cannot decode through llama/cpu/csrc/decode.c: {why}")
         self.model = model
         self.lib = qkernels.load()
         self.isa = qkernels.ISAS[cpu.quantized_isa() or "scalar"]

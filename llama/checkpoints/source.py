@@ -17,9 +17,10 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from . import checkpoint, hf, quant
+from . import checkpoint, hf
+from .. import quant
 from .checkpoint import CheckpointInfo
-from .model import ModelArgs
+from ..model.transformer import ModelArgs
 
 PathLike = Union[str, os.PathLike]
 

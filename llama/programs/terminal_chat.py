@@ -28,9 +28,9 @@ import threading
 import time
 from typing import Callable, Iterator, List, Optional, Sequence, TextIO
 
-from .chat_format import Message
-from .distributed import Broadcast
-from .generation import Llama
+from ..families.chat_format import Message
+from ..model.distributed import Broadcast
+from ..generation import Llama
 
 try:  # line editing and history at the prompt, where the platform has it
     import readline

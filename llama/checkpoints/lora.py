@@ -23,7 +23,7 @@ import torch
 
 from . import hf
 from .checkpoint import PathLike, read_json_object, split_dim, state_shapes
-from .model import ModelArgs
+from ..model.transformer import ModelArgs
 
 # PEFT's module names that map onto this model's linear layers (Llama's seven; never the embeddings or lm_head).
 _MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

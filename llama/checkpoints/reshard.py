@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List, Optional
 import torch
 
 from .checkpoint import PathLike, ensure_empty_destination, load_rank_state, write_checkpoint
-from .model import check_positive_int
+from ..model.transformer import check_positive_int
 from .source import Checkpoint
 
 
@@ -68,9 +68,3 @@ def reshard(
     write_checkpoint(dst_dir, params_bytes, shards())
     log(f"done: {dst_dir} (params.json copied)")
     return Path(dst_dir)
-
-
-if __name__ == "__main__":  # `python -m llama.reshard`, the old spelling of `python -m llama reshard`
-    from .programs.reshard import entry_point
-
-    entry_point()

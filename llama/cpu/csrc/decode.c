@@ -8,12 +8,12 @@
  * and v written into the cache row, attention over the row's positions 0..pos, wo, the residual add, RMSNorm,
  * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add.
  *
- * The cache is paged (llama/kv_cache.py): each layer's keys and values are a pool of blocks of block_size
+ * The cache is paged (llama/model/kv_cache.py): each layer's keys and values are a pool of blocks of block_size
  * positions, (blocks, block_size, kv_heads, head_dim), and row r's position t lives in block
  * tables[r * max_blocks + t / block_size] at offset t % block_size. A row at position -1 is idle: it writes into
  * the null block 0 and attends over that one position.
  *
- * It computes what llama/model.py computes, in the same dtypes: activations bfloat16 between operators (each
+ * It computes what llama/model/transformer.py computes, in the same dtypes: activations bfloat16 between operators (each
  * operator's float32 result rounded once, as PyTorch's bfloat16 operators do), norms, rotations, softmax and
  * attention sums in float32. The order of float additions differs from PyTorch's, so results agree to
  * bfloat16 rounding, not bit for bit. Each row attends over its own positions only, so a row's tokens never
@@ -33,7 +33,7 @@ int qk_linear_bf16(int threads, const uint16_t *x, int64_t M, int64_t K, const u
 #define LANES 16
 #define MAX_HEAD_DIM 256
 
-/* The structures the Python side fills (llama/fused_decode.py mirrors them with ctypes). */
+/* The structures the Python side fills (llama/model/fused_decode.py mirrors them with ctypes). */
 typedef struct {
     int32_t kind, isa;      /* 16: bfloat16 (linear16.c); 8 or 4: int8 or int4 (qlinear.c) with instruction set isa */
     int64_t n, k, group;    /* output and input features; int4's group size */

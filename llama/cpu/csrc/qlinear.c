@@ -20,7 +20,7 @@
  * is loaded beside PyTorch's. Larger products (prefill) dequantize row tiles to 16- or 32-bit floats for a BLAS
  * (qk_dequantize), which the Python side calls.
  *
- * Plain C, no Python or PyTorch headers: llama/qkernels.py compiles it at first use and calls it through ctypes.
+ * Plain C, no Python or PyTorch headers: llama/cpu/qkernels.py compiles it at first use and calls it through ctypes.
  */
 
 #include "common.h"

@@ -36,7 +36,7 @@ from .checkpoint import (
     split_dim,
     state_shapes,
 )
-from .model import ModelArgs
+from ..model.transformer import ModelArgs
 
 _CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -542,7 +542,7 @@ def write_hf_checkpoint(
     try:
         save(tokenizer_path.read_bytes(), "tokenizer.model")
         if tokenizer_files is None:  # Llama 2's SentencePiece files
-            from .families import LLAMA2
+            from ..families import LLAMA2
 
             tokenizer_files = LLAMA2.hf_tokenizer_files(None, max_position_embeddings)
         for name in ("tokenizer_config.json", "special_tokens_map.json"):

@@ -5,7 +5,7 @@ weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"
 
 - AVX-512 with BF16 (or AMX): oneDNN's inner product over weights packed once in its blocked layout runs the
   native bf16 instructions: `onednn-bf16` (2.7x transformers' decode there). At batch 1 it streams the weights
-  at about 55% of the read bandwidth; the project's own kernel (llama/csrc/linear16.c, `vdpbf16ps` over weights
+  at about 55% of the read bandwidth; the project's own kernel (llama/cpu/csrc/linear16.c, `vdpbf16ps` over weights
   tiled for one sequential stream) at about 93%. It cannot share oneDNN's layout, and above 2 rows it is slower
   (1.3-1.5x at 4-16 rows, and a 256-token prefill unpacks row blocks for oneDNN: about 1.25x). So a model built
   for at most OWN_BF16_MAX_BATCH rows (`max_batch_size`, as chat.py and single-prompt generation do) takes
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import qkernels
-from .layers import ParallelLinear
+from ..model.layers import ParallelLinear
 
 # The flags that decide the path, in the order `describe` reports them.
 OWN_BF16_MAX_BATCH = 2  # the largest max_batch_size for which bfloat16 models take `own-bf16` (see above)
@@ -266,7 +266,7 @@ def _(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class OwnBf16Linear(nn.Module):
-    """x @ weight.T through the project's bfloat16 kernel (llama/csrc/linear16.c) below OWN_BF16_PREFILL_ROWS
+    """x @ weight.T through the project's bfloat16 kernel (llama/cpu/csrc/linear16.c) below OWN_BF16_PREFILL_ROWS
     rows, oneDNN's GEMM over unpacked row blocks above."""
 
     path = "own-bf16"
@@ -330,14 +330,14 @@ def kernel_counts(model: nn.Module) -> Dict[str, int]:
 
 
 def decodes_on_own_kernels(model: nn.Module) -> bool:
-    """Whether every linear layer of a CPU model computes through the project's own kernels (llama/csrc) at
+    """Whether every linear layer of a CPU model computes through the project's own kernels (llama/cpu/csrc) at
     decoding sizes: then a decoding step runs inside `qkernels.decoding_threads`."""
     paths = [name for name in kernel_counts(model)]
     return bool(paths) and all(p == OwnBf16Linear.path or p.split("/")[-1] in qkernels.ISAS for p in paths)
 
 
 def quantized_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
-    """The instruction set the project's quantized kernels (llama/csrc/qlinear.c) run with here: "avx512_vnni"
+    """The instruction set the project's quantized kernels (llama/cpu/csrc/qlinear.c) run with here: "avx512_vnni"
     (AVX-512 with VNNI, as the compiled library reports it, unless emulation lowers AVX-512), "avx2", or None
     where quantized layers use PyTorch's operators instead: no AVX2 (there PyTorch's kernels beat the portable C
     loops), or the library could not be built (said once, on stderr). `LLAMA_KERNELS=torch` forces None."""

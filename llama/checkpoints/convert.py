@@ -28,7 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import families, hf
+from .. import families
+from . import hf
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -41,8 +42,8 @@ from .checkpoint import (
     valid_model_parallel_sizes,
     write_checkpoint,
 )
-from .model import ModelArgs
-from .tokenizer import Tokenizer
+from ..model.transformer import ModelArgs
+from ..tokenizer import Tokenizer
 
 _Log = Callable[[str], None]
 
@@ -238,9 +239,3 @@ def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_sh
         raise ValueError("--mp is for --to meta: Hugging Face's files are not split by process "
                          "(Llama.build slices them for any valid process count)")
     return meta_to_hf(src_dir, dst_dir, tokenizer_path, dtype, max_shard_bytes, log=log, family=family)
-
-
-if __name__ == "__main__":  # `python -m llama.convert`, the old spelling of `python -m llama convert`
-    from .programs.convert import entry_point
-
-    entry_point()

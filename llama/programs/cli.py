@@ -20,14 +20,16 @@ import typing
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
-from . import distributed, families, quant
-from .chat_format import ChatFormat, Dialog, validate_dialog
-from .model import check_positive_int
-from .engine.params import SamplingParams
-from .tokenizer import Tokenizer
+from ..model import distributed
+from .. import families, quant
+from ..families.chat_format import ChatFormat, Dialog, validate_dialog
+from ..model.transformer import check_positive_int
+from ..engine.params import SamplingParams
+from ..tokenizer import Tokenizer
 
-_CHECKOUT_DEMO = Path(__file__).resolve().parent.parent / "demo" / "fortune-llama"
-_PACKAGED_DEMO = Path(__file__).resolve().parent / "_demo"
+_PACKAGE = Path(__file__).resolve().parents[1]  # llama/
+_CHECKOUT_DEMO = _PACKAGE.parent / "demo" / "fortune-llama"
+_PACKAGED_DEMO = _PACKAGE / "_demo"
 
 
 def _demo_dir() -> Path:
@@ -187,7 +189,7 @@ def program_name(default: str) -> str:
     if invoked.startswith("python -m "):
         return invoked
     name = Path(invoked).name
-    inside_package = Path(invoked).resolve().parent.is_relative_to(Path(__file__).resolve().parent)
+    inside_package = Path(invoked).resolve().parent.is_relative_to(_PACKAGE)
     if not name or name in ("__main__.py", "-c") or inside_package:
         return default
     return name

@@ -353,7 +353,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype,
                     blocks: Optional[int] = None) -> None:
-        """Allocate the rotary tables, the block tables and every layer's pool of KV blocks (llama/kv_cache.py)
+        """Allocate the rotary tables, the block tables and every layer's pool of KV blocks (llama/model/kv_cache.py)
         on the model's device. blocks: the pool's size, the null block included, with every table empty (an
         engine assigns blocks); None: a row cache, each of the max_batch_size rows mapped to its own blocks."""
         p = self.params
