@@ -169,9 +169,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count (quicker runs)")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.layers:
+        PRESETS[opts.shape] = {**PRESETS[opts.shape], "n_layers": opts.layers}
     part = {"concurrency": concurrency_part, "decode": decode_part, "long": long_part, "prefix": prefix_part}
     result = {"part": opts.part, "shape": opts.shape, "quantize": opts.quantize, "tree": str(Path(llama.__file__).parent.parent),
               **part[opts.part](opts)}
