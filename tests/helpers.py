@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -92,3 +93,11 @@ def codellama_tokenizer(folder: Path) -> Path:
     path = Path(folder) / "codellama-tokenizer.model"
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def program_help(*argv: str) -> subprocess.CompletedProcess:
+    """`python ARGV --help`, run once per test session: several files read the same programs' help (each run
+    imports torch, seconds on a busy machine)."""
+    return subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))

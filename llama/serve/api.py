@@ -42,8 +42,8 @@ from .connections import quiet_accept_errors
 from .metrics import Metrics, RequestID, optional_metrics
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
-from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
-                       response)
+from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, grammar_failure, merged, parse_json,
+                       prompt_entries, response)
 from ..engine import Chunk, Event, Finished, Request, TokenLogprob
 from .scheduler import QueueFull, Scheduler, Unavailable
 from .security import HostOriginGuard
@@ -136,6 +136,8 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else \
             str(err.detail)
+        if err.status_code == 404 and request.url.path.rstrip("/") == "/web":
+            message += ": this server has no chat page (start it with --web, or as python -m llama web)"
         return _error(APIError(err.status_code, message, code=code, headers=dict(err.headers or {})))
 
     @app.exception_handler(RequestValidationError)
@@ -164,7 +166,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
                            code="unsupported_media_type")
         too_big = APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > max_body_bytes):
             raise too_big
         body = bytearray()
 
@@ -240,7 +242,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
             if isinstance(err, Unavailable):
                 raise APIError(503, str(err), code="unavailable",
                                headers={"Retry-After": str(retry_after)}) from None
-            raise APIError(400, str(err)) from None
+            raise APIError(400, str(err), param=getattr(err, "param", None)) from None
         if job.stream:
             return StreamingResponse(_sse(request, streams[0], job, engine.generator.tokenizer),
                                      media_type="text/event-stream",
@@ -335,7 +337,8 @@ async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer:
                 if event.prompt_logprobs is not None:
                     prompt = prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)
             elif event.reason == "error":
-                raise APIError(500, event.message, type="server_error", code="engine_failed")
+                raise grammar_failure(job, event) or \
+                    APIError(500, event.message, type="server_error", code="engine_failed")
             elif event.reason == "abort":
                 raise APIError(503, event.message, code="shutdown")
             elif event.reason == "cancelled":

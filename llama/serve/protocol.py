@@ -3,7 +3,8 @@
 Every check names the offending parameter, so a client gets the OpenAI-style error
 `{"error": {"message", "type", "param", "code"}}` with status 400 (the openai client's BadRequestError).
 Unknown fields are ignored (clients add new ones over time); known fields of the wrong type or out of range,
-and features this server does not have (n > 1, tools, penalties...), are errors.
+and features this server does not have (best_of > 1, tools...), are errors. Every error message is short (at
+most MAX_MESSAGE characters: it never echoes a grammar or a body back), and every bound is in limits.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,17 +25,21 @@ from ..engine.grammar import Grammar
 from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
 from ..engine.params import ParamError
-from .limits import MAX_CHOICES, MAX_PROMPTS
+from .limits import MAX_CHOICES, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS
+from ..engine.grammar import GrammarBusy, GrammarError
+from ..engine.stop import StopText
 from ..engine import Finished, SamplingParams, TokenLogprob, token_text
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers may fill the context
-MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
 MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
+MAX_MESSAGE = 700  # characters of an error message at most (with the rest of the error JSON: under 1 KB)
+MAX_PARAM = 100  # characters of an error's `param` at most (a path into the body can hold the client's keys)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}", re.ASCII)  # a logit_bias key: ASCII digits (str.isdigit takes "²", "١")
 
 
 class APIError(Exception):
@@ -41,6 +47,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                  type: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+        param = param if param is None or len(param) <= MAX_PARAM else param[:MAX_PARAM - 3] + "..."
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
@@ -147,7 +155,9 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 
 
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
-              prompt_len: int, default_max: int, vocab_size: Optional[int] = None) -> SamplingParams:
+              prompt_len: int, default_max: int, vocab_size: Optional[int] = None,
+              max_param: str = "max_tokens") -> SamplingParams:
+    """The request's sampling parameters, checked; max_param: the name the client gave max_tokens under."""
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
@@ -167,6 +177,10 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         raise bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
     if len(stop) > MAX_STOP:
         raise bad(f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"each 'stop' string may be up to {MAX_STOP_CHARS} characters long, got one of "
+                  f"{max(map(len, stop))}", param="stop")
+    StopText.prepare(stop)  # the stop strings' tables, built here (a worker thread), not on the engine thread
     n = _get(body, "n", "integer", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise bad(f"'n' must be in 1..{MAX_CHOICES}, got {n}", param="n")
@@ -177,9 +191,9 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         extra["top_k"] = 0
     bias = body.get("logit_bias")
     if bias is not None:
-        if not isinstance(bias, dict) or not all(isinstance(k, str) and k.strip().lstrip("-").isdigit()
+        if not isinstance(bias, dict) or not all(isinstance(k, str) and _TOKEN_ID.fullmatch(k.strip())
                                                  for k in bias):
-            raise bad("'logit_bias' must map token ids (as strings) to numbers", param="logit_bias",
+            raise bad("'logit_bias' must map token ids (as strings of ASCII digits) to numbers", param="logit_bias",
                       code="invalid_type")
         extra["logit_bias"] = {int(k): v for k, v in bias.items()}
     stop_ids = body.get("stop_token_ids")
@@ -196,10 +210,10 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
     if max_tokens is None:
         max_tokens = min(default_max, left)
     elif max_tokens < 1:
-        raise bad(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+        raise bad(f"'{max_param}' must be >= 1, got {max_tokens}", param=max_param)
     elif max_tokens > left:
-        raise bad(f"'max_tokens' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
-                  f"(max_seq_len) {room}, which leaves room for {left}", param="max_tokens",
+        raise bad(f"'{max_param}' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
+                  f"(max_seq_len) {room}, which leaves room for {left}", param=max_param,
                   code="context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
                             stop=tuple(stop), n=n, **extra)
@@ -342,10 +356,24 @@ def _grammar(body: Mapping[str, Any], generator: Llama) -> Optional[Grammar]:
         raise bad("'stop' strings with structured output are not supported: they could cut the answer short",
                   param="stop", code="unsupported")
     try:
-        return Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
-                               generator.model.params.vocab_size)
+        grammar = Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
+                                  generator.model.params.vocab_size)
     except ValueError as err:
         raise bad(f"'{param}' cannot be used: {err}", param=param, code="invalid_grammar") from None
+    except GrammarBusy as err:
+        raise APIError(429, str(err), param=param, code="grammar_busy", type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    return dataclasses.replace(grammar, origin=param)
+
+
+def grammar_failure(job: Job, finished: Finished) -> Optional[APIError]:
+    """The 400 for an answer whose grammar's matcher failed mid-answer (a limit reached), else None: the
+    client's grammar, not the server, is at fault, and only this request ended."""
+    grammar = job.params.grammar
+    if grammar is None or not finished.message.startswith(GrammarError.__name__ + ":"):
+        return None
+    message = finished.message[len(GrammarError.__name__) + 1:].strip()
+    return bad(f"'{grammar.origin}': {message}", param=grammar.origin or None, code="grammar_failed")
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -380,10 +408,10 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     _unsupported(body, "tool_choice", ["none"], "no tool calls")
     grammar = _grammar(body, generator)
     tokens = generator.formatter.encode_dialog_prompt(dialog)
-    max_tokens = _get(body, "max_completion_tokens", "integer")
-    max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
+    max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, max_param, "integer")
     params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len,
-                       generator.model.params.vocab_size)
+                       generator.model.params.vocab_size, max_param)
     if _get(body, "logprobs", "boolean", False):
         params = dataclasses.replace(params, logprobs=_get(body, "top_logprobs", "integer", 0))
         if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
@@ -535,7 +563,8 @@ class ChunkWriter:
 
     def error(self, finished: Finished) -> List[str]:
         """A failure ends the whole stream: an error object, then [DONE]."""
-        err = APIError(500, finished.message, type="server_error", code="engine_failed")
+        err = grammar_failure(self.job, finished) or \
+            APIError(500, finished.message, type="server_error", code="engine_failed")
         return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
 
     def finish_choice(self, finished: Finished) -> str:
