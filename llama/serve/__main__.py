@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model import distributed
-from .. import quant
+from .. import families, quant
 from .limits import (BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS,
                      MAX_PREFILL_TOKENS, MAX_QUEUE)
 from ..programs.cli import Verbose, program_name, resolve_checkpoint, resolve_shield
@@ -96,8 +96,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--quantize", choices=list(quant.SCHEMES), default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
-    add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
+    add("--family", default=None, choices=list(families.NAMES),
         help="the model's family (default: detected from the checkpoint)")
+    add("--chat-template", "--chat_template", dest="chat_template", default=None, metavar="FILE",
+        help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
+             "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     add("--speculative", default=None, metavar="ngram|DRAFT_CKPT",
@@ -181,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
-                                kv_cache_gib=args.kv_cache_gib)
+                                kv_cache_gib=args.kv_cache_gib, chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
@@ -257,8 +260,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {model!r} on http://{shown}:{port} (pid {os.getpid()}, max_batch_size "
           f"{engine.max_batch_size}, queue {engine.max_queue}, max_seq_len {engine.max_seq_len}"
-          f"{', API key required' if args.api_key else ''})" + (f"; chat page: http://{shown}:{port}/web"
-                                                                if args.web else ""), flush=True)
+          f"{', API key required' if args.api_key else ''}; chat prompts: {generator.prompts.describe()})"
+          + (f"; chat page: http://{shown}:{port}/web" if args.web else ""), flush=True)
     try:
         server.run(sockets=[sock])
     finally:

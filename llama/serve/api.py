@@ -190,7 +190,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
 
     def model_card() -> Dict[str, Any]:
         return {"id": model, "object": "model", "created": created, "owned_by": "llama",
-                "max_seq_len": engine.max_seq_len}
+                "max_seq_len": engine.max_seq_len, "chat_format": engine.generator.prompts.describe()}
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
@@ -258,7 +258,8 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
         answer = await _whole(request, streams[0], job, engine.generator.tokenizer)
         if guard is not None and job.dialog is not None and answer.status_code == 200:
             body = json.loads(answer.body)
-            content = body["choices"][0]["message"]["content"]
+            message = body["choices"][0]["message"]
+            content = message["content"] if message["content"] is not None else json.dumps(message["tool_calls"])
             await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
         return answer
 
@@ -302,7 +303,8 @@ class Shield:
 
     def _rate(self, dialog: List[Dict[str, str]]):
         with self.lock:
-            return self.guard.moderate([m for m in dialog if m["role"] != "system"])
+            return self.guard.moderate([m for m in dialog if m["role"] in ("user", "assistant") and
+                                        isinstance(m.get("content"), str)])
 
     async def check(self, dialog: List[Dict[str, str]], what: str) -> None:
         try:

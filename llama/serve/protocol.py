@@ -29,6 +29,7 @@ from .limits import MAX_CHOICES, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS
 from ..engine.grammar import GrammarBusy, GrammarError
 from ..engine.stop import StopText
 from ..engine import Finished, SamplingParams, TokenLogprob, token_text
+from . import tools as tool_calls
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9
@@ -73,7 +74,9 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
-    dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
+    dialog: Optional[List[Dict[str, Any]]] = None  # chat: the messages (a --shield checks them)
+    tools: Optional[List[Dict[str, Any]]] = None  # chat: the declared tools (serve/tools.py)
+    tool_choice: str = "none"  # 'none': the answer is text; else it may be (auto) or is (required, a name) a call
     continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     index: int = 0  # completions with a list of prompts: which prompt (the choice's index)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -296,6 +299,10 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
             tokens = _infilling_tokens(generator, sent, suffix)
         params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
                            len(tokens), COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
+        if suffix:
+            stops = generator.infill_stops()
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + stops["stop_token_ids"],
+                                         ignore_stop_ids=stops["ignore_stop_ids"])
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
                                      grammar=grammar,
                                      max_tokens=0 if max_tokens == 0 else params.max_tokens)
@@ -397,17 +404,24 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         raise bad("'messages' must be a non-empty list of messages", param="messages",
                   code="invalid_type" if messages is not None and not isinstance(messages, list) else None)
     dialog = [_message(m, i) for i, m in enumerate(messages)]
-    try:
-        validate_dialog(dialog)
-    except ValueError as err:
-        raise bad(str(err).replace("dialog, ", ""), param="messages") from None
-    if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
-        raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
-    for name in ("tools", "functions"):
-        _unsupported(body, name, [[]], "no tool calls")
-    _unsupported(body, "tool_choice", ["none"], "no tool calls")
+    tools, choice, call_grammar = tool_calls.request_tools(body, generator)
+    if generator.prompts.checks_tags and tools is None and tool_calls.plain(dialog):
+        try:
+            validate_dialog(dialog)
+        except ValueError as err:
+            raise bad(str(err).replace("dialog, ", ""), param="messages") from None
+        if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
+            raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
     grammar = _grammar(body, generator)
-    tokens = generator.formatter.encode_dialog_prompt(dialog)
+    if call_grammar is not None:
+        if grammar is not None:
+            raise bad(f"'tool_choice' {choice!r} constrains the answer to a tool call: it cannot be combined with "
+                      "'response_format' or structured outputs", param="tool_choice")
+        if body.get("stop"):
+            raise bad("'stop' strings with a required or named 'tool_choice' are not supported: they could cut "
+                      "the call short", param="stop", code="unsupported")
+        grammar = call_grammar
+    tokens = chat_prompt(generator, dialog, tools, body)
     max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_param, "integer")
     params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len,
@@ -420,27 +434,25 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     params = dataclasses.replace(params, grammar=grammar)
-    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
+    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, tools=tools, tool_choice=choice, **common)
 
 
-def _message(message: Any, index: int) -> Dict[str, str]:
-    """One chat message as {'role', 'content'}: content is a string or a list of text parts."""
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad(f"{where} must be an object with 'role' and 'content'", param=where, code="invalid_type")
-    role, content = message.get("role"), message.get("content")
-    if role == "developer":  # OpenAI's newer name for the system message
-        role = "system"
-    if role not in ("system", "user", "assistant"):
-        raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {json.dumps(role)[:100]}",
-                  param=f"{where}.role")
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
-                                         isinstance(p.get("text"), str) for p in content):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise bad(f"{where}.content must be a string (or a list of text parts)", param=f"{where}.content",
-                  code="invalid_type")
-    return {"role": role, "content": content}
+def chat_prompt(generator: Llama, dialog: List[Dict[str, Any]], tools: Optional[List[Dict[str, Any]]],
+                body: Mapping[str, Any]) -> List[int]:
+    """The chat's prompt tokens in the server's format (chat template or Meta's, llama/families/prompting.py);
+    `chat_template_kwargs` (vLLM's) go to the template. A conversation the format refuses: 400."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs", code="invalid_type")
+    try:
+        return generator.prompts.encode(dialog, tools, **kwargs)
+    except ValueError as err:
+        raise bad(str(err)[:500], param=getattr(err, "param", "messages")) from None
+
+
+def _message(message: Any, index: int) -> Dict[str, Any]:
+    """One chat message (serve/tools.py: tool results and assistant tool calls included)."""
+    return tool_calls.message(message, index)
 
 
 # --- answers ---------------------------------------------------------------------------------------------------
@@ -499,13 +511,16 @@ def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], fini
     choices = []
     for i, (text, lps, end) in enumerate(zip(texts, entries, finished)):
         index = job.index * job.params.n + i
+        reason = _finish_reason(end)
         if job.chat:
-            choice = {"index": index, "message": {"role": "assistant", "content": text},
-                      "logprobs": _chat_logprobs(lps) if want_lps else None}
+            message = {"role": "assistant", "content": text}
+            if job.tool_choice != "none":
+                message, reason = tool_calls.answer(text, reason)
+            choice = {"index": index, "message": message, "logprobs": _chat_logprobs(lps) if want_lps else None}
         else:
             choice = {"index": index, "text": job.echo + text,
                       "logprobs": _completion_logprobs(lps, len(job.echo), prompt) if want_lps else None}
-        choice["finish_reason"] = _finish_reason(end)
+        choice["finish_reason"] = reason
         choices.append(choice)
     obj, prefix = ("chat.completion", "chatcmpl-") if job.chat else ("text_completion", "cmpl-")
     return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
@@ -525,6 +540,8 @@ class ChunkWriter:
 
     def __init__(self, job: Job) -> None:
         self.job = job
+        self.calls = [tool_calls.StreamedCalls(job.tool_choice not in ("auto", "none"))
+                      for _ in range(job.params.n)] if job.chat and job.tool_choice != "none" else None
 
     def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
@@ -552,6 +569,12 @@ class ChunkWriter:
 
     def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None
+        before = ""
+        if self.calls is not None:
+            text, deltas = self.calls[index].feed(text)
+            before = "".join(self._delta(index, d) for d in deltas)
+            if not text:
+                return before  # the rest is held: it may be a tool call
         if self.job.chat:
             choice = {"index": index, "delta": {"content": text},
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
@@ -559,7 +582,10 @@ class ChunkWriter:
             choice = {"index": index, "text": text,
                       "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        return self._event([choice])
+        return before + self._event([choice])
+
+    def _delta(self, index: int, delta: Dict[str, Any]) -> str:
+        return self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def error(self, finished: Finished) -> List[str]:
         """A failure ends the whole stream: an error object, then [DONE]."""
@@ -569,9 +595,15 @@ class ChunkWriter:
 
     def finish_choice(self, finished: Finished) -> str:
         """A choice's last chunk, with its finish_reason."""
-        last = {"index": finished.index, "finish_reason": _finish_reason(finished), "logprobs": None}
+        reason, before = _finish_reason(finished), ""
+        if self.calls is not None:
+            text, deltas, called = self.calls[finished.index].finish()
+            before = self._delta(finished.index, {"content": text}) if text else ""
+            before += "".join(self._delta(finished.index, d) for d in deltas)
+            reason = "tool_calls" if called and reason == "stop" else reason
+        last = {"index": finished.index, "finish_reason": reason, "logprobs": None}
         last.update({"delta": {}} if self.job.chat else {"text": ""})
-        return self._event([last])
+        return before + self._event([last])
 
     def end(self, finished: Sequence[Finished]) -> List[str]:
         """After every choice has finished: the usage (when asked) and [DONE]."""
