@@ -24,6 +24,7 @@ from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
+from .model.kv_cache import check_gib as check_kv_gib
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
@@ -87,6 +88,7 @@ class Llama:
         num_draft_tokens: int = 4,
         prefix_cache: bool = True,
         prefix_cache_gib: Optional[float] = None,
+        kv_cache_gib: Optional[float] = None,
         chat_template: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
@@ -115,8 +117,12 @@ class Llama:
         with compile=None the decode step stays eager. See llama/engine/speculative.py.
         prefix_cache: keep the keys and values of prompts' full 16-token blocks in a pool and copy them into later
         requests that start the same way instead of prefilling them again (llama/engine/prefix_cache.py); off
-        in deterministic mode. prefix_cache_gib: the pool's size per process in GiB (default: a quarter of the
-        KV cache's rows, at least one whole context).
+        in deterministic mode. prefix_cache_gib: the most KV the prefix cache keeps, per process in GiB (default:
+        the whole pool; blocks no request holds are free memory, evicted least recently used first).
+        kv_cache_gib: the paged KV cache's pool per process in GiB (llama/model/kv_cache.py): requests are admitted by
+        free blocks of 16 positions, max_batch_size caps the running requests and max_seq_len one request's
+        context. Default: what fits beside the weights on the device, at most max_batch_size full contexts;
+        the chosen size is printed.
         chat_template: a Jinja chat template (a file, or the template's text) for chat prompts, rendered as
         transformers' apply_chat_template renders it; default: a Hugging Face checkpoint's own template
         (tokenizer_config.json), else the family's Meta format (llama/families/prompting.py).
@@ -125,6 +131,7 @@ class Llama:
         loading.check_sizes(max_seq_len, max_batch_size, seed)
         check_choice(speculative)
         check_prefix_cache(prefix_cache, prefix_cache_gib)  # before any loading
+        check_kv_gib(kv_cache_gib)
         if speculative is not None:
             Speculation(NgramDrafter(), num_draft_tokens)  # checks num_draft_tokens before any loading
             if deterministic or compile:
@@ -143,14 +150,15 @@ class Llama:
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         torch.manual_seed(seed)
         loading.announce(source, args, plan)
-        model = loading.load_model(source, args, plan, runtime.model_parallel_rank)
+        model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=kv_cache_gib)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
         speculation = None
         if speculative == "ngram":
             speculation = Speculation(NgramDrafter(), num_draft_tokens)
         elif speculative is not None:
             draft = Llama.build(speculative, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size,
-                                seed=seed, device=device, dtype=dtype, compile=False, fast=fast, prefix_cache=False)
+                                seed=seed, device=device, dtype=dtype, compile=False, fast=fast, prefix_cache=False,
+                                kv_cache_gib=1e-6)  # the drafter gives it rows of its own
             speculation = Speculation(ModelDrafter(draft.model), num_draft_tokens)
         if speculation is not None:
             distributed.print0(f"Speculative decoding: {speculation.drafter.name}, up to {num_draft_tokens} "
@@ -255,7 +263,7 @@ class Llama:
         waiting, open_ = deque(requests), len(requests)
         try:
             while open_:
-                while waiting and self.engine.free_rows() >= waiting[0].params.n:
+                while waiting and self.engine.can_add(waiting[0]):
                     self.engine.add(waiting.popleft())
                 if not events:
                     self.engine.step()  # a failure ends this call's requests with 'error' events (raised below)

@@ -45,10 +45,10 @@ class Collect:
 
 
 def run(engine: Engine, requests: Sequence[Request], limit: int = 500) -> None:
-    """Add requests as rows free up and step until all have finished."""
+    """Add requests as rows and blocks free up and step until all have finished."""
     waiting = list(requests)
     for _ in range(limit):
-        while waiting and engine.free_rows() >= waiting[0].params.n:
+        while waiting and engine.can_add(waiting[0]):
             engine.add(waiting.pop(0))
         if not engine.step() and not waiting:
             return

@@ -93,10 +93,42 @@ def test_fused_steps_are_as_close_to_float32_as_the_layer_by_layer_steps(precisi
     assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
     for x, y in zip(fused_model.layers, plain_model.layers):  # the cache rows hold the same keys and values
         for row, length in enumerate(positions):
-            for name in ("k", "v"):
-                a = getattr(x.attention.cache, name)[row, :, :length].float()
-                b = getattr(y.attention.cache, name)[row, :, :length].float()
-                assert (a - b).norm() <= 0.05 * b.norm()
+            blocks = fused_model.tables.blocks(row, 1, length)  # the row's blocks in the pool, by its table
+            for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
+                assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
+
+
+def _scattered(model: Transformer, lengths) -> None:
+    """A pool with each row's blocks scattered in reverse order over it (as an engine's tables end up)."""
+    per_row = [-(-n // 16) for n in lengths]
+    model.setup_cache(CPU, model.layers[0].attention_norm.weight.dtype, blocks=2 + sum(per_row) + 3)
+    free = list(range(2 + sum(per_row) + 2, 1, -1))  # blocks counted down, skipping 0 (null) and 1
+    for row, n in enumerate(per_row):
+        model.assign_blocks(row, 0, [free.pop(0) for _ in range(n)])
+
+
+@pytest.mark.parametrize("precision", ["int8"])
+def test_the_fused_step_reads_each_rows_scattered_blocks(precision):
+    fused_model, plain_model = _build(precision), _build(precision)
+    prompts = [list(range(3, 40)), [7, 7, 1], list(range(50, 70))]
+    lengths = [len(p) + 6 for p in prompts]
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    with torch.inference_mode():
+        for model in (fused_model, plain_model):
+            _scattered(model, lengths)
+            model.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2, 3]), [len(p) for p in prompts]
+        for _ in range(5):
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert (a - b).norm() <= 0.05 * b.norm()
+            tokens, positions = b.argmax(-1), [p + 1 for p in positions]
+        # an idle row (position -1) writes into the null block only: the rows' results do not change
+        held = fused_model.tables.table[1, :1]  # row 1's block
+        before = fused_model.layers[0].attention.cache.k[held].clone()
+        a = fused(torch.tensor([1, 5, 3]), [positions[0], -1, positions[2]])
+        assert torch.equal(fused_model.layers[0].attention.cache.k[held], before)
+        ref = plain(torch.tensor([1, 5, 3]), [positions[0], -1, positions[2]])
+        assert (a[[0, 2]] - ref[[0, 2]]).norm() <= 0.05 * ref[[0, 2]].norm()
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -14,7 +14,7 @@ import torch
 from llama import Llama
 from llama.checkpoints.checkpoint import random_state
 from llama.engine import Chunk, Engine, Request, SamplingParams
-from llama.engine.prefix_cache import PrefixCache, block_keys, pool_blocks
+from llama.engine.prefix_cache import PrefixCache, block_keys, cache_blocks
 
 from helpers import TOKENIZER, make_checkpoint
 from test_engine import SHAPE, Collect, run
@@ -31,19 +31,21 @@ def tokens(n: int, seed: int):
 
 
 def cached(table: PrefixCache, seq) -> list:
-    """Reserve and commit every full block of seq, as the engine does once a row's copies have run."""
-    reserved = table.reserve(seq)
-    table.commit(reserved)
-    return reserved
+    """A sequence's blocks for every full block of seq, kept by the cache once written, as the engine does when
+    a prompt's prefill has run; then the sequence ends (the cache alone holds them)."""
+    blocks = [table.pool.allocate() for _ in range(len(seq) // BS)]
+    table.insert(seq, blocks)
+    for block in blocks:
+        table.pool.unref(block)
+    return blocks
 
 
 def test_a_hit_needs_the_whole_prefix_and_leaves_the_last_token_out():
     table = PrefixCache(8, BS)
     seq = tokens(3 * BS, 0)
     assert table.lookup(seq) == [] and table.hits == 0 and table.queries == 3 * BS
-    reserved = cached(table, seq)
-    assert [i for i, _, _ in reserved] == [0, 1, 2]
-    blocks = [b for _, b, _ in reserved]
+    blocks = cached(table, seq)
+    assert len(blocks) == 3 and table.pool.in_use == 3
     assert table.lookup(seq) == blocks[:2]  # the third block would leave no token to compute logits for
     assert table.lookup(seq + [5]) == blocks  # one more token: all three
     assert table.lookup(seq[:BS + 3]) == blocks[:1]
@@ -77,28 +79,30 @@ def test_lru_eviction_drops_the_least_recently_used_prefix_from_its_end():
     assert len(table.lookup(first + [9])) == 2 and table.in_use == 4
 
 
-def test_blocks_being_written_are_no_hits_and_a_failed_write_frees_them():
+def test_blocks_a_sequence_holds_are_never_evicted():
     table = PrefixCache(2, BS)
     seq = tokens(2 * BS, 7)
-    reserved = table.reserve(seq)
-    assert len(reserved) == 2 and table.lookup(seq + [1]) == []
-    assert table.reserve(seq) == []  # not twice, and no other block left to evict: pending ones stay
-    table.release(reserved)
-    assert table.in_use == 0 and table.lookup(seq + [1]) == []
-    cached(table, seq)
+    held = [table.pool.allocate(), table.pool.allocate()]
+    table.insert(seq, held)
+    assert table.in_use == 2 and table.pool.available() == 0
+    assert table.pool.allocate() is None  # the running sequence still holds both: nothing to evict
     assert len(table.lookup(seq + [1])) == 2
+    table.pool.unref(held[1])  # the sequence ends: the cache alone keeps its blocks, and they can be evicted
+    table.pool.unref(held[0])
+    assert table.pool.available() == 2 and table.pool.allocate() == held[1]  # the prefix's end goes first
+    assert len(table.lookup(seq + [1])) == 1
 
 
-def test_pool_size_from_the_memory_bound():
+def test_cache_size_from_the_memory_bound():
     per_block = 2 * 2 * 2 * 16 * BS * 4
-    assert pool_blocks(None, per_block, max_batch_size=8, max_seq_len=160) == 8 * 160 // 4 // BS
-    assert pool_blocks(None, per_block, max_batch_size=1, max_seq_len=160) == 160 // BS  # at least a context
-    assert pool_blocks(per_block * 10 / 2 ** 30, per_block, 8, 160) == 10
+    assert cache_blocks(None, per_block, pool_blocks=50) == 50  # by default the whole pool
+    assert cache_blocks(per_block * 10 / 2 ** 30, per_block, 50) == 10
+    assert cache_blocks(per_block * 100 / 2 ** 30, per_block, 50) == 50
     for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="prefix_cache_gib"):
-            pool_blocks(bad, per_block, 8, 160)
+            cache_blocks(bad, per_block, 50)
     with pytest.raises(ValueError, match=r"prefix_cache_gib 1e-09 holds no block"):
-        pool_blocks(1e-9, per_block, 8, 160)
+        cache_blocks(1e-9, per_block, 50)
 
 
 # --- the engine: exact with the cache on -------------------------------------------------------------------

@@ -56,6 +56,37 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     assert delta("llama_http_requests_total", path="/v1/completions", status="400") == 1
     assert after[("llama_queue_depth", ())] == 0 and after[("llama_kv_rows_in_use", ())] == 0
     assert after[("llama_kv_rows_total", ())] == 3
+    assert after[("llama_requests_running", ())] == 0 and after[("llama_requests_waiting", ())] == 0
+    pool = server.engine.engine.pool
+    assert after[("llama_kv_blocks_total", ())] == pool.usable == 3 * 128 // 16
+    assert after[("llama_kv_blocks_in_use", ())] == pool.in_use  # (short answers: no full block to keep)
+    assert after[("llama_preemptions_total", ())] == 0
+
+
+def test_a_small_pool_preempts_and_every_answer_equals_its_answer_alone(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llama.model.kv_cache import pool_bytes_per_block
+
+    import torch
+
+    folder = make_checkpoint(tmp_path, MHA, seed=5)
+    per_block = pool_bytes_per_block(MHA.n_layers, MHA.kv_heads, MHA.head_dim, torch.float32)
+    gen = Llama.build(str(folder), str(TOKENIZER), max_seq_len=128, max_batch_size=4, device="cpu",
+                      dtype="float32", kv_cache_gib=9 * per_block / 2 ** 30, prefix_cache=False)  # 8 blocks
+    prompts = ["Once upon a time", "The quick brown fox", "In a hole in the ground", "It was a bright cold day"]
+    with ThreadServer(gen, model="m") as s:
+        client = s.openai()
+        ask = lambda p: client.completions.create(model="m", prompt=p, max_tokens=40, temperature=0, stop=[],
+                                                  seed=1).choices[0].text
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, prompts))
+        after = scrape(s)
+        health = httpx.get(s.url + "/health", timeout=TIMEOUT).json()
+        alone = [ask(p) for p in prompts]
+    assert after[("llama_preemptions_total", ())] > 0
+    assert together == alone
+    assert health["running"] == 0 and health["waiting"] == 0 and health["kv_blocks_total"] == 8
 
 
 def test_request_id_is_echoed_and_logged(server, caplog):

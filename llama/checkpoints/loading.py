@@ -19,6 +19,7 @@ from .checkpoint import CheckpointInfo, check_model_parallel_size
 from .source import Checkpoint
 from .lora import LoraAdapter, merge_lora, read_adapter
 from ..model.decode_step import default_compile
+from ..model.kv_cache import BLOCK_SIZE, pool_blocks, pool_bytes_per_block
 from ..model.transformer import ModelArgs, Transformer, check_positive_int, memory_per_process
 from ..families import Family
 from ..tokenizers import BaseTokenizer
@@ -169,13 +170,17 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
         f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
         f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
-        f"{kind}weights + {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} x {args.max_seq_len} tokens)")
+        f"{kind}weights + at most {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} full contexts of "
+        f"{args.max_seq_len} tokens, paged)")
     if plan.note:
         distributed.print0(plan.note)
 
 
-def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transformer:
-    """This rank's share of the model, on its device, weights in place, KV cache allocated."""
+def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int,
+               kv_cache_gib: Optional[float] = None) -> Transformer:
+    """This rank's share of the model, on its device, weights in place, KV cache allocated: a pool of
+    kv_cache_gib GiB, by default what fits beside the weights (kv_cache.default_gib; with several processes, at
+    most max_batch_size full contexts, the same on every rank)."""
     with torch.device("meta"):
         model = Transformer(args)
     if plan.scheme is not None:
@@ -201,7 +206,13 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int) -> Transf
         quantize.quantize_model(model, plan.scheme)
     if plan.fast:
         model.prepare(kernel)
-    model.setup_cache(plan.device, plan.dtype)
+    attn = model.layers[0].attention
+    per_block = pool_bytes_per_block(args.n_layers, attn.n_local_kv_heads, args.head_dim, plan.dtype)
+    device = plan.device if plan.model_parallel_size == 1 else torch.device("meta")  # the cap: same on every rank
+    blocks = pool_blocks(kv_cache_gib, per_block, args.max_batch_size, args.max_seq_len, device)
+    model.setup_cache(plan.device, plan.dtype, blocks=blocks)
+    distributed.print0(f"KV cache: {blocks - 1} blocks of {BLOCK_SIZE} positions ({(blocks - 1) * BLOCK_SIZE} "
+                       f"tokens, {blocks * per_block / 2 ** 30:.2f} GiB per process{'' if kv_cache_gib else ', what fits beside the weights, at most max_batch_size full contexts'})")
     if plan.device.type == "cpu":
         _report_cpu(model)
     return model.eval()

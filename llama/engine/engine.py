@@ -1,30 +1,28 @@
-"""The row engine: every generation, the library's and the server's, runs here.
+"""The engine: every generation, the library's and the server's, runs here.
 
-The engine owns the KV cache's rows. A request added with `add` takes n rows (one per choice); each `step`
-  1. frees the rows of cancelled requests,
-  2. plans one decode step for every running row (an idle row below the highest busy one decodes a dummy
-     token at position 0 of its own row; a fixed-shape step, compiled or deterministic, decodes all rows),
-  3. copies the longest cached run of each newly added prompt's full blocks into its row (the prefix cache,
-     prefix_cache.py), so that only the rest is prefilled;
-     prefills newly added prompts in one packed pass (at most max_prefill_tokens tokens in all); a prompt longer
-     than the budget is prefilled in chunks over several steps, interleaved with the decode steps of running
-     rows (chunked prefill), then copies each prefilled row into its sibling choices' rows,
-  4. samples each row's next token with that request's own parameters and generator, turns tokens into text,
-     applies stop tokens, stop strings and lengths, and hands events to the request's sink,
-  5. frees finished rows at once,
-  6. copies the new full blocks of each prompt just prefilled, and of each answer just ended, from its row
-     into the prefix cache's pool, for later requests that start the same way.
-With speculation (speculative.py) step 2 becomes one pass over each running row's pending token and its drafted
-tokens, and step 4 keeps drafts by rules that leave the output plain decoding's.
+The engine owns the rows of the decode batch and, through the model's block pool (blocks.py), the blocks of the
+paged KV cache (llama/model/kv_cache.py). A request added with `add` takes n rows (one per choice) and the blocks of
+its prompt (a prefix-cache hit maps cached blocks by reference); each `step`
+  1. frees the rows and blocks of cancelled requests and admits preempted choices again when blocks allow,
+  2. plans (planner.py): gives each running choice the blocks this step writes into, preempting the newest
+     running choice when none is free; picks the prompts to prefill within max_prefill_tokens (chunking long
+     ones, chunked prefill); a decode step for every running row, or with speculation a verification pass,
+  3. runs the plan (runner.py),
+  4. turns the logits into tokens, text and events (outputs.py), and keeps each finished prompt's and answer's
+     full blocks in the prefix cache (prefix_glue.py).
+With speculation (speculative.py, spec_glue.py) step 2 drafts tokens and step 4 keeps drafts by rules that leave
+the output plain decoding's.
+
+Preemption (vLLM's recompute): a preempted choice gives up its row and blocks, waits at the head of the queue,
+and when admitted again prefills its prompt and answer so far (its full blocks usually still in the prefix
+cache) without sampling, then decodes its pending token: its stream goes on with the same tokens.
+
 A failure inside one request (its sampling, text or sink) ends that request alone with an 'error' event; only
 a failing model call, which leaves the cache in doubt, ends every request (`failure` is then set).
 
 Deterministic mode makes a request's tokens independent of whatever else is in the batch: every decode step
-has one shape (all rows, attending over the whole context) and every prompt is prefilled alone. It runs without
-the prefix cache: a prompt's arithmetic would then depend on which earlier requests shared its start.
-
-The engine knows rows and positions; the callers know requests: `Llama` adds its prompts and steps until
-they finish; the server's scheduler keeps a queue and a thread and adds requests as rows free up.
+has one shape (all rows, attending over the whole context, masked) and every prompt is prefilled alone. It runs
+without the prefix cache: a prompt's arithmetic would then depend on which earlier requests shared its start.
 """
 
 from __future__ import annotations
@@ -32,56 +30,30 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence
 
 import torch
 
 from ..model.decode_step import DecodeStep
+from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from ..tokenizer import TextStream
-from .events import Chunk, Event, Finished, Request, TokenLogprob, token_text, top_entries
-from .params import SEED_BITS, ParamError, SamplingParams, check_prompt
+from .blocks import BlockPool, for_model as pool_for
+from .admission import check
+from .events import Event, Finished, Request
+from .outputs import Outputs
+from .params import SEED_BITS, SamplingParams
+from .planner import Planner
 from .prefix_cache import PrefixCache
-from .runner import Prefill, Runner, StepPlan
-from .sampler import RowSampler, choose, log_probs
-from .speculative import DraftRow, Speculation, accept_greedy, accept_sampled, verification
+from .prefix_glue import PrefixGlue
+from .runner import Runner
+from .sampler import RowSampler
+from .speculative import Speculation
+from .state import Choice
 from .stop import StopText
 
 log = logging.getLogger("llama.engine")
 
 MAX_FAILED_STEPS = 3  # model calls failing in a row that stop the engine
-
-
-@dataclass(eq=False)
-class _Choice:
-    """One choice of a request, holding a cache row."""
-
-    request: Request
-    index: int
-    row: int
-    sampler: RowSampler
-    text: TextStream
-    stops: StopText
-    parent: Optional["_Choice"] = None  # a sibling choice whose prefilled row this one copies
-    prefilled: bool = False
-    looked_up: bool = False  # the prefix cache was asked for this prompt
-    filled: int = 0  # prompt tokens in the row so far (a long prompt is prefilled in chunks, over several steps)
-    position: int = 0  # where `pending` goes in the row
-    pending: int = 0  # the last sampled token, decoded at the next step
-    generated: int = 0  # tokens sampled so far (a stop token included)
-    done: bool = False
-    shown: int = 0  # characters of text handed to the sink (what the stop strings let through)
-    entries: List[TokenLogprob] = field(default_factory=list)  # log-probs whose text is not shown yet
-
-
-def _valid(drafts: Sequence[int], vocab_size: int) -> List[int]:
-    """A drafter's tokens up to the first that is not a token id of this vocabulary."""
-    out = []
-    for t in drafts:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            break
-        out.append(t)
-    return out
 
 
 class Engine:
@@ -95,8 +67,8 @@ class Engine:
         """fixed_shape: decode all rows every step (True) or rows 0..the highest busy one (False); None: fixed
         when the step is compiled (CUDA graphs replay one shape) or deterministic. speculation: draft tokens
         and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step.
-        prefix_cache: the block table of the model's block pool (prefix_cache.py; the model's `setup_blocks`
-        made the pool), shared by every engine over that model; None: every prompt is prefilled whole."""
+        prefix_cache: the prefix cache over the model's block pool (prefix_cache.for_model), shared by every
+        engine over that model; None: every prompt is prefilled whole."""
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
@@ -112,12 +84,16 @@ class Engine:
         self.max_seq_len = self.model.params.max_seq_len
         self.vocab_size = self.model.params.vocab_size
         self._seeds = random.Random(seed)
-        self._rows: Dict[int, _Choice] = {}
-        self._to_prefill: Deque[_Choice] = deque()
+        self._arrivals = 0
+        self.rows: Dict[int, Choice] = {}  # admitted choices by row
+        self.to_prefill: Deque[Choice] = deque()
+        self.preempted: Deque[Choice] = deque()  # waiting to be admitted again, before any new request
+        self.table_updates: List[tuple] = []  # block-table changes for the next plan
+        self.preemptions = 0
         self.failure: Optional[str] = None
         self.steps = 0
         self._failed_steps = 0  # model calls that failed in a row
-        self._probe = False  # after a failed step with prefills: the next step only decodes (see _step_failed)
+        self.probe = False  # after a failed step with prefills: the next step only decodes (see _step_failed)
         if speculation is not None and (deterministic or decode.compiled or fixed_shape):
             raise ValueError("speculative decoding needs an eager, non-deterministic engine: its verification "
                              "passes change shape, which deterministic mode and compiled steps do not allow")
@@ -126,407 +102,158 @@ class Engine:
             raise ValueError("the prefix cache cannot run in deterministic mode: a prompt's arithmetic would "
                              "depend on which earlier requests shared its start")
         self.prefix_cache = prefix_cache
-        self._saves: List[Tuple[int, List[int]]] = []  # rows of answers just ended: (row, tokens with KV in it)
+        self.pool: BlockPool = prefix_cache.pool if prefix_cache is not None else pool_for(self.model)
+        self.prefix = PrefixGlue(self)
+        self.planner = Planner(self)
+        self.outputs = Outputs(self)
 
     # --- requests in ---------------------------------------------------------------------------------------
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """ValueError unless the request can run: token ids in the vocabulary, parameters in range, room in the
-        context for prompt plus max_tokens, and no more choices than rows."""
-        check_prompt(prompt, self.vocab_size)
-        params.check(self.vocab_size)
-        if params.n > self.max_batch_size:
-            raise ParamError(f"n={params.n} choices need as many cache rows; there are {self.max_batch_size} "
-                             "(max_batch_size)", "n")
-        if len(prompt) > self.max_seq_len or (params.max_tokens and len(prompt) >= self.max_seq_len):
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
-                             f"{self.max_seq_len} with the answer, so prompts may have up to {self.max_seq_len - 1}")
-        if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
-                             f"context (max_seq_len {self.max_seq_len}): ask for at most "
-                             f"{self.max_seq_len - len(prompt)}")
+        """ValueError unless the request can run (admission.check)."""
+        check(prompt, params, self.vocab_size, self.max_batch_size, self.max_seq_len, self.pool.usable)
 
     def free_rows(self) -> int:
-        return self.max_batch_size - len(self._rows)
+        return self.max_batch_size - len(self.rows)
 
     @property
     def running(self) -> int:
-        """Requests' choices holding rows."""
-        return len(self._rows)
+        """Choices holding rows."""
+        return len(self.rows)
+
+    @property
+    def waiting(self) -> int:
+        """Preempted choices waiting to be admitted again."""
+        return len(self.preempted)
+
+    def _prompt_blocks(self, length: int, n: int) -> int:
+        """Blocks a request takes at admission: its prompt's, and a copy of a partly filled last block per
+        further choice."""
+        return blocks_for(length) + (n - 1) * (1 if length % BLOCK_SIZE else 0)
+
+    def can_add(self, request: Request) -> bool:
+        """Whether `add` would take the request now: no preempted choice waits, and rows and blocks are free."""
+        n = request.params.n
+        return not self.preempted and self.free_rows() >= n and \
+            self.pool.available() >= self._prompt_blocks(len(request.prompt), n)
 
     def add(self, request: Request) -> None:
-        """Give a checked request its n rows; it is prefilled at the next step. ValueError when it cannot run,
-        RuntimeError when fewer rows are free than it has choices (callers admit only when `free_rows` allows)."""
+        """Give a checked request its n rows and its prompt's blocks; it is prefilled at the next step.
+        ValueError when it cannot run, RuntimeError when rows or blocks are short (callers ask `can_add`)."""
         self.check(request.prompt, request.params)
         n = request.params.n
-        free = [row for row in range(self.max_batch_size) if row not in self._rows]
-        if len(free) < n:
-            raise RuntimeError(f"{n} rows asked for, {len(free)} free")
-        first: Optional[_Choice] = None
-        for index, row in enumerate(free[:n]):
-            choice = self._new_choice(request, index, row, first)
-            self._rows[row] = choice
+        if not self.can_add(request):
+            raise RuntimeError(f"{n} rows and {self._prompt_blocks(len(request.prompt), n)} blocks asked for, "
+                               f"{self.free_rows()} rows and {self.pool.available()} blocks free")
+        first: Optional[Choice] = None
+        for index in range(n):
+            c = self._new_choice(request, index, first)
+            self.take_row(c)
             if first is None:
-                first = choice
-                self._to_prefill.append(choice)
+                first = c
+                self.prefix.map_cached(c)
+                self.grow(c, blocks_for(len(c.tokens)))
+                self.to_prefill.append(c)
+            elif len(request.prompt) % BLOCK_SIZE:
+                c.cow = self.pool.allocate()
 
-    def _new_choice(self, request: Request, index: int, row: int, parent: Optional["_Choice"]) -> _Choice:
+    def _new_choice(self, request: Request, index: int, parent: Optional[Choice]) -> Choice:
         params = request.params
         seed = params.seed_for(index)
         if seed is None:
             seed = self._seeds.getrandbits(SEED_BITS)
         sampler = RowSampler(params, request.prompt, seed, self.decode.device)
         text = TextStream(self.tokenizer, request.prompt if request.continues_prompt else ())
-        return _Choice(request, index, row, sampler, text, StopText(params.stop), parent=parent,
-                       position=len(request.prompt))
+        self._arrivals += 1
+        return Choice(request, index, sampler, text, StopText(params.stop), self._arrivals, parent=parent,
+                      tokens=list(request.prompt), position=len(request.prompt))
+
+    # --- rows and blocks -----------------------------------------------------------------------------------
+
+    def take_row(self, c: Choice) -> None:
+        c.row = next(row for row in range(self.max_batch_size) if row not in self.rows)
+        self.rows[c.row] = c
+
+    def grow(self, c: Choice, blocks: int) -> bool:
+        """Give c blocks until it has `blocks`; False (and the blocks given so far kept) when none is free."""
+        first = len(c.blocks)
+        while len(c.blocks) < blocks:
+            block = self.pool.allocate()
+            if block is None:
+                break
+            c.blocks.append(block)
+        if len(c.blocks) > first:
+            self.table_updates.append((c.row, first, c.blocks[first:]))
+        return len(c.blocks) >= blocks
+
+    def release(self, c: Choice) -> None:
+        """c's row and blocks go back (finished or preempted); its row's table is emptied at the next step."""
+        for block in c.blocks:
+            self.pool.unref(block)
+        if c.cow is not None:
+            self.pool.unref(c.cow)
+        c.blocks, c.cow = [], None
+        if c.row is not None and self.rows.get(c.row) is c:
+            del self.rows[c.row]
+            self.table_updates.append((c.row, 0, []))
+        c.row = None
 
     # --- steps ---------------------------------------------------------------------------------------------
 
     @property
     def has_work(self) -> bool:
-        return bool(self._rows)
+        return bool(self.rows or self.preempted)
 
     @torch.inference_mode()
     def step(self) -> bool:
         """One step (see the module docstring). False when there was nothing to do."""
         self._free_cancelled()
-        if not self._rows:
+        self.planner.resume()
+        if not self.rows:
             return False
         self.steps += 1
-        running = [c for c in self._rows.values() if c.prefilled]
-        loaded: List[Tuple[_Choice, List[int]]] = []
-        if self._probe and running:
-            whole, chunks = [], []
-        else:
-            loaded = self._lookup()
-            whole, chunks = self._take_prefills()
-        admitted = whole + [c for c, _, _ in chunks]
-        ending = whole + [c for c, _, end in chunks if end == len(c.request.prompt)]  # prefilled by this step
-        plan = StepPlan()
-        drafts = self._draft(running) if self.speculation is not None and running else None
-        if drafts is not None:
-            self._plan_verify(plan, running, drafts)
-        elif running:
-            fixed = self.fixed_shape
-            if fixed is None:
-                fixed = self.decode.compiled or self.deterministic
-            width = self.max_batch_size if fixed else 1 + max(c.row for c in running)
-            plan.decode_tokens, plan.decode_positions = [0] * width, [0] * width
-            for c in running:
-                plan.decode_tokens[c.row], plan.decode_positions[c.row] = c.pending, c.position
-            for c in self._rows.values():  # a row part-way through its prompt: its idle decode writes where
-                if c.filled and not c.prefilled and c.row < width:  # its next chunk writes, never on its prefix
-                    plan.decode_positions[c.row] = c.filled
-        groups = self._group(whole)
-        for group in groups:
-            plan.prefills.append(Prefill([c.request.prompt for c in group], [c.row for c in group],
-                                         all_logits=group[0].request.params.prompt_logprobs))
-        for c, start, end in chunks:
-            plan.prefills.append(Prefill([c.request.prompt[start:end]], [c.row], start=start))
-        forks = {c: [s for s in self._rows.values() if s.parent is c] for c in ending}
-        plan.copies = [(c.row, [s.row for s in sibs], len(c.request.prompt)) for c, sibs in forks.items() if sibs]
-        plan.loads = [(c.row, blocks) for c, blocks in loaded]
-        reserved = self._plan_saves(plan, [(c.row, c.request.prompt) for c in ending])
+        step = self.planner.plan()
         try:
-            decoded, prefilled = self.runner.run(plan)
+            decoded, prefilled = self.runner.run(step.plan)
         except Exception as err:
-            if reserved:
-                self.prefix_cache.release(reserved)
-            for c, _ in loaded:  # whether its blocks reached its row is unknown: it starts over
-                c.filled, c.looked_up = 0, False
-            self._step_failed(err, admitted)
+            self.table_updates[:0] = step.plan.tables  # whether they reached the model is unknown: sent again
+            self._step_failed(err, step.admitted)
             return True
-        if reserved:
-            self.prefix_cache.commit(reserved)
-        self._failed_steps, self._probe = 0, False
-        order: List[_Choice] = [] if drafts is not None else list(running)
-        rows: List[torch.Tensor] = []
-        if drafts is not None:
-            self._verify(running, drafts, decoded)
-        elif running:
-            rows.append(decoded[torch.tensor([c.row for c in running], device=decoded.device)])
-        for c, _, end in chunks:
-            c.filled = end
-        done = [(group, self._prefill_logits(group, logits)) for group, logits in zip(groups, prefilled)]
-        done += [([c], [logits[-1]]) for (c, _, end), logits in zip(chunks, prefilled[len(groups):])
-                 if end == len(c.request.prompt)]
-        for group, last in done:
-            for c, row_logits in zip(group, last):
-                family = [c] + forks[c]
-                for member in family:
-                    member.prefilled = True
-                order += family
-                rows.append(row_logits.unsqueeze(0).expand(len(family), -1))
-        self._advance(order, torch.cat(rows) if rows else None)
-        self._save_answers()
+        self._failed_steps, self.probe = 0, False
+        self.outputs.process(step, decoded, prefilled)
         return True
-
-    # --- the prefix cache (llama/engine/prefix_cache.py) -------------------------------------------------------
-
-    def _lookup(self) -> List[Tuple[_Choice, List[int]]]:
-        """Ask the prefix cache once for each waiting prompt: a hit's blocks are copied into its row in this
-        step (before the prefills) and the prompt counts as filled that far, so only the rest is prefilled.
-        Prompts wanting every position's log-probs are prefilled whole."""
-        if self.prefix_cache is None:
-            return []
-        out = []
-        for c in self._to_prefill:
-            if c.done or c.looked_up or c.filled or c.request.params.prompt_logprobs:
-                continue
-            c.looked_up = True
-            blocks = self.prefix_cache.lookup(c.request.prompt)
-            if blocks:
-                c.filled = len(blocks) * self.prefix_cache.block_size
-                out.append((c, blocks))
-        return out
-
-    def _plan_saves(self, plan: StepPlan, rows: List[Tuple[int, Sequence[int]]]) -> list:
-        """Reserve pool blocks for the new full blocks of each (row, tokens whose KV the row holds once the plan
-        ran) and add their copies to the plan; the reservations are committed once the plan has run."""
-        if self.prefix_cache is None:
-            return []
-        size, reserved = self.prefix_cache.block_size, []
-        for row, tokens in rows:
-            blocks = self.prefix_cache.reserve(tokens)
-            if blocks:
-                plan.saves.append((row, [i * size for i, _, _ in blocks], [b for _, b, _ in blocks]))
-                reserved += blocks
-        return reserved
-
-    def _save_answers(self) -> None:
-        """Copy the rows of answers that ended in this step into the pool (a later turn of the conversation
-        starts with prompt + answer), before any other request can take those rows."""
-        if not self._saves:
-            return
-        plan = StepPlan()
-        saves, self._saves = self._saves, []
-        reserved = self._plan_saves(plan, saves)
-        if not reserved:
-            return
-        try:
-            self.runner.run(plan)
-        except Exception:  # a lost copy costs a later prefill, never an answer
-            log.exception("copying ended answers into the prefix cache failed")
-            self.prefix_cache.release(reserved)
-            return
-        self.prefix_cache.commit(reserved)
-
-    # --- speculative decoding (llama/engine/speculative.py) ---------------------------------------------------
-
-    def _draft(self, running: List[_Choice]) -> Optional[Dict[_Choice, List[int]]]:
-        """Each running row's drafts, at most as many as its max_tokens and the context leave room for; None
-        when no row has any (the step is then a plain decode)."""
-        asks = []
-        for c in running:
-            room = min(self.speculation.k, c.request.params.max_tokens - c.generated - 1,
-                       self.max_seq_len - 1 - c.position)
-            asks.append(DraftRow(c.row, c, list(c.request.prompt) + c.text.tokens, max(room, 0)))
-        try:
-            proposed = self.speculation.drafter.propose(asks)
-        except Exception:  # a failing drafter costs speed, never the answer: decode plainly this step
-            log.exception("the drafter failed; decoding this step without drafts")
-            return None
-        drafts = {c: _valid(d[:a.k], self.vocab_size) for c, d, a in zip(running, proposed, asks)}
-        return drafts if any(drafts.values()) else None
-
-    def _plan_verify(self, plan: StepPlan, running: List[_Choice], drafts: Dict[_Choice, List[int]]) -> None:
-        """One pass over each running row's pending token and drafts (rows 0..the highest busy one)."""
-        width = 1 + max(c.row for c in running)
-        plan.verify_tokens, plan.verify_positions = verification(
-            width, {c.row: (c.pending, c.position, drafts[c]) for c in running})
-        for c in self._rows.values():  # a row part-way through its prompt: its idle entries write where its
-            if c.filled and not c.prefilled and c.row < width:  # next chunk writes, never on its cached prefix
-                plan.verify_positions[c.row] = [c.filled] * len(plan.verify_positions[c.row])
-
-    def _verify(self, running: List[_Choice], drafts: Dict[_Choice, List[int]], logits: torch.Tensor) -> None:
-        """Keep each row's drafts by the rules of speculative.py, emitting every token through `_take`."""
-        spec = self.speculation
-        spec.passes += 1
-        for c in running:
-            d = drafts[c]
-            row_logits = logits[c.row, :len(d) + 1]
-            wants_lps = c.request.params.logprobs is not None
-
-            def take(token: int, i: int, c=c, row_logits=row_logits, wants_lps=wants_lps) -> bool:
-                if not c.done:
-                    self._take(c, token, log_probs(row_logits[i]) if wants_lps else None)
-                return not c.done
-
-            rule = accept_greedy if c.sampler.generator is None else accept_sampled
-            kept = self._guarded(c, lambda c=c, d=d, r=row_logits, rule=rule, take=take: rule(r, d, c.sampler, take))
-            spec.proposed += len(d)
-            spec.accepted += kept or 0
-
-    def _take_prefills(self) -> Tuple[List[_Choice], List[Tuple[_Choice, int, int]]]:
-        """The prompts prefilled this step, within the token budget: whole prompts (packed together), and chunks
-        (choice, start, end) of long ones. Prompts go in order of arrival while they fit. A prompt longer than
-        what is left is prefilled in chunks (chunked prefill: running streams keep decoding meanwhile), one
-        such prompt per step, which keeps at least half the budget for itself, so the short prompts behind it
-        start at once without starving it. A prompt that cannot be chunked (prompt log-probs, or deterministic
-        mode, whose arithmetic must not depend on neighbours) waits until it is first, then goes whole."""
-        budget = self.max_prefill_tokens
-        queue = [c for c in self._to_prefill if not c.done]
-        whole: List[_Choice] = []
-        chunks: List[Tuple[_Choice, int, int]] = []
-        long: Optional[_Choice] = None
-        held = 0
-        room = budget
-        for c in queue:
-            need = len(c.request.prompt) - c.filled
-            if room is None or need <= room:
-                (chunks.append((c, c.filled, len(c.request.prompt))) if c.filled else whole.append(c))
-                room = None if room is None else room - need
-            elif self._chunkable(c):
-                if long is None:
-                    long, held = c, room // 2 if room > 1 else room
-                    room -= held
-            elif not whole and not chunks and long is None:  # the first always goes, however long
-                whole.append(c)
-                room -= need
-            else:
-                break  # it goes first at a later step
-        if long is not None and room + held > 0:
-            chunks.append((long, long.filled, long.filled + room + held))
-        ended = set(whole) | {c for c, _, end in chunks if end == len(c.request.prompt)}
-        self._to_prefill = deque(c for c in queue if c not in ended)
-        return whole, chunks
-
-    def _chunkable(self, c: _Choice) -> bool:
-        """Whether a prompt may be prefilled over several steps (not with prompt log-probs, which come from one
-        pass, nor in deterministic mode, where chunk boundaries would depend on the other prompts)."""
-        return not self.deterministic and not c.request.params.prompt_logprobs
-
-    def _group(self, admitted: List[_Choice]) -> List[List[_Choice]]:
-        """Packed prefill groups: prompts wanting every position's logits apart from the rest; in deterministic
-        mode every prompt alone, so that its arithmetic never depends on its neighbours."""
-        if self.deterministic:
-            return [[c] for c in admitted]
-        plain = [c for c in admitted if not c.request.params.prompt_logprobs]
-        full = [c for c in admitted if c.request.params.prompt_logprobs]
-        return [g for g in (plain, full) if g]
-
-    def _prefill_logits(self, group: List[_Choice], logits: torch.Tensor) -> List[torch.Tensor]:
-        """Each prompt's last-position logits; with every position's logits, its prompt log-probs go out first."""
-        if not group[0].request.params.prompt_logprobs:
-            return list(logits)
-        out, start = [], 0
-        for c in group:
-            end = start + len(c.request.prompt)
-            prompt = torch.tensor(c.request.prompt[1:], device=logits.device).unsqueeze(-1)
-            lps = log_probs(logits[start:end - 1])
-            values = lps.gather(-1, prompt).squeeze(-1).tolist()
-            top = self._prompt_top(lps, c.request.params.logprobs)
-            self._guarded(c, lambda c=c, v=values, t=top: self._emit(c, Chunk("", prompt_logprobs=[0.0] + v,
-                                                                              prompt_top=t, index=c.index)))
-            out.append(logits[end - 1])
-            start = end
-        return out
-
-    def _prompt_top(self, lps: torch.Tensor, k: Optional[int]) -> Optional[List[List[Tuple[str, List[int], float]]]]:
-        """The k likeliest tokens at each prompt position after the first (None when no logprobs were asked)."""
-        if k is None:
-            return None
-        if not k or not len(lps):
-            return [[] for _ in range(len(lps) + 1)]
-        values, ids = torch.topk(lps, k, dim=-1)
-        return [[]] + [top_entries(self.tokenizer, v, i) for v, i in zip(values.tolist(), ids.tolist())]
-
-    def _advance(self, order: List[_Choice], logits: Optional[torch.Tensor]) -> None:
-        """Sample each choice's next token (rows of `logits` in `order`), emit, and finish choices."""
-        keep = [i for i, c in enumerate(order) if not c.done and c.request.params.max_tokens > 0]
-        live = [order[i] for i in keep]
-        if logits is not None and live:
-            logits = logits[torch.tensor(keep, device=logits.device)] if len(keep) < len(order) else logits
-            try:
-                tokens = choose(logits, [c.sampler for c in live])
-            except Exception as err:  # a sampler's own failure: sample row by row to find whose it was
-                log.warning("batched sampling failed (%s); sampling row by row", err)
-                tokens = [self._guarded(c, lambda c=c, i=i: choose(logits[i:i + 1], [c.sampler])[0])
-                          for i, c in enumerate(live)]
-            wanted = [i for i, c in enumerate(live) if c.request.params.logprobs is not None and tokens[i] is not None]
-            lps = log_probs(logits[torch.tensor(wanted, device=logits.device)]) if wanted else None
-            infos = {i: lps[j] for j, i in enumerate(wanted)}
-            for i, c in enumerate(live):
-                if tokens[i] is not None and not c.done:
-                    self._guarded(c, lambda c=c, t=tokens[i], lp=infos.get(i): self._take(c, t, lp))
-        for c in order:  # max_tokens 0: nothing to sample after the prefill
-            if not c.done and c.request.params.max_tokens == 0:
-                self._finish(c, "length")
-
-    def _take(self, c: _Choice, token: int, lps: Optional[torch.Tensor]) -> None:
-        """One sampled token of one choice: its log-prob entry, its text, its stop conditions, its event."""
-        params = c.request.params
-        c.generated += 1
-        c.sampler.record(token)
-        if c.request.cancelled:
-            return self._finish_cancelled(c)
-        if (token in self.stop_ids and token not in params.ignore_stop_ids) or token in params.stop_token_ids:
-            # the end: no entry, no text of its own
-            self._show(c, c.stops.feed(c.text.finish())[0] + c.stops.flush(), [], final=True)
-            return self._finish(c, "stop")
-        if lps is not None:
-            c.entries.append(self._token_logprob(lps, token, params.logprobs, c.text.offset))
-        text, stopped = c.stops.feed(c.text.push(token))
-        if stopped:
-            self._show(c, text, [token], final=True, cut=True)
-            return self._finish(c, "stop")
-        position = len(c.request.prompt) + c.generated - 1  # where this token goes when decoded
-        if c.generated >= params.max_tokens or position >= self.max_seq_len:
-            more, stopped = c.stops.feed(c.text.finish())
-            self._show(c, text + more + ("" if stopped else c.stops.flush()), [token], final=True, cut=stopped)
-            return self._finish(c, "stop" if stopped else "length")
-        self._show(c, text, [token])
-        c.pending, c.position = token, position
-
-    def _show(self, c: _Choice, text: str, tokens: List[int], final: bool = False, cut: bool = False) -> None:
-        """Hand text to the sink with the log-prob entries of the tokens whose text starts in what is shown by
-        now (a token whose text the stop strings still hold back keeps its entry back too). At the end the rest
-        go as well, unless a stop string cut the text: entries past the cut are dropped."""
-        c.shown += len(text)
-        ready = [e for e in c.entries if e.offset < c.shown or (final and not cut)]
-        c.entries = [] if final else c.entries[len(ready):]
-        if text or ready or tokens:
-            self._emit(c, Chunk(text, ready, tokens, index=c.index))
-
-    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int, offset: int) -> TokenLogprob:
-        text, raw = token_text(self.tokenizer, token)
-        top = []
-        if k:
-            values, ids = torch.topk(logprobs, k)
-            top = top_entries(self.tokenizer, values.tolist(), ids.tolist())
-        return TokenLogprob(text, raw, float(logprobs[token]), top, offset)
 
     # --- ends ----------------------------------------------------------------------------------------------
 
     def _free_cancelled(self) -> None:
-        for c in list(self._rows.values()):
+        for c in list(self.rows.values()) + list(self.preempted):
             if c.request.cancelled and not c.done:
-                self._finish_cancelled(c)
+                self.finish_cancelled(c)
 
-    def _finish_cancelled(self, c: _Choice) -> None:
+    def finish_cancelled(self, c: Choice) -> None:
         """A cancelled choice ends as 'cancelled', or as 'abort' (with its message) when its server aborted it."""
         if c.request.aborted:
-            self._finish(c, "abort", c.request.aborted)
+            self.finish(c, "abort", c.request.aborted)
         else:
-            self._finish(c, "cancelled")
+            self.finish(c, "cancelled")
 
-    def _finish(self, c: _Choice, reason: str, message: str = "") -> None:
-        """A choice's last event; its row is free from now on. completion_tokens counts the answer's tokens
-        (a final stop token is not one)."""
+    def finish(self, c: Choice, reason: str, message: str = "") -> None:
+        """A choice's last event; its row and blocks are free from now on (its full blocks stay in the prefix
+        cache). completion_tokens counts the answer's tokens (a final stop token is not one)."""
         if c.done:
             return
         c.done = True
-        if self._rows.get(c.row) is c:
-            del self._rows[c.row]
-            if self.prefix_cache is not None and reason in ("stop", "length") and c.prefilled:
-                # the row holds the KV of the prompt and of every sampled token but the last (never decoded)
-                held = len(c.request.prompt) + c.generated - 1
-                self._saves.append((c.row, (list(c.request.prompt) + c.text.tokens)[:held]))
-        for sibling in [s for s in self._rows.values() if s.parent is c and not s.prefilled]:
-            self._finish(sibling, reason, message)  # a choice whose prefill never ran cannot go on either
-        self._emit(c, Finished(reason, len(c.request.prompt), len(c.text.tokens), message, index=c.index))
+        if c in self.preempted:
+            self.preempted.remove(c)
+        if reason in ("stop", "length") and c.prefilled:
+            # the blocks hold the KV of the prompt and of every sampled token but the last (never decoded)
+            self.prefix.keep(c, (list(c.request.prompt) + c.text.tokens)[:len(c.request.prompt) + c.generated - 1])
+        self.release(c)
+        for sibling in [s for s in self.rows.values() if s.parent is c and not s.prefilled]:
+            self.finish(sibling, reason, message)  # a choice whose prefill never ran cannot go on either
+        self.outputs.emit(c, Finished(reason, len(c.request.prompt), len(c.text.tokens), message, index=c.index))
 
-    def _step_failed(self, err: Exception, admitted: List[_Choice]) -> None:
+    def _step_failed(self, err: Exception, admitted: List[Choice]) -> None:
         """A model call failed. With prefills in the step, the prompts are the suspects: those requests end with
         an error and free their rows, and the next step prefills nothing, so that its decode alone tells a bad
         prompt from a broken model. The running rows decode the same token at the same position again (the
@@ -539,19 +266,19 @@ class Engine:
             self.fail(f"the model failed: {type(err).__name__}: {err}")
             return
         log.exception("a step with %d prefill(s) failed; ending those requests", len(admitted))
-        self._probe = True
+        self.probe = True
         for c in admitted:
-            for member in [c] + [s for s in list(self._rows.values()) if s.parent is c]:
-                self._finish(member, "error", f"the prompt's prefill failed: {type(err).__name__}: {err}")
+            for member in [c] + [s for s in list(self.rows.values()) if s.parent is c]:
+                self.finish(member, "error", f"the prompt's prefill failed: {type(err).__name__}: {err}")
 
     def fail(self, message: str) -> None:
         """End every request with an 'error' event: the engine cannot serve (a model call failed)."""
         self.failure = message
-        for c in list(self._rows.values()):
-            self._finish(c, "error", message)
-        self._to_prefill.clear()
+        for c in list(self.rows.values()) + list(self.preempted):
+            self.finish(c, "error", message)
+        self.to_prefill.clear()
 
-    def _guarded(self, c: _Choice, work):
+    def guarded(self, c: Choice, work):
         """Run one choice's work; whatever it raises ends that request alone (all its choices), with an error
         event naming what went wrong, and the other requests go on."""
         try:
@@ -559,14 +286,10 @@ class Engine:
         except Exception as err:
             log.exception("request %s failed; ending it alone", c.request.id)
             c.request.cancelled = True
-            for other in [o for o in list(self._rows.values()) if o.request is c.request] + [c]:
+            for other in [o for o in list(self.rows.values()) if o.request is c.request] + [c]:
                 if not other.done:
-                    self._finish(other, "error", f"{type(err).__name__}: {err}")
+                    self.finish(other, "error", f"{type(err).__name__}: {err}")
             return None
 
-    def _emit(self, c: _Choice, event: Event) -> None:
-        try:
-            c.request.sink(event)
-        except Exception:  # a broken sink ends its own request, never the others
-            log.exception("request %s: its event sink failed; cancelling it", c.request.id)
-            c.request.cancelled = True
+    def emit(self, c: Choice, event: Event) -> None:
+        self.outputs.emit(c, event)

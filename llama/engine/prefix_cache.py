@@ -1,22 +1,20 @@
-"""The prefix cache's block table: which pool blocks hold the keys and values of which token prefixes.
+"""The prefix cache: which pool blocks hold the keys and values of which token prefixes.
 
 Prompts that share a start (a system prompt, few-shot examples, a conversation's earlier turns) share the keys
-and values of that start. The model keeps a pool of KV blocks beside its row cache (`Transformer.setup_blocks`:
-`block_size` positions of every layer per block, preallocated once under a memory bound). This table maps a
-full block of tokens to the pool block holding its KV. A block's key is a chained hash: it covers the block's
-own tokens and, through its parent's key, every token before them, so a hit on block i means the whole prefix
-up to block i's end matches.
+and values of that start. Every sequence's KV lives in the model's paged pool (llama/model/kv_cache.py, blocks of
+`block_size` positions); this table maps a full block of tokens to the pool block holding its KV. A block's
+key is a chained hash: it covers the block's own tokens and, through its parent's key, every token before
+them, so a hit on block i means the whole prefix up to block i's end matches.
 
-The engine asks `lookup` when it admits a prompt: the longest run of cached blocks from the prompt's start is
-copied into the request's row (a copy, far cheaper than computing them) and only the rest is prefilled. At
-least the prompt's last token is always left to the prefill, which computes its logits. After a prompt is
-prefilled (and when an answer ends, with the answer's tokens too), `reserve` picks pool blocks for its full
-blocks not cached yet; the engine copies the row into them through the step plan, and only once that model
-call has returned does `commit` enter them into the table (`release` gives them back when it failed), so a
-half-written block never becomes a hit.
+The engine asks `lookup` when it admits a prompt: the longest run of cached blocks from the prompt's start goes
+into the sequence's block table by reference (no copy: blocks.py counts the holders) and only the rest is
+prefilled. At least the prompt's last token is always left to the prefill, which computes its logits. Once a
+prompt's prefill has run (and when an answer ends or is preempted, with the answer's tokens too), `insert`
+keeps its full blocks, so a half-written block never becomes a hit.
 
-Unused blocks are evicted least recently used first. A hit refreshes its blocks from the last to the first,
-so that a prefix's later blocks go before its earlier ones (a block without its parent can never hit).
+The cache keeps at most `blocks` blocks. Blocks no sequence holds are evicted least recently used first, when
+the cache is over its size or the pool has no free block left. A hit refreshes its blocks from the last to the
+first, so that a prefix's later blocks go before its earlier ones (a block without its parent can never hit).
 """
 
 from __future__ import annotations
@@ -25,12 +23,10 @@ import hashlib
 import math
 from array import array
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-import torch
-
-BLOCK_SIZE = 16  # positions per pool block
-DEFAULT_FRACTION = 0.25  # default pool size: this fraction of the row cache, but at least one whole context
+from ..model.kv_cache import BLOCK_SIZE, pool_bytes_per_block
+from .blocks import BlockPool
 
 
 def block_keys(tokens: Sequence[int], n_blocks: int, block_size: int) -> List[bytes]:
@@ -44,11 +40,6 @@ def block_keys(tokens: Sequence[int], n_blocks: int, block_size: int) -> List[by
     return keys
 
 
-def block_bytes(n_layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one pool block takes on one process: keys and values of block_size positions in every layer."""
-    return 2 * n_layers * kv_heads * head_dim * block_size * dtype.itemsize
-
-
 def check_gib(gib: Optional[float]) -> Optional[float]:
     """The memory bound flag: None (the default size) or a positive finite number of GiB; ValueError otherwise."""
     if gib is None:
@@ -58,48 +49,47 @@ def check_gib(gib: Optional[float]) -> Optional[float]:
     return float(gib)
 
 
-def pool_blocks(gib: Optional[float], per_block: int, max_batch_size: int, max_seq_len: int,
-                block_size: int = BLOCK_SIZE) -> int:
-    """How many blocks the pool holds: `gib` GiB of them, or by default DEFAULT_FRACTION of the row cache's
-    positions and at least one whole context. ValueError when `gib` holds less than one block."""
+def cache_blocks(gib: Optional[float], per_block: int, pool_blocks: int, block_size: int = BLOCK_SIZE) -> int:
+    """How many blocks the cache may keep: `gib` GiB of them (at most the pool), or by default the whole pool
+    (a kept block that no sequence holds is free memory: the pool evicts it when it needs the block).
+    ValueError when `gib` holds less than one block."""
     gib = check_gib(gib)
     if gib is None:
-        tokens = max(max_seq_len, int(max_batch_size * max_seq_len * DEFAULT_FRACTION))
-        return -(-tokens // block_size)
+        return pool_blocks
     blocks = int(gib * 2 ** 30 // per_block)
     if blocks < 1:
         raise ValueError(f"prefix_cache_gib {gib:g} holds no block: one block of {block_size} positions takes "
                          f"{per_block} bytes ({per_block / 2 ** 30:.2g} GiB) per process")
-    return blocks
+    return min(blocks, pool_blocks)
 
 
 class PrefixCache:
-    """The block table over a pool of `blocks` blocks of `block_size` positions (see the module docstring).
+    """The block table over a pool's blocks (see the module docstring), keeping at most `blocks` of them.
     Counters, in tokens as vLLM reports them: `queries` (prompt tokens looked up) and `hits` (of those, the
-    ones found cached)."""
+    ones found cached). Without a pool it makes its own (a table alone, for tests)."""
 
-    def __init__(self, blocks: int, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(self, blocks: int, block_size: int = BLOCK_SIZE, pool: Optional[BlockPool] = None) -> None:
         if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
             raise ValueError(f"the prefix cache needs at least one block, got {blocks!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.blocks = blocks
         self.block_size = block_size
+        self.pool = pool if pool is not None else BlockPool(blocks + 1)
+        self.pool.cache = self
         self._table: "OrderedDict[bytes, int]" = OrderedDict()  # key -> block, least recently used first
-        self._free: List[int] = list(range(blocks - 1, -1, -1))
-        self._pending: Dict[bytes, int] = {}  # reserved, being written: not hits, not evictable
         self.queries = 0
         self.hits = 0
 
     @property
     def in_use(self) -> int:
-        """Blocks holding cached (or being written) keys and values."""
-        return len(self._table) + len(self._pending)
+        """Blocks the cache keeps."""
+        return len(self._table)
 
     def lookup(self, tokens: Sequence[int]) -> List[int]:
         """The pool blocks holding the longest cached run of `tokens`' full blocks from its start, leaving at
         least the last token out (its logits must be computed). Counts the query and the hit, and refreshes
-        the blocks found."""
+        the blocks found. The caller takes its own reference on each (`pool.ref`)."""
         self.queries += len(tokens)
         keys = block_keys(tokens, (len(tokens) - 1) // self.block_size, self.block_size)
         found: List[int] = []
@@ -113,49 +103,41 @@ class PrefixCache:
         self.hits += len(found) * self.block_size
         return found
 
-    def reserve(self, tokens: Sequence[int]) -> List[Tuple[int, int, bytes]]:
-        """Pool blocks for the full blocks of `tokens` that are neither cached nor being written: (block index in
-        the sequence, pool block, key) each, evicting the least recently used blocks as needed. The cached
-        ones are refreshed. Fewer (possibly none) when every block is being written."""
-        n = len(tokens) // self.block_size
-        out: List[Tuple[int, int, bytes]] = []
+    def insert(self, tokens: Sequence[int], blocks: Sequence[int]) -> int:
+        """Keep the full blocks of `tokens`, whose KV pool blocks `blocks` hold (a sequence's table), unless
+        their key is kept already (the cached ones are refreshed). Returns how many were added."""
+        n = min(len(tokens) // self.block_size, len(blocks))
         keys = block_keys(tokens, n, self.block_size)
-        for key in reversed(keys):
+        added = 0
+        for key, block in zip(keys, blocks):
+            if key in self._table or self.pool.cached.get(block):
+                continue
+            if len(self._table) >= self.blocks and not self.evict():
+                break
+            self.pool.ref(block)
+            self.pool.mark_cached(block, True)
+            self._table[key] = block
+            added += 1
+        for key in reversed(keys):  # most recently used: the prefix's first block most of all
             if key in self._table:
                 self._table.move_to_end(key)
-        for i, key in enumerate(keys):
-            if key in self._table or key in self._pending:
-                continue
-            block = self._take()
-            if block is None:
-                break
-            self._pending[key] = block
-            out.append((i, block, key))
-        return out
+        return added
 
-    def _take(self) -> Optional[int]:
-        if self._free:
-            return self._free.pop()
-        if self._table:
-            return self._table.popitem(last=False)[1]
-        return None
-
-    def commit(self, reserved: Sequence[Tuple[int, int, bytes]]) -> None:
-        """The blocks were written: they are hits from now on (the most recently used, a prefix's first block
-        most of all)."""
-        for _, block, key in reversed(reserved):
-            if self._pending.pop(key, None) == block:
-                self._table[key] = block
-
-    def release(self, reserved: Sequence[Tuple[int, int, bytes]]) -> None:
-        """The write failed or never ran: the blocks go back to the free list."""
-        for _, block, key in reserved:
-            if self._pending.pop(key, None) == block:
-                self._free.append(block)
+    def evict(self) -> bool:
+        """Drop the least recently used block that no sequence holds; False when there is none."""
+        for key, block in self._table.items():
+            if self.pool.holders(block) == 1:
+                del self._table[key]
+                self.pool.mark_cached(block, False)
+                self.pool.unref(block)
+                return True
+        return False
 
     def clear(self) -> None:
-        """Forget every cached block (after the pool's contents were lost or overwritten)."""
-        self._free.extend(self._table.values())
+        """Forget every kept block."""
+        for block in self._table.values():
+            self.pool.mark_cached(block, False)
+            self.pool.unref(block)
         self._table.clear()
 
     def stats(self) -> Dict[str, int]:
@@ -170,18 +152,19 @@ def check_flags(enabled: bool, gib: Optional[float]) -> None:
     check_gib(gib)
 
 
-def for_model(model, gib: Optional[float] = None, block_size: int = BLOCK_SIZE) -> PrefixCache:
-    """Allocate a model's block pool (`gib` GiB per process, or the default size) and return its table. A model
-    has one pool and one table: a second generator over the same model with the same size shares them."""
+def for_model(model, gib: Optional[float] = None) -> PrefixCache:
+    """The prefix cache over a model's block pool (blocks.for_model), keeping at most `gib` GiB of blocks per
+    process (default: the whole pool). A model has one table: a second generator over the same model with the
+    same size shares it."""
+    from .blocks import for_model as pool_for
+
+    pool = pool_for(model)
     cache = model.layers[0].attention.cache
-    p = model.params
-    per_block = block_bytes(p.n_layers, cache.k.shape[1], cache.k.shape[3], block_size, cache.k.dtype)
-    blocks = pool_blocks(gib, per_block, p.max_batch_size, p.max_seq_len, block_size)
-    table = getattr(model, "prefix_table", None)
-    if isinstance(table, PrefixCache) and (table.blocks, table.block_size) == (blocks, block_size):
+    per_block = pool_bytes_per_block(model.params.n_layers, cache.k.shape[1], cache.k.shape[3], cache.k.dtype, BLOCK_SIZE)
+    blocks = cache_blocks(gib, per_block, pool.usable)
+    table = pool.cache
+    if isinstance(table, PrefixCache) and table.blocks == blocks:
         return table
-    model.setup_blocks(blocks, block_size)
-    if isinstance(table, PrefixCache):  # its blocks are gone: an engine still holding it finds nothing
+    if isinstance(table, PrefixCache):
         table.clear()
-    model.prefix_table = PrefixCache(blocks, block_size)
-    return model.prefix_table
+    return PrefixCache(blocks, BLOCK_SIZE, pool)

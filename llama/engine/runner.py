@@ -1,12 +1,11 @@
 """The model calls of one engine step, run the same way on every model-parallel rank.
 
-A step is at most one decode (one token for every cache row 0..B-1), then the prefix cache's cached blocks
-copied into newly admitted rows, packed prefills of newly admitted prompts into their rows (a long prompt's
-later chunks, or the rest of a prompt after its cached blocks, continue its row: `Prefill.start`), copies of
-prefilled rows into the rows of their sibling choices (n > 1), and last rows' new full blocks copied into the
-prefix cache's pool. The
-decode comes first: idle rows decode a dummy token at position 0 of their own row, which a prefill or copy in
-the same step rewrites.
+A step first updates the block tables of the paged KV cache (llama/model/kv_cache.py: blocks newly given to rows,
+rows emptied), then runs at most one decode (one token for every row 0..B-1; an idle row at position -1 writes
+into the null block), then packed prefills of newly admitted prompts into their rows' blocks (a long prompt's
+later chunks, or the rest of a prompt after its cached blocks, continue its row: `Prefill.start`), and last
+copies of shared, partly filled blocks for the choices of an n > 1 request that fork after their prompt
+(copy on write).
 
 Two ways to keep ranks in step: in the library every rank runs its own engine on identical inputs (`Runner`);
 in the server rank 0 plans and shares each plan (plain lists of ints) with the others, which only execute
@@ -26,7 +25,7 @@ from ..model.distributed import Broadcast
 
 @dataclass
 class Prefill:
-    """One packed forward pass: prompt i fills cache row rows[i] from position 0."""
+    """One packed forward pass: prompt i fills row rows[i]'s blocks from position 0."""
 
     prompts: List[List[int]]
     rows: List[int]
@@ -43,11 +42,10 @@ class StepPlan:
     verify_tokens: Optional[List[List[int]]] = None
     verify_positions: Optional[List[List[int]]] = None
     prefills: List[Prefill] = field(default_factory=list)
-    copies: List[Tuple[int, List[int], int]] = field(default_factory=list)  # (row, into rows, positions)
-    # The prefix cache (prefix_cache.py): pool blocks copied into a row's first positions before the prefills,
-    # and a row's positions (block starts) copied into pool blocks after them.
-    loads: List[Tuple[int, List[int]]] = field(default_factory=list)  # (row, pool blocks)
-    saves: List[Tuple[int, List[int], List[int]]] = field(default_factory=list)  # (row, starts, pool blocks)
+    # Block tables (llama/model/kv_cache.py), before anything else: (row, first entry, blocks), the entries from
+    # `first` on becoming `blocks` and then the null block.
+    tables: List[Tuple[int, int, List[int]]] = field(default_factory=list)
+    copies: List[Tuple[int, int]] = field(default_factory=list)  # (pool block, into pool block), after prefills
 
 
 Logits = Tuple[Optional[torch.Tensor], List[torch.Tensor]]
@@ -59,6 +57,8 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
     model = decode.model
     decoded, prefilled = None, []
     with torch.inference_mode():
+        for row, first, blocks in plan.tables:
+            model.assign_blocks(row, first, blocks)
         if plan.decode_tokens is not None:
             tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
             decoded = decode(tokens, plan.decode_positions)
@@ -66,18 +66,14 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
             tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
             positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
             window = 1 + max(max(row) for row in plan.verify_positions)
-            decoded = model.decode_many(tokens, positions, window)
-        for row, blocks in plan.loads:
-            model.load_blocks(row, blocks)
+            decoded = model.decode_many(tokens, positions, max(window, 1))
         for p in plan.prefills:
             if p.start:  # a later chunk of one long prompt, over its row's cached prefix
                 prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
             else:
                 prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
-        for row, into, length in plan.copies:
-            model.copy_rows(row, into, length)
-        for row, starts, blocks in plan.saves:
-            model.save_blocks(row, starts, blocks)
+        if plan.copies:
+            model.copy_blocks([a for a, _ in plan.copies], [b for _, b in plan.copies])
     return decoded, prefilled
 
 

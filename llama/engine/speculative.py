@@ -96,6 +96,8 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model) -> None:
         self.model = model
+        if model.pool_blocks < model.tables.map_rows():  # rows of its own: a row cache's memory, as before
+            model.setup_cache(model.rope.device, model.layers[0].attention.cache.k.dtype)
         self.device = model.rope.device
         self._step = DecodeStep(model, compiled=False)  # eager: on the own CPU kernels, the fused C step
         self._cached: Dict[int, Tuple[object, int]] = {}  # row -> (key, tokens of the sequence in the cache)
@@ -153,24 +155,26 @@ class ModelDrafter(Drafter):
         return [drafts[r.row] if r.k > 0 else [] for r in rows]
 
 
-def _padded(width: int, span: int, rows: Dict[int, Tuple[List[int], List[int]]]
+def _padded(width: int, span: int, rows: Dict[int, Tuple[List[int], List[int]]], idle: int = 0
             ) -> Tuple[List[List[int]], List[List[int]]]:
     """(tokens, positions) lists of shape (width, span): row r holds its (positions, tokens), then repeats its
-    last pair; rows not given decode token 0 at position 0 (idle rows, as in a plain step)."""
+    last pair; rows not given decode token 0 at position `idle` (-1: the paged cache's null block; 0: a draft
+    model's own row)."""
     tokens = [[0] * span for _ in range(width)]
-    positions = [[0] * span for _ in range(width)]
+    positions = [[idle] * span for _ in range(width)]
     for row, (pos, toks) in rows.items():
         tokens[row] = toks + [toks[-1]] * (span - len(toks))
         positions[row] = pos + [pos[-1]] * (span - len(pos))
     return tokens, positions
 
 
-def verification(width: int, rows: Dict[int, Tuple[int, int, List[int]]]
+def verification(width: int, rows: Dict[int, Tuple[int, int, List[int]]], idle: int = -1
                  ) -> Tuple[List[List[int]], List[List[int]]]:
     """A verification pass's tokens and positions (width, 1 + most drafts): for each row (pending token, its
     position, drafts), the pending token and the drafts at consecutive positions."""
     span = 1 + max(len(d) for _, _, d in rows.values())
-    return _padded(width, span, {row: (list(range(p, p + 1 + len(d))), [t] + d) for row, (t, p, d) in rows.items()})
+    return _padded(width, span, {row: (list(range(p, p + 1 + len(d))), [t] + d) for row, (t, p, d) in rows.items()},
+                   idle)
 
 
 def accept_greedy(logits: torch.Tensor, drafts: Sequence[int], sampler: RowSampler, take) -> int:

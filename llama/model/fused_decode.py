@@ -7,7 +7,8 @@ cores, a quarter of an int8 step. `FusedDecode` hands the kernels' packed weight
 tables and the KV cache to one C function that runs every layer, and keeps the embedding lookup, the final norm
 and the output projection in PyTorch. Results agree with the layer-by-layer step to bfloat16 rounding (the C
 code keeps PyTorch's dtypes; only the order of float additions differs), and each row attends over its own
-positions only, so a row's tokens do not depend on the others in the batch.
+positions only, so a row's tokens do not depend on the others in the batch. The cache is the paged pool of
+llama/model/kv_cache.py: the C code reads each row's block table.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
                 ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
                 ("max_seq", ctypes.c_int64), ("rows", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("rope", ctypes.c_void_p)]
+                ("rope", ctypes.c_void_p), ("block_size", ctypes.c_int64), ("max_blocks", ctypes.c_int64),
+                ("blocks", ctypes.c_int64), ("tables", ctypes.c_void_p)]
 
 
 def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
@@ -70,6 +72,8 @@ def why_not(model: Transformer) -> Optional[str]:
         return "not bfloat16"
     if model.rope.dtype != torch.float32 or not model.rope.is_contiguous():
         return "rotary tables not contiguous float32"
+    if first.cache.block_size != model.tables.block_size or not model.tables.table.is_contiguous():
+        return "block tables not as the pool"
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.wqkv is None or ffn.w13 is None:
@@ -119,17 +123,22 @@ class FusedDecode:
                                  layer.attention_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
                                  attn.cache.k.data_ptr(), attn.cache.v.data_ptr()))
         self._layers = (_Layer * len(layers))(*layers)
+        tables = model.tables.table
         self._shape = _Model(len(layers), p.dim, attn0.n_local_heads, attn0.n_local_kv_heads, attn0.head_dim,
-                             model.layers[0].feed_forward.w2.in_features, attn0.cache.k.shape[2],
-                             attn0.cache.k.shape[0], model.layers[0].attention_norm.eps, model.rope.data_ptr())
-        self._cache = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers]
+                             model.layers[0].feed_forward.w2.in_features, p.max_seq_len, tables.shape[0],
+                             model.layers[0].attention_norm.eps, model.rope.data_ptr(), model.tables.block_size,
+                             tables.shape[1], attn0.cache.k.shape[0], tables.data_ptr())
+        self._cache = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers] + [
+            (tables, model.rope)]
 
     def _current(self) -> bool:
-        return all(c.k is k and c.v is v for (k, v), c in
-                   zip(self._cache, (layer.attention.cache for layer in self.model.layers)))
+        now = [(layer.attention.cache.k, layer.attention.cache.v) for layer in self.model.layers] + [
+            (self.model.tables.table, self.model.rope)]
+        return len(now) == len(self._cache) and all(a is x and b is y for (a, b), (x, y) in zip(now, self._cache))
 
     def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        """Next-token logits (B, V), float32, for tokens (B,) of cache rows 0..B-1 at host-known positions."""
+        """Next-token logits (B, V), float32, for tokens (B,) of cache rows 0..B-1 at host-known positions (-1: an
+        idle row, written into the null block)."""
         bsz = len(positions)
         if not 0 < bsz < MAX_ROWS or tokens.shape != (bsz,):
             raise ValueError(f"the fused step takes 1..{MAX_ROWS - 1} rows of one token each, got {tuple(tokens.shape)}"
@@ -142,6 +151,7 @@ class FusedDecode:
         code = self.lib.qk_decode_layers(qkernels.kernel_threads(), self.isa, ctypes.byref(self._shape),
                                          self._layers, bsz, 0, pos.data_ptr(), x.data_ptr())
         if code:
-            raise ValueError(f"decode.c refused the step (error {code}): positions {list(positions)} for a cache of "
-                             f"{self._shape.rows} x {self._shape.max_seq}")
+            raise ValueError(f"decode.c refused the step (error {code}): positions {list(positions)} for "
+                             f"{self._shape.rows} rows of up to {self._shape.max_seq} positions in a pool of "
+                             f"{self._shape.blocks} blocks")
         return model.output(model.norm(x)).float()

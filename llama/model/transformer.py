@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kv_cache import BLOCK_SIZE, BlockTables, KVPool, Packed, Rows, blocks_for
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
 
@@ -146,11 +147,14 @@ def count_parameters(args: ModelArgs) -> int:
     return args.n_layers * per_layer + 2 * v * d + d
 
 
-def memory_per_process(args: ModelArgs, dtype: torch.dtype, world: int) -> Tuple[int, int]:
-    """Bytes of weights and of KV cache that each of `world` model-parallel processes holds."""
+def memory_per_process(args: ModelArgs, dtype: torch.dtype, world: int,
+                       tokens: Optional[int] = None) -> Tuple[int, int]:
+    """Bytes of weights and of KV cache that each of `world` model-parallel processes holds; the cache for
+    `tokens` positions (default: max_batch_size full contexts)."""
     weights = count_parameters(args) * dtype.itemsize // world
-    cache = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.kv_heads * args.head_dim
-             * dtype.itemsize // world)
+    if tokens is None:
+        tokens = args.max_batch_size * args.max_seq_len
+    cache = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * dtype.itemsize // world
     return weights, cache
 
 
@@ -220,79 +224,6 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
-# --- where a call's tokens sit -----------------------------------------------------------------------------
-
-
-@dataclass
-class Rows:
-    """Tokens (B, S): token (b, s) is cache row b's token at positions[b, s], and sees that row's cached
-    positions up to its own among the first `window` (mask, (B, S, window))."""
-
-    rows: torch.Tensor
-    positions: torch.Tensor
-    mask: torch.Tensor
-    first: int = 0  # the cache row of batch index 0 (rows first..first+B-1): a chunk of one row's prompt
-
-    @classmethod
-    def at(cls, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":
-        bsz, seqlen = positions.shape
-        rows = first + torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
-        return cls(rows, positions, torch.arange(window, device=positions.device) <= positions.unsqueeze(-1),
-                   first)
-
-
-@dataclass
-class Packed:
-    """A ragged prefill: all prompts concatenated into one row (1, N). Prompt i fills cache row rows[i] from
-    position 0 and attends causally within itself (`segments`: its (start, end) in the row): no padding is
-    computed and no mask is materialised."""
-
-    rows: torch.Tensor  # (1, N) the cache row of each token
-    positions: torch.Tensor  # (1, N)
-    segments: List[Tuple[int, int]]
-
-
-class KVCache(nn.Module):
-    """Keys and values of every position so far, preallocated once for (max_batch, kv_heads, max_seq, head_dim)."""
-
-    def __init__(self, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-
-    def update(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, S, H, D) at each token's cache row and position (both (B, S))."""
-        self.k[rows, :, positions] = k
-        self.v[rows, :, positions] = v
-
-    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
-        """Copy a row's first `length` positions into other rows (choices that share one prefill)."""
-        self.k[list(into), :, :length] = self.k[row, :, :length]
-        self.v[list(into), :, :length] = self.v[row, :, :length]
-
-    def setup_blocks(self, blocks: int, block_size: int) -> None:
-        """A pool of `blocks` KV blocks of `block_size` positions beside the rows (the prefix cache's storage)."""
-        shape = (blocks, self.k.shape[1], block_size, self.k.shape[3])
-        self.register_buffer("block_k", torch.empty(shape, dtype=self.k.dtype, device=self.k.device),
-                             persistent=False)
-        self.register_buffer("block_v", torch.empty(shape, dtype=self.v.dtype, device=self.v.device),
-                             persistent=False)
-
-    def load_blocks(self, row: int, blocks: torch.Tensor) -> None:
-        """Copy pool blocks (m,) into a row's first m * block_size positions."""
-        m, size = len(blocks), self.block_k.shape[2]
-        self.k[row, :, :m * size].unflatten(1, (m, size)).copy_(self.block_k[blocks].transpose(0, 1))
-        self.v[row, :, :m * size].unflatten(1, (m, size)).copy_(self.block_v[blocks].transpose(0, 1))
-
-    def save_blocks(self, row: int, starts: torch.Tensor, blocks: torch.Tensor) -> None:
-        """Copy a row's positions starts[i] .. starts[i] + block_size - 1 into pool block blocks[i]."""
-        size = self.block_k.shape[2]
-        positions = (starts.unsqueeze(1) + torch.arange(size, device=starts.device)).reshape(-1)
-        self.block_k[blocks] = self.k[row][:, positions].unflatten(1, (len(blocks), size)).transpose(0, 1)
-        self.block_v[blocks] = self.v[row][:, positions].unflatten(1, (len(blocks), size)).transpose(0, 1)
-
-
 # --- the blocks --------------------------------------------------------------------------------------------
 
 
@@ -312,7 +243,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.wqkv: Optional[ColumnParallelLinear] = None  # wq, wk, wv in one product, after `fuse`
         self.qkv_sizes: List[int] = []
-        self.cache: Optional[KVCache] = None  # attached by Transformer.setup_cache
+        self.cache: Optional[KVPool] = None  # attached by Transformer.setup_cache
 
     def fuse(self) -> None:
         self.qkv_sizes = fused_sizes([self.wq, self.wk, self.wv])
@@ -331,9 +262,9 @@ class Attention(nn.Module):
         if where is None:  # no cache (training): the call's own tokens, causally
             out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
-            self.cache.update(where.rows, where.positions, k, v)
+            self.cache.write(where.slots, k, v)
             out = self._within_segments(q, k, v, where.segments) if isinstance(where, Packed) else \
-                self._over_cache(q, where.mask, where.first)
+                self._over_cache(q, where)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
     def _attend(self, q, keys, values, mask=None, causal=False):
@@ -348,18 +279,17 @@ class Attention(nn.Module):
                              causal=True) for a, b in segments]
         return torch.cat(outs, dim=1)
 
-    def _over_cache(self, q, mask, first: int = 0):
-        """Each row's tokens over that row's cached keys within the mask's window (B, S, T); batch index b is
-        cache row first + b."""
+    def _over_cache(self, q, where: Rows):
+        """Each row's tokens over that row's cached keys, gathered from the pool through its block table
+        (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
-        window = mask.shape[-1]
-        keys, values = self.cache.k[first:first + bsz, :, :window], self.cache.v[first:first + bsz, :, :window]
+        keys, values = self.cache.read(where.blocks, where.window)
         if seqlen > 1:
-            return self._attend(q.transpose(1, 2), keys, values, mask=mask.unsqueeze(1))
+            return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask.unsqueeze(1))
         return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
 
 
@@ -421,13 +351,22 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_tables(p.head_dim, p.max_seq_len, p.rope_theta,
                                                      p.rope_scaling).to(device), persistent=False)
 
-    def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
-        """Allocate the rotary tables and the KV caches on the model's device."""
+    def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype,
+                    blocks: Optional[int] = None) -> None:
+        """Allocate the rotary tables, the block tables and every layer's pool of KV blocks (llama/model/kv_cache.py)
+        on the model's device. blocks: the pool's size, the null block included, with every table empty (an
+        engine assigns blocks); None: a row cache, each of the max_batch_size rows mapped to its own blocks."""
         p = self.params
         self.setup_rope(device)
+        self.tables = BlockTables(p.max_batch_size, p.max_seq_len, BLOCK_SIZE, device)
+        if blocks is None:
+            blocks = self.tables.map_rows()
+        if not isinstance(blocks, int) or blocks < 2:
+            raise ValueError(f"the KV pool needs at least 2 blocks (one is the null block), got {blocks!r}")
+        self.pool_blocks = blocks
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVCache(p.max_batch_size, attn.n_local_kv_heads, p.max_seq_len, p.head_dim, dtype).to(device)
+            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype).to(device)
 
     def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
                 ) -> None:
@@ -447,29 +386,16 @@ class Transformer(nn.Module):
                     if prepared is not None:
                         module.use_kernel(prepared)
 
-    def copy_rows(self, row: int, into: Sequence[int], length: int) -> None:
-        """Give cache rows `into` the first `length` cached positions of `row`, in every layer."""
-        for layer in self.layers:
-            layer.attention.cache.copy_rows(row, into, length)
+    def assign_blocks(self, row: int, first: int, blocks: Sequence[int]) -> None:
+        """Row `row`'s block table from entry `first` on: `blocks`, then the null block."""
+        self.tables.assign(row, first, blocks)
 
-    def setup_blocks(self, blocks: int, block_size: int) -> None:
-        """Allocate the prefix cache's pool of KV blocks in every layer (llama/engine/prefix_cache.py)."""
-        for layer in self.layers:
-            layer.attention.cache.setup_blocks(blocks, block_size)
-
-    def load_blocks(self, row: int, blocks: Sequence[int]) -> None:
-        """Give cache row `row` the pool blocks' keys and values as its first positions, in every layer."""
-        index = torch.tensor(list(blocks), dtype=torch.long, device=self.rope.device)
-        for layer in self.layers:
-            layer.attention.cache.load_blocks(row, index)
-
-    def save_blocks(self, row: int, starts: Sequence[int], blocks: Sequence[int]) -> None:
-        """Copy the block_size positions of cache row `row` from each of `starts` into pool blocks `blocks`."""
+    def copy_blocks(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy pool blocks src[i] into dst[i] in every layer (a shared, partly filled block copied on write)."""
         device = self.rope.device
-        first = torch.tensor(list(starts), dtype=torch.long, device=device)
-        index = torch.tensor(list(blocks), dtype=torch.long, device=device)
+        s, d = torch.tensor(list(src), device=device), torch.tensor(list(dst), device=device)
         for layer in self.layers:
-            layer.attention.cache.save_blocks(row, first, index)
+            layer.attention.cache.copy_block(s, d)
 
     @property
     def has_cache(self) -> bool:
@@ -490,7 +416,8 @@ class Transformer(nn.Module):
         its own, never beyond.
         logits_at: optional (B, K) indices into the S input positions; only there are logits computed (the
         output projection over the vocabulary is the costliest matrix at a single position). Default: all.
-        Without `setup_cache` (training) only start_pos 0 is possible and the call attends causally to itself.
+        Without `setup_cache` (training), or when an engine manages the paged pool (a model built by Llama.build),
+        only start_pos 0 is possible and the call attends causally to itself, writing no keys.
         """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
@@ -500,18 +427,21 @@ class Transformer(nn.Module):
         length = int(positions.max()) + 1
         if int(positions.min()) < 0 or length > self.params.max_seq_len:
             raise ValueError(f"positions up to {length - 1} do not fit max_seq_len {self.params.max_seq_len}")
-        if not self.has_cache:
+        if not self.has_cache or not self.tables.static:
             if int(start.max()) != 0:
-                raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible")
+                raise ValueError("without a KV cache (setup_cache not called) only start_pos 0 is possible; with a "
+                                 "paged pool that an engine manages (Llama's), forward starts at 0 and keeps no "
+                                 "keys: continue through the engine")
             return self._run(tokens, positions, None, logits_at)
-        return self._run(tokens, positions, Rows.at(positions, length), logits_at)
+        return self._run(tokens, positions, Rows.at(self.tables, positions, length), logits_at)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
-        """One new token per cache row 0..B-1: tokens (B,) at positions (B,), every position below `window`.
+        """One new token per cache row 0..B-1: tokens (B,) at positions (B,) (-1: an idle row, written into the
+        null block), every position below `window`.
         Returns the next-token logits (B, V). The shapes depend only on B and the host int `window`, and
         nothing here reads a device value, so a compiled or graph-captured step replays without host syncs."""
         positions = positions.unsqueeze(1)
-        return self._run(tokens.unsqueeze(1), positions, Rows.at(positions, window), None)[:, 0]
+        return self._run(tokens.unsqueeze(1), positions, Rows.at(self.tables, positions, window), None)[:, 0]
 
     def decode_many(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
                     logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -519,7 +449,7 @@ class Transformer(nn.Module):
         (B, S) at positions (B, S), each seeing its row's cached positions up to its own below `window`. Returns
         logits (B, S, V), or (B, K, V) at logits_at (B, K) indices into S. A row with fewer real tokens repeats its
         last (token, position), which writes the same keys and values again."""
-        return self._run(tokens, positions, Rows.at(positions, window), logits_at)
+        return self._run(tokens, positions, Rows.at(self.tables, positions, window), logits_at)
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None,
                 all_logits: bool = False) -> torch.Tensor:
@@ -537,7 +467,8 @@ class Transformer(nn.Module):
         row_of = torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(lengths, device=device))
         positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
         ends = list(itertools.accumulate(lengths))
-        where = Packed(row_of.unsqueeze(0), positions, [(end - n, end) for end, n in zip(ends, lengths)])
+        where = Packed(self.tables.slots(row_of.unsqueeze(0), positions),
+                       [(end - n, end) for end, n in zip(ends, lengths)])
         logits_at = None if all_logits else torch.tensor(ends, device=device).unsqueeze(0) - 1
         return self._run(tokens, positions, where, logits_at)[0]
 
@@ -553,12 +484,12 @@ class Transformer(nn.Module):
         positions = (start + torch.arange(n, device=device)).unsqueeze(0)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         logits_at = None if all_logits else torch.tensor([[n - 1]], device=device)
-        return self._run(ids, positions, Rows.at(positions, start + n, first=row), logits_at)[0]
+        return self._run(ids, positions, Rows.at(self.tables, positions, start + n, first=row), logits_at)[0]
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, where: Union[Rows, Packed, None],
              logits_at: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        rope = self.rope[positions]
+        rope = self.rope[positions.clamp(min=0)]
         for layer in self.layers:
             h = layer(h, rope, where)
         if logits_at is not None:
@@ -566,5 +497,5 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-__all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVCache",
+__all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVPool",
            "count_parameters"]

@@ -54,7 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
         help="comma-separated web origins (https://app.example) whose pages may call the API, with CORS; "
              "'*': any. Requests from other origins get 403")
     add("--max_seq_len", type=int, default=2048, help="context per request, prompt + answer")
-    add("--max_batch_size", type=int, default=8, help="requests decoded together")
+    add("--max_batch_size", type=int, default=64,
+        help="requests running (decoded together) at most; they are admitted by free KV blocks (--kv_cache_gib)")
     add("--max_queue", type=int, default=MAX_QUEUE,
         help="requests that may wait for a row; beyond it: 429 with Retry-After")
     add("--max_prefill_tokens", type=int, default=MAX_PREFILL_TOKENS,
@@ -81,8 +82,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
         help="prefill every prompt whole: no reuse of the keys and values of prompt starts that earlier requests "
              "shared (the prefix cache is on by default, except with --deterministic; see README)")
     add("--prefix_cache_gib", type=float, default=None, metavar="GIB",
-        help="memory for the prefix cache's blocks, GiB per process (default: a quarter of the KV cache's rows, "
-             "at least one whole context)")
+        help="the most KV the prefix cache keeps, GiB per process (default: the whole KV pool; blocks no request "
+             "holds are evicted least recently used first when needed)")
+    add("--kv_cache_gib", type=float, default=None, metavar="GIB",
+        help="the paged KV cache's pool, GiB per process (default: what fits beside the weights, at most "
+             "max_batch_size full contexts; printed at start)")
     add("--chat-template", dest="chat_template", default=None, metavar="FILE",
         help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
              "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
@@ -134,6 +138,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise ValueError(f"--drain_timeout must be a number of seconds >= 0 (0: no wait), got {args.drain_timeout}")
     if args.prefix_cache_gib is not None and not (math.isfinite(args.prefix_cache_gib) and args.prefix_cache_gib > 0):
         raise ValueError(f"--prefix_cache_gib must be a positive number of GiB, got {args.prefix_cache_gib}")
+    if args.kv_cache_gib is not None and not (math.isfinite(args.kv_cache_gib) and args.kv_cache_gib > 0):
+        raise ValueError(f"--kv_cache_gib must be a positive number of GiB, got {args.kv_cache_gib}")
     if args.prefix_cache_gib is not None and not args.prefix_cache:
         raise ValueError("--prefix_cache_gib sizes the prefix cache, which --no-prefix-cache turns off: give one")
     if args.api_key is not None and not args.api_key.strip():
@@ -164,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
-                                chat_template=args.chat_template)
+                                kv_cache_gib=args.kv_cache_gib, chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")

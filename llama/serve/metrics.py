@@ -53,10 +53,19 @@ class Metrics:
                                   buckets=ITL_BUCKETS, registry=r)
         prom.Gauge("llama_queue_depth", "Requests waiting for a row", registry=r).set_function(
             lambda: stats()["waiting"])
-        prom.Gauge("llama_kv_rows_in_use", "KV cache rows held by running requests", registry=r).set_function(
-            lambda: stats()["running"])
-        prom.Gauge("llama_kv_rows_total", "KV cache rows", registry=r).set_function(
+        prom.Gauge("llama_kv_rows_in_use", "Rows (running choices; alias of llama_requests_running)",
+                   registry=r).set_function(lambda: stats()["running"])
+        prom.Gauge("llama_kv_rows_total", "Rows: running choices at most (max_batch_size)", registry=r).set_function(
             lambda: stats()["max_batch_size"])
+        prom.Gauge("llama_requests_running", "Choices running (holding a row and KV blocks)",
+                   registry=r).set_function(lambda: stats()["running"])
+        prom.Gauge("llama_requests_waiting", "Requests queued, and choices preempted waiting to resume",
+                   registry=r).set_function(lambda: stats()["waiting"])
+        prom.Gauge("llama_kv_blocks_in_use", "Paged KV cache blocks held by requests or the prefix cache",
+                   registry=r).set_function(lambda: stats().get("kv_blocks_in_use", 0))
+        prom.Gauge("llama_kv_blocks_total", "Paged KV cache blocks (16 positions of every layer each)",
+                   registry=r).set_function(lambda: stats().get("kv_blocks_total", 0))
+        r.register(_PreemptionCollector(stats))
         if prefix_stats is not None:
             r.register(_PrefixCacheCollector(prefix_stats))
 
@@ -94,6 +103,19 @@ class Metrics:
                     self.prompt_tokens.inc(event.prompt_tokens)
             sink(event)
         return watched
+
+
+class _PreemptionCollector:
+    """llama_preemptions_total, read from the engine's count at each scrape."""
+
+    def __init__(self, stats: Callable[[], Dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("llama_preemptions", "Running choices preempted for lack of a free KV block "
+                                  "(recomputed when resumed)", value=self.stats().get("preemptions", 0))
 
 
 class _PrefixCacheCollector:

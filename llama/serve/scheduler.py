@@ -2,7 +2,8 @@
 
 Concurrent requests share one engine (llama/engine). At each step boundary the scheduler
   1. drops cancelled waiting requests (the engine frees the rows of cancelled running ones),
-  2. admits waiting requests, first come first served, while the engine has free rows for all their choices,
+  2. admits waiting requests, first come first served, while the engine has free rows for all their choices and
+     free KV blocks for their prompts (and no preempted choice waits to resume: those go first),
   3. runs one engine step: decode for every running row, packed prefill of the admitted prompts (at most
      max_prefill_tokens tokens in one step), sampling, stops and events.
 Requests beyond the free rows wait in a bounded queue: `submit` raises QueueFull when it is full.
@@ -62,6 +63,8 @@ class Scheduler:
         self._ending = 0  # requests taken off the queue whose last event is still being handed out
         self._reported = False  # the engine's failure was handed on (on_failure)
         self._running = 0  # the engine's busy rows, readable under the lock from any thread
+        self._preempted = 0  # the engine's preempted choices waiting to resume
+        self._blocks = (0, 0, 0)  # KV blocks in use, in all, preemptions so far
         self._draining = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -129,8 +132,10 @@ class Scheduler:
 
     def stats(self) -> Dict[str, int]:
         with self._cond:
-            return {"running": self._running, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
-                    "max_queue": self.max_queue}
+            in_use, total, preemptions = self._blocks
+            return {"running": self._running, "waiting": len(self._waiting) + self._preempted,
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_blocks_in_use": in_use,
+                    "kv_blocks_total": total, "preemptions": preemptions}
 
     def prefix_cache_stats(self) -> Optional[Dict[str, int]]:
         """The prefix cache's counters (tokens queried and hit, blocks in use and in all), None when it is off."""
@@ -166,7 +171,8 @@ class Scheduler:
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until no request runs or waits (True), or the timeout passes (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._running and not self._waiting and not self._ending, timeout)
+            return self._cond.wait_for(lambda: not self._running and not self._preempted and not self._waiting
+                                       and not self._ending, timeout)
 
     def wait_until_running(self, n: int, timeout: Optional[float] = None) -> bool:
         """Block until at least n rows are busy (True), or the timeout passes (False)."""
@@ -213,7 +219,7 @@ class Scheduler:
             self.engine.runner.close()
 
     def _has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._preempted or self._waiting)
 
     def step(self) -> bool:
         """One step boundary (see the module docstring). False when there was nothing to do."""
@@ -227,7 +233,7 @@ class Scheduler:
                 else:
                     keep.append(q)
             self._waiting = keep
-            while self._waiting and self.engine.free_rows() >= self._waiting[0].params.n:
+            while self._waiting and self.engine.can_add(self._waiting[0]):
                 request = self._waiting.popleft()
                 try:
                     self.engine.add(request)
@@ -241,7 +247,9 @@ class Scheduler:
                 self._safe_sink(request, Finished(event.reason, event.prompt_tokens, 0, event.message, index=index))
         worked = self.engine.step()
         with self._cond:
-            self._running = self.engine.running
+            self._running, self._preempted = self.engine.running, self.engine.waiting
+            pool = self.engine.pool
+            self._blocks = (pool.in_use, pool.usable, self.engine.preemptions)
             self._ending -= len(ended)
             self._cond.notify_all()
         if self.failure is not None and not self._reported:
@@ -254,7 +262,7 @@ class Scheduler:
         with self._cond:
             victims = list(self._waiting)
             self._waiting.clear()
-            self._running = 0
+            self._running = self._preempted = 0
             self._cond.notify_all()
         for request in victims:
             for index in range(request.params.n):

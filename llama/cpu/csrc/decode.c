@@ -8,6 +8,12 @@
  * and v written into the cache row, attention over the row's positions 0..pos, wo, the residual add, RMSNorm,
  * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add.
  *
+ * The cache is paged (llama/model/kv_cache.py): each layer's keys and values are a pool of blocks of block_size
+ * positions, (blocks, kv_heads, block_size, head_dim), and row r's position t lives in block
+ * tables[r * max_blocks + t / block_size] at offset t % block_size (one head's positions are contiguous within a
+ * block, so each head streams its own bytes only). A row at position -1 is idle: it writes into
+ * the null block 0 and attends over that one position.
+ *
  * It computes what llama/model/transformer.py computes, in the same dtypes: activations bfloat16 between operators (each
  * operator's float32 result rounded once, as PyTorch's bfloat16 operators do), norms, rotations, softmax and
  * attention sums in float32. The order of float additions differs from PyTorch's, so results agree to
@@ -39,13 +45,15 @@ typedef struct {
 typedef struct {
     qk_lin_t qkv, wo, w13, w2;
     const uint16_t *attn_norm, *ffn_norm;  /* bfloat16 norm weights (dim) */
-    uint16_t *k, *v;                       /* the layer's cache: (rows, kv_heads, max_seq, head_dim), bfloat16 */
+    uint16_t *k, *v;                       /* the layer's pool: (blocks, kv_heads, block_size, head_dim), bfloat16 */
 } qk_layer_t;
 
 typedef struct {
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, max_seq, rows;
     float eps;
-    const float *rope;  /* (max_seq, head_dim / 2, 2): cos and sin of each position's angles */
+    const float *rope;      /* (max_seq, head_dim / 2, 2): cos and sin of each position's angles */
+    int64_t block_size, max_blocks, blocks;
+    const int64_t *tables;  /* (rows, max_blocks): each row's block table */
 } qk_model_t;
 
 /* --- the operators, written once, compiled for each instruction set ------------------------------------------ */
@@ -116,17 +124,17 @@ INLINE void rope_body(uint16_t *x, int64_t heads, int64_t d, const float *table)
         }
 }
 
-/* n_rep query heads (q: n_rep x d, bfloat16) over one KV head's positions 0..len-1 (keys, values: len x d).
- * scores: n_rep x len floats of scratch. out: n_rep x d, bfloat16. */
+/* n_rep query heads (q: n_rep x d, bfloat16) over one KV head's positions 0..len-1, position t at keys +
+ * at[t] and values + at[t] (d values each). scores: n_rep x len floats of scratch. out: n_rep x d, bfloat16. */
 INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, const uint16_t *keys, const uint16_t *values,
-                        int64_t len, float *scores, uint16_t *out) {
+                        const int64_t *at, int64_t len, float *scores, uint16_t *out) {
     const float scale = 1.0f / sqrtf((float)d);
     float qf[MAX_HEAD_DIM];
     for (int64_t r = 0; r < n_rep; r++) {
         for (int64_t i = 0; i < d; i++) qf[i] = bf(q[r * d + i]);
         float *s = scores + r * len;
         for (int64_t t = 0; t < len; t++) {
-            const uint16_t *k = keys + t * d;
+            const uint16_t *k = keys + at[t];
             float acc[LANES] = {0};
             for (int64_t i = 0; i < d; i += LANES)
                 for (int l = 0; l < LANES; l++) acc[l] += qf[i + l] * bf(k[i + l]);
@@ -143,7 +151,7 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, const uint1
         }
         float o[MAX_HEAD_DIM] = {0};
         for (int64_t t = 0; t < len; t++) {
-            const uint16_t *v = values + t * d;
+            const uint16_t *v = values + at[t];
             const float p = s[t];
             for (int64_t i = 0; i < d; i++) o[i] += p * bf(v[i]);
         }
@@ -157,8 +165,8 @@ typedef struct {
     void (*add)(uint16_t *, const uint16_t *, int64_t);
     void (*silu_mul)(const uint16_t *, int64_t, int64_t, uint16_t *);
     void (*rope)(uint16_t *, int64_t, int64_t, const float *);
-    void (*attend)(const uint16_t *, int64_t, int64_t, const uint16_t *, const uint16_t *, int64_t, float *,
-                   uint16_t *);
+    void (*attend)(const uint16_t *, int64_t, int64_t, const uint16_t *, const uint16_t *, const int64_t *, int64_t,
+                   float *, uint16_t *);
 } ops_t;
 
 #define DEFINE_OPS(name, attr)                                                                                  \
@@ -173,8 +181,8 @@ typedef struct {
         rope_body(x, heads, d, t);                                                                              \
     }                                                                                                           \
     attr static void attend_##name(const uint16_t *q, int64_t n_rep, int64_t d, const uint16_t *k,              \
-                                   const uint16_t *v, int64_t len, float *s, uint16_t *o) {                     \
-        attend_body(q, n_rep, d, k, v, len, s, o);                                                              \
+                                   const uint16_t *v, const int64_t *at, int64_t len, float *s, uint16_t *o) {   \
+        attend_body(q, n_rep, d, k, v, at, len, s, o);                                                          \
     }                                                                                                           \
     static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name};
 
@@ -201,6 +209,7 @@ typedef struct {
     const qk_layer_t *layer;
     int64_t M, first, max_len;
     const int64_t *pos;
+    const int64_t *at;    /* M x max_len: each row's positions' offsets into the pool (head 0; head h: + h * bs * d) */
     const uint16_t *qkv;  /* M x (n_heads + 2 kv_heads) x head_dim, q already rotated */
     uint16_t *out;        /* M x n_heads x head_dim */
     float *scores;        /* M x n_heads x max_len */
@@ -213,10 +222,11 @@ static void attend_part(const void *ctx, int64_t part, int64_t parts) {
     int64_t lo, hi;
     share(a->M * kv, part, parts, &lo, &hi);
     for (int64_t item = lo; item < hi; item++) {
-        const int64_t m = item / kv, h = item % kv, row = a->first + m, len = a->pos[m] + 1;
-        const int64_t at = ((row * kv + h) * s->max_seq) * d;
-        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + at, a->layer->v + at, len,
-                       a->scores + item * n_rep * a->max_len, a->out + (m * s->n_heads + h * n_rep) * d);
+        const int64_t m = item / kv, h = item % kv, len = a->pos[m] < 0 ? 1 : a->pos[m] + 1;
+        const int64_t head = h * s->block_size * d;
+        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + head, a->layer->v + head,
+                       a->at + m * a->max_len, len, a->scores + item * n_rep * a->max_len,
+                       a->out + (m * s->n_heads + h * n_rep) * d);
     }
 }
 
@@ -233,12 +243,27 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
                      const int64_t *pos, uint16_t *x) {
     const int64_t dim = s->dim, d = s->head_dim, H = s->n_heads, kv = s->n_kv_heads, hidden = s->hidden;
     if (M < 1 || first < 0 || first + M > s->rows || d < 2 || d > MAX_HEAD_DIM || d % LANES || dim % LANES ||
-        kv < 1 || H % kv)
+        kv < 1 || H % kv || s->block_size < 1 || s->max_blocks * s->block_size < s->max_seq)
         return EINVAL;
-    int64_t max_len = 0;
+    int64_t max_len = 1;
     for (int64_t m = 0; m < M; m++) {
-        if (pos[m] < 0 || pos[m] >= s->max_seq) return EINVAL;
+        if (pos[m] < -1 || pos[m] >= s->max_seq) return EINVAL;
         max_len = pos[m] + 1 > max_len ? pos[m] + 1 : max_len;
+    }
+    /* Each row's positions' offsets into the pool, from its block table (checked against the pool's size). */
+    int64_t *at = malloc((size_t)(M * max_len) * sizeof(int64_t));
+    if (!at) return ENOMEM;
+    const int64_t bs = s->block_size;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t *table = s->tables + (first + m) * s->max_blocks;
+        for (int64_t t = 0; t <= pos[m] || t == 0; t++) {
+            const int64_t block = pos[m] < 0 ? 0 : table[t / bs];
+            if (block < 0 || block >= s->blocks) {
+                free(at);
+                return EINVAL;
+            }
+            at[m * max_len + t] = (block * kv * bs + t % bs) * d;
+        }
     }
     for (int64_t l = 0; l < s->n_layers; l++) {
         const qk_layer_t *L = layers + l;
@@ -250,7 +275,10 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
     const int64_t width = (H + 2 * kv) * d;
     const size_t halves = (size_t)(M * (dim + width + H * d + dim + 2 * hidden + hidden));
     uint16_t *mem = malloc(halves * 2 + (size_t)(M * H * max_len) * 4 + 64);
-    if (!mem) return ENOMEM;
+    if (!mem) {
+        free(at);
+        return ENOMEM;
+    }
     uint16_t *xn = mem, *qkv = xn + M * dim, *att = qkv + M * width, *o = att + M * H * d, *gu = o + M * dim;
     uint16_t *hb = gu + M * 2 * hidden;
     float *scores = (float *)(((uintptr_t)(hb + M * hidden) + 63) & ~(uintptr_t)63);
@@ -261,17 +289,18 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
         if ((rc = linear(&L->qkv, threads, xn, M, qkv))) break;
         for (int64_t m = 0; m < M; m++) {
             uint16_t *q = qkv + m * width, *k = q + H * d, *v = k + kv * d;
-            const float *table = s->rope + pos[m] * d;
+            const int64_t p = pos[m] < 0 ? 0 : pos[m];
+            const float *table = s->rope + p * d;
             ops->rope(q, H, d, table);
             ops->rope(k, kv, d, table);
+            const int64_t slot = at[m * max_len + p];
             for (int64_t h = 0; h < kv; h++) {
-                const int64_t at = (((first + m) * kv + h) * s->max_seq + pos[m]) * d;
-                memcpy(L->k + at, k + h * d, (size_t)d * 2);
-                memcpy(L->v + at, v + h * d, (size_t)d * 2);
+                memcpy(L->k + slot + h * bs * d, k + h * d, (size_t)d * 2);
+                memcpy(L->v + slot + h * bs * d, v + h * d, (size_t)d * 2);
             }
         }
         att_t a = {.ops = ops, .model = s, .layer = L, .M = M, .first = first, .max_len = max_len, .pos = pos,
-                   .qkv = qkv, .out = att, .scores = scores};
+                   .at = at, .qkv = qkv, .out = att, .scores = scores};
         int64_t parts = threads < 1 ? 1 : threads;
         if (parts > M * kv) parts = M * kv;
         pool_run(attend_part, &a, parts);
@@ -284,6 +313,7 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
         ops->add(x, o, M * dim);
     }
     free(mem);
+    free(at);
     return rc;
 }
 

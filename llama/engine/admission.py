@@ -1,0 +1,36 @@
+"""Whether a request can ever run on an engine: the one check of a prompt and its parameters against the
+vocabulary, the rows, the context and the KV pool, made before any work (the server answers 400 with it)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..model.kv_cache import BLOCK_SIZE, blocks_for
+from .params import ParamError, SamplingParams, check_prompt
+
+
+def blocks_needed(prompt: int, max_tokens: int, n: int) -> int:
+    """Blocks a request holds at its longest: its prompt's full blocks once, each choice's own rest."""
+    shared = prompt // BLOCK_SIZE if n > 1 else 0
+    return shared + n * (blocks_for(prompt + max(max_tokens, 1)) - shared)
+
+
+def check(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_batch_size: int, max_seq_len: int,
+          pool_blocks: int) -> None:
+    """ValueError unless the request can run: token ids in the vocabulary, parameters in range, room in the
+    context for prompt plus max_tokens, no more choices than rows, and blocks for all of it in the pool."""
+    check_prompt(prompt, vocab_size)
+    params.check(vocab_size)
+    if params.n > max_batch_size:
+        raise ParamError(f"n={params.n} choices need as many rows; there are {max_batch_size} (max_batch_size)", "n")
+    if len(prompt) > max_seq_len or (params.max_tokens and len(prompt) >= max_seq_len):
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
+                         f"{max_seq_len} with the answer, so prompts may have up to {max_seq_len - 1}")
+    if len(prompt) + params.max_tokens > max_seq_len:
+        raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
+                         f"context (max_seq_len {max_seq_len}): ask for at most {max_seq_len - len(prompt)}")
+    need = blocks_needed(len(prompt), params.max_tokens, params.n)
+    if need > pool_blocks:
+        raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} (n={params.n}) "
+                         f"need {need} KV blocks of {BLOCK_SIZE} positions; the KV pool holds {pool_blocks} "
+                         f"({pool_blocks * BLOCK_SIZE} positions; see kv_cache_gib)")

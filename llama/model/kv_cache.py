@@ -1,0 +1,196 @@
+"""The paged KV cache: one pool of fixed-size blocks per layer, and a block table per running sequence.
+
+Every layer's keys and values live in a pool of `blocks` blocks of BLOCK_SIZE positions, laid out
+(blocks, kv_heads, block_size, head_dim), so that a call's new keys are written with one indexed copy and a
+sequence's blocks are read with one gather. A sequence (a batch row, 0..max_batch_size-1) sees the pool
+through its row of the block table: entry j names the pool block holding its positions j*block_size onwards.
+Block 0 is the null block: it is never given to a sequence, unused table entries point at it, and idle rows of
+a fixed-shape decode (position -1) write there, so a row that holds nothing never touches a block that another
+sequence or the prefix cache owns. Memory is spent on the tokens held, not on rows times max_seq_len.
+
+Which blocks a sequence holds is decided on the host (llama/engine/blocks.py); the model only reads the table.
+Built alone (`setup_cache(blocks=None)`), a model maps each row to its own consecutive blocks, which gives the
+row cache's behaviour to callers that use the model directly (tests, benchmarks, a draft model).
+
+Attention over the table gathers each row's blocks for its first `window` positions, then runs SDPA over them
+(see README, "The paged KV cache", for the alternatives measured); the fused CPU decode step (cpu/csrc/decode.c)
+reads the blocks in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+BLOCK_SIZE = 16  # positions per block, the same for every batch (deterministic mode relies on it)
+NULL_BLOCK = 0
+
+
+def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks that hold `tokens` positions."""
+    return -(-tokens // block_size)
+
+
+class KVPool(nn.Module):
+    """One layer's keys and values: (blocks, kv_heads, block_size, head_dim) each, zeroed (a masked position's
+    value must be finite: 0 * NaN would reach the output). Head-major within a block, so that one head's positions
+    are contiguous 16 at a time: the C decode step streams them without touching the other heads' bytes (a
+    token-major layout made its attention 3-5x slower at 10k-100k positions), and a row's gathered blocks
+    reshape into the (B, H, T, D) layout that SDPA reads fastest, the row cache's."""
+
+    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (blocks, n_kv_heads, block_size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (..., H, D) at flat pool positions `slots` (block * block_size + offset; same leading shape)."""
+        heads, dim = k.shape[-2:]
+        flat = slots.reshape(-1)
+        block, offset = flat // self.block_size, flat % self.block_size
+        self.k[block, :, offset] = k.reshape(-1, heads, dim)
+        self.v[block, :, offset] = v.reshape(-1, heads, dim)
+
+    def read(self, blocks: torch.Tensor, window: int):
+        """Keys and values of each row's first `window` positions, its blocks (B, n) gathered whole (one
+        index_select each), as (B, H, window, D)."""
+        bsz, n = blocks.shape
+        flat = blocks.reshape(-1)
+        heads, size, dim = self.k.shape[1:]
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            got = pool.index_select(0, flat).view(bsz, n, heads, size, dim).transpose(1, 2)
+            return got.reshape(bsz, heads, n * size, dim)[:, :, :window]
+        return gather(self.k), gather(self.v)
+
+    def copy_block(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks src[i] into dst[i] (copy on write of a shared, partly filled block)."""
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
+
+class BlockTables(nn.Module):
+    """Each row's block table (rows, max_blocks), on the model's device; set from the host by `assign`."""
+
+    def __init__(self, rows: int, max_seq_len: int, block_size: int, device) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.max_blocks = blocks_for(max_seq_len, block_size)
+        self.register_buffer("table", torch.zeros((rows, self.max_blocks), dtype=torch.long, device=device),
+                             persistent=False)
+        self.static = False  # rows mapped to blocks of their own (map_rows), not by an engine
+
+    def assign(self, row: int, first: int, blocks: Sequence[int]) -> None:
+        """Row `row`'s entries first.. become `blocks`, and every later entry the null block."""
+        end = first + len(blocks)
+        self.static = False
+        if blocks:
+            self.table[row, first:end] = torch.tensor(list(blocks), dtype=torch.long)
+        self.table[row, end:] = NULL_BLOCK
+
+    def map_rows(self) -> int:
+        """Give row r the consecutive blocks 1 + r * max_blocks.. (a row cache); returns the blocks needed."""
+        rows = self.table.shape[0]
+        self.table.copy_(1 + torch.arange(rows * self.max_blocks, device=self.table.device).view(rows, -1))
+        self.static = True
+        return 1 + rows * self.max_blocks
+
+    def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat pool positions of each (row, position); a negative position (an idle row) maps to the null block."""
+        size = self.block_size
+        at = positions.clamp(min=0)
+        blocks = self.table[rows, at // size]
+        return torch.where(positions < 0, NULL_BLOCK * size, blocks * size + at % size)
+
+    def blocks(self, first: int, bsz: int, window: int) -> torch.Tensor:
+        """The blocks (bsz, n) holding rows first..first+bsz-1's positions 0..window-1."""
+        return self.table[first:first + bsz, :blocks_for(window, self.block_size)]
+
+
+@dataclass
+class Rows:
+    """Tokens (B, S): token (b, s) is row first + b's token at positions[b, s] (-1: an idle row), written at
+    pool position slots[b, s]; it sees the row's positions up to its own among the first `window`, read from
+    the row's blocks (B, n) (mask (B, S, window))."""
+
+    slots: torch.Tensor
+    blocks: torch.Tensor
+    window: int
+    mask: torch.Tensor
+
+    @classmethod
+    def at(cls, tables: BlockTables, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":
+        bsz, seqlen = positions.shape
+        rows = first + torch.arange(bsz, device=positions.device).unsqueeze(1).expand(bsz, seqlen)
+        mask = torch.arange(window, device=positions.device) <= positions.clamp(min=0).unsqueeze(-1)
+        return cls(tables.slots(rows, positions), tables.blocks(first, bsz, window), window, mask)
+
+
+@dataclass
+class Packed:
+    """A ragged prefill: all prompts concatenated into one row (1, N), written at pool positions `slots`.
+    Prompt i attends causally within itself (`segments`: its (start, end) in the row): no padding is computed
+    and no mask is materialised."""
+
+    slots: torch.Tensor  # (1, N)
+    segments: List[tuple]
+
+
+def pool_bytes_per_block(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         block_size: int = BLOCK_SIZE) -> int:
+    """Bytes one block takes on one process: keys and values of block_size positions in every layer."""
+    return 2 * n_layers * kv_heads * head_dim * block_size * dtype.itemsize
+
+
+def check_gib(gib: Optional[float]) -> Optional[float]:
+    """kv_cache_gib: None (the default size) or a positive finite number of GiB; ValueError otherwise."""
+    if gib is None:
+        return None
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not math.isfinite(gib) or gib <= 0:
+        raise ValueError(f"kv_cache_gib must be a positive number of GiB (or None: what fits), got {gib!r}")
+    return float(gib)
+
+
+def pool_blocks(gib: Optional[float], per_block: int, max_batch_size: int, max_seq_len: int,
+                device: torch.device, spare: int = 0) -> int:
+    """Blocks of the pool (the null block included): `gib` GiB of them, or by default `default_gib`'s size."""
+    gib = check_gib(gib)
+    if gib is None:
+        gib = default_gib(per_block, max_batch_size, max_seq_len, device, spare)
+    return max(2, int(gib * 2 ** 30 // per_block))
+
+
+def default_gib(per_block: int, max_batch_size: int, max_seq_len: int, device: torch.device,
+                spare: int = 0, block_size: int = BLOCK_SIZE) -> float:
+    """The pool size when none is asked for: what fits beside the weights (on CUDA the free device memory, on a
+    CPU the available host memory, less 10% and 1 GiB of headroom), at most what max_batch_size full contexts
+    take (more could never be used)."""
+    cap = (1 + max_batch_size * blocks_for(max_seq_len, block_size)) * per_block
+    free = _free_memory(device)
+    if free is None:
+        return cap / 2 ** 30
+    fits = int(free * 0.9) - 2 ** 30 - spare
+    return max(min(cap, fits), 2 * per_block) / 2 ** 30
+
+
+def _free_memory(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
