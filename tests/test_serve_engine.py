@@ -208,7 +208,9 @@ def test_a_finished_row_is_reused_at_the_next_boundary(looping):
     engine.step()  # short and long prefilled (2 rows), waiting waits
     engine.step()  # short has its 2 tokens: done, row freed
     assert short_sink.finished.reason == "length" and short_sink.text == "Hello world"
-    assert engine.stats() == {"running": 1, "waiting": 1, "max_batch_size": 2, "max_queue": 64}
+    stats = engine.stats()
+    assert {k: stats[k] for k in ("running", "waiting", "max_batch_size", "max_queue", "preemptions")} == \
+        {"running": 1, "waiting": 1, "max_batch_size": 2, "max_queue": 64, "preemptions": 0}
     engine.step()
     assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 0
     engine.stop(cancel=True)
@@ -396,7 +398,9 @@ def test_a_failing_prefill_ends_its_requests_and_the_engine_goes_on(gen):
     engine.submit(late)
     engine.step()  # decodes the running row alone: a working decode clears the model
     # the late request holds its row already; its prefill waited for this decode-only step
-    assert engine.stats() == {"running": 2, "waiting": 0, "max_batch_size": 4, "max_queue": 64}
+    stats = engine.stats()
+    assert {k: stats[k] for k in ("running", "waiting", "max_batch_size", "max_queue", "preemptions")} == \
+        {"running": 2, "waiting": 0, "max_batch_size": 4, "max_queue": 64, "preemptions": 0}
     assert late_sink.events == []
     while engine.step():
         pass
@@ -411,7 +415,7 @@ def test_a_failing_prefill_ends_its_requests_and_the_engine_goes_on(gen):
 def test_whatever_fails_in_one_request_ends_that_request_alone(gen, monkeypatch):
     """Admission, sampling, turning tokens into text, and the sink each fail for one request: that request
     ends (error, or cancelled for its own broken sink) and frees its row; the others get their answers."""
-    import llama.engine.engine as row_engine
+    import llama.engine.outputs as outputs
 
     engine = Engine(gen)
     ok, ok_sink = request(gen, "Hello", max_tokens=10)
@@ -423,15 +427,15 @@ def test_whatever_fails_in_one_request_ends_that_request_alone(gen, monkeypatch)
 
     start = engine.engine._new_choice
 
-    def start_or_fail(req, index, row, parent):
+    def start_or_fail(req, index, parent):
         if req is no_row:
             raise RuntimeError("no generator for you")
-        r = start(req, index, row, parent)
+        r = start(req, index, parent)
         if req is bad_text:
             r.text.push = lambda token: 1 / 0
         return r
 
-    sample = row_engine.choose
+    sample = outputs.choose
 
     def sample_or_fail(logits, rows):
         if any(r.params.temperature == 0.77 for r in rows):
@@ -439,7 +443,7 @@ def test_whatever_fails_in_one_request_ends_that_request_alone(gen, monkeypatch)
         return sample(logits, rows)
 
     monkeypatch.setattr(engine.engine, "_new_choice", start_or_fail)
-    monkeypatch.setattr(row_engine, "choose", sample_or_fail)
+    monkeypatch.setattr(outputs, "choose", sample_or_fail)
     for r in (ok, no_row, bad_sampling, bad_text, bad_sink):
         engine.submit(r)
     while engine.step():
