@@ -109,16 +109,17 @@ def check(adapters: Mapping[str, str], args, max_loras: Optional[int],
           max_rank: Optional[int]) -> Tuple[int, int]:
     """Check `Llama.build(lora={name: folder})` before any weight loads: names, every adapter against the model
     (naming file and module), the ranks; returns (slots, bank rank)."""
-    if not isinstance(adapters, Mapping) or not adapters:
-        raise ValueError(f"lora must be an adapter folder or a non-empty {{name: folder}} mapping, got {adapters!r}")
-    ranks = []
+    if not isinstance(adapters, Mapping) or not (adapters or max_rank):
+        raise ValueError(f"lora must be an adapter folder or a non-empty {{name: folder}} mapping (empty only with "
+                         f"max_lora_rank, for adapters loaded later), got {adapters!r}")
+    ranks = [1]
     for name, path in adapters.items():
         LoraSlots.check_name(name)
         adapter = read_adapter(path, args)
         if adapter.r > MAX_RANK:
             raise ValueError(f"LoRA adapter {str(path)!r} has rank {adapter.r}; at most {MAX_RANK} is supported")
         ranks.append(adapter.r)
-    slots = len(adapters) if max_loras is None else max_loras
+    slots = max(len(adapters), 1) if max_loras is None else max_loras
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
         raise ValueError(f"max_loras must be a positive integer, got {max_loras!r}")
     rank = max(ranks) if max_rank is None else max_rank

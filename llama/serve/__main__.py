@@ -86,7 +86,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--kv_cache_gib", "--kv-cache-gib", type=float, default=None, metavar="GIB",
         help="the paged KV cache's pool, GiB per process (default: what fits beside the weights, at most "
              "max_batch_size full contexts; printed at start)")
-    add("--lora", default=None, help="PEFT LoRA adapter folder to merge into the weights")
+    add("--lora", nargs="+", default=None, metavar="[NAME=]PATH",
+        help="PEFT LoRA adapter folders: one PATH is merged into the weights (the fast path for one adapter); "
+             "NAME=PATH ... serve each adapter beside the unmerged base, picked by a request's 'model'")
+    add("--max_loras", "--max-loras", type=int, default=None,
+        help="adapters held in memory at once (default: all given); others load on demand, least recently used "
+             "out; a request waits while every slot is busy")
+    add("--max_lora_rank", "--max-lora-rank", type=int, default=None,
+        help="the largest adapter rank the banks take, up to 64 (default: the largest given)")
+    add("--enable_lora_loading", "--enable-lora-loading", action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)")
     add("--quantize", choices=list(quant.SCHEMES), default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
@@ -164,9 +173,10 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
             raise ValueError("--shield runs in one process: start the server without torchrun to use it")
         if args.speculative not in (None, "ngram") and distributed.launched():
             raise ValueError("--speculative with a draft model runs in one process (ngram works under torchrun)")
+        lora, lora_options = _loras(args)
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
-                                dtype=args.dtype, lora=args.lora, quantize=args.quantize,
+                                dtype=args.dtype, lora=lora, **lora_options, quantize=args.quantize,
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
@@ -204,7 +214,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
                        runner=Runner(generator.decode_step, channel), max_prefill_tokens=args.max_prefill_tokens or None)
     app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      body_timeout=args.body_timeout, allowed_hosts=_names(args.allowed_hosts),
-                     allowed_origins=_names(args.allowed_origins), shield=getattr(args, "shield_model", None))
+                     allowed_origins=_names(args.allowed_origins), shield=getattr(args, "shield_model", None),
+                     lora_loading=args.enable_lora_loading)
     if args.web:
         from . import web
 
@@ -247,6 +258,31 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
         return 1
     print("Server stopped.", flush=True)
     return 0
+
+
+def _loras(args: argparse.Namespace):
+    """--lora and its companions as Llama.build's lora= and options: one bare PATH merged, NAME=PATH pairs (or
+    --enable_lora_loading alone, with --max_lora_rank) served beside the base. ValueError naming a bad value."""
+    given = args.lora or []
+    options = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank}
+    if len(given) == 1 and "=" not in given[0]:
+        if args.max_loras is not None or args.enable_lora_loading:
+            raise ValueError("--max_loras and --enable_lora_loading serve adapters beside the base: give --lora as "
+                             "NAME=PATH")
+        return given[0], {}
+    adapters = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {item!r}: give NAME=PATH for each of several adapters")
+        if name in adapters:
+            raise ValueError(f"--lora names the adapter {name!r} twice")
+        adapters[name] = path
+    if not adapters and not args.enable_lora_loading:
+        if args.max_loras is not None or args.max_lora_rank is not None:
+            raise ValueError("--max_loras and --max_lora_rank need --lora NAME=PATH or --enable_lora_loading")
+        return None, {}
+    return adapters, options
 
 
 def _names(value: str) -> list:
