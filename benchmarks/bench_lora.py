@@ -5,7 +5,7 @@ rank-16 factors on every projection (q, k, v, o, gate, up, down). Arms, alternat
 - merged: 16 streams on one merged adapter. A merged adapter only changes the weights' values, so this is the
   base model's decode step (the fused C step where the model allows it).
 - four: 16 streams over 4 adapters kept beside the base (4 streams each), the adapter term added per layer,
-  grouped by adapter (llama/model/lora_bank.py); such steps run the layers' path, not the fused C step.
+  masked by adapter (llama/model/lora_bank.py); such steps run the layers' path, not the fused C step.
 - layers: the base on the layers' path with no adapter (what the adapter term itself costs, apart from leaving
   the fused step).
 Each arm times `--tokens` decode steps of all 16 rows through the decode step the engine calls (DecodeStep), after
@@ -42,7 +42,7 @@ STREAMS, ADAPTERS, RANK = 16, 4, 16
 def random_factors(bank: lora_bank.LoraBank, seed: int):
     """For each part of a bank, random A (r, in) and B (out, r), small enough to keep the activations sane."""
     g = torch.Generator().manual_seed(seed)
-    in_features = bank.a.shape[1]
+    in_features = bank.in_features
     return {key: (torch.randn(RANK, in_features, generator=g) * in_features ** -0.5,
                   torch.randn(cols, RANK, generator=g) * 0.01) for key, _, cols in bank.parts}
 

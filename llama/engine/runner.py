@@ -99,7 +99,7 @@ def _select(lora, slots: Optional[List[int]], per: int, decode: DecodeStep) -> N
     if slots is None:
         lora.clear()
     else:
-        lora.select(slots, per, decode.device, gathered=decode.full_window)
+        lora.select(slots, per, decode.device, fixed=decode.full_window)
 
 
 class Runner:

@@ -2,20 +2,22 @@
 per-token choice of adapter that every layer of one model call reads.
 
 A layer computes its base product on its own kernels (plain, packed, quantized, fused) and then adds, for each
-token with an adapter, x·A·B (the scale folded into B). Tokens are grouped by adapter, so each adapter's factors
-are read once per call however many rows use it (punica's BGMV does the same gather on a GPU); tokens with no
-adapter are untouched. Deterministic mode computes every row's term alone (`gathered`), so that its arithmetic
-never depends on which adapters its neighbours use.
+token with an adapter, x·A·B (the scale folded into B), in two products per weight whatever the mix of adapters:
+x times the A of every slot in use side by side, masked so that each token keeps only its own adapter's columns
+(exact zeros elsewhere), times the B of those slots stacked. Each adapter's factors are read once per call however
+many rows use it (what punica's BGMV gather achieves on a GPU, without a Python loop over adapters); tokens with
+no adapter get exact zeros. A call whose tokens all use one adapter multiplies by its factors alone. Deterministic
+mode reads every slot in every step, so that a row's arithmetic never depends on which adapters its neighbours use.
 
 A bank has `slots` entries of rank `rank` (adapters of lower rank are zero-padded, which adds exact zeros). A
-fused layer (wqkv, w13) holds its parts side by side: A's columns and B's rows per part, B block-diagonal.
+fused layer (wqkv, w13) holds its parts' factors apart and adds each part's term to its own output columns.
 Under model parallelism each rank's bank holds the factors sliced like its weight (B's rows for a layer split on
 its output, A's columns for one split on its input: the partial x·A·B is summed by the layer's all-reduce).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,57 +25,57 @@ import torch
 
 @dataclass
 class LoraSelection:
-    """Which adapter slot each token of the current model call uses: groups of (slot, token indices into the
-    flattened (B*S) tokens), or with `gathered` one slot per token (-1: none) computed row by row."""
+    """Which adapter slot each token of the current model call uses. `whole`: every token the same slot (no
+    mask). Otherwise slots 0..used-1 are read and `mask` (T, used * rank) keeps, for each token, only its own
+    slot's rank columns of x·A (exact zeros elsewhere, so x·A·B sums only its own adapter's terms)."""
 
-    groups: List[Tuple[int, torch.Tensor]] = field(default_factory=list)
-    whole: Optional[int] = None  # every token uses this slot: no gather
-    gathered: Optional[torch.Tensor] = None  # deterministic: (T,) slots, -1 mapped to the zero slot
+    whole: Optional[int] = None
+    used: int = 0
+    mask: Optional[torch.Tensor] = None
 
 
 class LoraBank:
-    """One layer's stacked factors: a (slots + 1, in, parts * rank), b (slots + 1, parts * rank, out); the last
-    slot stays zero (rows without an adapter in `gathered` mode). `parts`: (Meta weight key, first output
-    column, output columns) of each weight the layer computes."""
+    """One layer's stacked factors, per part p (a weight the layer computes: wq, wk, wv of a fused wqkv):
+    a[p] (in, slots, rank) and b[p] (slots, rank, out_p), the scale folded into b. `parts`: (Meta weight key,
+    first output column, output columns) of each. Slots 0..k-1 of a part are views (no copy): A as one
+    (in, k * rank) matrix with a row stride of slots * rank, B as (k * rank, out_p)."""
 
     def __init__(self, parts: Sequence[Tuple[str, int, int]], in_features: int, out_features: int, slots: int,
                  rank: int, dtype: torch.dtype, device: torch.device, state: "LoraSet") -> None:
         self.parts = list(parts)
         self.rank = rank
         self.state = state
-        width = rank * len(self.parts)
-        self.a = torch.zeros(slots + 1, in_features, width, dtype=dtype, device=device)
-        self.b = torch.zeros(slots + 1, width, out_features, dtype=dtype, device=device)
+        self.in_features, self.out_features = in_features, out_features
+        self.a = [torch.zeros(in_features, slots, rank, dtype=dtype, device=device) for _ in self.parts]
+        self.b = [torch.zeros(slots, rank, cols, dtype=dtype, device=device) for _, _, cols in self.parts]
 
     def load(self, slot: int, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put one adapter's factors (per Meta key: A (r, in), scale * B (out, r), this rank's slices) in `slot`;
-        parts the adapter does not target stay zero."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        for j, (key, first, cols) in enumerate(self.parts):
-            if key not in factors:
-                continue
-            a, b = factors[key]
-            r = a.shape[0]
-            self.a[slot, :, j * self.rank:j * self.rank + r] = a.t().to(self.a.dtype)
-            self.b[slot, j * self.rank:j * self.rank + r, first:first + cols] = b.t().to(self.b.dtype)
+        parts the adapter does not target stay zero, as do the ranks above its own."""
+        for j, (key, _, _) in enumerate(self.parts):
+            self.a[j][:, slot].zero_()
+            self.b[j][slot].zero_()
+            if key in factors:
+                a, b = factors[key]
+                r = a.shape[0]
+                self.a[j][:, slot, :r] = a.t().to(self.a[j].dtype)
+                self.b[j][slot, :r] = b.t().to(self.b[j].dtype)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base product of x) plus each selected token's x·A·B."""
         sel = self.state.selection
         if sel is None:
             return y
-        if sel.whole is not None:
-            return y + (x @ self.a[sel.whole].to(x.dtype)) @ self.b[sel.whole].to(x.dtype)
         flat_x = x.reshape(-1, x.shape[-1])
-        if sel.gathered is not None:
-            a, b = self.a.index_select(0, sel.gathered), self.b.index_select(0, sel.gathered)
-            term = torch.bmm(torch.bmm(flat_x.unsqueeze(1), a.to(x.dtype)), b.to(x.dtype))
-            return y + term.view(y.shape)
-        flat_y = y.reshape(-1, y.shape[-1]).clone()
-        for slot, index in sel.groups:
-            rows = flat_x.index_select(0, index)
-            flat_y.index_add_(0, index, (rows @ self.a[slot].to(x.dtype)) @ self.b[slot].to(x.dtype))
+        flat_y = y.reshape(-1, y.shape[-1])
+        for (_, first, cols), a, b in zip(self.parts, self.a, self.b):
+            if sel.whole is not None:
+                h = flat_x @ a[:, sel.whole]
+                flat_y[:, first:first + cols] += h @ b[sel.whole]
+            else:
+                k = sel.used
+                h = (flat_x @ a[:, :k].reshape(self.in_features, k * self.rank)).mul_(sel.mask)
+                flat_y[:, first:first + cols] += h @ b[:k].reshape(k * self.rank, cols)
         return flat_y.view(y.shape)
 
 
@@ -85,6 +87,7 @@ class LoraSet:
         self.banks: List[LoraBank] = []
         self.selection: Optional[LoraSelection] = None
         self.names: List[Optional[str]] = [None] * slots  # what each slot holds
+        self.dtype = torch.float32
 
     @property
     def active(self) -> bool:
@@ -96,27 +99,24 @@ class LoraSet:
             bank.load(slot, factors_for([key for key, _, _ in bank.parts]))
         self.names[slot] = name
 
-    def select(self, slots: Sequence[int], per: int, device: torch.device, gathered: bool = False) -> None:
+    def select(self, slots: Sequence[int], per: int, device: torch.device, fixed: bool = False) -> None:
         """Slots per row (-1: none), each repeated for `per` consecutive tokens (decode: 1; a row of S tokens: S),
-        or with per=0 one slot per token as given. No adapter anywhere: no selection at all."""
+        or with per=0 one slot per token as given. No adapter anywhere: no selection at all. fixed: read every
+        slot whatever the rows use (deterministic mode: a row's arithmetic must not depend on its neighbours)."""
         per_token = list(slots) if per == 0 else [s for s in slots for _ in range(per)]
         if all(s < 0 for s in per_token):
             self.selection = None
             return
-        if gathered:
-            zero = self.slots  # the bank's always-zero slot
-            self.selection = LoraSelection(gathered=torch.tensor([s if s >= 0 else zero for s in per_token],
-                                                                 device=device))
-            return
-        kinds = set(per_token)
-        if len(kinds) == 1:
+        if len(set(per_token)) == 1 and not fixed:
             self.selection = LoraSelection(whole=per_token[0])
             return
-        groups = []
-        for slot in sorted(k for k in kinds if k >= 0):
-            index = [i for i, s in enumerate(per_token) if s == slot]
-            groups.append((slot, torch.tensor(index, device=device)))
-        self.selection = LoraSelection(groups=groups)
+        used = self.slots if fixed else max(per_token) + 1
+        onehot = torch.zeros(len(per_token), used, 1, dtype=self.dtype)
+        for i, s in enumerate(per_token):
+            if s >= 0:
+                onehot[i, s] = 1
+        mask = onehot.expand(-1, -1, self.rank).reshape(len(per_token), used * self.rank)
+        self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True))
 
     def clear(self) -> None:
         self.selection = None
@@ -128,7 +128,7 @@ def attach(model, slots: int, rank: int) -> LoraSet:
     `model.loras_bank`)."""
     lora = LoraSet(slots, rank)
     device = model.rope.device
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = lora.dtype = model.tok_embeddings.weight.dtype
     for i, layer in enumerate(model.layers):
         attn, ff = layer.attention, layer.feed_forward
         groups = []
