@@ -90,7 +90,8 @@ def main() -> None:
             rates[arm].append(run(arm))
     med = {arm: statistics.median(r) for arm, r in rates.items()}
     print(json.dumps({
-        "shape": opts.shape, "n_layers": shape["n_layers"], "dtype": "bfloat16", "quantize": opts.quantize, "streams": STREAMS,
+        "shape": opts.shape, "n_layers": shape["n_layers"], "dtype": "bfloat16", "quantize": opts.quantize,
+        "streams": STREAMS,
         "adapters": ADAPTERS, "rank": RANK, "targets": "q,k,v,o,gate,up,down",
         "merged_path": "fused C" if fused.fused is not None else "layers",
         **{f"{arm}_tok_s": round(m, 2) for arm, m in med.items()},
