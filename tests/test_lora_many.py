@@ -174,3 +174,14 @@ def test_bad_adapters_and_names(setup, tmp_path, many):
         many.text_completion(["Hi"], max_gen_len=2, lora="nope")
     with pytest.raises(ValueError, match="2 adapters for 1 prompts"):
         many.text_completion(["Hi"], max_gen_len=2, lora=["a", "b"])
+
+
+def test_least_recently_used_adapter_leaves_first(setup):
+    """max_loras=2 over three adapters, one request at a time: a, b, a, c loads c over b (a was used since)."""
+    gen = build(setup["meta"], {n: str(p) for n, p in setup["paths"].items()}, max_loras=2)
+    slots = gen.model.lora_slots
+    for name in ["a", "b", "a", "c"]:
+        gen.text_completion(["Hi"], temperature=0, max_gen_len=1, lora=name)
+    assert slots.loads == 3 and set(slots.slot_of) == {"a", "c"}
+    gen.text_completion(["Hi"], temperature=0, max_gen_len=1, lora="b")
+    assert slots.loads == 4 and set(slots.slot_of) == {"c", "b"}

@@ -73,8 +73,9 @@ class LoraSlots:
         return f"lora\0{name}\0{self.paths.get(name, '')}\0".encode()
 
     def available(self, name: str) -> bool:
-        """Whether `acquire(name)` succeeds now: the adapter is in a slot, or some slot is free of requests."""
-        return name in self.slot_of or any(b == 0 for b in self.busy)
+        """Whether `acquire(name)` can run now: the adapter is in a slot, or some slot is free of requests (an
+        adapter no longer served: True, so that adding the request fails with an error instead of waiting)."""
+        return name not in self.paths or name in self.slot_of or any(b == 0 for b in self.busy)
 
     def acquire(self, name: str) -> Tuple[int, Optional[str]]:
         """A slot holding `name` for one more request, and the folder to load into it first (None: already

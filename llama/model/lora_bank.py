@@ -111,10 +111,10 @@ class LoraSet:
             self.selection = LoraSelection(whole=per_token[0])
             return
         used = self.slots if fixed else max(per_token) + 1
-        onehot = torch.zeros(len(per_token), used, 1, dtype=self.dtype)
-        for i, s in enumerate(per_token):
-            if s >= 0:
-                onehot[i, s] = 1
+        ids = torch.tensor(per_token)
+        onehot = torch.zeros(len(per_token), used + 1, 1, dtype=self.dtype)
+        onehot[torch.arange(len(per_token)), ids.where(ids >= 0, used)] = 1  # column `used`: no adapter, dropped
+        onehot = onehot[:, :used]
         mask = onehot.expand(-1, -1, self.rank).reshape(len(per_token), used * self.rank)
         self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True))
 
