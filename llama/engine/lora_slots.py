@@ -137,6 +137,7 @@ def install(model, adapters: Mapping[str, str], slots: int, rank: int, mp_rank: 
         lora.register(name, path)
     model.lora_slots = lora
     from ..model import distributed
-    distributed.print0(f"LoRA adapters beside the base: {', '.join(adapters)} ({slots} slot{'s' * (slots > 1)} "
-                       f"of rank {rank}, loaded on first use)")
+    distributed.print0(f"LoRA adapters beside the base: {', '.join(adapters) or 'none yet'} ({slots} slot"
+                       f"{'s' * (slots > 1)} of rank {rank}, loaded on first use; decode steps with adapter rows "
+                       "run the layers' path, not the fused CPU step or CUDA graphs)")
     return lora
