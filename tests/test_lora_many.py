@@ -148,12 +148,19 @@ def test_one_slot_serves_several_adapters_in_turn(setup, merged):
     assert gen.model.lora_slots.loads >= 2
 
 
-def test_deterministic_mode(setup):
-    gen = build(setup["meta"], {n: str(p) for n, p in setup["paths"].items()}, deterministic=True)
-    alone = gen.text_completion(["Once upon a time"], temperature=0, max_gen_len=6, logprobs=True, lora="a")
-    mixed = gen.text_completion(["Hello there", "Once upon a time"], temperature=0, max_gen_len=6, logprobs=True,
-                                lora=["c", "a"])
-    assert mixed[1] == alone[0]  # bit for bit, whatever its neighbour's adapter
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_deterministic_mode(setup, quantize):
+    """A row's answer is bit for bit the same alone or beside rows of other adapters, a base row's too (int8: the
+    fused CPU step would serve base-only steps, so deterministic mode keeps every step on the layers' path)."""
+    options = {} if quantize is None else {"quantize": quantize, "dtype": "bfloat16"}
+    gen = Llama.build(str(setup["meta"]), str(TOKENIZER), max_seq_len=64, max_batch_size=4, device="cpu",
+                      lora={n: str(p) for n, p in setup["paths"].items()}, deterministic=True,
+                      **{"dtype": "float32", **options})
+    kw = dict(temperature=0, max_gen_len=6, logprobs=True)
+    alone = gen.text_completion(["Once upon a time", "Hello there"], lora=["a", None], **kw)
+    mixed = gen.text_completion(["Hello there", "Once upon a time", "Hi", "Hello there"], lora=["c", "a", "b", None],
+                                **kw)
+    assert mixed[1] == alone[0] and mixed[3] == alone[1]
 
 
 def test_bad_adapters_and_names(setup, tmp_path, many):

@@ -67,25 +67,27 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
             model.assign_blocks(row, first, blocks)
         for slot, name, folder in plan.lora_loads:
             model.lora_slots.load(slot, name, folder)
-        if plan.decode_tokens is not None:
-            tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
-            _select(lora, plan.decode_adapters, 1, decode)
-            decoded = decode(tokens, plan.decode_positions)
-        if plan.verify_tokens is not None:
-            tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
-            positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
-            window = 1 + max(max(row) for row in plan.verify_positions)
-            _select(lora, plan.decode_adapters, tokens.shape[1], decode)
-            decoded = model.decode_many(tokens, positions, max(window, 1))
-        for p in plan.prefills:
-            _select(lora, None if p.adapters is None else
-                    [s for s, prompt in zip(p.adapters, p.prompts) for _ in prompt], 0, decode)
-            if p.start:  # a later chunk of one long prompt, over its row's cached prefix
-                prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
-            else:
-                prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
-        if lora is not None:
-            lora.clear()
+        try:
+            if plan.decode_tokens is not None:
+                tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
+                _select(lora, plan.decode_adapters, 1, decode)
+                decoded = decode(tokens, plan.decode_positions)
+            if plan.verify_tokens is not None:
+                tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
+                positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
+                window = 1 + max(max(row) for row in plan.verify_positions)
+                _select(lora, plan.decode_adapters, tokens.shape[1], decode)
+                decoded = model.decode_many(tokens, positions, max(window, 1))
+            for p in plan.prefills:
+                _select(lora, None if p.adapters is None else
+                        [s for s, prompt in zip(p.adapters, p.prompts) for _ in prompt], 0, decode)
+                if p.start:  # a later chunk of one long prompt, over its row's cached prefix
+                    prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
+                else:
+                    prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
+        finally:
+            if lora is not None:
+                lora.clear()
         if plan.copies:
             model.copy_blocks([a for a, _ in plan.copies], [b for _, b in plan.copies])
     return decoded, prefilled
@@ -93,7 +95,7 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
 
 def _select(lora, slots: Optional[List[int]], per: int, decode: DecodeStep) -> None:
     """Set the LoRA slot of each token of the next model call (slots per row, each for `per` tokens; per=0: per
-    token); deterministic steps compute each row's adapter term alone."""
+    token); deterministic steps read every slot, whatever their rows use."""
     if lora is None:
         return
     if slots is None:
