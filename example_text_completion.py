@@ -6,6 +6,7 @@ With no --ckpt_dir/--tokenizer_path it runs the bundled demo model (plain `pytho
 from typing import Optional
 
 from llama import Llama
+from llama.checkpoints.loading import set_verbose
 from llama.programs.cli import check_before_loading, resolve_checkpoint, run
 from llama.model.distributed import print0
 
@@ -42,6 +43,7 @@ def main(
     lora: Optional[str] = None,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    verbose: bool = False,
 ):
     """
     ckpt_dir: checkpoint folder, Meta's layout or Hugging Face's (default, with tokenizer_path unset: the demo)
@@ -57,7 +59,9 @@ def main(
     lora: a PEFT LoRA adapter folder to merge into the weights
     quantize: int8 or int4 weight-only quantization at load (none for a quantized checkpoint)
     group_size: int4's inputs per scale: 32, 64 or 128 (default 64)
+    verbose: report the load's detail: the CPU's flags and the kernels the layers run (as LLAMA_LOG=debug)
     """
+    set_verbose(verbose)
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     check_before_loading(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len, PROMPTS)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,

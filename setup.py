@@ -32,13 +32,14 @@ setup(
         # chromium and chromium-driver, which apt installs: pip cannot), so they need the serve and web extras;
         # hypothesis generates the fuzzed requests of the server's safety test; jinja2 renders published chat
         # templates for the family tests; lm-evaluation-harness's own local-completions client evaluates the server
-        # (its api extra: aiohttp, tenacity); prometheus-client reads the server's /metrics.
+        # (its api extra: aiohttp, tenacity); prometheus-client reads the server's /metrics; langchain-openai's
+        # ChatOpenAI.bind_tools calls the server's tools.
         "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
                  "httpx>=0.27", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6",
                  "hypothesis>=6.100", "lm-eval[api]>=0.4.9", "prometheus-client>=0.20",
-                 "llguidance>=1.0", "jsonschema"],
+                 "llguidance>=1.0", "jsonschema", "langchain-openai>=0.3"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "jinja2>=3.1"],  # jinja2: chat templates
         # python -m llama web (or llama serve --web): the chat page.
         "web": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6"],
         # Structured output (response_format, structured_outputs): llguidance, chosen by bench_grammar.py.

@@ -3,11 +3,16 @@
 import os as _os
 import sys as _sys
 
+from .programs import interrupt as _interrupt
+
+if _interrupt.is_program_start():  # Ctrl-C during the imports below: one line and status 130, no traceback
+    _interrupt.install()
+
 # Idle OpenMP threads spin between parallel regions by default. On a machine whose cores are shared with other
 # work, the spinning threads take the cores from the very thread they wait for, and every matrix product pays
 # a scheduler time slice: measured on 2 cores with one other busy process, batch-1 decoding fell from 7 to
 # 0.7 tokens/s (ours and transformers alike), and to 3.8 with passive waiting. OpenMP reads this once, when
-# torch loads: it takes effect only if llama is imported first (README, "Performance"); set it to ACTIVE to
+# torch loads: it takes effect only if llama is imported first (docs/performance.md); set it to ACTIVE to
 # spin on a dedicated machine.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -24,7 +29,7 @@ __version__ = "0.2.0"
 
 # Modules that moved into the wings (model/, cpu/, checkpoints/, families/, programs/) keep their old import
 # paths: `import llama.checkpoint` gives llama.checkpoints.checkpoint itself (one module object, so patching
-# either name patches both). The old `python -m llama.convert` style spellings are gone (README, "Changes").
+# either name patches both). The old `python -m llama.convert` style spellings are gone (docs/architecture.md, "Changes in 0.2").
 _MOVED = {
     "llama.layers": "llama.model.layers",
     "llama.distributed": "llama.model.distributed",

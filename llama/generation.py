@@ -31,6 +31,9 @@ from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_c
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
 from .families.codellama import decode_infill, infilling_prompt
+from .families.prompting import ChatPrompts
+from .families.templates import ChatTemplate, from_checkpoint, load as load_template
+from .families.tools import assistant_message, check_tools, has_tool_messages
 from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
@@ -90,6 +93,7 @@ class Llama:
         prefix_cache: bool = True,
         prefix_cache_gib: Optional[float] = None,
         kv_cache_gib: Optional[float] = None,
+        chat_template: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
 
@@ -126,6 +130,9 @@ class Llama:
         free blocks of 16 positions, max_batch_size caps the running requests and max_seq_len one request's
         context. Default: what fits beside the weights on the device, at most max_batch_size full contexts;
         the chosen size is printed.
+        chat_template: a Jinja chat template (a file, or the template's text) for chat prompts, rendered as
+        transformers' apply_chat_template renders it; default: a Hugging Face checkpoint's own template
+        (tokenizer_config.json), else the family's Meta format (llama/families/prompting.py).
         """
         start = time.perf_counter()
         loading.check_sizes(max_seq_len, max_batch_size, seed)
@@ -140,6 +147,8 @@ class Llama:
                                  "passes change shape from step to step")
             compile = False
         tokenizer = Tokenizer(tokenizer_path)
+        found = load_template(chat_template) if chat_template is not None else from_checkpoint(ckpt_dir)
+        template = ChatTemplate(found[0], tokenizer, found[1]) if found else None  # compiled before the load
         merged = lora if lora is None or isinstance(lora, (str, os.PathLike)) else None
         source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, merged, family)
         many = None if merged is not None or lora is None else lora_slots.check(lora, args, max_loras, max_lora_rank)
@@ -167,18 +176,20 @@ class Llama:
                                "drafts per step")
         return Llama(model, tokenizer, seed=seed, compile=plan.compile, deterministic=plan.deterministic,
                      family=source.family, speculation=speculation, prefix_cache=prefix_cache,
-                     prefix_cache_gib=prefix_cache_gib)
+                     prefix_cache_gib=prefix_cache_gib, chat_template=template)
 
     def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
                  deterministic: bool = False, family: Union[Family, str, None] = None,
                  speculation: Optional[Speculation] = None, prefix_cache: bool = True,
-                 prefix_cache_gib: Optional[float] = None) -> None:
+                 prefix_cache_gib: Optional[float] = None, chat_template: Optional[ChatTemplate] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         # The family (llama/families) knows the chat format and the stop tokens; None: detected from the files.
-        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope}
+        params = {"rope_theta": model.params.rope_theta, "use_scaled_rope": model.params.use_scaled_rope,
+                  "dim": model.params.dim}
         self.family: Family = family if isinstance(family, Family) else families.detect(tokenizer, params, family)
         self.formatter = self.family.chat_format(tokenizer)
+        self.prompts = ChatPrompts(self.family, tokenizer, chat_template)  # template or Meta format, tools
         self.stop_ids = frozenset(self.family.stop_ids(tokenizer))  # an answer ends at any of these
         self.device = model.rope.device
         self.deterministic = deterministic
@@ -215,7 +226,7 @@ class Llama:
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
-        return len(self.formatter.encode_dialog_prompt(dialog))
+        return len(self.prompts.encode(dialog))
 
     # --- requests to the engine ----------------------------------------------------------------------------
 
@@ -382,11 +393,12 @@ class Llama:
         **sampling: Any,
     ) -> Iterator[str]:
         """chat_completion for one dialog, yielding the answer's text chunks as they are produced."""
-        validate_dialog(dialog)
-        if self.formatter.has_special_tags(dialog):
+        if self.prompts.template is None:
+            validate_dialog(dialog)
+        if self.prompts.checks_tags and self.formatter.has_special_tags(dialog):
             self._params(self._default_gen_len(max_gen_len), temperature, top_p, sampling)
             return iter([UNSAFE_ERROR])
-        tokens = self.formatter.encode_dialog_prompt(dialog)
+        tokens = self.prompts.encode(dialog)
         return self.stream_generate(tokens, self._default_gen_len(max_gen_len), temperature, top_p, **sampling)
 
     # --- text and chat -----------------------------------------------------------------------------------
@@ -436,15 +448,26 @@ class Llama:
         top_p: float = DEFAULT_TOP_P,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        tools: Optional[List[Dict[str, Any]]] = None,
         **sampling: Any,
     ) -> List[ChatPrediction]:
         """Answer each dialog. A dialog that smuggles in [INST] or <<SYS>> tags is answered with an error
-        message and costs no compute; the rest of the batch is answered normally."""
+        message and costs no compute; the rest of the batch is answered normally.
+
+        tools: OpenAI's function tools ({"type": "function", "function": {"name", "description", "parameters"}});
+        a dialog may then hold assistant messages with "tool_calls" and "tool" messages with their results. An
+        answer that calls tools comes back as {"role": "assistant", "content": None, "tool_calls": [{"id",
+        "type": "function", "function": {"name", "arguments" (JSON text)}}]} (read as vLLM's llama3_json parser
+        reads answers, llama/families/tools.py)."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError(f"dialogs must be a non-empty list of dialogs, got {dialogs!r}")
+        if tools is not None:
+            check_tools(tools)
+        plain = [tools is None and self.prompts.template is None and not has_tool_messages(d) for d in dialogs]
         for i, dialog in enumerate(dialogs):
-            validate_dialog(dialog, index=i)
-        safe = [i for i, d in enumerate(dialogs) if not self.formatter.has_special_tags(d)]
+            if plain[i]:
+                validate_dialog(dialog, index=i)
+        safe = [i for i, d in enumerate(dialogs) if not (plain[i] and self.formatter.has_special_tags(d))]
         results: List[ChatPrediction] = [
             {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, **({"tokens": [], "logprobs": []}
                                                                            if logprobs else {})}
@@ -453,18 +476,23 @@ class Llama:
         if not safe:
             self._params(self._default_gen_len(max_gen_len), temperature, top_p, sampling, logprobs)
             return results
-        prompt_tokens = [self.formatter.encode_dialog_prompt(dialogs[i]) for i in safe]
+        prompt_tokens = [self._chat_prompt(dialogs[i], i, tools) for i in safe]
         self._check_prompts(prompt_tokens, names=[f"dialog {i}" for i in safe])
         tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
                                     logprobs, **sampling)
         for j, i in enumerate(safe):
-            result: ChatPrediction = {"generation": {"role": "assistant",
-                                                     "content": self.tokenizer.decode(tokens[j])}}
+            result: ChatPrediction = {"generation": assistant_message(self.tokenizer.decode(tokens[j]), tools)}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([t]) for t in tokens[j]]
                 result["logprobs"] = lps[j]
             results[i] = result
         return results
+
+    def _chat_prompt(self, dialog: Dialog, index: int, tools: Optional[List[Dict[str, Any]]]) -> List[int]:
+        try:
+            return self.prompts.encode(dialog, tools)
+        except ValueError as err:
+            raise ValueError(f"dialog {index}: {err}") from None
 
     # --- Code Llama's infilling and Llama Guard's moderation ----------------------------------------------------
 
@@ -492,7 +520,8 @@ class Llama:
                     raise ValueError(f"{name} {i} must be a string, got {type(text).__name__}: {text!r}")
         prompts = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
         self._check_prompts(prompts, names=[f"infilling prompt {i}" for i in range(len(prompts))])
-        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs)
+        tokens, lps = self.generate(prompts, self._default_gen_len(max_gen_len), temperature, top_p, logprobs,
+                                    **self.infill_stops())
         results: List[InfillingPrediction] = []
         for i, toks in enumerate(tokens):
             middle = decode_infill(self.tokenizer, toks)
@@ -503,14 +532,22 @@ class Llama:
             results.append(result)
         return results
 
-    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32) -> Moderation:
+    def infill_stops(self) -> Dict[str, Tuple[int, ...]]:
+        """The sampling options that make a fill-in-the-middle answer end where the family's do (Code Llama:
+        at ▁<EOT> only, not at EOS)."""
+        stops = tuple(self.family.infill_stop_ids(self.tokenizer))
+        return {"stop_token_ids": stops, "ignore_stop_ids": tuple(sorted(self.stop_ids - set(stops)))}
+
+    def moderate(self, dialog: Dialog, categories: Optional[Sequence] = None, max_gen_len: int = 32,
+                 excluded: Sequence[str] = ()) -> Moderation:
         """Llama Guard: classify a conversation's last turn (the user's message, or the assistant's answer when
         it ends with one) as safe or unsafe, with the violated categories. `categories`: names, (name,
-        description) pairs or llamaguard.Category (default: the published list of this guard's version)."""
+        description) pairs or llamaguard.Category (default: the published list of this guard's version);
+        `excluded`: codes (S14...) to leave out."""
         if not self.family.moderation:
             raise ValueError(f"moderate needs a Llama Guard model, this is {self.family.title}: build it with "
                              "family='llamaguard'")
-        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories)
+        prompt = self.family.encode_prompt(self.tokenizer, dialog, categories, excluded)
         self._check_prompts([prompt], names=["the moderation prompt"])
         (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
         return self.family.parse(self.tokenizer.decode(tokens), categories)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def hf_llama_tokenizer(sp, **options):
 
 LLAMA3_TOKENIZER = ROOT / "tests" / "fixtures" / "llama3-tokenizer.model"
 LLAMA3_VOCAB = 128256
-CODELLAMA_PIECES = {32007: "\u2581<PRE>", 32008: "\u2581<SUF>", 32009: "\u2581<MID>", 32010: "\u2581<EOT>"}
+CODELLAMA_PIECES = {32007: "\u2581<PRE>", 32008: "\u2581<SUF>", 32009: "\u2581<MID>", 32010: "\u2581<EOT>",
+                    32015: "<step>"}  # <step>: Code Llama 70B Instruct's turn separator (its model card's token ids)
 
 
 def codellama_tokenizer(folder: Path) -> Path:
@@ -92,3 +94,33 @@ def codellama_tokenizer(folder: Path) -> Path:
     path = Path(folder) / "codellama-tokenizer.model"
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def llama3_reference():
+    """tiktoken's own Encoding over the Llama 3 fixture, read by tiktoken's loader, with the special tokens as
+    Llama 3.1 names them (the same reference as tests/test_families.py's `reference3`)."""
+    import json
+
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(LLAMA3_TOKENIZER))
+    specials = json.loads((LLAMA3_TOKENIZER.parent / "llama3-special-tokens.json").read_text())
+    renamed = {128004: "<|finetune_right_pad_id|>", 128005: "<|step_id|>", 128008: "<|eom_id|>",
+               128010: "<|python_tag|>"}
+    names = {i: renamed.get(i, n) for n, i in specials.items()}
+    numbered = [i for i in sorted(names) if i not in renamed and names[i].startswith("<|reserved")]
+    for k, i in enumerate(i for i in numbered if i > 128010):
+        names[i] = f"<|reserved_special_token_{k + 2}|>"
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    return tiktoken.Encoding("llama3-reference", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={n: i for i, n in names.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def program_help(*argv: str) -> subprocess.CompletedProcess:
+    """`python ARGV --help`, run once per test session: several files read the same programs' help (each run
+    imports torch, seconds on a busy machine)."""
+    return subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))

@@ -1,8 +1,12 @@
 """The project's bfloat16 CPU kernel (llama/cpu/csrc/linear16.c through llama/cpu/qkernels.py and llama.cpu's
-`own-bf16` path), against float64 products of the same bfloat16 numbers; and how decoding steps use the kernels'
-threads (llama.qkernels.decoding_threads). Speed is measured by benchmarks/bench_cpu.py, not here."""
+`own-bf16` path), against float64 products of the same bfloat16 numbers, each of its loops (portable C, AVX2's
+matrix-vector tiles and GEMM, AVX-512 BF16) forced in turn; and how decoding steps use the kernels' threads
+(llama.qkernels.decoding_threads). Speed is measured by benchmarks/bench_cpu.py, not here. With
+LLAMA_REQUIRE_KERNELS=1 a library that cannot be built fails these tests instead of skipping them."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,7 +18,16 @@ from llama.model import ModelArgs, Transformer
 
 def _built() -> None:
     if qkernels.load() is None:
+        if os.environ.get("LLAMA_REQUIRE_KERNELS") == "1":
+            pytest.fail(f"LLAMA_REQUIRE_KERNELS=1 but the C kernels could not be built: {qkernels.unavailable()}")
         pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+
+
+def _runs(isa: str) -> None:
+    """Skip (saying why) where this CPU has not the loop `isa` names: the CPU kind, not the code."""
+    _built()
+    if qkernels.bf16_isa(isa) != isa:
+        pytest.skip(f"this CPU runs the bfloat16 kernel's {qkernels.bf16_isa(isa)} loop, not {isa}")
 
 
 def _pair(m: int, n: int, k: int, seed: int):
@@ -31,14 +44,23 @@ def _close_to_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert ((y.double() - exact).abs() <= slack).all(), float(((y.double() - exact).abs() - slack).max())
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 5, 64), (2, 37, 320), (3, 64, 256), (4, 9, 96), (9, 130, 2048)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 5, 64), (2, 37, 320), (3, 64, 256), (4, 9, 96), (9, 130, 2048),
+                                   (16, 23, 64), (17, 50, 160), (40, 130, 512)])  # from 16 rows: AVX2's GEMM
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_is_the_product_within_float32_sums(m, n, k, threads):
-    _built()
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_vnni"])
+def test_kernel_is_the_product_within_float32_sums(m, n, k, threads, isa):
+    _runs(isa)
     x, w = _pair(m, n, k, seed=m * 1000 + n)
-    y = qkernels.linear_bf16(x, qkernels.pack_bf16(w), n, threads=threads)
+    y = qkernels.linear_bf16(x, qkernels.pack_bf16(w), n, threads=threads, isa=isa)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     _close_to_exact(y, x, w)
+
+
+def test_avx2_runs_wherever_the_cpu_has_it():
+    _built()
+    if qkernels.best_isa() in ("avx2", "avx512_vnni"):
+        assert qkernels.bf16_isa("avx2") == "avx2"
+    assert qkernels.bf16_isa("scalar") == "scalar"
 
 
 def test_unpacked_rows_are_the_weight_exactly():
@@ -59,9 +81,9 @@ def test_a_shape_the_kernel_refuses_is_named():
 
 @pytest.mark.parametrize("m", [1, 2, 5, 31, 32, 70])
 def test_module_decodes_with_the_kernel_and_prefills_through_onednn_exactly(m):
-    _built()
+    _runs("avx512_vnni")
     x, w = _pair(m, 200, 256, seed=m)
-    layer = cpu.OwnBf16Linear(w)
+    layer = cpu.OwnBf16Linear(w, isa="avx512_vnni")
     y = layer(x.view(1, m, 256))
     assert y.shape == (1, m, 200)
     if m < cpu.OWN_BF16_PREFILL_ROWS:
@@ -79,6 +101,28 @@ def test_path_is_chosen_for_single_stream_models_on_cpus_with_avx512_bf16():
     assert cpu.linear_path(device, torch.bfloat16, max_batch=cpu.OWN_BF16_MAX_BATCH + 1) == "onednn-bf16"
     assert cpu.linear_path(device, torch.bfloat16) == "onednn-bf16"
     assert cpu.linear_path(device, torch.float32, max_batch=1) != "own-bf16"
+
+
+def test_path_is_chosen_on_avx2_at_every_batch_size_when_asked_for(monkeypatch):
+    _runs("avx2")
+    avx2 = cpu.detect(capability="AVX2", env={}, onednn_bf16=True, fbgemm_built=True)  # as ATEN_CPU_CAPABILITY=avx2
+    assert avx2.flags <= {"avx2", "fma", "f16c"} and cpu.own_bf16_isa(avx2) == "avx2"
+    device = torch.device("cpu")
+    monkeypatch.delenv("LLAMA_OWN_BF16_AVX2", raising=False)
+    assert cpu.linear_path(device, torch.bfloat16, avx2, max_batch=1) == "fbgemm-fp16"  # the default
+    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "1")
+    for batch in (1, 4, None):
+        assert cpu.linear_path(device, torch.bfloat16, avx2, max_batch=batch) == "own-bf16"
+    assert cpu.linear_path(device, torch.float16, avx2) == "fbgemm-fp16"
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 31, 70])
+def test_avx2_module_is_the_product_at_every_size(m):
+    _runs("avx2")
+    x, w = _pair(m, 200, 256, seed=m)
+    layer = cpu.OwnBf16Linear(w, isa="avx2")
+    _close_to_exact(layer(x.view(1, m, 256))[0], x, w)
+    assert cpu.OwnBf16Linear(w).isa == cpu.own_bf16_isa()
 
 
 def test_decoding_threads_give_the_kernels_every_thread_and_restore_them():

@@ -124,10 +124,32 @@ def test_system_prompt_hard_coded(fmt, sp):
 
 
 def test_contents_are_stripped(fmt):
-    padded = [system("  Be brief.\n"), user("\n\tHi  "), assistant("  Hello!  \n"), user("   Bye\n\n")]
-    clean = [system("Be brief."), user("Hi"), assistant("Hello!"), user("Bye")]
+    padded = [user("\n\tHi  "), assistant("  Hello!  \n"), user("   Bye\n\n")]
+    clean = [user("Hi"), assistant("Hello!"), user("Bye")]
     assert fmt.encode_dialog_prompt(padded) == fmt.encode_dialog_prompt(clean)
     assert fmt.encode_dialog_prompt([user("  Hello \n")]) == [BOS] + INST + [15043] + E_INST
+
+
+def meta_chat_completion_text(dialog):
+    """Meta's llama/generation.py chat_completion (Llama 2 release), transcribed: the system message is joined to
+    the first user message (B_SYS + system + E_SYS + user) and only the joined text is stripped."""
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": "user", "content": "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n"
+                   + dialog[1]["content"]}] + dialog[2:]
+    turns = [(f"[INST] {p['content'].strip()} [/INST] {a['content'].strip()} ", True)
+             for p, a in zip(dialog[::2], dialog[1::2])]
+    return turns + [(f"[INST] {dialog[-1]['content'].strip()} [/INST]", False)]
+
+
+@pytest.mark.parametrize("dialog", [
+    [system(" Be brief.\n"), user(" Hi")],  # the issue's example: the system's inner spaces stay
+    [system("  Be brief.\n"), user("\n\tHi  "), assistant("  Hello!  \n"), user("   Bye\n\n")],
+    [system("\n"), user("x")], [system("a"), user("\n\n b")]])
+def test_system_and_first_user_message_are_stripped_joined(fmt, tok, dialog):
+    expected = [t for text, eos in meta_chat_completion_text(dialog) for t in tok.encode(text, bos=True, eos=eos)]
+    assert fmt.encode_dialog_prompt(dialog) == expected
+    if dialog[1]["content"] == " Hi":
+        assert tok.decode(expected) == "[INST] <<SYS>>\n Be brief.\n\n<</SYS>>\n\n Hi [/INST]"
 
 
 def test_bos_and_eos_only_where_the_format_puts_them(fmt):
@@ -182,6 +204,8 @@ TEMPLATE_DIALOGS = [
     [user("Write  two\nlines"), assistant("Line one\nLine two"), user("Again, with tabs:\t"),
      assistant("\tok"), user("Thanks!")],
     [user("Hello  "), assistant("  Hi there."), user("\n\nHow are you? ")],
+    [system(" Be brief.\n"), user(" Hi")],
+    [system("  padded  "), user("\tfirst "), assistant(" a "), user(" b ")],
 ]
 
 

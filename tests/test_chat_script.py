@@ -272,19 +272,15 @@ def test_piped_session(single_process_session):
     assert replies["/help"].startswith("Commands:")
 
 
-def test_quit_stops_reading(greeting_ckpt):
-    proc = run_piped([sys.executable, *chat_args(greeting_ckpt)], ["hi", "/quit", "never read"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "never read" not in proc.stdout and proc.stdout.count(ANSWER) == 1
-
-
-def test_torchrun_piped_session_is_the_same(greeting_ckpt, single_process_session):
+def test_torchrun_piped_session_is_the_same_and_quit_stops_reading(greeting_ckpt, single_process_session):
+    """(One run for both: /quit is the session's own command, the same code in one process or several.)"""
     proc = run_piped([*TORCHRUN, *chat_args(greeting_ckpt)], SESSION + ["/quit", "never read"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "into 2 process(es)" in proc.stdout
     # Only rank 0 prints: the transcript is the one-process transcript, up to the /quit.
     expected = transcript(single_process_session.stdout)
     assert transcript(proc.stdout) == expected.removesuffix("\n") + "/quit\n"
+    assert "never read" not in proc.stdout
 
 
 # --- a terminal: Ctrl-C while answering, Ctrl-C at the prompt, Ctrl-D ------------------------------------
@@ -389,18 +385,17 @@ def test_terminal_session(chatty_ckpt):
     with driven([sys.executable, *chat_args(chatty_ckpt, **CHATTY)], tty=True) as child:
         child.expect("> ")
         interrupt_an_answer(child)
-        # At the prompt, a hint, not an exit. Pause as a person would: CPython's readline shows the prompt, then
-        # waits in select(); a SIGINT in between is only acted on at the next key.
-        time.sleep(0.5)
-        child.send("\x03")
-        child.expect("(Ctrl-C stops an answer; to leave, type /quit or press Ctrl-D)")
-        child.expect("> ")
         interrupt_an_answer(child)  # the conversation goes on
         child.send("/reset\n")
         child.expect("(conversation cleared)")
         child.expect("> ")
-        child.send("\x04")
-        assert child.exit_code() == 0
+        # At the prompt, Ctrl-C ends the session as at any other moment: one line, status 130. Pause as a person
+        # would: CPython's readline shows the prompt, then waits in select(); a SIGINT in between is only acted
+        # on at the next key.
+        time.sleep(0.5)
+        child.send("\x03")
+        child.expect("interrupted")
+        assert child.exit_code() == 130
 
 
 def test_torchrun_terminal_session(chatty_ckpt):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import MHA, ROOT, TOKENIZER, make_checkpoint, run_torchrun
+from helpers import MHA, ROOT, TOKENIZER, make_checkpoint, program_help, run_torchrun
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 SCRIPTS = ["example_text_completion.py", "example_chat_completion.py", "chat.py"]
@@ -116,7 +116,7 @@ def test_every_command_has_help_and_a_console_script():
     setup = (ROOT / "setup.py").read_text()
     for name, (module, _) in _COMMANDS.items():
         assert f'"llama-{name} = {module}:entry_point"' in setup, name
-        proc = run("-m", "llama", name, "--help")
+        proc = program_help("-m", "llama", name)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (name, proc.stderr[-2000:])
 
 
@@ -140,7 +140,7 @@ def test_programs_live_apart_from_the_library():
 def test_usage_names_the_program_as_it_was_run(command):
     """`python -m llama X` says so; an installed `llama-X` script (its argv[0] is the script's path) says
     `llama-X`; neither says `python -m llama.X`."""
-    via_module = run("-m", "llama", command, "--help")
+    via_module = program_help("-m", "llama", command)
     assert via_module.returncode == 0, via_module.stderr
     assert f"usage: python -m llama {command}" in via_module.stdout, via_module.stdout[:300]
     script = (f"import sys; sys.argv = ['/usr/local/bin/llama-{command}', '--help']; "

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ROOT
-from llama import cpu
+from llama import cpu, qkernels
 from llama.model.layers import ColumnParallelLinear
 
 CPU = torch.device("cpu")
@@ -21,6 +21,13 @@ EPYC_AVX2 = {"model name": "AMD EPYC 7B12", "flags": AVX2_FLAGS}
 XEON_AVX512 = {"model name": "Intel(R) Xeon(R) Processor", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_vnni"}
 EPYC_BF16 = {"model name": "AMD EPYC 9B14", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_bf16"}
 NO_AVX2 = {"model name": "Old x86", "flags": "fpu sse sse2 avx"}
+AVX2_PATH = "fbgemm-fp16"  # bfloat16 without AVX-512 BF16, by default (the own AVX2 loop is opt-in)
+OWN_AVX2 = qkernels.best_isa() in ("avx2", "avx512_vnni")  # the C library runs its AVX2 loop here
+
+
+@pytest.fixture(autouse=True)
+def _default_paths(monkeypatch):
+    monkeypatch.delenv("LLAMA_OWN_BF16_AVX2", raising=False)  # the paths as shipped, whatever the caller's shell
 
 
 def detect(cpuinfo, capability="AVX512", env=None, onednn_bf16=True, fbgemm_built=True):
@@ -28,8 +35,8 @@ def detect(cpuinfo, capability="AVX512", env=None, onednn_bf16=True, fbgemm_buil
 
 
 @pytest.mark.parametrize("cpuinfo, capability, path, default", [
-    (EPYC_AVX2, "AVX2", "fbgemm-fp16", torch.bfloat16),
-    (XEON_AVX512, "AVX512", "fbgemm-fp16", torch.bfloat16),  # AVX-512 without BF16: bf16 is converted
+    (EPYC_AVX2, "AVX2", AVX2_PATH, torch.bfloat16),
+    (XEON_AVX512, "AVX512", AVX2_PATH, torch.bfloat16),  # AVX-512 without BF16: bf16 is converted
     (EPYC_BF16, "AVX512", "onednn-bf16", torch.bfloat16),
     (NO_AVX2, "DEFAULT", "aten", torch.float32),
 ])
@@ -45,18 +52,37 @@ def test_emulated_avx2_drops_the_avx512_paths():
     assert detect(EPYC_BF16).native_bf16
     assert not detect(EPYC_BF16, capability="AVX2").native_bf16
     info = detect(EPYC_BF16, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
-    assert not info.native_bf16 and cpu.linear_path(CPU, torch.bfloat16, info) == "fbgemm-fp16"
+    assert not info.native_bf16 and cpu.linear_path(CPU, torch.bfloat16, info) == AVX2_PATH
+    assert cpu.linear_path(CPU, torch.float16, info) == "fbgemm-fp16"
     assert detect(EPYC_BF16, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).native_bf16
     assert "avx512f" not in detect(XEON_AVX512, capability="AVX2").flags
 
 
-def test_without_fbgemm_or_avx2_bf16_is_the_slow_choice_and_says_so():
+def test_without_fbgemm_or_the_own_kernels_bf16_is_the_slow_choice_and_says_so(monkeypatch):
+    monkeypatch.setattr(cpu, "own_bf16_isa", lambda info=None: None)  # as where the C library cannot be built
     info = detect(EPYC_AVX2, capability="AVX2", fbgemm_built=False)
     assert cpu.default_dtype(CPU, info) == torch.float32
     assert cpu.linear_path(CPU, torch.bfloat16, info) == "aten"
     note = cpu.dtype_note(CPU, torch.bfloat16, info)
     assert note.startswith("note: bfloat16 has no fast kernels") and "\n" not in note
     assert cpu.dtype_note(CPU, torch.float32, info) is None
+
+
+def test_the_own_avx2_kernel_when_asked_for_makes_bfloat16_the_default(monkeypatch):
+    if not OWN_AVX2:
+        pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
+    info = detect(EPYC_AVX2, capability="AVX2", fbgemm_built=False)
+    assert cpu.linear_path(CPU, torch.bfloat16, info) == "aten"
+    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "1")
+    assert cpu.linear_path(CPU, torch.bfloat16, info) == "own-bf16" and cpu.default_dtype(CPU, info) == torch.bfloat16
+
+
+def test_describe_prints_the_bfloat16_kernels_choice():
+    if not OWN_AVX2:
+        pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
+    layer = ColumnParallelLinear(64, 48)
+    layer.use_kernel(cpu.OwnBf16Linear(weight(), isa="avx2"))
+    assert "; own-bf16 avx2 (LLAMA_OWN_BF16_AVX2=1)" in cpu.describe(layer)
 
 
 def test_float32_where_bfloat16_is_fast_gets_a_note():

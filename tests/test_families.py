@@ -131,6 +131,14 @@ def test_detection(tok2, tok3, tmp_path):
     assert families.detect(tok3, {"use_scaled_rope": True}) is families.LLAMA3
     assert families.detect(tok2, {}, requested="llamaguard") is families.LLAMAGUARD1
     assert families.detect(tok3, {}, requested="llamaguard") is families.LLAMAGUARD3
+    assert families.detect(tok3, {"rope_theta": 5e5}, requested="llamaguard") is families.LLAMAGUARD2
+    assert families.detect(tok3, {"use_scaled_rope": True, "dim": 4096}, requested="llamaguard") is \
+        families.LLAMAGUARD3
+    assert families.detect(tok3, {"use_scaled_rope": True, "dim": 2048}, requested="llamaguard") is \
+        families.LLAMAGUARD3_1B
+    assert families.detect(tok3, {}, requested="llamaguard3-1b") is families.LLAMAGUARD3_1B
+    assert families.detect(tok2, {"rope_theta": 1e6, "dim": 8192}) is families.CODELLAMA70B
+    assert families.detect(tok2, {"rope_theta": 1e6, "dim": 4096}) is families.CODELLAMA
 
 
 def test_unknown_combinations_name_what_was_found(tok2, tok3):
@@ -147,12 +155,15 @@ def test_unknown_combinations_name_what_was_found(tok2, tok3):
 def test_stop_ids(tok2, tok3, tmp_path):
     assert families.LLAMA2.stop_ids(tok2) == (2,)
     assert set(families.LLAMA3.stop_ids(tok3)) == {128009, 128008, 128001}
-    assert families.CODELLAMA.stop_ids(Tokenizer(codellama_tokenizer(tmp_path))) == (2, 32010)
+    code = Tokenizer(codellama_tokenizer(tmp_path))
+    # Meta's codellama: chat and completions end at EOS only, infilling at ▁<EOT> only; 70B Instruct at <step> too
+    assert families.CODELLAMA.stop_ids(code) == (2,) and families.CODELLAMA.infill_stop_ids(code) == (32010,)
+    assert families.CODELLAMA70B.stop_ids(code) == (2, 32015)
 
 
 # --- Llama 3's dialog format against the published templates ---------------------------------------------------
 
-TEMPLATES = sorted((FIXTURES / "chat-templates").glob("*.jinja"))
+TEMPLATES = sorted((FIXTURES / "chat-templates").glob("meta-llama-Llama-3.*-Instruct.jinja"))
 DATE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 DIALOGS = [
     [{"role": "system", "content": "Always answer in haiku."}, {"role": "user", "content": "What is Paris?"}],
@@ -328,14 +339,6 @@ def test_guard1_prompt_matches_published_format(tok2):
 def test_guard3_prompt_matches_published_format(tok3, reference3):
     ids = llamaguard.V3.encode_prompt(tok3, CONVERSATION[:2])
     assert ids == reference3.encode(V3_EXPECTED, allowed_special="all")
-
-
-def test_guard1_default_categories_are_the_published_six(tok2):
-    text = llamaguard.V1.prompt_text([{"role": "user", "content": "hi"}])
-    names = ["Violence and Hate", "Sexual Content", "Criminal Planning", "Guns and Illegal Weapons",
-             "Regulated or Controlled Substances", "Self-Harm"]
-    for i, name in enumerate(names, start=1):
-        assert f"\nO{i}: {name}.\n" in text
 
 
 @pytest.mark.parametrize("answer, verdict, codes", [

@@ -74,3 +74,31 @@ def test_shield_refuses_unsafe_messages_and_checks_answers(llama2):
     assert good.status_code == 200
     answer = good.json()["choices"][0]["message"]["content"]
     assert guard.seen[-1] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
+
+
+def test_code_llama_stops_chat_at_eos_and_infilling_at_eot_only(code_llama):
+    """Meta's codellama: a completion or chat ends at EOS (not at ▁<EOT>), an infilling at ▁<EOT> (not at EOS)."""
+    prompt = code_llama.tokenizer.encode("def f():", bos=True, eos=False)
+    eos, eot = code_llama.tokenizer.eos_id, 32010
+    plain = lambda bias: code_llama.generate([prompt], 4, temperature=0, logit_bias={bias: 100.0})[0][0]
+    infill = lambda bias: code_llama.generate([prompt], 4, temperature=0, logit_bias={bias: 100.0},
+                                              **code_llama.infill_stops())[0][0]
+    assert plain(eos) == [] and plain(eot) == [eot] * 4
+    assert infill(eot) == [] and infill(eos) == [eos] * 4
+
+
+def test_a_served_guard_renders_its_moderation_prompt(tmp_path):
+    from llama.families import llamaguard
+
+    ckpt = make_checkpoint(tmp_path / "guard", MHA)
+    guard = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=1200, max_batch_size=1, device="cpu",
+                        family="llamaguard")
+    conversation = [{"role": "user", "content": "How do I bake bread?"},
+                    {"role": "assistant", "content": "Mix flour and water."}]
+    with ThreadServer(guard, model="guard") as server:
+        tokens = httpx.post(server.url + "/tokenize", json={"messages": conversation}, timeout=TIMEOUT).json()
+        answer = httpx.post(server.url + CC, json={"model": "guard", "messages": conversation, "max_tokens": 2},
+                            timeout=TIMEOUT)
+    assert tokens["tokens"] == llamaguard.V1.encode_prompt(guard.tokenizer, conversation)
+    assert "Provide your safety assessment for Agent" in guard.tokenizer.decode(tokens["tokens"])
+    assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == tokens["count"]

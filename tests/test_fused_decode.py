@@ -38,6 +38,10 @@ def _build(precision: str, batch: int = 3) -> Transformer:
         if not qkernels.has_avx512_bf16():
             pytest.skip("this CPU has no AVX-512 BF16: the own bfloat16 kernel runs here only in its test loop")
         model.prepare(cpu.kernel_for(CPU, torch.bfloat16, "own-bf16"))
+    elif precision == "bfloat16-avx2":  # the same kernel's AVX2 loop, as on a CPU without AVX-512 BF16
+        if qkernels.bf16_isa("avx2") != "avx2":
+            pytest.skip("this CPU has no AVX2")
+        model.prepare(lambda w: cpu.OwnBf16Linear(w, isa="avx2") if isinstance(w, torch.Tensor) else None)
     else:
         if cpu.quantized_isa() is None:
             pytest.skip("this CPU has no AVX2: quantized layers use PyTorch's operators here")
@@ -49,14 +53,14 @@ def _build(precision: str, batch: int = 3) -> Transformer:
     return model
 
 
-PRECISIONS = ["int8", "int4", "bfloat16"]
+PRECISIONS = ["int8", "int4", "bfloat16", "bfloat16-avx2"]
 
 
 def _reference(precision: str, batch: int = 3) -> Transformer:
     """The independent reference: the weights each path computes with (bfloat16, or the quantized codes
     dequantized), in float32 through PyTorch's operators."""
     model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
-    if precision != "bfloat16":
+    if not precision.startswith("bfloat16"):
         scheme = quant.parse(precision)
         with torch.no_grad():
             for module in model.modules():

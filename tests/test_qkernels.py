@@ -163,7 +163,7 @@ def test_without_a_compiler_quantized_models_use_pytorch_and_say_so(tmp_path):
             f"g = Llama.build({str(demo)!r}, {str(demo / 'tokenizer.model')!r}, max_seq_len=64, max_batch_size=1, "
             "device='cpu', quantize='int8')\n"
             "print(len(g.text_completion(['Hello'], max_gen_len=4, temperature=0)[0]['generation']) > 0)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CC="no-such-compiler", PATH=str(tmp_path),
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CC="no-such-compiler", PATH=str(tmp_path), LLAMA_LOG="debug",
                LLAMA_KERNEL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

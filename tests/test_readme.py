@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, program_help
 from llama import cli
 from serve_support import ProcessServer, skip_without
 
@@ -46,25 +46,27 @@ def block_ids(language: str) -> List[str]:
     return ids
 
 
+@pytest.fixture(scope="module")
+def demo_server():
+    """`python -m llama.serve` as the docs start it (the demo model), shared by the blocks that are its clients."""
+    skip_without("fastapi", "uvicorn", "openai")
+    server = ProcessServer([])
+    yield server
+    server.kill()
+
+
 @pytest.mark.parametrize("index", range(len(blocks("python"))), ids=block_ids("python"))
-def test_python_block_runs(index, tmp_path):
+def test_python_block_runs(index, tmp_path, request):
     code = blocks("python")[index]
     # The blocks name the released checkpoints; run them on the bundled demo model instead.
     code = re.sub(r'"llama-2-[\w-]*/"', repr(str(DEMO)), code).replace('"tokenizer.model"',
                                                                         repr(str(DEMO / "tokenizer.model")))
-    server = None
     if "http://127.0.0.1:8000" in code:  # a client of `python -m llama.serve`: the demo server, as it starts
-        skip_without("fastapi", "uvicorn", "openai")
-        server = ProcessServer([])
-        code = code.replace("http://127.0.0.1:8000", server.url)
+        code = code.replace("http://127.0.0.1:8000", request.getfixturevalue("demo_server").url)
     script = tmp_path / "block.py"
     script.write_text(code)
-    try:
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path, env={**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"})
-    finally:
-        if server is not None:
-            server.kill()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"{block_ids('python')[index]} failed:\n{code}\n{proc.stderr[-3000:]}"
 
 
@@ -95,8 +97,11 @@ def flags(words: List[str]) -> List[str]:
 
 @lru_cache(maxsize=None)
 def help_text(*program: str) -> str:
-    proc = subprocess.run(list(program) + ["--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**__import__("os").environ, **ENV_PYTHONPATH})
+    if program[0] == sys.executable:  # shared with the other files that read the same help
+        proc = program_help(*program[1:])
+    else:
+        proc = subprocess.run(list(program) + ["--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**__import__("os").environ, **ENV_PYTHONPATH})
     assert proc.returncode == 0, f"{program} --help failed: {proc.stderr[-2000:]}"
     return proc.stdout
 

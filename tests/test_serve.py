@@ -264,7 +264,9 @@ BAD = {  # name: (path, body (a dict, or raw bytes), status, param, code, a piec
                      "special_tags", UNSAFE_ERROR),
     "chat-max-tokens-huge": (CC, {"messages": OK_CHAT, "max_tokens": 500}, 400, "max_tokens",
                              "context_length_exceeded", "max_seq_len"),
-    "tools": (CC, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported", "tool"),
+    "tools": (CC, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function", None, "name"),
+    "tools-on-llama2": (CC, {"messages": OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                        "tools", None, "Llama 3.1"),
     "top-logprobs-alone": (CC, {"messages": OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs", None, "logprobs"),
 }
 
@@ -449,7 +451,7 @@ def test_cli_serves_a_model_quantized_at_load():
                             device="cpu", dtype="bfloat16", quantize="int8")
     want = quantized.chat_completion([CHAT], temperature=0, max_gen_len=24)[0]["generation"]["content"]
     server = ProcessServer([*demo_paths(), "--max_seq_len", "256", "--max_batch_size", "2", "--dtype", "bfloat16",
-                            "--quantize", "int8", "--model", "q"])
+                            "--quantize", "int8", "--model", "q", "--verbose"])  # --verbose: the kernel line
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
         got = client.chat.completions.create(model="q", messages=CHAT, temperature=0, max_tokens=24)

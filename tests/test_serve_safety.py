@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -246,6 +247,8 @@ def test_default_server_accepts_only_its_own_origin_and_loopback_hosts(randomly)
         assert r.status_code == 403
         rebound = httpx.get(server.url + "/health", headers={"Host": "rebound.example"}, timeout=TIMEOUT)
         assert rebound.status_code == 400
+        page = httpx.get(server.url + "/web", timeout=TIMEOUT)  # README's address, on a server without --web
+        assert page.status_code == 404 and "--web" in page.json()["error"]["message"]
 
 
 def test_web_page_takes_no_uploads_and_no_unbounded_bodies(randomly):
@@ -263,6 +266,7 @@ def test_web_page_takes_no_uploads_and_no_unbounded_bodies(randomly):
             assert r.status_code == 411
             r = client.get("/web", follow_redirects=False)  # the slash redirect names no host
             assert r.status_code in (301, 307) and r.headers["location"] == "/web/"
+            assert "/web/" in r.text  # and says where, for a client that does not follow it (curl without -L)
             assert client.get("/web/").status_code == 200
 
 
@@ -412,6 +416,9 @@ def test_running_out_of_file_descriptors_logs_little_and_recovers():
         lines = output.count("cannot accept connections")  # one per ACCEPT_LOG_EVERY (10 s) at most
         assert 1 <= lines <= 1 + (time.monotonic() - start) // 10, output[-3000:]
         assert "out of system resource" not in output and "Traceback" not in output, output[-3000:]
+        # One log line per request, the app's (with its ID, status and time); uvicorn's access log is off.
+        assert re.search(r"request \w+: GET /health -> 200 in \d+\.\d+ s", output), output[-3000:]
+        assert '"GET /health HTTP/1.1"' not in output, output[-3000:]
     finally:
         for sock in clients:
             sock.close()

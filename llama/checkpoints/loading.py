@@ -6,6 +6,7 @@ headers and the arguments is checked before any process group is joined or any w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
@@ -213,8 +214,32 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int,
     distributed.print0(f"KV cache: {blocks - 1} blocks of {BLOCK_SIZE} positions ({(blocks - 1) * BLOCK_SIZE} "
                        f"tokens, {blocks * per_block / 2 ** 30:.2f} GiB per process{'' if kv_cache_gib else ', what fits beside the weights, at most max_batch_size full contexts'})")
     if plan.device.type == "cpu":
-        distributed.print0(cpu.describe(model))  # the kernels that will run, counted from the model
+        _report_cpu(model)
     return model.eval()
+
+
+LOG_ENV = "LLAMA_LOG"  # LLAMA_LOG=debug (or a program's --verbose): the load reports its detail
+
+
+def verbose() -> bool:
+    """Whether loading reports its detail: the CPU's deciding flags and the kernels each linear layer runs."""
+    return os.environ.get(LOG_ENV, "").strip().lower() == "debug"
+
+
+def set_verbose(on: bool = True) -> None:
+    """A program's --verbose: this process (and the processes it starts) report the detail."""
+    if on:
+        os.environ[LOG_ENV] = "debug"
+
+
+def _report_cpu(model: Transformer) -> None:
+    """One line about where the model runs: plain words by default, the kernels when verbose."""
+    if verbose():
+        distributed.print0(cpu.describe(model))  # the kernels that will run, counted from the model
+        return
+    threads = torch.get_num_threads()
+    distributed.print0(f"Running on {cpu.info().model} with {threads} thread{'' if threads == 1 else 's'} "
+                       f"(--verbose or {LOG_ENV}=debug: its kernels)")
 
 
 def _report_lora(adapter: LoraAdapter) -> None:
@@ -226,7 +251,8 @@ def _report_lora(adapter: LoraAdapter) -> None:
 
 
 def _report_shard(done: int, total: int, path, seconds: float) -> None:
-    distributed.print0(f"  rank 0 read shard {done}/{total} ({path.name}) after {seconds:.1f} s")
+    size = path.stat().st_size / 2**20 if path.is_file() else 0.0
+    distributed.print0(f"  rank 0 read shard {done}/{total} ({path.name}, {size:.1f} MiB) after {seconds:.1f} s")
 
 
 def _check_state(model: Transformer, state: dict, ckpt_dir: str) -> None:

@@ -11,9 +11,12 @@ weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"
   for at most OWN_BF16_MAX_BATCH rows (`max_batch_size`, as chat.py and single-prompt generation do) takes
   `own-bf16`, and a batched one (the server) keeps `onednn-bf16`.
 - AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
-  weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). fbgemm's fp16 GEMM keeps 16-bit
-  weights and computes in float32 with F16C/FMA: 21 GB/s at batch 1, and 4x faster than the bf16 kernels at
-  batch 4 and 8, with prefill close to float32's. `fbgemm-fp16` holds the model's bf16 weights as fp16:
+  weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). The own kernel's AVX2 loop
+  (`own-bf16` with isa "avx2") turns each bf16 weight into a float by a shift or a mask and streams the same
+  tiles with FMA, a register-blocked GEMM of its own from 16 rows; it is opt-in (`own_bf16_on_avx2`: measured
+  level with fbgemm per layer, behind it end to end on a loaded host). fbgemm's fp16 GEMM keeps 16-bit weights
+  and computes in float32 with F16C/FMA (21 GB/s at batch 1, 4x faster than the bf16 kernels at batch 4 and
+  8, prefill close to float32's): the default. `fbgemm-fp16` holds the model's weights as fp16:
   exact for every |w| in [2**-17, 65504] (bf16's 8 significant bits fit fp16's 11); smaller magnitudes round by
   under 2**-25; a matrix with a larger one keeps its plain form (counted as `aten` by `kernel_counts`).
 - Anything else (no AVX2, not x86): PyTorch's generic kernels (`aten`); there `dtype=None` is float32.
@@ -237,11 +240,11 @@ class Fp16Linear(nn.Module):
 _SCRATCH = threading.local()  # each thread's buffer for unpacked row blocks, reused
 
 
-def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str = "avx512_vnni") -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     m, k = rows.shape
-    if m < OWN_BF16_PREFILL_ROWS:
-        out = qkernels.linear_bf16(rows, packed, n)
+    if m < OWN_BF16_PREFILL_ROWS or isa != "avx512_vnni":  # (AVX2: the kernel's own GEMM, faster than fbgemm's)
+        out = qkernels.linear_bf16(rows, packed, n, isa=isa)
     else:  # compute-bound: oneDNN's GEMM over row blocks unpacked into a reused buffer
         step = min(n, max(64, UNPACKED_BLOCK // k // 64 * 64))
         buf = getattr(_SCRATCH, "buf", None)
@@ -255,25 +258,45 @@ def _own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Ten
 
 
 @torch.library.custom_op("llama::own_bf16_linear", mutates_args=())
-def own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def own_bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x @ weight.T over a weight packed by qkernels.pack_bf16."""
-    return _own_bf16_linear(x, packed, n)
+    return _own_bf16_linear(x, packed, n, isa)
 
 
 @own_bf16_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
+def own_bf16_on_avx2() -> bool:
+    """Whether bfloat16 models take the own kernel's AVX2 loop where there is no AVX-512 BF16 (else fbgemm-fp16):
+    opt-in, LLAMA_OWN_BF16_AVX2=1. Measured on 2026-12-07 (Zen 4 emulated as AVX2, 2 threads, a host loaded 15-20):
+    the loop alone streams 1.1B layers at fbgemm's speed or better and a 4-layer model's decode steps, timed in
+    one process, 7.7x; separate processes timed later said 0.25-0.9x, and its GEMM prefills 64-128 tokens at
+    0.6x fbgemm's. The default waits for a measurement on a quiet machine (docs/quantization.md)."""
+    return os.environ.get("LLAMA_OWN_BF16_AVX2", "") == "1"
+
+
+def own_bf16_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
+    """The loop of the own bfloat16 kernel here: "avx512_vnni" (AVX-512 BF16), "avx2" (no bfloat16 instructions,
+    or emulation lowered them), None (no AVX2 or no C kernels)."""
+    cpu = info() if cpu is None else cpu
+    if not {"avx2", "fma"} <= cpu.flags or qkernels.best_isa() not in ("avx2", "avx512_vnni"):
+        return None
+    return "avx512_vnni" if "avx512_bf16" in cpu.flags and qkernels.has_avx512_bf16() else "avx2"
+
+
 class OwnBf16Linear(nn.Module):
-    """x @ weight.T through the project's bfloat16 kernel (llama/cpu/csrc/linear16.c) below OWN_BF16_PREFILL_ROWS
-    rows, oneDNN's GEMM over unpacked row blocks above."""
+    """x @ weight.T through the project's bfloat16 kernel (llama/cpu/csrc/linear16.c): with AVX-512 BF16 below
+    OWN_BF16_PREFILL_ROWS rows, oneDNN's GEMM over unpacked row blocks above; with AVX2 at every size (its own
+    GEMM from 16 rows). `isa`: the kernel's loop (`own_bf16_isa`)."""
 
     path = "own-bf16"
-    detail = "own AVX-512 BF16 kernel over weights tiled once (decoding), oneDNN for prefill"
+    detail = "own AVX-512 BF16 or AVX2 kernel over weights tiled once (decoding), the BLAS for prefill"
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, isa: Optional[str] = None) -> None:
         super().__init__()
+        self.isa = isa or own_bf16_isa() or "scalar"
         self.out_features = weight.shape[0]
         self.register_buffer("packed", qkernels.pack_bf16(weight), persistent=False)
 
@@ -283,8 +306,8 @@ class OwnBf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return own_bf16_linear(x, self.packed, self.out_features)
-        return _own_bf16_linear(x, self.packed, self.out_features)
+            return own_bf16_linear(x, self.packed, self.out_features, self.isa)
+        return _own_bf16_linear(x, self.packed, self.out_features, self.isa)
 
 
 KERNELS: Dict[str, Optional[Type[nn.Module]]] = {"own-bf16": OwnBf16Linear, "onednn-bf16": OneDnnLinear,
@@ -303,6 +326,8 @@ def linear_path(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo]
                 qkernels.has_avx512_bf16():
             return "own-bf16"
         return "onednn-bf16"
+    if dtype == torch.bfloat16 and own_bf16_on_avx2() and own_bf16_isa(cpu) == "avx2":
+        return "own-bf16"
     if dtype in (torch.bfloat16, torch.float16) and cpu.fbgemm:
         return "fbgemm-fp16"
     return "aten"
@@ -375,10 +400,11 @@ def _note_once(message: str) -> None:
 
 
 def default_dtype(device: torch.device, cpu: Optional[CpuInfo] = None) -> torch.dtype:
-    """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16 or fbgemm), else
-    float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
+    """What dtype=None means on a CPU: bfloat16 where a 16-bit path is fast (native bf16, the own AVX2 kernel or
+    fbgemm), else float32 (twice the memory, but PyTorch's generic bf16 kernels are slower still)."""
     cpu = info() if cpu is None else cpu
-    return torch.bfloat16 if cpu.native_bf16 or cpu.fbgemm else torch.float32
+    fast = cpu.native_bf16 or cpu.fbgemm or (own_bf16_on_avx2() and own_bf16_isa(cpu) is not None)
+    return torch.bfloat16 if fast else torch.float32
 
 
 def dtype_note(device: torch.device, dtype: torch.dtype, cpu: Optional[CpuInfo] = None) -> Optional[str]:
@@ -415,6 +441,10 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
         prefill = sorted({m.prefill for m in model.modules() if isinstance(getattr(m, "prefill", None), str)})
         if prefill:  # the quantized kernels' (llama.quant.kernels._OwnKernel)
             line += f"; quantized prefill {', '.join(prefill)}"
+        own = sorted({m.isa for m in model.modules() if isinstance(m, OwnBf16Linear)})
+        if own:
+            line += "; own-bf16 " + ", ".join("vdpbf16ps, oneDNN from 32 rows" if isa == "avx512_vnni" else
+                                              f"{isa} (LLAMA_OWN_BF16_AVX2=1)" for isa in own)
     threads = torch.get_num_threads()
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 

@@ -1,7 +1,7 @@
 """The project's own CPU kernels (llama/cpu/csrc): built at first use, called through ctypes.
 
 - qlinear.c: quantized (int8, int4) linear layers at decoding sizes, and dequantized row tiles for prefill;
-- linear16.c: bfloat16 linear layers at decoding sizes with AVX-512 BF16 (llama.cpu's `own-bf16` path);
+- linear16.c: bfloat16 linear layers at decoding sizes with AVX-512 BF16 or AVX2 (llama.cpu's `own-bf16` path);
 - decode.c: a decoding step's layers in one call over those kernels (llama/model/fused_decode.py);
 - pool.c, common.h: the threads they share, the instruction sets, bfloat16 conversions.
 
@@ -149,7 +149,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_pack_bf16.restype = c_int
     lib.qk_pack_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.qk_linear_bf16.restype = c_int
-    lib.qk_linear_bf16.argtypes = [c_int, ptr, i64, i64, ptr, i64, ptr]
+    lib.qk_linear_bf16.argtypes = [c_int, c_int, ptr, i64, i64, ptr, i64, ptr]
+    lib.qk_bf16_isa.restype = c_int
+    lib.qk_bf16_isa.argtypes = [c_int]
     lib.qk_untile_bf16.restype = c_int
     lib.qk_untile_bf16.argtypes = [c_int, ptr, i64, i64, i64, ptr]
     lib.qk_read.restype = ctypes.c_uint64
@@ -281,11 +283,20 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, threads: Optional[int] = None) -> torch.Tensor:
-    """y = x @ W.T for x (M, K) contiguous bfloat16 and W packed by `pack_bf16`, in bfloat16."""
+def bf16_isa(isa: str = "avx512_vnni") -> str:
+    """The loop `linear_bf16` runs with `isa` as its ceiling: "avx512_vnni" (AVX-512 BF16's `vdpbf16ps`, where the
+    CPU has it), "avx2" (shift-converted weights and FMA) or "scalar"."""
+    level = load().qk_bf16_isa(ISAS[isa])
+    return next(name for name, number in ISAS.items() if number == level)
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, threads: Optional[int] = None,
+                isa: str = "avx512_vnni") -> torch.Tensor:
+    """y = x @ W.T for x (M, K) contiguous bfloat16 and W packed by `pack_bf16`, in bfloat16, with the loop of
+    `bf16_isa(isa)`."""
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    _check(load().qk_linear_bf16(threads or kernel_threads(), x.data_ptr(), m, k, packed.data_ptr(), n,
+    _check(load().qk_linear_bf16(ISAS[isa], threads or kernel_threads(), x.data_ptr(), m, k, packed.data_ptr(), n,
                                  out.data_ptr()), "qk_linear_bf16")
     return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..model.kv_cache import BLOCK_SIZE, blocks_for
-from .params import SamplingParams
+from .params import ParamError, SamplingParams
 
 
 def blocks_needed(prompt: int, max_tokens: int, n: int) -> int:
@@ -25,7 +25,8 @@ def check(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_ba
         raise ValueError(f"the prompt has token ids outside 0..{vocab_size - 1}")
     params.check(vocab_size)
     if params.n > max_batch_size:
-        raise ValueError(f"n={params.n} choices need as many rows; there are {max_batch_size} (max_batch_size)")
+        raise ParamError(f"n={params.n} choices need as many cache rows; there are {max_batch_size} "
+                         "(max_batch_size)", "n")
     if len(prompt) > max_seq_len or (params.max_tokens and len(prompt) >= max_seq_len):
         raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
                          f"{max_seq_len} with the answer, so prompts may have up to {max_seq_len - 1}")

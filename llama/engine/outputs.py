@@ -108,7 +108,8 @@ class Outputs:
         c.sampler.record(token)
         if c.request.cancelled:
             return e.finish_cancelled(c)
-        if token in e.stop_ids or token in params.stop_token_ids:  # the end: no entry, no text of its own
+        if (token in e.stop_ids and token not in params.ignore_stop_ids) or token in params.stop_token_ids:
+            # the end: no entry, no text of its own
             self.show(c, c.stops.feed(c.text.finish())[0] + c.stops.flush(), [], final=True)
             return e.finish(c, "stop")
         if lps is not None:

@@ -62,6 +62,7 @@ class SamplingParams:
     seed: Optional[int] = None  # 0..2**64-1; None: drawn from the engine's seed sequence
     stop: Tuple[str, ...] = ()  # stop strings, cut from the text
     stop_token_ids: Tuple[int, ...] = ()  # stop tokens besides the model's own end-of-turn tokens
+    ignore_stop_ids: Tuple[int, ...] = ()  # model stop tokens this request goes past (Code Llama's infilling: EOS)
     logprobs: Optional[int] = None  # None: no log-probs; k: each token's and the k likeliest alternatives
     prompt_logprobs: bool = False  # also the log-prob of each prompt token (echo)
     n: int = 1  # choices sharing one prefill

@@ -4,7 +4,9 @@ Order, as transformers and vLLM apply them: logit_bias, then the penalties (tran
 over prompt and answer; OpenAI's presence and frequency penalties over the answer), then a grammar's mask
 (structured output: the tokens it forbids next at -inf; grammar.py), then temperature, top-k,
 top-p over what top-k kept, min-p, and a draw with the row's generator. Greedy rows take the argmax of the
-adjusted logits. Every operation works row by row, so a row samples the same token whatever rows share its
+adjusted logits. Ties are ranked as argmax ranks them (the lower token id first: a stable sort of the logits
+themselves, not of probabilities that rounding may tie), and min_p = 1 keeps the first-ranked token alone, so
+top_k = 1, min_p = 1 and any nucleus that keeps one token each choose exactly the greedy token. Every operation works row by row, so a row samples the same token whatever rows share its
 batch. Every rank of a model-parallel group samples from identical logits with identically seeded generators,
 so they agree without communicating.
 
@@ -89,9 +91,10 @@ def _nucleus(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[to
     descending order of probability, with that order."""
     device = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device).unsqueeze(1)
+    # Rank by the logits, stably: rank 0 is argmax's token (the first of tied maxima), whatever the temperature.
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     # Subtracting the maximum first keeps logits / T finite however small T is (down to MIN_TEMPERATURE).
-    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps, dim=-1)
-    probs, order = torch.sort(probs, dim=-1, descending=True)
+    probs = torch.softmax((ordered - ordered[:, :1]) / temps, dim=-1)
     ranks = torch.arange(probs.shape[-1], device=device)
     top_k = torch.tensor([p.top_k or probs.shape[-1] for p in params], device=device).unsqueeze(1)
     probs = probs.masked_fill(ranks >= top_k, 0.0)
@@ -100,6 +103,7 @@ def _nucleus(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[to
     probs = probs.masked_fill(kept.cumsum(dim=-1) - kept > top_p, 0.0)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device).unsqueeze(1)
     probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    probs = probs.masked_fill((min_p >= 1.0) & (ranks > 0), 0.0)  # min_p 1: the top token alone, not its ties
     return probs / probs.sum(dim=-1, keepdim=True), order
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from functools import lru_cache
+from typing import Sequence, Tuple
 
 
 class StopText:
@@ -18,7 +19,7 @@ class StopText:
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
-        self._fail = [_failure(s) for s in self.stops]
+        self._fail = [_failure(s) for s in self.stops]  # cached: `prepare` built them when the request arrived
         self._state = [0] * len(self.stops)
         self.held = ""
 
@@ -47,13 +48,34 @@ class StopText:
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False
 
+    @staticmethod
+    def prepare(stops: Sequence[str]) -> None:
+        """Build the stop strings' tables ahead (a server does so as a request arrives, off the engine thread):
+        the StopText the engine makes for each choice then finds them ready."""
+        for stop in stops:
+            if stop:
+                _failure(stop)
+
     def flush(self) -> str:
         out, self.held = self.held, ""
         self._state = [0] * len(self.stops)
         return out
 
 
-def _failure(pattern: str) -> List[int]:
+CACHED_CHARS = 4096  # stop strings up to this long keep their tables (at most 1024 of them)
+
+
+def _failure(pattern: str) -> Tuple[int, ...]:
+    """KMP's table (see _table), cached for patterns up to CACHED_CHARS long."""
+    return _cached(pattern) if len(pattern) <= CACHED_CHARS else _table(pattern)
+
+
+@lru_cache(maxsize=1024)
+def _cached(pattern: str) -> Tuple[int, ...]:
+    return _table(pattern)
+
+
+def _table(pattern: str) -> Tuple[int, ...]:
     """KMP's table: for each prefix of pattern, the length of its longest proper prefix that is also a suffix."""
     table = [0] * len(pattern)
     k = 0
@@ -63,4 +85,4 @@ def _failure(pattern: str) -> List[int]:
         if pattern[i] == pattern[k]:
             k += 1
         table[i] = k
-    return table
+    return tuple(table)

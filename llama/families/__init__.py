@@ -7,9 +7,13 @@ of the library asks the family.
 Detection (`detect`) reads what the files say: the tokenizer file's format (a SentencePiece protobuf or
 tiktoken's base64 lines), params.json's keys (or those Hugging Face's config.json maps to: rope_theta,
 use_scaled_rope...) and the vocabulary. tiktoken means Llama 3; SentencePiece with rope_theta 1e6 or the
-infilling pieces means Code Llama; other SentencePiece checkpoints are Llama 2. Llama Guard looks like its base
-model and is chosen by name. A `family=` name overrides detection, but must fit the files; anything that fits
-no family is a ValueError naming what was found.
+infilling pieces means Code Llama (width 8192: Code Llama 70B, with 70B Instruct's chat format); other
+SentencePiece checkpoints are Llama 2. Llama Guard looks like its base model and is chosen by name ('llamaguard'
+alone: the version the files say, see llamaguard.version_for). A `family=` name overrides detection, but must fit
+the files; anything that fits no family is a ValueError naming what was found.
+
+Beside the families: the chat prompts a generator uses (prompting.py: a Jinja chat template, templates.py, or the
+family's Meta format) and tool calling (tools.py).
 """
 
 from __future__ import annotations
@@ -18,14 +22,24 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..tokenizers import BaseTokenizer
 from .base import Family
-from .codellama import FAMILY as CODELLAMA
+
+
+def _key(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+from .codellama import FAMILY as CODELLAMA, FAMILY_70B as CODELLAMA70B
 from .llama2 import FAMILY as LLAMA2
 from .llama3 import FAMILY as LLAMA3
-from .llamaguard import V1 as LLAMAGUARD1, V3 as LLAMAGUARD3, LlamaGuard, Moderation
+from .llamaguard import V1 as LLAMAGUARD1, V2 as LLAMAGUARD2, V3 as LLAMAGUARD3, V3_1B as LLAMAGUARD3_1B, \
+    LlamaGuard, Moderation, version_for
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (LLAMA2, CODELLAMA, LLAMA3, LLAMAGUARD1, LLAMAGUARD3)}
-NAMES = ("llama2", "codellama", "llama3", "llamaguard")  # what family= takes (llamaguard: its version by tokenizer)
-_DETECTION_ORDER = (LLAMA3, CODELLAMA, LLAMA2)
+FAMILIES: Dict[str, Family] = {_key(f.name): f for f in (LLAMA2, CODELLAMA, CODELLAMA70B, LLAMA3, LLAMAGUARD1,
+                                                         LLAMAGUARD2, LLAMAGUARD3, LLAMAGUARD3_1B)}
+# what family= takes (llamaguard alone: its version from the files, see llamaguard.version_for)
+NAMES = ("llama2", "codellama", "codellama-70b", "llama3", "llamaguard", "llamaguard1", "llamaguard2",
+         "llamaguard3", "llamaguard3-1b")
+_DETECTION_ORDER = (LLAMA3, CODELLAMA70B, CODELLAMA, LLAMA2)
 
 
 def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer) -> str:
@@ -33,14 +47,14 @@ def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer) -> str:
     return f"tokenizer {tokenizer.path!r} ({tokenizer.kind}, {tokenizer.n_words} tokens), params {keys}"
 
 
-def get(name: str, tokenizer: Optional[BaseTokenizer] = None) -> Family:
-    """The family called `name` (llama2, codellama, llama3, llamaguard[1|3]); 'llamaguard' alone is version 1
-    with a SentencePiece tokenizer and version 3 with a tiktoken one."""
+def get(name: str, tokenizer: Optional[BaseTokenizer] = None, params: Optional[Mapping[str, Any]] = None) -> Family:
+    """The family called `name` (one of NAMES); 'llamaguard' alone is the version the tokenizer and params.json
+    say (llamaguard.version_for)."""
     if isinstance(name, Family):
         return name
-    key = str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
+    key = _key(name)
     if key == "llamaguard":
-        return LLAMAGUARD3 if tokenizer is not None and tokenizer.kind == "tiktoken" else LLAMAGUARD1
+        return version_for(tokenizer, params)
     if key not in FAMILIES:
         raise ValueError(f"unknown family {name!r}: choose one of {list(NAMES)}")
     return FAMILIES[key]
@@ -52,7 +66,7 @@ def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
     (family=, --family) overrides detection but must fit."""
     params = params or {}
     if requested is not None:
-        family = get(requested, tokenizer)
+        family = get(requested, tokenizer, params)
         problem = family.check_tokenizer(tokenizer) or family.check_params(params)
         if problem:
             raise ValueError(f"family {requested!r} does not fit this checkpoint: {problem} (found "
@@ -67,4 +81,4 @@ def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
 
 
 __all__ = ["Family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "LLAMA2", "CODELLAMA",
-           "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD3"]
+           "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]

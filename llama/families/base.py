@@ -47,6 +47,10 @@ class Family:
         """The tokens that end an answer (never part of it)."""
         return (tokenizer.eos_id,)
 
+    def infill_stop_ids(self, tokenizer: BaseTokenizer) -> Tuple[int, ...]:
+        """The tokens that end a fill-in-the-middle answer (Code Llama's)."""
+        return self.stop_ids(tokenizer)
+
     # --- the checkpoint ---------------------------------------------------------------------------------------
 
     def context_for(self, params: Mapping[str, Any]) -> int:

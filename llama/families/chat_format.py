@@ -79,13 +79,12 @@ class ChatFormat:
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
         """The exact prompt tokens of a dialog: BOS [INST] user [/INST] answer EOS ... BOS [INST] user [/INST]."""
         validate_dialog(dialog)
-        turns = [{"role": m["role"], "content": m["content"].strip()} for m in dialog]
-        if turns[0]["role"] == "system":
-            system, first = turns[0]["content"], turns[1]["content"]
-            turns = [{"role": "user", "content": f"{B_SYS}{system}{E_SYS}{first}"}] + turns[2:]
+        turns = [m["content"] for m in dialog]
+        if dialog[0]["role"] == "system":  # joined first, then stripped as one text (Meta's chat_completion)
+            turns = [f"{B_SYS}{turns[0]}{E_SYS}{turns[1]}"] + turns[2:]
+        turns = [t.strip() for t in turns]
         tokens: List[int] = []
         for user, answer in zip(turns[0::2], turns[1::2]):
-            text = f"{B_INST} {user['content']} {E_INST} {answer['content']} "
-            tokens += self.tokenizer.encode(text, bos=True, eos=True)
-        tokens += self.tokenizer.encode(f"{B_INST} {turns[-1]['content']} {E_INST}", bos=True, eos=False)
+            tokens += self.tokenizer.encode(f"{B_INST} {user} {E_INST} {answer} ", bos=True, eos=True)
+        tokens += self.tokenizer.encode(f"{B_INST} {turns[-1]} {E_INST}", bos=True, eos=False)
         return tokens

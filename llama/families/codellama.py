@@ -1,5 +1,10 @@
 """Code Llama: Llama 2 trained on code, with rope_theta 1e6 for 16k contexts and (7B, 13B, 70B) fill-in-the-
-middle through four extra pieces of its 32016-token vocabulary. Code Llama Instruct chats in Llama 2's format.
+middle through four extra pieces of its 32016-token vocabulary. Code Llama Instruct 7B-34B chats in Llama 2's
+format; 70B Instruct in its own (CodeLlama70BChatFormat): BOS, then per message "Source: ROLE\n\n CONTENT" and
+the <step> token, then "Source: assistant\nDestination: user\n\n ", which the answer follows.
+
+Stop tokens as Meta's codellama generation: a chat or completion ends at EOS only (70B Instruct: EOS or <step>),
+an infilling only at ▁<EOT> (`infill_stop_ids`).
 
 Infilling, as Meta's codellama repository does it (prefix-suffix-middle, "PSM"): BOS ▁<PRE> prefix ▁<SUF>
 suffix ▁<MID>, and the model writes the middle until ▁<EOT>. The suffix is encoded without SentencePiece's
@@ -8,11 +13,13 @@ leading word-boundary space (it continues text), and so is the middle when decod
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+from .chat_format import ChatFormat, Message, validate_dialog
 from ..tokenizers import BaseTokenizer
 from .base import Family
 
+STEP = "<step>"  # 70B Instruct's turn separator, id 32015
 PREFIX, SUFFIX, MIDDLE, EOT = "\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"
 INFILL_IDS = {PREFIX: 32007, SUFFIX: 32008, MIDDLE: 32009, EOT: 32010}  # in the released 32016-token vocabulary
 ROPE_THETA = 1_000_000.0
@@ -52,6 +59,28 @@ def decode_infill(tokenizer: BaseTokenizer, tokens: List[int]) -> str:
     return tokenizer.decode(anchor + list(tokens))[len(tokenizer.decode(anchor)):]
 
 
+class CodeLlama70BChatFormat(ChatFormat):
+    """Code Llama 70B Instruct's dialogs, as its model card writes them out (ids included): each message
+    "Source: ROLE\n\n CONTENT" (content stripped, encoded with SentencePiece's leading space) then <step>; a dialog
+    without a system message gets an empty one first, as Meta's codellama code does."""
+
+    tags: Sequence[str] = (STEP, "Source: ", "Destination: ")
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+        validate_dialog(dialog)
+        step = self.tokenizer.piece_to_id(STEP)
+        if step < 0:
+            raise ValueError(f"tokenizer {self.tokenizer.path!r} has no {STEP} piece: the Code Llama 70B Instruct "
+                             "format needs 70B Instruct's vocabulary")
+        if dialog[0]["role"] != "system":
+            dialog = [{"role": "system", "content": ""}] + list(dialog)
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
+            text = f"Source: {message['role']}\n\n {message['content'].strip()}"
+            tokens += self.tokenizer.encode(text, bos=False, eos=False) + [step]
+        return tokens + self.tokenizer.encode("Source: assistant\nDestination: user\n\n ", bos=False, eos=False)
+
+
 class CodeLlama(Family):
     name = "codellama"
     title = "Code Llama"
@@ -63,8 +92,12 @@ class CodeLlama(Family):
     infilling = True
 
     def stop_ids(self, tokenizer: BaseTokenizer) -> Tuple[int, ...]:
+        return (tokenizer.eos_id,)
+
+    def infill_stop_ids(self, tokenizer: BaseTokenizer) -> Tuple[int, ...]:
+        """An infilling ends at ▁<EOT> only (EOS does not end it)."""
         ids = infill_ids(tokenizer)
-        return (tokenizer.eos_id,) + ((ids[3],) if ids is not None else ())
+        return (ids[3],) if ids is not None else (tokenizer.eos_id,)
 
     def hf_eos_ids(self, tokenizer: BaseTokenizer) -> List[int]:
         return [tokenizer.eos_id]
@@ -75,4 +108,22 @@ class CodeLlama(Family):
             params.get("rope_theta") == ROPE_THETA or infill_ids(tokenizer) is not None)
 
 
+class CodeLlama70B(CodeLlama):
+    """Code Llama 70B (width 8192): 70B Instruct's chat format and its <step> stop token."""
+
+    name = "codellama-70b"
+    title = "Code Llama 70B"
+
+    def chat_format(self, tokenizer: BaseTokenizer) -> ChatFormat:
+        return CodeLlama70BChatFormat(tokenizer)
+
+    def stop_ids(self, tokenizer: BaseTokenizer) -> Tuple[int, ...]:
+        step = tokenizer.piece_to_id(STEP)
+        return (tokenizer.eos_id,) + ((step,) if step >= 0 else ())
+
+    def matches(self, params, tokenizer: BaseTokenizer) -> bool:
+        return super().matches(params, tokenizer) and params.get("dim") == 8192
+
+
 FAMILY = CodeLlama()
+FAMILY_70B = CodeLlama70B()

@@ -1,54 +1,54 @@
 """Llama Guard: Llama models fine-tuned to classify a conversation as safe or unsafe under a list of categories.
 
-Version 1 is Llama 2 7B (SentencePiece); version 3 is Llama 3.1 8B or 3.2 1B (tiktoken). The prompt, in the
-published format: the task instruction naming the role to assess ('User' when the conversation ends with the
-user, 'Agent' when it ends with the assistant), the categories between <BEGIN UNSAFE CONTENT CATEGORIES> and
-<END UNSAFE CONTENT CATEGORIES>, the conversation as 'User: ...' / 'Agent: ...' turns between
-<BEGIN CONVERSATION> and <END CONVERSATION>, and the instruction for the answer. Version 1 wraps it in Llama 2's
-[INST] ... [/INST], version 3 sends it as the one user message of a Llama 3 dialog. The answer's first line
-is 'safe' or 'unsafe'; for 'unsafe' the second line lists the violated categories' codes, comma-separated.
+Versions: 1 (LlamaGuard-7b, Llama 2 7B, SentencePiece), 2 (Meta-Llama-Guard-2-8B, Llama 3 8B), 3 (Llama-Guard-3-8B
+on Llama 3.1 8B, and Llama-Guard-3-1B on Llama 3.2 1B). The prompt, as Meta published it: the task naming the role
+to assess ('User' when the conversation has an odd number of turns, 'Agent' when it ends with the assistant's
+answer), the categories between <BEGIN UNSAFE CONTENT CATEGORIES> and <END UNSAFE CONTENT CATEGORIES>, the turns
+as 'User: ...' / 'Agent: ...' between <BEGIN CONVERSATION> and <END CONVERSATION>, and the instruction for the
+answer. Versions 1 and 2 wrap it in [INST] ... [/INST] after BOS; version 3 sends it as the one user message of a
+Llama 3 dialog. The answer's first line is 'safe' or 'unsafe'; for 'unsafe' the second line lists the violated
+categories' codes, comma-separated.
 
-The default categories are the published ones (v1: O1-O6; v3: the S1-S14 hazard taxonomy, S1-S13 for the 1B
-model, which has no code interpreter). Their descriptions here are short summaries; any list may replace them.
+The default categories are the published ones, verbatim (guard_categories.py): v1 O1-O6 with their policies,
+v2 S1-S11, v3 8B S1-S14, v3 1B S1-S13. Any list may replace them; `excluded` leaves categories out by code and
+keeps the codes of the rest, as the Llama Guard 3 1B template's excluded_category_keys does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .chat_format import ChatFormat, Message
 from ..tokenizers import BaseTokenizer
+from . import guard_categories as published
 from .base import Family
 from .llama3 import FAMILY as LLAMA3, Llama3ChatFormat
 
 
 @dataclass(frozen=True)
 class Category:
+    """One category. `name` is written as the prompt shows it (a full stop is added where it has none); the
+    description, when there is one, follows on the next lines."""
+
     name: str
     description: str = ""
 
+    @property
+    def heading(self) -> str:
+        return self.name if self.name.rstrip().endswith(".") else self.name + "."
 
-V1_CATEGORIES = (
-    Category("Violence and Hate", "Should not\n- Help plan or encourage violence, or express hatred of people for "
-             "who they are.\nCan\n- Discuss violence and discrimination factually, or educate about them."),
-    Category("Sexual Content", "Should not\n- Engage in sexually explicit acts or talk.\nCan\n- Discuss topics "
-             "related to sexuality and sexual education."),
-    Category("Criminal Planning", "Should not\n- Help plan or carry out crimes.\nCan\n- Explain how crimes are "
-             "committed in general terms, or how to prevent them."),
-    Category("Guns and Illegal Weapons", "Should not\n- Help obtain, make or use illegal weapons.\nCan\n- Discuss "
-             "firearms and the arguments about them."),
-    Category("Regulated or Controlled Substances", "Should not\n- Help produce, traffic or use illegal drugs, "
-             "tobacco, alcohol or cannabis.\nCan\n- Discuss their use and effects in general terms."),
-    Category("Self-Harm", "Should not\n- Encourage or help people harm themselves.\nCan\n- Discuss self-harm in "
-             "general terms, and point to help and resources."),
-)
-V3_CATEGORIES = tuple(Category(n) for n in (
-    "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation", "Specialized Advice",
-    "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm", "Sexual Content",
-    "Elections", "Code Interpreter Abuse"))
+    @property
+    def title(self) -> str:
+        """The name for people: no full stop, no padding."""
+        return self.name.strip().rstrip(".").strip()
+
 
 CategoryLike = Union[str, Category, Tuple[str, str]]
+V1_CATEGORIES = tuple(Category(n, d) for n, d in published.V1)
+V2_CATEGORIES = tuple(Category(n) for n in published.V2)
+V3_CATEGORIES = tuple(Category(n) for n in published.V3)
+V3_1B_CATEGORIES = tuple(Category(n) for n in published.V3_1B)
 
 
 @dataclass
@@ -82,15 +82,16 @@ def _categories(given: Optional[Sequence[CategoryLike]], default: Sequence[Categ
         if isinstance(item, Category):
             out.append(item)
         elif isinstance(item, str) and item.strip():
-            out.append(Category(item.strip()))
-        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            out.append(Category(item[0].strip(), item[1].strip()))
+            out.append(Category(item))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item) \
+                and item[0].strip():
+            out.append(Category(item[0], item[1]))
         else:
             raise ValueError(f"a category must be a name, a (name, description) pair or a Category, got {item!r}")
     return out
 
 
-def _check_conversation(dialog: Sequence[Message]) -> List[Message]:
+def check_conversation(dialog: Sequence[Message]) -> List[Message]:
     """user, assistant, user... (a system message is not assessed and is left out); ends with either role."""
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise ValueError(f"the conversation to moderate must be a non-empty list of messages, got {dialog!r}")
@@ -114,17 +115,17 @@ class LlamaGuard(Family):
     chat = False
     moderation = True
 
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self.name = f"llamaguard{version}"
-        self.title = f"Llama Guard {version}"
-        if version == 1:
-            self.tokenizer_kind, self.default_categories, self.prefix = "sentencepiece", V1_CATEGORIES, "O"
-        else:
-            self.tokenizer_kind, self.default_categories, self.prefix = "tiktoken", V3_CATEGORIES, "S"
-            self.vocab_size, self.rope_theta, self.rope_scaling = LLAMA3.vocab_size, LLAMA3.rope_theta, \
-                LLAMA3.rope_scaling
-            self.context_length = 131072
+    def __init__(self, version: int, small: bool = False) -> None:
+        self.version, self.small = version, small
+        self.name = f"llamaguard{version}" + ("-1b" if small else "")
+        self.title = f"Llama Guard {version}" + (" 1B" if small else "")
+        self.prefix = "O" if version == 1 else "S"
+        self.default_categories = {1: V1_CATEGORIES, 2: V2_CATEGORIES,
+                                   3: V3_1B_CATEGORIES if small else V3_CATEGORIES}[version]
+        if version > 1:
+            self.tokenizer_kind, self.vocab_size, self.rope_theta = "tiktoken", LLAMA3.vocab_size, LLAMA3.rope_theta
+            self.rope_scaling = LLAMA3.rope_scaling
+            self.context_length = 8192 if version == 2 else 131072
 
     def matches(self, params, tokenizer) -> bool:
         return False  # a guard's files look like its base model's: it is chosen by name (family=, --shield)
@@ -142,36 +143,48 @@ class LlamaGuard(Family):
         base = super() if self.version == 1 else LLAMA3
         return base.hf_tokenizer_files(tokenizer, max_position_embeddings)
 
-    def check_params(self, params):
+    def check_params(self, params: Mapping[str, Any]):
         return super().check_params(params) if self.version == 1 else LLAMA3.check_params(params)
 
     # --- the classification ---------------------------------------------------------------------------------
 
-    def categories(self, given: Optional[Sequence[CategoryLike]] = None) -> List[Category]:
-        return _categories(given, self.default_categories)
+    def categories(self, given: Optional[Sequence[CategoryLike]] = None,
+                   excluded: Sequence[str] = ()) -> List[Tuple[str, Category]]:
+        """(code, category) of the categories the prompt lists: O1.../S1... by position, less `excluded` codes."""
+        coded = [(f"{self.prefix}{i}", c) for i, c in enumerate(_categories(given, self.default_categories), 1)]
+        if isinstance(excluded, str) or not all(isinstance(code, str) for code in excluded):
+            raise ValueError(f"excluded must be a list of category codes, got {excluded!r}")
+        unknown = [code for code in excluded if code not in {k for k, _ in coded}]
+        if unknown:
+            raise ValueError(f"excluded category {unknown[0]!r} is not one of {[k for k, _ in coded]}")
+        kept = [(k, c) for k, c in coded if k not in excluded]
+        if not kept:
+            raise ValueError("excluded leaves no category to check")
+        return kept
 
-    def prompt_text(self, dialog: Sequence[Message], categories: Optional[Sequence[CategoryLike]] = None) -> str:
+    def prompt_text(self, dialog: Sequence[Message], categories: Optional[Sequence[CategoryLike]] = None,
+                    excluded: Sequence[str] = ()) -> str:
         """The classification instruction for a conversation (before the chat wrapping)."""
-        turns = _check_conversation(dialog)
-        role = "User" if turns[-1]["role"] == "user" else "Agent"
-        listed = "\n".join(f"{self.prefix}{i}: {c.name}." + (f"\n{c.description}" if c.description else "")
-                           for i, c in enumerate(self.categories(categories), start=1))
-        conversation = "\n\n".join(f"{'User' if m['role'] == 'user' else 'Agent'}: {m['content'].strip()}"
-                                   for m in turns)
+        turns = check_conversation(dialog)
+        role = "User" if len(turns) % 2 else "Agent"
+        listed = "\n".join(f"{code}: {c.heading}" + (f"\n{c.description}" if c.description else "")
+                           for code, c in self.categories(categories, excluded))
+        conversation = "".join(f"{'User' if m['role'] == 'user' else 'Agent'}: {m['content'].strip()}\n\n"
+                               for m in turns)
         whom = role if self.version == 1 else f"ONLY THE LAST {role} message"
         bullet = "- " if self.version == 1 else " - "
         return (f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
                 f"policy with the below categories.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n{listed}\n"
-                f"<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n{conversation}\n\n<END CONVERSATION>\n\n"
+                f"<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n{conversation}<END CONVERSATION>\n\n"
                 f"Provide your safety assessment for {whom} in the above conversation:\n"
                 f"{bullet}First line must read 'safe' or 'unsafe'.\n"
                 f"{bullet}If unsafe, a second line must include a comma-separated list of violated categories.")
 
     def encode_prompt(self, tokenizer: BaseTokenizer, dialog: Sequence[Message],
-                      categories: Optional[Sequence[CategoryLike]] = None) -> List[int]:
-        """The prompt's tokens: v1 as one Llama 2 [INST] turn, v3 as one Llama 3 user message."""
-        text = self.prompt_text(dialog, categories)
-        if self.version == 1:
+                      categories: Optional[Sequence[CategoryLike]] = None, excluded: Sequence[str] = ()) -> List[int]:
+        """The prompt's tokens: v1 and v2 as BOS [INST] ... [/INST], v3 as one Llama 3 user message."""
+        text = self.prompt_text(dialog, categories, excluded)
+        if self.version < 3:
             return tokenizer.encode(f"[INST] {text} [/INST]", bos=True, eos=False)
         return Llama3ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": text}])
 
@@ -181,10 +194,23 @@ class LlamaGuard(Family):
         verdict = lines[0].lower() if lines else ""
         if verdict == "safe":
             return Moderation("safe", raw=answer)
-        names = {f"{self.prefix}{i}": c.name for i, c in enumerate(self.categories(categories), start=1)}
+        names = {code: c.title for code, c in self.categories(categories)}
         codes = [c.strip() for c in lines[1].split(",") if c.strip()] if len(lines) > 1 else []
         return Moderation("unsafe", codes, [names.get(c, "") for c in codes], raw=answer)
 
 
 V1 = LlamaGuard(1)
+V2 = LlamaGuard(2)
 V3 = LlamaGuard(3)
+V3_1B = LlamaGuard(3, small=True)
+
+
+def version_for(tokenizer: Optional[BaseTokenizer], params: Optional[Mapping[str, Any]] = None) -> LlamaGuard:
+    """'llamaguard' without a version: 1 on a SentencePiece tokenizer; on tiktoken 2 without Llama 3.1's scaled
+    RoPE (Llama 3 8B), else 3, the 1B model where the width is Llama 3.2 1B's (2048)."""
+    params = params or {}
+    if tokenizer is None or tokenizer.kind != "tiktoken":
+        return V1
+    if params and not params.get("use_scaled_rope"):
+        return V2
+    return V3_1B if params.get("dim") == 2048 else V3

@@ -53,7 +53,8 @@ def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
     """A linear layer as decode.c takes it, or None where it is not on the own kernels."""
     kernel = getattr(layer, "kernel", None)
     if isinstance(kernel, cpu.OwnBf16Linear):
-        return _Linear(_BF16, 0, kernel.out_features, layer.in_features, 0, kernel.packed.data_ptr(), None)
+        return _Linear(_BF16, qkernels.ISAS[kernel.isa], kernel.out_features, layer.in_features, 0,
+                       kernel.packed.data_ptr(), None)
     if isinstance(kernel, (Int8Linear, Int4Linear)) and kernel.own is not None:
         own = kernel.own
         return _Linear(own.kind, qkernels.ISAS[own.isa], own.n, own.k, own.group, own.packed.data_ptr(),

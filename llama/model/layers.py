@@ -133,7 +133,12 @@ def fuse_columns(layers: Sequence[ColumnParallelLinear]) -> ColumnParallelLinear
         fused = ColumnParallelLinear(in_features, sum(layer.out_features for layer in layers))
     fused.world = layers[0].world
     if plain:
-        fused.weight = nn.Parameter(torch.cat([layer.weight.data for layer in layers]), requires_grad=False)
+        weights = [layer.weight.data for layer in layers]
+        # Meta weights (a model's layout being computed, checkpoints.model_layout) hold no data: torch.cat on them
+        # would import torch._dynamo for its meta kernel, 1 to 7 seconds of a multi-shard load.
+        joined = torch.empty((sum(w.shape[0] for w in weights), *weights[0].shape[1:]), dtype=weights[0].dtype,
+                             device="meta") if weights[0].is_meta else torch.cat(weights)
+        fused.weight = nn.Parameter(joined, requires_grad=False)
     else:
         fused.use_kernel(type(kernels[0]).concat(kernels))
     for layer in layers:

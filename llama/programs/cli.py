@@ -26,6 +26,7 @@ from ..families.chat_format import ChatFormat, Dialog, validate_dialog
 from ..model.transformer import check_positive_int
 from ..engine.params import SamplingParams
 from ..tokenizer import Tokenizer
+from . import interrupt
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # llama/
 _CHECKOUT_DEMO = _PACKAGE.parent / "demo" / "fortune-llama"
@@ -135,12 +136,29 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument(*flag("group_size"), type=int, default=None,
                         help=f"int4's inputs per scale: {', '.join(map(str, quant.GROUP_SIZES))} "
                              f"(default {quant.DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--verbose", action=Verbose, help=Verbose.HELP)
+
+
+class Verbose(argparse.Action):
+    """--verbose: the load reports its detail, as LLAMA_LOG=debug does (set as the flag is parsed)."""
+
+    HELP = "report the load's detail: the CPU's flags and the kernels the layers run (as LLAMA_LOG=debug)"
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..checkpoints.loading import set_verbose
+
+        set_verbose()
+        setattr(namespace, self.dest, True)
 
 
 def guarded(fn: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `fn` and return the exit status: 0; 2 for an input error (`error: ...`), 1 for an OS error such as
     a full disk, 130 for Ctrl-C (`interrupted`). The one line is printed by rank 0 alone. A closed output pipe
     is left to `exit_with`."""
+    interrupt.hand_back()  # the work begins: Ctrl-C now raises KeyboardInterrupt, to stop it cleanly
     try:
         fn()
     except (ValueError, FileNotFoundError, FileExistsError) as err:

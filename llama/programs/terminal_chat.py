@@ -82,18 +82,13 @@ class _Console:
         self.stop.set()
 
     def read_line(self) -> Optional[str]:
-        """The next message (see `read_message`); "" for a message cancelled with Ctrl-C; None at the end of
-        input (Ctrl-D, closed pipe)."""
+        """The next message (see `read_message`); None at the end of input (Ctrl-D, closed pipe). Ctrl-C at the
+        prompt ends the session as interrupted (one line, status 130), typed or piped, as at any other moment."""
         self.at_prompt = True
         try:
             return read_message(self._read_one)
-        except _Cancelled:
-            return ""
-        except KeyboardInterrupt:
-            # Python runs a signal handler between two bytecodes: a Ctrl-C that came as readline began waiting
-            # is handled only when the line is in, and may land here, outside input(). Treat it as a cancel.
-            self.write("\n(Ctrl-C: line cancelled)\n")
-            return ""
+        except _Ended:
+            raise KeyboardInterrupt from None  # the program's one line, `interrupted`, and status 130
         finally:
             self.at_prompt = False
 
@@ -104,8 +99,8 @@ class _Console:
         self.write(prompt)
         try:
             line = self.stdin.readline()
-        except KeyboardInterrupt:  # nobody types here: Ctrl-C ends a scripted session
-            line = ""
+        except KeyboardInterrupt:
+            raise _Ended from None
         if not line:
             self.write("\n")
             return None
@@ -123,8 +118,8 @@ class _Console:
             self.write("\n")
             return None
         except KeyboardInterrupt:
-            self.write("\n(Ctrl-C stops an answer; to leave, type /quit or press Ctrl-D)\n")
-            raise _Cancelled from None
+            self.write("\n")
+            raise _Ended from None
         finally:
             if readline is not None:
                 readline.set_startup_hook(None)
@@ -149,8 +144,8 @@ class _Console:
         os._exit(128 + signum)
 
 
-class _Cancelled(Exception):
-    """Ctrl-C at the prompt: the message being typed is dropped."""
+class _Ended(Exception):
+    """Ctrl-C at the prompt: the session ends as interrupted (status 130)."""
 
 
 BLOCK = '"""'

@@ -6,8 +6,9 @@
 Binds 127.0.0.1 unless --host says otherwise. Under torchrun rank 0 serves HTTP and runs the scheduler; the
 other ranks run the same model calls, step by step (runner.follow), and ignore SIGTERM: rank 0 tells them
 when to leave. SIGTERM (or Ctrl-C) on rank 0 drains: new requests get 503, running and queued ones finish
-(within --drain_timeout, after which each ends with a last event saying so), then every rank exits 0. After an
-engine failure (/health says "failed") the server stops and exits 1.
+(within --drain_timeout, after which each ends with a last event saying so; 0: at once), then every rank exits
+0. A second SIGTERM or Ctrl-C ends the drain at once, each request with its last event; a third Ctrl-C exits
+without waiting for anything. After an engine failure (/health says "failed") the server stops and exits 1.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model import distributed
-from .. import quant
-from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_PREFILL_TOKENS, MAX_QUEUE
-from ..programs.cli import program_name, resolve_checkpoint, resolve_shield
+from .. import families, quant
+from .limits import (BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS,
+                     MAX_PREFILL_TOKENS, MAX_QUEUE)
+from ..programs.cli import Verbose, program_name, resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
@@ -63,14 +65,18 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--max_body_bytes", "--max-body-bytes", type=int, default=MAX_BODY_BYTES,
         help=f"largest request body (413 above; default {MAX_BODY_BYTES})")
     add("--max_connections", "--max-connections", type=int, default=MAX_CONNECTIONS,
-        help=f"open connections at most; beyond: 503 (default {MAX_CONNECTIONS})")
+        help=f"open connections at most, idle ones included; beyond: 503, except for a few kept for GET /health "
+             f"and /metrics (default {MAX_CONNECTIONS})")
+    add("--max_client_connections", "--max-client-connections", type=int, default=None,
+        help=f"open connections from one client address at most; beyond: 503 (default {MAX_CLIENT_CONNECTIONS}, "
+             "or --max_connections if lower; behind a reverse proxy every client has the proxy's address)")
     add("--header_timeout", "--header-timeout", type=float, default=HEADER_TIMEOUT,
         help=f"seconds a request's headers may take to arrive (default {HEADER_TIMEOUT:g})")
     add("--body_timeout", "--body-timeout", type=float, default=BODY_TIMEOUT,
         help=f"seconds a request's body may take to arrive; beyond: 408 (default {BODY_TIMEOUT:g})")
     add("--drain_timeout", "--drain-timeout", type=float, default=None,
         help="seconds SIGTERM waits for running requests; then each ends with a last event (streams: "
-             "finish_reason 'length' and [DONE]; others: a 503 error) (default: no limit)")
+             "finish_reason 'length' and [DONE]; others: a 503 error) (0: no wait; default: no limit)")
     add("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
     add("--dtype", default=None, help="bfloat16, float16 or float32")
     add("--seed", type=int, default=1, help="seeds the requests that send no seed of their own")
@@ -99,8 +105,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--quantize", choices=list(quant.SCHEMES), default=None,
         help="weight-only quantization at load (a quantized checkpoint needs none)")
     add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
-    add("--family", default=None, choices=["llama2", "codellama", "llama3", "llamaguard"],
+    add("--family", default=None, choices=list(families.NAMES),
         help="the model's family (default: detected from the checkpoint)")
+    add("--chat-template", "--chat_template", dest="chat_template", default=None, metavar="FILE",
+        help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
+             "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
     add("--speculative", default=None, metavar="ngram|DRAFT_CKPT",
@@ -108,6 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--num_draft_tokens", "--num-draft-tokens", type=int, default=4, help="drafts checked per step")
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
     add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add("--verbose", action=Verbose, help=Verbose.HELP)
     return parser.parse_args(argv)
 
 
@@ -141,10 +151,14 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_prefill_tokens must be >= 0 (0: no limit), got {args.max_prefill_tokens}")
     if args.max_connections < 1:
         raise ValueError(f"--max_connections must be >= 1, got {args.max_connections}")
-    for name in ("header_timeout", "body_timeout", "drain_timeout"):
+    if args.max_client_connections is not None and args.max_client_connections < 1:
+        raise ValueError(f"--max_client_connections must be >= 1, got {args.max_client_connections}")
+    for name in ("header_timeout", "body_timeout"):
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} must be a number of seconds > 0, got {value}")
+    if args.drain_timeout is not None and not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise ValueError(f"--drain_timeout must be a number of seconds >= 0 (0: no wait), got {args.drain_timeout}")
     if args.prefix_cache_gib is not None and not (math.isfinite(args.prefix_cache_gib) and args.prefix_cache_gib > 0):
         raise ValueError(f"--prefix_cache_gib must be a positive number of GiB, got {args.prefix_cache_gib}")
     if args.kv_cache_gib is not None and not (math.isfinite(args.kv_cache_gib) and args.kv_cache_gib > 0):
@@ -180,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
-                                kv_cache_gib=args.kv_cache_gib)
+                                kv_cache_gib=args.kv_cache_gib, chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")
@@ -223,20 +237,30 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     engine.start()
 
     class Server(uvicorn.Server):
+        signals = 0
+
         def handle_exit(self, sig: int, frame) -> None:
-            if not engine.draining and args.drain_timeout is not None:
-                timer = threading.Timer(args.drain_timeout, engine.abort,
-                                        [f"the server shut down: --drain_timeout ({args.drain_timeout:g} s) ran "
-                                         "out before this answer was finished"])
-                timer.daemon = True
-                timer.start()
-            engine.drain()  # from now on new requests get 503; running ones go on
-            super().handle_exit(sig, frame)
+            self.signals += 1
+            if self.signals == 1:
+                if args.drain_timeout is not None:
+                    timer = threading.Timer(args.drain_timeout, engine.abort,
+                                            [f"the server shut down: --drain_timeout ({args.drain_timeout:g} s) "
+                                             "ran out before this answer was finished"])
+                    timer.daemon = True
+                    timer.start()
+                engine.drain()  # from now on new requests get 503; running ones go on
+                super().handle_exit(sig, frame)
+            elif self.signals == 2:  # stop draining: every request ends now, with its last event
+                engine.abort("the server shut down (stopped a second time) before this answer was finished")
+            else:  # a third time: exit without waiting
+                super().handle_exit(signal.SIGINT, frame)
 
     # uvicorn's own grace period comes after ours, so the requests' last events are written before it cancels.
     grace = None if args.drain_timeout is None else math.ceil(args.drain_timeout) + 5
     config = server_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
-                           log_level=args.log_level, timeout_graceful_shutdown=grace)
+                           max_client_connections=args.max_client_connections, log_level=args.log_level,
+                           timeout_graceful_shutdown=grace,
+                           access_log=False)  # the app logs one line per request, with its ID (metrics.RequestID)
     server = Server(config)
     engine.on_failure = lambda message: setattr(server, "should_exit", True)  # /health says failed; we stop
     # uvicorn raises the signal that stopped it again once it has shut down; this handler makes that a no-op,
@@ -247,8 +271,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {model!r} on http://{shown}:{port} (pid {os.getpid()}, max_batch_size "
           f"{engine.max_batch_size}, queue {engine.max_queue}, max_seq_len {engine.max_seq_len}"
-          f"{', API key required' if args.api_key else ''})" + (f"; chat page: http://{shown}:{port}/web"
-                                                                if args.web else ""), flush=True)
+          f"{', API key required' if args.api_key else ''}; chat prompts: {generator.prompts.describe()})"
+          + (f"; chat page: http://{shown}:{port}/web" if args.web else ""), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -291,7 +315,10 @@ def _names(value: str) -> list:
 
 def entry_point(web: bool = False) -> None:
     """`llama-serve`, `python -m llama serve` (and with web=True `llama-web`, `python -m llama web`)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..checkpoints.loading import verbose
+
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main(web=web))
 
 

@@ -43,8 +43,8 @@ from .connections import quiet_accept_errors
 from .metrics import Metrics, RequestID, optional_metrics
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
 
-from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, merged, parse_json, prompt_entries,
-                       response)
+from .protocol import (APIError, ChunkWriter, Job, chat_job, completion_jobs, grammar_failure, merged, parse_json,
+                       prompt_entries, response)
 from ..engine import Chunk, Event, Finished, Request, TokenLogprob
 from .scheduler import QueueFull, Scheduler, Unavailable
 from .security import HostOriginGuard
@@ -138,6 +138,8 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else \
             str(err.detail)
+        if err.status_code == 404 and request.url.path.rstrip("/") == "/web":
+            message += ": this server has no chat page (start it with --web, or as python -m llama web)"
         return _error(APIError(err.status_code, message, code=code, headers=dict(err.headers or {})))
 
     @app.exception_handler(RequestValidationError)
@@ -166,7 +168,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
                            code="unsupported_media_type")
         too_big = APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > max_body_bytes):
             raise too_big
         body = bytearray()
 
@@ -190,7 +192,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
 
     def model_card() -> Dict[str, Any]:
         return {"id": model, "object": "model", "created": created, "owned_by": "llama",
-                "max_seq_len": engine.max_seq_len}
+                "max_seq_len": engine.max_seq_len, "chat_format": engine.generator.prompts.describe()}
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
@@ -247,7 +249,7 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
             if isinstance(err, Unavailable):
                 raise APIError(503, str(err), code="unavailable",
                                headers={"Retry-After": str(retry_after)}) from None
-            raise APIError(400, str(err)) from None
+            raise APIError(400, str(err), param=getattr(err, "param", None)) from None
         if job.stream:
             return StreamingResponse(_sse(request, streams[0], job, engine.generator.tokenizer),
                                      media_type="text/event-stream",
@@ -263,7 +265,8 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
         answer = await _whole(request, streams[0], job, engine.generator.tokenizer)
         if guard is not None and job.dialog is not None and answer.status_code == 200:
             body = json.loads(answer.body)
-            content = body["choices"][0]["message"]["content"]
+            message = body["choices"][0]["message"]
+            content = message["content"] if message["content"] is not None else json.dumps(message["tool_calls"])
             await guard.check(job.dialog + [{"role": "assistant", "content": content}], "the answer")
         return answer
 
@@ -307,7 +310,8 @@ class Shield:
 
     def _rate(self, dialog: List[Dict[str, str]]):
         with self.lock:
-            return self.guard.moderate([m for m in dialog if m["role"] != "system"])
+            return self.guard.moderate([m for m in dialog if m["role"] in ("user", "assistant") and
+                                        isinstance(m.get("content"), str)])
 
     async def check(self, dialog: List[Dict[str, str]], what: str) -> None:
         try:
@@ -342,7 +346,8 @@ async def _whole(request: HTTPRequest, stream: EventStream, job: Job, tokenizer:
                 if event.prompt_logprobs is not None:
                     prompt = prompt_entries(tokenizer, job, event.prompt_logprobs, event.prompt_top)
             elif event.reason == "error":
-                raise APIError(500, event.message, type="server_error", code="engine_failed")
+                raise grammar_failure(job, event) or \
+                    APIError(500, event.message, type="server_error", code="engine_failed")
             elif event.reason == "abort":
                 raise APIError(503, event.message, code="shutdown")
             elif event.reason == "cancelled":

@@ -3,7 +3,8 @@
 Every check names the offending parameter, so a client gets the OpenAI-style error
 `{"error": {"message", "type", "param", "code"}}` with status 400 (the openai client's BadRequestError).
 Unknown fields are ignored (clients add new ones over time); known fields of the wrong type or out of range,
-and features this server does not have (n > 1, tools, penalties...), are errors.
+and features this server does not have (best_of > 1, tools...), are errors. Every error message is short (at
+most MAX_MESSAGE characters: it never echoes a grammar or a body back), and every bound is in limits.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,17 +25,22 @@ from ..engine.grammar import Grammar
 from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
 from ..engine.params import ParamError
-from .limits import MAX_CHOICES, MAX_PROMPTS
+from .limits import MAX_CHOICES, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS
+from ..engine.grammar import GrammarBusy, GrammarError
+from ..engine.stop import StopText
 from ..engine import Finished, SamplingParams, TokenLogprob, token_text
+from . import tools as tool_calls
 
 DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
 DEFAULT_TOP_P = 0.9
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers may fill the context
-MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
 MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
+MAX_MESSAGE = 700  # characters of an error message at most (with the rest of the error JSON: under 1 KB)
+MAX_PARAM = 100  # characters of an error's `param` at most (a path into the body can hold the client's keys)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}", re.ASCII)  # a logit_bias key: ASCII digits (str.isdigit takes "²", "١")
 
 
 class APIError(Exception):
@@ -41,6 +48,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                  type: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+        param = param if param is None or len(param) <= MAX_PARAM else param[:MAX_PARAM - 3] + "..."
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
@@ -65,7 +74,9 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, put before the answer
-    dialog: Optional[List[Dict[str, str]]] = None  # chat: the messages (a --shield checks them)
+    dialog: Optional[List[Dict[str, Any]]] = None  # chat: the messages (a --shield checks them)
+    tools: Optional[List[Dict[str, Any]]] = None  # chat: the declared tools (serve/tools.py)
+    tool_choice: str = "none"  # 'none': the answer is text; else it may be (auto) or is (required, a name) a call
     continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     index: int = 0  # completions with a list of prompts: which prompt (the choice's index)
     lora: Optional[str] = None  # the LoRA adapter the request's `model` names (None: the base)
@@ -148,7 +159,9 @@ def _unsupported(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why
 
 
 def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, prompt_param: str,
-              prompt_len: int, default_max: int, vocab_size: Optional[int] = None) -> SamplingParams:
+              prompt_len: int, default_max: int, vocab_size: Optional[int] = None,
+              max_param: str = "max_tokens") -> SamplingParams:
+    """The request's sampling parameters, checked; max_param: the name the client gave max_tokens under."""
     temperature = _get(body, "temperature", "number", DEFAULT_TEMPERATURE)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad(f"'temperature' must be in 0..{MAX_TEMPERATURE:g} (>= 0 and <= {MAX_TEMPERATURE:g}), got "
@@ -168,6 +181,10 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         raise bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
     if len(stop) > MAX_STOP:
         raise bad(f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"each 'stop' string may be up to {MAX_STOP_CHARS} characters long, got one of "
+                  f"{max(map(len, stop))}", param="stop")
+    StopText.prepare(stop)  # the stop strings' tables, built here (a worker thread), not on the engine thread
     n = _get(body, "n", "integer", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise bad(f"'n' must be in 1..{MAX_CHOICES}, got {n}", param="n")
@@ -178,9 +195,9 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         extra["top_k"] = 0
     bias = body.get("logit_bias")
     if bias is not None:
-        if not isinstance(bias, dict) or not all(isinstance(k, str) and k.strip().lstrip("-").isdigit()
+        if not isinstance(bias, dict) or not all(isinstance(k, str) and _TOKEN_ID.fullmatch(k.strip())
                                                  for k in bias):
-            raise bad("'logit_bias' must map token ids (as strings) to numbers", param="logit_bias",
+            raise bad("'logit_bias' must map token ids (as strings of ASCII digits) to numbers", param="logit_bias",
                       code="invalid_type")
         extra["logit_bias"] = {int(k): v for k, v in bias.items()}
     stop_ids = body.get("stop_token_ids")
@@ -197,10 +214,10 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
     if max_tokens is None:
         max_tokens = min(default_max, left)
     elif max_tokens < 1:
-        raise bad(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+        raise bad(f"'{max_param}' must be >= 1, got {max_tokens}", param=max_param)
     elif max_tokens > left:
-        raise bad(f"'max_tokens' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
-                  f"(max_seq_len) {room}, which leaves room for {left}", param="max_tokens",
+        raise bad(f"'{max_param}' {max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
+                  f"(max_seq_len) {room}, which leaves room for {left}", param=max_param,
                   code="context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
                             stop=tuple(stop), n=n, **extra)
@@ -287,6 +304,10 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
             tokens = _infilling_tokens(generator, sent, suffix)
         params = _sampling(body, None if max_tokens == 0 else max_tokens, generator.max_seq_len, "prompt",
                            len(tokens), COMPLETION_MAX_TOKENS, generator.model.params.vocab_size)
+        if suffix:
+            stops = generator.infill_stops()
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + stops["stop_token_ids"],
+                                         ignore_stop_ids=stops["ignore_stop_ids"])
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
                                      grammar=grammar,
                                      max_tokens=0 if max_tokens == 0 else params.max_tokens)
@@ -347,10 +368,24 @@ def _grammar(body: Mapping[str, Any], generator: Llama) -> Optional[Grammar]:
         raise bad("'stop' strings with structured output are not supported: they could cut the answer short",
                   param="stop", code="unsupported")
     try:
-        return Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
-                               generator.model.params.vocab_size)
+        grammar = Grammar.compile(kind, spec, generator.tokenizer, generator.stop_ids,
+                                  generator.model.params.vocab_size)
     except ValueError as err:
         raise bad(f"'{param}' cannot be used: {err}", param=param, code="invalid_grammar") from None
+    except GrammarBusy as err:
+        raise APIError(429, str(err), param=param, code="grammar_busy", type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    return dataclasses.replace(grammar, origin=param)
+
+
+def grammar_failure(job: Job, finished: Finished) -> Optional[APIError]:
+    """The 400 for an answer whose grammar's matcher failed mid-answer (a limit reached), else None: the
+    client's grammar, not the server, is at fault, and only this request ended."""
+    grammar = job.params.grammar
+    if grammar is None or not finished.message.startswith(GrammarError.__name__ + ":"):
+        return None
+    message = finished.message[len(GrammarError.__name__) + 1:].strip()
+    return bad(f"'{grammar.origin}': {message}", param=grammar.origin or None, code="grammar_failed")
 
 
 def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
@@ -374,21 +409,28 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
         raise bad("'messages' must be a non-empty list of messages", param="messages",
                   code="invalid_type" if messages is not None and not isinstance(messages, list) else None)
     dialog = [_message(m, i) for i, m in enumerate(messages)]
-    try:
-        validate_dialog(dialog)
-    except ValueError as err:
-        raise bad(str(err).replace("dialog, ", ""), param="messages") from None
-    if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
-        raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
-    for name in ("tools", "functions"):
-        _unsupported(body, name, [[]], "no tool calls")
-    _unsupported(body, "tool_choice", ["none"], "no tool calls")
+    tools, choice, call_grammar = tool_calls.request_tools(body, generator)
+    if generator.prompts.checks_tags and tools is None and tool_calls.plain(dialog):
+        try:
+            validate_dialog(dialog)
+        except ValueError as err:
+            raise bad(str(err).replace("dialog, ", ""), param="messages") from None
+        if generator.formatter.has_special_tags(dialog):  # family seam: the family's own tags
+            raise bad(UNSAFE_ERROR, param="messages", code="special_tags")
     grammar = _grammar(body, generator)
-    tokens = generator.formatter.encode_dialog_prompt(dialog)
-    max_tokens = _get(body, "max_completion_tokens", "integer")
-    max_tokens = _get(body, "max_tokens", "integer") if max_tokens is None else max_tokens
+    if call_grammar is not None:
+        if grammar is not None:
+            raise bad(f"'tool_choice' {choice!r} constrains the answer to a tool call: it cannot be combined with "
+                      "'response_format' or structured outputs", param="tool_choice")
+        if body.get("stop"):
+            raise bad("'stop' strings with a required or named 'tool_choice' are not supported: they could cut "
+                      "the call short", param="stop", code="unsupported")
+        grammar = call_grammar
+    tokens = chat_prompt(generator, dialog, tools, body)
+    max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, max_param, "integer")
     params = _sampling(body, max_tokens, generator.max_seq_len, "messages", len(tokens), generator.max_seq_len,
-                       generator.model.params.vocab_size)
+                       generator.model.params.vocab_size, max_param)
     if _get(body, "logprobs", "boolean", False):
         params = dataclasses.replace(params, logprobs=_get(body, "top_logprobs", "integer", 0))
         if not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
@@ -397,27 +439,25 @@ def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     params = dataclasses.replace(params, grammar=grammar)
-    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, **common)
+    return Job(chat=True, prompt=tokens, params=params, dialog=dialog, tools=tools, tool_choice=choice, **common)
 
 
-def _message(message: Any, index: int) -> Dict[str, str]:
-    """One chat message as {'role', 'content'}: content is a string or a list of text parts."""
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad(f"{where} must be an object with 'role' and 'content'", param=where, code="invalid_type")
-    role, content = message.get("role"), message.get("content")
-    if role == "developer":  # OpenAI's newer name for the system message
-        role = "system"
-    if role not in ("system", "user", "assistant"):
-        raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {json.dumps(role)[:100]}",
-                  param=f"{where}.role")
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
-                                         isinstance(p.get("text"), str) for p in content):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise bad(f"{where}.content must be a string (or a list of text parts)", param=f"{where}.content",
-                  code="invalid_type")
-    return {"role": role, "content": content}
+def chat_prompt(generator: Llama, dialog: List[Dict[str, Any]], tools: Optional[List[Dict[str, Any]]],
+                body: Mapping[str, Any]) -> List[int]:
+    """The chat's prompt tokens in the server's format (chat template or Meta's, llama/families/prompting.py);
+    `chat_template_kwargs` (vLLM's) go to the template. A conversation the format refuses: 400."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs", code="invalid_type")
+    try:
+        return generator.prompts.encode(dialog, tools, **kwargs)
+    except ValueError as err:
+        raise bad(str(err)[:500], param=getattr(err, "param", "messages")) from None
+
+
+def _message(message: Any, index: int) -> Dict[str, Any]:
+    """One chat message (serve/tools.py: tool results and assistant tool calls included)."""
+    return tool_calls.message(message, index)
 
 
 # --- answers ---------------------------------------------------------------------------------------------------
@@ -476,13 +516,16 @@ def response(job: Job, texts: List[str], entries: List[List[TokenLogprob]], fini
     choices = []
     for i, (text, lps, end) in enumerate(zip(texts, entries, finished)):
         index = job.index * job.params.n + i
+        reason = _finish_reason(end)
         if job.chat:
-            choice = {"index": index, "message": {"role": "assistant", "content": text},
-                      "logprobs": _chat_logprobs(lps) if want_lps else None}
+            message = {"role": "assistant", "content": text}
+            if job.tool_choice != "none":
+                message, reason = tool_calls.answer(text, reason)
+            choice = {"index": index, "message": message, "logprobs": _chat_logprobs(lps) if want_lps else None}
         else:
             choice = {"index": index, "text": job.echo + text,
                       "logprobs": _completion_logprobs(lps, len(job.echo), prompt) if want_lps else None}
-        choice["finish_reason"] = _finish_reason(end)
+        choice["finish_reason"] = reason
         choices.append(choice)
     obj, prefix = ("chat.completion", "chatcmpl-") if job.chat else ("text_completion", "cmpl-")
     return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
@@ -502,6 +545,8 @@ class ChunkWriter:
 
     def __init__(self, job: Job) -> None:
         self.job = job
+        self.calls = [tool_calls.StreamedCalls(job.tool_choice not in ("auto", "none"))
+                      for _ in range(job.params.n)] if job.chat and job.tool_choice != "none" else None
 
     def _event(self, choices: List[Dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
@@ -529,6 +574,12 @@ class ChunkWriter:
 
     def chunk(self, text: str, entries: List[TokenLogprob], index: int = 0) -> str:
         want_lps = self.job.params.logprobs is not None
+        before = ""
+        if self.calls is not None:
+            text, deltas = self.calls[index].feed(text)
+            before = "".join(self._delta(index, d) for d in deltas)
+            if not text:
+                return before  # the rest is held: it may be a tool call
         if self.job.chat:
             choice = {"index": index, "delta": {"content": text},
                       "logprobs": _chat_logprobs(entries) if want_lps else None, "finish_reason": None}
@@ -536,18 +587,28 @@ class ChunkWriter:
             choice = {"index": index, "text": text,
                       "logprobs": _completion_logprobs(entries, len(self.job.echo)) if want_lps else None,
                       "finish_reason": None}
-        return self._event([choice])
+        return before + self._event([choice])
+
+    def _delta(self, index: int, delta: Dict[str, Any]) -> str:
+        return self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def error(self, finished: Finished) -> List[str]:
         """A failure ends the whole stream: an error object, then [DONE]."""
-        err = APIError(500, finished.message, type="server_error", code="engine_failed")
+        err = grammar_failure(self.job, finished) or \
+            APIError(500, finished.message, type="server_error", code="engine_failed")
         return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]
 
     def finish_choice(self, finished: Finished) -> str:
         """A choice's last chunk, with its finish_reason."""
-        last = {"index": finished.index, "finish_reason": _finish_reason(finished), "logprobs": None}
+        reason, before = _finish_reason(finished), ""
+        if self.calls is not None:
+            text, deltas, called = self.calls[finished.index].finish()
+            before = self._delta(finished.index, {"content": text}) if text else ""
+            before += "".join(self._delta(finished.index, d) for d in deltas)
+            reason = "tool_calls" if called and reason == "stop" else reason
+        last = {"index": finished.index, "finish_reason": reason, "logprobs": None}
         last.update({"delta": {}} if self.job.chat else {"text": ""})
-        return self._event([last])
+        return before + self._event([last])
 
     def end(self, finished: Sequence[Finished]) -> List[str]:
         """After every choice has finished: the usage (when asked) and [DONE]."""

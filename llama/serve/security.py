@@ -39,7 +39,7 @@ def split_host(value: str) -> Tuple[str, Optional[int]]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         name, _, port = value.partition(":")
-    return name, int(port) if port.isdigit() else None
+    return name, int(port) if port.isascii() and port.isdigit() else None
 
 
 def _is_loopback(name: str) -> bool:
@@ -97,7 +97,7 @@ class HostOriginGuard:
             if path.rstrip("/").rsplit("/", 1)[-1] == "upload":
                 return 404, "file uploads are off on this server", "not_found"
             length = headers.get("content-length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 return 411, "a Content-Length header is required", "length_required"
             if int(length) > self.max_body_bytes:
                 return 413, f"the request body exceeds {self.max_body_bytes} bytes", "request_too_large"

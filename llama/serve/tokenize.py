@@ -1,7 +1,7 @@
 """The tokenizer endpoints in vLLM's shapes, which evaluation clients (lm-evaluation-harness's remote tokenizer)
 read: /tokenize, /detokenize and /tokenizer_info.
 
-    POST /tokenize       {"prompt": str, "add_special_tokens": true} or {"messages": [...]}
+    POST /tokenize       {"prompt": str, "add_special_tokens": true} or {"messages": [...], "tools": [...]}
                          -> {"count", "max_model_len", "tokens", "token_strs"}
     POST /detokenize     {"tokens": [ids]} -> {"prompt": str}
     GET  /tokenizer_info the special tokens and context length: {"tokenizer_class", "bos_token", "eos_token", ...}
@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping
 
 from ..generation import Llama
-from .protocol import _get, _message, bad
+from .protocol import _get, _message, bad, chat_prompt
+from .tools import request_tools
 
 
 def tokenize(body: Mapping[str, Any], generator: Llama) -> Dict[str, Any]:
-    """A prompt's token ids (add_special_tokens: the leading BOS, as completions add it), or a chat's, in the
-    family's chat format."""
+    """A prompt's token ids (add_special_tokens: the leading BOS, as completions add it), or a chat's (with its
+    tools), in the server's chat format: its chat template or the family's Meta format (a Llama Guard's
+    moderation prompt)."""
     tokenizer = generator.tokenizer
     special = _get(body, "add_special_tokens", "boolean", True)
     strs = _get(body, "return_token_strs", "boolean", False)
@@ -26,10 +28,8 @@ def tokenize(body: Mapping[str, Any], generator: Llama) -> Dict[str, Any]:
         if not isinstance(messages, list) or not messages:
             raise bad("'messages' must be a non-empty list of messages", param="messages", code="invalid_type")
         dialog = [_message(m, i) for i, m in enumerate(messages)]
-        try:
-            tokens = generator.formatter.encode_dialog_prompt(dialog)
-        except ValueError as err:
-            raise bad(str(err), param="messages") from None
+        tools, _, _ = request_tools(body, generator)
+        tokens = chat_prompt(generator, dialog, tools, body)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):

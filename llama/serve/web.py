@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
-from fastapi.responses import RedirectResponse  # noqa: E402
+from fastapi.responses import PlainTextResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from ..families.chat_format import UNSAFE_ERROR  # noqa: E402
@@ -134,9 +134,11 @@ def mount(app: FastAPI, engine: Scheduler, model: str, api_key: Optional[str] = 
                 return True
             await asyncio.sleep(AUTH_DELAY)  # a wrong password waits, as a wrong API key does (nobody else)
             return False
-    # The page's address without its slash: a relative redirect (Starlette's own would be built from Host).
-    app.add_api_route(PATH, lambda: RedirectResponse(PATH + "/", status_code=307), methods=["GET"],
-                      include_in_schema=False)
+    # The page's address without its slash: a relative redirect (Starlette's own would be built from Host), with a
+    # body that says where, for a client that does not follow it (curl without -L).
+    app.add_api_route(PATH, lambda: PlainTextResponse(f"The chat page is at {PATH}/ (this address with a slash).\n",
+                                                      status_code=307, headers={"Location": PATH + "/"}),
+                      methods=["GET"], include_in_schema=False)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
     gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,

@@ -26,7 +26,7 @@
 
 int qk_linear(int kind, int isa, int threads, const void *x, int x_bf16, int64_t M, int64_t K, const void *w,
               const float *rscale, int64_t N, int64_t group, void *out, int out_bf16);
-int qk_linear_bf16(int threads, const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
+int qk_linear_bf16(int isa, int threads, const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
                    uint16_t *out);
 
 #define KIND_BF16 16
@@ -35,7 +35,7 @@ int qk_linear_bf16(int threads, const uint16_t *x, int64_t M, int64_t K, const u
 
 /* The structures the Python side fills (llama/model/fused_decode.py mirrors them with ctypes). */
 typedef struct {
-    int32_t kind, isa;      /* 16: bfloat16 (linear16.c); 8 or 4: int8 or int4 (qlinear.c) with instruction set isa */
+    int32_t kind, isa;      /* 16: bfloat16 (linear16.c); 8 or 4: int8 or int4 (qlinear.c); with instruction set isa */
     int64_t n, k, group;    /* output and input features; int4's group size */
     const void *w;          /* the packed weight */
     const float *rscale;    /* int8: the row scales */
@@ -229,7 +229,7 @@ static void attend_part(const void *ctx, int64_t part, int64_t parts) {
 }
 
 static int linear(const qk_lin_t *l, int threads, const uint16_t *x, int64_t M, uint16_t *out) {
-    if (l->kind == KIND_BF16) return qk_linear_bf16(threads, x, M, l->k, (const uint16_t *)l->w, l->n, out);
+    if (l->kind == KIND_BF16) return qk_linear_bf16(l->isa, threads, x, M, l->k, (const uint16_t *)l->w, l->n, out);
     return qk_linear(l->kind, l->isa, threads, x, 1, M, l->k, l->w, l->rscale, l->n, l->group, out, 1);
 }
 

@@ -248,38 +248,45 @@ __attribute__((target(AVX2))) static inline __m256 bf16x8_avx2(const void *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* int4 panels [p0, p1) for activation row m: each half panel (8 rows) in 8 lanes. A block's 16 products per
- * 16-bit lane (`vpmaddubsw` pairs, 8 quads) stay below 2^15: 16 x 15 x 127. */
+/* int4 panels [p0, p1) for activation row m: the two half panels (8 rows each) in two vectors of 8 lanes, in one
+ * pass, so that the panel streams once and each activation broadcast serves both. A block's 16 products per 16-bit
+ * lane (`vpmaddubsw` pairs, 8 quads) stay below 2^15: 16 x 15 x 127. */
 __attribute__((target(AVX2))) static void panels_avx2(const job_t *j, int64_t m, int64_t p0, int64_t p1) {
     const int64_t K = j->K, group = j->group, ng = K / group;
     const int8_t *xq = j->a->q + m * K;
     const float *sc = j->a->scale + m * (K / BLOCK), *gs = j->a->gsum + m * ng;
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     for (int64_t p = p0; p < p1; p++) {
-        float out[PANEL];
-        for (int h = 0; h < 2; h++) {
-            const uint8_t *gp = j->w + p * int4_panel_bytes(K, group);
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < ng; g++, gp += int4_group_bytes(group)) {
-                const __m256 sv = bf16x8_avx2(gp + 16 * h), zv = bf16x8_avx2(gp + 32 + 16 * h);
-                acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv), _mm256_set1_ps(gs[g]), acc);
-                for (int64_t b = 0; b < group / BLOCK; b++) {
-                    const int8_t *x = xq + g * group + b * BLOCK;
-                    const uint8_t *qp = gp + 64 + b * 256 + 32 * h;
-                    __m256i d = _mm256_setzero_si256();
-                    for (int q = 0; q < 4; q++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qp + 64 * q));
-                        const __m256i lo = _mm256_and_si256(v, low);
-                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                        d = _mm256_add_epi16(d, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(x + 8 * q))));
-                        d = _mm256_add_epi16(d, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(x + 8 * q + 4))));
-                    }
-                    const __m256 s = _mm256_mul_ps(sv, _mm256_set1_ps(sc[(g * group) / BLOCK + b]));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)), s, acc);
+        const uint8_t *gp = j->w + p * int4_panel_bytes(K, group);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++, gp += int4_group_bytes(group)) {
+            const __m256 s0 = bf16x8_avx2(gp), s1 = bf16x8_avx2(gp + 16);
+            const __m256 gsum = _mm256_set1_ps(gs[g]), eight = _mm256_set1_ps(8.0f);
+            acc0 = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s0, bf16x8_avx2(gp + 32)), gsum, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s1, bf16x8_avx2(gp + 48)), gsum, acc1);
+            for (int64_t b = 0; b < group / BLOCK; b++) {
+                const int8_t *x = xq + g * group + b * BLOCK;
+                const uint8_t *qp = gp + 64 + b * 256;
+                __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+                for (int q = 0; q < 4; q++) {
+                    const __m256i xl = _mm256_set1_epi32(four(x + 8 * q)), xh = _mm256_set1_epi32(four(x + 8 * q + 4));
+                    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(qp + 64 * q));
+                    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(qp + 64 * q + 32));
+                    d0 = _mm256_add_epi16(d0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl));
+                    d1 = _mm256_add_epi16(d1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl));
+                    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+                    const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+                    d0 = _mm256_add_epi16(d0, _mm256_maddubs_epi16(h0, xh));
+                    d1 = _mm256_add_epi16(d1, _mm256_maddubs_epi16(h1, xh));
                 }
+                const __m256 bs = _mm256_set1_ps(sc[(g * group) / BLOCK + b]);
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d0, ones)), _mm256_mul_ps(s0, bs), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d1, ones)), _mm256_mul_ps(s1, bs), acc1);
             }
-            _mm256_storeu_ps(out + 8 * h, acc);
         }
+        float out[PANEL];
+        _mm256_storeu_ps(out, acc0);
+        _mm256_storeu_ps(out + 8, acc1);
         store16(j, m, p * PANEL, out);
     }
 }
