@@ -25,8 +25,7 @@ def check(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_ba
         raise ValueError(f"the prompt has token ids outside 0..{vocab_size - 1}")
     params.check(vocab_size)
     if params.n > max_batch_size:
-        raise ParamError(f"n={params.n} choices need as many cache rows; there are {max_batch_size} "
-                         "(max_batch_size)", "n")
+        raise ParamError(f"n={params.n} choices need as many rows; there are {max_batch_size} (max_batch_size)", "n")
     if len(prompt) > max_seq_len or (params.max_tokens and len(prompt) >= max_seq_len):
         raise ValueError(f"the prompt has {len(prompt)} tokens; the context (max_seq_len) holds "
                          f"{max_seq_len} with the answer, so prompts may have up to {max_seq_len - 1}")

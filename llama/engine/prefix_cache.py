@@ -161,7 +161,7 @@ def for_model(model, gib: Optional[float] = None) -> PrefixCache:
 
     pool = pool_for(model)
     cache = model.layers[0].attention.cache
-    per_block = pool_bytes_per_block(model.params.n_layers, cache.k.shape[2], cache.k.shape[3], cache.k.dtype, BLOCK_SIZE)
+    per_block = pool_bytes_per_block(model.params.n_layers, cache.k.shape[1], cache.k.shape[3], cache.k.dtype, BLOCK_SIZE)
     blocks = cache_blocks(gib, per_block, pool.usable)
     table = pool.cache
     if isinstance(table, PrefixCache) and table.blocks == blocks:

@@ -73,7 +73,7 @@ def why_not(model: Transformer) -> Optional[str]:
         return "not bfloat16"
     if model.rope.dtype != torch.float32 or not model.rope.is_contiguous():
         return "rotary tables not contiguous float32"
-    if first.cache.k.shape[1] != model.tables.block_size or not model.tables.table.is_contiguous():
+    if first.cache.block_size != model.tables.block_size or not model.tables.table.is_contiguous():
         return "block tables not as the pool"
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward

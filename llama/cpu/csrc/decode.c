@@ -9,8 +9,9 @@
  * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add.
  *
  * The cache is paged (llama/model/kv_cache.py): each layer's keys and values are a pool of blocks of block_size
- * positions, (blocks, block_size, kv_heads, head_dim), and row r's position t lives in block
- * tables[r * max_blocks + t / block_size] at offset t % block_size. A row at position -1 is idle: it writes into
+ * positions, (blocks, kv_heads, block_size, head_dim), and row r's position t lives in block
+ * tables[r * max_blocks + t / block_size] at offset t % block_size (one head's positions are contiguous within a
+ * block, so each head streams its own bytes only). A row at position -1 is idle: it writes into
  * the null block 0 and attends over that one position.
  *
  * It computes what llama/model/transformer.py computes, in the same dtypes: activations bfloat16 between operators (each
@@ -44,7 +45,7 @@ typedef struct {
 typedef struct {
     qk_lin_t qkv, wo, w13, w2;
     const uint16_t *attn_norm, *ffn_norm;  /* bfloat16 norm weights (dim) */
-    uint16_t *k, *v;                       /* the layer's pool: (blocks, block_size, kv_heads, head_dim), bfloat16 */
+    uint16_t *k, *v;                       /* the layer's pool: (blocks, kv_heads, block_size, head_dim), bfloat16 */
 } qk_layer_t;
 
 typedef struct {
@@ -208,7 +209,7 @@ typedef struct {
     const qk_layer_t *layer;
     int64_t M, first, max_len;
     const int64_t *pos;
-    const int64_t *at;    /* M x max_len: each row's positions' offsets into the pool (head 0) */
+    const int64_t *at;    /* M x max_len: each row's positions' offsets into the pool (head 0; head h: + h * bs * d) */
     const uint16_t *qkv;  /* M x (n_heads + 2 kv_heads) x head_dim, q already rotated */
     uint16_t *out;        /* M x n_heads x head_dim */
     float *scores;        /* M x n_heads x max_len */
@@ -222,7 +223,8 @@ static void attend_part(const void *ctx, int64_t part, int64_t parts) {
     share(a->M * kv, part, parts, &lo, &hi);
     for (int64_t item = lo; item < hi; item++) {
         const int64_t m = item / kv, h = item % kv, len = a->pos[m] < 0 ? 1 : a->pos[m] + 1;
-        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + h * d, a->layer->v + h * d,
+        const int64_t head = h * s->block_size * d;
+        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + head, a->layer->v + head,
                        a->at + m * a->max_len, len, a->scores + item * n_rep * a->max_len,
                        a->out + (m * s->n_heads + h * n_rep) * d);
     }
@@ -251,7 +253,7 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
     /* Each row's positions' offsets into the pool, from its block table (checked against the pool's size). */
     int64_t *at = malloc((size_t)(M * max_len) * sizeof(int64_t));
     if (!at) return ENOMEM;
-    const int64_t bs = s->block_size, stride = kv * d;
+    const int64_t bs = s->block_size;
     for (int64_t m = 0; m < M; m++) {
         const int64_t *table = s->tables + (first + m) * s->max_blocks;
         for (int64_t t = 0; t <= pos[m] || t == 0; t++) {
@@ -260,7 +262,7 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
                 free(at);
                 return EINVAL;
             }
-            at[m * max_len + t] = (block * bs + t % bs) * stride;
+            at[m * max_len + t] = (block * kv * bs + t % bs) * d;
         }
     }
     for (int64_t l = 0; l < s->n_layers; l++) {
@@ -292,8 +294,10 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
             ops->rope(q, H, d, table);
             ops->rope(k, kv, d, table);
             const int64_t slot = at[m * max_len + p];
-            memcpy(L->k + slot, k, (size_t)(kv * d) * 2);
-            memcpy(L->v + slot, v, (size_t)(kv * d) * 2);
+            for (int64_t h = 0; h < kv; h++) {
+                memcpy(L->k + slot + h * bs * d, k + h * d, (size_t)d * 2);
+                memcpy(L->v + slot + h * bs * d, v + h * d, (size_t)d * 2);
+            }
         }
         att_t a = {.ops = ops, .model = s, .layer = L, .M = M, .first = first, .max_len = max_len, .pos = pos,
                    .at = at, .qkv = qkv, .out = att, .scores = scores};
