@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .programs.cli import exit_with
+from .programs.cli import exit_with, suggest
 
 # command -> (module, one line of help); each module, in llama/programs/, has main(argv) and entry_point().
 _COMMANDS = {
@@ -28,7 +28,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in _COMMANDS:
-        print(f"error: unknown command {name!r}; commands: {', '.join(_COMMANDS)}", file=sys.stderr)
+        close = suggest(name, _COMMANDS)
+        hint = f"; did you mean {close}?" if close else ""
+        print(f"error: unknown command {name!r}{hint} (commands: {', '.join(_COMMANDS)})", file=sys.stderr)
         return 2
     sys.argv = [f"python -m llama {name}", *argv[1:]]  # the name the program's usage line shows
     importlib.import_module(_COMMANDS[name][0]).entry_point()

@@ -24,7 +24,7 @@ from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
 from .engine import lora_slots
-from .engine.params import SEED_BITS
+from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .model.kv_cache import check_gib as check_kv_gib
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
@@ -198,8 +198,12 @@ class Llama:
         self.speculation = speculation  # drafter and counts, shared by every engine over this model (the server's)
         # The prefix cache's table, shared like the model's pool by every engine over this model (the server's).
         self.prefix_cache = _prefix_cache(model, prefix_cache, prefix_cache_gib) if not deterministic else None
-        self.engine = Engine(self._decode, tokenizer, self.stop_ids, deterministic=deterministic,
-                             speculation=speculation, prefix_cache=self.prefix_cache)
+        self.engine = self._engine(self._decode)
+
+    def _engine(self, step: DecodeStep) -> Engine:
+        """The one place this generator makes its engine: over `step`, with its speculation and prefix cache."""
+        return Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic,
+                      speculation=self.speculation, prefix_cache=self.prefix_cache)
 
     @property
     def max_seq_len(self) -> int:
@@ -221,8 +225,7 @@ class Llama:
         """Run later calls through another decode step (eager or compiled, other windows): a new engine over
         the same model and cache, so call it between generations."""
         self._decode = step
-        self.engine = Engine(step, self.tokenizer, self.stop_ids, deterministic=self.deterministic,
-                             prefix_cache=self.prefix_cache)
+        self.engine = self._engine(step)
 
     def dialog_length(self, dialog: Dialog) -> int:
         """Tokens of a dialog's prompt in the chat format (what counts against max_seq_len)."""
@@ -238,15 +241,7 @@ class Llama:
         if len(prompt_tokens) > params.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}")
         for i, prompt in enumerate(prompt_tokens):
-            name = names[i] if names else f"prompt {i}"
-            if not isinstance(prompt, (list, tuple)) or not prompt:
-                raise ValueError(f"{name} must be a non-empty list of token ids, got {prompt!r}")
-            if len(prompt) > params.max_seq_len:
-                raise ValueError(f"{name} has {len(prompt)} tokens, more than max_seq_len {params.max_seq_len}")
-            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or
-                   not 0 <= t < params.vocab_size]
-            if bad:
-                raise ValueError(f"{name} has token ids outside 0..{params.vocab_size - 1}: {bad[:5]}")
+            check_prompt(prompt, params.vocab_size, params.max_seq_len, names[i] if names else f"prompt {i}")
 
     def _params(self, max_gen_len: int, temperature: float, top_p: float, options: Dict[str, Any],
                 logprobs: bool = False, echo: bool = False) -> SamplingParams:

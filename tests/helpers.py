@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import pytest
 import torch
 
 from llama import ModelArgs
@@ -23,6 +24,18 @@ MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, multiple_of=32)
 GQA = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=VOCAB, multiple_of=64,
                 ffn_dim_multiplier=1.3, rope_theta=500000.0)
 SHAPES = {"mha": MHA, "gqa": GQA}
+
+
+def require_kernels() -> None:
+    """Skip a kernel test where the C kernels cannot be built here (no compiler), saying why; with
+    LLAMA_REQUIRE_KERNELS=1 (as .ci/run sets) fail it instead, so CI cannot go green without running them."""
+    from llama.cpu import qkernels
+
+    if qkernels.load() is None:
+        why = f"the C kernels could not be built here: {qkernels.unavailable()}"
+        if os.environ.get("LLAMA_REQUIRE_KERNELS", "") not in ("", "0"):
+            pytest.fail(f"{why} (LLAMA_REQUIRE_KERNELS is set)", pytrace=False)
+        pytest.skip(why)
 
 
 def make_checkpoint(folder: Path, args: ModelArgs, n_shards: int = 1, seed: int = 0,

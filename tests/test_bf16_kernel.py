@@ -12,15 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import require_kernels
 from llama import cpu, qkernels
 from llama.model import ModelArgs, Transformer
 
 
 def _built() -> None:
-    if qkernels.load() is None:
-        if os.environ.get("LLAMA_REQUIRE_KERNELS") == "1":
-            pytest.fail(f"LLAMA_REQUIRE_KERNELS=1 but the C kernels could not be built: {qkernels.unavailable()}")
-        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    require_kernels()
 
 
 def _runs(isa: str) -> None:

@@ -43,9 +43,58 @@ def test_a_mistyped_flag_fails_at_once_with_a_suggestion(script, ckpt):
     assert "Loading" not in proc.stdout  # nothing was loaded, let alone generated
 
 
+# Every program, however started: the same one line for a mistyped flag, whichever spelling it was given in.
+PROGRAMS = [["example_text_completion.py"], ["example_chat_completion.py"], ["chat.py"], ["-m", "llama.serve"],
+            ["-m", "llama", "web"], ["-m", "llama", "chat"], ["-m", "llama", "serve"],
+            ["-m", "llama", "convert", "src", "dst"]]
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=" ".join)
+def test_every_program_answers_a_mistyped_flag_alike(program):
+    proc = run(*program, "--max-seqlen", "64", stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    close = "--max_seq_len" if "convert" not in program else None  # convert has no such flag: no guess
+    hint = f"; did you mean {close}?" if close else ""
+    assert proc.stderr == f"error: unknown flag --max-seqlen{hint} (--help lists the flags)\n"
+
+
+@pytest.mark.parametrize("typed, known, meant", [
+    ("--temp", ["--system", "--temperature", "--top_p"], "--temperature"),  # a beginning, not --system
+    ("--max_seqlen", ["--max_seq_len", "--max-seq-len", "--max_gen_len"], "--max_seq_len"),
+    ("--temprature", ["--temperature", "--top_p"], "--temperature"),  # one letter left out
+    ("--max", ["--max_seq_len", "--max_gen_len"], None),  # begins two: no guess
+    ("--sytem", ["--system", "--seed"], "--system"),
+    ("--xyz", ["--system", "--seed", "--top_p"], None),  # nothing close
+    ("--tmp", ["--system", "--top_p"], None),
+])
+def test_suggestions_are_close_or_absent(typed, known, meant):
+    from llama.programs.cli import suggest
+
+    assert suggest(typed, known) == meant
+
+
+def test_both_spellings_of_a_flag_are_accepted():
+    from llama.programs.chat import parser
+
+    opts = parser().parse_args(["--max-seq-len", "64", "--top-p", "0.5", "--num-draft-tokens", "2"])
+    assert (opts.max_seq_len, opts.top_p, opts.num_draft_tokens) == (64, 0.5, 2)
+    from llama.serve.__main__ import parse_args
+
+    assert parse_args(["--max-batch-size", "3", "--api-key", "k", "--no-prefix-cache"]).max_batch_size == 3
+
+
+@pytest.mark.parametrize("program", [["example_text_completion.py"], ["chat.py"]], ids=" ".join)
+def test_a_range_comes_from_the_one_parameter_table(program, ckpt):
+    proc = run(*program, "--ckpt_dir", str(ckpt), "--tokenizer_path", str(TOKENIZER), "--temperature", "5",
+               stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --temperature must be in [0, 2], got 5" +
+                                                (".0" if program == ["chat.py"] else "")]
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature must be a number >= 0"),
-    (["--top_p", "2"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be in [0, 2], got -1"),
+    (["--top_p", "2"], "--top_p must be in (0, 1], got 2"),
     (["--max_batch_size", "2"], "--max_batch_size must be at least 4"),
     (["--max_seq_len", "8"], "--max_seq_len 8 leaves no room"),
     (["--max_gen_len", "0"], "--max_gen_len must be a positive integer"),
@@ -90,7 +139,7 @@ def test_under_torchrun_one_rank_speaks(ckpt):
     proc = run_torchrun(ROOT / "example_text_completion.py", ["--ckpt_dir", str(ckpt), "--tokenizer_path",
                                                               str(TOKENIZER), "--top_p", "2"], nproc=2, timeout=120)
     assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count("error: top_p must be in (0, 1]") == 1
+    assert (proc.stdout + proc.stderr).count("error: --top_p must be in (0, 1]") == 1
 
 
 def test_demo_notice_once_under_torchrun():

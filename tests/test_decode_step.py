@@ -68,3 +68,14 @@ def test_compiled_generation_across_windows_gives_the_eager_tokens(generator, ca
                                rtol=0)
     out = capsys.readouterr().out
     assert "Compiling the decode step" in out and "window 512 ready in" in out  # visible, and timed
+
+
+def test_a_new_decode_step_keeps_the_generators_speculation(tmp_path):
+    # Llama.decode_step's setter once made an engine without the drafts Llama.build set up.
+    ckpt = make_checkpoint(tmp_path, MHA, seed=3)
+    generator = Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=64, max_batch_size=1, device="cpu",
+                            dtype="float32", speculative="ngram", num_draft_tokens=3)
+    assert generator.engine.speculation is generator.speculation is not None
+    generator.decode_step = DecodeStep(generator.model, compiled=False)
+    assert generator.engine.speculation is generator.speculation
+    assert generator.engine.prefix_cache is generator.prefix_cache

@@ -19,6 +19,7 @@ from helpers import GQA, MHA, TOKENIZER, make_checkpoint
 from llama import Llama, ModelArgs
 from llama.families.chat_format import UNSAFE_ERROR
 from llama.checkpoints.checkpoint import check_model_parallel_size
+from llama.engine.params import SamplingParams
 
 MAX_SEQ_LEN = 64
 MAX_BATCH = 2
@@ -322,6 +323,18 @@ def test_more_prompts_than_max_batch_size(generator):
     with pytest.raises(ValueError) as err:
         generator.chat_completion([SAFE] * 3, max_gen_len=1)
     assert "3" in message(err) and str(MAX_BATCH) in message(err)
+
+
+@pytest.mark.parametrize("prompt, words", [([], "must be a non-empty list of token ids, got []"),
+                                           ([1, 32000, -1], "has token ids outside 0..31999: [32000, -1]"),
+                                           ([1, True], "has token ids outside 0..31999: [True]")])
+def test_one_prompt_check_for_the_library_and_the_engine(generator, prompt, words):
+    # Llama's methods and the engine (the server's) check a prompt with the same function, in the same words.
+    with pytest.raises(ValueError) as library:
+        generator.generate([prompt], max_gen_len=1)
+    with pytest.raises(ValueError) as engine:
+        generator.engine.check(prompt, SamplingParams(max_tokens=1))
+    assert message(library) == f"prompt 0 {words}" and message(engine) == f"the prompt {words}"
 
 
 def test_prompt_longer_than_max_seq_len(generator):

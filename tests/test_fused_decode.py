@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import require_kernels
 from llama import cpu, qkernels, quant, quantize
 from llama.model.decode_step import DecodeStep
 from llama.model.fused_decode import MAX_ROWS, FusedDecode, why_not
@@ -31,8 +32,7 @@ def _random(args: ModelArgs, dtype: torch.dtype) -> Transformer:
 
 def _build(precision: str, batch: int = 3) -> Transformer:
     """The random model (always the same weights) on one of the own-kernel paths."""
-    if qkernels.load() is None:
-        pytest.skip(f"the C kernels could not be built here: {qkernels.unavailable()}")
+    require_kernels()
     model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
     if precision == "bfloat16":
         if not qkernels.has_avx512_bf16():

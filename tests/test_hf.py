@@ -362,6 +362,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, meta, hf_dirs, capsys, argv
 def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, capsys, direction):
     """Ctrl-C while the second weight file is written: exit 130, and no file is left under any final name."""
     import llama.checkpoints.checkpoint as ckpt_mod
+    import llama.checkpoints.hf_write as hf_write
 
     real, weights = ckpt_mod.atomic_save, []
 
@@ -372,7 +373,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, 
                 raise KeyboardInterrupt
         return real(obj, path)
 
-    for module in (hf, ckpt_mod, convert_mod):  # each holds its own reference to the function
+    for module in (hf_write, ckpt_mod, convert_mod):  # each holds its own reference to the function
         monkeypatch.setattr(module, "atomic_save", interrupt_on_second_weights)
     if direction == "hf":
         argv = [str(meta["mha"]), str(tmp_path / "dst"), "--tokenizer_path", str(TOKENIZER),

@@ -99,3 +99,15 @@ def test_request_id_is_echoed_and_logged(server, caplog):
     made = odd.headers["x-request-id"]
     assert made != "bad id\twith spaces" and len(made) == 32  # a new one: odd text never reaches the log
     assert httpx.get(server.url + "/nowhere", timeout=TIMEOUT).headers["x-request-id"]
+
+
+def test_requests_are_counted_by_the_route_the_app_declares(server):
+    # The labels come from the app's own routes (one list: api.py's), so new routes need no second list.
+    before = scrape(server)
+    assert httpx.get(server.url + "/nowhere/at/all", timeout=TIMEOUT).status_code == 404
+    assert httpx.get(server.url + "/v1/models/m", timeout=TIMEOUT).status_code == 200
+    after = scrape(server)
+    delta = lambda **labels: after.get(("llama_http_requests_total", tuple(sorted(labels.items()))), 0) - \
+        before.get(("llama_http_requests_total", tuple(sorted(labels.items()))), 0)
+    assert delta(path="other", status="404") == 1
+    assert delta(path="/v1/models/{name:path}", status="200") == 1

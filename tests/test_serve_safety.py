@@ -440,7 +440,7 @@ def test_cli_refuses_empty_keys_abbreviations_and_names_a_taken_port(capsys, mon
     monkeypatch.delenv("LLAMA_API_KEY")
     with pytest.raises(SystemExit) as exit_:
         main([*demo_paths(), "--max_batch", "2"])  # an abbreviation of --max_batch_size
-    assert exit_.value.code == 2 and "unrecognized arguments: --max_batch" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown flag --max_batch; did you mean --max_batch_size?" in capsys.readouterr().err
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)

@@ -140,8 +140,8 @@ def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
 
 
 def open_shard(path: PathLike, mmap: bool = True) -> Dict[str, torch.Tensor]:
-    """Memory-map one shard (or read it, each tensor in its own buffer, with mmap=False).
-    weights_only: a checkpoint is data, and a pickle that would run code is refused."""
+    """Memory-map one shard (or read it, each tensor in its own buffer, with mmap=False): the library's one
+    torch.load. weights_only: a checkpoint is data, and a pickle that would run code is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

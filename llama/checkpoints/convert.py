@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .. import families
-from . import hf
+from . import hf, hf_write
 from .checkpoint import (
     PathLike,
     atomic_save,
@@ -40,8 +40,8 @@ from .checkpoint import (
     split_dim,
     state_shapes,
     valid_model_parallel_sizes,
-    write_checkpoint,
 )
+from .rewrite import check_distinct, check_shard_count, write_shards
 from ..model.transformer import ModelArgs
 from ..tokenizer import Tokenizer
 
@@ -143,12 +143,12 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     dtype = dtype or stored
     if dtype not in hf.SAFETENSORS_DTYPES:
         raise ValueError(f"the weights are {dtype}; --dtype must be one of bfloat16, float16, float32")
-    _check_distinct(src_dir, dst_dir)
-    hf.ensure_empty_destination(dst_dir, also=hf.OTHER_FILES)
+    check_distinct(src_dir, dst_dir)
+    hf_write.ensure_empty_destination(dst_dir, also=hf.OTHER_FILES)
     log(f"converting {info.n_shards} shard(s) of {src_dir} to Hugging Face's layout in {dst_dir} "
         f"({str(dtype).removeprefix('torch.')}, files of at most {max_shard_bytes / 1e9:g} GB)")
     start = time.perf_counter()
-    written = hf.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
+    written = hf_write.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
                                      tokenizer.bos_id, _one_or_list(found.hf_eos_ids(tokenizer)), max_shard_bytes,
                                      max_position_embeddings, found.hf_tokenizer_files(tokenizer,
                                                                                        max_position_embeddings))
@@ -166,27 +166,15 @@ def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: O
     log = log or (lambda message: None)
     info = hf.inspect_checkpoint(src_dir)
     args = ModelArgs.from_params(info.params)
-    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
-        raise ValueError(f"--mp must be a positive integer, got {n_shards!r}; valid values for this checkpoint: "
-                         f"{valid_model_parallel_sizes(args)}")
-    check_model_parallel_size(args, n_shards)
+    check_shard_count(n_shards, lambda: valid_model_parallel_sizes(args),
+                      lambda n: check_model_parallel_size(args, n))
     tokenizer = Path(src_dir) / "tokenizer.model"
     if tokenizer.is_file():
         Tokenizer(tokenizer)  # a readable SentencePiece model, or an error now
-    _check_distinct(src_dir, dst_dir)
-    dst = hf.ensure_empty_destination(dst_dir, also=("tokenizer.model",))
+    check_distinct(src_dir, dst_dir)
+    dst = hf_write.ensure_empty_destination(dst_dir, also=("tokenizer.model",))
     log(f"converting {info.n_shards} safetensors file(s) of {src_dir} to {n_shards} shard(s) of Meta's layout in "
         f"{dst_dir}" + (f" ({str(dtype).removeprefix('torch.')})" if dtype else ""))
-
-    def shards() -> Iterator[dict]:
-        for index in range(n_shards):
-            start = time.perf_counter()
-            state = hf.load_rank_state(info.shards, index, n_shards, dtype=dtype, mmap=False)
-            size = sum(t.numel() * t.element_size() for t in state.values())
-            yield state
-            del state
-            log(f"  [{index + 1}/{n_shards}] consolidated.{index:02d}.pth: {size / 2**20:.1f} MiB "
-                f"in {time.perf_counter() - start:.2f} s")
 
     copied = None
     try:
@@ -194,7 +182,8 @@ def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: O
             copied = dst / "tokenizer.model"
             atomic_save(tokenizer.read_bytes(), copied)
         # vocab_size -1 as in Meta's released params.json: the embedding rows say it.
-        write_checkpoint(dst, args.to_params(vocab_size=-1), shards())
+        write_shards(dst, args.to_params(vocab_size=-1), n_shards,
+                     lambda index: hf.load_rank_state(info.shards, index, n_shards, dtype=dtype, mmap=False), log)
     except BaseException:
         if copied is not None:
             copied.unlink(missing_ok=True)
@@ -207,10 +196,6 @@ def _one_or_list(ids: List[int]):
     return ids[0] if len(ids) == 1 else ids
 
 
-def _check_distinct(src_dir: PathLike, dst_dir: PathLike) -> None:
-    if Path(src_dir).resolve() == Path(dst_dir).resolve():
-        raise FileExistsError(f"source and destination are the same directory {str(Path(src_dir).resolve())!r}; "
-                              "choose a new one")
 
 
 def convert(src_dir: PathLike, dst_dir: PathLike, to: Optional[str] = None, n_shards: Optional[int] = None,

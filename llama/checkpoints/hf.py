@@ -16,35 +16,30 @@ How weights are split across ranks is `checkpoint.split_dim`'s table, used here 
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
-import sys
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .checkpoint import (
     CheckpointInfo,
     PathLike,
-    atomic_save,
-    ensure_empty_destination as ensure_no_meta_checkpoint,
-    read_json_object,
     rope_freqs,
     split_dim,
     state_shapes,
 )
+from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
+    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args,
+    is_hf_checkpoint, params_from_config)
 from ..model.transformer import ModelArgs
 
-_CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 OTHER_FILES = _TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
-LLAMA2_CONTEXT = 4096  # max_position_embeddings of the Llama 2 models
 
 # Meta's name of a layer's weight -> Hugging Face's (inside "model.layers.N."); then the top-level ones.
 HF_LAYER_NAMES: Dict[str, str] = {
@@ -57,7 +52,6 @@ _META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}
 _META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
 # Older conversions stored the rotary tables as buffers; they are recomputed, never read.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}  # those written
 
 
 # --- names and the rotary permutation ----------------------------------------------------------------------
@@ -124,159 +118,6 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str,
         heads = rotary_heads(key, args)
         out[hf_name(key)] = tensor if heads is None else _to_hf_rows(tensor, heads)
     return out
-
-
-# --- config.json <-> Meta's params -------------------------------------------------------------------------
-
-
-def is_hf_checkpoint(ckpt_dir: PathLike) -> bool:
-    """A directory in Hugging Face's layout: it has a config.json and no params.json (Meta's layout has that)."""
-    folder = Path(ckpt_dir)
-    return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
-
-
-def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
-    """config.json of a Hugging Face directory, as a dict (errors name the file)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
-    return read_json_object(folder, _CONFIG)
-
-
-def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
-    """multiple_of (and ffn_dim_multiplier) that make Meta's rounding rule give `hidden`, the FFN size.
-
-    config.json stores the size itself; params.json a rule for it. The released choices come first, so the Llama
-    2 models get back their own params.json (7B, 13B: multiple_of 256; 70B: 4096 with a multiplier of 1.3); any
-    other size gets an equivalent rule."""
-    candidates = [(256, None), (4096, 1.3)]
-    candidates += [(1 << k, None) for k in range(hidden.bit_length(), -1, -1) if hidden % (1 << k) == 0]
-    base = int(2 * (4 * dim) / 3)
-    candidates.append((hidden, None if base <= hidden else hidden / base))
-    for multiple_of, multiplier in candidates:
-        args = ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
-        if args.ffn_hidden_dim == hidden:
-            return {"multiple_of": multiple_of, **({} if multiplier is None else {"ffn_dim_multiplier": multiplier})}
-    raise ValueError(f"intermediate_size {hidden} cannot be expressed in params.json for hidden_size {dim}")
-
-
-def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[str, Any]:
-    """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
-    as the config says (rope scaling, tied embeddings, biases, another architecture...) is a ValueError naming
-    the field; `where` names the file in messages."""
-
-    def bad(field: str, value: Any, why: str) -> ValueError:
-        return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: {why}")
-
-    archs = config.get("architectures")
-    if archs is not None and archs != ["LlamaForCausalLM"]:
-        raise bad("architectures", archs, "only LlamaForCausalLM (the Llama architecture) is")
-    if config.get("model_type", "llama") != "llama":
-        raise bad("model_type", config["model_type"], "only 'llama' is")
-    if config.get("quantization_config"):
-        raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
-    for field in ("attention_bias", "mlp_bias"):
-        if config.get(field) not in (None, False):
-            raise bad(field, config[field], "the Llama models have no biases")
-    if config.get("tie_word_embeddings") not in (None, False, True):
-        raise bad("tie_word_embeddings", config["tie_word_embeddings"], "it must be true or false")
-    if config.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", config["hidden_act"], "the Llama feed-forward uses silu")
-
-    def positive_int(field: str, default: Any = None) -> int:
-        value = config.get(field, default)
-        if value is None:
-            raise ValueError(f"{where}: {field} is missing")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where}: {field} must be a positive integer, got {json.dumps(value)}")
-        return value
-
-    dim, n_heads = positive_int("hidden_size"), positive_int("num_attention_heads")
-    n_kv_heads = positive_int("num_key_value_heads", n_heads)
-    if dim % n_heads:
-        raise bad("num_attention_heads", n_heads, f"hidden_size {dim} is not a multiple of it")
-    if n_heads % n_kv_heads:
-        raise bad("num_key_value_heads", n_kv_heads, f"it must divide num_attention_heads {n_heads}")
-    head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim != dim // n_heads:
-        raise bad("head_dim", head_dim, f"Llama 2's head dimension is hidden_size / num_attention_heads = "
-                                        f"{dim // n_heads}")
-    rope_theta = config.get("rope_theta", 10000.0)
-    params: Dict[str, Any] = {"dim": dim, "n_layers": positive_int("num_hidden_layers"), "n_heads": n_heads,
-                              "vocab_size": positive_int("vocab_size"),
-                              "norm_eps": config.get("rms_norm_eps", 1e-6)}
-    # transformers 4 says rope_scaling (and rope_theta at the top level), transformers 5 rope_parameters.
-    for field in ("rope_scaling", "rope_parameters"):
-        rope = config.get(field)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise bad(field, rope, "it must be an object")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "llama3":
-            params.update(_scaled_rope_params(rope, bad, field))
-        elif kind != "default":
-            raise bad(field, rope, "only rope_type 'default' (plain rotary embeddings) and 'llama3' (Llama 3.1's "
-                                   "scaling) are")
-        rope_theta = rope.get("rope_theta", rope_theta)
-    params["rope_theta"] = rope_theta
-    if n_kv_heads != n_heads:
-        params["n_kv_heads"] = n_kv_heads
-    params.update(_ffn_params(dim, positive_int("intermediate_size")))
-    try:
-        ModelArgs.from_params(params)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    return params
-
-
-_SCALED_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
-                     "high_freq_factor": "rope_high_freq_factor",
-                     "original_max_position_embeddings": "rope_old_context_len"}
-
-
-def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError], field: str) -> Dict[str, Any]:
-    """params.json keys for a config's rope_type 'llama3' (Llama 3.1's scaling); a factor that is not given is
-    not guessed."""
-    params: Dict[str, Any] = {"use_scaled_rope": True}
-    for hf_key, meta_key in _SCALED_ROPE_KEYS.items():
-        value = rope.get(hf_key)
-        if value is None:
-            raise bad(field, rope, f"rope_type 'llama3' needs {hf_key}")
-        params[meta_key] = value
-    return params
-
-
-def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_id: int = 1,
-                     eos_id: Union[int, List[int]] = 2, max_position_embeddings: int = LLAMA2_CONTEXT
-                     ) -> Dict[str, Any]:
-    """config.json of a Llama model in Hugging Face's layout, as the published meta-llama/*-hf files have it
-    (rope_theta at the top level, rope_scaling for Llama 3.1's RoPE, and torch_dtype: transformers 4 and 5 both
-    read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
-    scaling = args.rope_scaling
-    rope_scaling = None if scaling is None else {
-        "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-        "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": float(args.rope_theta),
-        "rope_scaling": rope_scaling, "max_position_embeddings": max_position_embeddings, "vocab_size": args.vocab_size,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def _generation_config(bos_id: int = 1, eos_id: Union[int, List[int]] = 2,
-                      max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
-    """generation_config.json: this library's sampling defaults (temperature 0.6, top-p 0.9)."""
-    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
-            "max_length": max_position_embeddings}
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -427,139 +268,3 @@ def load_rank_state(
             progress(done, len(files), path, time.perf_counter() - started)
     out["rope.freqs"] = rope_freqs(args, dtype or out["tok_embeddings.weight"].dtype).to(device)
     return out
-
-
-# --- writing -----------------------------------------------------------------------------------------------
-
-
-def ensure_empty_destination(folder: PathLike, also: Iterable[str] = ()) -> Path:
-    """Refuse a folder that holds a checkpoint in either layout (or the remains of an interrupted write), or any
-    of the files named in `also`; create it otherwise. Nothing is ever written over."""
-    folder = Path(folder)
-    if folder.is_dir():
-        hf_files = sorted({p.name for p in folder.glob("*.safetensors")}
-                          | {name for name in (_CONFIG, INDEX, *also) if (folder / name).exists()})
-        if hf_files and _CONFIG not in hf_files and any(n.endswith(".safetensors") for n in hf_files):
-            raise FileExistsError(f"{str(folder)!r} holds safetensors files ({hf_files}) but no config.json: an "
-                                  "incomplete checkpoint, probably from an interrupted write; refusing to overwrite "
-                                  "it: delete it yourself or choose an empty or new directory")
-        if hf_files:
-            raise FileExistsError(f"{str(folder)!r} already holds {hf_files}; refusing to overwrite: choose an "
-                                  "empty or new directory")
-    return ensure_no_meta_checkpoint(folder)
-
-
-def _shard_plan(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> List[List[Tuple[str, Tuple[int, ...]]]]:
-    """Split (name, shape) entries, in order, into files of at most `max_shard_bytes` (a bigger single tensor
-    gets a file of its own)."""
-    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise ValueError(f"the shard size limit must be a positive number of bytes, got {max_shard_bytes!r}")
-    files: List[List[Tuple[str, Tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if files[-1] and size + nbytes > max_shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append((name, shape))
-        size += nbytes
-    return files
-
-
-def _safetensors_writer(entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype,
-                        tensors: Iterator[Tuple[str, torch.Tensor]]) -> Callable[[BinaryIO], None]:
-    """A writer for atomic_save that streams one safetensors file: the header (known from the shapes), then each
-    tensor's bytes as `tensors` produces it, so only one tensor is in memory at a time."""
-    if sys.byteorder != "little":
-        raise ValueError("safetensors files are little-endian; writing them on this machine is not supported")
-    header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-
-    def write(handle: BinaryIO) -> None:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for name, shape in entries:
-            got_name, tensor = next(tensors, (None, None))
-            if tensor is None:
-                raise ValueError(f"the source ended before {name}: it holds fewer tensors than its params describe")
-            if got_name != name or tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"expected {name} of shape {tuple(shape)}, got {got_name} of shape "
-                                 f"{tuple(tensor.shape)}: the source does not match its params")
-            data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().view(torch.uint8)
-            handle.write(memoryview(data.numpy()))
-            del tensor, data
-
-    return write
-
-
-def write_hf_checkpoint(
-    folder: PathLike,
-    args: ModelArgs,
-    tensors: Iterable[Tuple[str, torch.Tensor]],
-    tokenizer_path: PathLike,
-    dtype: torch.dtype = torch.bfloat16,
-    bos_id: int = 1,
-    eos_id: Union[int, List[int]] = 2,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
-    max_position_embeddings: int = LLAMA2_CONTEXT,
-    tokenizer_files: Optional[Mapping[str, Any]] = None,
-) -> List[Path]:
-    """Write a Hugging Face directory into the new or empty `folder`; returns the files written, in order.
-
-    `tensors` yields (Hugging Face name, full tensor) in the order of `state_shapes(args)` (rope.freqs left out),
-    already in Hugging Face's row order (`to_hf_state`); each is written and dropped before the next is asked
-    for. Weights go into safetensors files of at most `max_shard_bytes` (`model.safetensors` when one is enough,
-    else `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`). Every file is written under a
-    temporary name and renamed when complete: the tokenizer first, then the weights, config.json last, so a
-    directory with a config.json is complete. On an error or Ctrl-C the files this call wrote are removed.
-    `tokenizer_files`: the family's tokenizer_config.json and special_tokens_map.json (default: Llama 2's).
-    """
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
-    tokenizer_path = Path(tokenizer_path)
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer model {str(tokenizer_path)!r} does not exist")
-    entries = [(hf_name(k), shape) for k, shape in state_shapes(args).items() if k != "rope.freqs"]
-    plan = _shard_plan(entries, dtype, max_shard_bytes)
-    folder = ensure_empty_destination(folder, also=OTHER_FILES)
-    names = ([_SINGLE] if len(plan) == 1 else
-             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    stream = iter(tensors)
-    written: List[Path] = []
-
-    def save(obj: Any, name: str) -> None:
-        written.append(folder / name)
-        atomic_save(obj, folder / name)
-
-    try:
-        save(tokenizer_path.read_bytes(), "tokenizer.model")
-        if tokenizer_files is None:  # Llama 2's SentencePiece files
-            from ..families import LLAMA2
-
-            tokenizer_files = LLAMA2.hf_tokenizer_files(None, max_position_embeddings)
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            save(dict(tokenizer_files[name]), name)
-        for name, file_entries in zip(names, plan):
-            save(_safetensors_writer(file_entries, dtype, stream), name)
-        if next(stream, None) is not None:
-            raise ValueError("the source holds more tensors than its params describe")
-        if len(plan) > 1:
-            total = sum(math.prod(shape) * dtype.itemsize for _, shape in entries)
-            save({"metadata": {"total_size": total},
-                  "weight_map": {entry: name for name, file_entries in zip(names, plan) for entry, _ in file_entries}},
-                 INDEX)
-        save(_generation_config(bos_id, eos_id, max_position_embeddings), "generation_config.json")
-        save(config_from_args(args, dtype, bos_id, eos_id, max_position_embeddings), _CONFIG)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return written

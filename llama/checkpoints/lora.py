@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 
 from . import hf
-from .checkpoint import PathLike, read_json_object, split_dim, state_shapes
+from .checkpoint import PathLike, open_shard, read_json_object, split_dim, state_shapes
 from ..model.transformer import ModelArgs
 
 # PEFT's module names that map onto this model's linear layers (Llama's seven; never the embeddings or lm_head).
@@ -128,16 +127,7 @@ def _read_tensors(folder: Path) -> Tuple[Path, Dict[str, torch.Tensor]]:
         except Exception as err:  # safetensors raises its own error types for a corrupt file
             raise ValueError(f"{str(st_path)!r} is not a readable safetensors file: {err}") from None
     if bin_path.is_file():
-        try:
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"refusing to load {str(bin_path)!r}: it is not a plain tensor file (loading it "
-                             f"would run code or it is corrupt): {str(err).splitlines()[0]}") from None
-        except RuntimeError as err:
-            raise ValueError(f"{str(bin_path)!r} is not a readable PyTorch file: {str(err).splitlines()[0]}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{str(bin_path)!r} does not hold a dict of tensors")
-        return bin_path, state
+        return bin_path, open_shard(bin_path, mmap=False)  # the one safe torch.load: tensors only, no code
     raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {str(folder)!r}")
 
 

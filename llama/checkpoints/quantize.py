@@ -9,9 +9,8 @@ importable from here.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,7 +19,8 @@ from . import checkpoint
 from ..model import distributed
 from .checkpoint import split_dim
 from ..model.layers import ParallelLinear
-from ..model.transformer import ModelArgs, check_positive_int, count_parameters
+from ..model.transformer import ModelArgs, count_parameters
+from .rewrite import check_distinct, check_shard_count, write_shards
 from .source import Checkpoint
 from ..quant import SCHEMES, Int4Grouped, Int8PerRow, Scheme, from_entry, parse
 from ..quant.kernels import (  # noqa: F401  (the kernels' names, as this module had them)
@@ -178,37 +178,26 @@ def quantize_checkpoint(src_dir: Union[str, Path], dst_dir: Union[str, Path], mo
                          "source instead")
     args, meta = ckpt.args, ckpt.layout == "meta"
     n_shards = (ckpt.n_shards if meta else 1) if n_shards is None else n_shards
-    try:
-        check_positive_int("--mp", n_shards)
-    except ValueError as err:
-        raise ValueError(f"{err}; valid values: {ckpt.valid_worlds()}") from None
-    ckpt.check_world(n_shards)
+    check_shard_count(n_shards, ckpt.valid_worlds, ckpt.check_world)
     scheme.check_shapes(linear_shapes(args, n_shards), n_shards, None)
-    if Path(src_dir).resolve() == Path(dst_dir).resolve():
-        raise FileExistsError(f"source and destination are the same directory {str(Path(src_dir).resolve())!r}")
+    check_distinct(src_dir, dst_dir)
     checkpoint.ensure_empty_destination(dst_dir)
     layers = checkpoint.model_layout(args).linear
     row_amax = _row_parallel_amax(ckpt, n_shards, layers) if scheme.whole_row_scales and n_shards > 1 else {}
     log(f"quantizing {ckpt.n_shards} shard(s) of {src_dir} to {scheme.describe()} into {n_shards} shard(s) in "
         f"{dst_dir}")
 
-    def shards() -> Iterator[Dict[str, torch.Tensor]]:
-        for index in range(n_shards):
-            start = time.perf_counter()
-            state = ckpt.load_rank_state(index, n_shards, mmap=False)
-            for layer in layers:
-                weight = state.pop(f"{layer}.weight")
-                state.update(scheme.quantize(weight, row_amax.get(layer)).state(layer))
-                del weight
-            size = sum(t.numel() * t.element_size() for t in state.values())
-            yield state
-            del state
-            log(f"  [{index + 1}/{n_shards}] consolidated.{index:02d}.pth: {size / 2**20:.1f} MiB "
-                f"in {time.perf_counter() - start:.1f} s")
+    def shard(index: int) -> Dict[str, torch.Tensor]:
+        state = ckpt.load_rank_state(index, n_shards, mmap=False)
+        for layer in layers:
+            weight = state.pop(f"{layer}.weight")
+            state.update(scheme.quantize(weight, row_amax.get(layer)).state(layer))
+            del weight
+        return state
 
     params = {**(ckpt.params if meta else args.to_params(vocab_size=-1)),
               "quantization": scheme.entry()}
-    checkpoint.write_checkpoint(dst_dir, params, shards())
+    write_shards(dst_dir, params, n_shards, shard, log)
     log(f"done: {dst_dir}")
     return Path(dst_dir)
 

@@ -13,14 +13,13 @@ Resharding saves the slicing work at every start, and gives files that match the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import PathLike, ensure_empty_destination, load_rank_state, write_checkpoint
-from ..model.transformer import check_positive_int
+from .checkpoint import PathLike, ensure_empty_destination, load_rank_state
+from .rewrite import check_distinct, check_shard_count, write_shards
 from .source import Checkpoint
 
 
@@ -42,29 +41,13 @@ def reshard(
     if ckpt.layout != "meta":
         raise ValueError(f"{str(src_dir)!r} is in Hugging Face's layout: convert it (python -m llama convert) "
                          "instead of resharding it")
-    try:
-        check_positive_int("--mp", n_shards)
-    except ValueError as err:
-        raise ValueError(f"{err}; valid values for this checkpoint: {ckpt.valid_worlds()}") from None
-    ckpt.check_world(n_shards)
-    src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
-    if src == dst:
-        raise FileExistsError(f"source and destination are the same directory {str(src)!r}; choose a new one")
-    ensure_empty_destination(dst)  # also checked by write_checkpoint; here so nothing is read before it fails
+    check_shard_count(n_shards, ckpt.valid_worlds, ckpt.check_world)
+    check_distinct(src_dir, dst_dir)
+    ensure_empty_destination(dst_dir)  # also checked by write_checkpoint; here so nothing is read before it fails
     params_bytes = (Path(src_dir) / "params.json").read_bytes()
     log(f"resharding {ckpt.n_shards} shard(s) of {src_dir} into {n_shards} shard(s) in {dst_dir} "
         f"({str(dtype).removeprefix('torch.')})")
-
-    def shards() -> Iterator[dict]:
-        for index in range(n_shards):
-            start = time.perf_counter()
-            state = load_rank_state(ckpt.shards, index, n_shards, dtype=dtype, scheme=ckpt.scheme)
-            size = sum(t.numel() * t.element_size() for t in state.values())
-            yield state
-            del state
-            log(f"  [{index + 1}/{n_shards}] consolidated.{index:02d}.pth: {size / 2**20:.1f} MiB "
-                f"in {time.perf_counter() - start:.2f} s")
-
-    write_checkpoint(dst_dir, params_bytes, shards())
+    write_shards(dst_dir, params_bytes, n_shards,
+                 lambda index: load_rank_state(ckpt.shards, index, n_shards, dtype=dtype, scheme=ckpt.scheme), log)
     log(f"done: {dst_dir} (params.json copied)")
     return Path(dst_dir)

@@ -30,100 +30,24 @@ interface: `linear_path(device, dtype)` names the path; `kernel_for(device, dtyp
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
-import platform
 import sys
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import qkernels
-from ..model.layers import ParallelLinear
+from .features import FLAGS, CpuInfo, detect, info, kernel_isa  # noqa: F401  (llama.cpu's names)
 
-# The flags that decide the path, in the order `describe` reports them.
 OWN_BF16_MAX_BATCH = 2  # the largest max_batch_size for which bfloat16 models take `own-bf16` (see above)
 OWN_BF16_PREFILL_ROWS = 32  # from this many rows, `own-bf16` unpacks row blocks for oneDNN
 UNPACKED_BLOCK = 2**21  # weights unpacked at a time for such a call (4 MiB of bfloat16)
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
 FP16_MAX = 65504.0
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    model: str
-    flags: FrozenSet[str]  # those of FLAGS the hardware has and this process may use (emulation lowers them)
-    onednn_bf16: bool  # PyTorch's oneDNN has bf16 kernels here (native or converted with AVX-512)
-    fbgemm: bool  # PyTorch's fbgemm backend is built in and the CPU runs it (AVX2, FMA, F16C)
-
-    @property
-    def native_bf16(self) -> bool:
-        """bf16 multiply instructions (AVX-512 BF16 or AMX) that oneDNN may use."""
-        return self.onednn_bf16 and bool({"avx512_bf16", "amx_bf16"} & self.flags)
-
-
-def _proc_cpuinfo() -> Dict[str, str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return {}
-    fields: Dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def detect(cpuinfo: Optional[Dict[str, str]] = None, capability: Optional[str] = None,
-           env: Optional[Dict[str, str]] = None, onednn_bf16: Optional[bool] = None,
-           fbgemm_built: Optional[bool] = None) -> CpuInfo:
-    """Read the CPU's model and flags (Linux /proc/cpuinfo), lowered to what this process may use.
-
-    Each argument replaces one of the machine's own answers (for tests); by default they are read here."""
-    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
-    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    env = dict(os.environ) if env is None else env
-    onednn_bf16 = _onednn_bf16() if onednn_bf16 is None else onednn_bf16
-    fbgemm_built = _fbgemm_built() if fbgemm_built is None else fbgemm_built
-    model = cpuinfo.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
-    flags = set(cpuinfo.get("flags", "").split()) & set(FLAGS)
-    if not cpuinfo.get("flags"):  # no /proc/cpuinfo: what PyTorch's own dispatch says
-        flags = {"AVX2": {"avx2", "fma", "f16c"}, "AVX512": {"avx2", "fma", "f16c", "avx512f"}}.get(capability, set())
-    if capability != "AVX512":  # ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512)
-        flags -= {"avx512f", "avx512_bf16", "amx_bf16"}
-    if capability not in ("AVX2", "AVX512"):
-        flags -= {"avx2", "fma", "f16c"}
-    isa = env.get("ONEDNN_MAX_CPU_ISA", env.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
-    if isa not in ("ALL", "DEFAULT") and "BF16" not in isa and "AMX" not in isa:
-        flags -= {"avx512_bf16", "amx_bf16"}
-    return CpuInfo(model=model, flags=frozenset(flags), onednn_bf16=onednn_bf16,
-                   fbgemm=fbgemm_built and {"avx2", "fma", "f16c"} <= flags)
-
-
-def _onednn_bf16() -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _fbgemm_built() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-@functools.lru_cache(maxsize=1)
-def info() -> CpuInfo:
-    """This machine's CpuInfo, read once."""
-    return detect()
 
 
 # --- the kernels --------------------------------------------------------------------------------------------
@@ -347,8 +271,8 @@ def kernel_counts(model: nn.Module) -> Dict[str, int]:
     """How many linear layers of a built model compute through each kernel ("aten": the plain product)."""
     counts: Dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, ParallelLinear):
-            kernel = module.kernel
+        if callable(getattr(module, "use_kernel", None)):  # a llama.model.layers.ParallelLinear (no import: the
+            kernel = module.kernel                          # model wing uses this one, not the other way)
             name = "aten" if kernel is None else getattr(kernel, "path", type(kernel).__name__)
             counts[name] = counts.get(name, 0) + 1
     return counts
@@ -449,5 +373,6 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 
 
-__all__ = ["CpuInfo", "OwnBf16Linear", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info", "linear_path", "kernel_for", "decodes_on_own_kernels",
-           "kernel_counts", "quantized_isa", "quantized_prefill", "default_dtype", "dtype_note", "describe"]
+__all__ = ["CpuInfo", "kernel_isa", "OwnBf16Linear", "OneDnnLinear", "Fp16Linear", "KERNELS", "detect", "info",
+           "linear_path", "kernel_for", "decodes_on_own_kernels", "kernel_counts", "quantized_isa",
+           "quantized_prefill", "default_dtype", "dtype_note", "describe"]

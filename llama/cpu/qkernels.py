@@ -10,42 +10,50 @@ half the memory bandwidth (README, "Quantization"), and torchao and Inductor's t
 kernels quantize each row of activations to 8 bits per block of 32 inputs and take integer dot products with
 the weights (AVX-512 VNNI, AVX2, or portable C), as llama.cpp does.
 
-How it is built: the plain C source (no Python or PyTorch headers) is compiled by the system's C compiler (`CC`,
-else `cc`, `gcc`, `clang`) the first time a process needs it, into a cache folder (`LLAMA_KERNEL_CACHE`, else
-`$XDG_CACHE_HOME/llama2-reference` or `~/.cache/llama2-reference`), named by a hash of the source and the
-compiler, and loaded from there afterwards (about 2 s once). One binary serves every x86 CPU: each instruction
-set's kernel is compiled for it alone and chosen at run time. Where no compiler is found or the build fails,
-`load()` returns None, `unavailable()` says why, and the quantized layers use PyTorch's operators instead.
+How it is built: the plain C source (no Python or PyTorch headers) is compiled by the system's C compiler the
+first time a process needs it, once per machine, compiler and source, under a file lock (llama/cpu/kernel_build.py).
+One binary serves every x86 CPU: each instruction set's kernel is compiled for it alone, and llama.cpu.features
+tells the library at load which of them this CPU runs. At load the library's interface (its version, numbers,
+limits and structure layouts) is checked against this side: a mismatch raises KernelMismatch. Where no
+compiler is found or the build fails, `load()` returns None, `unavailable()` says why, and the quantized layers
+use PyTorch's operators instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional, Type
 
 import torch
 
-CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / name for name in ("pool.c", "qlinear.c", "linear16.c", "decode.c")]
-HEADERS = [CSRC / "common.h"]
+from .features import kernel_isa
+from .kernel_build import CFLAGS, CSRC, HEADERS, SOURCES, build  # noqa: F401  (the build's public names)
+
+# The interface this module and llama/model/fused_decode.py call: checked at load against what the library
+# reports (csrc/common.h's QK_ABI_VERSION, the constants of each C file), so an edit to one side only is an error
+# that says what differs, not a crash.
+ABI_VERSION = 3
 # The instruction sets of the kernels, by the number the C library uses; "best" = the highest this CPU runs.
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+KINDS = {"int8": 8, "int4": 4, "bf16": 16}  # a linear layer's kind, as qk_linear and decode.c number them
 CHUNK = 64  # input features per kernel chunk: the kernels take K a multiple of this
 BLOCK = 32  # inputs per activation scale
-CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+
+
+class KernelMismatch(RuntimeError):
+    """The compiled library does not match the Python side (an edit to one of them only)."""
+
 
 _lib: Optional[ctypes.CDLL] = None
 _why: Optional[str] = None
 _tried = False
+_constants: Dict[str, int] = {}
+_best: Optional[str] = None
+_bf16 = False
 
 
 _STEP = threading.local()  # the kernels' thread count inside `decoding_threads` (this thread only)
@@ -77,61 +85,12 @@ def decoding_threads() -> Iterator[None]:
         _STEP.threads = None
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("LLAMA_KERNEL_CACHE"):
-        return Path(os.environ["LLAMA_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llama2-reference"
-
-
-def _compiler() -> Optional[str]:
-    for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + ["cc", "gcc", "clang"]:
-        path = shutil.which(name.split()[0])
-        if path:
-            return path
-    return None
-
-
-def _compiler_version(cc: str) -> str:
-    try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def build(force: bool = False) -> Path:
-    """Compile the kernels (if not cached) and return the shared library's path. Raises RuntimeError saying why
-    it could not: no compiler, or the compiler's own message."""
-    if sys.platform == "win32":
-        raise RuntimeError("the C kernels are built on Linux and macOS only")
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    source = b"".join(path.read_bytes() for path in HEADERS + SOURCES)
-    key = hashlib.sha256(source + _compiler_version(cc).encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"qlinear-{key}.so"
-    if target.exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name in the same folder, renamed into place: processes building at once never see half a file.
-    fd, tmp = tempfile.mkstemp(prefix=".qlinear-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
-                                timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.qk_best_isa.restype = c_int
-    lib.qk_best_isa.argtypes = []
+    lib.qk_constant.restype = ctypes.c_char_p
+    lib.qk_constant.argtypes = [i64, ctypes.POINTER(i64)]
+    lib.qk_set_cpu.restype = c_int
+    lib.qk_set_cpu.argtypes = [c_int, c_int]
     lib.qk_packed_bytes.restype = i64
     lib.qk_packed_bytes.argtypes = [c_int, i64, i64, i64]
     lib.qk_pack_int8.restype = c_int
@@ -142,8 +101,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_linear.argtypes = [c_int, c_int, c_int, ptr, c_int, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
     lib.qk_dequantize.restype = c_int
     lib.qk_dequantize.argtypes = [c_int, c_int, c_int, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
-    lib.qk_has_avx512_bf16.restype = c_int
-    lib.qk_has_avx512_bf16.argtypes = []
     lib.qk_packed_bf16_bytes.restype = i64
     lib.qk_packed_bf16_bytes.argtypes = [i64, i64]
     lib.qk_pack_bf16.restype = c_int
@@ -160,8 +117,39 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_decode_layers.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, ptr]
 
 
+def _read_constants(lib: ctypes.CDLL) -> Dict[str, int]:
+    constants, value, i = {}, ctypes.c_int64(), 0
+    while (name := lib.qk_constant(i, ctypes.byref(value))) is not None:
+        constants[name.decode()] = value.value
+        i += 1
+    return constants
+
+
+def _check_abi(constants: Dict[str, int]) -> None:
+    expected = {"abi_version": ABI_VERSION, "chunk": CHUNK, "block": BLOCK,
+                **{f"isa.{name}": number for name, number in ISAS.items()},
+                **{f"kind.{name}": number for name, number in KINDS.items()}}
+    wrong = [f"{name} {constants.get(name, 'missing')} (Python: {want})" for name, want in expected.items()
+             if constants.get(name) != want]
+    if wrong:
+        raise KernelMismatch(f"llama/cpu/csrc and llama/cpu/qkernels.py disagree: {'; '.join(wrong)}")
+
+
+def _start(lib: ctypes.CDLL) -> None:
+    """Check the library against this side, then tell it which instruction sets this CPU runs (llama.cpu.features
+    decides; the library only reports what it was built for)."""
+    global _constants, _best, _bf16
+    _constants = _read_constants(lib)
+    _check_abi(_constants)
+    isa, bf16 = kernel_isa() if _constants.get("built.x86") else ("scalar", False)
+    if lib.qk_set_cpu(ISAS[isa], int(bf16)):
+        raise KernelMismatch(f"the C kernels were not built for {isa} (bf16: {bf16})")
+    _best, _bf16 = isa, bf16
+
+
 def load() -> Optional[ctypes.CDLL]:
-    """The kernels' library, built on first use; None where it cannot be built or loaded (see `unavailable`)."""
+    """The kernels' library, built on first use; None where it cannot be built or loaded (see `unavailable`).
+    Raises KernelMismatch where the library and this module disagree on the interface."""
     global _lib, _why, _tried
     if not _tried:
         _tried = True
@@ -171,9 +159,11 @@ def load() -> Optional[ctypes.CDLL]:
             try:
                 lib = ctypes.CDLL(str(build()))
                 _declare(lib)
-                _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 _why = str(err)
+            else:
+                _start(lib)
+                _lib = lib
     return _lib
 
 
@@ -185,11 +175,30 @@ def unavailable() -> Optional[str]:
 
 def best_isa() -> Optional[str]:
     """The highest instruction set of the C kernels this CPU runs, None without the library."""
-    lib = load()
-    if lib is None:
-        return None
-    level = lib.qk_best_isa()
-    return next(name for name, number in ISAS.items() if number == level)
+    return _best if load() is not None else None
+
+
+def constant(name: str) -> int:
+    """A number the C library reports (its limits: "max_head_dim", "lanes", ...; structure sizes and offsets:
+    "sizeof.qk_lin_t", "qk_lin_t.n"). Needs the library loaded; KeyError for a name it does not report."""
+    if load() is None:
+        raise RuntimeError(f"the C kernels are not available ({_why})")
+    return _constants[name]
+
+
+def check_struct(struct: Type[ctypes.Structure], name: str) -> None:
+    """Raise KernelMismatch unless the ctypes `struct` has the C structure `name`'s size and the offset of every
+    field the library reports."""
+    wrong = []
+    if ctypes.sizeof(struct) != constant(f"sizeof.{name}"):
+        wrong.append(f"size {constant(f'sizeof.{name}')} (Python: {ctypes.sizeof(struct)})")
+    for key, offset in _constants.items():
+        field = key.partition(f"{name}.")[2] if key.startswith(f"{name}.") else None
+        if field is not None and getattr(getattr(struct, field, None), "offset", None) != offset:
+            have = getattr(getattr(struct, field, None), "offset", "missing")
+            wrong.append(f"field {field} at {offset} (Python: {have})")
+    if wrong:
+        raise KernelMismatch(f"{struct.__name__} does not mirror decode.c's {name}: {'; '.join(wrong)}")
 
 
 def _check(code: int, what: str) -> None:
@@ -267,8 +276,7 @@ def read(x: torch.Tensor, threads: Optional[int] = None) -> int:
 
 def has_avx512_bf16() -> bool:
     """Whether the bfloat16 kernel runs its AVX-512 BF16 loop here (else the portable C loop, for tests only)."""
-    lib = load()
-    return lib is not None and bool(lib.qk_has_avx512_bf16())
+    return load() is not None and _bf16
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..model.kv_cache import BLOCK_SIZE, blocks_for
-from .params import ParamError, SamplingParams
+from .params import ParamError, SamplingParams, check_prompt
 
 
 def blocks_needed(prompt: int, max_tokens: int, n: int) -> int:
@@ -19,10 +19,7 @@ def check(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_ba
           pool_blocks: int) -> None:
     """ValueError unless the request can run: token ids in the vocabulary, parameters in range, room in the
     context for prompt plus max_tokens, no more choices than rows, and blocks for all of it in the pool."""
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise ValueError("the prompt must be a non-empty list of token ids")
-    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in prompt):
-        raise ValueError(f"the prompt has token ids outside 0..{vocab_size - 1}")
+    check_prompt(prompt, vocab_size)
     params.check(vocab_size)
     if params.n > max_batch_size:
         raise ParamError(f"n={params.n} choices need as many rows; there are {max_batch_size} (max_batch_size)", "n")

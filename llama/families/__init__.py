@@ -42,6 +42,20 @@ NAMES = ("llama2", "codellama", "codellama-70b", "llama3", "llamaguard", "llamag
 _DETECTION_ORDER = (LLAMA3, CODELLAMA70B, CODELLAMA, LLAMA2)
 
 
+def register(family: Family, detect_first: bool = True) -> Family:
+    """Add a family defined outside llama/families (a plugin module, a test): from then on family=, --family
+    (every program's, the server's) and conversion take its name, and detection tries it before the built-in
+    families when `detect_first`. The family's own module is the only file it needs."""
+    global NAMES, _DETECTION_ORDER
+    if not family.name or _key(family.name) in FAMILIES or family.name in NAMES:
+        raise ValueError(f"a family needs a new name; {family.name!r} is taken or empty (known: {list(NAMES)})")
+    FAMILIES[_key(family.name)] = family
+    NAMES = (*NAMES, family.name)
+    if detect_first:
+        _DETECTION_ORDER = (family, *_DETECTION_ORDER)
+    return family
+
+
 def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer) -> str:
     keys = {k: params[k] for k in ("vocab_size", "rope_theta", "use_scaled_rope", "n_kv_heads") if k in params}
     return f"tokenizer {tokenizer.path!r} ({tokenizer.kind}, {tokenizer.n_words} tokens), params {keys}"
@@ -80,5 +94,5 @@ def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
                      "SentencePiece one, and only Llama 3.1 and later use_scaled_rope)")
 
 
-__all__ = ["Family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "LLAMA2", "CODELLAMA",
-           "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]
+__all__ = ["Family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
+           "CODELLAMA", "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .chat_format import ChatFormat
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model.transformer import RopeScaling
 from ..tokenizers import BaseTokenizer
 
@@ -23,8 +24,8 @@ class Family:
     context_length: int = 4096  # the context it was trained for (HF's max_position_embeddings)
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None  # the published RoPE scaling, for checkpoints that ask for it
-    temperature: float = 0.6  # generation defaults of the released examples
-    top_p: float = 0.9
+    temperature: float = DEFAULT_TEMPERATURE  # generation defaults of the released examples
+    top_p: float = DEFAULT_TOP_P
     chat: bool = True  # a chat (instruct) format exists
     infilling: bool = False  # Code Llama's fill-in-the-middle
     moderation: bool = False  # Llama Guard's classification

@@ -27,7 +27,6 @@ from ..quant.kernels import Int4Linear, Int8Linear
 # Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
 # cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
 MAX_ROWS = 32
-_BF16 = 16  # decode.c's number for a linear layer on linear16.c
 
 
 class _Linear(ctypes.Structure):
@@ -53,7 +52,7 @@ def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
     """A linear layer as decode.c takes it, or None where it is not on the own kernels."""
     kernel = getattr(layer, "kernel", None)
     if isinstance(kernel, cpu.OwnBf16Linear):
-        return _Linear(_BF16, qkernels.ISAS[kernel.isa], kernel.out_features, layer.in_features, 0,
+        return _Linear(qkernels.KINDS["bf16"], qkernels.ISAS[kernel.isa], kernel.out_features, layer.in_features, 0,
                        kernel.packed.data_ptr(), None)
     if isinstance(kernel, (Int8Linear, Int4Linear)) and kernel.own is not None:
         own = kernel.own
@@ -81,11 +80,20 @@ def why_not(model: Transformer) -> Optional[str]:
             return "layers not fused"
         if any(_describe(lin) is None for lin in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)):
             return "a linear layer not on the own kernels"
-    if first.head_dim % 16 or first.head_dim > 256 or model.params.dim % 16:
-        return f"head dimension {first.head_dim} or dim {model.params.dim} (decode.c takes multiples of 16)"
     if qkernels.load() is None:  # (the own kernels above imply it; checked last, as it may build the library)
         return f"the C kernels are not available ({qkernels.unavailable()})"
+    lanes, top = qkernels.constant("lanes"), qkernels.constant("max_head_dim")
+    if first.head_dim % lanes or first.head_dim > top or model.params.dim % lanes:
+        return (f"head dimension {first.head_dim} or dim {model.params.dim} (decode.c takes multiples of {lanes}, "
+                f"heads up to {top})")
+    _check_layout()
     return None
+
+
+def _check_layout() -> None:
+    """Raise qkernels.KernelMismatch unless the ctypes structures above mirror decode.c's (sizes and offsets)."""
+    for struct, name in ((_Linear, "qk_lin_t"), (_Layer, "qk_layer_t"), (_Model, "qk_model_t")):
+        qkernels.check_struct(struct, name)
 
 
 class FusedDecode:

@@ -13,7 +13,6 @@ import sys
 from typing import List, Optional
 
 from . import cli
-from .. import families
 from .terminal_chat import SHIELD_CONTEXT, _HELP, ChatSession, _answer_room, _Console, _leave_on_sigint, _SilentConsole
 from ..model.distributed import Broadcast, launched
 from ..generation import Llama
@@ -27,19 +26,12 @@ def parser() -> cli.ArgumentParser:
         epilog="In the chat:\n" + _HELP, formatter_class=_ChatHelp)
     cli.add_model_flags(p, what="chat checkpoint folder")
     p.add_argument("--system", default=None, help="system prompt (change it in the chat with /system)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
-    p.add_argument(*cli.flag("top_p"), type=float, default=0.9,
-                   help="nucleus sampling: draw from the most likely tokens whose probabilities add up to this")
+    cli.add_sampling_flags(p)
     p.add_argument(*cli.flag("max_seq_len"), type=int, default=2048,
                    help="context length: the conversation, the system prompt and the answer, in tokens")
     p.add_argument(*cli.flag("max_gen_len"), type=int, default=None,
                    help="longest answer in tokens, kept free in the context (default max_seq_len / 4)")
-    p.add_argument("--family", default=None, choices=families.NAMES,
-                   help="the model's family (default: detected from the checkpoint)")
-    p.add_argument("--speculative", default=None, metavar="ngram|DRAFT_DIR",
-                   help="speculative decoding: ngram (prompt lookup) or a draft checkpoint folder with the same "
-                        "tokenizer; the same answers, faster where drafts are right")
-    p.add_argument(*cli.flag("num_draft_tokens"), type=int, default=4, help="drafts checked per step")
+    cli.add_speculation_flags(p)
     p.add_argument("--shield", default=None, metavar="CKPT",
                    help="a Llama Guard checkpoint folder: each message and each answer is checked, and refused "
                         "when unsafe")

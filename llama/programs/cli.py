@@ -10,7 +10,6 @@ with `ArgumentParser` below; the two torchrun examples keep fire, as in the rele
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import os
 import sys
@@ -24,8 +23,9 @@ from ..model import distributed
 from .. import families, quant
 from ..families.chat_format import ChatFormat, Dialog, validate_dialog
 from ..model.transformer import check_positive_int
-from ..engine.params import SamplingParams
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ParamError, SamplingParams
 from ..tokenizer import Tokenizer
+from .suggest import suggest, unknown_flag  # noqa: F401  (cli.suggest: the programs' one guess)
 from . import interrupt
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # llama/
@@ -94,7 +94,10 @@ def check_before_loading(tokenizer_path: str, max_seq_len: int, max_batch_size: 
     the sampling flags, and whether the script's prompts or dialogs fit --max_batch_size and --max_seq_len."""
     check_positive_int("--max_seq_len", max_seq_len)
     check_positive_int("--max_batch_size", max_batch_size)
-    SamplingParams(temperature=temperature, top_p=top_p).check()
+    try:
+        SamplingParams(temperature=temperature, top_p=top_p).check()  # the ranges of llama.engine.params.RANGES
+    except ParamError as err:
+        raise ValueError(f"--{err}") from None
     if max_gen_len is not None:
         check_positive_int("--max_gen_len", max_gen_len)
     count = len(prompts) + len(dialogs)
@@ -118,8 +121,28 @@ def flag(name: str) -> Tuple[str, ...]:
     return (f"--{name}",) + ((f"--{dashed}",) if dashed != name else ())
 
 
-def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint folder") -> None:
-    """The flags of every program that loads a model for generation, as the example scripts name them."""
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--temperature and --top_p with the library's defaults (their ranges are checked by check_before_loading,
+    from llama.engine.params.RANGES, as the server checks a request's)."""
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="sampling temperature, 0..2; 0 is greedy")
+    parser.add_argument(*flag("top_p"), type=float, default=DEFAULT_TOP_P,
+                        help="nucleus sampling: draw from the most likely tokens whose probabilities add up to this")
+
+
+def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
+    """--speculative and --num_draft_tokens, for the programs that decode with drafts."""
+    parser.add_argument("--speculative", default=None, metavar="ngram|DRAFT_DIR",
+                        help="speculative decoding: ngram (prompt lookup) or a draft checkpoint folder with the same "
+                             "tokenizer; the same answers, faster where drafts are right")
+    parser.add_argument(*flag("num_draft_tokens"), type=int, default=4, help="drafts checked per step")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint folder",
+                    seed_help: str = "seed of the sampler (the same seed and inputs give the same answers)",
+                    many_loras: bool = False) -> None:
+    """The flags of every program that loads a model for generation, as the example scripts name them
+    (many_loras: --lora also takes NAME=PATH pairs, adapters served beside the base: the server's)."""
     parser.add_argument(*flag("ckpt_dir"), default=None,
                         help=f"{what}, Meta's layout or Hugging Face's (default, with --tokenizer_path unset: the "
                              "bundled demo model)")
@@ -128,15 +151,38 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is a GPU)")
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                         help="weights' and activations' dtype (default: the fastest the device supports)")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seed of the sampler (the same seed and inputs give the same answers)")
-    parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
+    parser.add_argument("--seed", type=int, default=1, help=seed_help)
+    if many_loras:
+        parser.add_argument("--lora", nargs="+", default=None, metavar="[NAME=]PATH",
+                            help="PEFT LoRA adapter folders: one PATH is merged into the weights (the fast path for "
+                                 "one adapter); NAME=PATH ... serve each beside the unmerged base, picked by a "
+                                 "request's 'model'")
+    else:
+        parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
     parser.add_argument("--quantize", default=None, choices=tuple(quant.SCHEMES),
                         help="weight-only quantization at load (none for a quantized checkpoint)")
     parser.add_argument(*flag("group_size"), type=int, default=None,
                         help=f"int4's inputs per scale: {', '.join(map(str, quant.GROUP_SIZES))} "
                              f"(default {quant.DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--family", default=None, choices=families.NAMES,
+                        help="the model's family (default: detected from the checkpoint)")
     parser.add_argument("--verbose", action=Verbose, help=Verbose.HELP)
+
+
+def rewrite_parser(command: str, description: str, usage: str, src_help: str, dst_help: str) -> "ArgumentParser":
+    """The parser of a program that writes one checkpoint folder from another (reshard, quantize, convert):
+    SRC_DIR and DST_DIR, then the program's own flags."""
+    parser = ArgumentParser(f"python -m llama {command}", description, usage=usage)
+    parser.add_argument("src_dir", help=src_help)
+    parser.add_argument("dst_dir", help=dst_help)
+    return parser
+
+
+def run_rewrite(write: Callable[[Callable[[str], None]], object], what: str = "shard") -> int:
+    """Run `write(log)`, the log printed line by line, as `guarded` does; Ctrl-C says nothing was left half
+    written (the writers rename each file into place when complete)."""
+    return guarded(lambda: write(lambda message: print(message, flush=True)),
+                   interrupted=f"interrupted: no {what} was left under its final name")
 
 
 class Verbose(argparse.Action):
@@ -244,13 +290,24 @@ class HelpFormatter(argparse.HelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the programs' manners: the name the program was run by in its usage line, no abbreviated
-    flags (`--max_b` is not `--max_batch_size`), each flag's type and default in --help, and a mistake shown
-    as one line, `error: ...` (a mistyped flag with the closest real one), exit status 2, from rank 0 alone."""
+    flags (`--max_b` is not `--max_batch_size`), every flag under both spellings (`--max_seq_len`,
+    `--max-seq-len`), each flag's type and default in --help, and a mistake shown as one line, `error: ...` (a
+    mistyped flag with the closest real one, `suggest`), exit status 2, from rank 0 alone."""
 
     def __init__(self, default_prog: str, description: str, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(prog=program_name(default_prog), description=description, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs) -> argparse.Action:
+        """argparse's, with the other spelling of each long flag added (dashes for underscores, and back)."""
+        spelled = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if other not in spelled:
+                        spelled.append(other)
+        return super().add_argument(*spelled, **kwargs)
 
     def format_help(self) -> str:
         text = super().format_help()
@@ -259,6 +316,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
             message = self._unknown(message.split(": ", 1)[1].split())
+        elif message.startswith("argument --"):  # "argument --port: invalid int value: 'x'"
+            flag_names, _, rest = message[len("argument "):].partition(": ")
+            message = f"{flag_names.split('/')[0]}: {rest}"
         _say(f"error: {message}", 2)
         sys.exit(2)
 
@@ -266,11 +326,8 @@ class ArgumentParser(argparse.ArgumentParser):
         flags = [w for w in words if w.startswith("-")]
         if not flags:
             return f"unexpected argument(s) {' '.join(words)} (--help lists the arguments)"
-        name = flags[0].split("=", 1)[0]
-        known = [o for o in self._option_string_actions if o.startswith("--")]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"unknown flag {name}{hint} (--help lists the flags)"
+        return unknown_flag(flags[0].split("=", 1)[0],
+                            [o for o in self._option_string_actions if o.startswith("--")])
 
 
 def run(main: Callable) -> None:
@@ -300,9 +357,7 @@ def _check_flags(main: Callable, argv: Sequence[str]) -> None:
         negated = name[2:] if name.startswith("no") else None  # fire's --noflag for a boolean
         if name in names or (negated in names and params[negated].default in (True, False)):
             continue
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean --{close[0]}?" if close else ""
-        raise ValueError(f"unknown flag --{name}{hint} (--help lists the flags)")
+        raise ValueError(unknown_flag(arg.split("=", 1)[0], [f"--{n}" for n in names]))
 
 
 def _type_name(annotation) -> str:

@@ -12,14 +12,12 @@ from ..checkpoints.loading import parse_dtype
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(
-        "python -m llama convert",
-        "Convert a Llama checkpoint between Meta's layout (consolidated.NN.pth + params.json) and Hugging Face's "
-        "(safetensors + config.json), in the direction SRC_DIR's layout implies.",
-        usage="%(prog)s SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH] "
-              "[--family F] [--max_shard_size SIZE]")
-    p.add_argument("src_dir", help="checkpoint to read, in either layout")
-    p.add_argument("dst_dir", help="new or empty directory to write the converted checkpoint into")
+    p = cli.rewrite_parser(
+        "convert", "Convert a Llama checkpoint between Meta's layout (consolidated.NN.pth + params.json) and Hugging "
+        "Face's (safetensors + config.json), in the direction SRC_DIR's layout implies.",
+        "%(prog)s SRC_DIR DST_DIR [--to hf|meta] [--mp N] [--dtype D] [--tokenizer_path PATH] [--family F] "
+        "[--max_shard_size SIZE]",
+        "checkpoint to read, in either layout", "new or empty directory to write the converted checkpoint into")
     p.add_argument("--to", choices=("hf", "meta"), default=None,
                    help="layout to write (default: the one SRC_DIR is not in)")
     p.add_argument("--mp", type=int, default=None, metavar="N",
@@ -37,11 +35,10 @@ def parser() -> cli.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parser().parse_args(argv)
-    return cli.guarded(
-        lambda: convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else None,
-                        opts.tokenizer_path, _parse_size(opts.max_shard_size), log=lambda m: print(m, flush=True),
-                        family=opts.family),
-        interrupted="interrupted: no file was left under its final name")
+    return cli.run_rewrite(
+        lambda log: convert(opts.src_dir, opts.dst_dir, opts.to, opts.mp, parse_dtype(opts.dtype) if opts.dtype else
+                            None, opts.tokenizer_path, _parse_size(opts.max_shard_size), log=log, family=opts.family),
+        what="file")
 
 
 def entry_point() -> None:

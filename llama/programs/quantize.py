@@ -10,13 +10,11 @@ from ..checkpoints.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES, quant
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(
-        "python -m llama quantize",
-        "Write a Llama checkpoint with int8 or int4 weights (Meta's layout), which Llama.build loads without a "
-        "bfloat16 copy.",
-        usage="%(prog)s SRC_DIR DST_DIR --mode int8|int4 [--group_size G] [--mp N]")
-    p.add_argument("src_dir", help="checkpoint to read (Meta's layout or Hugging Face's, any shard count)")
-    p.add_argument("dst_dir", help="new or empty directory to write the quantized checkpoint into")
+    p = cli.rewrite_parser(
+        "quantize", "Write a Llama checkpoint with int8 or int4 weights (Meta's layout), which Llama.build loads "
+        "without a bfloat16 copy.", "%(prog)s SRC_DIR DST_DIR --mode int8|int4 [--group_size G] [--mp N]",
+        "checkpoint to read (Meta's layout or Hugging Face's, any shard count)",
+        "new or empty directory to write the quantized checkpoint into")
     p.add_argument("--mode", choices=MODES, required=True,
                    help="int8: one scale per output row; int4: a scale and zero per group of inputs")
     p.add_argument(*cli.flag("group_size"), type=int, default=None, metavar="G",
@@ -28,9 +26,8 @@ def parser() -> cli.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parser().parse_args(argv)
-    return cli.guarded(lambda: quantize_checkpoint(opts.src_dir, opts.dst_dir, opts.mode, opts.group_size, opts.mp,
-                                                   log=lambda m: print(m, flush=True)),
-                       interrupted="interrupted: no shard was left under its final name")
+    return cli.run_rewrite(lambda log: quantize_checkpoint(opts.src_dir, opts.dst_dir, opts.mode, opts.group_size,
+                                                           opts.mp, log=log))
 
 
 def entry_point() -> None:

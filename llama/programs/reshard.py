@@ -11,13 +11,10 @@ from ..checkpoints.reshard import reshard
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(
-        "python -m llama reshard",
-        "Rewrite a Llama checkpoint (consolidated.NN.pth + params.json) with N shards, one per model-parallel "
-        "process.",
-        usage="%(prog)s SRC_DIR DST_DIR --mp N [--dtype D]")
-    p.add_argument("src_dir", help="checkpoint to read (any number of shards)")
-    p.add_argument("dst_dir", help="new or empty directory to write the resharded checkpoint into")
+    p = cli.rewrite_parser(
+        "reshard", "Rewrite a Llama checkpoint (consolidated.NN.pth + params.json) with N shards, one per "
+        "model-parallel process.", "%(prog)s SRC_DIR DST_DIR --mp N [--dtype D]",
+        "checkpoint to read (any number of shards)", "new or empty directory to write the resharded checkpoint into")
     p.add_argument("--mp", type=int, required=True, metavar="N",
                    help="number of shards to write: the model-parallel process count it will run on")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
@@ -27,9 +24,7 @@ def parser() -> cli.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parser().parse_args(argv)
-    return cli.guarded(lambda: reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype),
-                                       log=lambda m: print(m, flush=True)),
-                       interrupted="interrupted: no shard was left under its final name")
+    return cli.run_rewrite(lambda log: reshard(opts.src_dir, opts.dst_dir, opts.mp, parse_dtype(opts.dtype), log=log))
 
 
 def entry_point() -> None:

@@ -29,6 +29,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, TextIO
 
 from ..families.chat_format import Message
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model.distributed import Broadcast
 from ..generation import Llama
 
@@ -320,8 +321,8 @@ class ChatSession:
     """The dialog, the commands and the streamed answers. Every rank runs one, fed the same lines."""
 
     def __init__(self, generator: Llama, console, channel: Broadcast, system: Optional[str] = None,
-                 temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                 shield: Optional[Llama] = None) -> None:
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 max_gen_len: Optional[int] = None, shield: Optional[Llama] = None) -> None:
         self.generator = generator
         self.shield = shield  # a Llama Guard model that checks each message and each answer
         self.formatter = generator.formatter  # the family's chat format: its tags may not appear in messages

@@ -27,97 +27,81 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model import distributed
-from .. import families, quant
 from .limits import (BODY_TIMEOUT, HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS,
                      MAX_PREFILL_TOKENS, MAX_QUEUE)
-from ..programs.cli import Verbose, program_name, resolve_checkpoint, resolve_shield
+from ..programs import cli
+from ..programs.cli import resolve_checkpoint, resolve_shield
 from ..generation import Llama
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=program_name("python -m llama.web" if web else "python -m llama.serve"), allow_abbrev=False,
-        description="Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
-                    + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
+    parser = cli.ArgumentParser(
+        "python -m llama.web" if web else "python -m llama.serve",
+        "Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
+        + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
+    cli.add_model_flags(parser, seed_help="seeds the requests that send no seed of their own", many_loras=True)
     add = parser.add_argument
-    add("--ckpt_dir", "--ckpt-dir", help="checkpoint folder (default with no --tokenizer_path: the demo model)")
-    add("--tokenizer_path", "--tokenizer-path", help="tokenizer.model")
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     add("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
     add("--model", default=None, help="model id clients name (default: the checkpoint folder's name)")
-    add("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
+    add("--api-key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_API_KEY; none: no key; an empty "
              "key is an error)")
-    add("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", default="",
+    add("--allowed-hosts", dest="allowed_hosts", default="",
         help="comma-separated Host names served besides loopback names and the address connected to (e.g. the "
              "name a reverse proxy forwards; '*': any). Others get 400: this stops DNS rebinding")
-    add("--allowed-origins", "--allowed_origins", dest="allowed_origins", default="",
+    add("--allowed-origins", dest="allowed_origins", default="",
         help="comma-separated web origins (https://app.example) whose pages may call the API, with CORS; "
              "'*': any. Requests from other origins get 403")
-    add("--max_seq_len", "--max-seq-len", type=int, default=2048, help="context per request, prompt + answer")
-    add("--max_batch_size", "--max-batch-size", type=int, default=64,
+    add("--max_seq_len", type=int, default=2048, help="context per request, prompt + answer")
+    add("--max_batch_size", type=int, default=64,
         help="requests running (decoded together) at most; they are admitted by free KV blocks (--kv_cache_gib)")
-    add("--max_queue", "--max-queue", type=int, default=MAX_QUEUE,
+    add("--max_queue", type=int, default=MAX_QUEUE,
         help="requests that may wait for a row; beyond it: 429 with Retry-After")
-    add("--max_prefill_tokens", "--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
+    add("--max_prefill_tokens", type=int, default=MAX_PREFILL_TOKENS,
         help="prompt tokens prefilled in one step at most (the first waiting request always is); bounds the "
              f"pause that admissions cause to running streams (default {MAX_PREFILL_TOKENS}; 0: no limit)")
-    add("--max_body_bytes", "--max-body-bytes", type=int, default=MAX_BODY_BYTES,
-        help=f"largest request body (413 above; default {MAX_BODY_BYTES})")
-    add("--max_connections", "--max-connections", type=int, default=MAX_CONNECTIONS,
-        help=f"open connections at most, idle ones included; beyond: 503, except for a few kept for GET /health "
-             f"and /metrics (default {MAX_CONNECTIONS})")
-    add("--max_client_connections", "--max-client-connections", type=int, default=None,
+    add("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
+    add("--max_connections", type=int, default=MAX_CONNECTIONS,
+        help="open connections at most, idle ones included; beyond: 503, except for a few kept for GET /health "
+             "and /metrics")
+    add("--max_client_connections", type=int, default=None,
         help=f"open connections from one client address at most; beyond: 503 (default {MAX_CLIENT_CONNECTIONS}, "
              "or --max_connections if lower; behind a reverse proxy every client has the proxy's address)")
-    add("--header_timeout", "--header-timeout", type=float, default=HEADER_TIMEOUT,
-        help=f"seconds a request's headers may take to arrive (default {HEADER_TIMEOUT:g})")
-    add("--body_timeout", "--body-timeout", type=float, default=BODY_TIMEOUT,
-        help=f"seconds a request's body may take to arrive; beyond: 408 (default {BODY_TIMEOUT:g})")
-    add("--drain_timeout", "--drain-timeout", type=float, default=None,
+    add("--header_timeout", type=float, default=HEADER_TIMEOUT,
+        help="seconds a request's headers may take to arrive")
+    add("--body_timeout", type=float, default=BODY_TIMEOUT,
+        help="seconds a request's body may take to arrive; beyond: 408")
+    add("--drain_timeout", type=float, default=None,
         help="seconds SIGTERM waits for running requests; then each ends with a last event (streams: "
              "finish_reason 'length' and [DONE]; others: a 503 error) (0: no wait; default: no limit)")
-    add("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
-    add("--dtype", default=None, help="bfloat16, float16 or float32")
-    add("--seed", type=int, default=1, help="seeds the requests that send no seed of their own")
     add("--deterministic", action="store_true",
         help="a request's tokens never depend on what else is being served (every step has one shape, each "
              "prompt is prefilled alone; costs ~10%% at batch 1, see README)")
-    add("--no-prefix-cache", "--no_prefix_cache", dest="prefix_cache", action="store_false",
+    add("--no-prefix-cache", dest="prefix_cache", action="store_false",
         help="prefill every prompt whole: no reuse of the keys and values of prompt starts that earlier requests "
              "shared (the prefix cache is on by default, except with --deterministic; see README)")
-    add("--prefix_cache_gib", "--prefix-cache-gib", type=float, default=None, metavar="GIB",
+    add("--prefix_cache_gib", type=float, default=None, metavar="GIB",
         help="the most KV the prefix cache keeps, GiB per process (default: the whole KV pool; blocks no request "
              "holds are evicted least recently used first when needed)")
-    add("--kv_cache_gib", "--kv-cache-gib", type=float, default=None, metavar="GIB",
+    add("--kv_cache_gib", type=float, default=None, metavar="GIB",
         help="the paged KV cache's pool, GiB per process (default: what fits beside the weights, at most "
              "max_batch_size full contexts; printed at start)")
-    add("--lora", nargs="+", default=None, metavar="[NAME=]PATH",
-        help="PEFT LoRA adapter folders: one PATH is merged into the weights (the fast path for one adapter); "
-             "NAME=PATH ... serve each adapter beside the unmerged base, picked by a request's 'model'")
-    add("--max_loras", "--max-loras", type=int, default=None,
-        help="adapters held in memory at once (default: all given); others load on demand, least recently used "
-             "out; a request waits while every slot is busy")
-    add("--max_lora_rank", "--max-lora-rank", type=int, default=None,
-        help="the largest adapter rank the banks take, up to 64 (default: the largest given)")
-    add("--enable_lora_loading", "--enable-lora-loading", action="store_true",
+    add("--max_loras", type=int, default=None,
+        help="LoRA adapters held in memory at once (default: all given with --lora NAME=PATH); others load on "
+             "demand, least recently used out; a request waits while every slot is busy")
+    add("--max_lora_rank", type=int, default=None,
+        help="the largest LoRA rank the adapter banks take, up to 64 (default: the largest given)")
+    add("--enable_lora_loading", action="store_true",
         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)")
-    add("--quantize", choices=list(quant.SCHEMES), default=None,
-        help="weight-only quantization at load (a quantized checkpoint needs none)")
-    add("--group_size", "--group-size", type=int, default=None, help="int4's inputs per scale: 32, 64 or 128")
-    add("--family", default=None, choices=list(families.NAMES),
-        help="the model's family (default: detected from the checkpoint)")
-    add("--chat-template", "--chat_template", dest="chat_template", default=None, metavar="FILE",
+    add("--chat-template", dest="chat_template", default=None, metavar="FILE",
         help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
              "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
     add("--shield", default=None, metavar="CKPT",
         help="a Llama Guard checkpoint folder: chat messages and whole answers rated unsafe are refused (400)")
-    add("--speculative", default=None, metavar="ngram|DRAFT_CKPT",
-        help="speculative decoding: ngram (prompt lookup) or a draft checkpoint folder with the same tokenizer")
-    add("--num_draft_tokens", "--num-draft-tokens", type=int, default=4, help="drafts checked per step")
+    cli.add_speculation_flags(parser)
     add("--web", action="store_true", default=web, help="also serve the chat page at /web (needs gradio)")
-    add("--log_level", "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add("--verbose", action=Verbose, help=Verbose.HELP)
+    add("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
 

@@ -182,9 +182,6 @@ class RequestID:
             log.info("request %s: %s %s -> %s in %.3f s", rid, scope.get("method"), path, status[0] or "-",
                      time.perf_counter() - start)
             if self.metrics is not None:
-                known = path if path in KNOWN_PATHS else "other"  # a bounded label set
+                # A bounded label set: the route as the app declares it (/v1/models/{name:path}), else "other".
+                known = getattr(scope.get("route"), "path", None) or "other"
                 self.metrics.http.labels(known, str(status[0] or 0)).inc()
-
-
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-               "/detokenize", "/tokenizer_info"}

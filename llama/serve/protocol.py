@@ -24,20 +24,16 @@ from ..families.codellama import infilling_prompt
 from ..engine.grammar import Grammar
 from ..generation import Llama
 from ..tokenizer import TextStream, whole_char_end
-from ..engine.params import ParamError
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_SEED, MAX_TEMPERATURE, ParamError
 from .limits import MAX_CHOICES, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS
 from ..engine.grammar import GrammarBusy, GrammarError
 from ..engine.stop import StopText
 from ..engine import Finished, SamplingParams, TokenLogprob, token_text
 from . import tools as tool_calls
 
-DEFAULT_TEMPERATURE = 0.6  # the library's defaults (Llama.text_completion), not OpenAI's 1.0
-DEFAULT_TOP_P = 0.9
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers may fill the context
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
-MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
-MAX_SEED = 2 ** 64 - 1  # a seed is a 64-bit unsigned integer (what torch.Generator.manual_seed takes); others: 400
 MAX_MESSAGE = 700  # characters of an error message at most (with the rest of the error JSON: under 1 KB)
 MAX_PARAM = 100  # characters of an error's `param` at most (a path into the body can hold the client's keys)
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}", re.ASCII)  # a logit_bias key: ASCII digits (str.isdigit takes "²", "١")

@@ -26,6 +26,7 @@ from .api import EventStream  # noqa: E402
 from .limits import AUTH_DELAY  # noqa: E402
 from .protocol import APIError, chat_job  # noqa: E402
 from ..engine import Chunk  # noqa: E402
+from ..engine.params import DEFAULT_TEMPERATURE, RANGES  # noqa: E402
 from .scheduler import QueueFull, Scheduler, Unavailable  # noqa: E402
 
 PATH = "/web"
@@ -64,7 +65,7 @@ class ChatPage:
         return head + turns + user
 
     async def respond(self, message: str, history: List[Dict[str, Any]], system: str = "",
-                      temperature: float = 0.6) -> AsyncIterator[str]:
+                      temperature: float = DEFAULT_TEMPERATURE) -> AsyncIterator[str]:
         message = _text(message)
         if not message.strip():
             return
@@ -112,7 +113,8 @@ def build_page(engine: Scheduler, model: str) -> gr.Blocks:
         title=f"Llama chat: {model}",
         additional_inputs=[
             gr.Textbox(label="System prompt", placeholder="e.g. Answer briefly.", lines=2, elem_id="system-prompt"),
-            gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature", elem_id="temperature"),
+            gr.Slider(RANGES["temperature"].low, RANGES["temperature"].high, value=DEFAULT_TEMPERATURE, step=0.05,
+                      label="Temperature", elem_id="temperature"),
         ],
         additional_inputs_accordion=gr.Accordion("System prompt and settings", open=True),
         textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", show_label=False,

@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,19 @@
 #define MAX_THREADS 64
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+
+/* The version of the interface llama/cpu/qkernels.py and llama/model/fused_decode.py call: raise it with any
+ * change to a function's arguments or a structure the Python side mirrors. */
+#define QK_ABI_VERSION 3
+
+/* A constant the Python side reads at load (qk_constant, pool.c) and checks against its own: a {NULL, 0}-ended
+ * table per source file, so each number is written once, beside the code that uses it. */
+typedef struct {
+    const char *name;
+    int64_t value;
+} qk_const_t;
+
+extern const qk_const_t qk_pool_constants[], qk_qlinear_constants[], qk_linear16_constants[], qk_decode_constants[];
 
 /* --- numbers ------------------------------------------------------------------------------------------------ */
 
@@ -68,6 +82,7 @@ static inline void share(int64_t n, int64_t part, int64_t parts, int64_t *lo, in
     *hi = n * (part + 1) / parts;
 }
 
+/* What this CPU runs, as the Python side decided it (qk_set_cpu, pool.c): the kernels never pick above it. */
 int qk_best_isa(void);
 int qk_has_avx512_bf16(void);
 

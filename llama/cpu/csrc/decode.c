@@ -316,3 +316,19 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
     free(at);
     return rc;
 }
+
+/* --- the interface's numbers and layouts, read and checked by the Python side at load ------------------------- */
+
+#define SIZE(T) {"sizeof." #T, sizeof(T)}
+#define FIELD(T, f) {#T "." #f, offsetof(T, f)}
+
+const qk_const_t qk_decode_constants[] = {
+    {"kind.bf16", KIND_BF16}, {"lanes", LANES}, {"max_head_dim", MAX_HEAD_DIM},
+    SIZE(qk_lin_t), FIELD(qk_lin_t, kind), FIELD(qk_lin_t, isa), FIELD(qk_lin_t, n), FIELD(qk_lin_t, k),
+    FIELD(qk_lin_t, group), FIELD(qk_lin_t, w), FIELD(qk_lin_t, rscale),
+    SIZE(qk_layer_t), FIELD(qk_layer_t, qkv), FIELD(qk_layer_t, wo), FIELD(qk_layer_t, w13), FIELD(qk_layer_t, w2),
+    FIELD(qk_layer_t, attn_norm), FIELD(qk_layer_t, ffn_norm), FIELD(qk_layer_t, k), FIELD(qk_layer_t, v),
+    SIZE(qk_model_t), FIELD(qk_model_t, n_layers), FIELD(qk_model_t, dim), FIELD(qk_model_t, n_heads),
+    FIELD(qk_model_t, n_kv_heads), FIELD(qk_model_t, head_dim), FIELD(qk_model_t, hidden),
+    FIELD(qk_model_t, max_seq), FIELD(qk_model_t, rows), FIELD(qk_model_t, eps), FIELD(qk_model_t, rope),
+    {NULL, 0}};

@@ -17,6 +17,8 @@
 #endif
 #define GEMM16_R 4
 
+const qk_const_t qk_linear16_constants[] = {{"chunk16", CHUNK16}, {NULL, 0}};
+
 int64_t qk_packed_bf16_bytes(int64_t N, int64_t K) {
     if (N < 1 || K < CHUNK16 || K % CHUNK16) return -1;
     return (N + TILE - 1) / TILE * TILE * K * 2;

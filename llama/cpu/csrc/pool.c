@@ -94,33 +94,43 @@ int pool_run(task_fn fn, const void *ctx, int64_t parts) {
     return 0;
 }
 
-/* The best instruction set this CPU and this build have: 2 AVX-512 VNNI (with BW and VL), 1 AVX2 + FMA, 0. */
-int qk_best_isa(void) {
-#if QK_X86 && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        return ISA_AVX512_VNNI;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
-#endif
-    return ISA_SCALAR;
+/* --- what this CPU runs, and what this build has ------------------------------------------------------------
+ * The CPU's features are read in one place, on the Python side (llama/cpu/__init__.py), which tells the library
+ * once after loading it (qk_set_cpu); until then the kernels take the portable C loops only. This file reports
+ * what the build was compiled for (the constants below) and refuses an instruction set it lacks. */
+
+static atomic_int cpu_isa = ISA_SCALAR, cpu_bf16 = 0;
+
+/* The highest instruction set the kernels may use (ISA_*), and whether AVX-512 BF16 (vdpbf16ps, linear16.c)
+ * runs. Returns 0, or EINVAL for one this build does not have. */
+int qk_set_cpu(int isa, int bf16) {
+    if (isa < ISA_SCALAR || isa > (QK_X86 ? ISA_AVX512_VNNI : ISA_SCALAR) || (bf16 && !QK_X86)) return EINVAL;
+    atomic_store(&cpu_isa, isa);
+    atomic_store(&cpu_bf16, bf16 != 0);
+    return 0;
 }
 
-/* Whether this CPU has AVX-512 BF16 (vdpbf16ps): the bfloat16 matrix-vector kernel (linear16.c). */
-int qk_has_avx512_bf16(void) {
-    static atomic_int known = -1;
-    int has = atomic_load(&known);
-    if (has >= 0) return has;
-#if QK_X86 && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-          __builtin_cpu_supports("avx512bf16");
-#else
-    has = 0;
-#endif
-    atomic_store(&known, has);
-    return has;
+int qk_best_isa(void) { return atomic_load(&cpu_isa); }
+
+int qk_has_avx512_bf16(void) { return atomic_load(&cpu_bf16); }
+
+const qk_const_t qk_pool_constants[] = {
+    {"abi_version", QK_ABI_VERSION}, {"isa.scalar", ISA_SCALAR}, {"isa.avx2", ISA_AVX2},
+    {"isa.avx512_vnni", ISA_AVX512_VNNI}, {"built.x86", QK_X86}, {"max_threads", MAX_THREADS}, {"tile", TILE},
+    {NULL, 0}};
+
+/* Constant i of every file's table (the Python side reads them all at load): its name, and its value in *value;
+ * NULL past the last. */
+const char *qk_constant(int64_t i, int64_t *value) {
+    static const qk_const_t *const tables[] = {qk_pool_constants, qk_qlinear_constants, qk_linear16_constants,
+                                               qk_decode_constants};
+    for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
+        for (const qk_const_t *c = tables[t]; c->name; c++)
+            if (i-- == 0) {
+                *value = c->value;
+                return c->name;
+            }
+    return NULL;
 }
 
 /* --- a plain streaming read, the yardstick of the benchmarks -------------------------------------------------

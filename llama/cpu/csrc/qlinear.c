@@ -30,6 +30,9 @@
 
 enum { KIND_INT8 = 8, KIND_INT4 = 4 };
 
+const qk_const_t qk_qlinear_constants[] = {{"kind.int8", KIND_INT8}, {"kind.int4", KIND_INT4}, {"block", BLOCK},
+                                           {"chunk", CHUNK}, {NULL, 0}};
+
 /* --- the weights' layouts (qk_pack_int8, qk_pack_int4) --------------------------------------------------------
  * int8: rows in tiles of TILE (the last padded with zero rows), the tile's rows interleaved chunk by chunk, so that
  *   the rows computed together are read as one sequential stream (several streams a thread measured up to 2x

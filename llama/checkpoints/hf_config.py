@@ -1,0 +1,171 @@
+"""Hugging Face's config.json and generation_config.json against Meta's params.json: the one map between the two
+(read by llama.checkpoints.hf, written by llama.checkpoints.hf_write)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Union
+
+import torch
+
+from .checkpoint import PathLike, read_json_object
+from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from ..model.transformer import ModelArgs
+
+_CONFIG = "config.json"
+LLAMA2_CONTEXT = 4096  # max_position_embeddings of the Llama 2 models
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}  # those written
+
+
+# --- config.json <-> Meta's params -------------------------------------------------------------------------
+
+
+def is_hf_checkpoint(ckpt_dir: PathLike) -> bool:
+    """A directory in Hugging Face's layout: it has a config.json and no params.json (Meta's layout has that)."""
+    folder = Path(ckpt_dir)
+    return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
+
+
+def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
+    """config.json of a Hugging Face directory, as a dict (errors name the file)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
+    return read_json_object(folder, _CONFIG)
+
+
+def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
+    """multiple_of (and ffn_dim_multiplier) that make Meta's rounding rule give `hidden`, the FFN size.
+
+    config.json stores the size itself; params.json a rule for it. The released choices come first, so the Llama
+    2 models get back their own params.json (7B, 13B: multiple_of 256; 70B: 4096 with a multiplier of 1.3); any
+    other size gets an equivalent rule."""
+    candidates = [(256, None), (4096, 1.3)]
+    candidates += [(1 << k, None) for k in range(hidden.bit_length(), -1, -1) if hidden % (1 << k) == 0]
+    base = int(2 * (4 * dim) / 3)
+    candidates.append((hidden, None if base <= hidden else hidden / base))
+    for multiple_of, multiplier in candidates:
+        args = ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+        if args.ffn_hidden_dim == hidden:
+            return {"multiple_of": multiple_of, **({} if multiplier is None else {"ffn_dim_multiplier": multiplier})}
+    raise ValueError(f"intermediate_size {hidden} cannot be expressed in params.json for hidden_size {dim}")
+
+
+def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[str, Any]:
+    """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
+    as the config says (rope scaling, tied embeddings, biases, another architecture...) is a ValueError naming
+    the field; `where` names the file in messages."""
+
+    def bad(field: str, value: Any, why: str) -> ValueError:
+        return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: {why}")
+
+    archs = config.get("architectures")
+    if archs is not None and archs != ["LlamaForCausalLM"]:
+        raise bad("architectures", archs, "only LlamaForCausalLM (the Llama architecture) is")
+    if config.get("model_type", "llama") != "llama":
+        raise bad("model_type", config["model_type"], "only 'llama' is")
+    if config.get("quantization_config"):
+        raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
+    for field in ("attention_bias", "mlp_bias"):
+        if config.get(field) not in (None, False):
+            raise bad(field, config[field], "the Llama models have no biases")
+    if config.get("tie_word_embeddings") not in (None, False, True):
+        raise bad("tie_word_embeddings", config["tie_word_embeddings"], "it must be true or false")
+    if config.get("hidden_act", "silu") != "silu":
+        raise bad("hidden_act", config["hidden_act"], "the Llama feed-forward uses silu")
+
+    def positive_int(field: str, default: Any = None) -> int:
+        value = config.get(field, default)
+        if value is None:
+            raise ValueError(f"{where}: {field} is missing")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {field} must be a positive integer, got {json.dumps(value)}")
+        return value
+
+    dim, n_heads = positive_int("hidden_size"), positive_int("num_attention_heads")
+    n_kv_heads = positive_int("num_key_value_heads", n_heads)
+    if dim % n_heads:
+        raise bad("num_attention_heads", n_heads, f"hidden_size {dim} is not a multiple of it")
+    if n_heads % n_kv_heads:
+        raise bad("num_key_value_heads", n_kv_heads, f"it must divide num_attention_heads {n_heads}")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != dim // n_heads:
+        raise bad("head_dim", head_dim, f"Llama 2's head dimension is hidden_size / num_attention_heads = "
+                                        f"{dim // n_heads}")
+    rope_theta = config.get("rope_theta", 10000.0)
+    params: Dict[str, Any] = {"dim": dim, "n_layers": positive_int("num_hidden_layers"), "n_heads": n_heads,
+                              "vocab_size": positive_int("vocab_size"),
+                              "norm_eps": config.get("rms_norm_eps", 1e-6)}
+    # transformers 4 says rope_scaling (and rope_theta at the top level), transformers 5 rope_parameters.
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = config.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise bad(field, rope, "it must be an object")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3":
+            params.update(_scaled_rope_params(rope, bad, field))
+        elif kind != "default":
+            raise bad(field, rope, "only rope_type 'default' (plain rotary embeddings) and 'llama3' (Llama 3.1's "
+                                   "scaling) are")
+        rope_theta = rope.get("rope_theta", rope_theta)
+    params["rope_theta"] = rope_theta
+    if n_kv_heads != n_heads:
+        params["n_kv_heads"] = n_kv_heads
+    params.update(_ffn_params(dim, positive_int("intermediate_size")))
+    try:
+        ModelArgs.from_params(params)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return params
+
+
+_SCALED_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_old_context_len"}
+
+
+def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError], field: str) -> Dict[str, Any]:
+    """params.json keys for a config's rope_type 'llama3' (Llama 3.1's scaling); a factor that is not given is
+    not guessed."""
+    params: Dict[str, Any] = {"use_scaled_rope": True}
+    for hf_key, meta_key in _SCALED_ROPE_KEYS.items():
+        value = rope.get(hf_key)
+        if value is None:
+            raise bad(field, rope, f"rope_type 'llama3' needs {hf_key}")
+        params[meta_key] = value
+    return params
+
+
+def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_id: int = 1,
+                     eos_id: Union[int, List[int]] = 2, max_position_embeddings: int = LLAMA2_CONTEXT
+                     ) -> Dict[str, Any]:
+    """config.json of a Llama model in Hugging Face's layout, as the published meta-llama/*-hf files have it
+    (rope_theta at the top level, rope_scaling for Llama 3.1's RoPE, and torch_dtype: transformers 4 and 5 both
+    read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
+    scaling = args.rope_scaling
+    rope_scaling = None if scaling is None else {
+        "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": float(args.rope_theta),
+        "rope_scaling": rope_scaling, "max_position_embeddings": max_position_embeddings, "vocab_size": args.vocab_size,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _generation_config(bos_id: int = 1, eos_id: Union[int, List[int]] = 2,
+                      max_position_embeddings: int = LLAMA2_CONTEXT) -> Dict[str, Any]:
+    """generation_config.json: this library's sampling defaults (llama.engine.params)."""
+    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": DEFAULT_TEMPERATURE,
+            "top_p": DEFAULT_TOP_P, "max_length": max_position_embeddings}
