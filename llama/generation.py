@@ -9,10 +9,11 @@ draw the same tokens without communicating.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import fields, replace
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -22,6 +23,7 @@ from .checkpoints import loading
 from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
+from .engine import lora_slots
 from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .model.kv_cache import check_gib as check_kv_gib
@@ -79,7 +81,9 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: Optional[bool] = None,
         fast: bool = True,
-        lora: Optional[str] = None,
+        lora: Union[str, Mapping[str, str], None] = None,
+        max_loras: Optional[int] = None,
+        max_lora_rank: Optional[int] = None,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         deterministic: bool = False,
@@ -95,7 +99,10 @@ class Llama:
 
         `ckpt_dir` is in Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json +
         safetensors, such as meta-llama/Llama-2-7b-hf). `lora`: a PEFT LoRA adapter folder, merged into the
-        weights as they load.
+        weights as they load (the fast path for one adapter); or {name: folder, ...}, adapters kept beside the
+        unmerged base and chosen per request (`text_completion(..., lora=name)`; llama/engine/lora_slots.py):
+        at most `max_loras` (default: all) in memory at once, of rank up to `max_lora_rank` (default: the
+        largest given).
 
         Run by every process of the group (torchrun), or alone for a one-process run. Any process count that
         divides the model's split dimensions works, whatever the checkpoint's shard count. device and dtype:
@@ -142,7 +149,9 @@ class Llama:
         tokenizer = Tokenizer(tokenizer_path)
         found = load_template(chat_template) if chat_template is not None else from_checkpoint(ckpt_dir)
         template = ChatTemplate(found[0], tokenizer, found[1]) if found else None  # compiled before the load
-        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, lora, family)
+        merged = lora if lora is None or isinstance(lora, (str, os.PathLike)) else None
+        source, args = loading.inspect(ckpt_dir, tokenizer, max_seq_len, max_batch_size, merged, family)
+        many = None if merged is not None or lora is None else lora_slots.check(lora, args, max_loras, max_lora_rank)
         if speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
             loading.inspect(speculative, tokenizer, max_seq_len, max_batch_size)
         plan = loading.plan(args, model_parallel_size, device, dtype, fast, quantize, group_size,
@@ -151,6 +160,8 @@ class Llama:
         torch.manual_seed(seed)
         loading.announce(source, args, plan)
         model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=kv_cache_gib)
+        if many is not None:
+            lora_slots.install(model, lora, *many, runtime.model_parallel_rank, plan.model_parallel_size)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
         speculation = None
         if speculative == "ngram":
@@ -250,16 +261,27 @@ class Llama:
         seed, self._seed = self._seed, (self._seed + 1) % 2 ** SEED_BITS
         return seed
 
-    def _events(self, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Tuple[int, Any]]:
+    def _loras(self, lora: Any, n: int) -> List[Optional[str]]:
+        """Each prompt's adapter: `lora` is None (the base), one name for all, or a list of n (None: the base)."""
+        names = list(lora) if isinstance(lora, (list, tuple)) else [lora] * n
+        if len(names) != n:
+            raise ValueError(f"lora lists {len(names)} adapters for {n} prompts")
+        for name in names:
+            self.engine.check_lora(name)
+        return names
+
+    def _events(self, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams,
+                loras: Optional[Sequence[Optional[str]]] = None) -> Iterator[Tuple[int, Any]]:
         """Add each prompt as a request (its room in the context caps max_tokens) and yield (prompt index,
         event) as the engine produces them. Closing the iterator cancels what is unfinished."""
         events: Deque[Tuple[int, Any]] = deque()
         requests = []
+        loras = loras or [None] * len(prompt_tokens)
         for i, prompt in enumerate(prompt_tokens):
             room = min(params.max_tokens, self.max_seq_len - len(prompt))
             seed = params.seed if params.seed is not None else self._next_seed()
             requests.append(Request(list(prompt), replace(params, max_tokens=room, seed=seed),
-                                    lambda event, i=i: events.append((i, event)), id=f"call-{i}"))
+                                    lambda event, i=i: events.append((i, event)), id=f"call-{i}", lora=loras[i]))
         waiting, open_ = deque(requests), len(requests)
         try:
             while open_:
@@ -291,13 +313,15 @@ class Llama:
         """Continue each prompt; returns the new tokens (the prompt too with echo) without EOS, and log-probs.
 
         `sampling` takes the engine's other options: top_k, min_p, presence_penalty, frequency_penalty,
-        repetition_penalty, logit_bias, seed, stop_token_ids (see llama/engine/params.py)."""
+        repetition_penalty, logit_bias, seed, stop_token_ids (see llama/engine/params.py), and `lora`: the
+        adapter of a model built with several (a name for every prompt, or a list with one per prompt)."""
         self._check_prompts(prompt_tokens)
+        loras = self._loras(sampling.pop("lora", None), len(prompt_tokens))
         params = self._params(max_gen_len, temperature, top_p, sampling, logprobs, echo)
         out_tokens: List[List[int]] = [list(p) if echo else [] for p in prompt_tokens]
         out_logprobs: List[List[float]] = [[] for _ in prompt_tokens]
         if max_gen_len > 0 or params.prompt_logprobs:
-            for i, event in self._events(prompt_tokens, params):
+            for i, event in self._events(prompt_tokens, params, loras):
                 if isinstance(event, Chunk):
                     if event.prompt_logprobs is not None:
                         out_logprobs[i] = event.prompt_logprobs + out_logprobs[i]
@@ -324,13 +348,14 @@ class Llama:
         its row. Arguments are checked here, at the call.
         """
         self._check_prompts([prompt_tokens])
+        loras = self._loras(sampling.pop("lora", None), 1)
         params = self._params(max_gen_len, temperature, top_p, sampling)
-        return self._stream_text(prompt_tokens, params)
+        return self._stream_text(prompt_tokens, params, loras)
 
-    def _stream_text(self, prompt_tokens: List[int], params: SamplingParams) -> Iterator[str]:
+    def _stream_text(self, prompt_tokens: List[int], params: SamplingParams, loras=None) -> Iterator[str]:
         if params.max_tokens == 0:
             return
-        events = self._events([prompt_tokens], params)
+        events = self._events([prompt_tokens], params, loras)
         try:
             while True:
                 with torch.inference_mode():  # only while computing: never across a yield, into the caller

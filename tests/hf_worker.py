@@ -1,6 +1,8 @@
 """Build checkpoints (either layout, with or without a LoRA adapter) as one rank of a (torchrun) process group.
 
-    torchrun --nproc_per_node M tests/hf_worker.py OUT_DIR CKPT[:ADAPTER] [CKPT[:ADAPTER] ...]
+    torchrun --nproc_per_node M tests/hf_worker.py OUT_DIR CKPT[:[+]ADAPTER] [CKPT[:[+]ADAPTER] ...]
+
+(`:ADAPTER` merges the adapter at load; `:+ADAPTER` keeps it beside the base as "x", chosen for every row.)
 
 Every rank builds each checkpoint in turn (float32, CPU), records the full logits of LOGIT_PROMPT and a greedy
 generation with log-probabilities (mp_worker.PROMPTS, echo), and writes OUT_DIR/rank{R}.pt:
@@ -28,14 +30,20 @@ LOGIT_PROMPT = "Low-rank adapters change a few directions of each weight matrix.
 
 def run_for(ckpt_dir: str, lora: Optional[str] = None, dtype: str = "float32") -> Dict[str, object]:
     """Build `ckpt_dir` (+ `lora`) in this process's group; logits of LOGIT_PROMPT and greedy PROMPTS."""
+    beside = lora is not None and lora.startswith("+")
     generator = Llama.build(ckpt_dir, str(TOKENIZER), max_seq_len=64, max_batch_size=len(PROMPTS),
-                            device="cpu", dtype=dtype, lora=lora)
+                            device="cpu", dtype=dtype, lora={"x": lora[1:]} if beside else lora)
     ids = generator.tokenizer.encode(LOGIT_PROMPT, bos=True, eos=False)
     with torch.inference_mode():
+        if beside:  # the adapter's factors in slot 0, chosen for the one row
+            generator.model.lora_slots.load(0, "x", lora[1:])
+            generator.model.lora_set.select([0], len(ids), torch.device("cpu"))
         logits = generator.model(torch.tensor([ids]), 0)[0].clone()
+        if beside:
+            generator.model.lora_set.clear()
     prompt_tokens: List[List[int]] = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = generator.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=0.0, logprobs=True,
-                                          echo=True)
+                                          echo=True, lora="x" if beside else None)
     del generator
     return {"logits": logits, "tokens": tokens, "logprobs": logprobs}
 

@@ -87,6 +87,7 @@ def test_one_process_matches_peft(setup, name, base):
 def two_processes(tmp_path_factory, setup):
     specs = [f"{setup[n]['meta']}:{setup[n]['adapter']}" for n in sorted(SHAPES)]
     specs.append(f"{setup['gqa']['hf']}:{setup['gqa']['adapter']}")
+    specs.append(f"{setup['gqa']['meta']}:+{setup['gqa']['adapter']}")  # beside the base (lora_bank.py)
     return hf_worker.launch(tmp_path_factory.mktemp("lora_mp2"), specs, nproc=2)
 
 
@@ -95,6 +96,18 @@ def test_two_processes_match_peft(setup, two_processes, name, base):
     """torchrun, 2 processes: each merges its own slice of B @ A (rows of q/k/v/gate/up, columns of o/down)."""
     got = two_processes[f"{setup[name][base]}:{setup[name]['adapter']}"]["logits"]
     torch.testing.assert_close(got, setup[name]["logits"], atol=1e-4, rtol=0)
+
+
+def test_two_processes_adapter_beside_the_base(setup, two_processes):
+    """The adapter kept beside the unmerged base, each process holding A and B sliced like its weights: PEFT's
+    logits, and the merged two-process run's greedy tokens and log-probs."""
+    case = setup["gqa"]
+    beside = two_processes[f"{case['meta']}:+{case['adapter']}"]
+    merged = two_processes[f"{case['meta']}:{case['adapter']}"]
+    torch.testing.assert_close(beside["logits"], case["logits"], atol=1e-4, rtol=0)
+    assert beside["tokens"] == merged["tokens"]
+    for got, want in zip(beside["logprobs"], merged["logprobs"]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

@@ -176,9 +176,10 @@ def read_adapter(path: PathLike, args: ModelArgs) -> LoraAdapter:
     return LoraAdapter(folder, r, alpha, scale, dict(sorted(weights.items())))
 
 
-def lora_delta(adapter: LoraAdapter, key: str, rank: int, world: int, args: ModelArgs,
-               device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Rank `rank` of `world`'s slice of scale * B @ A for the Meta weight `key`, in float32 and Meta's row order."""
+def lora_factors(adapter: LoraAdapter, key: str, rank: int, world: int,
+                 args: ModelArgs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank` of `world`'s slice of the Meta weight `key`'s update as factors (A (r, in), scale * B (out, r)),
+    float32, B's rows in Meta's order: rows of B for a weight split on dim 0, columns of A for one split on dim 1."""
     a, b = adapter.weights[key]
     dim = split_dim(key)
     if dim == 0:
@@ -190,7 +191,14 @@ def lora_delta(adapter: LoraAdapter, key: str, rank: int, world: int, args: Mode
     elif dim == 1:
         cols = a.shape[1] // world
         a = a[:, rank * cols:(rank + 1) * cols]
-    return (b.to(device) @ a.to(device)).mul_(adapter.scale)
+    return a, b * adapter.scale
+
+
+def lora_delta(adapter: LoraAdapter, key: str, rank: int, world: int, args: ModelArgs,
+               device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Rank `rank` of `world`'s slice of scale * B @ A for the Meta weight `key`, in float32 and Meta's row order."""
+    a, b = lora_factors(adapter, key, rank, world, args)
+    return b.to(device) @ a.to(device)
 
 
 def merge_lora(state: Dict[str, torch.Tensor], adapter: LoraAdapter, rank: int, world: int,
@@ -208,3 +216,14 @@ def merge_lora(state: Dict[str, torch.Tensor], adapter: LoraAdapter, rank: int, 
         state[key] = (weight.float() + delta).to(weight.dtype)
         del weight, delta
     return state
+
+
+MAX_RANK = 64  # the largest rank the per-request banks take (llama/model/lora_bank.py)
+
+
+def factors_for(adapter: LoraAdapter, rank: int, world: int, args: ModelArgs):
+    """A function giving, for a list of Meta keys, this rank's factors {key: (A, scale * B)} of those the adapter
+    targets (what a LoraBank loads)."""
+    def get(keys: List[str]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        return {k: lora_factors(adapter, k, rank, world, args) for k in keys if k in adapter.weights}
+    return get

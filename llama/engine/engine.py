@@ -104,6 +104,8 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.pool: BlockPool = prefix_cache.pool if prefix_cache is not None else pool_for(self.model)
         self.prefix = PrefixGlue(self)
+        self.loras = getattr(self.model, "lora_slots", None)  # per-request LoRA adapters (lora_slots.py), if any
+        self.lora_loads: List[tuple] = []  # (slot, name, folder) to load before the next plan's model calls
         self.planner = Planner(self)
         self.outputs = Outputs(self)
 
@@ -135,12 +137,20 @@ class Engine:
         """Whether `add` would take the request now: no preempted choice waits, and rows and blocks are free."""
         n = request.params.n
         return not self.preempted and self.free_rows() >= n and \
-            self.pool.available() >= self._prompt_blocks(len(request.prompt), n)
+            self.pool.available() >= self._prompt_blocks(len(request.prompt), n) and \
+            (request.lora is None or self.loras is None or self.loras.available(request.lora))
+
+    def check_lora(self, name: Optional[str]) -> None:
+        """ValueError unless `name` is None or an adapter this model serves."""
+        if name is not None and (self.loras is None or name not in self.loras.paths):
+            served = self.loras.names if self.loras is not None else []
+            raise ValueError(f"LoRA adapter {name!r} is not loaded; loaded: {served}")
 
     def add(self, request: Request) -> None:
         """Give a checked request its n rows and its prompt's blocks; it is prefilled at the next step.
         ValueError when it cannot run, RuntimeError when rows or blocks are short (callers ask `can_add`)."""
         self.check(request.prompt, request.params)
+        self.check_lora(request.lora)
         n = request.params.n
         if not self.can_add(request):
             raise RuntimeError(f"{n} rows and {self._prompt_blocks(len(request.prompt), n)} blocks asked for, "
@@ -148,6 +158,10 @@ class Engine:
         first: Optional[Choice] = None
         for index in range(n):
             c = self._new_choice(request, index, first)
+            if request.lora is not None:
+                c.lora_slot, load = self.loras.acquire(request.lora)
+                if load is not None:
+                    self.lora_loads.append((c.lora_slot, request.lora, load))
             self.take_row(c)
             if first is None:
                 first = c
@@ -217,6 +231,7 @@ class Engine:
             decoded, prefilled = self.runner.run(step.plan)
         except Exception as err:
             self.table_updates[:0] = step.plan.tables  # whether they reached the model is unknown: sent again
+            self.lora_loads[:0] = step.plan.lora_loads
             self._step_failed(err, step.admitted)
             return True
         self._failed_steps, self.probe = 0, False
@@ -249,6 +264,9 @@ class Engine:
             # the blocks hold the KV of the prompt and of every sampled token but the last (never decoded)
             self.prefix.keep(c, (list(c.request.prompt) + c.text.tokens)[:len(c.request.prompt) + c.generated - 1])
         self.release(c)
+        if c.lora_slot >= 0:
+            self.loras.release(c.lora_slot)
+            c.lora_slot = -1
         for sibling in [s for s in self.rows.values() if s.parent is c and not s.prefilled]:
             self.finish(sibling, reason, message)  # a choice whose prefill never ran cannot go on either
         self.outputs.emit(c, Finished(reason, len(c.request.prompt), len(c.text.tokens), message, index=c.index))

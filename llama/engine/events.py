@@ -65,6 +65,7 @@ class Request:
     # space dropped), as Llama.chat_completion and the chat endpoint give.
     continues_prompt: bool = False
     aborted: Optional[str] = None  # set by a server's abort: the request ends with Finished('abort', message)
+    lora: Optional[str] = None  # the LoRA adapter it runs under (a name the model's LoraSlots serves); None: base
 
 
 def token_text(tokenizer, token: int) -> Tuple[str, List[int]]:

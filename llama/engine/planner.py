@@ -56,14 +56,20 @@ class Planner:
             step.plan.decode_tokens, step.plan.decode_positions = [0] * width, [-1] * width
             for c in running:
                 step.plan.decode_tokens[c.row], step.plan.decode_positions[c.row] = c.pending, c.position
+        if running and any(c.lora_slot >= 0 for c in running):
+            width = len(step.plan.decode_tokens if step.plan.decode_tokens is not None else step.plan.verify_tokens)
+            step.plan.decode_adapters = [-1] * width
+            for c in running:
+                step.plan.decode_adapters[c.row] = c.lora_slot
         step.groups = self.group(whole)
         for group in step.groups:
             step.plan.prefills.append(Prefill([c.tokens for c in group], [c.row for c in group],
-                                              all_logits=self.all_logits(group[0])))
+                                              all_logits=self.all_logits(group[0]), adapters=_slots(group)))
         for c, start, end in step.chunks:
-            step.plan.prefills.append(Prefill([c.tokens[start:end]], [c.row], start=start))
+            step.plan.prefills.append(Prefill([c.tokens[start:end]], [c.row], start=start, adapters=_slots([c])))
         step.forks = {c: self._fork(c, step.plan) for c in ending}
         step.plan.tables, e.table_updates = e.table_updates, []
+        step.plan.lora_loads, e.lora_loads = e.lora_loads, []
         return step
 
     @staticmethod
@@ -180,3 +186,9 @@ class Planner:
         plain = [c for c in admitted if not self.all_logits(c)]
         full = [c for c in admitted if self.all_logits(c)]
         return [g for g in (plain, full) if g]
+
+
+def _slots(choices: List[Choice]) -> Optional[List[int]]:
+    """The LoRA bank slots of a prefill's prompts, or None when all run on the base."""
+    slots = [c.lora_slot for c in choices]
+    return slots if any(s >= 0 for s in slots) else None

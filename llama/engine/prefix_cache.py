@@ -29,10 +29,11 @@ from ..model.kv_cache import BLOCK_SIZE, pool_bytes_per_block
 from .blocks import BlockPool
 
 
-def block_keys(tokens: Sequence[int], n_blocks: int, block_size: int) -> List[bytes]:
-    """The chained keys of the first n_blocks full blocks of `tokens`: key i hashes key i-1 and block i's tokens."""
+def block_keys(tokens: Sequence[int], n_blocks: int, block_size: int, salt: bytes = b"") -> List[bytes]:
+    """The chained keys of the first n_blocks full blocks of `tokens`: key i hashes key i-1 and block i's tokens;
+    the first hashes `salt` (what else decides the keys and values: a LoRA adapter) as its parent."""
     keys: List[bytes] = []
-    parent = b""
+    parent = hashlib.blake2b(salt, digest_size=16).digest() if salt else b""
     for i in range(n_blocks):
         block = array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()
         parent = hashlib.blake2b(parent + block, digest_size=16).digest()
@@ -86,12 +87,12 @@ class PrefixCache:
         """Blocks the cache keeps."""
         return len(self._table)
 
-    def lookup(self, tokens: Sequence[int]) -> List[int]:
+    def lookup(self, tokens: Sequence[int], salt: bytes = b"") -> List[int]:
         """The pool blocks holding the longest cached run of `tokens`' full blocks from its start, leaving at
         least the last token out (its logits must be computed). Counts the query and the hit, and refreshes
         the blocks found. The caller takes its own reference on each (`pool.ref`)."""
         self.queries += len(tokens)
-        keys = block_keys(tokens, (len(tokens) - 1) // self.block_size, self.block_size)
+        keys = block_keys(tokens, (len(tokens) - 1) // self.block_size, self.block_size, salt)
         found: List[int] = []
         for key in keys:
             block = self._table.get(key)
@@ -103,11 +104,11 @@ class PrefixCache:
         self.hits += len(found) * self.block_size
         return found
 
-    def insert(self, tokens: Sequence[int], blocks: Sequence[int]) -> int:
+    def insert(self, tokens: Sequence[int], blocks: Sequence[int], salt: bytes = b"") -> int:
         """Keep the full blocks of `tokens`, whose KV pool blocks `blocks` hold (a sequence's table), unless
         their key is kept already (the cached ones are refreshed). Returns how many were added."""
         n = min(len(tokens) // self.block_size, len(blocks))
-        keys = block_keys(tokens, n, self.block_size)
+        keys = block_keys(tokens, n, self.block_size, salt)
         added = 0
         for key, block in zip(keys, blocks):
             if key in self._table or self.pool.cached.get(block):

@@ -19,7 +19,7 @@ class PrefixGlue:
         e = self.e
         if e.prefix_cache is None or (c.request.params.prompt_logprobs and not c.resumed):
             return
-        blocks = e.prefix_cache.lookup(c.tokens)
+        blocks = e.prefix_cache.lookup(c.tokens, salt=self.salt(c))
         for block in blocks:
             e.pool.ref(block)
         c.blocks, c.filled = list(blocks), len(blocks) * BLOCK_SIZE
@@ -30,4 +30,9 @@ class PrefixGlue:
         """Keep the full blocks of `tokens`, whose keys and values c's blocks hold (after a model call that
         wrote them returned)."""
         if self.e.prefix_cache is not None and c.blocks:
-            self.e.prefix_cache.insert(tokens, c.blocks)
+            self.e.prefix_cache.insert(tokens, c.blocks, salt=self.salt(c))
+
+    def salt(self, c: Choice) -> bytes:
+        """What starts c's block keys: its LoRA adapter (the same prompt under two adapters has other keys and
+        values), empty for the base."""
+        return b"" if c.request.lora is None else self.e.loras.key(c.request.lora)

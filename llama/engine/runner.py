@@ -31,6 +31,7 @@ class Prefill:
     rows: List[int]
     all_logits: bool = False  # logits at every prompt position (prompt log-probs), not only the last
     start: int = 0  # > 0: one chunk of a long prompt, continuing its row from this position (one prompt)
+    adapters: Optional[List[int]] = None  # each prompt's LoRA bank slot (-1: the base); None: all the base
 
 
 @dataclass
@@ -46,6 +47,10 @@ class StepPlan:
     # `first` on becoming `blocks` and then the null block.
     tables: List[Tuple[int, int, List[int]]] = field(default_factory=list)
     copies: List[Tuple[int, int]] = field(default_factory=list)  # (pool block, into pool block), after prefills
+    # LoRA adapters (llama/model/lora_bank.py): (slot, name, folder) loaded first, and each decoded (or verified)
+    # row's slot (-1: the base; None: every row the base).
+    lora_loads: List[Tuple[int, str, str]] = field(default_factory=list)
+    decode_adapters: Optional[List[int]] = None
 
 
 Logits = Tuple[Optional[torch.Tensor], List[torch.Tensor]]
@@ -56,25 +61,47 @@ def execute(decode: DecodeStep, plan: StepPlan) -> Logits:
     positions)."""
     model = decode.model
     decoded, prefilled = None, []
+    lora = getattr(model, "lora_set", None)
     with torch.inference_mode():
         for row, first, blocks in plan.tables:
             model.assign_blocks(row, first, blocks)
-        if plan.decode_tokens is not None:
-            tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
-            decoded = decode(tokens, plan.decode_positions)
-        if plan.verify_tokens is not None:
-            tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
-            positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
-            window = 1 + max(max(row) for row in plan.verify_positions)
-            decoded = model.decode_many(tokens, positions, max(window, 1))
-        for p in plan.prefills:
-            if p.start:  # a later chunk of one long prompt, over its row's cached prefix
-                prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
-            else:
-                prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
+        for slot, name, folder in plan.lora_loads:
+            model.lora_slots.load(slot, name, folder)
+        try:
+            if plan.decode_tokens is not None:
+                tokens = torch.tensor(plan.decode_tokens, dtype=torch.long, device=decode.device)
+                _select(lora, plan.decode_adapters, 1, decode)
+                decoded = decode(tokens, plan.decode_positions)
+            if plan.verify_tokens is not None:
+                tokens = torch.tensor(plan.verify_tokens, dtype=torch.long, device=decode.device)
+                positions = torch.tensor(plan.verify_positions, dtype=torch.long, device=decode.device)
+                window = 1 + max(max(row) for row in plan.verify_positions)
+                _select(lora, plan.decode_adapters, tokens.shape[1], decode)
+                decoded = model.decode_many(tokens, positions, max(window, 1))
+            for p in plan.prefills:
+                _select(lora, None if p.adapters is None else
+                        [s for s, prompt in zip(p.adapters, p.prompts) for _ in prompt], 0, decode)
+                if p.start:  # a later chunk of one long prompt, over its row's cached prefix
+                    prefilled.append(model.extend(p.prompts[0], p.rows[0], p.start, all_logits=p.all_logits))
+                else:
+                    prefilled.append(model.prefill(p.prompts, rows=p.rows, all_logits=p.all_logits))
+        finally:
+            if lora is not None:
+                lora.clear()
         if plan.copies:
             model.copy_blocks([a for a, _ in plan.copies], [b for _, b in plan.copies])
     return decoded, prefilled
+
+
+def _select(lora, slots: Optional[List[int]], per: int, decode: DecodeStep) -> None:
+    """Set the LoRA slot of each token of the next model call (slots per row, each for `per` tokens; per=0: per
+    token); deterministic steps read every slot, whatever their rows use."""
+    if lora is None:
+        return
+    if slots is None:
+        lora.clear()
+    else:
+        lora.select(slots, per, decode.device, fixed=decode.full_window)
 
 
 class Runner:

@@ -72,11 +72,16 @@ class DecodeStep:
             return self._step(tokens, positions)
 
     def _step(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        if self.fused is not None and len(positions) < MAX_ROWS:
+        # A step with LoRA adapter rows runs the layers' path (the fused C step and compiled graphs have no
+        # adapter term); steps with every row on the base keep them, except in deterministic mode, where a base
+        # row's arithmetic must not depend on whether a neighbour has an adapter.
+        lora = getattr(self.model, "lora_set", None)
+        adapters = lora is not None and (lora.active or self.full_window)
+        if self.fused is not None and len(positions) < MAX_ROWS and not adapters:
             return self.fused(tokens, positions)
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
-        if not self.compiled:
+        if not self.compiled or adapters:
             return self.model.decode(tokens, pos, window)
         shape = (len(positions), window)
         if shape in self._warm:

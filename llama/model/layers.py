@@ -62,13 +62,15 @@ class ParallelLinear(nn.Module):
                                        "output features" if self.split_dim == 0 else "input features")
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.kernel: Optional[nn.Module] = None
+        self.lora = None  # a LoraBank (llama/model/lora_bank.py): per-token adapters beside the base product
 
     def use_kernel(self, kernel: nn.Module) -> None:
         self.kernel = kernel
         self.weight = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        y = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        return y if self.lora is None else self.lora.add(x, y)
 
 
 class ColumnParallelLinear(ParallelLinear):

@@ -343,6 +343,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.lora_set = None  # the banks of per-request LoRA adapters (lora_bank.attach), if any
 
     # --- after the weights are in --------------------------------------------------------------------------
 

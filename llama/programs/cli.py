@@ -139,8 +139,10 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint folder",
-                    seed_help: str = "seed of the sampler (the same seed and inputs give the same answers)") -> None:
-    """The flags of every program that loads a model for generation, as the example scripts name them."""
+                    seed_help: str = "seed of the sampler (the same seed and inputs give the same answers)",
+                    many_loras: bool = False) -> None:
+    """The flags of every program that loads a model for generation, as the example scripts name them
+    (many_loras: --lora also takes NAME=PATH pairs, adapters served beside the base: the server's)."""
     parser.add_argument(*flag("ckpt_dir"), default=None,
                         help=f"{what}, Meta's layout or Hugging Face's (default, with --tokenizer_path unset: the "
                              "bundled demo model)")
@@ -150,7 +152,13 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                         help="weights' and activations' dtype (default: the fastest the device supports)")
     parser.add_argument("--seed", type=int, default=1, help=seed_help)
-    parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
+    if many_loras:
+        parser.add_argument("--lora", nargs="+", default=None, metavar="[NAME=]PATH",
+                            help="PEFT LoRA adapter folders: one PATH is merged into the weights (the fast path for "
+                                 "one adapter); NAME=PATH ... serve each beside the unmerged base, picked by a "
+                                 "request's 'model'")
+    else:
+        parser.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
     parser.add_argument("--quantize", default=None, choices=tuple(quant.SCHEMES),
                         help="weight-only quantization at load (none for a quantized checkpoint)")
     parser.add_argument(*flag("group_size"), type=int, default=None,

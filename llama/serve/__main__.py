@@ -39,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
         "python -m llama.web" if web else "python -m llama.serve",
         "Serve a Llama checkpoint over an OpenAI-compatible HTTP API (continuous batching"
         + ("; the chat page at /web" if web else "") + "). Run under torchrun for model parallelism.")
-    cli.add_model_flags(parser, seed_help="seeds the requests that send no seed of their own")
+    cli.add_model_flags(parser, seed_help="seeds the requests that send no seed of their own", many_loras=True)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     add("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
@@ -87,6 +87,13 @@ def parse_args(argv: Optional[Sequence[str]] = None, web: bool = False) -> argpa
     add("--kv_cache_gib", type=float, default=None, metavar="GIB",
         help="the paged KV cache's pool, GiB per process (default: what fits beside the weights, at most "
              "max_batch_size full contexts; printed at start)")
+    add("--max_loras", type=int, default=None,
+        help="LoRA adapters held in memory at once (default: all given with --lora NAME=PATH); others load on "
+             "demand, least recently used out; a request waits while every slot is busy")
+    add("--max_lora_rank", type=int, default=None,
+        help="the largest LoRA rank the adapter banks take, up to 64 (default: the largest given)")
+    add("--enable_lora_loading", action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)")
     add("--chat-template", dest="chat_template", default=None, metavar="FILE",
         help="a Jinja chat template for chat prompts, rendered as transformers renders it (default: a Hugging Face "
              "checkpoint's own tokenizer_config.json template, else the family's Meta format)")
@@ -164,9 +171,10 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
             raise ValueError("--shield runs in one process: start the server without torchrun to use it")
         if args.speculative not in (None, "ngram") and distributed.launched():
             raise ValueError("--speculative with a draft model runs in one process (ngram works under torchrun)")
+        lora, lora_options = _loras(args)
         generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=args.max_seq_len,
                                 max_batch_size=args.max_batch_size, seed=args.seed, device=args.device,
-                                dtype=args.dtype, lora=args.lora, quantize=args.quantize,
+                                dtype=args.dtype, lora=lora, **lora_options, quantize=args.quantize,
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
@@ -204,7 +212,8 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
                        runner=Runner(generator.decode_step, channel), max_prefill_tokens=args.max_prefill_tokens or None)
     app = create_app(engine, model, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      body_timeout=args.body_timeout, allowed_hosts=_names(args.allowed_hosts),
-                     allowed_origins=_names(args.allowed_origins), shield=getattr(args, "shield_model", None))
+                     allowed_origins=_names(args.allowed_origins), shield=getattr(args, "shield_model", None),
+                     lora_loading=args.enable_lora_loading)
     if args.web:
         from . import web
 
@@ -257,6 +266,31 @@ def _serve(args: argparse.Namespace, generator: Llama, channel: distributed.Broa
         return 1
     print("Server stopped.", flush=True)
     return 0
+
+
+def _loras(args: argparse.Namespace):
+    """--lora and its companions as Llama.build's lora= and options: one bare PATH merged, NAME=PATH pairs (or
+    --enable_lora_loading alone, with --max_lora_rank) served beside the base. ValueError naming a bad value."""
+    given = args.lora or []
+    options = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank}
+    if len(given) == 1 and "=" not in given[0]:
+        if args.max_loras is not None or args.enable_lora_loading:
+            raise ValueError("--max_loras and --enable_lora_loading serve adapters beside the base: give --lora as "
+                             "NAME=PATH")
+        return given[0], {}
+    adapters = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {item!r}: give NAME=PATH for each of several adapters")
+        if name in adapters:
+            raise ValueError(f"--lora names the adapter {name!r} twice")
+        adapters[name] = path
+    if not adapters and not args.enable_lora_loading:
+        if args.max_loras is not None or args.max_lora_rank is not None:
+            raise ValueError("--max_loras and --max_lora_rank need --lora NAME=PATH or --enable_lora_loading")
+        return None, {}
+    return adapters, options
 
 
 def _names(value: str) -> list:

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import lora_routes
 from .connections import quiet_accept_errors
 from .metrics import Metrics, RequestID, optional_metrics
 from .limits import AUTH_DELAY, BODY_TIMEOUT, MAX_BODY_BYTES
@@ -63,7 +64,7 @@ class EventStream:
         self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
         sink = self._sink if metrics is None else metrics.watch(self._sink)
         self.request = Request(job.prompt, job.params, sink, id=f"{rid}/{job.index}" if rid else job.id,
-                               continues_prompt=job.continues_prompt)
+                               continues_prompt=job.continues_prompt, lora=job.lora)
 
     def _sink(self, event: Event) -> None:  # the engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -99,12 +100,13 @@ def _error(err: APIError) -> JSONResponse:
 def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1, body_timeout: float = BODY_TIMEOUT, auth_delay: float = AUTH_DELAY,
                allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
-               shield: Optional[Any] = None, metrics: bool = True) -> FastAPI:
+               shield: Optional[Any] = None, metrics: bool = True, lora_loading: bool = False) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model`. api_key: required as a bearer token on /v1/*
     (compared in constant time; an empty key is a ValueError, not "no key"). Bodies over max_body_bytes are
     refused with 413 before they are read whole. allowed_hosts / allowed_origins widen the Host and Origin
     checks (security.py; "*" allows any). shield: a Llama Guard `Llama` (see `Shield`) that checks chat messages
-    and whole chat answers."""
+    and whole chat answers. lora_loading: serve /v1/load_lora_adapter and /v1/unload_lora_adapter
+    (lora_routes.py)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a non-empty --api-key (or $LLAMA_API_KEY), or none at all "
                          "for a server without a key")
@@ -209,15 +211,20 @@ def create_app(engine: Scheduler, model: str, api_key: Optional[str] = None, max
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Dict[str, Any]:
         await authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] + lora_routes.cards(engine, model, created)}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: HTTPRequest) -> Dict[str, Any]:
         await authorize(request)
-        if name != model:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}",
-                           param="model", code="model_not_found")
-        return model_card()
+        if name == model:
+            return model_card()
+        for card in lora_routes.cards(engine, model, created):
+            if card["id"] == name:
+                return card
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}"[:400],
+                       param="model", code="model_not_found")
+
+    lora_routes.mount(app, engine, model, authorize, read_body, lora_loading)
 
     async def complete(request: HTTPRequest, make_job: Callable[..., Job]):
         await authorize(request)

@@ -75,6 +75,7 @@ class Job:
     tool_choice: str = "none"  # 'none': the answer is text; else it may be (auto) or is (required, a name) a call
     continues_prompt: bool = False  # completions: the answer's text continues the prompt's (Request's flag)
     index: int = 0  # completions with a list of prompts: which prompt (the choice's index)
+    lora: Optional[str] = None  # the LoRA adapter the request's `model` names (None: the base)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -222,18 +223,22 @@ def _sampling(body: Mapping[str, Any], max_tokens: Optional[int], room: int, pro
         raise bad(str(err), param=err.param) from None
 
 
-def _common(body: Mapping[str, Any], model: str) -> Dict[str, Any]:
+def _common(body: Mapping[str, Any], model: str, generator: Optional[Llama] = None) -> Dict[str, Any]:
+    """The fields every generation request has; `model` names the base or one of its LoRA adapters."""
     name = _get(body, "model", "string", model)
-    if name != model:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {model!r}", param="model",
-                       code="model_not_found")
+    slots = getattr(getattr(generator, "model", None), "lora_slots", None)
+    adapters = slots.names if slots is not None else []
+    if name != model and name not in adapters:
+        served = f"{model!r}" + (f" and its LoRA adapters {adapters}" if adapters else "")
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served}"[:400],
+                       param="model", code="model_not_found")
     stream = _get(body, "stream", "boolean", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
     include_usage = _get(options or {}, "include_usage", "boolean", False)
     _get(body, "user", "string")
-    return {"model": model, "stream": stream, "include_usage": include_usage}
+    return {"model": name, "stream": stream, "include_usage": include_usage, "lora": None if name == model else name}
 
 
 # --- the two endpoints -----------------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def completion_jobs(body: Mapping[str, Any], generator: Llama, model: str) -> Li
     """POST /v1/completions: each prompt (a string, token ids, or a list of either) continued; one job per
     prompt, answered as the choice of that index. echo with logprobs gives the prompt tokens' log-probs too
     (max_tokens 0: those alone), as evaluation harnesses ask."""
-    common = _common(body, model)
+    common = _common(body, model, generator)
     prompts = _prompts(body.get("prompt"), generator)
     if len(prompts) > 1 and common["stream"]:
         raise bad("'stream' with a list of prompts is not supported: stream one prompt per request",
@@ -394,7 +399,7 @@ def _infilling_tokens(generator: Llama, prompt: Any, suffix: str) -> List[int]:
 
 def chat_job(body: Mapping[str, Any], generator: Llama, model: str) -> Job:
     """POST /v1/chat/completions: a dialog in the model family's chat format, answered by the assistant."""
-    common = _common(body, model)
+    common = _common(body, model, generator)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of messages", param="messages",

@@ -95,10 +95,16 @@ class Scheduler:
         """ValueError unless the request can run (see Engine.check)."""
         self.engine.check(prompt, params)
 
+    def exclusive(self, work):
+        """Run work() while no request is admitted (changes to what the engine serves: LoRA adapters)."""
+        with self._cond:
+            return work()
+
     def submit(self, request: Request) -> None:
         """Queue a request: it starts at the next step boundary with free rows. Raises ValueError (bad
         request), QueueFull, or Unavailable (draining or stopped)."""
         self.check(request.prompt, request.params)
+        self.engine.check_lora(request.lora)
         with self._cond:
             if self._draining or self._stopping or self.failure is not None:
                 raise Unavailable(self.failure or "the server is shutting down")
