@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from helpers import LLAMA3_TOKENIZER, TOKENIZER, llama3_reference
+from helpers import TOKENIZER
 from llama import Tokenizer
 from llama.families import LLAMA3, LLAMA2
 from llama.families.prompting import ChatPrompts
@@ -49,16 +49,6 @@ TOOL_DIALOGS = [
      {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."},
      {"role": "user", "content": "Thanks"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok3():
-    return Tokenizer(LLAMA3_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def ref3():
-    return llama3_reference()
 
 
 def transformers_render(source, messages, tools=None, **kwargs):

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from helpers import LLAMA3_TOKENIZER, TOKENIZER, codellama_tokenizer, llama3_reference
+from helpers import TOKENIZER, codellama_tokenizer
 from llama import Tokenizer
 from llama.families import codellama, llamaguard
 
@@ -39,21 +39,6 @@ def sp():
     from sentencepiece import SentencePieceProcessor
 
     return SentencePieceProcessor(model_file=str(TOKENIZER))
-
-
-@pytest.fixture(scope="module")
-def tok2():
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tok3():
-    return Tokenizer(LLAMA3_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def ref3():
-    return llama3_reference()
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
