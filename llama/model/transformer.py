@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import BLOCK_SIZE, BlockTables, KVPool, Packed, Rows, blocks_for
+from .kv_cache import BLOCK_SIZE, BlockTables, GatherScratch, KVPool, Packed, Rows, blocks_for
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
 
@@ -283,7 +283,7 @@ class Attention(nn.Module):
         """Each row's tokens over that row's cached keys, gathered from the pool through its block table
         (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
-        keys, values = self.cache.read(where.blocks, where.window)
+        keys, values = self.cache.read(where.blocks, where.window, reuse=True)
         if seqlen > 1:
             return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
@@ -365,9 +365,10 @@ class Transformer(nn.Module):
         if not isinstance(blocks, int) or blocks < 2:
             raise ValueError(f"the KV pool needs at least 2 blocks (one is the null block), got {blocks!r}")
         self.pool_blocks = blocks
+        scratch = GatherScratch()
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype).to(device)
+            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype, scratch).to(device)
 
     def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
                 ) -> None:
