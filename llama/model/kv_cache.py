@@ -154,6 +154,7 @@ class Rows:
     blocks: torch.Tensor
     window: int
     mask: torch.Tensor
+    alone: Optional[List[int]] = None  # deterministic decoding: row b attends by itself over its alone[b] positions
 
     @classmethod
     def at(cls, tables: BlockTables, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":

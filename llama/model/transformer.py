@@ -283,6 +283,10 @@ class Attention(nn.Module):
         """Each row's tokens over that row's cached keys, gathered from the pool through its block table
         (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
+        if where.alone is not None and seqlen == 1:  # each row by itself: its arithmetic never sees the others'
+            rows = [Rows(where.slots[b:b + 1], where.blocks[b:b + 1, :blocks_for(n)], n, where.mask[b:b + 1, :, :n])
+                    for b, n in enumerate(where.alone)]
+            return torch.cat([self._over_cache(q[b:b + 1], row) for b, row in enumerate(rows)])
         keys, values = self.cache.read(where.blocks, where.window, reuse=True)
         if seqlen > 1:
             return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
@@ -437,13 +441,18 @@ class Transformer(nn.Module):
             return self._run(tokens, positions, None, logits_at)
         return self._run(tokens, positions, Rows.at(self.tables, positions, length), logits_at)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+               alone: Optional[Sequence[int]] = None) -> torch.Tensor:
         """One new token per cache row 0..B-1: tokens (B,) at positions (B,) (-1: an idle row, written into the
         null block), every position below `window`.
         Returns the next-token logits (B, V). The shapes depend only on B and the host int `window`, and
-        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs."""
+        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs.
+        alone: each row's position + 1 (host ints): every row attends by itself over its own positions, so that
+        its arithmetic depends on its own length only (deterministic mode, eager), at the cost of what it holds."""
         positions = positions.unsqueeze(1)
-        return self._run(tokens.unsqueeze(1), positions, Rows.at(self.tables, positions, window), None)[:, 0]
+        where = Rows.at(self.tables, positions, window)
+        where.alone = None if alone is None else list(alone)
+        return self._run(tokens.unsqueeze(1), positions, where, None)[:, 0]
 
     def decode_many(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
                     logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
