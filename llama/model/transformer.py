@@ -288,8 +288,9 @@ class Attention(nn.Module):
                     for b, n in enumerate(where.alone)]
             return torch.cat([self._over_cache(q[b:b + 1], row) for b, row in enumerate(rows)])
         keys, values = self.cache.read(where.blocks, where.window, reuse=True)
-        if seqlen > 1:
-            return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
+        if seqlen > 1:  # (SDPA's own grouped-query form: the same numbers as repeating K/V n_rep times, uncopied)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=where.mask.unsqueeze(1),
+                                                  enable_gqa=self.n_rep > 1).transpose(1, 2)
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
