@@ -179,7 +179,49 @@ __attribute__((target(AVX512))) static inline void dots_avx512(const float *q, c
 }
 #endif
 
+/* o (n_rep x d) += sum_t p[r * 16 + t] v_t over the n <= 16 values v (n x d floats), t in order. */
+INLINE void mix_body(const float *p, int64_t n_rep, const float *v, int64_t n, int64_t d, float *o) {
+    for (int64_t r = 0; r < n_rep; r++)
+        for (int64_t t = 0; t < n; t++) {
+            const float w = p[r * LANES + t];
+            for (int64_t i = 0; i < d; i += LANES)
+                for (int l = 0; l < LANES; l++) o[r * d + i + l] += w * v[t * d + i + l];
+        }
+}
+
+#if QK_X86
+/* mix_body in AVX-512, each head's sums held in registers over the 16 values (the same order of additions). */
+__attribute__((target(AVX512))) static inline void mix_avx512(const float *p, int64_t n_rep, const float *v, int64_t n,
+                                                             int64_t d, float *o) {
+    for (int64_t r = 0; r < n_rep; r++) {
+        float *out = o + r * d;
+        int64_t i = 0;
+        for (; i + 4 * LANES <= d; i += 4 * LANES) {
+            __m512 a0 = _mm512_loadu_ps(out + i), a1 = _mm512_loadu_ps(out + i + 16);
+            __m512 a2 = _mm512_loadu_ps(out + i + 32), a3 = _mm512_loadu_ps(out + i + 48);
+            for (int64_t t = 0; t < n; t++) {
+                const __m512 w = _mm512_set1_ps(p[r * LANES + t]);
+                const float *x = v + t * d + i;
+                a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x), a0);
+                a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16), a1);
+                a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 32), a2);
+                a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 48), a3);
+            }
+            _mm512_storeu_ps(out + i, a0), _mm512_storeu_ps(out + i + 16, a1);
+            _mm512_storeu_ps(out + i + 32, a2), _mm512_storeu_ps(out + i + 48, a3);
+        }
+        for (; i < d; i += LANES) {
+            __m512 a = _mm512_loadu_ps(out + i);
+            for (int64_t t = 0; t < n; t++)
+                a = _mm512_fmadd_ps(_mm512_set1_ps(p[r * LANES + t]), _mm512_loadu_ps(v + t * d + i), a);
+            _mm512_storeu_ps(out + i, a);
+        }
+    }
+}
+#endif
+
 typedef void (*dots_fn)(const float *, const float *, int64_t, int64_t, float, float *);
+typedef void (*mix_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *);
 
 /* n_rep query heads (q: n_rep x d, bfloat16) over one KV head's positions lo..hi-1 of a row (lo a multiple of
  * bs, bs of 16): position t's key at keys + table[t / bs] * stride + (t % bs) * d, its value likewise. One pass
@@ -189,7 +231,7 @@ typedef void (*dots_fn)(const float *, const float *, int64_t, int64_t, float, f
  * sum[r] = sum_t e^(s_t - top), for the scores s_t = q_r . k_t / sqrt(d). */
 INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const uint16_t *keys,
                         const uint16_t *values, int64_t stride, const int64_t *table, int64_t lo, int64_t hi,
-                        float *o, float *top, float *sum, dots_fn dots) {
+                        float *o, float *top, float *sum, dots_fn dots, mix_fn mix) {
     const float scale = 1.0f / sqrtf((float)d);
     float qf[n_rep * d], s[n_rep * LANES], f[LANES * MAX_HEAD_DIM];  /* (VLAs: at most n_heads * head_dim) */
     for (int64_t i = 0; i < n_rep * d; i++) qf[i] = bf(q[i]);
@@ -214,12 +256,7 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs,
             sum[r] += hsum_body(p);
         }
         for (int64_t i = 0; i < n * d; i++) f[i] = bf(vb[i]);
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t r = 0; r < n_rep; r++) {
-                const float w = s[r * LANES + t];
-                for (int64_t i = 0; i < d; i += LANES)
-                    for (int l = 0; l < LANES; l++) o[r * d + i + l] += w * f[t * d + i + l];
-            }
+        mix(s, n_rep, f, n, d, o);
     }
 }
 
@@ -232,7 +269,7 @@ typedef struct {
                    const int64_t *, int64_t, int64_t, float *, float *, float *);
 } ops_t;
 
-#define DEFINE_OPS(name, attr, dots)                                                                                \
+#define DEFINE_OPS(name, attr, dots, mix)                                                                       \
     attr static void rmsnorm_##name(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *o) {  \
         rmsnorm_body(x, w, n, eps, o);                                                                          \
     }                                                                                                           \
@@ -247,17 +284,21 @@ typedef struct {
                                                                int64_t d, float scale, float *s) {             \
         dots_body(q, k, n, d, scale, s);                                                                        \
     }                                                                                                           \
+    attr __attribute__((unused)) static void plain_mix_##name(const float *p, int64_t n_rep, const float *v,     \
+                                                              int64_t n, int64_t d, float *o) {                \
+        mix_body(p, n_rep, v, n, d, o);                                                                         \
+    }                                                                                                           \
     attr static void attend_##name(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const uint16_t *k,  \
                                    const uint16_t *v, int64_t stride, const int64_t *table, int64_t lo,         \
                                    int64_t hi, float *o, float *top, float *sum) {                              \
-        attend_body(q, n_rep, d, bs, k, v, stride, table, lo, hi, o, top, sum, dots);                           \
+        attend_body(q, n_rep, d, bs, k, v, stride, table, lo, hi, o, top, sum, dots, mix);                      \
     }                                                                                                           \
     static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name};
 
-DEFINE_OPS(scalar, , plain_dots_scalar)
+DEFINE_OPS(scalar, , plain_dots_scalar, plain_mix_scalar)
 #if QK_X86
-DEFINE_OPS(avx2, __attribute__((target(AVX2))), plain_dots_avx2)
-DEFINE_OPS(avx512, __attribute__((target(AVX512))), dots_avx512)
+DEFINE_OPS(avx2, __attribute__((target(AVX2))), plain_dots_avx2, plain_mix_avx2)
+DEFINE_OPS(avx512, __attribute__((target(AVX512))), dots_avx512, mix_avx512)
 #endif
 
 static const ops_t *ops_for(int isa) {
