@@ -39,8 +39,8 @@ class KVPool(nn.Module):
     """One layer's keys and values: (blocks, kv_heads, block_size, head_dim) each, zeroed (a masked position's
     value must be finite: 0 * NaN would reach the output). Head-major within a block, so that one head's positions
     are contiguous 16 at a time: the C decode step streams them without touching the other heads' bytes (a
-    token-major layout made its attention 3-5x slower at 10k-100k positions), and a row's gathered blocks
-    reshape into the (B, H, T, D) layout that SDPA reads fastest, the row cache's."""
+    token-major layout made its attention 3-5x slower at 10k-100k positions), and a row's blocks, gathered one
+    (block, head) piece at a time, land in the (B, H, T, D) layout that SDPA reads fastest, the row cache's."""
 
     def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  scratch: Optional["GatherScratch"] = None) -> None:
