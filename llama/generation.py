@@ -59,9 +59,9 @@ class Llama(TokenGenerator):
 
         `Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, **options)`: the arguments are
         `BuildConfig`'s fields (llama/builder.py, where each is described), by position or by name; or
-        `Llama.build(config=BuildConfig(...))`, keyword options beside it replacing the config's. Run by every
-        process of the group (torchrun), or alone for a one-process run. A bad option is a ValueError naming
-        it before any loading.
+        `Llama.build(config=BuildConfig(...))` (or the config alone by position), keyword options beside it
+        replacing the config's. Run by every process of the group (torchrun), or alone for a one-process run.
+        A bad option is a ValueError naming it before any loading.
         """
         config = builder.config_from(args, config, options)
         built = builder.assemble(config)

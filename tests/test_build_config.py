@@ -53,6 +53,7 @@ def test_build_from_a_config_with_overrides(ckpt):
     assert (generator.max_seq_len, generator.max_batch_size) == (48, 3)
     assert generator.model.tok_embeddings.weight.dtype == torch.float32
     assert config.max_batch_size == 2  # frozen: the override made a new config
+    assert Llama.build(config).max_batch_size == 2  # the config alone, by position
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seed = 2  # type: ignore[misc]
     with pytest.raises(ValueError, match="max_seq_len"):
