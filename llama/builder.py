@@ -123,7 +123,8 @@ class BuildConfig:
 
 def config_from(args: Sequence[Any], config: Optional[BuildConfig], options: Dict[str, Any]) -> BuildConfig:
     """`Llama.build`'s arguments as one BuildConfig: the positional and keyword options, or `config` (by name
-    or alone by position) with `options` replacing its fields. TypeErrors name `Llama.build`, as its own signature's did."""
+    or alone by position) with `options` replacing its fields. TypeErrors name `Llama.build`, as its own
+    signature's did."""
     if config is None and len(args) == 1 and isinstance(args[0], BuildConfig):
         args, config = (), args[0]  # Llama.build(BuildConfig(...))
     try:
