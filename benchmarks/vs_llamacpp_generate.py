@@ -30,8 +30,8 @@ EMULATE = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, "native": {}}
 LIBRARY = """
 import json, sys, time
+from llama import Llama, cpu  # before torch, as the library's programs do: OpenMP's threads then wait passively
 import torch
-from llama import Llama, cpu
 g = Llama.build(ckpt_dir=sys.argv[1], tokenizer_path=sys.argv[2], max_seq_len=512, max_batch_size=1,
                 prefix_cache=False)
 g.tokenizer.eos_id = -1
