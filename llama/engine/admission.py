@@ -3,7 +3,7 @@ vocabulary, the rows, the context and the KV pool, made before any work (the ser
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from .params import ParamError, SamplingParams, check_prompt
@@ -34,3 +34,11 @@ def check(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_ba
         raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} (n={params.n}) "
                          f"need {need} KV blocks of {BLOCK_SIZE} positions; the KV pool holds {pool_blocks} "
                          f"({pool_blocks * BLOCK_SIZE} positions; see kv_cache_gib)")
+
+
+def check_prefill_budget(max_prefill_tokens: Optional[int]) -> Optional[int]:
+    """An engine's max_prefill_tokens: a positive integer, or None (no limit); ValueError naming it otherwise."""
+    if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                           or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
+        raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
+    return max_prefill_tokens
