@@ -101,6 +101,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_linear.argtypes = [c_int, c_int, c_int, ptr, c_int, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
     lib.qk_dequantize.restype = c_int
     lib.qk_dequantize.argtypes = [c_int, c_int, c_int, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
+    lib.qk_gemm_quantized.restype = c_int
+    lib.qk_gemm_quantized.argtypes = [c_int, c_int, ptr, i64, i64, ptr, ptr, i64, i64, ptr]
     lib.qk_packed_bf16_bytes.restype = i64
     lib.qk_packed_bf16_bytes.argtypes = [i64, i64]
     lib.qk_pack_bf16.restype = c_int
@@ -260,6 +262,18 @@ def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], 
                                 None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
                                 out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
     return out.view(-1)[:count].view(rows.stop - rows.start, k)
+
+
+def gemm_quantized(x: torch.Tensor, kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int,
+                   group: int, threads: Optional[int] = None) -> torch.Tensor:
+    """y = x @ W.T for x (M, K) contiguous bfloat16, arguments as `linear`'s, through the AVX2 float GEMM of the
+    bfloat16 kernel (linear16.c) on panels of the dequantized weight: prefill-sized products on AVX2 CPUs."""
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    _check(load().qk_gemm_quantized(kind, threads or kernel_threads(), x.data_ptr(), m, k, packed.data_ptr(),
+                                    None if rscale is None else rscale.data_ptr(), n, group, out.data_ptr()),
+           "qk_gemm_quantized")
+    return out
 
 
 def read(x: torch.Tensor, threads: Optional[int] = None) -> int:

@@ -82,6 +82,12 @@ static inline void share(int64_t n, int64_t part, int64_t parts, int64_t *lo, in
     *hi = n * (part + 1) / parts;
 }
 
+/* The AVX2 bfloat16 GEMM (linear16.c) over weights of another format: fill(ctx, row, out) writes one weight row
+ * as K floats. */
+typedef void (*gemm_fill_t)(const void *ctx, int64_t row, float *out);
+int qk_gemm16_fill(int threads, const uint16_t *x, int64_t M, int64_t K, int64_t N, gemm_fill_t fill,
+                   const void *ctx, uint16_t *out);
+
 /* What this CPU runs, as the Python side decided it (qk_set_cpu, pool.c): the kernels never pick above it. */
 int qk_best_isa(void);
 int qk_has_avx512_bf16(void);
