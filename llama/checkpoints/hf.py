@@ -19,17 +19,11 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import (
-    CheckpointInfo,
-    PathLike,
-    rope_freqs,
-    split_dim,
-    state_shapes,
-)
+from .checkpoint import CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
     _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args,
     is_hf_checkpoint, params_from_config)
@@ -198,73 +192,75 @@ def _tied(config: Mapping[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
+class HFReader(Reader):
+    """Hugging Face's layout: config.json beside safetensors files. `load_rank_state` reads its config.json for
+    the shapes; the files are memory-mapped and only this rank's slice of each tensor is read; wq and wk are
+    un-permuted slice by slice (whole heads); rope.freqs is added as Meta's shards have it."""
+
+    layout = "hf"
+
+    def claims(self, ckpt_dir: PathLike) -> bool:
+        return is_hf_checkpoint(ckpt_dir)
+
+    def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
+        """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files.
+        Only config.json and the files' headers are read; every error comes before any weight is."""
+        config = _read_config(ckpt_dir)
+        params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
+        files = _find_weight_files(ckpt_dir)
+        _weight_index(files, ModelArgs.from_params(params), _tied(config))
+        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config))
+
+    def _read(self, files: List[Path], rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        args = _args_of(files[0].parent)
+        tied = _tied(_read_config(files[0].parent))
+        index = _weight_index(files, args, tied)
+        if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
+            index["output.weight"] = index["tok_embeddings.weight"]
+        out: Dict[str, torch.Tensor] = {}
+        for done, path in enumerate(files, start=1):
+            with _safe_open(path) as handle:
+                for key, (where, name) in index.items():
+                    if where == path:
+                        out[key] = _rank_slice(handle, key, name, args, rank, world, how)
+            how.report(done, len(files), path, started)
+        out["rope.freqs"] = rope_freqs(args, how.dtype or out["tok_embeddings.weight"].dtype).to(how.device)
+        return out
+
+
+def _rank_slice(handle: Any, key: str, name: str, args: ModelArgs, rank: int, world: int,
+                how: _Read) -> torch.Tensor:
+    """Rank `rank`'s slice of tensor `name` (Meta's `key`) from an open safetensors file, in Meta's row order."""
+    dim = split_dim(key)
+    if dim is None:
+        piece = handle.get_tensor(name)
+    else:
+        view = handle.get_slice(name)
+        full = view.get_shape()[dim]
+        if full % world:
+            raise ValueError(f"{name} has {full} entries on dim {dim}, not divisible by {world} processes")
+        lo, hi = rank * full // world, (rank + 1) * full // world
+        piece = view[lo:hi] if dim == 0 else view[:, lo:hi]
+    heads = rotary_heads(key, args)
+    if heads is not None:
+        if heads % world:
+            raise ValueError(f"{heads} heads of {name} cannot be split over {world} processes")
+        piece = from_hf_rows(piece, heads // world)
+    # With mmap a slice the file holds as is stays a view of its mapping (copy-on-write), as Meta's shards do;
+    # otherwise, or when permuted, cast or moved, it is a buffer of its own.
+    return piece.to(device=how.device, dtype=how.dtype or piece.dtype, copy=not how.mmap,
+                    memory_format=torch.contiguous_format)
+
+
+READER = HFReader()
+
+
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
-    """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory: Meta's params
-    (vocab_size concrete), the embedding rows, and as `shards` the safetensors files (n_shards counts them).
-    Only config.json and the files' headers are read; every error comes before any weight is."""
-    config = _read_config(ckpt_dir)
-    params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
-    files = _find_weight_files(ckpt_dir)
-    _weight_index(files, ModelArgs.from_params(params), _tied(config))
-    return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config))
+    """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory (`HFReader`)."""
+    return READER.inspect(ckpt_dir)
 
 
-def load_rank_state(
-    shards: Sequence[PathLike],
-    rank: int,
-    world: int,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device] = "cpu",
-    mmap: bool = True,
-    progress: Optional[Callable[[int, int, Path, float], None]] = None,
-) -> Dict[str, torch.Tensor]:
-    """`checkpoint.load_rank_state` for a Hugging Face directory: rank `rank` of `world`'s slice of every weight,
-    under Meta's names, in Meta's row order, plus rope.freqs as Meta's shards have it.
-
-    `shards` are the safetensors files of one directory (`inspect_checkpoint(...).shards`); its config.json
-    gives the shapes. The files are memory-mapped and only this rank's slice of each tensor is read; wq and wk
-    are un-permuted slice by slice (whole heads). With mmap=True a slice needing no change (not permuted, in the
-    stored dtype, on CPU) stays a copy-on-write view of the mapping, so one process on CPU copies little but
-    wq and wk; mmap=False gives every tensor a buffer of its own, so that a caller replacing tensors one by one
-    (weight packing) frees each as it goes. `progress(i, n, path, seconds)` is called after each file.
-    """
-    if not shards:
-        raise ValueError("no safetensors files given")
-    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-        raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
-    started = time.perf_counter()
-    files = [Path(p) for p in shards]
-    args = _args_of(files[0].parent)
-    tied = _tied(_read_config(files[0].parent))
-    index = _weight_index(files, args, tied)
-    if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
-        index["output.weight"] = index["tok_embeddings.weight"]
-    out: Dict[str, torch.Tensor] = {}
-    for done, path in enumerate(files, start=1):
-        with _safe_open(path) as handle:
-            for key, (where, name) in index.items():
-                if where != path:
-                    continue
-                dim = split_dim(key)
-                if dim is None:
-                    piece = handle.get_tensor(name)
-                else:
-                    view = handle.get_slice(name)
-                    full = view.get_shape()[dim]
-                    if full % world:
-                        raise ValueError(f"{name} has {full} entries on dim {dim}, not divisible by {world} processes")
-                    lo, hi = rank * full // world, (rank + 1) * full // world
-                    piece = view[lo:hi] if dim == 0 else view[:, lo:hi]
-                heads = rotary_heads(key, args)
-                if heads is not None:
-                    if heads % world:
-                        raise ValueError(f"{heads} heads of {name} cannot be split over {world} processes")
-                    piece = from_hf_rows(piece, heads // world)
-                # With mmap a slice the file holds as is stays a view of its mapping (copy-on-write), as Meta's
-                # shards do; otherwise, or when permuted, cast or moved, it is a buffer of its own.
-                out[key] = piece.to(device=device, dtype=dtype or piece.dtype, copy=not mmap,
-                                    memory_format=torch.contiguous_format)
-        if progress:
-            progress(done, len(files), path, time.perf_counter() - started)
-    out["rope.freqs"] = rope_freqs(args, dtype or out["tok_embeddings.weight"].dtype).to(device)
-    return out
+def load_rank_state(shards: Sequence[PathLike], rank: int, world: int, **options: Any) -> Dict[str, torch.Tensor]:
+    """`checkpoint.load_rank_state` for a Hugging Face directory's safetensors files (`HFReader`)."""
+    return READER.load_rank_state(shards, rank, world, **options)

@@ -39,11 +39,9 @@ class Checkpoint:
     @classmethod
     def open(cls, ckpt_dir: PathLike) -> "Checkpoint":
         """Read the folder's headers: FileNotFoundError / ValueError naming what is missing or malformed."""
-        if hf.is_hf_checkpoint(ckpt_dir):
-            info, layout, load = hf.inspect_checkpoint(ckpt_dir), "hf", hf.load_rank_state
-        else:
-            info, layout = checkpoint.inspect_checkpoint(ckpt_dir), "meta"
-            load = checkpoint.load_rank_state
+        reader = hf.READER if hf.READER.claims(ckpt_dir) else checkpoint.READER
+        info, layout = reader.inspect(ckpt_dir), reader.layout
+        load = reader.load_rank_state
         scheme = None if info.quantization is None else quant.from_entry(info.quantization, "params.json")
         if scheme is not None:
             load = functools.partial(load, scheme=scheme)
