@@ -36,7 +36,7 @@ def _carries(value, folder: str) -> bool:
     return any(hasattr(value, name) for name in ("shards", "checkpoint"))
 
 
-def trace_build(ckpt: Path, tokenizer: Path, depth: int) -> List[str]:
+def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) -> List[str]:
     """The modules (without the 'llama.' prefix) of the calls within llama/ that the checkpoint's data passes
     through while Llama.build runs, until the loaded model reaches Llama.__init__: calls taking it (see
     `_carries`), at most `depth` frames below build."""
@@ -63,6 +63,8 @@ def trace_build(ckpt: Path, tokenizer: Path, depth: int) -> List[str]:
         if level and not any(_carries(frame.f_locals.get(n), folder) for n in names):
             return None
         name = frame.f_globals.get("__name__", "?").removeprefix("llama.")
+        if calls:
+            print(f"{'  ' * level}{name}.{code.co_qualname}")
         if not route or route[-1] != name:
             route.append(name)
         return None
@@ -90,6 +92,7 @@ def summary(route: List[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", action="store_true", help="a Hugging Face layout checkpoint")
+    parser.add_argument("--calls", action="store_true", help="print each call on the route, indented by depth")
     parser.add_argument("--depth", type=int, default=99, help="frames below Llama.build to follow (1: its own calls)")
     options = parser.parse_args()
     from helpers import MHA, TOKENIZER, make_checkpoint
@@ -102,7 +105,7 @@ def main() -> None:
             meta_to_hf(ckpt, Path(tmp) / "hf", tokenizer_path=TOKENIZER)
             ckpt = Path(tmp) / "hf"
         trace_build(ckpt, TOKENIZER, options.depth)  # first build: imports, caches
-        print(summary(trace_build(ckpt, TOKENIZER, options.depth)))
+        print(summary(trace_build(ckpt, TOKENIZER, options.depth, options.calls)))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def test_converts_one_layer_at_a_time(tmp_path, meta, monkeypatch):
     the tokenizer is found in the folder above the checkpoint, where download.sh puts it."""
     groups = []
     real = hf.to_hf_state
-    monkeypatch.setattr(hf, "to_hf_state", lambda state, args: groups.append(sorted(state)) or real(state, args))
+    monkeypatch.setattr(hf, "to_hf_state",
+                        lambda state, args, *spec: groups.append(sorted(state)) or real(state, args, *spec))
     shutil.copytree(meta["gqa"], tmp_path / "llama-2-tiny")
     shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
     convert(tmp_path / "llama-2-tiny", tmp_path / "out")

@@ -25,8 +25,9 @@ import torch
 
 from .checkpoint import CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
-    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args,
+    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args, hf_layout,
     is_hf_checkpoint, params_from_config)
+from ..families.base import LLAMA_HF, HFSpec
 from ..model.transformer import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -35,15 +36,10 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_
 OTHER_FILES = _TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
-# Meta's name of a layer's weight -> Hugging Face's (inside "model.layers.N."); then the top-level ones.
-HF_LAYER_NAMES: Dict[str, str] = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-HF_TOP_NAMES: Dict[str, str] = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}
-_META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
+# The names: the family's HFSpec (llama/families/base.py; the Llama models' by default), as
+# HF_LAYER_NAMES / HF_TOP_NAMES for the code that always read them here.
+HF_LAYER_NAMES: Mapping[str, str] = LLAMA_HF.layer_names
+HF_TOP_NAMES: Mapping[str, str] = LLAMA_HF.top_names
 # Older conversions stored the rotary tables as buffers; they are recomputed, never read.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -51,34 +47,37 @@ _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # --- names and the rotary permutation ----------------------------------------------------------------------
 
 
-def hf_name(meta_key: str) -> str:
+def hf_name(meta_key: str, spec: HFSpec = LLAMA_HF) -> str:
     """Hugging Face's name of a Meta state-dict entry (layers.3.attention.wq.weight ->
-    model.layers.3.self_attn.q_proj.weight)."""
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_key)
-    if match and match.group(2) in HF_LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
-    module = meta_key.removesuffix(".weight")
-    if meta_key.endswith(".weight") and module in HF_TOP_NAMES:
-        return f"{HF_TOP_NAMES[module]}.weight"
+    model.layers.3.self_attn.q_proj.weight; a bias likewise)."""
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", meta_key)
+    if match and match.group(2) in spec.layer_names:
+        return f"model.layers.{match.group(1)}.{spec.layer_names[match.group(2)]}.{match.group(3)}"
+    module, _, kind = meta_key.rpartition(".")
+    if kind in ("weight", "bias") and module in spec.top_names:
+        return f"{spec.top_names[module]}.{kind}"
     raise ValueError(f"{meta_key!r} has no Hugging Face name")
 
 
-def meta_name(hf_key: str) -> Optional[str]:
-    """Meta's name of a Hugging Face tensor name, None for a name that is not a Llama weight."""
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_key)
-    if match and match.group(2) in _META_LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_META_LAYER_NAMES[match.group(2)]}.weight"
-    module = hf_key.removesuffix(".weight")
-    if hf_key.endswith(".weight") and module in _META_TOP_NAMES:
-        return f"{_META_TOP_NAMES[module]}.weight"
+def meta_name(hf_key: str, spec: HFSpec = LLAMA_HF) -> Optional[str]:
+    """Meta's name of a Hugging Face tensor name, None for a name that is not one of the model's weights."""
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_key)
+    layer_names = {v: k for k, v in spec.layer_names.items()}
+    if match and match.group(2) in layer_names:
+        return f"layers.{match.group(1)}.{layer_names[match.group(2)]}.{match.group(3)}"
+    module, _, kind = hf_key.rpartition(".")
+    top_names = {v: k for k, v in spec.top_names.items()}
+    if kind in ("weight", "bias") and module in top_names:
+        return f"{top_names[module]}.{kind}"
     return None
 
 
 def rotary_heads(meta_key: str, args: ModelArgs) -> Optional[int]:
-    """The heads whose rows are in rotary order in `meta_key` (wq: the query heads, wk: the KV heads), else None."""
-    if meta_key.endswith(".attention.wq.weight"):
+    """The heads whose rows are in rotary order in `meta_key` (wq: the query heads, wk: the KV heads; their
+    weights and biases), else None."""
+    if meta_key.endswith((".attention.wq.weight", ".attention.wq.bias")):
         return args.n_heads
-    if meta_key.endswith(".attention.wk.weight"):
+    if meta_key.endswith((".attention.wk.weight", ".attention.wk.bias")):
         return args.kv_heads
     return None
 
@@ -102,7 +101,8 @@ def from_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs, spec: HFSpec = LLAMA_HF
+                ) -> Dict[str, torch.Tensor]:
     """Full (unsplit) Meta entries -> Hugging Face's names and row order, in the same order; rope.freqs is dropped
     (transformers computes its own). Any subset of a state dict works, so a model can be converted layer by layer."""
     out: Dict[str, torch.Tensor] = {}
@@ -110,7 +110,7 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str,
         if key == "rope.freqs":
             continue
         heads = rotary_heads(key, args)
-        out[hf_name(key)] = tensor if heads is None else _to_hf_rows(tensor, heads)
+        out[hf_name(key, spec)] = tensor if heads is None else _to_hf_rows(tensor, heads)
     return out
 
 
@@ -153,7 +153,8 @@ def _safe_open(path: Path):
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
 
 
-def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) -> Dict[str, Tuple[Path, str]]:
+def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False, spec: HFSpec = LLAMA_HF
+                  ) -> Dict[str, Tuple[Path, str]]:
     """Meta key -> (file, Hugging Face name) for every weight the model needs, after checking from the files'
     headers alone (no weight is read) that each is there once, of the right shape, and that nothing else is.
     With tied embeddings there is no output weight to find (a stored lm_head is ignored, as transformers does)."""
@@ -164,7 +165,7 @@ def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) ->
     for path in files:
         with _safe_open(path) as handle:
             for name in handle.keys():
-                key = meta_name(name)
+                key = meta_name(name, spec)
                 if key is None or key not in expected:
                     if not _IGNORED.fullmatch(name) and key not in skipped:
                         unexpected.append(name)
@@ -176,15 +177,20 @@ def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) ->
                     raise ValueError(f"{name} in {str(path)!r} has shape {shape}, but config.json says "
                                      f"{expected[key]}")
                 found[key] = (path, name)
-    missing = [hf_name(k) for k in expected if k not in found]
+    missing = [hf_name(k, spec) for k in expected if k not in found]
     if missing or unexpected:
         raise ValueError(f"the safetensors files in {str(files[0].parent)!r} do not hold the Llama model its "
                          f"config.json describes: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return found
 
 
-def _args_of(ckpt_dir: PathLike) -> ModelArgs:
-    return ModelArgs.from_params(params_from_config(_read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"))
+def _header(ckpt_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any], ModelArgs, HFSpec]:
+    """config.json, Meta's params for it, the model it describes (architecture options included) and its family
+    layout."""
+    config, where = _read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"
+    params = params_from_config(config, where)
+    spec, arch = hf_layout(config, where)
+    return config, params, ModelArgs.from_params(params, arch=arch), spec
 
 
 def _tied(config: Mapping[str, Any]) -> bool:
@@ -205,17 +211,16 @@ class HFReader(Reader):
     def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
         """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files.
         Only config.json and the files' headers are read; every error comes before any weight is."""
-        config = _read_config(ckpt_dir)
-        params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
+        config, params, args, spec = _header(ckpt_dir)
         files = _find_weight_files(ckpt_dir)
-        _weight_index(files, ModelArgs.from_params(params), _tied(config))
-        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config))
+        _weight_index(files, args, _tied(config), spec)
+        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config), arch=args.arch)
 
     def _read(self, files: List[Path], rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
         started = time.perf_counter()
-        args = _args_of(files[0].parent)
-        tied = _tied(_read_config(files[0].parent))
-        index = _weight_index(files, args, tied)
+        config, _, args, spec = _header(files[0].parent)
+        tied = _tied(config)
+        index = _weight_index(files, args, tied, spec)
         if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
             index["output.weight"] = index["tok_embeddings.weight"]
         out: Dict[str, torch.Tensor] = {}

@@ -144,6 +144,8 @@ def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bflo
             state[key] = torch.randn(shape, generator=gen).to(dtype)
         elif key == "rope.freqs":
             state[key] = rope_freqs(args, dtype)
+        elif key.endswith(".bias"):
+            state[key] = (0.1 * torch.randn(shape, generator=gen)).to(dtype)
         elif len(shape) == 1:  # norms
             state[key] = (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
         else:

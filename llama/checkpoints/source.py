@@ -45,7 +45,7 @@ class Checkpoint:
         scheme = None if info.quantization is None else quant.from_entry(info.quantization, "params.json")
         if scheme is not None:
             load = functools.partial(load, scheme=scheme)
-        args = ModelArgs.from_params(info.params)
+        args = ModelArgs.from_params(info.params, arch=info.arch)
         if args.vocab_size == -1:  # Meta's files say -1: the embedding rows are the vocabulary
             args = replace(args, vocab_size=info.vocab_rows)
         return cls(str(ckpt_dir), layout, info, scheme, args, load)
