@@ -77,7 +77,12 @@ def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) ->
     return route
 
 
+PLAN = ("generation", "checkpoints.loading")  # the rooms that compose the load (Llama.build and its Plan)
+
+
 def summary(route: List[str]) -> str:
+    """Rooms, stays and returns (stays in a room already left); also the returns to rooms other than the plan's:
+    the rooms the plan asks more than once."""
     rooms, left, returns = [], set(), []
     for i, room in enumerate(route):
         if room in left:
@@ -86,7 +91,9 @@ def summary(route: List[str]) -> str:
             left.add(route[i - 1])
         if room not in rooms:
             rooms.append(room)
-    return (f"{len(rooms)} rooms in {len(route)} stays, {len(returns)} returns\n  " + " -> ".join(route))
+    asked = sorted({r for r in returns if r not in PLAN})
+    return (f"{len(rooms)} rooms in {len(route)} stays, {len(returns)} returns; rooms other than the plan's "
+            f"{list(PLAN)} asked more than once: {asked or 'none'}\n  " + " -> ".join(route))
 
 
 def main() -> None:

@@ -94,6 +94,7 @@ class CheckpointInfo:
     quantization: Optional[Dict[str, Any]] = None  # params.json's "quantization" entry (llama.quantize wrote it)
     tied: bool = False  # no output weight stored: the output projection is tok_embeddings (Llama 3.2 1B, 3B)
     arch: ArchSpec = field(default_factory=ArchSpec)  # the architecture options the files hold (biases)
+    header: Any = field(default=None, repr=False, compare=False)  # what the reader parsed, for its `read`
 
     @property
     def n_shards(self) -> int:
@@ -105,8 +106,8 @@ Progress = Callable[[int, int, Path, float], None]
 
 class Reader:
     """The one interface of a layout's reader. `inspect` reads only headers (params, shapes: every error before
-    any weight is read); `load_rank_state` gives rank `rank` of `world`'s slice of every stored tensor under
-    Meta's names, in Meta's row order, cast to `dtype` (floating entries), on `device`. With mmap=True a slice
+    any weight is read) into a CheckpointInfo; `read` gives, from it, rank `rank` of `world`'s slice of every
+    stored tensor under Meta's names, in Meta's row order, cast to `dtype` (floating entries), on `device`. With mmap=True a slice
     the files hold as is stays a copy-on-write view of their mapping; mmap=False gives every tensor a buffer of
     its own, so that a caller replacing tensors one by one (weight packing) frees each as it goes.
     `progress(i, n, path, seconds)` is called after each file read; `scheme` is a quantized checkpoint's (it
@@ -121,17 +122,26 @@ class Reader:
     def inspect(self, ckpt_dir: PathLike) -> "CheckpointInfo":
         raise NotImplementedError
 
-    def load_rank_state(self, shards: Sequence[PathLike], rank: int, world: int, dtype: Optional[torch.dtype] = None,
-                        device: Union[str, torch.device] = "cpu", mmap: bool = True,
-                        progress: Optional[Progress] = None, scheme: Optional[quant.Scheme] = None
-                        ) -> Dict[str, torch.Tensor]:
-        if not shards:
-            raise ValueError(f"no {self.layout} checkpoint files given")
+    def info_of(self, files: List[Path]) -> "CheckpointInfo":
+        """What `read` needs of these files (of one checkpoint), when only the files are given."""
+        raise NotImplementedError
+
+    def read(self, info: "CheckpointInfo", rank: int, world: int, dtype: Optional[torch.dtype] = None,
+             device: Union[str, torch.device] = "cpu", mmap: bool = True, progress: Optional[Progress] = None,
+             scheme: Optional[quant.Scheme] = None) -> Dict[str, torch.Tensor]:
+        """Rank `rank` of `world`'s slices of the checkpoint `inspect` described (its headers are not read again)."""
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
             raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
-        return self._read([Path(p) for p in shards], rank, world, _Read(dtype, device, mmap, progress, scheme))
+        return self._read(info, rank, world, _Read(dtype, device, mmap, progress, scheme))
 
-    def _read(self, files: List[Path], rank: int, world: int, how: "_Read") -> Dict[str, torch.Tensor]:
+    def load_rank_state(self, shards: Sequence[PathLike], rank: int, world: int, **options: Any
+                        ) -> Dict[str, torch.Tensor]:
+        """`read` from the files alone (`read`'s options)."""
+        if not shards:
+            raise ValueError(f"no {self.layout} checkpoint files given")
+        return self.read(self.info_of([Path(p) for p in shards]), rank, world, **options)
+
+    def _read(self, info: "CheckpointInfo", rank: int, world: int, how: "_Read") -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -172,14 +182,17 @@ class MetaReader(Reader):
         return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0], quantization,
                               tied="output.weight" not in first, arch=arch)
 
-    def _read(self, files: List[Path], rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
+    def info_of(self, files: List[Path]) -> CheckpointInfo:
+        return CheckpointInfo(files, {}, 0)  # reading Meta's shards needs no header
+
+    def _read(self, info: CheckpointInfo, rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
         """Shards are memory-mapped. With as many shards as processes the rank's own shard is used as is (on CPU
         in the stored dtype no byte is copied); otherwise only the shards overlapping this rank's share are
         opened, one at a time, and only the slices this rank needs are copied out, so memory stays near this
         rank's share plus one shard's mapping. The caller checks `world` against the model's heads first
         (check_model_parallel_size): here only the split dimensions' sizes are checked."""
         started = time.perf_counter()
-        dtype, device = how.dtype, how.device
+        files, dtype, device = [Path(p) for p in info.shards], how.dtype, how.device
         if len(files) == world:
             state = open_shard(files[rank], mmap=how.mmap)
             state = {k: v.to(device=device, dtype=_cast_to(v, dtype)) for k, v in state.items()}

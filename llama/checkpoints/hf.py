@@ -26,7 +26,7 @@ import torch
 from .checkpoint import CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
     _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args, hf_layout,
-    is_hf_checkpoint, params_from_config)
+    _params, params_from_config)
 from ..families.base import LLAMA_HF, HFSpec
 from ..model.transformer import ModelArgs
 
@@ -188,8 +188,8 @@ def _header(ckpt_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any], ModelAr
     """config.json, Meta's params for it, the model it describes (architecture options included) and its family
     layout."""
     config, where = _read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"
-    params = params_from_config(config, where)
     spec, arch = hf_layout(config, where)
+    params = _params(config, where)
     return config, params, ModelArgs.from_params(params, arch=arch), spec
 
 
@@ -206,22 +206,29 @@ class HFReader(Reader):
     layout = "hf"
 
     def claims(self, ckpt_dir: PathLike) -> bool:
-        return is_hf_checkpoint(ckpt_dir)
+        """A config.json and no params.json (Meta's layout has that)."""
+        folder = Path(ckpt_dir)
+        return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
 
     def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
         """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files.
         Only config.json and the files' headers are read; every error comes before any weight is."""
-        config, params, args, spec = _header(ckpt_dir)
-        files = _find_weight_files(ckpt_dir)
-        _weight_index(files, args, _tied(config), spec)
-        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config), arch=args.arch)
+        return self.info_of(_find_weight_files(ckpt_dir))
 
-    def _read(self, files: List[Path], rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
+    def info_of(self, files: List[Path]) -> CheckpointInfo:
+        """config.json beside the files, and the files' headers checked against it (the weight index, kept in
+        the info's header for `read`)."""
+        config, params, args, spec = _header(files[0].parent)
+        index = _weight_index(files, args, _tied(config), spec)
+        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config), arch=args.arch,
+                              header=(args, index))
+
+    def _read(self, info: CheckpointInfo, rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
         started = time.perf_counter()
-        config, _, args, spec = _header(files[0].parent)
-        tied = _tied(config)
-        index = _weight_index(files, args, tied, spec)
-        if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
+        files = [Path(p) for p in info.shards]
+        args, index = info.header
+        index = dict(index)
+        if info.tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
             index["output.weight"] = index["tok_embeddings.weight"]
         out: Dict[str, torch.Tensor] = {}
         for done, path in enumerate(files, start=1):
@@ -259,6 +266,7 @@ def _rank_slice(handle: Any, key: str, name: str, args: ModelArgs, rank: int, wo
 
 
 READER = HFReader()
+is_hf_checkpoint = READER.claims  # a directory in Hugging Face's layout
 
 
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:

@@ -23,12 +23,6 @@ SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float3
 # --- config.json <-> Meta's params -------------------------------------------------------------------------
 
 
-def is_hf_checkpoint(ckpt_dir: PathLike) -> bool:
-    """A directory in Hugging Face's layout: it has a config.json and no params.json (Meta's layout has that)."""
-    folder = Path(ckpt_dir)
-    return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
-
-
 def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
     """config.json of a Hugging Face directory, as a dict (errors name the file)."""
     folder = Path(ckpt_dir)
@@ -76,11 +70,16 @@ def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[
     """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
     as the config says (rope scaling, tied embeddings, biases no family has, another architecture...) is a
     ValueError naming the field; `where` names the file in messages. The architecture options are `hf_layout`'s."""
+    hf_layout(config, where)
+    return _params(config, where)
+
+
+def _params(config: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """params_from_config's conversion, for a config whose layout `hf_layout` has checked."""
 
     def bad(field: str, value: Any, why: str) -> ValueError:
         return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: {why}")
 
-    hf_layout(config, where)  # architecture, model_type, hidden_act and the ArchSpec options
     if config.get("quantization_config"):
         raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
     if config.get("tie_word_embeddings") not in (None, False, True):
