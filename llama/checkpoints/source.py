@@ -38,7 +38,10 @@ class Checkpoint:
     @classmethod
     def open(cls, ckpt_dir: PathLike) -> "Checkpoint":
         """Read the folder's headers: FileNotFoundError / ValueError naming what is missing or malformed."""
-        reader = hf.READER if hf.READER.claims(ckpt_dir) else checkpoint.READER
+        # Meta's layout when params.json is there, else Hugging Face's when config.json is, else Meta's (whose
+        # inspect names what is missing)
+        meta = checkpoint.READER
+        reader = hf.READER if not meta.claims(ckpt_dir) and hf.READER.claims(ckpt_dir) else meta
         info = reader.inspect(ckpt_dir)
         scheme = None if info.quantization is None else quant.from_entry(info.quantization, "params.json")
         args = ModelArgs.from_params(info.params, arch=info.arch)
