@@ -114,3 +114,23 @@ def test_the_family_option_matches_transformers(toy, ckpt, tmp_path):
         ours = Llama.build(str(folder), str(TOKENIZER), max_seq_len=64, max_batch_size=2, device="cpu",
                            dtype="float32", family="toy")
         check_logprobs(ours, reference)
+
+
+def test_the_family_option_on_two_processes_matches_one(toy, tmp_path):
+    """Split over two processes (a column-parallel bias sliced with its rows, a row-parallel one added once after
+    the sum), the biased toy model generates what one process does."""
+    import torch
+    from helpers import ROOT, run_torchrun
+    from mp_worker import generate_for
+
+    folder = make_checkpoint(tmp_path / "ckpt", replace(MHA, arch=Toy.arch), n_shards=2)
+    proc = run_torchrun(ROOT / "tests" / "mp_worker.py", [str(tmp_path / "out"), str(folder), "--register",
+                                                          "test_family_plugin:Toy", "--family", "toy"],
+                        nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = generate_for(str(folder), family="toy")
+    for rank in range(2):
+        got = json.loads((tmp_path / "out" / f"rank{rank}.json").read_text())["results"][str(folder)]
+        assert got["tokens"] == reference["tokens"]
+        torch.testing.assert_close(torch.tensor(sum(got["logprobs"], [])),
+                                   torch.tensor(sum(reference["logprobs"], [])), atol=1e-4, rtol=0)
