@@ -1,7 +1,7 @@
 """The Llama 2 Transformer, model-parallel over the layers in layers.py.
 
-Read top to bottom (the hyper-parameters, ModelArgs and ArchSpec, are in args.py): RMSNorm, rotary embeddings, where a call's tokens sit (Rows, Packed), the KV
-cache, Attention, FeedForward, TransformerBlock, Transformer. Nothing here touches files or picks a device:
+Read top to bottom (the hyper-parameters, ModelArgs and ArchSpec, are in args.py): RMSNorm, rotary embeddings,
+where a call's tokens sit (Rows, Packed), the KV cache, Attention, FeedForward, TransformerBlock, Transformer. Nothing here touches files or picks a device:
 the model is built on whatever device is current (``torch.device("meta")`` while loading) and receives its
 weights from loading.py.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import PRESETS, ArchSpec, ModelArgs, RopeScaling, check_positive_int, count_parameters, \
-    memory_per_process
+from .args import (  # noqa: F401  (the names this module always had)
+    PRESETS, ArchSpec, ModelArgs, RopeScaling, check_positive_int, count_parameters, memory_per_process)
 from .kv_cache import BLOCK_SIZE, BlockTables, KVPool, Packed, Rows, blocks_for
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
