@@ -1,9 +1,10 @@
 """The Llama 2 Transformer, model-parallel over the layers in layers.py.
 
 Read top to bottom (the hyper-parameters, ModelArgs and ArchSpec, are in args.py): RMSNorm, rotary embeddings,
-where a call's tokens sit (Rows, Packed), the KV cache, Attention, FeedForward, TransformerBlock, Transformer. Nothing here touches files or picks a device:
-the model is built on whatever device is current (``torch.device("meta")`` while loading) and receives its
-weights from loading.py.
+where a call's tokens sit (Rows, Packed), the KV cache, Attention, FeedForward, TransformerBlock, Transformer.
+Nothing here touches files or picks a device: the model is built on whatever device is current
+(``torch.device("meta")`` while loading) and receives its weights from loading.py. The architecture options
+(ArchSpec: biases) are read generically from the args; this module changes only when the math does.
 """
 
 from __future__ import annotations
