@@ -362,8 +362,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, meta, hf_dirs, capsys, argv
 @pytest.mark.parametrize("direction", ["hf", "meta"])
 def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, capsys, direction):
     """Ctrl-C while the second weight file is written: exit 130, and no file is left under any final name."""
-    import llama.checkpoints.checkpoint as ckpt_mod
     import llama.checkpoints.hf_write as hf_write
+    import llama.checkpoints.writing as ckpt_mod
 
     real, weights = ckpt_mod.atomic_save, []
 
