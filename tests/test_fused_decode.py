@@ -211,3 +211,26 @@ def test_models_off_the_own_kernels_decode_layer_by_layer():
     assert DecodeStep(model, compiled=False).fused is None
     with pytest.raises(ValueError, match="cannot decode through llama/cpu/csrc/decode.c: not bfloat16"):
         FusedDecode(model)
+
+
+def test_a_model_feature_outside_the_list_decodes_layer_by_layer():
+    """A model option decode.c does not implement (biases) is refused by the explicit feature list, by name, even
+    when everything else (bfloat16, int8 on the own kernels) fits; the layers' step then runs it."""
+    from llama.model import ArchSpec
+    from llama.model.fused_decode import FEATURES
+
+    require_kernels()
+    if cpu.quantized_isa() is None:
+        pytest.skip("this CPU has no AVX2: quantized layers use PyTorch's operators here")
+    assert {"attention-bias", "mlp-bias"}.isdisjoint(FEATURES)
+    model = _random(ModelArgs(**ARGS, arch=ArchSpec(attention_bias=True)), torch.bfloat16)
+    scheme = quant.parse("int8")
+    quantize.quantize_model(model, scheme)
+    model.prepare(quantize.kernel_for_quantize(scheme, CPU, torch.bfloat16, isa="auto"))
+    model.setup_cache(CPU, torch.bfloat16)
+    assert why_not(model) == ("model feature(s) ['attention-bias'] not implemented by decode.c (it implements "
+                              f"{sorted(FEATURES)})")
+    step = DecodeStep(model, compiled=False)
+    assert step.fused is None
+    with pytest.raises(ValueError, match=r"decode.c: model feature\(s\) \['attention-bias'\]"):
+        FusedDecode(model)

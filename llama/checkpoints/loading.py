@@ -112,7 +112,7 @@ def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch
     its family detected (or `family` checked against the files)."""
     ckpt = Checkpoint.open(ckpt_dir)
     info = ckpt.info
-    found = families.detect(tokenizer, info.params, family)
+    found = families.detect(tokenizer, info.params, family, info.arch)
     args = ckpt.run_args(max_seq_len, max_batch_size)
     if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
         raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "

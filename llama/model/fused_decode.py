@@ -24,6 +24,11 @@ from .layers import ParallelLinear
 from .transformer import Transformer
 from ..quant.kernels import Int4Linear, Int8Linear
 
+# The model features (llama.model.args.FEATURE_NAMES, a model's `params.features`) that decode.c implements: a
+# model with any other feature decodes layer by layer, told which. A new model option is off the fused step until
+# decode.c computes it and its name is added here.
+FEATURES = frozenset({"rmsnorm", "swiglu", "rope", "rope-scaling-llama3", "gqa"})
+
 # Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
 # cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
 MAX_ROWS = 32
@@ -62,7 +67,11 @@ def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
 
 
 def why_not(model: Transformer) -> Optional[str]:
-    """Why `model` cannot decode through decode.c (None when it can)."""
+    """Why `model` cannot decode through decode.c (None when it can): first a model feature outside FEATURES,
+    then how the model is placed and prepared (device, dtype, fused layers on the own kernels)."""
+    unsupported = sorted(model.params.features - FEATURES)
+    if unsupported:
+        return f"model feature(s) {unsupported} not implemented by decode.c (it implements {sorted(FEATURES)})"
     if model.rope.device.type != "cpu" or not model.has_cache:
         return "not a CPU model with a KV cache"
     if model.tok_embeddings.world != 1:
