@@ -186,3 +186,130 @@ def test_models_off_the_own_kernels_decode_layer_by_layer():
     assert DecodeStep(model, compiled=False).fused is None
     with pytest.raises(ValueError, match="cannot decode through llama/cpu/csrc/decode.c: not bfloat16"):
         FusedDecode(model)
+
+
+# --- LoRA adapters inside the fused step (llama/model/fused_lora.py, llama/cpu/csrc/lora.c) ------------------------
+
+ADAPTER_RANKS = {0: (8, None), 1: (4, ("wq", "wv")), 2: (16, ("wo", "w1", "w3", "w2"))}  # slot: rank, targets
+ROW_SLOTS = [0, 1, -1, 2]  # a row of each adapter and one of the base, in one step
+
+
+def _factors(model: Transformer, slot: int):
+    """Random PEFT-style factors of the adapter in `slot`, per Meta key: A (r, in) and scale * B (out, r)."""
+    rank, targets = ADAPTER_RANKS[slot]
+    g = torch.Generator().manual_seed(7 + slot)
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for parent, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3"))):
+            for name in names:
+                if targets is None or name in targets:
+                    n, k = _shapes(model)[name]
+                    out[f"layers.{i}.{parent}.{name}.weight"] = (torch.randn(rank, k, generator=g) * k ** -0.5,
+                                                                  torch.randn(n, rank, generator=g) * 0.3)
+    return out
+
+
+def _shapes(model: Transformer):
+    p, attn = model.params, model.layers[0].attention
+    hidden = model.layers[0].feed_forward.w2.in_features
+    kv = attn.n_local_kv_heads * attn.head_dim
+    return {"wq": (p.dim, p.dim), "wk": (kv, p.dim), "wv": (kv, p.dim), "wo": (p.dim, p.dim),
+            "w1": (hidden, p.dim), "w3": (hidden, p.dim), "w2": (p.dim, hidden)}
+
+
+def _with_banks(precision: str):
+    from llama.model import lora_bank
+    model = _build(precision, batch=4)
+    lora = lora_bank.attach(model, slots=4, rank=16)
+    for slot in ADAPTER_RANKS:
+        factors = _factors(model, slot)
+        lora.load(slot, f"adapter{slot}", lambda keys, f=factors: {k: v for k, v in f.items() if k in keys})
+    return model, lora
+
+
+def _merged_reference(precision: str, slot: int) -> Transformer:
+    """The float32 reference with one adapter merged into its weights the plain way (W + scale * B @ A), written
+    out here, not through lora_bank or llama.checkpoints.lora."""
+    model = _reference(precision, batch=4)
+    if slot < 0:
+        return model
+    factors = _factors(model, slot)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for parent in ("attention", "feed_forward"):
+                for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                    key = f"layers.{i}.{parent}.{name}.weight"
+                    if key in factors:
+                        a, b = factors[key]
+                        getattr(getattr(layer, parent), name).weight += b @ a
+    return model
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_fused_steps_add_each_rows_adapter_as_the_merged_models(precision):
+    """Rows of three adapters (ranks 8, 4 and 16, different targets, zero-padded in a rank-16 bank) and one base
+    row in every step: the fused step keeps the fused path, agrees with the layers' path to bfloat16 rounding and
+    is as close to float32 models with each adapter merged as the layers' path is."""
+    (fused_model, fused_lora), (plain_model, plain_lora) = _with_banks(precision), _with_banks(precision)
+    refs = {slot: _merged_reference(precision, slot) for slot in set(ROW_SLOTS)}
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    assert fused.fused is not None and fused.fused.takes_adapters
+    prompts = [[5, 17, 3, 40, 2], [7, 7, 1, 9, 9], [60, 2, 33, 4, 8], [1, 2, 3, 4, 5]]
+    errors = {"fused": 0.0, "plain": 0.0}
+    with torch.inference_mode():
+        for model, lora in ((fused_model, fused_lora), (plain_model, plain_lora)):
+            lora.select(ROW_SLOTS, len(prompts[0]), CPU)
+            model.prefill(prompts)
+            lora.clear()
+        for ref in refs.values():
+            ref.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2, 3, 4]), [len(p) for p in prompts]
+        calls = []
+        fused.fused.lib = _Counting(fused.fused.lib, calls)
+        for _ in range(6):
+            want = torch.stack([refs[s].decode(tokens, torch.tensor(positions), max(positions) + 1)[i]
+                                for i, s in enumerate(ROW_SLOTS)])
+            fused_lora.select(ROW_SLOTS, 1, CPU)
+            plain_lora.select(ROW_SLOTS, 1, CPU)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            fused_lora.clear()
+            plain_lora.clear()
+            for i in range(4):
+                assert (a[i] - b[i]).norm() <= 0.05 * b[i].norm()  # bfloat16 rounding through 2 layers
+                assert (want[i] - refs[-1].decode(tokens, torch.tensor(positions), max(positions) + 1)[i]).norm() > \
+                    4 * (a[i] - want[i]).norm() or ROW_SLOTS[i] < 0  # the adapter matters far above the error
+            errors["fused"] += ((a - want).norm() / want.norm()).item()
+            errors["plain"] += ((b - want).norm() / want.norm()).item()
+            tokens, positions = want.argmax(-1), [p + 1 for p in positions]
+    assert len(calls) == 6  # every step ran in decode.c
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+
+
+class _Counting:
+    """The kernels' library, counting the fused step's calls."""
+
+    def __init__(self, lib, calls) -> None:
+        self._lib, self._calls = lib, calls
+
+    def qk_decode_layers(self, *args):
+        self._calls.append(args)
+        return self._lib.qk_decode_layers(*args)
+
+
+@pytest.mark.parametrize("precision", ["int8"])
+def test_a_rows_adapter_term_does_not_depend_on_the_other_rows(precision):
+    """Bit for bit (deterministic mode relies on it): a row alone, beside rows of other adapters, beside the
+    same adapter, and the base row beside adapter rows."""
+    model, lora = _with_banks(precision)
+    step = DecodeStep(model, compiled=False)
+    with torch.inference_mode():
+        model.prefill([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4], [3, 3, 3, 3, 3, 3]])
+        outs = {}
+        for name, slots in {"mixed": [2, 0, -1], "same": [2, 2, 2], "alone": [2]}.items():
+            lora.select(slots, 1, CPU)
+            outs[name] = step(torch.tensor([11, 12, 13][:len(slots)]), [6, 6, 6][:len(slots)])
+            lora.clear()
+        base = step(torch.tensor([11, 12, 13]), [6, 6, 6])
+    assert torch.equal(outs["mixed"][0], outs["alone"][0]) and torch.equal(outs["same"][0], outs["alone"][0])
+    assert torch.equal(outs["mixed"][2], base[2])
+    assert not torch.equal(outs["mixed"][0], base[0])

@@ -27,11 +27,13 @@ import torch
 class LoraSelection:
     """Which adapter slot each token of the current model call uses. `whole`: every token the same slot (no
     mask). Otherwise slots 0..used-1 are read and `mask` (T, used * rank) keeps, for each token, only its own
-    slot's rank columns of x·A (exact zeros elsewhere, so x·A·B sums only its own adapter's terms)."""
+    slot's rank columns of x·A (exact zeros elsewhere, so x·A·B sums only its own adapter's terms). `slots`: each
+    token's slot (-1: none), as the fused CPU step reads them (llama/model/fused_lora.py)."""
 
     whole: Optional[int] = None
     used: int = 0
     mask: Optional[torch.Tensor] = None
+    slots: Tuple[int, ...] = ()
 
 
 class LoraBank:
@@ -108,7 +110,7 @@ class LoraSet:
             self.selection = None
             return
         if len(set(per_token)) == 1 and not fixed:
-            self.selection = LoraSelection(whole=per_token[0])
+            self.selection = LoraSelection(whole=per_token[0], slots=tuple(per_token))
             return
         used = self.slots if fixed else max(per_token) + 1
         ids = torch.tensor(per_token)
@@ -116,7 +118,7 @@ class LoraSet:
         onehot[torch.arange(len(per_token)), ids.where(ids >= 0, used)] = 1  # column `used`: no adapter, dropped
         onehot = onehot[:, :used]
         mask = onehot.expand(-1, -1, self.rank).reshape(len(per_token), used * self.rank)
-        self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True))
+        self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True), slots=tuple(per_token))
 
     def clear(self) -> None:
         self.selection = None
