@@ -23,7 +23,7 @@ from .checkpoints import loading
 from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .model.decode_step import DecodeStep
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
-from .engine import lora_slots
+from .engine import admission, lora_slots
 from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .model.kv_cache import check_gib as check_kv_gib
@@ -285,8 +285,9 @@ class Llama:
         waiting, open_ = deque(requests), len(requests)
         try:
             while open_:
-                while waiting and self.engine.can_add(waiting[0]):
-                    self.engine.add(waiting.popleft())
+                while (request := admission.next_admissible(self.engine, waiting)) is not None:
+                    waiting.remove(request)
+                    self.engine.add(request)
                 if not events:
                     self.engine.step()  # a failure ends this call's requests with 'error' events (raised below)
                 while events:
