@@ -313,3 +313,20 @@ def test_a_rows_adapter_term_does_not_depend_on_the_other_rows(precision):
     assert torch.equal(outs["mixed"][0], outs["alone"][0]) and torch.equal(outs["same"][0], outs["alone"][0])
     assert torch.equal(outs["mixed"][2], base[2])
     assert not torch.equal(outs["mixed"][0], base[0])
+
+
+def test_every_instruction_set_adds_the_same_adapter_terms():
+    model, lora = _with_banks("int8")
+    fused = FusedDecode(model)
+    outs = {}
+    with torch.inference_mode():
+        lora.select(ROW_SLOTS, 6, CPU)
+        model.prefill([[1, 2, 3, 4, 5, 6]] * 4)
+        for isa in range(fused.isa + 1):
+            lora.select(ROW_SLOTS, 1, CPU)
+            fused.isa = isa
+            outs[isa] = fused(torch.tensor([4, 4, 4, 4]), [6, 6, 6, 6])
+        lora.clear()
+    for out in outs.values():
+        torch.testing.assert_close(out, outs[fused.isa], atol=2e-2, rtol=2e-2)
+    assert not torch.equal(outs[fused.isa][0], outs[fused.isa][2])  # the adapter row differs from the base row

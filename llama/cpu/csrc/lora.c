@@ -97,7 +97,93 @@ typedef struct {
 DEFINE_LORA_OPS(scalar, )
 #if QK_X86
 DEFINE_LORA_OPS(avx2, __attribute__((target(AVX2))))
-DEFINE_LORA_OPS(avx512, __attribute__((target(AVX512))))
+
+/* AVX-512: the same sums in the same order per row, 16 rank lanes (x·A) or 16 columns (h·B) per register, up to
+ * GROUP rows' sums held in registers while each A or B line is loaded once. A rank that is not a multiple of 16
+ * reads its last lanes masked (zeros). */
+
+__attribute__((target(AVX512))) static inline __m512 widen16(const uint16_t *p, __mmask16 keep) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+
+__attribute__((target(AVX512))) static inline __m512 round16(__m512 v) {  /* to bfloat16 and back (finite) */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* The bodies take the group size g as a constant (one copy each for g = 1..GROUP, see below), so that each row's
+ * sums stay in registers. */
+#define AVX512_INLINE __attribute__((target(AVX512), always_inline)) static inline
+
+AVX512_INLINE void xa_rows(const uint16_t *const *xs, const int g, const uint16_t *a, int64_t stride, int64_t in,
+                           int64_t R, float *acc) {
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+        const __mmask16 keep = R - r0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (R - r0)) - 1);
+        __m512 h[GROUP];
+        for (int k = 0; k < g; k++) h[k] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i++) {
+            const __m512 av = widen16(a + i * stride + r0, keep);
+            for (int k = 0; k < g; k++) h[k] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(xs[k][i])), av, h[k]);
+        }
+        for (int k = 0; k < g; k++) _mm512_mask_storeu_ps(acc + k * R + r0, keep, h[k]);
+    }
+}
+
+AVX512_INLINE void hb_rows(const float *const *hs, uint16_t *const *ys, const int g, const uint16_t *b, int64_t out,
+                           int64_t R, int64_t n) {
+    for (int64_t c0 = 0; c0 < n; c0 += 32) {
+        const int64_t left = n - c0;
+        const __mmask16 k0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        const __mmask16 k1 = left >= 32 ? (__mmask16)0xffff : (left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1));
+        __m512 t0[GROUP], t1[GROUP];
+        for (int k = 0; k < g; k++) t0[k] = t1[k] = _mm512_setzero_ps();
+        for (int64_t r = 0; r < R; r++) {
+            const __m512 b0 = widen16(b + r * out + c0, k0), b1 = widen16(b + r * out + c0 + 16, k1);
+            for (int k = 0; k < g; k++) {
+                const __m512 v = _mm512_set1_ps(hs[k][r]);
+                t0[k] = _mm512_fmadd_ps(v, b0, t0[k]);
+                t1[k] = _mm512_fmadd_ps(v, b1, t1[k]);
+            }
+        }
+        for (int k = 0; k < g; k++) {
+            uint16_t *y = ys[k] + c0;
+            const __m512 y0 = _mm512_add_ps(widen16(y, k0), round16(t0[k]));
+            const __m512 y1 = _mm512_add_ps(widen16(y + 16, k1), round16(t1[k]));
+            if (left >= 32) {
+                store_bf16x16(y, y0);
+                store_bf16x16(y + 16, y1);
+            } else {
+                uint16_t tmp[32];
+                store_bf16x16(tmp, y0);
+                store_bf16x16(tmp + 16, y1);
+                memcpy(y, tmp, (size_t)left * 2);
+            }
+        }
+    }
+}
+
+#define G_CASES(call) \
+    switch (g) {     \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break; \
+    case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; default: call(8); break; }
+
+__attribute__((target(AVX512))) static void xa_avx512v(const uint16_t *const *xs, int64_t g, const uint16_t *a,
+                                                        int64_t stride, int64_t in, int64_t R, float *acc) {
+#define XA(G) xa_rows(xs, G, a, stride, in, R, acc)
+    G_CASES(XA)
+#undef XA
+}
+
+__attribute__((target(AVX512))) static void hb_avx512v(const float *const *hs, uint16_t *const *ys, int64_t g,
+                                                        const uint16_t *b, int64_t out, int64_t R, int64_t n) {
+#define HB(G) hb_rows(hs, ys, G, b, out, R, n)
+    G_CASES(HB)
+#undef HB
+}
+
+static const lora_ops_t lora_ops_avx512 = {xa_avx512v, hb_avx512v};
 #endif
 
 static const lora_ops_t *lora_ops_for(int isa) {
