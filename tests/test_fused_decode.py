@@ -251,6 +251,8 @@ def test_fused_steps_add_each_rows_adapter_as_the_merged_models(precision):
     row in every step: the fused step keeps the fused path, agrees with the layers' path to bfloat16 rounding and
     is as close to float32 models with each adapter merged as the layers' path is."""
     (fused_model, fused_lora), (plain_model, plain_lora) = _with_banks(precision), _with_banks(precision)
+    for bank in plain_lora.banks:
+        bank.native = False  # the layers' path through PyTorch's masked products, not lora.c
     refs = {slot: _merged_reference(precision, slot) for slot in set(ROW_SLOTS)}
     fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
     assert fused.fused is not None and fused.fused.takes_adapters
@@ -276,6 +278,7 @@ def test_fused_steps_add_each_rows_adapter_as_the_merged_models(precision):
             plain_lora.clear()
             for i in range(4):
                 assert (a[i] - b[i]).norm() <= 0.05 * b[i].norm()  # bfloat16 rounding through 2 layers
+                assert (a[i] - want[i]).norm() <= 0.05 * want[i].norm()
                 assert (want[i] - refs[-1].decode(tokens, torch.tensor(positions), max(positions) + 1)[i]).norm() > \
                     4 * (a[i] - want[i]).norm() or ROW_SLOTS[i] < 0  # the adapter matters far above the error
             errors["fused"] += ((a - want).norm() / want.norm()).item()
@@ -330,3 +333,40 @@ def test_every_instruction_set_adds_the_same_adapter_terms():
     for out in outs.values():
         torch.testing.assert_close(out, outs[fused.isa], atol=2e-2, rtol=2e-2)
     assert not torch.equal(outs[fused.isa][0], outs[fused.isa][2])  # the adapter row differs from the base row
+
+
+def test_the_c_term_on_the_layers_path_is_the_adapters_product():
+    """fused_lora.BankTerm (lora.c for one bank, the layers' path in bfloat16) against x·A·B in float32 written
+    out here, per token's adapter, for a fused wqkv-like bank of three parts, ranks padded, a base token."""
+    from llama.model import lora_bank
+    from llama.model.fused_lora import BankTerm
+    require_kernels()
+    if cpu.quantized_isa() is None:
+        pytest.skip("this CPU has no AVX2: the layers' path keeps PyTorch's products")
+    parts, rank, slots = [("wq", 0, 64), ("wk", 64, 32), ("wv", 96, 32)], 16, 3
+    state = lora_bank.LoraSet(slots, rank)
+    bank = lora_bank.LoraBank(parts, 80, 128, slots, rank, torch.bfloat16, CPU, state)
+    g = torch.Generator().manual_seed(3)
+    factors = {}
+    for slot, r in enumerate([16, 5, 9]):
+        factors[slot] = {key: (torch.randn(r, 80, generator=g), torch.randn(cols, r, generator=g) * 0.1)
+                         for key, _, cols in parts}
+        bank.load(slot, factors[slot])
+    assert BankTerm.serves(bank)
+    x = torch.randn(7, 80, generator=g).to(torch.bfloat16)
+    y = torch.randn(7, 128, generator=g).to(torch.bfloat16)
+    ids = [2, 0, -1, 1, 2, 2, 0]
+    state.select(ids, 1, CPU)
+    got = bank.add(x, y.clone())
+    assert bank.native
+    bank.native = False
+    torch_path = bank.add(x, y.clone())
+    state.clear()
+    want = y.float().clone()
+    for t, slot in enumerate(ids):
+        for key, first, cols in parts if slot >= 0 else []:
+            a, b = (f.to(torch.bfloat16).float() for f in factors[slot][key])
+            want[t, first:first + cols] += x[t].float() @ a.t() @ b.t()
+    assert torch.equal(got[2], y[2])  # the base token: untouched
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bfloat16 roundings of h, h·B and y
+    torch.testing.assert_close(got.float(), torch_path.float(), atol=0.05, rtol=0.02)

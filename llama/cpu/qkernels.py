@@ -98,6 +98,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_pack_int4.restype = c_int
     lib.qk_pack_int4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.qk_linear.restype = c_int
+    lib.qk_lora_add.restype = c_int
+    lib.qk_lora_add.argtypes = [ptr, i64, c_int, c_int, c_int, ptr, i64, ptr, i64]
     lib.qk_linear.argtypes = [c_int, c_int, c_int, ptr, c_int, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
     lib.qk_dequantize.restype = c_int
     lib.qk_dequantize.argtypes = [c_int, c_int, c_int, ptr, ptr, i64, i64, i64, i64, ptr, c_int]

@@ -1,4 +1,5 @@
-"""Many LoRA adapters inside the fused CPU decoding step (llama/cpu/csrc/lora.c, called by decode.c).
+"""Many LoRA adapters inside the fused CPU decoding step (llama/cpu/csrc/lora.c, called by decode.c), and the same
+C term for one bank on the layers' path (`BankTerm`, bfloat16 on CPUs with AVX2).
 
 The fused step computes each projection's base product on the own kernels; for rows with an adapter, lora.c then
 adds x·A·B from the model's banks (llama/model/lora_bank.py), read in place: this module hands it, per layer and
@@ -10,10 +11,11 @@ rounded as PyTorch rounds them), so a row agrees with the layers' path to bfloat
 from __future__ import annotations
 
 import ctypes
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
+from .. import cpu
 from ..cpu import qkernels
 
 # decode.c's layer projections, in lora.c's order (common.h's LORA_QKV ... LORA_W2), as attribute paths.
@@ -91,9 +93,44 @@ class FusedLora:
         sel = self.lora_set.selection
         if sel is None:
             return None
-        slots: Sequence[int] = sel.slots
-        if len(slots) != rows:
-            raise ValueError(f"the LoRA selection names {len(slots)} tokens for a step of {rows} rows")
-        self._slots = torch.tensor(list(slots), dtype=torch.int32)
+        if sel.slot_ids is None or sel.slot_ids.shape[0] != rows:
+            raise ValueError(f"the LoRA selection names {len(sel.slots)} tokens for a step of {rows} rows")
+        self._slots = sel.slot_ids  # kept alive while decode.c reads it
         self.struct.row_slot = self._slots.data_ptr()
         return ctypes.addressof(self.struct)
+
+
+class BankTerm:
+    """lora.c's term for one LoraBank on the layers' path: y += each token's x·A·B in one C call, grouped by
+    slot, instead of PyTorch's masked products over every slot in use (which compute each token's term once
+    per slot: 4x the arithmetic over 4 adapters, and 5 operators per part)."""
+
+    def __init__(self, bank) -> None:
+        check_layout()
+        parts = [_Part(a.data_ptr(), b.data_ptr(), bank.in_features, cols, first)
+                 for (_, first, cols), a, b in zip(bank.parts, bank.a, bank.b)]
+        self._proj = (_Proj * 1)(_Proj(len(parts), (_Part * MAX_PARTS)(*parts)))
+        self.struct = _Lora(bank.rank, bank.a[0].shape[1], 1, None, ctypes.addressof(self._proj))
+        self.lib, self.isa = qkernels.load(), qkernels.ISAS[cpu.quantized_isa()]
+        self.width = bank.out_features
+
+    @staticmethod
+    def serves(bank) -> bool:
+        """Whether the C term can stand in for the bank's PyTorch products: a bfloat16 bank on a CPU where the
+        kernels run with AVX2 or better, of at most lora.c's rank and parts."""
+        return bank.a[0].device.type == "cpu" and bank.a[0].dtype == torch.bfloat16 and len(bank.parts) <= \
+            MAX_PARTS and cpu.quantized_isa() is not None and bank.rank <= qkernels.constant("lora.max_rank") \
+            and all(a.is_contiguous() and b.is_contiguous() for a, b in zip(bank.a, bank.b))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Add the term into y (T, width) for x (T, in), slots (T,) int32; False (nothing done) where the
+        tensors are not as lora.c reads them (the caller then computes it itself)."""
+        if x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16 or not (x.is_contiguous() and y.is_contiguous()) \
+                or y.shape[-1] != self.width or slots.shape[0] != x.shape[0]:
+            return False
+        self.struct.row_slot = slots.data_ptr()
+        code = self.lib.qk_lora_add(ctypes.byref(self.struct), 0, 0, qkernels.kernel_threads(), self.isa,
+                                    x.data_ptr(), x.shape[0], y.data_ptr(), self.width)
+        if code:
+            raise ValueError(f"lora.c refused the adapter term (error {code}) for {x.shape[0]} tokens")
+        return True
