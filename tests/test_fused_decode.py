@@ -30,10 +30,10 @@ def _random(args: ModelArgs, dtype: torch.dtype) -> Transformer:
     return model.to(dtype).eval()
 
 
-def _build(precision: str, batch: int = 3) -> Transformer:
+def _build(precision: str, batch: int = 3, seq: int = 64) -> Transformer:
     """The random model (always the same weights) on one of the own-kernel paths."""
     require_kernels()
-    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch, "max_seq_len": seq}), torch.bfloat16)
     if precision == "bfloat16":
         if not qkernels.has_avx512_bf16():
             pytest.skip("this CPU has no AVX-512 BF16: the own bfloat16 kernel runs here only in its test loop")
@@ -56,10 +56,10 @@ def _build(precision: str, batch: int = 3) -> Transformer:
 PRECISIONS = ["int8", "int4", "bfloat16", "bfloat16-avx2"]
 
 
-def _reference(precision: str, batch: int = 3) -> Transformer:
+def _reference(precision: str, batch: int = 3, seq: int = 64) -> Transformer:
     """The independent reference: the weights each path computes with (bfloat16, or the quantized codes
     dequantized), in float32 through PyTorch's operators."""
-    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch, "max_seq_len": seq}), torch.bfloat16)
     if not precision.startswith("bfloat16"):
         scheme = quant.parse(precision)
         with torch.no_grad():
@@ -96,6 +96,31 @@ def test_fused_steps_are_as_close_to_float32_as_the_layer_by_layer_steps(precisi
             blocks = fused_model.tables.blocks(row, 1, length)  # the row's blocks in the pool, by its table
             for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
                 assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
+
+
+def test_rows_longer_than_a_piece_are_attended_in_pieces_merged_in_order():
+    """decode.c attends a row in pieces of 1024 positions (over the threads) and merges them: a 2,500-position
+    row is as close to float32 as the layer-by-layer step, and its logits do not depend on the other row."""
+    fused_model, plain_model, exact = _build("int8", 2, 2600), _build("int8", 2, 2600), _reference("int8", 2, 2600)
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (2500,), generator=g).tolist(), [7, 7, 1]]
+    with torch.inference_mode():
+        for model in (fused_model, plain_model, exact):
+            model.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2]), [len(p) for p in prompts]
+        errors = {"fused": 0.0, "plain": 0.0}
+        for _ in range(4):
+            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert (a - b).norm() <= 0.05 * b.norm()
+            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
+            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
+            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+        alone = fused(tokens[:1], positions[:1])
+        both = fused(tokens, positions)
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+    assert torch.equal(alone[0], both[0])
 
 
 def _scattered(model: Transformer, lengths) -> None:

@@ -48,3 +48,11 @@ def next_admissible(engine, waiting: Iterable) -> Optional[object]:
         if not engine.can_add(request, adapter=False):
             return None
     return None
+
+
+def check_prefill_budget(max_prefill_tokens: Optional[int]) -> Optional[int]:
+    """An engine's max_prefill_tokens: a positive integer, or None (no limit); ValueError naming it otherwise."""
+    if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                           or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
+        raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
+    return max_prefill_tokens

@@ -47,7 +47,8 @@ class DecodeStep:
                  full_window: bool = False, fused: Optional[bool] = None) -> None:
         """fixed_window (default: as compiled) attends over the bucketed windows even when eager, which
         gives the compiled step's arithmetic without compiling (the tests compare it with exact windows).
-        full_window: always attend over the whole context (deterministic mode).
+        full_window: deterministic mode: an eager step attends each row alone over its own positions, a compiled
+        one over the whole context, so that a row's arithmetic never depends on its neighbours.
         fused: run an eager CPU step's layers in one C call (llama.fused_decode) where the model allows it
         (None, the default) or never (False; benchmarks compare the two). A fused row attends over its own
         positions only, whatever the window."""
@@ -83,7 +84,9 @@ class DecodeStep:
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled or adapters:
-            return self.model.decode(tokens, pos, window)
+            # deterministic: each row attends alone over its own positions (not the whole context, padded)
+            alone = [max(p, 0) + 1 for p in positions] if self.full_window else None
+            return self.model.decode(tokens, pos, max(alone) if alone else window, alone)
         shape = (len(positions), window)
         if shape in self._warm:
             if self.device.type == "cuda":

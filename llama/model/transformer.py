@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import BLOCK_SIZE, BlockTables, KVPool, Packed, Rows, blocks_for
+from .kv_cache import BLOCK_SIZE, BlockTables, GatherScratch, KVPool, Packed, Rows, blocks_for
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
 
@@ -283,9 +283,14 @@ class Attention(nn.Module):
         """Each row's tokens over that row's cached keys, gathered from the pool through its block table
         (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
-        keys, values = self.cache.read(where.blocks, where.window)
-        if seqlen > 1:
-            return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
+        if where.alone is not None and seqlen == 1:  # each row by itself: its arithmetic never sees the others'
+            rows = [Rows(where.slots[b:b + 1], where.blocks[b:b + 1, :blocks_for(n)], n, where.mask[b:b + 1, :, :n])
+                    for b, n in enumerate(where.alone)]
+            return torch.cat([self._over_cache(q[b:b + 1], row) for b, row in enumerate(rows)])
+        keys, values = self.cache.read(where.blocks, where.window, reuse=True)
+        if seqlen > 1:  # (SDPA's own grouped-query form: the same numbers as repeating K/V n_rep times, uncopied)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=where.mask.unsqueeze(1),
+                                                  enable_gqa=self.n_rep > 1).transpose(1, 2)
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
@@ -365,9 +370,10 @@ class Transformer(nn.Module):
         if not isinstance(blocks, int) or blocks < 2:
             raise ValueError(f"the KV pool needs at least 2 blocks (one is the null block), got {blocks!r}")
         self.pool_blocks = blocks
+        scratch = GatherScratch()
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype).to(device)
+            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype, scratch).to(device)
 
     def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
                 ) -> None:
@@ -436,13 +442,18 @@ class Transformer(nn.Module):
             return self._run(tokens, positions, None, logits_at)
         return self._run(tokens, positions, Rows.at(self.tables, positions, length), logits_at)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+               alone: Optional[Sequence[int]] = None) -> torch.Tensor:
         """One new token per cache row 0..B-1: tokens (B,) at positions (B,) (-1: an idle row, written into the
         null block), every position below `window`.
         Returns the next-token logits (B, V). The shapes depend only on B and the host int `window`, and
-        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs."""
+        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs.
+        alone: each row's position + 1 (host ints): every row attends by itself over its own positions, so that
+        its arithmetic depends on its own length only (deterministic mode, eager), at the cost of what it holds."""
         positions = positions.unsqueeze(1)
-        return self._run(tokens.unsqueeze(1), positions, Rows.at(self.tables, positions, window), None)[:, 0]
+        where = Rows.at(self.tables, positions, window)
+        where.alone = None if alone is None else list(alone)
+        return self._run(tokens.unsqueeze(1), positions, where, None)[:, 0]
 
     def decode_many(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
                     logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
