@@ -17,6 +17,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Engine, Finished, Request, SamplingParams
+from .engine import admission
 from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .engine.speculative import Speculation
@@ -132,8 +133,9 @@ class TokenGenerator:
         waiting, open_ = deque(requests), len(requests)
         try:
             while open_:
-                while waiting and self.engine.can_add(waiting[0]):
-                    self.engine.add(waiting.popleft())
+                while (request := admission.next_admissible(self.engine, waiting)) is not None:
+                    waiting.remove(request)
+                    self.engine.add(request)
                 if not events:
                     self.engine.step()  # a failure ends this call's requests with 'error' events (raised below)
                 while events:

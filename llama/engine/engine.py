@@ -130,12 +130,13 @@ class Engine:
         further choice."""
         return blocks_for(length) + (n - 1) * (1 if length % BLOCK_SIZE else 0)
 
-    def can_add(self, request: Request) -> bool:
-        """Whether `add` would take the request now: no preempted choice waits, and rows and blocks are free."""
+    def can_add(self, request: Request, adapter: bool = True) -> bool:
+        """Whether `add` would take the request now: no preempted choice waits, rows and blocks are free, and (but
+        with adapter=False) a slot for its LoRA adapter. admission.next_admissible picks from a queue."""
         n = request.params.n
         return not self.preempted and self.free_rows() >= n and \
             self.pool.available() >= self._prompt_blocks(len(request.prompt), n) and \
-            (request.lora is None or self.loras is None or self.loras.available(request.lora))
+            (not adapter or request.lora is None or self.loras is None or self.loras.available(request.lora))
 
     def check_lora(self, name: Optional[str]) -> None:
         """ValueError unless `name` is None or an adapter this model serves."""

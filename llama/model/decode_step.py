@@ -73,12 +73,13 @@ class DecodeStep:
             return self._step(tokens, positions)
 
     def _step(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        # A step with LoRA adapter rows runs the layers' path (the fused C step and compiled graphs have no
-        # adapter term); steps with every row on the base keep them, except in deterministic mode, where a base
-        # row's arithmetic must not depend on whether a neighbour has an adapter.
+        # A step with LoRA adapter rows runs the fused C step, which adds their terms (llama/model/fused_lora.py),
+        # or else the layers' path (compiled graphs have no adapter term); base-only steps keep compiled graphs,
+        # except in deterministic mode, where a base row's arithmetic must not depend on whether a neighbour has
+        # an adapter (the fused step's rows never depend on each other).
         lora = getattr(self.model, "lora_set", None)
         adapters = lora is not None and (lora.active or self.full_window)
-        if self.fused is not None and len(positions) < MAX_ROWS and not adapters:
+        if self.fused is not None and len(positions) < MAX_ROWS and (not adapters or self.fused.takes_adapters):
             return self.fused(tokens, positions)
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)

@@ -6,7 +6,8 @@
  * residual adds, Python between them) costs 8-12 ms per token at the 1.1B shape on 2 cores, a quarter of an
  * int8 step. Here each layer is: RMSNorm, the fused wq/wk/wv product, rotary embedding of q and k, the new k
  * and v written into the cache row, attention over the row's positions 0..pos, wo, the residual add, RMSNorm,
- * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add.
+ * the fused w1/w3 product, SiLU(gate) * up, w2, the residual add. Rows with a LoRA adapter get its term added
+ * after each projection's base product (lora.c).
  *
  * The cache is paged (llama/model/kv_cache.py): each layer's keys and values are a pool of blocks of block_size
  * positions, (blocks, kv_heads, block_size, head_dim), and row r's position t lives in block
@@ -54,6 +55,7 @@ typedef struct {
     const float *rope;      /* (max_seq, head_dim / 2, 2): cos and sin of each position's angles */
     int64_t block_size, max_blocks, blocks;
     const int64_t *tables;  /* (rows, max_blocks): each row's block table */
+    const qk_lora_t *lora;  /* LoRA adapters' factors and each row's slot (lora.c); NULL: no row has one */
 } qk_model_t;
 
 /* --- the operators, written once, compiled for each instruction set ------------------------------------------ */
@@ -432,6 +434,7 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
         const qk_layer_t *L = layers + l;
         for (int64_t m = 0; m < M; m++) ops->rmsnorm(x + m * dim, L->attn_norm, dim, s->eps, xn + m * dim);
         if ((rc = linear(&L->qkv, threads, xn, M, qkv))) break;
+        if (s->lora && (rc = qk_lora_add(s->lora, l, LORA_QKV, threads, isa, xn, M, qkv, width))) break;
         for (int64_t m = 0; m < M; m++) {
             uint16_t *q = qkv + m * width, *k = q + H * d, *v = k + kv * d;
             const int64_t p = pos[m] < 0 ? 0 : pos[m];
@@ -451,11 +454,14 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
         pool_run(attend_part, &a, parts);
         for (int64_t m = 0; m < M; m++) merge_row(&a, m, att + m * H * d);
         if ((rc = linear(&L->wo, threads, att, M, o))) break;
+        if (s->lora && (rc = qk_lora_add(s->lora, l, LORA_WO, threads, isa, att, M, o, dim))) break;
         ops->add(x, o, M * dim);
         for (int64_t m = 0; m < M; m++) ops->rmsnorm(x + m * dim, L->ffn_norm, dim, s->eps, xn + m * dim);
         if ((rc = linear(&L->w13, threads, xn, M, gu))) break;
+        if (s->lora && (rc = qk_lora_add(s->lora, l, LORA_W13, threads, isa, xn, M, gu, 2 * hidden))) break;
         ops->silu_mul(gu, M, hidden, hb);
         if ((rc = linear(&L->w2, threads, hb, M, o))) break;
+        if (s->lora && (rc = qk_lora_add(s->lora, l, LORA_W2, threads, isa, hb, M, o, dim))) break;
         ops->add(x, o, M * dim);
     }
     free(mem);
@@ -477,4 +483,5 @@ const qk_const_t qk_decode_constants[] = {
     SIZE(qk_model_t), FIELD(qk_model_t, n_layers), FIELD(qk_model_t, dim), FIELD(qk_model_t, n_heads),
     FIELD(qk_model_t, n_kv_heads), FIELD(qk_model_t, head_dim), FIELD(qk_model_t, hidden),
     FIELD(qk_model_t, max_seq), FIELD(qk_model_t, rows), FIELD(qk_model_t, eps), FIELD(qk_model_t, rope),
+    FIELD(qk_model_t, lora),
     {NULL, 0}};
