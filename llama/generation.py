@@ -27,6 +27,7 @@ from .engine import lora_slots
 from .engine.params import SEED_BITS, check_prompt
 from .engine.prefix_cache import PrefixCache, check_flags as check_prefix_cache, for_model as prefix_cache_for
 from .model.kv_cache import check_gib as check_kv_gib
+from .model.kv_int8 import check_kv_dtype
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .families import Family, Moderation
@@ -93,6 +94,7 @@ class Llama:
         prefix_cache: bool = True,
         prefix_cache_gib: Optional[float] = None,
         kv_cache_gib: Optional[float] = None,
+        kv_dtype: Optional[str] = None,
         chat_template: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint into this process's share of a model-parallel Transformer.
@@ -129,7 +131,9 @@ class Llama:
         kv_cache_gib: the paged KV cache's pool per process in GiB (llama/model/kv_cache.py): requests are admitted by
         free blocks of 16 positions, max_batch_size caps the running requests and max_seq_len one request's
         context. Default: what fits beside the weights on the device, at most max_batch_size full contexts;
-        the chosen size is printed.
+        the chosen size is printed. kv_dtype: None or "auto" stores keys and values in the model's dtype; "int8"
+        stores them in 8 bits with a scale per position and head (llama/model/kv_int8.py): about half the memory,
+        so twice the tokens in the same kv_cache_gib.
         chat_template: a Jinja chat template (a file, or the template's text) for chat prompts, rendered as
         transformers' apply_chat_template renders it; default: a Hugging Face checkpoint's own template
         (tokenizer_config.json), else the family's Meta format (llama/families/prompting.py).
@@ -139,6 +143,7 @@ class Llama:
         check_choice(speculative)
         check_prefix_cache(prefix_cache, prefix_cache_gib)  # before any loading
         check_kv_gib(kv_cache_gib)
+        kv_dtype = check_kv_dtype(kv_dtype)
         if speculative is not None:
             Speculation(NgramDrafter(), num_draft_tokens)  # checks num_draft_tokens before any loading
             if deterministic or compile:
@@ -159,7 +164,8 @@ class Llama:
         runtime = distributed.setup(plan.model_parallel_size, plan.device)
         torch.manual_seed(seed)
         loading.announce(source, args, plan)
-        model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=kv_cache_gib)
+        model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=kv_cache_gib,
+                                   kv_dtype=kv_dtype)
         if many is not None:
             lora_slots.install(model, lora, *many, runtime.model_parallel_rank, plan.model_parallel_size)
         distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
@@ -169,7 +175,7 @@ class Llama:
         elif speculative is not None:
             draft = Llama.build(speculative, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size,
                                 seed=seed, device=device, dtype=dtype, compile=False, fast=fast, prefix_cache=False,
-                                kv_cache_gib=1e-6)  # the drafter gives it rows of its own
+                                kv_cache_gib=1e-6, kv_dtype=kv_dtype)  # the drafter gives it rows of its own
             speculation = Speculation(ModelDrafter(draft.model), num_draft_tokens)
         if speculation is not None:
             distributed.print0(f"Speculative decoding: {speculation.drafter.name}, up to {num_draft_tokens} "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..engine import Engine as RowEngine, Runner
 from ..engine.events import Event, Finished, Request
@@ -55,6 +55,8 @@ class Scheduler:
         self.max_batch_size = generator.max_batch_size
         self.max_seq_len = generator.max_seq_len
         self.vocab_size = generator.model.params.vocab_size
+        model = generator.model  # the KV pool's storage, for /health: "int8" or the model's dtype
+        self.kv_dtype = getattr(model, "kv_dtype", None) or str(model.norm.weight.dtype).removeprefix("torch.")
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self._cond = threading.Condition()
@@ -136,12 +138,12 @@ class Scheduler:
             request.cancelled = True
             self._cond.notify_all()
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Union[int, str]]:
         with self._cond:
             in_use, total, preemptions = self._blocks
             return {"running": self._running, "waiting": len(self._waiting) + self._preempted,
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_blocks_in_use": in_use,
-                    "kv_blocks_total": total, "preemptions": preemptions}
+                    "kv_blocks_total": total, "kv_dtype": self.kv_dtype, "preemptions": preemptions}
 
     def prefix_cache_stats(self) -> Optional[Dict[str, int]]:
         """The prefix cache's counters (tokens queried and hit, blocks in use and in all), None when it is off."""

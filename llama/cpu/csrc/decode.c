@@ -46,6 +46,8 @@ typedef struct {
     qk_lin_t qkv, wo, w13, w2;
     const uint16_t *attn_norm, *ffn_norm;  /* bfloat16 norm weights (dim) */
     uint16_t *k, *v;                       /* the layer's pool: (blocks, kv_heads, block_size, head_dim), bfloat16 */
+    uint16_t *k_scale, *v_scale;           /* NULL; or an int8 pool (llama/model/kv_int8.py): k and v hold int8
+                                              codes, these their bfloat16 scales (blocks, kv_heads, block_size) */
 } qk_layer_t;
 
 typedef struct {
@@ -160,6 +162,57 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, const uint1
     }
 }
 
+/* The int8 pool's attention (llama/model/kv_int8.py): as attend_body, position t's codes at keys + at[t] and
+ * values + at[t], their scales at kscale[sat[t]] and vscale[sat[t]]; a score is (q . codes) * scale, a value
+ * weight p * scale. Half the bytes of bfloat16 keys and values stream through. */
+INLINE void attend8_body(const uint16_t *q, int64_t n_rep, int64_t d, const int8_t *keys, const uint16_t *kscale,
+                         const int8_t *values, const uint16_t *vscale, const int64_t *at, const int64_t *sat,
+                         int64_t len, float *scores, uint16_t *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float qf[MAX_HEAD_DIM];
+    for (int64_t r = 0; r < n_rep; r++) {
+        for (int64_t i = 0; i < d; i++) qf[i] = bf(q[r * d + i]);
+        float *s = scores + r * len;
+        for (int64_t t = 0; t < len; t++) {
+            const int8_t *k = keys + at[t];
+            float acc[LANES] = {0};
+            for (int64_t i = 0; i < d; i += LANES)
+                for (int l = 0; l < LANES; l++) acc[l] += qf[i + l] * (float)k[i + l];
+            float dot = 0.0f;
+            for (int l = 0; l < LANES; l++) dot += acc[l];
+            s[t] = dot * bf(kscale[sat[t]]) * scale;
+        }
+        float top = s[0];
+        for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = exp_poly(s[t] - top);
+            sum += s[t];
+        }
+        float o[MAX_HEAD_DIM] = {0};
+        for (int64_t t = 0; t < len; t++) {
+            const int8_t *v = values + at[t];
+            const float p = s[t] * bf(vscale[sat[t]]);
+            for (int64_t i = 0; i < d; i++) o[i] += p * (float)v[i];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < d; i++) out[r * d + i] = f32_to_bf16(o[i] * inv);
+    }
+}
+
+/* One head's d values (bfloat16) into int8 codes and a bfloat16 scale, as kv_int8.quantize does: s =
+ * bf16(max|x| / 127), code = round-half-even(x / s) within +-127 (all codes 0 when s is 0). */
+static void quantize_head(const uint16_t *x, int64_t d, int8_t *codes, uint16_t *scale) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < d; i++) top = fabsf(bf(x[i])) > top ? fabsf(bf(x[i])) : top;
+    *scale = f32_to_bf16(top / 127.0f);
+    const float s = bf(*scale) == 0.0f ? 1.0f : bf(*scale);
+    for (int64_t i = 0; i < d; i++) {
+        float c = rintf(bf(x[i]) / s);
+        codes[i] = (int8_t)(c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c));
+    }
+}
+
 typedef struct {
     void (*rmsnorm)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
     void (*add)(uint16_t *, const uint16_t *, int64_t);
@@ -167,6 +220,8 @@ typedef struct {
     void (*rope)(uint16_t *, int64_t, int64_t, const float *);
     void (*attend)(const uint16_t *, int64_t, int64_t, const uint16_t *, const uint16_t *, const int64_t *, int64_t,
                    float *, uint16_t *);
+    void (*attend8)(const uint16_t *, int64_t, int64_t, const int8_t *, const uint16_t *, const int8_t *,
+                    const uint16_t *, const int64_t *, const int64_t *, int64_t, float *, uint16_t *);
 } ops_t;
 
 #define DEFINE_OPS(name, attr)                                                                                  \
@@ -184,7 +239,13 @@ typedef struct {
                                    const uint16_t *v, const int64_t *at, int64_t len, float *s, uint16_t *o) {   \
         attend_body(q, n_rep, d, k, v, at, len, s, o);                                                          \
     }                                                                                                           \
-    static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name};
+    attr static void attend8_##name(const uint16_t *q, int64_t n_rep, int64_t d, const int8_t *k,               \
+                                    const uint16_t *ks, const int8_t *v, const uint16_t *vs, const int64_t *at,  \
+                                    const int64_t *sat, int64_t len, float *s, uint16_t *o) {                    \
+        attend8_body(q, n_rep, d, k, ks, v, vs, at, sat, len, s, o);                                            \
+    }                                                                                                           \
+    static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name,   \
+                                     attend8_##name};
 
 DEFINE_OPS(scalar, )
 #if QK_X86
@@ -210,6 +271,7 @@ typedef struct {
     int64_t M, first, max_len;
     const int64_t *pos;
     const int64_t *at;    /* M x max_len: each row's positions' offsets into the pool (head 0; head h: + h * bs * d) */
+    const int64_t *sat;   /* int8 pool: the same positions' offsets into the scales (head h: + h * bs) */
     const uint16_t *qkv;  /* M x (n_heads + 2 kv_heads) x head_dim, q already rotated */
     uint16_t *out;        /* M x n_heads x head_dim */
     float *scores;        /* M x n_heads x max_len */
@@ -224,6 +286,13 @@ static void attend_part(const void *ctx, int64_t part, int64_t parts) {
     for (int64_t item = lo; item < hi; item++) {
         const int64_t m = item / kv, h = item % kv, len = a->pos[m] < 0 ? 1 : a->pos[m] + 1;
         const int64_t head = h * s->block_size * d;
+        if (a->layer->k_scale) {
+            a->ops->attend8(a->qkv + m * width + h * n_rep * d, n_rep, d, (const int8_t *)a->layer->k + head,
+                            a->layer->k_scale + h * s->block_size, (const int8_t *)a->layer->v + head,
+                            a->layer->v_scale + h * s->block_size, a->at + m * a->max_len, a->sat + m * a->max_len,
+                            len, a->scores + item * n_rep * a->max_len, a->out + (m * s->n_heads + h * n_rep) * d);
+            continue;
+        }
         a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, a->layer->k + head, a->layer->v + head,
                        a->at + m * a->max_len, len, a->scores + item * n_rep * a->max_len,
                        a->out + (m * s->n_heads + h * n_rep) * d);
@@ -251,7 +320,7 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
         max_len = pos[m] + 1 > max_len ? pos[m] + 1 : max_len;
     }
     /* Each row's positions' offsets into the pool, from its block table (checked against the pool's size). */
-    int64_t *at = malloc((size_t)(M * max_len) * sizeof(int64_t));
+    int64_t *at = malloc((size_t)(2 * M * max_len) * sizeof(int64_t)), *sat = at + M * max_len;
     if (!at) return ENOMEM;
     const int64_t bs = s->block_size;
     for (int64_t m = 0; m < M; m++) {
@@ -262,7 +331,8 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
                 free(at);
                 return EINVAL;
             }
-            at[m * max_len + t] = (block * kv * bs + t % bs) * d;
+            sat[m * max_len + t] = block * kv * bs + t % bs;
+            at[m * max_len + t] = sat[m * max_len + t] * d;
         }
     }
     for (int64_t l = 0; l < s->n_layers; l++) {
@@ -294,13 +364,21 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
             ops->rope(q, H, d, table);
             ops->rope(k, kv, d, table);
             const int64_t slot = at[m * max_len + p];
+            if (L->k_scale) {  /* an int8 pool: each head's key and value quantized as they are stored */
+                for (int64_t h = 0; h < kv; h++) {
+                    const int64_t at_scale = sat[m * max_len + p] + h * bs;
+                    quantize_head(k + h * d, d, (int8_t *)L->k + slot + h * bs * d, L->k_scale + at_scale);
+                    quantize_head(v + h * d, d, (int8_t *)L->v + slot + h * bs * d, L->v_scale + at_scale);
+                }
+                continue;
+            }
             for (int64_t h = 0; h < kv; h++) {
                 memcpy(L->k + slot + h * bs * d, k + h * d, (size_t)d * 2);
                 memcpy(L->v + slot + h * bs * d, v + h * d, (size_t)d * 2);
             }
         }
         att_t a = {.ops = ops, .model = s, .layer = L, .M = M, .first = first, .max_len = max_len, .pos = pos,
-                   .at = at, .qkv = qkv, .out = att, .scores = scores};
+                   .at = at, .sat = sat, .qkv = qkv, .out = att, .scores = scores};
         int64_t parts = threads < 1 ? 1 : threads;
         if (parts > M * kv) parts = M * kv;
         pool_run(attend_part, &a, parts);
@@ -328,6 +406,7 @@ const qk_const_t qk_decode_constants[] = {
     FIELD(qk_lin_t, group), FIELD(qk_lin_t, w), FIELD(qk_lin_t, rscale),
     SIZE(qk_layer_t), FIELD(qk_layer_t, qkv), FIELD(qk_layer_t, wo), FIELD(qk_layer_t, w13), FIELD(qk_layer_t, w2),
     FIELD(qk_layer_t, attn_norm), FIELD(qk_layer_t, ffn_norm), FIELD(qk_layer_t, k), FIELD(qk_layer_t, v),
+    FIELD(qk_layer_t, k_scale), FIELD(qk_layer_t, v_scale),
     SIZE(qk_model_t), FIELD(qk_model_t, n_layers), FIELD(qk_model_t, dim), FIELD(qk_model_t, n_heads),
     FIELD(qk_model_t, n_kv_heads), FIELD(qk_model_t, head_dim), FIELD(qk_model_t, hidden),
     FIELD(qk_model_t, max_seq), FIELD(qk_model_t, rows), FIELD(qk_model_t, eps), FIELD(qk_model_t, rope),
