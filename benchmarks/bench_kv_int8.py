@@ -112,12 +112,13 @@ def loss_part(opts) -> dict:
         model = gen.model
         model.setup_cache("cpu", model.norm.weight.dtype, kv_dtype=kv)  # one row of its own (no engine here)
         step = DecodeStep(model, compiled=False)
-        total, count, lps, plain = 0.0, 0, [], 0.0
+        total, count, lps, plain, forward_lps = 0.0, 0, [], 0.0, []
         with torch.inference_mode():
             for doc in docs:
                 ids = gen.tokenizer.encode(doc, bos=True, eos=True)[:256]
-                plain += F.cross_entropy(model.forward(torch.tensor([ids[:-1]]))[0], torch.tensor(ids[1:]),
-                                         reduction="sum").item()  # forward over the cached row (Rows path)
+                logits = model.forward(torch.tensor([ids[:-1]]))[0]  # over the cached row (the PyTorch path)
+                plain += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+                forward_lps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))[:, 0])
                 rows = [model.prefill([ids[:1]])[0]]
                 for pos in range(1, len(ids) - 1):
                     rows.append(step(torch.tensor([ids[pos]]), [pos])[0])
@@ -131,7 +132,11 @@ def loss_part(opts) -> dict:
         out[f"{name}_forward_loss"] = round(plain / count, 4)
         out[f"{name}_path"] = "fused C" if step.fused is not None else "PyTorch"
         logps[kv] = torch.cat(lps)
+        logps[kv + "-forward"] = torch.cat(forward_lps)
     delta = (logps["int8"] - logps["auto"]).abs()
+    paths = (logps["auto-forward"] - logps["auto"]).abs()  # bf16 KV, fused C step against PyTorch's operators
+    out.update({"bf16_kv_paths_delta_max": round(paths.max().item(), 4),
+                "bf16_kv_paths_delta_mean": round(paths.mean().item(), 5)})
     out.update({"documents": len(docs), "tokens": int(delta.numel()), "logprob_delta_max": round(delta.max().item(), 4),
                 "logprob_delta_mean": round(delta.mean().item(), 5),
                 "loss_change": round(out["int8_kv_decoded_loss"] - out["bf16_kv_decoded_loss"], 4)})

@@ -120,9 +120,9 @@ def test_preempted_int8_requests_continue_with_the_tokens_they_would_have_had_al
         assert tokens == alone and all(len(t) == q.max_tokens for t in tokens)
 
 
-# The bound on |log p(int8 KV) - log p(transformers, float32)| per token, on this random model (measured at most
-# 0.012 nats; the exact pool's difference is below 1e-5).
-LOGPROB_BOUND = 0.05
+# The bound on |log p(int8 KV) - log p(transformers, float32)| per token, on this random model (measured: max
+# 0.009, mean 0.002 nats; the exact pool's difference is below 1e-5, tests/test_paged.py).
+LOGPROB_BOUND = 0.03
 
 
 def test_int8_log_probs_are_within_the_bound_of_transformers_float32(tmp_path):

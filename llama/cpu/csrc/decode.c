@@ -164,39 +164,52 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, const uint1
 
 /* The int8 pool's attention (llama/model/kv_int8.py): as attend_body, position t's codes at keys + at[t] and
  * values + at[t], their scales at kscale[sat[t]] and vscale[sat[t]]; a score is (q . codes) * scale, a value
- * weight p * scale. Half the bytes of bfloat16 keys and values stream through. */
+ * weight p * scale. Positions are the outer loop: each key and value is converted to float once and serves the
+ * KV head's n_rep query heads (the conversion of 8-bit codes costs more than bfloat16's shift). Each dot product
+ * and each weighted sum adds in attend_body's order. */
 INLINE void attend8_body(const uint16_t *q, int64_t n_rep, int64_t d, const int8_t *keys, const uint16_t *kscale,
                          const int8_t *values, const uint16_t *vscale, const int64_t *at, const int64_t *sat,
                          int64_t len, float *scores, uint16_t *out) {
     const float scale = 1.0f / sqrtf((float)d);
-    float qf[MAX_HEAD_DIM];
-    for (int64_t r = 0; r < n_rep; r++) {
-        for (int64_t i = 0; i < d; i++) qf[i] = bf(q[r * d + i]);
-        float *s = scores + r * len;
-        for (int64_t t = 0; t < len; t++) {
-            const int8_t *k = keys + at[t];
+    float qf[n_rep * d], o[n_rep * d], sums[n_rep], kf[MAX_HEAD_DIM];
+    for (int64_t i = 0; i < n_rep * d; i++) {
+        qf[i] = bf(q[i]);
+        o[i] = 0.0f;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        const int8_t *k = keys + at[t];
+        for (int64_t i = 0; i < d; i++) kf[i] = (float)k[i];
+        const float ks = bf(kscale[sat[t]]);
+        for (int64_t r = 0; r < n_rep; r++) {
             float acc[LANES] = {0};
             for (int64_t i = 0; i < d; i += LANES)
-                for (int l = 0; l < LANES; l++) acc[l] += qf[i + l] * (float)k[i + l];
+                for (int l = 0; l < LANES; l++) acc[l] += qf[r * d + i + l] * kf[i + l];
             float dot = 0.0f;
             for (int l = 0; l < LANES; l++) dot += acc[l];
-            s[t] = dot * bf(kscale[sat[t]]) * scale;
+            scores[r * len + t] = dot * ks * scale;
         }
-        float top = s[0];
+    }
+    for (int64_t r = 0; r < n_rep; r++) {
+        float *s = scores + r * len, top = s[0], sum = 0.0f;
         for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
-        float sum = 0.0f;
         for (int64_t t = 0; t < len; t++) {
             s[t] = exp_poly(s[t] - top);
             sum += s[t];
         }
-        float o[MAX_HEAD_DIM] = {0};
-        for (int64_t t = 0; t < len; t++) {
-            const int8_t *v = values + at[t];
-            const float p = s[t] * bf(vscale[sat[t]]);
-            for (int64_t i = 0; i < d; i++) o[i] += p * (float)v[i];
+        sums[r] = sum;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        const int8_t *v = values + at[t];
+        for (int64_t i = 0; i < d; i++) kf[i] = (float)v[i];
+        const float vs = bf(vscale[sat[t]]);
+        for (int64_t r = 0; r < n_rep; r++) {
+            const float p = scores[r * len + t] * vs;
+            for (int64_t i = 0; i < d; i++) o[r * d + i] += p * kf[i];
         }
-        const float inv = 1.0f / sum;
-        for (int64_t i = 0; i < d; i++) out[r * d + i] = f32_to_bf16(o[i] * inv);
+    }
+    for (int64_t r = 0; r < n_rep; r++) {
+        const float inv = 1.0f / sums[r];
+        for (int64_t i = 0; i < d; i++) out[r * d + i] = f32_to_bf16(o[r * d + i] * inv);
     }
 }
 
