@@ -162,7 +162,8 @@ def main() -> None:
     if opts.layers:
         PRESETS[opts.shape] = {**PRESETS[opts.shape], "n_layers": opts.layers}
     part = {"memory": memory_part, "decode": decode_part, "loss": loss_part}[opts.part]
-    print(json.dumps({"part": opts.part, "shape": opts.shape, "quantize": opts.quantize, **part(opts)}))
+    about = {"shape": opts.shape, "quantize": opts.quantize} if opts.part == "decode" else {}
+    print(json.dumps({"part": opts.part, **about, **part(opts)}))
 
 
 if __name__ == "__main__":
