@@ -78,7 +78,7 @@ def test_both_spellings_of_a_flag_are_accepted():
 
     opts = parser().parse_args(["--max-seq-len", "64", "--top-p", "0.5", "--num-draft-tokens", "2"])
     assert (opts.max_seq_len, opts.top_p, opts.num_draft_tokens) == (64, 0.5, 2)
-    from llama.serve.__main__ import parse_args
+    from llama.programs.serve import parse_args
 
     assert parse_args(["--max-batch-size", "3", "--api-key", "k", "--no-prefix-cache"]).max_batch_size == 3
 
@@ -171,7 +171,7 @@ def test_every_command_has_help_and_a_console_script():
 
 def test_programs_live_apart_from_the_library():
     """Every program is a module of llama/programs/ (installed and run by `python -m llama`); no module of the
-    library proper defines `main` or `entry_point` (llama/serve/__main__.py, the server's start-up, aside)."""
+    library proper defines `main` or `entry_point` (llama/serve/__main__.py only calls llama/programs/serve.py)."""
     import ast
 
     from llama.__main__ import _COMMANDS
@@ -179,7 +179,7 @@ def test_programs_live_apart_from_the_library():
     assert all(module == f"llama.programs.{name}" for name, (module, _) in _COMMANDS.items())
     for path in sorted((ROOT / "llama").rglob("*.py")):
         relative = path.relative_to(ROOT / "llama").as_posix()
-        if relative.startswith("programs/") or relative in ("__main__.py", "serve/__main__.py"):
+        if relative.startswith("programs/") or relative == "__main__.py":
             continue
         names = {node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
         assert not names & {"main", "entry_point"}, f"llama/{relative} defines {names & {'main', 'entry_point'}}"

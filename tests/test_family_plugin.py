@@ -56,7 +56,7 @@ def test_a_registered_family_loads_by_name(toy, ckpt):
 
 
 def test_a_registered_family_is_served(toy, ckpt):
-    from llama.serve.__main__ import parse_args
+    from llama.programs.serve import parse_args
     from serve_support import TIMEOUT, ThreadServer
 
     assert parse_args(["--family", "toy"]).family == "toy"  # the server's flag takes it

@@ -225,7 +225,7 @@ def test_a_bad_kv_dtype_is_named_before_loading(tmp_path, bad):
 
 def test_the_server_and_chat_take_kv_dtype(monkeypatch):
     from llama.programs import chat
-    from llama.serve import __main__ as serve
+    from llama.programs import serve
 
     assert serve.parse_args(["--kv_dtype", "int8"]).kv_dtype == "int8"
     assert serve.parse_args([]).kv_dtype == "auto"

@@ -280,7 +280,7 @@ def test_bad_library_values_are_named_before_loading(tmp_path, options, piece):
 
 
 def test_serve_flags(capsys):
-    from llama.serve.__main__ import _check_limits, main, parse_args
+    from llama.programs.serve import _check_limits, main, parse_args
 
     assert parse_args([]).prefix_cache is True and parse_args([]).prefix_cache_gib is None
     assert parse_args(["--no-prefix-cache"]).prefix_cache is False

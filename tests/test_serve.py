@@ -419,7 +419,7 @@ def test_model_parallel_server_under_torchrun(demo):
 def test_the_listening_socket_is_tcp_so_chunks_are_not_delayed():
     """asyncio disables Nagle only on sockets that say they are TCP; otherwise every streamed chunk after a
     connection's first response waits for the client's delayed ACK (about 40 ms)."""
-    from llama.serve.__main__ import _bind
+    from llama.programs.serve import _bind
 
     sock = _bind("127.0.0.1", 0)
     try:

@@ -135,7 +135,7 @@ def test_loading_is_off_by_default(files):
 
 
 def test_serve_flags():
-    from llama.serve.__main__ import _loras, parse_args
+    from llama.programs.serve import _loras, parse_args
 
     assert _loras(parse_args(["--lora", "one/path"])) == ("one/path", {})
     lora, options = _loras(parse_args(["--lora", "a=x", "b=y", "--max_loras", "1"]))

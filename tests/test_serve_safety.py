@@ -430,7 +430,7 @@ def test_running_out_of_file_descriptors_logs_little_and_recovers():
 
 def test_cli_refuses_empty_keys_abbreviations_and_names_a_taken_port(capsys, monkeypatch):
     """The command line's own checks, before any model is loaded (main() in this process)."""
-    from llama.serve.__main__ import main
+    from llama.programs.serve import main
 
     assert main([*demo_paths(), "--api-key", ""]) == 2
     assert "API key is empty" in capsys.readouterr().err
@@ -456,7 +456,7 @@ def test_cli_refuses_empty_keys_abbreviations_and_names_a_taken_port(capsys, mon
 
 
 def test_cli_default_prefill_budget():
-    from llama.serve.__main__ import parse_args
+    from llama.programs.serve import parse_args
     from llama.serve.limits import MAX_PREFILL_TOKENS
 
     assert parse_args([]).max_prefill_tokens == MAX_PREFILL_TOKENS == 512
@@ -507,7 +507,7 @@ def test_sigterm_drain_timeout_ends_every_request_with_a_last_event(long_loop):
 
 FAILING = r'''
 import sys
-from llama.serve import __main__ as main
+from llama.programs import serve as main
 from llama.engine import runner
 
 calls = {"n": 0}

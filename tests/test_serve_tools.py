@@ -210,7 +210,7 @@ def test_langchain_bind_tools(server):
 
 
 def test_chat_template_flag_fails_fast_naming_the_file(tmp_path, capsys):
-    from llama.serve.__main__ import main, parse_args
+    from llama.programs.serve import main, parse_args
 
     assert parse_args(["--chat-template", "t.jinja"]).chat_template == "t.jinja"
     assert main(["--port", "0", "--chat-template", str(tmp_path / "nope.jinja")]) == 2

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from . import cli
+from . import serve
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..serve.__main__ import main as serve
-
-    return serve(argv, web=True)
+    return serve.main(argv, web=True)
 
 
 def entry_point() -> None:
-    from ..serve.__main__ import entry_point as serve
-
-    cli.exit_with(lambda: serve(web=True))
+    serve.entry_point(web=True)

@@ -4,9 +4,11 @@
     python -m llama.web ...                                                          # pip install -e ".[web]"
 
 scheduler.py keeps the requests (queue, admission, cancellation, the engine thread) over llama/engine's row
-engine (rows, steps, sampling, stops; no HTTP), protocol.py the OpenAI request checks and response shapes, api.py
-the ASGI app, security.py its Host and Origin checks, connections.py uvicorn's connection limits, limits.py every
-limit's default, web.py the chat page, __main__.py the command line.
+engine (rows, steps, sampling, stops; no HTTP); requests.py checks OpenAI request bodies into jobs (a kind object
+per endpoint) and responses.py shapes their answers; api.py builds the ASGI app from routers (completion_routes,
+model_routes, health_routes, tokenize, web) over one ServerState (state.py); security.py does its Host and Origin
+checks, connections.py uvicorn's connection limits, limits.py every limit's default. The command line is
+llama/programs/serve.py (__main__.py only calls it).
 """
 
 from ..engine import Chunk, Finished, Request, SamplingParams

@@ -9,11 +9,17 @@ read: /tokenize, /detokenize and /tokenizer_info.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping
+
+from fastapi import APIRouter, Request as HTTPRequest
+from starlette.concurrency import run_in_threadpool
 
 from ..generation import Llama
-from .protocol import _get, _message, bad, chat_prompt
-from .tools import request_tools
+from .errors import bad
+from .fields import get, parse_json
+from .requests import chat_prompt
+from .state import server
+from .tools import message, request_tools
 
 
 def tokenize(body: Mapping[str, Any], generator: Llama) -> Dict[str, Any]:
@@ -21,13 +27,13 @@ def tokenize(body: Mapping[str, Any], generator: Llama) -> Dict[str, Any]:
     tools), in the server's chat format: its chat template or the family's Meta format (a Llama Guard's
     moderation prompt)."""
     tokenizer = generator.tokenizer
-    special = _get(body, "add_special_tokens", "boolean", True)
-    strs = _get(body, "return_token_strs", "boolean", False)
+    special = get(body, "add_special_tokens", "boolean", True)
+    strs = get(body, "return_token_strs", "boolean", False)
     if body.get("messages") is not None:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             raise bad("'messages' must be a non-empty list of messages", param="messages", code="invalid_type")
-        dialog = [_message(m, i) for i, m in enumerate(messages)]
+        dialog = [message(m, i) for i, m in enumerate(messages)]
         tools, _, _ = request_tools(body, generator)
         tokens = chat_prompt(generator, dialog, tools, body)
     else:
@@ -59,3 +65,31 @@ def tokenizer_info(generator: Llama) -> Dict[str, Any]:
             "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
             "vocab_size": generator.model.params.vocab_size, "model_max_length": generator.max_seq_len,
             "add_bos_token": True, "add_eos_token": False}
+
+
+router = APIRouter()
+
+
+async def _answer(request: HTTPRequest, work: Callable[[Mapping[str, Any], Llama], Dict[str, Any]]) -> Dict[str, Any]:
+    """The checked body's answer, worked out in a worker thread (a long prompt takes a while to tokenize)."""
+    state = server(request)
+    await state.authorize(request)
+    raw = await state.read_body(request)
+    return await run_in_threadpool(lambda: work(parse_json(raw), state.generator))
+
+
+@router.post("/tokenize")
+async def tokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+    return await _answer(request, tokenize)
+
+
+@router.post("/detokenize")
+async def detokenize_route(request: HTTPRequest) -> Dict[str, Any]:
+    return await _answer(request, detokenize)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info_route(request: HTTPRequest) -> Dict[str, Any]:
+    state = server(request)
+    await state.authorize(request)
+    return tokenizer_info(state.generator)

@@ -24,11 +24,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ..engine.grammar import Grammar, GrammarBusy
 from ..families.tools import ToolCall, ToolError, call_schema, check_tool_choice, check_tools, looks_like_call, \
     parse, parameters
+from .errors import APIError, bad
 
 
-def bad_request(message: str, param: str, code: Optional[str] = None):
-    from .protocol import bad
-
+def bad_request(message: str, param: str, code: Optional[str] = None) -> APIError:
     return bad(message, param=param, code=code)
 
 
@@ -116,8 +115,6 @@ def request_tools(body: Mapping[str, Any], generator: Any) -> Tuple[Optional[Lis
 def _compile(schema: Dict[str, Any], generator: Any, param: str) -> Grammar:
     """A JSON schema compiled for the generator's tokenizer (its failures named by `param`); 429 when every
     grammar worker stays busy."""
-    from .protocol import APIError
-
     try:
         grammar = Grammar.compile("json_schema", schema, generator.tokenizer, generator.stop_ids,
                                   generator.model.params.vocab_size)

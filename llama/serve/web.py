@@ -17,14 +17,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
+from fastapi import APIRouter, FastAPI  # noqa: E402
 from fastapi.responses import PlainTextResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from ..families.chat_format import UNSAFE_ERROR  # noqa: E402
-from .api import EventStream  # noqa: E402
+from .completion_routes import EventStream  # noqa: E402
+from .errors import APIError  # noqa: E402
 from .limits import AUTH_DELAY  # noqa: E402
-from .protocol import APIError, chat_job  # noqa: E402
+from .requests import chat_job  # noqa: E402
 from ..engine import Chunk  # noqa: E402
 from ..engine.params import DEFAULT_TEMPERATURE, RANGES  # noqa: E402
 from .scheduler import QueueFull, Scheduler, Unavailable  # noqa: E402
@@ -127,8 +128,24 @@ def build_page(engine: Scheduler, model: str) -> gr.Blocks:
     )
 
 
-def mount(app: FastAPI, engine: Scheduler, model: str, api_key: Optional[str] = None) -> None:
-    """Serve the page at /web on `app` (with an API key set, the page asks for it as its password)."""
+router = APIRouter()
+
+
+@router.get(PATH, include_in_schema=False)
+def _slashless() -> PlainTextResponse:
+    """The page's address without its slash: a relative redirect (Starlette's own would be built from Host), with
+    a body that says where, for a client that does not follow it (curl without -L)."""
+    return PlainTextResponse(f"The chat page is at {PATH}/ (this address with a slash).\n", status_code=307,
+                             headers={"Location": PATH + "/"})
+
+
+def mount(app: FastAPI, engine: Optional[Scheduler] = None, model: Optional[str] = None,
+          api_key: Optional[str] = None) -> None:
+    """Serve the page at /web on `app` (with an API key set, the page asks for it as its password). engine, model
+    and api_key default to the app's own (its state, serve/state.py)."""
+    state = getattr(app.state, "server", None)
+    if engine is None:
+        engine, model, api_key = state.engine, state.model, state.api_key
     auth = None
     if api_key:
         async def auth(user: str, password: str) -> bool:
@@ -136,11 +153,7 @@ def mount(app: FastAPI, engine: Scheduler, model: str, api_key: Optional[str] = 
                 return True
             await asyncio.sleep(AUTH_DELAY)  # a wrong password waits, as a wrong API key does (nobody else)
             return False
-    # The page's address without its slash: a relative redirect (Starlette's own would be built from Host), with a
-    # body that says where, for a client that does not follow it (curl without -L).
-    app.add_api_route(PATH, lambda: PlainTextResponse(f"The chat page is at {PATH}/ (this address with a slash).\n",
-                                                      status_code=307, headers={"Location": PATH + "/"}),
-                      methods=["GET"], include_in_schema=False)
+    app.include_router(router)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no web fonts fetched
     gr.mount_gradio_app(app, build_page(engine, model), path=PATH, auth=auth, ssr_mode=False, theme=theme,
