@@ -36,6 +36,11 @@ class Unavailable(Exception):
     """The engine is draining (shutting down) or stopped after a failure: it takes no new requests."""
 
 
+def kv_storage(model) -> str:
+    """How the model's KV pool stores keys and values, for /health: "int8" or the model's dtype."""
+    return getattr(model, "kv_dtype", None) or str(model.norm.weight.dtype).removeprefix("torch.")
+
+
 class Scheduler:
     """Requests in, events out, over a generator's model and KV cache; see the module docstring."""
 
@@ -55,8 +60,6 @@ class Scheduler:
         self.max_batch_size = generator.max_batch_size
         self.max_seq_len = generator.max_seq_len
         self.vocab_size = generator.model.params.vocab_size
-        model = generator.model  # the KV pool's storage, for /health: "int8" or the model's dtype
-        self.kv_dtype = getattr(model, "kv_dtype", None) or str(model.norm.weight.dtype).removeprefix("torch.")
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self._cond = threading.Condition()
@@ -143,7 +146,7 @@ class Scheduler:
             in_use, total, preemptions = self._blocks
             return {"running": self._running, "waiting": len(self._waiting) + self._preempted,
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_blocks_in_use": in_use,
-                    "kv_blocks_total": total, "kv_dtype": self.kv_dtype, "preemptions": preemptions}
+                    "kv_blocks_total": total, "kv_dtype": kv_storage(self.engine.model), "preemptions": preemptions}
 
     def prefix_cache_stats(self) -> Optional[Dict[str, int]]:
         """The prefix cache's counters (tokens queried and hit, blocks in use and in all), None when it is off."""
