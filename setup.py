@@ -33,10 +33,10 @@ setup(
         # hypothesis generates the fuzzed requests of the server's safety test; jinja2 renders published chat
         # templates for the family tests; lm-evaluation-harness's own local-completions client evaluates the server
         # (its api extra: aiohttp, tenacity); prometheus-client reads the server's /metrics; langchain-openai's
-        # ChatOpenAI.bind_tools calls the server's tools.
+        # ChatOpenAI.bind_tools calls the server's tools; pytest-xdist runs the suite in 2 processes (README's -n 2).
         "test": ["pytest", "transformers>=4.40", "peft", "protobuf", "jinja2", "matplotlib", "openai>=1.40",
                  "httpx>=0.27", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.30", "gradio>=6",
-                 "hypothesis>=6.100", "lm-eval[api]>=0.4.9", "prometheus-client>=0.20",
+                 "hypothesis>=6.100", "lm-eval[api]>=0.4.9", "pytest-xdist>=3.5", "prometheus-client>=0.20",
                  "llguidance>=1.0", "jsonschema", "langchain-openai>=0.3"],
         # python -m llama.serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "jinja2>=3.1"],  # jinja2: chat templates

@@ -4,8 +4,9 @@ Random weights at the chosen shape (bfloat16, the CPU's own kernels, as Llama.bu
 rank-16 factors on every projection (q, k, v, o, gate, up, down). Arms, alternated `--repeat` times:
 - merged: 16 streams on one merged adapter. A merged adapter only changes the weights' values, so this is the
   base model's decode step (the fused C step where the model allows it).
-- four: 16 streams over 4 adapters kept beside the base (4 streams each), the adapter term added per layer,
-  masked by adapter (llama/model/lora_bank.py); such steps run the layers' path, not the fused C step.
+- four: 16 streams over 4 adapters kept beside the base (4 streams each): where the model allows the fused C
+  step, it adds each row's adapter term itself (llama/cpu/csrc/lora.c, grouped by adapter); elsewhere the
+  layers' path adds it per layer, masked by adapter (llama/model/lora_bank.py).
 - layers: the base on the layers' path with no adapter (what the adapter term itself costs, apart from leaving
   the fused step).
 Each arm times `--tokens` decode steps of all 16 rows through the decode step the engine calls (DecodeStep), after

@@ -79,11 +79,13 @@ def decode_part(opts) -> dict:
             gen.generate(ps, max_gen_len=n, temperature=0)
             return time.perf_counter() - start
         run(2)
-        rates = []
+        rates, firsts = [], []
         for _ in range(opts.repeat):
             t1, tn = run(1), run(opts.tokens + 1)
             rates.append(bsz * opts.tokens / (tn - t1))
+            firsts.append(t1)
         out[f"batch{bsz}_decode_tok_s"] = round(statistics.median(rates), 2)
+        out[f"batch{bsz}_prefill_and_first_token_s"] = round(statistics.median(firsts), 3)
         out[f"batch{bsz}_runs"] = [round(r, 2) for r in rates]
         del gen, model
     return out
@@ -116,14 +118,21 @@ def prefix_part(opts) -> dict:
     shape = PRESETS[opts.shape]
     model = model_at(shape, 4, 2048, torch.bfloat16, opts.quantize)
     gen = Llama(model, Tokenizer(str(TOKENIZER)))
-    out = {"first_ttft_s": [], "hit_ttft_s": []}
+    out = {"first_ttft_s": [], "hit_ttft_s": [], "hit_blocks_copied": []}
+    copied = [0]
+    if hasattr(model, "copy_blocks"):  # the paged pool: every copy of KV between blocks goes through copy_blocks
+        copy = model.copy_blocks
+        model.copy_blocks = lambda src, dst: (copied.__setitem__(0, copied[0] + len(src)), copy(src, dst))
     for r in range(opts.repeat):
         prefix = prompts(1, 1000, shape["vocab_size"], seed=100 + r)[0]
         for key, tail in (("first_ttft_s", [5, 6]), ("hit_ttft_s", [7, 8, 9])):
+            copied[0] = 0
             start = time.perf_counter()
             gen.generate([prefix + tail], max_gen_len=1, temperature=0)
             out[key].append(round(time.perf_counter() - start, 3))
+        out["hit_blocks_copied"].append(copied[0] if hasattr(model, "copy_blocks") else "rows: the prefix is copied")
     out["first_over_hit"] = round(statistics.median(out["first_ttft_s"]) / statistics.median(out["hit_ttft_s"]), 1)
+    out["full_blocks_of_the_prefix"] = 1000 // 16
     return out
 
 

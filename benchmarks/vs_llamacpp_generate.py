@@ -30,8 +30,8 @@ EMULATE = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, "native": {}}
 LIBRARY = """
 import json, sys, time
+from llama import Llama, cpu  # before torch, as the library's programs do: OpenMP's threads then wait passively
 import torch
-from llama import Llama, cpu
 g = Llama.build(ckpt_dir=sys.argv[1], tokenizer_path=sys.argv[2], max_seq_len=512, max_batch_size=1,
                 prefix_cache=False)
 g.tokenizer.eos_id = -1
@@ -58,21 +58,28 @@ def main() -> None:
     parser.add_argument("--isa", choices=sorted(EMULATE), default="native")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default="bf16,int8,int4",
+                        help="comma-separated subset of bf16,int8,int4 (split a long campaign into short calls)")
     opts = parser.parse_args()
-    missing = [p for p in [opts.llama_bench] + [opts.dir / n for pair in PAIRS for n in pair[1:]] if not p.exists()]
+    chosen = opts.precisions.split(",")
+    bad = [p for p in chosen if p not in {k for k, _, _ in PAIRS}]
+    if bad or not chosen:
+        raise SystemExit(f"error: --precisions takes bf16, int8, int4, not {opts.precisions!r}")
+    pairs = [p for p in PAIRS if p[0] in chosen]
+    missing = [p for p in [opts.llama_bench] + [opts.dir / n for pair in pairs for n in pair[1:]] if not p.exists()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(map(str, missing))}")
     env = {**os.environ, **EMULATE[opts.isa], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(opts.threads)}
-    res = {k: {"lib_dec": [], "lib_pre": [], "cpp_dec": [], "cpp_pre": []} for k, _, _ in PAIRS}
+    res = {k: {"lib_dec": [], "lib_pre": [], "cpp_dec": [], "cpp_pre": []} for k, _, _ in pairs}
     for r in range(opts.rounds):
-        files = sum((["-m", str(opts.dir / g)] for _, _, g in PAIRS), [])
+        files = sum((["-m", str(opts.dir / g)] for _, _, g in pairs), [])
         out = subprocess.run([str(opts.llama_bench), *files, "-p", "256", "-n", "128", "-t", str(opts.threads),
                               "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
         for row in json.loads(out.stdout):
-            for k, _, g in PAIRS:
+            for k, _, g in pairs:
                 if row["model_filename"].endswith(g):
                     res[k]["cpp_pre" if row["n_prompt"] else "cpp_dec"].append(row["avg_ts"])
-        for k, d, _ in PAIRS:
+        for k, d, _ in pairs:
             o = subprocess.run([sys.executable, "-c", LIBRARY, str(opts.dir / d), str(opts.dir / "tokenizer.model")],
                                capture_output=True, text=True, env=env)
             if o.returncode:

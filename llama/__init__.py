@@ -78,9 +78,10 @@ _sys.meta_path.insert(0, _MovedModules)
 
 from .families.chat_format import ChatFormat, Dialog, Message
 from .families import Moderation
+from .builder import BuildConfig
 from .generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
 from .model.transformer import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
-__all__ = ["Llama", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer", "ChatFormat",
+__all__ = ["Llama", "BuildConfig", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer", "ChatFormat",
            "CompletionPrediction", "ChatPrediction", "InfillingPrediction", "Moderation"]

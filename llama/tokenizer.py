@@ -5,20 +5,23 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
-from .tokenizers import BaseTokenizer, SentencePieceTokenizer, TiktokenTokenizer, file_format
+from .tokenizers import BaseTokenizer, SentencePieceTokenizer, tokenizer_class
 
 
 class Tokenizer(SentencePieceTokenizer):
     """Text <-> token ids, with the BOS/EOS handling of the released references.
 
     The released name: `Tokenizer(path)` reads either tokenizer file of the family. A SentencePiece model
-    (Llama 2, Code Llama) gives this class; a tiktoken vocabulary (Llama 3) gives a `TiktokenTokenizer`, which
-    offers the same interface (`llama.tokenizers.BaseTokenizer`).
+    (Llama 2, Code Llama) gives this class; a file of another format gives the tokenizer that
+    `llama.tokenizers.tokenizer_class` picks for it (tiktoken, Llama 3: a `TiktokenTokenizer`), which offers the
+    same interface (`llama.tokenizers.BaseTokenizer`).
     """
 
     def __new__(cls, model_path: Union[str, os.PathLike]) -> BaseTokenizer:
-        if cls is Tokenizer and file_format(model_path) == "tiktoken":
-            return TiktokenTokenizer(model_path)
+        if cls is Tokenizer:
+            chosen = tokenizer_class(model_path)
+            if not issubclass(cls, chosen):
+                return chosen(model_path)
         return super().__new__(cls)
 
 

@@ -131,9 +131,18 @@ def llama3_reference():
                              special_tokens={n: i for i, n in names.items()})
 
 
+PROGRAM_ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_program(*argv: str, timeout: float = 120, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
+    """`python ARGV` in the checkout, its output captured: a fork of a process that has imported torch already
+    (tests/forked.py), for the many tests that watch a program answer its flags."""
+    from forked import run_python
+
+    return run_python(*argv, cwd=ROOT, env=PROGRAM_ENV, stdin=stdin, timeout=timeout)
+
+
 @functools.lru_cache(maxsize=None)
 def program_help(*argv: str) -> subprocess.CompletedProcess:
-    """`python ARGV --help`, run once per test session: several files read the same programs' help (each run
-    imports torch, seconds on a busy machine)."""
-    return subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    """`python ARGV --help`, run once per test process: several files read the same programs' help."""
+    return run_program(*argv, "--help", timeout=300)

@@ -1,6 +1,6 @@
 """Run greedy generation on one or more checkpoints, as one rank of a (torchrun) process group.
 
-    torchrun --nproc_per_node M tests/mp_worker.py OUT_DIR CKPT [CKPT ...]
+    torchrun --nproc_per_node M tests/mp_worker.py OUT_DIR CKPT [CKPT ...] [--register MODULE:CLASS --family NAME]
 
 Every rank builds each checkpoint in turn (the process group is set up once and reused), generates from a
 fixed ragged batch of prompts (temperature 0, log-probs, echo; then sampled) and writes OUT_DIR/rank{R}.json:
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -33,11 +33,11 @@ PROMPTS = [
 MAX_GEN_LEN = 6
 
 
-def generate_for(ckpt_dir: str, dtype: str = "float32", device: str = "cpu", tokenizer: str = str(TOKENIZER)
-                 ) -> Dict[str, object]:
+def generate_for(ckpt_dir: str, dtype: str = "float32", device: str = "cpu", tokenizer: str = str(TOKENIZER),
+                 family: Optional[str] = None) -> Dict[str, object]:
     """Build `ckpt_dir` on CPU in this process's group and greedily continue PROMPTS."""
     generator = Llama.build(ckpt_dir, tokenizer, max_seq_len=64, max_batch_size=len(PROMPTS),
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, family=family)
     prompt_tokens: List[List[int]] = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = generator.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=0.0,
                                           logprobs=True, echo=True)
@@ -55,9 +55,19 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokenizer", default=str(TOKENIZER))
+    parser.add_argument("--register", help="MODULE:CLASS, a Family subclass to register first (a plugin family)")
+    parser.add_argument("--family")
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = {ckpt: generate_for(ckpt, opts.dtype, opts.device, opts.tokenizer) for ckpt in opts.ckpt_dirs}
+    if opts.register:
+        import importlib
+
+        from llama import families
+
+        module, name = opts.register.split(":")
+        families.register(getattr(importlib.import_module(module), name)(), detect_first=False)
+    results = {ckpt: generate_for(ckpt, opts.dtype, opts.device, opts.tokenizer, opts.family)
+               for ckpt in opts.ckpt_dirs}
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -101,14 +101,14 @@ def test_path_is_chosen_for_single_stream_models_on_cpus_with_avx512_bf16():
     assert cpu.linear_path(device, torch.float32, max_batch=1) != "own-bf16"
 
 
-def test_path_is_chosen_on_avx2_at_every_batch_size_when_asked_for(monkeypatch):
+def test_path_is_chosen_on_avx2_at_every_batch_size_by_default(monkeypatch):
     _runs("avx2")
     avx2 = cpu.detect(capability="AVX2", env={}, onednn_bf16=True, fbgemm_built=True)  # as ATEN_CPU_CAPABILITY=avx2
     assert avx2.flags <= {"avx2", "fma", "f16c"} and cpu.own_bf16_isa(avx2) == "avx2"
     device = torch.device("cpu")
-    monkeypatch.delenv("LLAMA_OWN_BF16_AVX2", raising=False)
-    assert cpu.linear_path(device, torch.bfloat16, avx2, max_batch=1) == "fbgemm-fp16"  # the default
-    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "1")
+    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "0")
+    assert cpu.linear_path(device, torch.bfloat16, avx2, max_batch=1) == "fbgemm-fp16"  # turned off
+    monkeypatch.delenv("LLAMA_OWN_BF16_AVX2", raising=False)  # the default
     for batch in (1, 4, None):
         assert cpu.linear_path(device, torch.bfloat16, avx2, max_batch=batch) == "own-bf16"
     assert cpu.linear_path(device, torch.float16, avx2) == "fbgemm-fp16"

@@ -30,6 +30,7 @@ from llama.families.chat_format import ChatFormat
 from test_streaming import EOS, GREETING, HELLO, WORLD, scripted_checkpoint
 
 from llama import chat
+from llama.programs.console import Console
 from llama.model.distributed import Broadcast
 
 ANSWER = "Hello 世界😀!"
@@ -163,7 +164,7 @@ def piped_console(text: str):
     import io
 
     out = io.StringIO()
-    return chat._Console(io.StringIO(text), out), out
+    return Console(io.StringIO(text), out), out
 
 
 def read_all(console) -> List[str]:

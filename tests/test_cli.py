@@ -10,15 +10,21 @@ import time
 
 import pytest
 
-from helpers import MHA, ROOT, TOKENIZER, make_checkpoint, program_help, run_torchrun
+from helpers import MHA, ROOT, TOKENIZER, make_checkpoint, program_help, run_program, run_torchrun
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 SCRIPTS = ["example_text_completion.py", "example_chat_completion.py", "chat.py"]
 
 
-def run(*args: str, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` with empty stdin: a fork of a process that has imported torch (tests/forked.py)."""
+    return run_program(*args, timeout=timeout)
+
+
+def run_fresh(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` in a new interpreter, for what only a real start shows (runpy's warnings)."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=ENV, **kw)
+                          env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_flag_with_its_type_and_no_pager(script):
-    proc = run(script, "--help", stdin=subprocess.DEVNULL)
+    proc = run(script, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--max_seq_len (int, default" in proc.stdout and "--temperature (float, default 0.6)" in proc.stdout
     assert "Optional" not in proc.stdout and "NoneType" not in proc.stdout
@@ -51,7 +57,7 @@ PROGRAMS = [["example_text_completion.py"], ["example_chat_completion.py"], ["ch
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=" ".join)
 def test_every_program_answers_a_mistyped_flag_alike(program):
-    proc = run(*program, "--max-seqlen", "64", stdin=subprocess.DEVNULL)
+    proc = run(*program, "--max-seqlen", "64")
     assert proc.returncode == 2, proc.stderr
     close = "--max_seq_len" if "convert" not in program else None  # convert has no such flag: no guess
     hint = f"; did you mean {close}?" if close else ""
@@ -86,7 +92,7 @@ def test_both_spellings_of_a_flag_are_accepted():
 @pytest.mark.parametrize("program", [["example_text_completion.py"], ["chat.py"]], ids=" ".join)
 def test_a_range_comes_from_the_one_parameter_table(program, ckpt):
     proc = run(*program, "--ckpt_dir", str(ckpt), "--tokenizer_path", str(TOKENIZER), "--temperature", "5",
-               stdin=subprocess.DEVNULL)
+)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --temperature must be in [0, 2], got 5" +
                                                 (".0" if program == ["chat.py"] else "")]
@@ -228,7 +234,7 @@ def test_abbreviated_or_mistyped_flags_are_refused_with_a_suggestion(argv, messa
 
 def test_quantize_runs_without_runpys_warning(tmp_path):
     """`python -m llama quantize` (README's spelling) runs the program and prints no RuntimeWarning."""
-    new = run("-m", "llama", "quantize", "--help")
+    new = run_fresh("-m", "llama", "quantize", "--help")
     assert new.returncode == 0 and "RuntimeWarning" not in new.stderr and "--mode" in new.stdout, new.stderr
 
 

@@ -21,8 +21,10 @@ EPYC_AVX2 = {"model name": "AMD EPYC 7B12", "flags": AVX2_FLAGS}
 XEON_AVX512 = {"model name": "Intel(R) Xeon(R) Processor", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_vnni"}
 EPYC_BF16 = {"model name": "AMD EPYC 9B14", "flags": AVX2_FLAGS + " avx512f avx512bw avx512_bf16"}
 NO_AVX2 = {"model name": "Old x86", "flags": "fpu sse sse2 avx"}
-AVX2_PATH = "fbgemm-fp16"  # bfloat16 without AVX-512 BF16, by default (the own AVX2 loop is opt-in)
 OWN_AVX2 = qkernels.best_isa() in ("avx2", "avx512_vnni")  # the C library runs its AVX2 loop here
+# bfloat16 without AVX-512 BF16, by default: the own AVX2 loop where the C library runs it (fbgemm with
+# LLAMA_OWN_BF16_AVX2=0)
+AVX2_PATH = "own-bf16" if OWN_AVX2 else "fbgemm-fp16"
 
 
 @pytest.fixture(autouse=True)
@@ -68,13 +70,14 @@ def test_without_fbgemm_or_the_own_kernels_bf16_is_the_slow_choice_and_says_so(m
     assert cpu.dtype_note(CPU, torch.float32, info) is None
 
 
-def test_the_own_avx2_kernel_when_asked_for_makes_bfloat16_the_default(monkeypatch):
+def test_the_own_avx2_kernel_makes_bfloat16_the_default_unless_turned_off(monkeypatch):
     if not OWN_AVX2:
         pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
     info = detect(EPYC_AVX2, capability="AVX2", fbgemm_built=False)
-    assert cpu.linear_path(CPU, torch.bfloat16, info) == "aten"
-    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "1")
     assert cpu.linear_path(CPU, torch.bfloat16, info) == "own-bf16" and cpu.default_dtype(CPU, info) == torch.bfloat16
+    monkeypatch.setenv("LLAMA_OWN_BF16_AVX2", "0")
+    assert cpu.linear_path(CPU, torch.bfloat16, info) == "aten"
+    assert cpu.linear_path(CPU, torch.bfloat16, detect(EPYC_AVX2, capability="AVX2")) == "fbgemm-fp16"
 
 
 def test_describe_prints_the_bfloat16_kernels_choice():
@@ -82,7 +85,7 @@ def test_describe_prints_the_bfloat16_kernels_choice():
         pytest.skip(f"the C kernels do not run their AVX2 loop here: {qkernels.unavailable() or qkernels.best_isa()}")
     layer = ColumnParallelLinear(64, 48)
     layer.use_kernel(cpu.OwnBf16Linear(weight(), isa="avx2"))
-    assert "; own-bf16 avx2 (LLAMA_OWN_BF16_AVX2=1)" in cpu.describe(layer)
+    assert "; own-bf16 avx2 (LLAMA_OWN_BF16_AVX2=0: fbgemm)" in cpu.describe(layer)
 
 
 def test_float32_where_bfloat16_is_fast_gets_a_note():

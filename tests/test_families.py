@@ -19,6 +19,7 @@ from helpers import LLAMA3_TOKENIZER, LLAMA3_VOCAB, TOKENIZER, codellama_tokeniz
 from llama import Llama, Tokenizer, families
 from llama.families import codellama, llamaguard
 from llama.families.llama3 import Llama3ChatFormat
+from llama import tokenizers
 from llama.tokenizers import SentencePieceTokenizer, TiktokenTokenizer, file_format
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -61,6 +62,18 @@ def reference3():
 def test_file_formats_are_told_apart(tok2, tok3):
     assert file_format(TOKENIZER) == "sentencepiece" and isinstance(tok2, SentencePieceTokenizer)
     assert file_format(LLAMA3_TOKENIZER) == "tiktoken" and isinstance(tok3, TiktokenTokenizer)
+
+
+def test_one_dispatch_behind_load_and_the_released_name(tok2, tok3, reference3):
+    """tokenizers.load and Tokenizer(path) pick the same kind through tokenizer_class; the released name keeps
+    its own class for SentencePiece files (Meta's `Tokenizer`)."""
+    assert tokenizers.tokenizer_class(TOKENIZER) is SentencePieceTokenizer and type(tok2) is Tokenizer
+    assert tokenizers.tokenizer_class(LLAMA3_TOKENIZER) is TiktokenTokenizer is type(tok3)
+    text = "Hello, world: naïve 123456"
+    assert tokenizers.load(LLAMA3_TOKENIZER).encode(text, bos=False, eos=False) == reference3.encode(text)
+    loaded2 = tokenizers.load(TOKENIZER)
+    assert type(loaded2) is SentencePieceTokenizer
+    assert loaded2.encode(text, bos=True, eos=True) == tok2.encode(text, bos=True, eos=True)
 
 
 def test_llama3_special_ids(tok3):

@@ -30,10 +30,10 @@ def _random(args: ModelArgs, dtype: torch.dtype) -> Transformer:
     return model.to(dtype).eval()
 
 
-def _build(precision: str, batch: int = 3) -> Transformer:
+def _build(precision: str, batch: int = 3, seq: int = 64) -> Transformer:
     """The random model (always the same weights) on one of the own-kernel paths."""
     require_kernels()
-    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch, "max_seq_len": seq}), torch.bfloat16)
     if precision == "bfloat16":
         if not qkernels.has_avx512_bf16():
             pytest.skip("this CPU has no AVX-512 BF16: the own bfloat16 kernel runs here only in its test loop")
@@ -56,10 +56,10 @@ def _build(precision: str, batch: int = 3) -> Transformer:
 PRECISIONS = ["int8", "int4", "bfloat16", "bfloat16-avx2"]
 
 
-def _reference(precision: str, batch: int = 3) -> Transformer:
+def _reference(precision: str, batch: int = 3, seq: int = 64) -> Transformer:
     """The independent reference: the weights each path computes with (bfloat16, or the quantized codes
     dequantized), in float32 through PyTorch's operators."""
-    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch}), torch.bfloat16)
+    model = _random(ModelArgs(**{**ARGS, "max_batch_size": batch, "max_seq_len": seq}), torch.bfloat16)
     if not precision.startswith("bfloat16"):
         scheme = quant.parse(precision)
         with torch.no_grad():
@@ -96,6 +96,31 @@ def test_fused_steps_are_as_close_to_float32_as_the_layer_by_layer_steps(precisi
             blocks = fused_model.tables.blocks(row, 1, length)  # the row's blocks in the pool, by its table
             for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
                 assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
+
+
+def test_rows_longer_than_a_piece_are_attended_in_pieces_merged_in_order():
+    """decode.c attends a row in pieces of 1024 positions (over the threads) and merges them: a 2,500-position
+    row is as close to float32 as the layer-by-layer step, and its logits do not depend on the other row."""
+    fused_model, plain_model, exact = _build("int8", 2, 2600), _build("int8", 2, 2600), _reference("int8", 2, 2600)
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (2500,), generator=g).tolist(), [7, 7, 1]]
+    with torch.inference_mode():
+        for model in (fused_model, plain_model, exact):
+            model.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2]), [len(p) for p in prompts]
+        errors = {"fused": 0.0, "plain": 0.0}
+        for _ in range(4):
+            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert (a - b).norm() <= 0.05 * b.norm()
+            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
+            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
+            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+        alone = fused(tokens[:1], positions[:1])
+        both = fused(tokens, positions)
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+    assert torch.equal(alone[0], both[0])
 
 
 def _scattered(model: Transformer, lengths) -> None:
@@ -186,3 +211,210 @@ def test_models_off_the_own_kernels_decode_layer_by_layer():
     assert DecodeStep(model, compiled=False).fused is None
     with pytest.raises(ValueError, match="cannot decode through llama/cpu/csrc/decode.c: not bfloat16"):
         FusedDecode(model)
+
+
+def test_a_model_feature_outside_the_list_decodes_layer_by_layer():
+    """A model option decode.c does not implement (biases) is refused by the explicit feature list, by name, even
+    when everything else (bfloat16, int8 on the own kernels) fits; the layers' step then runs it."""
+    from llama.model import ArchSpec
+    from llama.model.fused_decode import FEATURES
+
+    require_kernels()
+    if cpu.quantized_isa() is None:
+        pytest.skip("this CPU has no AVX2: quantized layers use PyTorch's operators here")
+    assert {"attention-bias", "mlp-bias"}.isdisjoint(FEATURES)
+    model = _random(ModelArgs(**ARGS, arch=ArchSpec(attention_bias=True)), torch.bfloat16)
+    scheme = quant.parse("int8")
+    quantize.quantize_model(model, scheme)
+    model.prepare(quantize.kernel_for_quantize(scheme, CPU, torch.bfloat16, isa="auto"))
+    model.setup_cache(CPU, torch.bfloat16)
+    assert why_not(model) == ("model feature(s) ['attention-bias'] not implemented by decode.c (it implements "
+                              f"{sorted(FEATURES)})")
+    step = DecodeStep(model, compiled=False)
+    assert step.fused is None
+    with pytest.raises(ValueError, match=r"decode.c: model feature\(s\) \['attention-bias'\]"):
+        FusedDecode(model)
+
+
+# --- LoRA adapters inside the fused step (llama/model/fused_lora.py, llama/cpu/csrc/lora.c) ------------------------
+
+ADAPTER_RANKS = {0: (8, None), 1: (4, ("wq", "wv")), 2: (16, ("wo", "w1", "w3", "w2"))}  # slot: rank, targets
+ROW_SLOTS = [0, 1, -1, 2]  # a row of each adapter and one of the base, in one step
+
+
+def _factors(model: Transformer, slot: int):
+    """Random PEFT-style factors of the adapter in `slot`, per Meta key: A (r, in) and scale * B (out, r)."""
+    rank, targets = ADAPTER_RANKS[slot]
+    g = torch.Generator().manual_seed(7 + slot)
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for parent, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3"))):
+            for name in names:
+                if targets is None or name in targets:
+                    n, k = _shapes(model)[name]
+                    out[f"layers.{i}.{parent}.{name}.weight"] = (torch.randn(rank, k, generator=g) * k ** -0.5,
+                                                                  torch.randn(n, rank, generator=g) * 0.3)
+    return out
+
+
+def _shapes(model: Transformer):
+    p, attn = model.params, model.layers[0].attention
+    hidden = model.layers[0].feed_forward.w2.in_features
+    kv = attn.n_local_kv_heads * attn.head_dim
+    return {"wq": (p.dim, p.dim), "wk": (kv, p.dim), "wv": (kv, p.dim), "wo": (p.dim, p.dim),
+            "w1": (hidden, p.dim), "w3": (hidden, p.dim), "w2": (p.dim, hidden)}
+
+
+def _with_banks(precision: str):
+    from llama.model import lora_bank
+    model = _build(precision, batch=4)
+    lora = lora_bank.attach(model, slots=4, rank=16)
+    for slot in ADAPTER_RANKS:
+        factors = _factors(model, slot)
+        lora.load(slot, f"adapter{slot}", lambda keys, f=factors: {k: v for k, v in f.items() if k in keys})
+    return model, lora
+
+
+def _merged_reference(precision: str, slot: int) -> Transformer:
+    """The float32 reference with one adapter merged into its weights the plain way (W + scale * B @ A), written
+    out here, not through lora_bank or llama.checkpoints.lora."""
+    model = _reference(precision, batch=4)
+    if slot < 0:
+        return model
+    factors = _factors(model, slot)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for parent in ("attention", "feed_forward"):
+                for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                    key = f"layers.{i}.{parent}.{name}.weight"
+                    if key in factors:
+                        a, b = factors[key]
+                        getattr(getattr(layer, parent), name).weight += b @ a
+    return model
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_fused_steps_add_each_rows_adapter_as_the_merged_models(precision):
+    """Rows of three adapters (ranks 8, 4 and 16, different targets, zero-padded in a rank-16 bank) and one base
+    row in every step: the fused step keeps the fused path, agrees with the layers' path to bfloat16 rounding and
+    is as close to float32 models with each adapter merged as the layers' path is."""
+    (fused_model, fused_lora), (plain_model, plain_lora) = _with_banks(precision), _with_banks(precision)
+    for bank in plain_lora.banks:
+        bank.native = False  # the layers' path through PyTorch's masked products, not lora.c
+    refs = {slot: _merged_reference(precision, slot) for slot in set(ROW_SLOTS)}
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    assert fused.fused is not None and fused.fused.takes_adapters
+    prompts = [[5, 17, 3, 40, 2], [7, 7, 1, 9, 9], [60, 2, 33, 4, 8], [1, 2, 3, 4, 5]]
+    errors = {"fused": 0.0, "plain": 0.0}
+    with torch.inference_mode():
+        for model, lora in ((fused_model, fused_lora), (plain_model, plain_lora)):
+            lora.select(ROW_SLOTS, len(prompts[0]), CPU)
+            model.prefill(prompts)
+            lora.clear()
+        for ref in refs.values():
+            ref.prefill(prompts)
+        tokens, positions = torch.tensor([1, 2, 3, 4]), [len(p) for p in prompts]
+        calls = []
+        fused.fused.lib = _Counting(fused.fused.lib, calls)
+        for _ in range(6):
+            want = torch.stack([refs[s].decode(tokens, torch.tensor(positions), max(positions) + 1)[i]
+                                for i, s in enumerate(ROW_SLOTS)])
+            fused_lora.select(ROW_SLOTS, 1, CPU)
+            plain_lora.select(ROW_SLOTS, 1, CPU)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            fused_lora.clear()
+            plain_lora.clear()
+            for i in range(4):
+                assert (a[i] - b[i]).norm() <= 0.05 * b[i].norm()  # bfloat16 rounding through 2 layers
+                assert (a[i] - want[i]).norm() <= 0.05 * want[i].norm()
+                assert (want[i] - refs[-1].decode(tokens, torch.tensor(positions), max(positions) + 1)[i]).norm() > \
+                    4 * (a[i] - want[i]).norm() or ROW_SLOTS[i] < 0  # the adapter matters far above the error
+            errors["fused"] += ((a - want).norm() / want.norm()).item()
+            errors["plain"] += ((b - want).norm() / want.norm()).item()
+            tokens, positions = want.argmax(-1), [p + 1 for p in positions]
+    assert len(calls) == 6  # every step ran in decode.c
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+
+
+class _Counting:
+    """The kernels' library, counting the fused step's calls."""
+
+    def __init__(self, lib, calls) -> None:
+        self._lib, self._calls = lib, calls
+
+    def qk_decode_layers(self, *args):
+        self._calls.append(args)
+        return self._lib.qk_decode_layers(*args)
+
+
+@pytest.mark.parametrize("precision", ["int8"])
+def test_a_rows_adapter_term_does_not_depend_on_the_other_rows(precision):
+    """Bit for bit (deterministic mode relies on it): a row alone, beside rows of other adapters, beside the
+    same adapter, and the base row beside adapter rows."""
+    model, lora = _with_banks(precision)
+    step = DecodeStep(model, compiled=False)
+    with torch.inference_mode():
+        model.prefill([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4], [3, 3, 3, 3, 3, 3]])
+        outs = {}
+        for name, slots in {"mixed": [2, 0, -1], "same": [2, 2, 2], "alone": [2]}.items():
+            lora.select(slots, 1, CPU)
+            outs[name] = step(torch.tensor([11, 12, 13][:len(slots)]), [6, 6, 6][:len(slots)])
+            lora.clear()
+        base = step(torch.tensor([11, 12, 13]), [6, 6, 6])
+    assert torch.equal(outs["mixed"][0], outs["alone"][0]) and torch.equal(outs["same"][0], outs["alone"][0])
+    assert torch.equal(outs["mixed"][2], base[2])
+    assert not torch.equal(outs["mixed"][0], base[0])
+
+
+def test_every_instruction_set_adds_the_same_adapter_terms():
+    model, lora = _with_banks("int8")
+    fused = FusedDecode(model)
+    outs = {}
+    with torch.inference_mode():
+        lora.select(ROW_SLOTS, 6, CPU)
+        model.prefill([[1, 2, 3, 4, 5, 6]] * 4)
+        for isa in range(fused.isa + 1):
+            lora.select(ROW_SLOTS, 1, CPU)
+            fused.isa = isa
+            outs[isa] = fused(torch.tensor([4, 4, 4, 4]), [6, 6, 6, 6])
+        lora.clear()
+    for out in outs.values():
+        torch.testing.assert_close(out, outs[fused.isa], atol=2e-2, rtol=2e-2)
+    assert not torch.equal(outs[fused.isa][0], outs[fused.isa][2])  # the adapter row differs from the base row
+
+
+def test_the_c_term_on_the_layers_path_is_the_adapters_product():
+    """fused_lora.BankTerm (lora.c for one bank, the layers' path in bfloat16) against x·A·B in float32 written
+    out here, per token's adapter, for a fused wqkv-like bank of three parts, ranks padded, a base token."""
+    from llama.model import lora_bank
+    from llama.model.fused_lora import BankTerm
+    require_kernels()
+    if cpu.quantized_isa() is None:
+        pytest.skip("this CPU has no AVX2: the layers' path keeps PyTorch's products")
+    parts, rank, slots = [("wq", 0, 64), ("wk", 64, 32), ("wv", 96, 32)], 16, 3
+    state = lora_bank.LoraSet(slots, rank)
+    bank = lora_bank.LoraBank(parts, 80, 128, slots, rank, torch.bfloat16, CPU, state)
+    g = torch.Generator().manual_seed(3)
+    factors = {}
+    for slot, r in enumerate([16, 5, 9]):
+        factors[slot] = {key: (torch.randn(r, 80, generator=g), torch.randn(cols, r, generator=g) * 0.1)
+                         for key, _, cols in parts}
+        bank.load(slot, factors[slot])
+    assert BankTerm.serves(bank)
+    x = torch.randn(7, 80, generator=g).to(torch.bfloat16)
+    y = torch.randn(7, 128, generator=g).to(torch.bfloat16)
+    ids = [2, 0, -1, 1, 2, 2, 0]
+    state.select(ids, 1, CPU)
+    got = bank.add(x, y.clone())
+    assert bank.native
+    bank.native = False
+    torch_path = bank.add(x, y.clone())
+    state.clear()
+    want = y.float().clone()
+    for t, slot in enumerate(ids):
+        for key, first, cols in parts if slot >= 0 else []:
+            a, b = (f.to(torch.bfloat16).float() for f in factors[slot][key])
+            want[t, first:first + cols] += x[t].float() @ a.t() @ b.t()
+    assert torch.equal(got[2], y[2])  # the base token: untouched
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bfloat16 roundings of h, h·B and y
+    torch.testing.assert_close(got.float(), torch_path.float(), atol=0.05, rtol=0.02)

@@ -47,9 +47,9 @@ class CountingModel:
             logits = cls.prefill(model, prompts, rows=rows, all_logits=all_logits)
             return self.edit(len(self.calls), logits) if self.edit and not all_logits else logits
 
-        def decode(tokens, positions, window):
+        def decode(tokens, positions, window, *rest):
             self.calls.append(("decode", *tokens.shape))
-            logits = cls.decode(model, tokens, positions, window)
+            logits = cls.decode(model, tokens, positions, window, *rest)
             return self.edit(len(self.calls), logits) if self.edit else logits
 
         model.prefill, model.decode = prefill, decode

@@ -121,7 +121,8 @@ def test_converts_one_layer_at_a_time(tmp_path, meta, monkeypatch):
     the tokenizer is found in the folder above the checkpoint, where download.sh puts it."""
     groups = []
     real = hf.to_hf_state
-    monkeypatch.setattr(hf, "to_hf_state", lambda state, args: groups.append(sorted(state)) or real(state, args))
+    monkeypatch.setattr(hf, "to_hf_state",
+                        lambda state, args, *spec: groups.append(sorted(state)) or real(state, args, *spec))
     shutil.copytree(meta["gqa"], tmp_path / "llama-2-tiny")
     shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
     convert(tmp_path / "llama-2-tiny", tmp_path / "out")
@@ -361,8 +362,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, meta, hf_dirs, capsys, argv
 @pytest.mark.parametrize("direction", ["hf", "meta"])
 def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, capsys, direction):
     """Ctrl-C while the second weight file is written: exit 130, and no file is left under any final name."""
-    import llama.checkpoints.checkpoint as ckpt_mod
     import llama.checkpoints.hf_write as hf_write
+    import llama.checkpoints.writing as ckpt_mod
 
     real, weights = ckpt_mod.atomic_save, []
 

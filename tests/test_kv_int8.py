@@ -209,6 +209,46 @@ def test_the_fused_step_reads_and_writes_int8_kv_as_the_pytorch_path_does():
                 assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
 
 
+
+def test_int8_rows_longer_than_a_piece_are_attended_in_pieces_on_every_instruction_set():
+    """decode.c's int8 attention takes the bf16 pool's shape: 1024-position pieces over the threads, merged in
+    order. A 2,500-position row is as close to float32 as the PyTorch path reading the same int8 pool, its logits
+    do not depend on the other row, and every instruction set computes the same step."""
+    from test_fused_decode import _build, _reference
+    from llama.model.decode_step import DecodeStep
+    from llama.model.fused_decode import FusedDecode
+
+    fused_model, plain_model, exact = _build("int8", 2, 2600), _build("int8", 2, 2600), _reference("int8", 2, 2600)
+    for model in (fused_model, plain_model):
+        model.setup_cache(torch.device("cpu"), torch.bfloat16, kv_dtype="int8")
+    fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
+    assert fused.fused is not None and plain.fused is None
+    g = torch.Generator().manual_seed(5)
+    prompts_ = [torch.randint(0, 96, (2500,), generator=g).tolist(), [7, 7, 1]]
+    errors = {"fused": 0.0, "plain": 0.0}
+    with torch.inference_mode():
+        for model in (fused_model, plain_model, exact):
+            model.prefill(prompts_)
+        tokens, positions = torch.tensor([1, 2]), [len(p) for p in prompts_]
+        for _ in range(3):
+            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert (a - b).norm() <= 0.05 * b.norm()
+            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
+            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
+            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+        alone = fused(tokens[:1], positions[:1])
+        both = fused(tokens, positions)
+        step, outs = FusedDecode(fused_model), {}
+        best = step.isa
+        for isa in range(best + 1):  # the same step again (its keys rewritten with the same values) on each ISA
+            step.isa = isa
+            outs[isa] = step(tokens[:1], positions[:1])
+    assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
+    assert torch.equal(alone[0], both[0])
+    for out in outs.values():
+        torch.testing.assert_close(out, outs[best], atol=2e-2, rtol=2e-2)
+
 # --- errors and flags -----------------------------------------------------------------------------------------
 
 

@@ -138,10 +138,11 @@ def test_prefix_cache_never_shares_kv_between_adapters(many, merged):
 
 
 def test_one_slot_serves_several_adapters_in_turn(setup, merged):
-    """max_loras=1: a batch asking for a and c waits for the slot, loads on demand, and every prompt finishes."""
+    """max_loras=1: a batch asking for a and c waits for the slot, loads on demand, and every prompt finishes; the
+    base and a prompts behind the waiting c run before it (admission.next_admissible), with the same answers."""
     gen = build(setup["meta"], {n: str(p) for n, p in setup["paths"].items()}, max_loras=1)
-    prompts = ["Once upon a time", "Once upon a time", "Hello"]
-    names = ["a", "c", "a"]
+    prompts = ["Once upon a time", "Once upon a time", "Hello", "Hello"]
+    names = ["a", "c", "a", None]
     got = gen.text_completion(prompts, temperature=0, max_gen_len=4, lora=names)
     for prompt, name, out in zip(prompts, names, got):
         assert out == merged[name].text_completion([prompt], temperature=0, max_gen_len=4)[0]

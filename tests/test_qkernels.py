@@ -111,6 +111,30 @@ def test_dequantize_gives_the_plain_forms_weights(isa, mode, group):
     assert torch.equal(got16, plain.dequantize()[rows].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 128)])
+def test_avx2_prefill_gemm_matches_the_float64_product(threads, mode, group):
+    """qk_gemm_quantized (AVX2 prefill: dequantized panels of 24 rows through linear16.c's GEMM, 4 activation rows
+    at a time): float32 sums of the exact weights, the output rounded once to bfloat16."""
+    _runnable("avx2")
+    for seed, (m, n, k) in enumerate([(1, 5, 256), (6, 50, 256), (33, 24, 512), (40, 77, 384)]):
+        if group and k % group:
+            continue
+        plain = quantize_weight(_weight(n, k, seed), mode, group)
+        x = _activations(m, k, seed)
+        if mode == "int8":
+            packed, rscale = qkernels.pack_int8(plain.qweight), plain.scales.float()
+            rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
+            got = qkernels.gemm_quantized(x, 8, packed, rscale, n, 0, threads)
+        else:
+            packed = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group)
+            got = qkernels.gemm_quantized(x, 4, packed, None, n, group, threads)
+        exact = x.double() @ plain.dequantize().double().t()
+        tol = exact.abs() * 2 ** -8 + 1e-5 * (x.double().abs() @ plain.dequantize().double().abs().t()) + 1e-6
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        assert bool(((got.double() - exact).abs() <= tol).all()), (m, n, k)
+
+
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 64)])
 def test_modules_choose_the_kernels_and_prefill_path(mode, group):
     isa = quantize.own_kernel_isa(quantize_weight(_weight(8, 256, 0), mode, group), torch.bfloat16)

@@ -16,7 +16,8 @@ from typing import List, Tuple
 
 import pytest
 
-from helpers import ROOT, program_help
+from forked import run_python
+from helpers import PROGRAM_ENV, ROOT, program_help
 from llama import cli
 from serve_support import ProcessServer, skip_without
 
@@ -65,8 +66,7 @@ def test_python_block_runs(index, tmp_path, request):
         code = code.replace("http://127.0.0.1:8000", request.getfixturevalue("demo_server").url)
     script = tmp_path / "block.py"
     script.write_text(code)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    proc = run_python(str(script), cwd=tmp_path, env=PROGRAM_ENV, timeout=300)  # `python block.py` (tests/forked.py)
     assert proc.returncode == 0, f"{block_ids('python')[index]} failed:\n{code}\n{proc.stderr[-3000:]}"
 
 

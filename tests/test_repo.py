@@ -29,8 +29,8 @@ def test_public_surface_matches_the_released_reference():
 
 MAX_MODULE_LINES, MAX_CLASS_LINES = 400, 250
 # Rooms still too big, each to be split; the lists only shrink (an entry that fits again fails, to be removed).
-BIG_MODULES = {"generation.py", "model/transformer.py", "checkpoints/checkpoint.py", "programs/terminal_chat.py"}
-BIG_CLASSES = {"generation.py:Llama", "engine/engine.py:Engine"}
+BIG_MODULES: set[str] = set()
+BIG_CLASSES: set[str] = set()
 
 
 def _modules():

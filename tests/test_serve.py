@@ -378,13 +378,9 @@ def test_cli_serves_and_sigterm_drains_then_exits_0(loop_dir):
 
 
 def test_cli_usage_errors_exit_2(tmp_path):
-    import subprocess
-    import sys
+    from helpers import run_program
 
-    from helpers import ROOT
-
-    run = lambda *args: subprocess.run([sys.executable, "-m", "llama.serve", *args], cwd=ROOT,  # noqa: E731
-                                       capture_output=True, text=True, timeout=TIMEOUT)
+    run = lambda *args: run_program("-m", "llama.serve", *args, timeout=TIMEOUT)  # noqa: E731
     missing = run("--ckpt_dir", str(tmp_path))
     assert missing.returncode == 2 and "--tokenizer_path is missing" in missing.stderr
     busy = socket.socket()

@@ -144,3 +144,42 @@ def test_serve_flags():
                           (["--lora", "p", "--max_loras", "2"], "NAME=PATH"), (["--max_loras", "2"], "need")]:
         with pytest.raises(ValueError, match=message):
             _loras(parse_args(argv))
+
+
+def test_a_request_waiting_for_a_slot_does_not_hold_back_those_behind_it(files, expected):
+    """One slot, held by a running request of adapter a: a request for b waits for it, and the base request and
+    the second request for a behind it start at once (head-of-line); b runs once the slot frees. Each answers as
+    its merged model."""
+    from llama.engine.events import Chunk, Finished, Request
+    from llama.engine.params import SamplingParams
+    from llama.serve.scheduler import Scheduler
+
+    gen = build(files["meta"], {n: str(p) for n, p in files["paths"].items()}, max_loras=1)
+    scheduler = Scheduler(gen)
+    prompt = gen.prompts.encode(DIALOG)
+    texts: Dict[int, str] = {i: "" for i in range(4)}
+    ends: Dict[int, str] = {}
+
+    def sink(i):
+        def take(event) -> None:
+            if isinstance(event, Chunk):
+                texts[i] += event.text
+            elif isinstance(event, Finished):
+                ends[i] = event.reason
+        return take
+
+    names = ["a", "b", None, "a"]
+    requests = [Request(list(prompt), SamplingParams(temperature=0, max_tokens=8), sink(i), id=str(i), lora=name)
+                for i, name in enumerate(names)]
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.step()
+    running = {r.id for r in scheduler._admitted}
+    assert running == {"0", "2", "3"}, running  # b waits; the base and a loaded adapter went past it
+    assert [r.id for r in scheduler._waiting] == ["1"]
+    for _ in range(100):
+        if not scheduler.step():
+            break
+    assert sorted(ends) == [0, 1, 2, 3] and set(ends.values()) <= {"length", "stop"}, ends
+    for i, name in enumerate(names):
+        assert texts[i].strip() == expected[name].strip()

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .. import families
+from ..families.base import HFSpec
 from . import hf, hf_write
 from .checkpoint import (
     PathLike,
@@ -72,7 +73,7 @@ def _default_tokenizer(src_dir: PathLike) -> Path:
                             "--tokenizer_path")
 
 
-def _meta_layers(shards: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+def _meta_layers(shards: List[Path], args: ModelArgs, spec: HFSpec) -> Iterator[Tuple[str, torch.Tensor]]:
     """The full tensors of a Meta checkpoint of any shard count, in Hugging Face's names and row order, one group
     at a time (the embeddings, each layer, the final norm and output): shards are memory-mapped anew for each
     group and only that group's slices are read and joined along checkpoint.split_dim."""
@@ -88,7 +89,7 @@ def _meta_layers(shards: List[Path], args: ModelArgs) -> Iterator[Tuple[str, tor
             dim = split_dim(stored)
             full[key] = sources[0][stored] if dim is None else torch.cat([src[stored] for src in sources], dim=dim)
         del sources
-        for name, tensor in hf.to_hf_state(full, args).items():
+        for name, tensor in hf.to_hf_state(full, args, spec).items():
             yield name, tensor
         del full
 
@@ -129,14 +130,14 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     if info.quantization is not None:
         raise ValueError(f"{str(src_dir)!r} is quantized ({info.quantization}); Hugging Face's layout takes float "
                          "weights: convert its bfloat16 source")
-    args = ModelArgs.from_params(info.params)
+    args = ModelArgs.from_params(info.params, arch=info.arch)
     args.vocab_size = info.vocab_rows
     tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else _default_tokenizer(src_dir)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words != info.vocab_rows:
         raise ValueError(f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} tokens but the checkpoint in "
                          f"{str(src_dir)!r} has {info.vocab_rows} embedding rows: they do not belong together")
-    found = families.detect(tokenizer, info.params, family)
+    found = families.detect(tokenizer, info.params, family, info.arch)
     if max_position_embeddings is None:
         max_position_embeddings = found.context_for(info.params)
     stored = _check_meta_shards(info.shards, args)
@@ -148,10 +149,11 @@ def meta_to_hf(src_dir: PathLike, dst_dir: PathLike, tokenizer_path: Optional[Pa
     log(f"converting {info.n_shards} shard(s) of {src_dir} to Hugging Face's layout in {dst_dir} "
         f"({str(dtype).removeprefix('torch.')}, files of at most {max_shard_bytes / 1e9:g} GB)")
     start = time.perf_counter()
-    written = hf_write.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args), tokenizer_path, dtype,
+    written = hf_write.write_hf_checkpoint(dst_dir, args, _meta_layers(info.shards, args, found.hf), tokenizer_path, dtype,
                                      tokenizer.bos_id, _one_or_list(found.hf_eos_ids(tokenizer)), max_shard_bytes,
                                      max_position_embeddings, found.hf_tokenizer_files(tokenizer,
-                                                                                       max_position_embeddings))
+                                                                                       max_position_embeddings),
+                                     found.hf)
     for path in written:
         if path.suffix == ".safetensors":
             log(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB")
@@ -165,7 +167,7 @@ def hf_to_meta(src_dir: PathLike, dst_dir: PathLike, n_shards: int = 1, dtype: O
     its tokenizer.model) into the new or empty `dst_dir`. Checks come before anything is written."""
     log = log or (lambda message: None)
     info = hf.inspect_checkpoint(src_dir)
-    args = ModelArgs.from_params(info.params)
+    args = ModelArgs.from_params(info.params, arch=info.arch)
     check_shard_count(n_shards, lambda: valid_model_parallel_sizes(args),
                       lambda n: check_model_parallel_size(args, n))
     tokenizer = Path(src_dir) / "tokenizer.model"

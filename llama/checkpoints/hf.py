@@ -19,20 +19,15 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import (
-    CheckpointInfo,
-    PathLike,
-    rope_freqs,
-    split_dim,
-    state_shapes,
-)
+from .checkpoint import CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
-    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args,
-    is_hf_checkpoint, params_from_config)
+    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args, hf_layout,
+    _params, params_from_config)
+from ..families.base import LLAMA_HF, HFSpec
 from ..model.transformer import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -41,15 +36,10 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_
 OTHER_FILES = _TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
-# Meta's name of a layer's weight -> Hugging Face's (inside "model.layers.N."); then the top-level ones.
-HF_LAYER_NAMES: Dict[str, str] = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-HF_TOP_NAMES: Dict[str, str] = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}
-_META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
+# The names: the family's HFSpec (llama/families/base.py; the Llama models' by default), as
+# HF_LAYER_NAMES / HF_TOP_NAMES for the code that always read them here.
+HF_LAYER_NAMES: Mapping[str, str] = LLAMA_HF.layer_names
+HF_TOP_NAMES: Mapping[str, str] = LLAMA_HF.top_names
 # Older conversions stored the rotary tables as buffers; they are recomputed, never read.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -57,34 +47,37 @@ _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # --- names and the rotary permutation ----------------------------------------------------------------------
 
 
-def hf_name(meta_key: str) -> str:
+def hf_name(meta_key: str, spec: HFSpec = LLAMA_HF) -> str:
     """Hugging Face's name of a Meta state-dict entry (layers.3.attention.wq.weight ->
-    model.layers.3.self_attn.q_proj.weight)."""
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_key)
-    if match and match.group(2) in HF_LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
-    module = meta_key.removesuffix(".weight")
-    if meta_key.endswith(".weight") and module in HF_TOP_NAMES:
-        return f"{HF_TOP_NAMES[module]}.weight"
+    model.layers.3.self_attn.q_proj.weight; a bias likewise)."""
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", meta_key)
+    if match and match.group(2) in spec.layer_names:
+        return f"model.layers.{match.group(1)}.{spec.layer_names[match.group(2)]}.{match.group(3)}"
+    module, _, kind = meta_key.rpartition(".")
+    if kind in ("weight", "bias") and module in spec.top_names:
+        return f"{spec.top_names[module]}.{kind}"
     raise ValueError(f"{meta_key!r} has no Hugging Face name")
 
 
-def meta_name(hf_key: str) -> Optional[str]:
-    """Meta's name of a Hugging Face tensor name, None for a name that is not a Llama weight."""
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_key)
-    if match and match.group(2) in _META_LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_META_LAYER_NAMES[match.group(2)]}.weight"
-    module = hf_key.removesuffix(".weight")
-    if hf_key.endswith(".weight") and module in _META_TOP_NAMES:
-        return f"{_META_TOP_NAMES[module]}.weight"
+def meta_name(hf_key: str, spec: HFSpec = LLAMA_HF) -> Optional[str]:
+    """Meta's name of a Hugging Face tensor name, None for a name that is not one of the model's weights."""
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_key)
+    layer_names = {v: k for k, v in spec.layer_names.items()}
+    if match and match.group(2) in layer_names:
+        return f"layers.{match.group(1)}.{layer_names[match.group(2)]}.{match.group(3)}"
+    module, _, kind = hf_key.rpartition(".")
+    top_names = {v: k for k, v in spec.top_names.items()}
+    if kind in ("weight", "bias") and module in top_names:
+        return f"{top_names[module]}.{kind}"
     return None
 
 
 def rotary_heads(meta_key: str, args: ModelArgs) -> Optional[int]:
-    """The heads whose rows are in rotary order in `meta_key` (wq: the query heads, wk: the KV heads), else None."""
-    if meta_key.endswith(".attention.wq.weight"):
+    """The heads whose rows are in rotary order in `meta_key` (wq: the query heads, wk: the KV heads; their
+    weights and biases), else None."""
+    if meta_key.endswith((".attention.wq.weight", ".attention.wq.bias")):
         return args.n_heads
-    if meta_key.endswith(".attention.wk.weight"):
+    if meta_key.endswith((".attention.wk.weight", ".attention.wk.bias")):
         return args.kv_heads
     return None
 
@@ -108,7 +101,8 @@ def from_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs, spec: HFSpec = LLAMA_HF
+                ) -> Dict[str, torch.Tensor]:
     """Full (unsplit) Meta entries -> Hugging Face's names and row order, in the same order; rope.freqs is dropped
     (transformers computes its own). Any subset of a state dict works, so a model can be converted layer by layer."""
     out: Dict[str, torch.Tensor] = {}
@@ -116,7 +110,7 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Dict[str,
         if key == "rope.freqs":
             continue
         heads = rotary_heads(key, args)
-        out[hf_name(key)] = tensor if heads is None else _to_hf_rows(tensor, heads)
+        out[hf_name(key, spec)] = tensor if heads is None else _to_hf_rows(tensor, heads)
     return out
 
 
@@ -159,7 +153,8 @@ def _safe_open(path: Path):
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
 
 
-def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) -> Dict[str, Tuple[Path, str]]:
+def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False, spec: HFSpec = LLAMA_HF
+                  ) -> Dict[str, Tuple[Path, str]]:
     """Meta key -> (file, Hugging Face name) for every weight the model needs, after checking from the files'
     headers alone (no weight is read) that each is there once, of the right shape, and that nothing else is.
     With tied embeddings there is no output weight to find (a stored lm_head is ignored, as transformers does)."""
@@ -170,7 +165,7 @@ def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) ->
     for path in files:
         with _safe_open(path) as handle:
             for name in handle.keys():
-                key = meta_name(name)
+                key = meta_name(name, spec)
                 if key is None or key not in expected:
                     if not _IGNORED.fullmatch(name) and key not in skipped:
                         unexpected.append(name)
@@ -182,15 +177,20 @@ def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False) ->
                     raise ValueError(f"{name} in {str(path)!r} has shape {shape}, but config.json says "
                                      f"{expected[key]}")
                 found[key] = (path, name)
-    missing = [hf_name(k) for k in expected if k not in found]
+    missing = [hf_name(k, spec) for k in expected if k not in found]
     if missing or unexpected:
         raise ValueError(f"the safetensors files in {str(files[0].parent)!r} do not hold the Llama model its "
                          f"config.json describes: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return found
 
 
-def _args_of(ckpt_dir: PathLike) -> ModelArgs:
-    return ModelArgs.from_params(params_from_config(_read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"))
+def _header(ckpt_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any], ModelArgs, HFSpec]:
+    """config.json, Meta's params for it, the model it describes (architecture options included) and its family
+    layout."""
+    config, where = _read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"
+    spec, arch = hf_layout(config, where)
+    params = _params(config, where)
+    return config, params, ModelArgs.from_params(params, arch=arch), spec
 
 
 def _tied(config: Mapping[str, Any]) -> bool:
@@ -198,73 +198,82 @@ def _tied(config: Mapping[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
+class HFReader(Reader):
+    """Hugging Face's layout: config.json beside safetensors files. `load_rank_state` reads its config.json for
+    the shapes; the files are memory-mapped and only this rank's slice of each tensor is read; wq and wk are
+    un-permuted slice by slice (whole heads); rope.freqs is added as Meta's shards have it."""
+
+    layout = "hf"
+
+    def claims(self, ckpt_dir: PathLike) -> bool:
+        """A config.json and no params.json (Meta's layout has that)."""
+        folder = Path(ckpt_dir)
+        return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
+
+    def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
+        """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files.
+        Only config.json and the files' headers are read; every error comes before any weight is."""
+        return self.info_of(_find_weight_files(ckpt_dir))
+
+    def info_of(self, files: List[Path]) -> CheckpointInfo:
+        """config.json beside the files, and the files' headers checked against it (the weight index, kept in
+        the info's header for `read`)."""
+        config, params, args, spec = _header(files[0].parent)
+        index = _weight_index(files, args, _tied(config), spec)
+        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config), arch=args.arch,
+                              header=(args, index))
+
+    def _read(self, info: CheckpointInfo, rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        files = [Path(p) for p in info.shards]
+        args, index = info.header
+        index = dict(index)
+        if info.tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
+            index["output.weight"] = index["tok_embeddings.weight"]
+        out: Dict[str, torch.Tensor] = {}
+        for done, path in enumerate(files, start=1):
+            with _safe_open(path) as handle:
+                for key, (where, name) in index.items():
+                    if where == path:
+                        out[key] = _rank_slice(handle, key, name, args, rank, world, how)
+            how.report(done, len(files), path, started)
+        out["rope.freqs"] = rope_freqs(args, how.dtype or out["tok_embeddings.weight"].dtype).to(how.device)
+        return out
+
+
+def _rank_slice(handle: Any, key: str, name: str, args: ModelArgs, rank: int, world: int,
+                how: _Read) -> torch.Tensor:
+    """Rank `rank`'s slice of tensor `name` (Meta's `key`) from an open safetensors file, in Meta's row order."""
+    dim = split_dim(key)
+    if dim is None:
+        piece = handle.get_tensor(name)
+    else:
+        view = handle.get_slice(name)
+        full = view.get_shape()[dim]
+        if full % world:
+            raise ValueError(f"{name} has {full} entries on dim {dim}, not divisible by {world} processes")
+        lo, hi = rank * full // world, (rank + 1) * full // world
+        piece = view[lo:hi] if dim == 0 else view[:, lo:hi]
+    heads = rotary_heads(key, args)
+    if heads is not None:
+        if heads % world:
+            raise ValueError(f"{heads} heads of {name} cannot be split over {world} processes")
+        piece = from_hf_rows(piece, heads // world)
+    # With mmap a slice the file holds as is stays a view of its mapping (copy-on-write), as Meta's shards do;
+    # otherwise, or when permuted, cast or moved, it is a buffer of its own.
+    return piece.to(device=how.device, dtype=how.dtype or piece.dtype, copy=not how.mmap,
+                    memory_format=torch.contiguous_format)
+
+
+READER = HFReader()
+is_hf_checkpoint = READER.claims  # a directory in Hugging Face's layout
+
+
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:
-    """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory: Meta's params
-    (vocab_size concrete), the embedding rows, and as `shards` the safetensors files (n_shards counts them).
-    Only config.json and the files' headers are read; every error comes before any weight is."""
-    config = _read_config(ckpt_dir)
-    params = params_from_config(config, f"{Path(ckpt_dir) / _CONFIG}")
-    files = _find_weight_files(ckpt_dir)
-    _weight_index(files, ModelArgs.from_params(params), _tied(config))
-    return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config))
+    """What `checkpoint.inspect_checkpoint` says of Meta's layout, for a Hugging Face directory (`HFReader`)."""
+    return READER.inspect(ckpt_dir)
 
 
-def load_rank_state(
-    shards: Sequence[PathLike],
-    rank: int,
-    world: int,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device] = "cpu",
-    mmap: bool = True,
-    progress: Optional[Callable[[int, int, Path, float], None]] = None,
-) -> Dict[str, torch.Tensor]:
-    """`checkpoint.load_rank_state` for a Hugging Face directory: rank `rank` of `world`'s slice of every weight,
-    under Meta's names, in Meta's row order, plus rope.freqs as Meta's shards have it.
-
-    `shards` are the safetensors files of one directory (`inspect_checkpoint(...).shards`); its config.json
-    gives the shapes. The files are memory-mapped and only this rank's slice of each tensor is read; wq and wk
-    are un-permuted slice by slice (whole heads). With mmap=True a slice needing no change (not permuted, in the
-    stored dtype, on CPU) stays a copy-on-write view of the mapping, so one process on CPU copies little but
-    wq and wk; mmap=False gives every tensor a buffer of its own, so that a caller replacing tensors one by one
-    (weight packing) frees each as it goes. `progress(i, n, path, seconds)` is called after each file.
-    """
-    if not shards:
-        raise ValueError("no safetensors files given")
-    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-        raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
-    started = time.perf_counter()
-    files = [Path(p) for p in shards]
-    args = _args_of(files[0].parent)
-    tied = _tied(_read_config(files[0].parent))
-    index = _weight_index(files, args, tied)
-    if tied:  # the output is split on the vocabulary rows: this rank's rows of the embedding
-        index["output.weight"] = index["tok_embeddings.weight"]
-    out: Dict[str, torch.Tensor] = {}
-    for done, path in enumerate(files, start=1):
-        with _safe_open(path) as handle:
-            for key, (where, name) in index.items():
-                if where != path:
-                    continue
-                dim = split_dim(key)
-                if dim is None:
-                    piece = handle.get_tensor(name)
-                else:
-                    view = handle.get_slice(name)
-                    full = view.get_shape()[dim]
-                    if full % world:
-                        raise ValueError(f"{name} has {full} entries on dim {dim}, not divisible by {world} processes")
-                    lo, hi = rank * full // world, (rank + 1) * full // world
-                    piece = view[lo:hi] if dim == 0 else view[:, lo:hi]
-                heads = rotary_heads(key, args)
-                if heads is not None:
-                    if heads % world:
-                        raise ValueError(f"{heads} heads of {name} cannot be split over {world} processes")
-                    piece = from_hf_rows(piece, heads // world)
-                # With mmap a slice the file holds as is stays a view of its mapping (copy-on-write), as Meta's
-                # shards do; otherwise, or when permuted, cast or moved, it is a buffer of its own.
-                out[key] = piece.to(device=device, dtype=dtype or piece.dtype, copy=not mmap,
-                                    memory_format=torch.contiguous_format)
-        if progress:
-            progress(done, len(files), path, time.perf_counter() - started)
-    out["rope.freqs"] = rope_freqs(args, dtype or out["tok_embeddings.weight"].dtype).to(device)
-    return out
+def load_rank_state(shards: Sequence[PathLike], rank: int, world: int, **options: Any) -> Dict[str, torch.Tensor]:
+    """`checkpoint.load_rank_state` for a Hugging Face directory's safetensors files (`HFReader`)."""
+    return READER.load_rank_state(shards, rank, world, **options)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Union
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 
+from .. import families
 from .checkpoint import PathLike, read_json_object
 from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from ..model.transformer import ModelArgs
+from ..families.base import LLAMA_HF, HFSpec
+from ..model.args import ArchSpec, ModelArgs
 
 _CONFIG = "config.json"
 LLAMA2_CONTEXT = 4096  # max_position_embeddings of the Llama 2 models
@@ -19,12 +21,6 @@ SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float3
 
 
 # --- config.json <-> Meta's params -------------------------------------------------------------------------
-
-
-def is_hf_checkpoint(ckpt_dir: PathLike) -> bool:
-    """A directory in Hugging Face's layout: it has a config.json and no params.json (Meta's layout has that)."""
-    folder = Path(ckpt_dir)
-    return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
 
 
 def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
@@ -52,28 +48,42 @@ def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
     raise ValueError(f"intermediate_size {hidden} cannot be expressed in params.json for hidden_size {dim}")
 
 
+def hf_layout(config: Mapping[str, Any], where: str = _CONFIG) -> Tuple[HFSpec, ArchSpec]:
+    """The family layout a config.json is in (families.hf_spec: its architecture) and the architecture options
+    it asks for, which some family read through that layout must declare (Family.arch): a ValueError naming the
+    field otherwise."""
+    spec = families.hf_spec(config, where)
+    if config.get("hidden_act", spec.hidden_act) != spec.hidden_act:
+        raise ValueError(f"{where}: hidden_act = {json.dumps(config['hidden_act'])} is not supported: the "
+                         f"{spec.architecture} feed-forward uses {spec.hidden_act}")
+    arch = spec.arch_from_config(config, where)
+    allowed = families.arch_options(spec)
+    if arch not in allowed:
+        key = next((k for k, option in spec.arch_keys.items()
+                    if getattr(arch, option) and not any(getattr(a, option) for a in allowed)), next(iter(spec.arch_keys)))
+        raise ValueError(f"{where}: {key} = {json.dumps(config.get(key))} is not supported: no family read as "
+                         f"{spec.architecture} has {arch.describe()} (theirs: {[a.describe() for a in allowed]})")
+    return spec, arch
+
+
 def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[str, Any]:
     """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
-    as the config says (rope scaling, tied embeddings, biases, another architecture...) is a ValueError naming
-    the field; `where` names the file in messages."""
+    as the config says (rope scaling, tied embeddings, biases no family has, another architecture...) is a
+    ValueError naming the field; `where` names the file in messages. The architecture options are `hf_layout`'s."""
+    hf_layout(config, where)
+    return _params(config, where)
+
+
+def _params(config: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """params_from_config's conversion, for a config whose layout `hf_layout` has checked."""
 
     def bad(field: str, value: Any, why: str) -> ValueError:
         return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: {why}")
 
-    archs = config.get("architectures")
-    if archs is not None and archs != ["LlamaForCausalLM"]:
-        raise bad("architectures", archs, "only LlamaForCausalLM (the Llama architecture) is")
-    if config.get("model_type", "llama") != "llama":
-        raise bad("model_type", config["model_type"], "only 'llama' is")
     if config.get("quantization_config"):
         raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
-    for field in ("attention_bias", "mlp_bias"):
-        if config.get(field) not in (None, False):
-            raise bad(field, config[field], "the Llama models have no biases")
     if config.get("tie_word_embeddings") not in (None, False, True):
         raise bad("tie_word_embeddings", config["tie_word_embeddings"], "it must be true or false")
-    if config.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", config["hidden_act"], "the Llama feed-forward uses silu")
 
     def positive_int(field: str, default: Any = None) -> int:
         value = config.get(field, default)
@@ -140,8 +150,8 @@ def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError],
 
 
 def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_id: int = 1,
-                     eos_id: Union[int, List[int]] = 2, max_position_embeddings: int = LLAMA2_CONTEXT
-                     ) -> Dict[str, Any]:
+                     eos_id: Union[int, List[int]] = 2, max_position_embeddings: int = LLAMA2_CONTEXT,
+                     spec: HFSpec = LLAMA_HF) -> Dict[str, Any]:
     """config.json of a Llama model in Hugging Face's layout, as the published meta-llama/*-hf files have it
     (rope_theta at the top level, rope_scaling for Llama 3.1's RoPE, and torch_dtype: transformers 4 and 5 both
     read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
@@ -152,12 +162,12 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
         "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
         "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **spec.config_of(args.arch),
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": float(args.rope_theta),
+        "rms_norm_eps": args.norm_eps, "rope_theta": float(args.rope_theta),
         "rope_scaling": rope_scaling, "max_position_embeddings": max_position_embeddings, "vocab_size": args.vocab_size,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "attention_dropout": 0.0, "pretraining_tp": 1,
         "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
         "torch_dtype": str(dtype).removeprefix("torch."),

@@ -13,6 +13,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapp
 import torch
 
 from .checkpoint import PathLike, atomic_save, ensure_empty_destination as ensure_no_meta_checkpoint, state_shapes
+from ..families.base import LLAMA_HF, HFSpec
 from .hf import INDEX, MAX_SHARD_BYTES, OTHER_FILES, _SINGLE, hf_name
 from .hf_config import LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _CONFIG, _generation_config, config_from_args
 from ..model.transformer import ModelArgs
@@ -100,6 +101,7 @@ def write_hf_checkpoint(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     max_position_embeddings: int = LLAMA2_CONTEXT,
     tokenizer_files: Optional[Mapping[str, Any]] = None,
+    spec: HFSpec = LLAMA_HF,
 ) -> List[Path]:
     """Write a Hugging Face directory into the new or empty `folder`; returns the files written, in order.
 
@@ -109,14 +111,15 @@ def write_hf_checkpoint(
     else `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`). Every file is written under a
     temporary name and renamed when complete: the tokenizer first, then the weights, config.json last, so a
     directory with a config.json is complete. On an error or Ctrl-C the files this call wrote are removed.
-    `tokenizer_files`: the family's tokenizer_config.json and special_tokens_map.json (default: Llama 2's).
+    `tokenizer_files`: the family's tokenizer_config.json and special_tokens_map.json (default: Llama 2's);
+    `spec`: the family's Hugging Face names and config keys (default: the Llama models').
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer model {str(tokenizer_path)!r} does not exist")
-    entries = [(hf_name(k), shape) for k, shape in state_shapes(args).items() if k != "rope.freqs"]
+    entries = [(hf_name(k, spec), shape) for k, shape in state_shapes(args).items() if k != "rope.freqs"]
     plan = _shard_plan(entries, dtype, max_shard_bytes)
     folder = ensure_empty_destination(folder, also=OTHER_FILES)
     names = ([_SINGLE] if len(plan) == 1 else
@@ -146,7 +149,7 @@ def write_hf_checkpoint(
                   "weight_map": {entry: name for name, file_entries in zip(names, plan) for entry, _ in file_entries}},
                  INDEX)
         save(_generation_config(bos_id, eos_id, max_position_embeddings), "generation_config.json")
-        save(config_from_args(args, dtype, bos_id, eos_id, max_position_embeddings), _CONFIG)
+        save(config_from_args(args, dtype, bos_id, eos_id, max_position_embeddings, spec), _CONFIG)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

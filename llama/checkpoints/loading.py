@@ -80,6 +80,14 @@ def check_sizes(max_seq_len: int, max_batch_size: int, seed: int) -> None:
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
+def check_switches(fast: bool, deterministic: bool) -> None:
+    """fast and deterministic are True or False: ValueError naming the other value."""
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be True or False, got {fast!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+
+
 @dataclass
 class Source:
     """Where the weights come from: the opened checkpoint (llama/checkpoints/source.py), an optional LoRA adapter to merge
@@ -104,7 +112,7 @@ def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch
     its family detected (or `family` checked against the files)."""
     ckpt = Checkpoint.open(ckpt_dir)
     info = ckpt.info
-    found = families.detect(tokenizer, info.params, family)
+    found = families.detect(tokenizer, info.params, family, info.arch)
     args = ckpt.run_args(max_seq_len, max_batch_size)
     if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
         raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
@@ -124,10 +132,7 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     """Pick the device, the process count, the dtype, compilation and the quantization once, and check that the
     model can be split and run so. `stored`: the checkpoint's own quantization scheme (or its params.json
     entry), if any."""
-    if not isinstance(fast, bool):
-        raise ValueError(f"fast must be True or False, got {fast!r}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    check_switches(fast, deterministic)
     dev = distributed.pick_device(device)
     mp = distributed.planned_model_parallel_size(model_parallel_size)
     check_model_parallel_size(args, mp)

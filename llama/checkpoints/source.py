@@ -9,11 +9,10 @@ from how a run uses them: `run_args` adds a run's max_seq_len and max_batch_size
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -34,23 +33,21 @@ class Checkpoint:
     info: CheckpointInfo
     scheme: Optional[quant.Scheme]  # the stored weights' quantization (params.json's entry), None for float ones
     _args: ModelArgs
-    _load: Callable[..., Dict[str, torch.Tensor]]
+    reader: checkpoint.Reader  # its layout's
 
     @classmethod
     def open(cls, ckpt_dir: PathLike) -> "Checkpoint":
         """Read the folder's headers: FileNotFoundError / ValueError naming what is missing or malformed."""
-        if hf.is_hf_checkpoint(ckpt_dir):
-            info, layout, load = hf.inspect_checkpoint(ckpt_dir), "hf", hf.load_rank_state
-        else:
-            info, layout = checkpoint.inspect_checkpoint(ckpt_dir), "meta"
-            load = checkpoint.load_rank_state
+        # Meta's layout when params.json is there, else Hugging Face's when config.json is, else Meta's (whose
+        # inspect names what is missing)
+        meta = checkpoint.READER
+        reader = hf.READER if not meta.claims(ckpt_dir) and hf.READER.claims(ckpt_dir) else meta
+        info = reader.inspect(ckpt_dir)
         scheme = None if info.quantization is None else quant.from_entry(info.quantization, "params.json")
-        if scheme is not None:
-            load = functools.partial(load, scheme=scheme)
-        args = ModelArgs.from_params(info.params)
+        args = ModelArgs.from_params(info.params, arch=info.arch)
         if args.vocab_size == -1:  # Meta's files say -1: the embedding rows are the vocabulary
             args = replace(args, vocab_size=info.vocab_rows)
-        return cls(str(ckpt_dir), layout, info, scheme, args, load)
+        return cls(str(ckpt_dir), reader.layout, info, scheme, args, reader)
 
     @property
     def args(self) -> ModelArgs:
@@ -93,4 +90,4 @@ class Checkpoint:
     def load_rank_state(self, rank: int, world: int, **kwargs: Any) -> Dict[str, torch.Tensor]:
         """Rank `rank` of `world`'s slices of every stored tensor, in Meta's names (the layout's reader's
         `load_rank_state`; a quantized checkpoint's entries are sliced as its scheme says)."""
-        return self._load(self.info.shards, rank, world, **kwargs)
+        return self.reader.read(self.info, rank, world, scheme=self.scheme, **kwargs)

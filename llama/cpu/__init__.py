@@ -13,10 +13,10 @@ weights into sums. Measured on 2 cores, 1.1B layer shapes (README, "Performance"
 - AVX2, or AVX-512 without BF16: PyTorch's own bf16 kernels convert element by element (about 16 GB/s of
   weights, and about 22 GFLOP/s for a 256-token prefill, a tenth of float32). The own kernel's AVX2 loop
   (`own-bf16` with isa "avx2") turns each bf16 weight into a float by a shift or a mask and streams the same
-  tiles with FMA, a register-blocked GEMM of its own from 16 rows; it is opt-in (`own_bf16_on_avx2`: measured
-  level with fbgemm per layer, behind it end to end on a loaded host). fbgemm's fp16 GEMM keeps 16-bit weights
-  and computes in float32 with F16C/FMA (21 GB/s at batch 1, 4x faster than the bf16 kernels at batch 4 and
-  8, prefill close to float32's): the default. `fbgemm-fp16` holds the model's weights as fp16:
+  tiles with FMA, a register-blocked GEMM of its own from 16 rows: the default (`own_bf16_on_avx2`: measured
+  ahead of fbgemm at decoding on a quiet machine, 2026-12-07; decoding runs in the fused C step). fbgemm's fp16
+  GEMM keeps 16-bit weights and computes in float32 with F16C/FMA (faster prefill: 100 against 74 tok/s at
+  1.1B): LLAMA_OWN_BF16_AVX2=0 selects it. `fbgemm-fp16` holds the model's weights as fp16:
   exact for every |w| in [2**-17, 65504] (bf16's 8 significant bits fit fp16's 11); smaller magnitudes round by
   under 2**-25; a matrix with a larger one keeps its plain form (counted as `aten` by `kernel_counts`).
 - Anything else (no AVX2, not x86): PyTorch's generic kernels (`aten`); there `dtype=None` is float32.
@@ -194,11 +194,10 @@ def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
 
 def own_bf16_on_avx2() -> bool:
     """Whether bfloat16 models take the own kernel's AVX2 loop where there is no AVX-512 BF16 (else fbgemm-fp16):
-    opt-in, LLAMA_OWN_BF16_AVX2=1. Measured on 2026-12-07 (Zen 4 emulated as AVX2, 2 threads, a host loaded 15-20):
-    the loop alone streams 1.1B layers at fbgemm's speed or better and a 4-layer model's decode steps, timed in
-    one process, 7.7x; separate processes timed later said 0.25-0.9x, and its GEMM prefills 64-128 tokens at
-    0.6x fbgemm's. The default waits for a measurement on a quiet machine (docs/quantization.md)."""
-    return os.environ.get("LLAMA_OWN_BF16_AVX2", "") == "1"
+    the default; LLAMA_OWN_BF16_AVX2=0 selects fbgemm. Measured on 2026-12-07 (Zen 4 emulated as AVX2, 2 threads,
+    quiet machine, 3 alternations, 1.1B end to end): decode 13.8 / 14.9 / 17.7 tok/s against fbgemm's 13.5 /
+    12.1 / 16.9 (its layers run in the fused C step), prefill 74 against 100 (still ahead of llama.cpp's 67-70)."""
+    return os.environ.get("LLAMA_OWN_BF16_AVX2", "") != "0"
 
 
 def own_bf16_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
@@ -368,7 +367,7 @@ def describe(model: Optional[nn.Module] = None, cpu: Optional[CpuInfo] = None) -
         own = sorted({m.isa for m in model.modules() if isinstance(m, OwnBf16Linear)})
         if own:
             line += "; own-bf16 " + ", ".join("vdpbf16ps, oneDNN from 32 rows" if isa == "avx512_vnni" else
-                                              f"{isa} (LLAMA_OWN_BF16_AVX2=1)" for isa in own)
+                                              f"{isa} (LLAMA_OWN_BF16_AVX2=0: fbgemm)" for isa in own)
     threads = torch.get_num_threads()
     return line + f"; {threads} thread{'' if threads == 1 else 's'}, OpenMP wait {wait_policy()}"
 

@@ -36,7 +36,7 @@ from .kernel_build import CFLAGS, CSRC, HEADERS, SOURCES, build  # noqa: F401  (
 # The interface this module and llama/model/fused_decode.py call: checked at load against what the library
 # reports (csrc/common.h's QK_ABI_VERSION, the constants of each C file), so an edit to one side only is an error
 # that says what differs, not a crash.
-ABI_VERSION = 3
+ABI_VERSION = 5
 # The instruction sets of the kernels, by the number the C library uses; "best" = the highest this CPU runs.
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
 KINDS = {"int8": 8, "int4": 4, "bf16": 16}  # a linear layer's kind, as qk_linear and decode.c number them
@@ -98,9 +98,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qk_pack_int4.restype = c_int
     lib.qk_pack_int4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.qk_linear.restype = c_int
+    lib.qk_lora_add.restype = c_int
+    lib.qk_lora_add.argtypes = [ptr, i64, c_int, c_int, c_int, ptr, i64, ptr, i64]
     lib.qk_linear.argtypes = [c_int, c_int, c_int, ptr, c_int, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
     lib.qk_dequantize.restype = c_int
     lib.qk_dequantize.argtypes = [c_int, c_int, c_int, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
+    lib.qk_gemm_quantized.restype = c_int
+    lib.qk_gemm_quantized.argtypes = [c_int, c_int, ptr, i64, i64, ptr, ptr, i64, i64, ptr]
     lib.qk_packed_bf16_bytes.restype = i64
     lib.qk_packed_bf16_bytes.argtypes = [i64, i64]
     lib.qk_pack_bf16.restype = c_int
@@ -260,6 +264,18 @@ def dequantize(kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], 
                                 None if rscale is None else rscale.data_ptr(), k, group, rows.start, rows.stop,
                                 out.data_ptr(), int(dtype == torch.bfloat16)), "qk_dequantize")
     return out.view(-1)[:count].view(rows.stop - rows.start, k)
+
+
+def gemm_quantized(x: torch.Tensor, kind: int, packed: torch.Tensor, rscale: Optional[torch.Tensor], n: int,
+                   group: int, threads: Optional[int] = None) -> torch.Tensor:
+    """y = x @ W.T for x (M, K) contiguous bfloat16, arguments as `linear`'s, through the AVX2 float GEMM of the
+    bfloat16 kernel (linear16.c) on panels of the dequantized weight: prefill-sized products on AVX2 CPUs."""
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    _check(load().qk_gemm_quantized(kind, threads or kernel_threads(), x.data_ptr(), m, k, packed.data_ptr(),
+                                    None if rscale is None else rscale.data_ptr(), n, group, out.data_ptr()),
+           "qk_gemm_quantized")
+    return out
 
 
 def read(x: torch.Tensor, threads: Optional[int] = None) -> int:

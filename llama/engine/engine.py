@@ -38,7 +38,7 @@ from ..model.decode_step import DecodeStep
 from ..model.kv_cache import BLOCK_SIZE, blocks_for
 from ..tokenizer import TextStream
 from .blocks import BlockPool, for_model as pool_for
-from .admission import check
+from .admission import check, check_prefill_budget
 from .events import Event, Finished, Request
 from .outputs import Outputs
 from .params import SEED_BITS, SamplingParams
@@ -69,16 +69,13 @@ class Engine:
         and verify them (llama/engine/speculative.py); not with deterministic mode or a compiled step.
         prefix_cache: the prefix cache over the model's block pool (prefix_cache.for_model), shared by every
         engine over that model; None: every prompt is prefilled whole."""
-        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
-                                               or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
-            raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
         self.decode = decode
         self.model = decode.model
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
         self.runner = runner if runner is not None else Runner(decode)
         self.deterministic = deterministic
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = check_prefill_budget(max_prefill_tokens)
         self.fixed_shape = fixed_shape
         self.max_batch_size = self.model.params.max_batch_size
         self.max_seq_len = self.model.params.max_seq_len
@@ -133,12 +130,13 @@ class Engine:
         further choice."""
         return blocks_for(length) + (n - 1) * (1 if length % BLOCK_SIZE else 0)
 
-    def can_add(self, request: Request) -> bool:
-        """Whether `add` would take the request now: no preempted choice waits, and rows and blocks are free."""
+    def can_add(self, request: Request, adapter: bool = True) -> bool:
+        """Whether `add` would take the request now: no preempted choice waits, rows and blocks are free, and (but
+        with adapter=False) a slot for its LoRA adapter. admission.next_admissible picks from a queue."""
         n = request.params.n
         return not self.preempted and self.free_rows() >= n and \
             self.pool.available() >= self._prompt_blocks(len(request.prompt), n) and \
-            (request.lora is None or self.loras is None or self.loras.available(request.lora))
+            (not adapter or request.lora is None or self.loras is None or self.loras.available(request.lora))
 
     def check_lora(self, name: Optional[str]) -> None:
         """ValueError unless `name` is None or an adapter this model serves."""
@@ -247,10 +245,7 @@ class Engine:
 
     def finish_cancelled(self, c: Choice) -> None:
         """A cancelled choice ends as 'cancelled', or as 'abort' (with its message) when its server aborted it."""
-        if c.request.aborted:
-            self.finish(c, "abort", c.request.aborted)
-        else:
-            self.finish(c, "cancelled")
+        self.finish(c, "abort", c.request.aborted) if c.request.aborted else self.finish(c, "cancelled")
 
     def finish(self, c: Choice, reason: str, message: str = "") -> None:
         """A choice's last event; its row and blocks are free from now on (its full blocks stay in the prefix

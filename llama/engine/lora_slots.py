@@ -139,5 +139,5 @@ def install(model, adapters: Mapping[str, str], slots: int, rank: int, mp_rank: 
     from ..model import distributed
     distributed.print0(f"LoRA adapters beside the base: {', '.join(adapters) or 'none yet'} ({slots} slot"
                        f"{'s' * (slots > 1)} of rank {rank}, loaded on first use; decode steps with adapter rows "
-                       "run the layers' path, not the fused CPU step or CUDA graphs)")
+                       "run the fused CPU step where it serves, never CUDA graphs)")
     return lora

@@ -18,10 +18,12 @@ family's Meta format) and tool calling (tools.py).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+import json
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..tokenizers import BaseTokenizer
-from .base import Family
+from ..model.args import ArchSpec
+from .base import Family, HFSpec
 
 
 def _key(name: str) -> str:
@@ -56,9 +58,38 @@ def register(family: Family, detect_first: bool = True) -> Family:
     return family
 
 
-def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer) -> str:
+def hf_spec(config: Mapping[str, Any], where: str) -> HFSpec:
+    """The Hugging Face layout a config.json is in (its `architectures`, else its `model_type`), among the
+    families' (Family.hf); a ValueError naming the field when no family reads it."""
+    specs = {f.hf.architecture: f.hf for f in FAMILIES.values()}
+    types = {s.model_type: s for s in specs.values()}
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and len(archs) == 1 and archs[0] in specs):
+        raise _unsupported("architectures", archs, sorted(specs), where)
+    spec = specs[archs[0]] if archs is not None else types.get(config.get("model_type", "llama"))
+    if spec is None or config.get("model_type", spec.model_type) != spec.model_type:
+        raise _unsupported("model_type", config.get("model_type"), sorted(types), where)
+    return spec
+
+
+def _unsupported(field: str, value: Any, known: List[str], where: str) -> ValueError:
+    return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: only {known} (the families' "
+                      "Hugging Face architectures) are")
+
+
+def arch_options(spec: HFSpec) -> List[ArchSpec]:
+    """The architecture options the families read through `spec` declare: what its config.json may ask for."""
+    found: List[ArchSpec] = []
+    for family in FAMILIES.values():
+        if family.hf == spec and family.arch not in found:
+            found.append(family.arch)
+    return found
+
+
+def _found(params: Mapping[str, Any], tokenizer: BaseTokenizer, arch: Optional[ArchSpec] = None) -> str:
     keys = {k: params[k] for k in ("vocab_size", "rope_theta", "use_scaled_rope", "n_kv_heads") if k in params}
-    return f"tokenizer {tokenizer.path!r} ({tokenizer.kind}, {tokenizer.n_words} tokens), params {keys}"
+    held = "" if arch is None else f", weights with {arch.describe()}"
+    return f"tokenizer {tokenizer.path!r} ({tokenizer.kind}, {tokenizer.n_words} tokens), params {keys}{held}"
 
 
 def get(name: str, tokenizer: Optional[BaseTokenizer] = None, params: Optional[Mapping[str, Any]] = None) -> Family:
@@ -75,24 +106,25 @@ def get(name: str, tokenizer: Optional[BaseTokenizer] = None, params: Optional[M
 
 
 def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
-           requested: Optional[str] = None) -> Family:
-    """The family of a checkpoint (its params.json keys, Meta's names) read with `tokenizer`; `requested`
-    (family=, --family) overrides detection but must fit."""
+           requested: Optional[str] = None, arch: Optional[ArchSpec] = None) -> Family:
+    """The family of a checkpoint (its params.json keys, Meta's names, and the architecture options its files
+    hold, if known) read with `tokenizer`; `requested` (family=, --family) overrides detection but must fit."""
     params = params or {}
     if requested is not None:
         family = get(requested, tokenizer, params)
-        problem = family.check_tokenizer(tokenizer) or family.check_params(params)
+        problem = family.check_tokenizer(tokenizer) or family.check_params(params) or \
+            (family.check_arch(arch) if arch is not None else None)
         if problem:
             raise ValueError(f"family {requested!r} does not fit this checkpoint: {problem} (found "
-                             f"{_found(params, tokenizer)})")
+                             f"{_found(params, tokenizer, arch)})")
         return family
     for family in _DETECTION_ORDER:
-        if family.matches(params, tokenizer):
+        if family.matches(params, tokenizer) and (arch is None or family.check_arch(arch) is None):
             return family
-    raise ValueError(f"no Llama family fits this checkpoint: found {_found(params, tokenizer)}. Known families: "
+    raise ValueError(f"no Llama family fits this checkpoint: found {_found(params, tokenizer, arch)}. Known families: "
                      f"{list(NAMES)} (Llama 3 needs its tiktoken tokenizer.model, Llama 2 and Code Llama a "
                      "SentencePiece one, and only Llama 3.1 and later use_scaled_rope)")
 
 
-__all__ = ["Family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
+__all__ = ["Family", "HFSpec", "hf_spec", "arch_options", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
            "CODELLAMA", "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]

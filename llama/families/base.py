@@ -2,16 +2,58 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .chat_format import ChatFormat
 from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from ..model.transformer import RopeScaling
+from ..model.args import ArchSpec, RopeScaling
 from ..tokenizers import BaseTokenizer
 
 
+@dataclass(frozen=True)
+class HFSpec:
+    """How a family's models look in Hugging Face's layout: config.json's architecture and model_type, which
+    config keys carry the ArchSpec options, and the weight names (Meta's name -> Hugging Face's). The defaults
+    are the Llama models' (transformers' LlamaForCausalLM); checkpoints/hf.py and hf_config.py read it."""
+
+    architecture: str = "LlamaForCausalLM"
+    model_type: str = "llama"
+    hidden_act: str = "silu"
+    # config.json key -> ArchSpec field
+    arch_keys: Mapping[str, str] = field(default_factory=lambda: {"attention_bias": "attention_bias",
+                                                                  "mlp_bias": "mlp_bias"})
+    # a layer's module (inside "layers.N." / "model.layers.N."), then the top-level ones
+    layer_names: Mapping[str, str] = field(default_factory=lambda: {
+        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+        "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm"})
+    top_names: Mapping[str, str] = field(default_factory=lambda: {
+        "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"})
+
+    def arch_from_config(self, config: Mapping[str, Any], where: str) -> ArchSpec:
+        """The ArchSpec a config.json asks for (each option key true or false; absent: false)."""
+        given = {}
+        for key, option in self.arch_keys.items():
+            value = config.get(key)
+            if value not in (None, False, True):
+                raise ValueError(f"{where}: {key} = {value!r} is not supported: it must be true or false")
+            given[option] = bool(value)
+        return ArchSpec(**given)
+
+    def config_of(self, arch: ArchSpec) -> Dict[str, Any]:
+        """config.json's architecture entries for a model with the options `arch`."""
+        return {"architectures": [self.architecture], "model_type": self.model_type, "hidden_act": self.hidden_act,
+                **{key: getattr(arch, option) for key, option in self.arch_keys.items()}}
+
+
+LLAMA_HF = HFSpec()
+
+
 class Family:
-    """One family: its tokenizer kind, chat format, stop tokens, RoPE, context, defaults and HF bits.
+    """One family: its architecture options (`arch`), tokenizer kind, chat format, stop tokens, RoPE, context,
+    defaults and Hugging Face layout (`hf`): the one model spec.
 
     Subclasses set the attributes and override what differs. Nothing outside llama/families knows which family
     a model is: it asks its Family.
@@ -29,6 +71,8 @@ class Family:
     chat: bool = True  # a chat (instruct) format exists
     infilling: bool = False  # Code Llama's fill-in-the-middle
     moderation: bool = False  # Llama Guard's classification
+    arch: ArchSpec = ArchSpec()  # the architecture options its models have (the Llama models: none)
+    hf: HFSpec = LLAMA_HF  # its Hugging Face config keys and weight names
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.title}>"
@@ -64,8 +108,15 @@ class Family:
             return f"use_scaled_rope is Llama 3.1's, not {self.title}'s"
         return None
 
+    def check_arch(self, arch: ArchSpec) -> Optional[str]:
+        """Why a checkpoint whose files hold the options `arch` (biases...) cannot be this family's, or None."""
+        if arch != self.arch:
+            return f"{self.title}'s models have {self.arch.describe()}, the files {arch.describe()}"
+        return None
+
     def matches(self, params: Mapping[str, Any], tokenizer: BaseTokenizer) -> bool:
-        """Detection: this family is the one the files describe (the first that matches wins)."""
+        """Detection: this family is the one the files describe (the first that matches wins; the architecture
+        options are checked beside it, `check_arch`)."""
         return self.check_tokenizer(tokenizer) is None and self.check_params(params) is None
 
     # --- Hugging Face's layout ------------------------------------------------------------------------------

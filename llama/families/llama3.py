@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .chat_format import ChatFormat, Message, validate_dialog
-from ..model.transformer import RopeScaling
+from ..model.args import RopeScaling
 from ..tokenizers import BaseTokenizer
 from .base import Family
 

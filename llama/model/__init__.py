@@ -4,10 +4,11 @@ layers (layers.py), process groups (distributed.py) and the decoding step (decod
 `llama.model` keeps the released reference's names (`from llama.model import ModelArgs, Transformer`)."""
 
 from .kv_cache import BlockTables, KVPool, Packed, Rows
+from .args import ArchSpec
 from .transformer import (PRESETS, Attention, FeedForward, ModelArgs, RMSNorm, RopeScaling, Transformer,
                           TransformerBlock, apply_rope, check_positive_int, count_parameters, memory_per_process,
                           rope_tables)
 
-__all__ = ["ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVPool", "BlockTables",
+__all__ = ["ArchSpec", "ModelArgs", "Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "KVPool", "BlockTables",
            "count_parameters", "check_positive_int", "memory_per_process", "PRESETS", "RopeScaling", "rope_tables",
            "apply_rope", "Rows", "Packed"]

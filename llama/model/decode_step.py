@@ -47,7 +47,8 @@ class DecodeStep:
                  full_window: bool = False, fused: Optional[bool] = None) -> None:
         """fixed_window (default: as compiled) attends over the bucketed windows even when eager, which
         gives the compiled step's arithmetic without compiling (the tests compare it with exact windows).
-        full_window: always attend over the whole context (deterministic mode).
+        full_window: deterministic mode: an eager step attends each row alone over its own positions, a compiled
+        one over the whole context, so that a row's arithmetic never depends on its neighbours.
         fused: run an eager CPU step's layers in one C call (llama.fused_decode) where the model allows it
         (None, the default) or never (False; benchmarks compare the two). A fused row attends over its own
         positions only, whatever the window."""
@@ -72,17 +73,20 @@ class DecodeStep:
             return self._step(tokens, positions)
 
     def _step(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        # A step with LoRA adapter rows runs the layers' path (the fused C step and compiled graphs have no
-        # adapter term); steps with every row on the base keep them, except in deterministic mode, where a base
-        # row's arithmetic must not depend on whether a neighbour has an adapter.
+        # A step with LoRA adapter rows runs the fused C step, which adds their terms (llama/model/fused_lora.py),
+        # or else the layers' path (compiled graphs have no adapter term); base-only steps keep compiled graphs,
+        # except in deterministic mode, where a base row's arithmetic must not depend on whether a neighbour has
+        # an adapter (the fused step's rows never depend on each other).
         lora = getattr(self.model, "lora_set", None)
         adapters = lora is not None and (lora.active or self.full_window)
-        if self.fused is not None and len(positions) < MAX_ROWS and not adapters:
+        if self.fused is not None and len(positions) < MAX_ROWS and (not adapters or self.fused.takes_adapters):
             return self.fused(tokens, positions)
         window = _window_for(max(positions) + 1, self.model.params.max_seq_len, self.fixed_window, self.full_window)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if not self.compiled or adapters:
-            return self.model.decode(tokens, pos, window)
+            # deterministic: each row attends alone over its own positions (not the whole context, padded)
+            alone = [max(p, 0) + 1 for p in positions] if self.full_window else None
+            return self.model.decode(tokens, pos, max(alone) if alone else window, alone)
         shape = (len(positions), window)
         if shape in self._warm:
             if self.device.type == "cuda":

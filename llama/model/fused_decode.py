@@ -20,10 +20,16 @@ import torch
 
 from .. import cpu
 from ..cpu import qkernels
+from . import fused_lora
 from .kv_int8 import KVPoolInt8
 from .layers import ParallelLinear
 from .transformer import Transformer
 from ..quant.kernels import Int4Linear, Int8Linear
+
+# The model features (llama.model.args.FEATURE_NAMES, a model's `params.features`) that decode.c implements: a
+# model with any other feature decodes layer by layer, told which. A new model option is off the fused step until
+# decode.c computes it and its name is added here.
+FEATURES = frozenset({"rmsnorm", "swiglu", "rope", "rope-scaling-llama3", "gqa"})
 
 # Rows from which the linear layers leave their matrix-vector kernels (llama.quant.kernels.CPU_PREFILL_ROWS,
 # cpu.OWN_BF16_PREFILL_ROWS): a decoding step that large runs layer by layer.
@@ -46,7 +52,7 @@ class _Model(ctypes.Structure):
                 ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
                 ("max_seq", ctypes.c_int64), ("rows", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("rope", ctypes.c_void_p), ("block_size", ctypes.c_int64), ("max_blocks", ctypes.c_int64),
-                ("blocks", ctypes.c_int64), ("tables", ctypes.c_void_p)]
+                ("blocks", ctypes.c_int64), ("tables", ctypes.c_void_p), ("lora", ctypes.c_void_p)]
 
 
 def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
@@ -63,7 +69,11 @@ def _describe(layer: Optional[ParallelLinear]) -> Optional[_Linear]:
 
 
 def why_not(model: Transformer) -> Optional[str]:
-    """Why `model` cannot decode through decode.c (None when it can)."""
+    """Why `model` cannot decode through decode.c (None when it can): first a model feature outside FEATURES,
+    then how the model is placed and prepared (device, dtype, fused layers on the own kernels)."""
+    unsupported = sorted(model.params.features - FEATURES)
+    if unsupported:
+        return f"model feature(s) {unsupported} not implemented by decode.c (it implements {sorted(FEATURES)})"
     if model.rope.device.type != "cpu" or not model.has_cache:
         return "not a CPU model with a KV cache"
     if model.tok_embeddings.world != 1:
@@ -118,6 +128,7 @@ class FusedDecode:
         self.lib = qkernels.load()
         self.isa = qkernels.ISAS[cpu.quantized_isa() or "scalar"]
         self._describe()
+        self._lora: Optional[fused_lora.FusedLora] = None
 
     @classmethod
     def for_model(cls, model: Transformer) -> Optional["FusedDecode"]:
@@ -142,6 +153,22 @@ class FusedDecode:
         self._cache = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers] + [
             (tables, model.rope)]
 
+    @property
+    def takes_adapters(self) -> bool:
+        """Whether this step adds the model's LoRA adapters itself (llama/model/fused_lora.py), so that steps
+        with adapter rows may run here."""
+        lora = getattr(self.model, "lora_set", None)
+        return lora is None or fused_lora.why_not(lora) is None
+
+    def _adapters(self, bsz: int) -> Optional[int]:
+        """decode.c's `lora` for this step: None where no row has an adapter."""
+        lora = getattr(self.model, "lora_set", None)
+        if lora is None or lora.selection is None:
+            return None
+        if self._lora is None or not self._lora.current(self.model):
+            self._lora = fused_lora.FusedLora(self.model)
+        return self._lora.for_step(bsz)
+
     def _current(self) -> bool:
         now = [(layer.attention.cache.k, layer.attention.cache.v) for layer in self.model.layers] + [
             (self.model.tables.table, self.model.rope)]
@@ -159,6 +186,7 @@ class FusedDecode:
         model = self.model
         x = model.tok_embeddings(tokens).contiguous()
         pos = torch.tensor(list(positions), dtype=torch.int64)
+        self._shape.lora = self._adapters(bsz)
         code = self.lib.qk_decode_layers(qkernels.kernel_threads(), self.isa, ctypes.byref(self._shape),
                                          self._layers, bsz, 0, pos.data_ptr(), x.data_ptr())
         if code:

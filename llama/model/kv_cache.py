@@ -41,14 +41,16 @@ class KVPool(nn.Module):
     """One layer's keys and values: (blocks, kv_heads, block_size, head_dim) each, zeroed (a masked position's
     value must be finite: 0 * NaN would reach the output). Head-major within a block, so that one head's positions
     are contiguous 16 at a time: the C decode step streams them without touching the other heads' bytes (a
-    token-major layout made its attention 3-5x slower at 10k-100k positions), and a row's gathered blocks
-    reshape into the (B, H, T, D) layout that SDPA reads fastest, the row cache's."""
+    token-major layout made its attention 3-5x slower at 10k-100k positions), and a row's blocks, gathered one
+    (block, head) piece at a time, land in the (B, H, T, D) layout that SDPA reads fastest, the row cache's."""
 
-    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 scratch: Optional["GatherScratch"] = None) -> None:
         super().__init__()
         shape = (blocks, n_kv_heads, block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.scratch = scratch  # where `read(reuse=True)` gathers (shared by the layers of one model)
 
     @property
     def block_size(self) -> int:
@@ -62,22 +64,48 @@ class KVPool(nn.Module):
         self.k[block, :, offset] = k.reshape(-1, heads, dim)
         self.v[block, :, offset] = v.reshape(-1, heads, dim)
 
-    def read(self, blocks: torch.Tensor, window: int):
-        """Keys and values of each row's first `window` positions, its blocks (B, n) gathered whole (one
-        index_select each), as (B, H, window, D)."""
+    def read(self, blocks: torch.Tensor, window: int, reuse: bool = False):
+        """Keys and values of each row's first `window` positions, its blocks (B, n) gathered whole, as
+        (B, H, window, D). One index_select per tensor, of (block, head) pieces in (row, head, block) order, lands
+        them in SDPA's layout with no second copy. reuse: gather into the model's scratch buffers (valid until
+        the next reuse=True read of any of its layers): a fresh tensor of 100 MB per step and layer is mapped
+        and zeroed page by page by the allocator, which cost more than the gather itself."""
         bsz, n = blocks.shape
-        flat = blocks.reshape(-1)
         heads, size, dim = self.k.shape[1:]
+        pieces = (blocks.unsqueeze(1) * heads + torch.arange(heads, device=blocks.device).view(1, heads, 1))
+        pieces = pieces.reshape(-1)
+        bufs = self.scratch.take(pieces.numel(), self.k) if reuse and self.scratch is not None and \
+            not torch.compiler.is_compiling() else (None, None)
 
-        def gather(pool: torch.Tensor) -> torch.Tensor:
-            got = pool.index_select(0, flat).view(bsz, n, heads, size, dim).transpose(1, 2)
-            return got.reshape(bsz, heads, n * size, dim)[:, :, :window]
-        return gather(self.k), gather(self.v)
+        def gather(pool: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+            got = torch.index_select(pool.view(-1, size, dim), 0, pieces, out=out) if out is not None else \
+                pool.view(-1, size, dim).index_select(0, pieces)
+            return got.view(bsz, heads, n * size, dim)[:, :, :window]
+        return gather(self.k, bufs[0]), gather(self.v, bufs[1])
 
     def copy_block(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole blocks src[i] into dst[i] (copy on write of a shared, partly filled block)."""
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
+
+
+class GatherScratch:
+    """Two buffers (keys, values) that KVPool.read gathers into, reused from step to step and shared by a model's
+    layers (they attend one after another); they grow by half again when a read needs more."""
+
+    def __init__(self) -> None:
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def take(self, pieces: int, like: torch.Tensor):
+        """Two (pieces, block_size, head_dim) tensors of `like`'s dtype and device."""
+        shape = like.shape[2:]
+        if self.k is None or self.k.shape[0] < pieces or self.k.dtype != like.dtype or self.k.device != like.device:
+            grown = max(pieces, pieces * 3 // 2 if self.k is not None else pieces)
+            self.k = self.v = None  # (the old buffers go first)
+            self.k = torch.empty((grown, *shape), dtype=like.dtype, device=like.device)
+            self.v = torch.empty_like(self.k)
+        return self.k[:pieces], self.v[:pieces]
 
 
 class BlockTables(nn.Module):
@@ -128,6 +156,7 @@ class Rows:
     blocks: torch.Tensor
     window: int
     mask: torch.Tensor
+    alone: Optional[List[int]] = None  # deterministic decoding: row b attends by itself over its alone[b] positions
 
     @classmethod
     def at(cls, tables: BlockTables, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":

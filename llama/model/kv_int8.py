@@ -66,8 +66,9 @@ class KVPoolInt8(nn.Module):
     """One layer's keys and values as KVPool lays them out, (blocks, kv_heads, block_size, head_dim), in int8
     codes, with scales (blocks, kv_heads, block_size) beside them; reads give `dtype` (the model's)."""
 
-    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
+    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 scratch: object = None) -> None:
+        super().__init__()  # (scratch: KVPool's gather buffers; this pool's reads dequantize into fresh tensors)
         self.dtype = dtype
         shape = (blocks, n_kv_heads, block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=torch.int8), persistent=False)
@@ -93,7 +94,7 @@ class KVPoolInt8(nn.Module):
             stored.append(dequantize(codes, scale, x.dtype))
         return stored[0], stored[1]
 
-    def read(self, blocks: torch.Tensor, window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def read(self, blocks: torch.Tensor, window: int, reuse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of each row's first `window` positions from its blocks (B, n), dequantized, as
         (B, H, window, D) in the model's dtype."""
         bsz, n = blocks.shape

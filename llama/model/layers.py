@@ -45,15 +45,15 @@ def _local(size: int, world: int, what: str) -> int:
 
 
 class ParallelLinear(nn.Module):
-    """y = x W^T with W (out_features, in_features) split over ranks on `split_dim`; bias-free, as in Llama.
-
-    `weight` is this rank's slice, in Meta's layout. `use_kernel` replaces it by a module computing the same
+    """y = x W^T (+ b) with W (out_features, in_features) split over ranks on `split_dim`; the Llama models have
+    no bias b (a family's ArchSpec may ask for one). `weight` is this rank's slice, in Meta's layout; `bias` this
+    rank's slice of b on a column-parallel layer, all of it on a row-parallel one (added once, after the sum). `use_kernel` replaces it by a module computing the same
     product from a prepared form (oneDNN-packed, quantized), after which `weight` is None.
     """
 
     split_dim: int
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.world = model_parallel_world()
@@ -61,6 +61,8 @@ class ParallelLinear(nn.Module):
         shape[self.split_dim] = _local(shape[self.split_dim], self.world,
                                        "output features" if self.split_dim == 0 else "input features")
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.bias: Optional[nn.Parameter] = nn.Parameter(torch.empty(shape[0]), requires_grad=False) if bias \
+            else None
         self.kernel: Optional[nn.Module] = None
         self.lora = None  # a LoraBank (llama/model/lora_bank.py): per-token adapters beside the base product
 
@@ -78,15 +80,15 @@ class ColumnParallelLinear(ParallelLinear):
 
     split_dim = 0
 
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = False, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias)
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return self.matmul(x)
-        out = self.matmul(mappings.copy_to_model_parallel_region(x))
-        return mappings.gather_from_model_parallel_region(out) if self.gather_output else out
+        out = self.matmul(x if self.world == 1 else mappings.copy_to_model_parallel_region(x))
+        if self.bias is not None:
+            out = out + self.bias
+        return mappings.gather_from_model_parallel_region(out) if self.world > 1 and self.gather_output else out
 
 
 class RowParallelLinear(ParallelLinear):
@@ -96,7 +98,8 @@ class RowParallelLinear(ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x)
-        return out if self.world == 1 else mappings.reduce_from_model_parallel_region(out)
+        out = out if self.world == 1 else mappings.reduce_from_model_parallel_region(out)
+        return out if self.bias is None else out + self.bias
 
 
 class ParallelEmbedding(nn.Module):
@@ -129,9 +132,14 @@ def fuse_columns(layers: Sequence[ColumnParallelLinear]) -> ColumnParallelLinear
     if not (plain or stackable) or any(layer.gather_output for layer in layers):
         raise ValueError("only plain (or stackable), ungathered column-parallel layers can be fused")
     in_features = layers[0].in_features
+    biased = [layer.bias is not None for layer in layers]
+    if any(biased) and not all(biased):
+        raise ValueError("column-parallel layers with and without a bias cannot be fused")
     with torch.device("meta"):
-        fused = ColumnParallelLinear(in_features, sum(layer.out_features for layer in layers))
+        fused = ColumnParallelLinear(in_features, sum(layer.out_features for layer in layers), bias=all(biased))
     fused.world = layers[0].world
+    if fused.bias is not None and not layers[0].bias.is_meta:  # on the meta device (a layout) its own will do
+        fused.bias = nn.Parameter(torch.cat([layer.bias.data for layer in layers]), requires_grad=False)
     if plain:
         weights = [layer.weight.data for layer in layers]
         # Meta weights (a model's layout being computed, checkpoints.model_layout) hold no data: torch.cat on them
@@ -142,7 +150,7 @@ def fuse_columns(layers: Sequence[ColumnParallelLinear]) -> ColumnParallelLinear
     else:
         fused.use_kernel(type(kernels[0]).concat(kernels))
     for layer in layers:
-        layer.weight = layer.kernel = None
+        layer.weight = layer.kernel = layer.bias = None
     return fused
 
 

@@ -6,7 +6,9 @@ token with an adapter, x·A·B (the scale folded into B), in two products per we
 x times the A of every slot in use side by side, masked so that each token keeps only its own adapter's columns
 (exact zeros elsewhere), times the B of those slots stacked. Each adapter's factors are read once per call however
 many rows use it (what punica's BGMV gather achieves on a GPU, without a Python loop over adapters); tokens with
-no adapter get exact zeros. A call whose tokens all use one adapter multiplies by its factors alone. Deterministic
+no adapter get exact zeros. A call whose tokens all use one adapter multiplies by its factors alone. On a CPU in
+bfloat16 one C call does it instead (llama/cpu/csrc/lora.c through fused_lora.BankTerm, the fused decoding
+step's own term): each token's x·A·B grouped by adapter, with no arithmetic for the other slots. Deterministic
 mode reads every slot in every step, so that a row's arithmetic never depends on which adapters its neighbours use.
 
 A bank has `slots` entries of rank `rank` (adapters of lower rank are zero-padded, which adds exact zeros). A
@@ -27,11 +29,14 @@ import torch
 class LoraSelection:
     """Which adapter slot each token of the current model call uses. `whole`: every token the same slot (no
     mask). Otherwise slots 0..used-1 are read and `mask` (T, used * rank) keeps, for each token, only its own
-    slot's rank columns of x·A (exact zeros elsewhere, so x·A·B sums only its own adapter's terms)."""
+    slot's rank columns of x·A (exact zeros elsewhere, so x·A·B sums only its own adapter's terms). `slots`: each
+    token's slot (-1: none), as the fused CPU step reads them (llama/model/fused_lora.py)."""
 
     whole: Optional[int] = None
     used: int = 0
     mask: Optional[torch.Tensor] = None
+    slots: Tuple[int, ...] = ()
+    slot_ids: Optional[torch.Tensor] = None  # `slots` as int32 on the host, for lora.c (fused_lora.BankTerm)
 
 
 class LoraBank:
@@ -48,6 +53,7 @@ class LoraBank:
         self.in_features, self.out_features = in_features, out_features
         self.a = [torch.zeros(in_features, slots, rank, dtype=dtype, device=device) for _ in self.parts]
         self.b = [torch.zeros(slots, rank, cols, dtype=dtype, device=device) for _, _, cols in self.parts]
+        self.native = None  # bfloat16 on a CPU: the C term (llama/model/fused_lora.py's BankTerm); False: none
 
     def load(self, slot: int, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put one adapter's factors (per Meta key: A (r, in), scale * B (out, r), this rank's slices) in `slot`;
@@ -68,6 +74,11 @@ class LoraBank:
             return y
         flat_x = x.reshape(-1, x.shape[-1])
         flat_y = y.reshape(-1, y.shape[-1])
+        if self.native is None:
+            from . import fused_lora
+            self.native = fused_lora.BankTerm(self) if fused_lora.BankTerm.serves(self) else False
+        if self.native and sel.slot_ids is not None and self.native(flat_x, flat_y, sel.slot_ids):
+            return flat_y.view(y.shape)
         for (_, first, cols), a, b in zip(self.parts, self.a, self.b):
             if sel.whole is not None:
                 h = flat_x @ a[:, sel.whole]
@@ -108,7 +119,7 @@ class LoraSet:
             self.selection = None
             return
         if len(set(per_token)) == 1 and not fixed:
-            self.selection = LoraSelection(whole=per_token[0])
+            self.selection = LoraSelection(whole=per_token[0], slots=tuple(per_token), slot_ids=_ids(per_token))
             return
         used = self.slots if fixed else max(per_token) + 1
         ids = torch.tensor(per_token)
@@ -116,10 +127,15 @@ class LoraSet:
         onehot[torch.arange(len(per_token)), ids.where(ids >= 0, used)] = 1  # column `used`: no adapter, dropped
         onehot = onehot[:, :used]
         mask = onehot.expand(-1, -1, self.rank).reshape(len(per_token), used * self.rank)
-        self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True))
+        self.selection = LoraSelection(used=used, mask=mask.to(device, non_blocking=True), slots=tuple(per_token),
+                                       slot_ids=_ids(per_token))
 
     def clear(self) -> None:
         self.selection = None
+
+
+def _ids(slots: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(slots), dtype=torch.int32)
 
 
 def attach(model, slots: int, rank: int) -> LoraSet:

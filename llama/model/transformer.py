@@ -1,162 +1,27 @@
 """The Llama 2 Transformer, model-parallel over the layers in layers.py.
 
-Read top to bottom: ModelArgs, RMSNorm, rotary embeddings, where a call's tokens sit (Rows, Packed), the KV
-cache, Attention, FeedForward, TransformerBlock, Transformer. Nothing here touches files or picks a device:
-the model is built on whatever device is current (``torch.device("meta")`` while loading) and receives its
-weights from loading.py.
+Read top to bottom (the hyper-parameters, ModelArgs and ArchSpec, are in args.py): RMSNorm, rotary embeddings,
+where a call's tokens sit (Rows, Packed), the KV cache, Attention, FeedForward, TransformerBlock, Transformer.
+Nothing here touches files or picks a device: the model is built on whatever device is current
+(``torch.device("meta")`` while loading) and receives its weights from loading.py. The architecture options
+(ArchSpec: biases) are read generically from the args; this module changes only when the math does.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import BLOCK_SIZE, BlockTables, KVPool, Packed, Rows, blocks_for
+from .args import (  # noqa: F401  (the names this module always had)
+    PRESETS, ArchSpec, ModelArgs, RopeScaling, check_positive_int, count_parameters, memory_per_process)
+from .kv_cache import BLOCK_SIZE, BlockTables, GatherScratch, KVPool, Packed, Rows, blocks_for
 from .kv_int8 import KVPoolInt8, check_kv_dtype
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
-
-
-@dataclass
-class ModelArgs:
-    """Hyper-parameters, as in Meta's params.json (plus the two sizes the KV cache is allocated for)."""
-
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = -1  # -1: taken from the tokenizer
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    # Llama 3.1's long-context RoPE (params.json: use_scaled_rope; the factors as llama-models names them, None:
-    # RopeScaling's defaults, those of Llama 3.1).
-    use_scaled_rope: bool = False
-    rope_scaling_factor: Optional[float] = None
-    rope_high_freq_factor: Optional[float] = None
-    rope_low_freq_factor: Optional[float] = None
-    rope_old_context_len: Optional[int] = None
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a params.json mapping; an unknown key is an error naming it (a typo must not pass)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"params.json has unknown key(s) {unknown}; known keys are {sorted(known)}")
-        args = cls(**{**params, **overrides})
-        args.validate()
-        return args
-
-    def to_params(self, vocab_size: Optional[int] = None) -> Dict[str, Any]:
-        """params.json contents, in the released files' style (they say vocab_size -1)."""
-        params: Dict[str, Any] = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
-                                  "n_layers": self.n_layers, "norm_eps": self.norm_eps,
-                                  "vocab_size": self.vocab_size if vocab_size is None else vocab_size}
-        optional = {"n_kv_heads": None, "ffn_dim_multiplier": None, "rope_theta": 10000.0, "use_scaled_rope": False,
-                    "rope_scaling_factor": None, "rope_high_freq_factor": None, "rope_low_freq_factor": None,
-                    "rope_old_context_len": None}
-        params.update({k: getattr(self, k) for k, default in optional.items() if getattr(self, k) != default})
-        return params
-
-    @property
-    def rope_scaling(self) -> Optional["RopeScaling"]:
-        """The frequency scaling of Llama 3.1 and later, None for plain rotary embeddings."""
-        if not self.use_scaled_rope:
-            return None
-        given = {"factor": self.rope_scaling_factor, "high_freq_factor": self.rope_high_freq_factor,
-                 "low_freq_factor": self.rope_low_freq_factor, "old_context_len": self.rope_old_context_len}
-        return RopeScaling(**{k: v for k, v in given.items() if v is not None})
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden size by the released rule: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            check_positive_int(name, getattr(self, name))
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
-        if not isinstance(self.kv_heads, int) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise ValueError(f"n_kv_heads {self.n_kv_heads!r} must be a positive divisor of n_heads {self.n_heads}")
-        if not (isinstance(self.vocab_size, int) and (self.vocab_size == -1 or self.vocab_size > 0)):
-            raise ValueError(f"vocab_size must be -1 or a positive integer, got {self.vocab_size!r}")
-        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
-            value = getattr(self, name)
-            if value is None and name == "ffn_dim_multiplier":
-                continue
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.use_scaled_rope, bool):
-            raise ValueError(f"use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
-        scaling = ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor", "rope_old_context_len")
-        for name in scaling:
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.use_scaled_rope:
-            self.rope_scaling.check()
-        elif any(getattr(self, name) is not None for name in scaling):
-            raise ValueError(f"{[n for n in scaling if getattr(self, n) is not None]} set without use_scaled_rope")
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """The one positive-integer check: a ValueError naming the argument and its bad value."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-# Shapes of the released models (their params.json) and of the 1.1B shape used by the benchmarks, as data.
-PRESETS = {
-    "1.1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, vocab_size=32000),
-    "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000),
-    "13B": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, vocab_size=32000),
-    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
-                vocab_size=32000),
-}
-
-
-def count_parameters(args: ModelArgs) -> int:
-    """Parameters of the full (unsplit) model."""
-    d, v, kv = args.dim, args.vocab_size, args.kv_heads * args.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * args.ffn_hidden_dim + 2 * d
-    return args.n_layers * per_layer + 2 * v * d + d
-
-
-def memory_per_process(args: ModelArgs, dtype: torch.dtype, world: int,
-                       tokens: Optional[int] = None) -> Tuple[int, int]:
-    """Bytes of weights and of KV cache that each of `world` model-parallel processes holds; the cache for
-    `tokens` positions (default: max_batch_size full contexts)."""
-    weights = count_parameters(args) * dtype.itemsize // world
-    if tokens is None:
-        tokens = args.max_batch_size * args.max_seq_len
-    cache = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * dtype.itemsize // world
-    return weights, cache
 
 
 # --- the pieces --------------------------------------------------------------------------------------------
@@ -174,29 +39,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1's rotary frequency scaling (defaults: its published values). Wavelengths shorter than
-    old_context_len / high_freq_factor keep their frequency, those longer than old_context_len /
-    low_freq_factor are slowed down `factor` times, and those between blend the two smoothly."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    old_context_len: int = 8192
-
-    def check(self) -> None:
-        if not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError(f"RoPE scaling: high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
-                             f"{self.low_freq_factor}")
-
-    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
-        wavelength = 2 * math.pi / inv_freq
-        ratio = self.old_context_len / wavelength  # how many of its wavelengths the old context held
-        blend = ((ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)).clamp(0, 1)
-        return (1 - blend) * inv_freq / self.factor + blend * inv_freq
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
@@ -238,10 +80,11 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.kv_heads // world
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
-        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
-        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        bias = args.arch.attention_bias
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=bias)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=bias)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=bias)
         self.wqkv: Optional[ColumnParallelLinear] = None  # wq, wk, wv in one product, after `fuse`
         self.qkv_sizes: List[int] = []
         self.cache: Optional[KVPool] = None  # attached by Transformer.setup_cache
@@ -286,9 +129,14 @@ class Attention(nn.Module):
         """Each row's tokens over that row's cached keys, gathered from the pool through its block table
         (`where.blocks`) and masked to the positions up to each token's own (`where.mask`, (B, S, T))."""
         bsz, seqlen = q.shape[:2]
-        keys, values = self.cache.read(where.blocks, where.window)
-        if seqlen > 1:
-            return self._attend(q.transpose(1, 2), keys, values, mask=where.mask.unsqueeze(1))
+        if where.alone is not None and seqlen == 1:  # each row by itself: its arithmetic never sees the others'
+            rows = [Rows(where.slots[b:b + 1], where.blocks[b:b + 1, :blocks_for(n)], n, where.mask[b:b + 1, :, :n])
+                    for b, n in enumerate(where.alone)]
+            return torch.cat([self._over_cache(q[b:b + 1], row) for b, row in enumerate(rows)])
+        keys, values = self.cache.read(where.blocks, where.window, reuse=True)
+        if seqlen > 1:  # (SDPA's own grouped-query form: the same numbers as repeating K/V n_rep times, uncopied)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=where.mask.unsqueeze(1),
+                                                  enable_gqa=self.n_rep > 1).transpose(1, 2)
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
@@ -299,11 +147,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim)
-        self.w2 = RowParallelLinear(hidden_dim, dim)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=bias)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=bias)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=bias)
         self.w13: Optional[ColumnParallelLinear] = None  # w1 and w3 in one product, after `fuse`
         self.w13_sizes: List[int] = []
 
@@ -321,7 +169,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, args.arch.mlp_bias)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -373,9 +221,11 @@ class Transformer(nn.Module):
         if not isinstance(blocks, int) or blocks < 2:
             raise ValueError(f"the KV pool needs at least 2 blocks (one is the null block), got {blocks!r}")
         self.pool_blocks = blocks
+        scratch = GatherScratch()
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = pool_class(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype).to(device)
+            cache = pool_class(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype, scratch)
+            attn.cache = cache.to(device)
 
     def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
                 ) -> None:
@@ -444,13 +294,18 @@ class Transformer(nn.Module):
             return self._run(tokens, positions, None, logits_at)
         return self._run(tokens, positions, Rows.at(self.tables, positions, length), logits_at)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+               alone: Optional[Sequence[int]] = None) -> torch.Tensor:
         """One new token per cache row 0..B-1: tokens (B,) at positions (B,) (-1: an idle row, written into the
         null block), every position below `window`.
         Returns the next-token logits (B, V). The shapes depend only on B and the host int `window`, and
-        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs."""
+        nothing here reads a device value, so a compiled or graph-captured step replays without host syncs.
+        alone: each row's position + 1 (host ints): every row attends by itself over its own positions, so that
+        its arithmetic depends on its own length only (deterministic mode, eager), at the cost of what it holds."""
         positions = positions.unsqueeze(1)
-        return self._run(tokens.unsqueeze(1), positions, Rows.at(self.tables, positions, window), None)[:, 0]
+        where = Rows.at(self.tables, positions, window)
+        where.alone = None if alone is None else list(alone)
+        return self._run(tokens.unsqueeze(1), positions, where, None)[:, 0]
 
     def decode_many(self, tokens: torch.Tensor, positions: torch.Tensor, window: int,
                     logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:

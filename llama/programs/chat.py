@@ -1,7 +1,8 @@
 """`llama-chat`, `python -m llama chat`, `python chat.py`: chat with a Llama chat model in the terminal.
 
-The conversation itself (commands, history, streamed answers, torchrun in step) is llama/programs/terminal_chat.py; this module
-reads the flags, loads the model and wires the terminal and signals to it.
+The conversation itself (commands, history, streamed answers, torchrun in step) is llama/programs/terminal_chat.py
+and the terminal (reading messages, Ctrl-C) llama/programs/console.py; this module reads the flags, loads the
+model and wires the terminal and signals to it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from typing import List, Optional
 
 from . import cli
-from .terminal_chat import SHIELD_CONTEXT, _HELP, ChatSession, _answer_room, _Console, _leave_on_sigint, _SilentConsole
+from .console import Console, SilentConsole, leave_on_sigint
+from .terminal_chat import SHIELD_CONTEXT, _HELP, ChatSession, _answer_room
 from ..model.distributed import Broadcast, launched
 from ..generation import Llama
 
@@ -48,7 +50,7 @@ class _ChatHelp(cli.HelpFormatter):
 def chat(opts: argparse.Namespace) -> None:
     """Load the model and hold the conversation until /quit or the end of input."""
     if launched():  # torchrun's Ctrl-C reaches the workers as SIGINT while it ends the run: leave quietly
-        signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, None))
+        signal.signal(signal.SIGINT, functools.partial(leave_on_sigint, None))
     _answer_room(opts.max_seq_len, opts.max_gen_len)
     ckpt_dir, tokenizer_path = cli.resolve_checkpoint(opts.ckpt_dir, opts.tokenizer_path)
     formatter = cli.chat_format_for(tokenizer_path, opts.family)
@@ -72,11 +74,11 @@ def chat(opts: argparse.Namespace) -> None:
         for stream in (sys.stdout, sys.stdin):
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?'
-        console = _Console(sys.stdin, sys.stdout)
+        console = Console(sys.stdin, sys.stdout)
     else:
-        console = _SilentConsole()
+        console = SilentConsole()
     if launched() or channel.world > 1:
-        signal.signal(signal.SIGINT, functools.partial(_leave_on_sigint, console if channel.rank == 0 else None))
+        signal.signal(signal.SIGINT, functools.partial(leave_on_sigint, console if channel.rank == 0 else None))
     else:
         signal.signal(signal.SIGINT, console.on_sigint)
     session = ChatSession(generator, console, channel, system=opts.system, temperature=opts.temperature,

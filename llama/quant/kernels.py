@@ -57,6 +57,8 @@ def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Te
         return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
     if gemm_dtype is None or x.shape[0] < CPU_PREFILL_ROWS:
         return qkernels.linear(x, kind, packed, rscale, n, group, isa)
+    if isa == "avx2" and x.dtype == torch.bfloat16:  # the bfloat16 kernel's AVX2 GEMM on dequantized panels
+        return qkernels.gemm_quantized(x, kind, packed, rscale, n, group)
     k = x.shape[1]
     xg = x.to(gemm_dtype)
     step = min(n, max(64, DEQUANTIZED_TILE // k // 64 * 64))

@@ -3,7 +3,8 @@
 Concurrent requests share one engine (llama/engine). At each step boundary the scheduler
   1. drops cancelled waiting requests (the engine frees the rows of cancelled running ones),
   2. admits waiting requests, first come first served, while the engine has free rows for all their choices and
-     free KV blocks for their prompts (and no preempted choice waits to resume: those go first),
+     free KV blocks for their prompts (and no preempted choice waits to resume: those go first); a request
+     waiting for a LoRA adapter's slot lets those behind it go (admission.next_admissible),
   3. runs one engine step: decode for every running row, packed prefill of the admitted prompts (at most
      max_prefill_tokens tokens in one step), sampling, stops and events.
 Requests beyond the free rows wait in a bounded queue: `submit` raises QueueFull when it is full.
@@ -21,6 +22,7 @@ from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..engine import Engine as RowEngine, Runner
+from ..engine.admission import next_admissible
 from ..engine.events import Event, Finished, Request
 from ..engine.params import SamplingParams
 from ..generation import Llama
@@ -244,8 +246,8 @@ class Scheduler:
                 else:
                     keep.append(q)
             self._waiting = keep
-            while self._waiting and self.engine.can_add(self._waiting[0]):
-                request = self._waiting.popleft()
+            while (request := next_admissible(self.engine, self._waiting)) is not None:
+                self._waiting.remove(request)
                 try:
                     self.engine.add(request)
                     self._admitted.add(request)

@@ -1,9 +1,11 @@
 """Tokenizers behind one small interface (base.BaseTokenizer): SentencePiece (Llama 2, Code Llama) and tiktoken
-(Llama 3). `load` reads either, telling them apart by the file's format."""
+(Llama 3). `tokenizer_class` is the one place a file's format picks its tokenizer: `load` and the released
+`llama.Tokenizer(path)` both go through it."""
 
 from __future__ import annotations
 
 import re
+from typing import Dict, Type
 
 from .base import BaseTokenizer, PathLike, check_model_file
 from .spm import SentencePieceTokenizer
@@ -20,11 +22,19 @@ def file_format(model_path: PathLike) -> str:
     return "tiktoken" if _TIKTOKEN_LINE.match(head) else "sentencepiece"
 
 
+# Each file format's tokenizer, by the `kind` it reports (what a family's `tokenizer_kind` names).
+KINDS: Dict[str, Type[BaseTokenizer]] = {cls.kind: cls for cls in (SentencePieceTokenizer, TiktokenTokenizer)}
+
+
+def tokenizer_class(model_path: PathLike) -> Type[BaseTokenizer]:
+    """The tokenizer class that reads this tokenizer.model file, chosen by its format (`file_format`)."""
+    return KINDS[file_format(model_path)]
+
+
 def load(model_path: PathLike) -> BaseTokenizer:
     """The tokenizer of a tokenizer.model file, whichever format it is in."""
-    if file_format(model_path) == "tiktoken":
-        return TiktokenTokenizer(model_path)
-    return SentencePieceTokenizer(model_path)
+    return tokenizer_class(model_path)(model_path)
 
 
-__all__ = ["BaseTokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "file_format", "load"]
+__all__ = ["BaseTokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "KINDS", "file_format",
+           "tokenizer_class", "load"]

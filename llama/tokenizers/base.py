@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,14 +34,19 @@ class BaseTokenizer:
     eos_id: int
     pad_id: int = -1
     special_tokens: Dict[str, int]
+    # Each kind's own library calls, set by its __init__; `encode` and `decode` add what every kind shares.
+    _encode_text: Callable[[str], List[int]]  # a text's ids alone (no BOS, no EOS), special-token names as text
+    _decode_ids: Callable[[List[int]], str]  # the text of ids already checked against the vocabulary
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """The ids of `s`, with BOS before and EOS after when asked. Special-token names in `s` are plain text."""
-        raise NotImplementedError
+        if not isinstance(s, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
+        return [self.bos_id] * bos + self._encode_text(s) + [self.eos_id] * eos
 
     def decode(self, t: Sequence[int]) -> str:
         """The text of ids; a character whose bytes are incomplete decodes to U+FFFD."""
-        raise NotImplementedError
+        return self._decode_ids([self._check_id(i) for i in t])
 
     def id_to_piece(self, token: int) -> str:
         """The vocabulary's own spelling of a token."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from typing import Dict
 
 from sentencepiece import SentencePieceProcessor
 
@@ -32,15 +32,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         self.special_tokens: Dict[str, int] = {
             self.sp_model.id_to_piece(i): i for i in range(self.n_words)
             if self.sp_model.is_control(i) or self.sp_model.is_unknown(i)}
-
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
-        ids = self.sp_model.encode(s)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, t: Sequence[int]) -> str:
-        return self.sp_model.decode([self._check_id(i) for i in t])
+        self._encode_text, self._decode_ids = self.sp_model.encode, self.sp_model.decode
 
     def id_to_piece(self, token: int) -> str:
         return self.sp_model.id_to_piece(self._check_id(token))

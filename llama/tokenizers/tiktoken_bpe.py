@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 from .base import BaseTokenizer, PathLike, check_model_file
 
@@ -67,18 +67,10 @@ class TiktokenTokenizer(BaseTokenizer):
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.pad_id: int = -1
         self._names = {i: name for name, i in self.special_tokens.items()}
-
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}: {s!r}")
         # Meta's reference cuts long texts and long runs of (non-)whitespace into pieces first, against stack
         # overflows of older tiktoken releases; a cut inside a run can change the tokens there. Recent tiktoken
         # encodes such runs whole, so this encodes exactly as tiktoken does.
-        ids = self.model.encode_ordinary(s)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode([self._check_id(i) for i in t])
+        self._encode_text, self._decode_ids = self.model.encode_ordinary, self.model.decode
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.decode_single_token_bytes(self._check_id(token))

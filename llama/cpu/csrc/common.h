@@ -30,7 +30,7 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 
 /* The version of the interface llama/cpu/qkernels.py and llama/model/fused_decode.py call: raise it with any
  * change to a function's arguments or a structure the Python side mirrors. */
-#define QK_ABI_VERSION 3
+#define QK_ABI_VERSION 5
 
 /* A constant the Python side reads at load (qk_constant, pool.c) and checks against its own: a {NULL, 0}-ended
  * table per source file, so each number is written once, beside the code that uses it. */
@@ -40,6 +40,13 @@ typedef struct {
 } qk_const_t;
 
 extern const qk_const_t qk_pool_constants[], qk_qlinear_constants[], qk_linear16_constants[], qk_decode_constants[];
+extern const qk_const_t qk_lora_constants[];
+
+/* LoRA adapters inside the fused step (lora.c): a layer's projections, in this order, and the term's entry. */
+enum { LORA_QKV = 0, LORA_WO = 1, LORA_W13 = 2, LORA_W2 = 3, LORA_PROJS = 4 };
+typedef struct qk_lora qk_lora_t;
+int qk_lora_add(const qk_lora_t *lora, int64_t layer, int proj, int threads, int isa, const uint16_t *x, int64_t M,
+                uint16_t *y, int64_t width);
 
 /* --- numbers ------------------------------------------------------------------------------------------------ */
 
@@ -81,6 +88,12 @@ static inline void share(int64_t n, int64_t part, int64_t parts, int64_t *lo, in
     *lo = n * part / parts;
     *hi = n * (part + 1) / parts;
 }
+
+/* The AVX2 bfloat16 GEMM (linear16.c) over weights of another format: fill(ctx, row, out) writes one weight row
+ * as K floats. */
+typedef void (*gemm_fill_t)(const void *ctx, int64_t row, float *out);
+int qk_gemm16_fill(int threads, const uint16_t *x, int64_t M, int64_t K, int64_t N, gemm_fill_t fill,
+                   const void *ctx, uint16_t *out);
 
 /* What this CPU runs, as the Python side decided it (qk_set_cpu, pool.c): the kernels never pick above it. */
 int qk_best_isa(void);

@@ -40,8 +40,10 @@ typedef struct {
     int isa;                /* ISA_AVX512_VNNI: vdpbf16ps (where the CPU has it); ISA_AVX2; ISA_SCALAR */
     const uint16_t *x, *w;  /* x: M x K; w: packed */
     const float *xf;        /* AVX2: x as floats (widen16_avx2, or in order for the GEMM) */
-    float *panels;          /* AVX2's GEMM: K x GP floats per part */
+    float *panels;          /* AVX2's GEMM: K x GP floats per part, then K floats of one row's scratch */
     uint16_t *out;          /* M x N */
+    gemm_fill_t fill;       /* AVX2's GEMM over another weight format (qlinear.c): fill(ctx, row, K floats) */
+    const void *fill_ctx;
 } job16_t;
 
 static void tiles16_scalar(const job16_t *j, int64_t m, int64_t t0, int64_t t1) {
@@ -223,6 +225,18 @@ __attribute__((target(AVX2))) static inline __attribute__((always_inline)) void 
 __attribute__((target(AVX2))) static void gemm16_avx2(const job16_t *j, float *panel, int64_t p0, int64_t p1) {
     const int64_t K = j->K, nc = K / CHUNK16, M = j->M;
     for (int64_t p = p0; p < p1; p++) {
+        if (j->fill) {  /* another format: each row dequantized into the scratch after the panel, then placed */
+            float *row = panel + K * GP;
+            for (int i = 0; i < GP; i++) {
+                const int64_t r = p * GP + i;
+                if (r < j->N) j->fill(j->fill_ctx, r, row);
+                for (int64_t k = 0; k < K; k++) panel[k * GP + i] = r < j->N ? row[k] : 0.0f;
+            }
+            int64_t m = 0;
+            for (; m + GEMM16_R <= M; m += GEMM16_R) gemm16_rows_avx2(j, panel, p * GP, m, GEMM16_R);
+            for (; m < M; m++) gemm16_rows_avx2(j, panel, p * GP, m, 1);
+            continue;
+        }
         const uint16_t *rows[GP];  /* weight row GP p + i; past the last tile: NULL, zeros */
         for (int i = 0; i < GP; i++) {
             const int64_t r = p * GP + i, t = r / TILE;
@@ -253,7 +267,7 @@ static void gemm16_part(const void *ctx, int64_t part, int64_t parts) {
     share((j->N + GP - 1) / GP, part, parts, &p0, &p1);
     if (p0 >= p1) return;
 #if QK_X86
-    gemm16_avx2(j, j->panels + part * j->K * GP, p0, p1);
+    gemm16_avx2(j, j->panels + part * j->K * (GP + 1), p0, p1);
 #endif
 }
 
@@ -298,7 +312,7 @@ int qk_linear_bf16(int isa, int threads, const uint16_t *x, int64_t M, int64_t K
     if (parts > units) parts = units;
 #if QK_X86
     if (j.isa == ISA_AVX2) {
-        if (!(xf = malloc((size_t)(M * K + (gemm ? parts * K * GP : 0)) * 4))) return ENOMEM;
+        if (!(xf = malloc((size_t)(M * K + (gemm ? parts * K * (GP + 1) : 0)) * 4))) return ENOMEM;
         if (gemm) widen_avx2(x, M * K, xf);
         else widen16_avx2(x, M * K, xf);
         j.xf = xf;
@@ -308,6 +322,32 @@ int qk_linear_bf16(int isa, int threads, const uint16_t *x, int64_t M, int64_t K
     pool_run(gemm ? gemm16_part : linear16_part, &j, parts);
     free(xf);
     return 0;
+}
+
+/* y (M x N, bfloat16) = x (M x K, bfloat16) @ W.T for a weight of another format, through the AVX2 GEMM above:
+ * fill(ctx, r, out) writes row r of W as K floats (qlinear.c dequantizes its codes so). For prefill-sized
+ * products on CPUs without AVX-512: the panels' register-blocked FMAs outrun a float32 BLAS on dequantized tiles.
+ * Returns 0, EINVAL or ENOMEM. */
+int qk_gemm16_fill(int threads, const uint16_t *x, int64_t M, int64_t K, int64_t N, gemm_fill_t fill,
+                   const void *ctx, uint16_t *out) {
+    if (M < 1 || N < 1 || K < 1 || !fill) return EINVAL;
+#if QK_X86
+    if (qk_best_isa() < ISA_AVX2) return EINVAL;
+    job16_t j = {.M = M, .N = N, .K = K, .isa = ISA_AVX2, .x = x, .out = out, .fill = fill, .fill_ctx = ctx};
+    int64_t parts = threads < 1 ? 1 : threads;
+    if (parts > (N + GP - 1) / GP) parts = (N + GP - 1) / GP;
+    float *xf = malloc((size_t)(M * K + parts * K * (GP + 1)) * 4);
+    if (!xf) return ENOMEM;
+    widen_avx2(x, M * K, xf);
+    j.xf = xf;
+    j.panels = xf + M * K;
+    pool_run(gemm16_part, &j, parts);
+    free(xf);
+    return 0;
+#else
+    (void)threads, (void)x, (void)ctx, (void)out;
+    return EINVAL;
+#endif
 }
 
 typedef struct {

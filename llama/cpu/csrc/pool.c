@@ -123,7 +123,7 @@ const qk_const_t qk_pool_constants[] = {
  * NULL past the last. */
 const char *qk_constant(int64_t i, int64_t *value) {
     static const qk_const_t *const tables[] = {qk_pool_constants, qk_qlinear_constants, qk_linear16_constants,
-                                               qk_decode_constants};
+                                               qk_decode_constants, qk_lora_constants};
     for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
         for (const qk_const_t *c = tables[t]; c->name; c++)
             if (i-- == 0) {

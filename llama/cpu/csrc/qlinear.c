@@ -783,6 +783,31 @@ __attribute__((target(AVX2))) static void dequantize_avx2(const deq_t *d, int64_
 }
 #endif
 
+/* One row of the packed weight as K floats, for the AVX2 GEMM (qk_gemm16_fill): the plain loop, compiled for AVX2. */
+#if QK_X86
+__attribute__((target(AVX2))) static void fill_row_avx2(const void *ctx, int64_t row, float *out) {
+    deq_t d = *(const deq_t *)ctx;
+    d.r0 = row, d.r1 = row + 1, d.out = out, d.out_bf16 = 0;
+    dequantize_body(&d, 0, 1);
+}
+#endif
+
+/* y (M x N, bfloat16) = x (M x K, bfloat16) @ W.T for prefill-sized products where the integer kernels are not
+ * the fastest (AVX2): each panel of weight rows is dequantized into floats and met by linear16.c's
+ * register-blocked GEMM (measured on a Zen 4 emulated as AVX2, 2 threads, 256 rows: faster than MKL's float32
+ * GEMM on dequantized tiles). Returns 0 or EINVAL (a shape the kernels refuse, no AVX2), ENOMEM. */
+int qk_gemm_quantized(int kind, int threads, const uint16_t *x, int64_t M, int64_t K, const void *w,
+                      const float *rscale, int64_t N, int64_t group, uint16_t *out) {
+    if (check_shape(kind, K, group) || M < 1 || N < 1 || qk_best_isa() < ISA_AVX2) return EINVAL;
+#if QK_X86
+    deq_t d = {kind, ISA_AVX2, 0, K, kind == KIND_INT4 ? group : 0, 0, 0, (const uint8_t *)w, rscale, NULL};
+    return qk_gemm16_fill(threads, x, M, K, N, fill_row_avx2, &d, out);
+#else
+    (void)threads, (void)x, (void)w, (void)rscale, (void)out;
+    return EINVAL;
+#endif
+}
+
 static void dequantize_part(const void *ctx, int64_t part, int64_t parts) {
     const deq_t *d = (const deq_t *)ctx;
     int64_t lo, hi;

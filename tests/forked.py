@@ -1,0 +1,124 @@
+"""Programs run as `python ARGS...` runs them, each in a fresh fork of one process that has imported torch once.
+
+Most of what a test of a program's flags waits for is `import torch` (1.5-2 s of CPU per program started). Here a
+server process imports torch, then forks a child per run: the child takes the run's argv, sys.path[0], working
+folder and environment as the interpreter would set them, gets fresh stdin/stdout/stderr files, runs the script,
+module or code as `__main__` (so the project's own modules are imported in the child, with anything they print),
+and exits with the status Python would give (SystemExit's code; 1 and the traceback for an uncaught exception).
+Tests of what only a real interpreter start shows (signals, a closed pipe at start-up, runpy's own warnings,
+torchrun) start real processes instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, Optional
+
+NAME = "<tests/forked.py server>"
+SERVER = r'''
+import json, os, sys
+import torch  # noqa: F401  (the import every run would otherwise pay for)
+
+def child(req):
+    import atexit, runpy, traceback
+    os.chdir(req["cwd"])
+    for fd, path, flags in ((0, req["stdin"], os.O_RDONLY), (1, req["stdout"], os.O_WRONLY),
+                            (2, req["stderr"], os.O_WRONLY)):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", closefd=False, buffering=1 if os.environ.get("PYTHONUNBUFFERED") else -1)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    os.environ.clear()
+    os.environ.update(req["env"])
+    argv = req["argv"]
+    code = 0
+    try:
+        if argv[0] == "-m":
+            sys.path[0] = os.getcwd()
+            sys.argv = argv[1:]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.path[0] = ""
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            code = 1
+    except BaseException as error:  # the traceback Python prints: from the program's own frames on
+        tb = error.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename in (NAME, runpy.__file__, "<frozen runpy>"):
+            tb = tb.tb_next
+        traceback.print_exception(type(error), error, tb)
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        child(req)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+class _Server:
+    """One forking server per test process (started at first use); runs are one at a time."""
+
+    def __init__(self, env: Dict[str, str]) -> None:
+        code = f"NAME = {NAME!r}\nexec(compile({SERVER!r}, NAME, 'exec'))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=tempfile.gettempdir())
+        self.env = env
+
+    def run(self, argv, cwd: Path, stdin: Optional[str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as folder:
+            files = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            files["stdin"].write_text(stdin or "")
+            files["stdout"].touch()
+            files["stderr"].touch()
+            request = {"argv": list(argv), "cwd": str(cwd), "env": self.env, **{k: str(v) for k, v in files.items()}}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                self.proc.kill()
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+            reply = json.loads(self.proc.stdout.readline())
+            return subprocess.CompletedProcess([sys.executable, *argv], reply["returncode"],
+                                               files["stdout"].read_text(), files["stderr"].read_text())
+
+
+_SERVERS: Dict[str, _Server] = {}
+_LOCK = threading.Lock()
+
+
+def run_python(*argv: str, cwd: Path, env: Dict[str, str], stdin: Optional[str] = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """What `subprocess.run([sys.executable, *argv], cwd=cwd, env=env, input=stdin, capture_output=True,
+    text=True)` gives (stdin empty when None), without a new interpreter importing torch again."""
+    key = json.dumps(env, sort_keys=True)
+    with _LOCK:
+        server = _SERVERS.get(key)
+        if server is None or server.proc.poll() is not None:
+            server = _SERVERS[key] = _Server(env)
+        return server.run(argv, cwd, stdin, timeout)
