@@ -322,14 +322,7 @@ DEFINE_OPS(avx2, __attribute__((target(AVX2))), plain_dots_avx2, plain_mix_avx2)
 DEFINE_OPS(avx512, __attribute__((target(AVX512))), dots_avx512, mix_avx512)
 #endif
 
-static const ops_t *ops_for(int isa) {
-#if QK_X86
-    if (isa >= ISA_AVX512_VNNI) return &ops_avx512;
-    if (isa == ISA_AVX2) return &ops_avx2;
-#endif
-    (void)isa;
-    return &ops_scalar;
-}
+static const ops_t *ops_for(int isa) { return QK_PICK_ISA(isa, ops_scalar, ops_avx2, ops_avx512); }
 
 /* --- attention, split over the pool's threads by (row, KV head, piece of PIECE positions) --------------------- */
 
