@@ -30,7 +30,7 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 
 /* The version of the interface llama/cpu/qkernels.py and llama/model/fused_decode.py call: raise it with any
  * change to a function's arguments or a structure the Python side mirrors. */
-#define QK_ABI_VERSION 4
+#define QK_ABI_VERSION 5
 
 /* A constant the Python side reads at load (qk_constant, pool.c) and checks against its own: a {NULL, 0}-ended
  * table per source file, so each number is written once, beside the code that uses it. */
