@@ -27,6 +27,7 @@ from .families import Family
 from .families.templates import ChatTemplate, from_checkpoint, load as load_template
 from .model import distributed
 from .model.kv_cache import check_gib as check_kv_gib
+from .model.kv_int8 import check_kv_dtype
 from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
@@ -87,6 +88,9 @@ class BuildConfig:
     # The paged KV cache's pool per process in GiB (llama/model/kv_cache.py): requests are admitted by free
     # blocks of 16 positions. Default: what fits beside the weights, at most max_batch_size full contexts.
     kv_cache_gib: Optional[float] = None
+    # None or "auto" stores keys and values in the model's dtype; "int8" stores them in 8 bits with a scale per
+    # position and head (llama/model/kv_int8.py): about half the memory, so twice the tokens in kv_cache_gib.
+    kv_dtype: Optional[str] = None
     # A Jinja chat template (a file, or the template's text) for chat prompts, rendered as transformers'
     # apply_chat_template renders it; default: a Hugging Face checkpoint's own (tokenizer_config.json), else
     # the family's Meta format (llama/families/prompting.py).
@@ -101,6 +105,7 @@ class BuildConfig:
         check_choice(self.speculative)
         check_prefix_cache(self.prefix_cache, self.prefix_cache_gib)
         check_kv_gib(self.kv_cache_gib)
+        check_kv_dtype(self.kv_dtype)
         if self.speculative is not None:
             Speculation(NgramDrafter(), self.num_draft_tokens)  # checks num_draft_tokens
             if self.deterministic or self.compile:
@@ -118,7 +123,8 @@ class BuildConfig:
         drafter gives it rows of its own)."""
         return BuildConfig(str(self.speculative), self.tokenizer_path, self.max_seq_len, self.max_batch_size,
                            self.model_parallel_size, seed=self.seed, device=self.device, dtype=self.dtype,
-                           compile=False, fast=self.fast, prefix_cache=False, kv_cache_gib=1e-6)
+                           compile=False, fast=self.fast, prefix_cache=False, kv_cache_gib=1e-6,
+                           kv_dtype=self.kv_dtype)
 
 
 def config_from(args: Sequence[Any], config: Optional[BuildConfig], options: Dict[str, Any]) -> BuildConfig:
@@ -172,7 +178,8 @@ def assemble(config: BuildConfig) -> Built:
     runtime = distributed.setup(plan.model_parallel_size, plan.device)
     torch.manual_seed(c.seed)
     loading.announce(source, args, plan)
-    model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=c.kv_cache_gib)
+    model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=c.kv_cache_gib,
+                               kv_dtype=check_kv_dtype(c.kv_dtype))
     if many is not None:
         lora_slots.install(model, c.lora, *many, runtime.model_parallel_rank, plan.model_parallel_size)
     distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")

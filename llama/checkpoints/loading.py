@@ -182,10 +182,11 @@ def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
 
 
 def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int,
-               kv_cache_gib: Optional[float] = None) -> Transformer:
+               kv_cache_gib: Optional[float] = None, kv_dtype: Optional[str] = None) -> Transformer:
     """This rank's share of the model, on its device, weights in place, KV cache allocated: a pool of
     kv_cache_gib GiB, by default what fits beside the weights (kv_cache.default_gib; with several processes, at
-    most max_batch_size full contexts, the same on every rank)."""
+    most max_batch_size full contexts, the same on every rank), storing keys and values in the model's dtype or
+    in int8 (kv_dtype, model/kv_int8.py: twice the tokens in the same memory)."""
     with torch.device("meta"):
         model = Transformer(args)
     if plan.scheme is not None:
@@ -212,12 +213,15 @@ def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int,
     if plan.fast:
         model.prepare(kernel)
     attn = model.layers[0].attention
-    per_block = pool_bytes_per_block(args.n_layers, attn.n_local_kv_heads, args.head_dim, plan.dtype)
+    per_block = pool_bytes_per_block(args.n_layers, attn.n_local_kv_heads, args.head_dim, plan.dtype,
+                                     kv_dtype=kv_dtype)
     device = plan.device if plan.model_parallel_size == 1 else torch.device("meta")  # the cap: same on every rank
     blocks = pool_blocks(kv_cache_gib, per_block, args.max_batch_size, args.max_seq_len, device)
-    model.setup_cache(plan.device, plan.dtype, blocks=blocks)
+    model.setup_cache(plan.device, plan.dtype, blocks=blocks, kv_dtype=kv_dtype)
+    stored = "int8 with a bfloat16 scale per position and head" if model.kv_dtype else \
+        str(plan.dtype).removeprefix("torch.")
     distributed.print0(f"KV cache: {blocks - 1} blocks of {BLOCK_SIZE} positions ({(blocks - 1) * BLOCK_SIZE} "
-                       f"tokens, {blocks * per_block / 2 ** 30:.2f} GiB per process{'' if kv_cache_gib else ', what fits beside the weights, at most max_batch_size full contexts'})")
+                       f"tokens, {stored}, {blocks * per_block / 2 ** 30:.2f} GiB per process{'' if kv_cache_gib else ', what fits beside the weights, at most max_batch_size full contexts'})")
     if plan.device.type == "cpu":
         _report_cpu(model)
     return model.eval()

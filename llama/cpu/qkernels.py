@@ -36,7 +36,7 @@ from .kernel_build import CFLAGS, CSRC, HEADERS, SOURCES, build  # noqa: F401  (
 # The interface this module and llama/model/fused_decode.py call: checked at load against what the library
 # reports (csrc/common.h's QK_ABI_VERSION, the constants of each C file), so an edit to one side only is an error
 # that says what differs, not a crash.
-ABI_VERSION = 4
+ABI_VERSION = 5
 # The instruction sets of the kernels, by the number the C library uses; "best" = the highest this CPU runs.
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
 KINDS = {"int8": 8, "int4": 4, "bf16": 16}  # a linear layer's kind, as qk_linear and decode.c number them

@@ -25,7 +25,7 @@ from array import array
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-from ..model.kv_cache import BLOCK_SIZE, pool_bytes_per_block
+from ..model.kv_cache import BLOCK_SIZE, layer_block_bytes
 from .blocks import BlockPool
 
 
@@ -161,7 +161,7 @@ def for_model(model, gib: Optional[float] = None) -> PrefixCache:
 
     pool = pool_for(model)
     cache = model.layers[0].attention.cache
-    per_block = pool_bytes_per_block(model.params.n_layers, cache.k.shape[1], cache.k.shape[3], cache.k.dtype, BLOCK_SIZE)
+    per_block = model.params.n_layers * layer_block_bytes(cache)  # whatever the pool stores (int8 KV: codes, scales)
     blocks = cache_blocks(gib, per_block, pool.usable)
     table = pool.cache
     if isinstance(table, PrefixCache) and table.blocks == blocks:

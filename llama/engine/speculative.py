@@ -97,7 +97,7 @@ class ModelDrafter(Drafter):
     def __init__(self, model) -> None:
         self.model = model
         if model.pool_blocks < model.tables.map_rows():  # rows of its own: a row cache's memory, as before
-            model.setup_cache(model.rope.device, model.layers[0].attention.cache.k.dtype)
+            model.setup_cache(model.rope.device, model.layers[0].attention_norm.weight.dtype, kv_dtype=model.kv_dtype)
         self.device = model.rope.device
         self._step = DecodeStep(model, compiled=False)  # eager: on the own CPU kernels, the fused C step
         self._cached: Dict[int, Tuple[object, int]] = {}  # row -> (key, tokens of the sequence in the cache)

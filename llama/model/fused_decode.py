@@ -21,6 +21,7 @@ import torch
 from .. import cpu
 from ..cpu import qkernels
 from . import fused_lora
+from .kv_int8 import KVPoolInt8
 from .layers import ParallelLinear
 from .transformer import Transformer
 from ..quant.kernels import Int4Linear, Int8Linear
@@ -43,7 +44,7 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("wo", _Linear), ("w13", _Linear), ("w2", _Linear),
                 ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("k", ctypes.c_void_p),
-                ("v", ctypes.c_void_p)]
+                ("v", ctypes.c_void_p), ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p)]
 
 
 class _Model(ctypes.Structure):
@@ -78,7 +79,7 @@ def why_not(model: Transformer) -> Optional[str]:
     if model.tok_embeddings.world != 1:
         return "model parallel"
     first = model.layers[0].attention
-    if first.cache.k.dtype != torch.bfloat16 or model.norm.weight.dtype != torch.bfloat16:
+    if _kv_dtype(first.cache) != torch.bfloat16 or model.norm.weight.dtype != torch.bfloat16:
         return "not bfloat16"
     if model.rope.dtype != torch.float32 or not model.rope.is_contiguous():
         return "rotary tables not contiguous float32"
@@ -98,6 +99,16 @@ def why_not(model: Transformer) -> Optional[str]:
                 f"heads up to {top})")
     _check_layout()
     return None
+
+
+def _kv_dtype(pool) -> torch.dtype:
+    """The dtype a pool's reads give: its own, or an int8 pool's (kv_int8.py; decode.c reads its codes and scales)."""
+    return pool.dtype if isinstance(pool, KVPoolInt8) else pool.k.dtype
+
+
+def _scales(pool) -> tuple:
+    """decode.c's k_scale and v_scale of a layer's pool: its scales' addresses (int8), else NULL."""
+    return (pool.k_scale.data_ptr(), pool.v_scale.data_ptr()) if isinstance(pool, KVPoolInt8) else (None, None)
 
 
 def _check_layout() -> None:
@@ -132,7 +143,7 @@ class FusedDecode:
             attn, ffn = layer.attention, layer.feed_forward
             layers.append(_Layer(_describe(attn.wqkv), _describe(attn.wo), _describe(ffn.w13), _describe(ffn.w2),
                                  layer.attention_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
-                                 attn.cache.k.data_ptr(), attn.cache.v.data_ptr()))
+                                 attn.cache.k.data_ptr(), attn.cache.v.data_ptr(), *_scales(attn.cache)))
         self._layers = (_Layer * len(layers))(*layers)
         tables = model.tables.table
         self._shape = _Model(len(layers), p.dim, attn0.n_local_heads, attn0.n_local_kv_heads, attn0.head_dim,

@@ -26,6 +26,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .kv_int8 import position_bytes
+
 BLOCK_SIZE = 16  # positions per block, the same for every batch (deterministic mode relies on it)
 NULL_BLOCK = 0
 
@@ -175,9 +177,15 @@ class Packed:
 
 
 def pool_bytes_per_block(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         block_size: int = BLOCK_SIZE) -> int:
-    """Bytes one block takes on one process: keys and values of block_size positions in every layer."""
-    return 2 * n_layers * kv_heads * head_dim * block_size * dtype.itemsize
+                         block_size: int = BLOCK_SIZE, kv_dtype: Optional[str] = None) -> int:
+    """Bytes one block takes on one process: keys and values of block_size positions in every layer, in the
+    model's dtype or, with kv_dtype "int8", as int8 codes and their scales (kv_int8.py)."""
+    return 2 * n_layers * kv_heads * block_size * position_bytes(head_dim, dtype, kv_dtype)
+
+
+def layer_block_bytes(pool: nn.Module) -> int:
+    """Bytes one block of a layer's pool (KVPool or kv_int8.KVPoolInt8) takes: every buffer's share."""
+    return sum(buf[0].numel() * buf.element_size() for buf in pool.buffers())
 
 
 def check_gib(gib: Optional[float]) -> Optional[float]:

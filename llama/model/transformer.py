@@ -19,6 +19,7 @@ from torch import nn
 from .args import (  # noqa: F401  (the names this module always had)
     PRESETS, ArchSpec, ModelArgs, RopeScaling, check_positive_int, count_parameters, memory_per_process)
 from .kv_cache import BLOCK_SIZE, BlockTables, GatherScratch, KVPool, Packed, Rows, blocks_for
+from .kv_int8 import KVPoolInt8, check_kv_dtype
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
 
@@ -105,7 +106,9 @@ class Attention(nn.Module):
         if where is None:  # no cache (training): the call's own tokens, causally
             out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
-            self.cache.write(where.slots, k, v)
+            stored = self.cache.write(where.slots, k, v)
+            if stored is not None:  # int8 KV: attend over what the pool keeps, as every later step will
+                k, v = stored
             out = self._within_segments(q, k, v, where.segments) if isinstance(where, Packed) else \
                 self._over_cache(q, where)
         return self.wo(out.reshape(bsz, seqlen, -1))
@@ -192,6 +195,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
         self.lora_set = None  # the banks of per-request LoRA adapters (lora_bank.attach), if any
+        self.kv_dtype: Optional[str] = None  # the KV pool's storage when not the model's dtype ("int8"; setup_cache)
 
     # --- after the weights are in --------------------------------------------------------------------------
 
@@ -201,10 +205,14 @@ class Transformer(nn.Module):
                                                      p.rope_scaling).to(device), persistent=False)
 
     def setup_cache(self, device: Union[str, torch.device], dtype: torch.dtype,
-                    blocks: Optional[int] = None) -> None:
+                    blocks: Optional[int] = None, kv_dtype: Optional[str] = None) -> None:
         """Allocate the rotary tables, the block tables and every layer's pool of KV blocks (llama/model/kv_cache.py)
         on the model's device. blocks: the pool's size, the null block included, with every table empty (an
-        engine assigns blocks); None: a row cache, each of the max_batch_size rows mapped to its own blocks."""
+        engine assigns blocks); None: a row cache, each of the max_batch_size rows mapped to its own blocks.
+        kv_dtype: None (or "auto") keeps keys and values in `dtype`; "int8" stores them in 8 bits (kv_int8.py)."""
+        kv_dtype = check_kv_dtype(kv_dtype)
+        pool_class = KVPool if kv_dtype is None else KVPoolInt8
+        self.kv_dtype = kv_dtype
         p = self.params
         self.setup_rope(device)
         self.tables = BlockTables(p.max_batch_size, p.max_seq_len, BLOCK_SIZE, device)
@@ -216,7 +224,8 @@ class Transformer(nn.Module):
         scratch = GatherScratch()
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVPool(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype, scratch).to(device)
+            cache = pool_class(blocks, BLOCK_SIZE, attn.n_local_kv_heads, p.head_dim, dtype, scratch)
+            attn.cache = cache.to(device)
 
     def prepare(self, kernel: Optional[Callable[[Union[torch.Tensor, nn.Module]], Optional[nn.Module]]] = None
                 ) -> None:

@@ -63,7 +63,7 @@ def chat(opts: argparse.Namespace) -> None:
                             max_batch_size=1, seed=opts.seed, device=opts.device, dtype=opts.dtype,
                             lora=opts.lora, quantize=opts.quantize, group_size=opts.group_size,
                             family=opts.family, speculative=opts.speculative,
-                            num_draft_tokens=opts.num_draft_tokens)
+                            num_draft_tokens=opts.num_draft_tokens, kv_dtype=opts.kv_dtype)
     guard = None
     if shield_files is not None:
         guard = Llama.build(ckpt_dir=shield_files[0], tokenizer_path=shield_files[1],

@@ -22,6 +22,7 @@ from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 from ..model import distributed
 from .. import families, quant
 from ..families.chat_format import ChatFormat, Dialog, validate_dialog
+from ..model.kv_int8 import KV_DTYPES
 from ..model.transformer import check_positive_int
 from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ParamError, SamplingParams
 from ..tokenizer import Tokenizer
@@ -164,6 +165,9 @@ def add_model_flags(parser: argparse.ArgumentParser, what: str = "checkpoint fol
     parser.add_argument(*flag("group_size"), type=int, default=None,
                         help=f"int4's inputs per scale: {', '.join(map(str, quant.GROUP_SIZES))} "
                              f"(default {quant.DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--kv_dtype", default="auto", choices=("auto",) + KV_DTYPES,
+                        help="how the KV cache stores keys and values: auto (the model's dtype) or int8 (about half "
+                             "the memory: twice the tokens per GiB; see docs/serving.md, the paged KV cache)")
     parser.add_argument("--family", default=None, choices=families.NAMES,
                         help="the model's family (default: detected from the checkpoint)")
     parser.add_argument("--verbose", action=Verbose, help=Verbose.HELP)

@@ -180,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None, web: bool = False) -> int:
                                 group_size=args.group_size, family=args.family, deterministic=args.deterministic,
                                 speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
                                 prefix_cache=args.prefix_cache, prefix_cache_gib=args.prefix_cache_gib,
-                                kv_cache_gib=args.kv_cache_gib, chat_template=args.chat_template)
+                                kv_cache_gib=args.kv_cache_gib, kv_dtype=args.kv_dtype,
+                                chat_template=args.chat_template)
         args.shield_model = None if shield_files is None else Llama.build(
             ckpt_dir=shield_files[0], tokenizer_path=shield_files[1], max_seq_len=args.max_seq_len + 1024,
             max_batch_size=1, seed=args.seed, device=args.device, dtype=args.dtype, family="llamaguard")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..engine import Engine as RowEngine, Runner
 from ..engine.admission import next_admissible
@@ -36,6 +36,11 @@ class QueueFull(Exception):
 
 class Unavailable(Exception):
     """The engine is draining (shutting down) or stopped after a failure: it takes no new requests."""
+
+
+def kv_storage(model) -> str:
+    """How the model's KV pool stores keys and values, for /health: "int8" or the model's dtype."""
+    return getattr(model, "kv_dtype", None) or str(model.norm.weight.dtype).removeprefix("torch.")
 
 
 class Scheduler:
@@ -138,12 +143,12 @@ class Scheduler:
             request.cancelled = True
             self._cond.notify_all()
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Union[int, str]]:
         with self._cond:
             in_use, total, preemptions = self._blocks
             return {"running": self._running, "waiting": len(self._waiting) + self._preempted,
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_blocks_in_use": in_use,
-                    "kv_blocks_total": total, "preemptions": preemptions}
+                    "kv_blocks_total": total, "kv_dtype": kv_storage(self.engine.model), "preemptions": preemptions}
 
     def prefix_cache_stats(self) -> Optional[Dict[str, int]]:
         """The prefix cache's counters (tokens queried and hit, blocks in use and in all), None when it is off."""

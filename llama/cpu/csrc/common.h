@@ -28,9 +28,17 @@
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 
+/* The table of loops for an instruction set: AVX-512 from VNNI up, AVX2, else plain C (non-x86: plain C only). */
+#if QK_X86
+#define QK_PICK_ISA(isa, scalar, avx2, avx512) \
+    ((isa) >= ISA_AVX512_VNNI ? &(avx512) : (isa) == ISA_AVX2 ? &(avx2) : &(scalar))
+#else
+#define QK_PICK_ISA(isa, scalar, avx2, avx512) ((void)(isa), &(scalar))
+#endif
+
 /* The version of the interface llama/cpu/qkernels.py and llama/model/fused_decode.py call: raise it with any
  * change to a function's arguments or a structure the Python side mirrors. */
-#define QK_ABI_VERSION 4
+#define QK_ABI_VERSION 5
 
 /* A constant the Python side reads at load (qk_constant, pool.c) and checks against its own: a {NULL, 0}-ended
  * table per source file, so each number is written once, beside the code that uses it. */

@@ -47,6 +47,8 @@ typedef struct {
     qk_lin_t qkv, wo, w13, w2;
     const uint16_t *attn_norm, *ffn_norm;  /* bfloat16 norm weights (dim) */
     uint16_t *k, *v;                       /* the layer's pool: (blocks, kv_heads, block_size, head_dim), bfloat16 */
+    uint16_t *k_scale, *v_scale;           /* NULL; or an int8 pool (llama/model/kv_int8.py): k and v hold int8
+                                              codes, these their bfloat16 scales (blocks, kv_heads, block_size) */
 } qk_layer_t;
 
 typedef struct {
@@ -226,14 +228,30 @@ typedef void (*dots_fn)(const float *, const float *, int64_t, int64_t, float, f
 typedef void (*mix_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *);
 
 /* n_rep query heads (q: n_rep x d, bfloat16) over one KV head's positions lo..hi-1 of a row (lo a multiple of
- * bs, bs of 16): position t's key at keys + table[t / bs] * stride + (t % bs) * d, its value likewise. One pass
+ * bs, bs of 16): position t's key at keys + table[t / bs] * stride + (t % bs) * d, its value likewise; bfloat16,
+ * or with kscale (an int8 pool) int8 codes whose scales are at kscale + table[t / bs] * (stride / d) + t % bs
+ * (vscale likewise), dequantized in float32 as each 16 positions are read. One pass
  * over the positions, 16 at a time, their keys and values read once for all n_rep heads, with a running maximum
  * (the softmax's rescaling when it grows): the cost is the positions held, and no scratch grows with them.
  * Writes the piece's partial result: o (n_rep x d) = sum_t e^(s_t - top) v_t, top[r] = max_t s_t,
  * sum[r] = sum_t e^(s_t - top), for the scores s_t = q_r . k_t / sqrt(d). */
-INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const uint16_t *keys,
-                        const uint16_t *values, int64_t stride, const int64_t *table, int64_t lo, int64_t hi,
-                        float *o, float *top, float *sum, dots_fn dots, mix_fn mix) {
+INLINE void load16(const void *x, const uint16_t *scale, int64_t at, int64_t n, int64_t d, float *f) {
+    if (!scale) {
+        const uint16_t *h = (const uint16_t *)x + at;
+        for (int64_t i = 0; i < n * d; i++) f[i] = bf(h[i]);
+        return;
+    }
+    const int8_t *c = (const int8_t *)x + at;
+    for (int64_t t = 0; t < n; t++) {
+        const float sc = bf(scale[t]);
+        for (int64_t i = 0; i < d; i++) f[t * d + i] = (float)c[t * d + i] * sc;
+    }
+}
+
+INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const void *keys,
+                        const void *values, const uint16_t *kscale, const uint16_t *vscale, int64_t stride,
+                        const int64_t *table, int64_t lo, int64_t hi, float *o, float *top, float *sum,
+                        dots_fn dots, mix_fn mix) {
     const float scale = 1.0f / sqrtf((float)d);
     float qf[n_rep * d], s[n_rep * LANES], f[LANES * MAX_HEAD_DIM];  /* (VLAs: at most n_heads * head_dim) */
     for (int64_t i = 0; i < n_rep * d; i++) qf[i] = bf(q[i]);
@@ -241,8 +259,8 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs,
     for (int64_t r = 0; r < n_rep; r++) top[r] = -INFINITY, sum[r] = 0.0f;
     for (int64_t t0 = lo; t0 < hi; t0 += LANES) {
         const int64_t n = hi - t0 < LANES ? hi - t0 : LANES, at = table[t0 / bs] * stride + (t0 % bs) * d;
-        const uint16_t *kb = keys + at, *vb = values + at;
-        for (int64_t i = 0; i < n * d; i++) f[i] = bf(kb[i]);
+        const int64_t sat = at / d;  /* the scales' offset (an int8 pool) */
+        load16(keys, kscale ? kscale + sat : NULL, at, n, d, f);
         for (int64_t r = 0; r < n_rep; r++) dots(qf + r * d, f, n, d, scale, s + r * LANES);
         for (int64_t r = 0; r < n_rep; r++) {
             float *sr = s + r * LANES, *orow = o + r * d;
@@ -257,7 +275,7 @@ INLINE void attend_body(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs,
             for (int l = 0; l < LANES; l++) sr[l] = p[l] = sr[l] == -INFINITY ? 0.0f : exp_poly(sr[l] - top[r]);
             sum[r] += hsum_body(p);
         }
-        for (int64_t i = 0; i < n * d; i++) f[i] = bf(vb[i]);
+        load16(values, vscale ? vscale + sat : NULL, at, n, d, f);
         mix(s, n_rep, f, n, d, o);
     }
 }
@@ -267,8 +285,8 @@ typedef struct {
     void (*add)(uint16_t *, const uint16_t *, int64_t);
     void (*silu_mul)(const uint16_t *, int64_t, int64_t, uint16_t *);
     void (*rope)(uint16_t *, int64_t, int64_t, const float *);
-    void (*attend)(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, const uint16_t *, int64_t,
-                   const int64_t *, int64_t, int64_t, float *, float *, float *);
+    void (*attend)(const uint16_t *, int64_t, int64_t, int64_t, const void *, const void *, const uint16_t *,
+                   const uint16_t *, int64_t, const int64_t *, int64_t, int64_t, float *, float *, float *);
 } ops_t;
 
 #define DEFINE_OPS(name, attr, dots, mix)                                                                       \
@@ -290,10 +308,11 @@ typedef struct {
                                                               int64_t n, int64_t d, float *o) {                \
         mix_body(p, n_rep, v, n, d, o);                                                                         \
     }                                                                                                           \
-    attr static void attend_##name(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const uint16_t *k,  \
-                                   const uint16_t *v, int64_t stride, const int64_t *table, int64_t lo,         \
-                                   int64_t hi, float *o, float *top, float *sum) {                              \
-        attend_body(q, n_rep, d, bs, k, v, stride, table, lo, hi, o, top, sum, dots, mix);                      \
+    attr static void attend_##name(const uint16_t *q, int64_t n_rep, int64_t d, int64_t bs, const void *k,      \
+                                   const void *v, const uint16_t *ks, const uint16_t *vs, int64_t stride,       \
+                                   const int64_t *table, int64_t lo, int64_t hi, float *o, float *top,          \
+                                   float *sum) {                                                                \
+        attend_body(q, n_rep, d, bs, k, v, ks, vs, stride, table, lo, hi, o, top, sum, dots, mix);              \
     }                                                                                                           \
     static const ops_t ops_##name = {rmsnorm_##name, add_##name, silu_mul_##name, rope_##name, attend_##name};
 
@@ -303,14 +322,7 @@ DEFINE_OPS(avx2, __attribute__((target(AVX2))), plain_dots_avx2, plain_mix_avx2)
 DEFINE_OPS(avx512, __attribute__((target(AVX512))), dots_avx512, mix_avx512)
 #endif
 
-static const ops_t *ops_for(int isa) {
-#if QK_X86
-    if (isa >= ISA_AVX512_VNNI) return &ops_avx512;
-    if (isa == ISA_AVX2) return &ops_avx2;
-#endif
-    (void)isa;
-    return &ops_scalar;
-}
+static const ops_t *ops_for(int isa) { return QK_PICK_ISA(isa, ops_scalar, ops_avx2, ops_avx512); }
 
 /* --- attention, split over the pool's threads by (row, KV head, piece of PIECE positions) --------------------- */
 
@@ -348,9 +360,15 @@ static void attend_part(const void *ctx, int64_t part, int64_t parts) {
         const row_t *row = a->rows + m;
         const int64_t n = pieces(row->len), h = (item - row->start) / n, c = (item - row->start) % n;
         const int64_t head = h * bs * d, end = (c + 1) * PIECE < row->len ? (c + 1) * PIECE : row->len;
+        const qk_layer_t *L = a->layer;
         float *o = a->part + item * each;
-        a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, bs, a->layer->k + head, a->layer->v + head,
-                       kv * bs * d, row->table, c * PIECE, end, o, o + n_rep * d, o + n_rep * (d + 1));
+        if (L->k_scale)  /* an int8 pool: one-byte codes, and the scales at h * bs */
+            a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, bs, (const int8_t *)L->k + head,
+                           (const int8_t *)L->v + head, L->k_scale + h * bs, L->v_scale + h * bs, kv * bs * d,
+                           row->table, c * PIECE, end, o, o + n_rep * d, o + n_rep * (d + 1));
+        else
+            a->ops->attend(a->qkv + m * width + h * n_rep * d, n_rep, d, bs, L->k + head, L->v + head, NULL, NULL,
+                           kv * bs * d, row->table, c * PIECE, end, o, o + n_rep * d, o + n_rep * (d + 1));
     }
 }
 
@@ -375,6 +393,19 @@ static void merge_row(const att_t *a, int64_t m, uint16_t *out) {
             const float inv = 1.0f / sum;
             for (int64_t i = 0; i < d; i++) out[(h * n_rep + r) * d + i] = f32_to_bf16(acc[i] * inv);
         }
+}
+
+/* One head's key or value (d bfloat16) as kv_int8.quantize stores it: s = bf16(max|x| / 127), codes
+ * round(x / s) (ties to even) clamped to +-127; an all-zero vector gets codes 0. */
+static void quantize_head(const uint16_t *x, int64_t d, int8_t *codes, uint16_t *scale) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < d; i++) top = fabsf(bf(x[i])) > top ? fabsf(bf(x[i])) : top;
+    *scale = f32_to_bf16(top / 127.0f);
+    const float s = bf(*scale) == 0.0f ? 1.0f : bf(*scale);
+    for (int64_t i = 0; i < d; i++) {
+        float c = rintf(bf(x[i]) / s);
+        codes[i] = (int8_t)(c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c));
+    }
 }
 
 static int linear(const qk_lin_t *l, int threads, const uint16_t *x, int64_t M, uint16_t *out) {
@@ -442,6 +473,14 @@ int qk_decode_layers(int threads, int isa, const qk_model_t *s, const qk_layer_t
             ops->rope(q, H, d, table);
             ops->rope(k, kv, d, table);
             const int64_t slot = (rows[m].table[p / bs] * kv * bs + p % bs) * d;
+            if (L->k_scale) {  /* an int8 pool: each head's key and value quantized as they are stored */
+                for (int64_t h = 0; h < kv; h++) {
+                    const int64_t at_scale = slot / d + h * bs;
+                    quantize_head(k + h * d, d, (int8_t *)L->k + slot + h * bs * d, L->k_scale + at_scale);
+                    quantize_head(v + h * d, d, (int8_t *)L->v + slot + h * bs * d, L->v_scale + at_scale);
+                }
+                continue;
+            }
             for (int64_t h = 0; h < kv; h++) {
                 memcpy(L->k + slot + h * bs * d, k + h * d, (size_t)d * 2);
                 memcpy(L->v + slot + h * bs * d, v + h * d, (size_t)d * 2);
@@ -480,6 +519,7 @@ const qk_const_t qk_decode_constants[] = {
     FIELD(qk_lin_t, group), FIELD(qk_lin_t, w), FIELD(qk_lin_t, rscale),
     SIZE(qk_layer_t), FIELD(qk_layer_t, qkv), FIELD(qk_layer_t, wo), FIELD(qk_layer_t, w13), FIELD(qk_layer_t, w2),
     FIELD(qk_layer_t, attn_norm), FIELD(qk_layer_t, ffn_norm), FIELD(qk_layer_t, k), FIELD(qk_layer_t, v),
+    FIELD(qk_layer_t, k_scale), FIELD(qk_layer_t, v_scale),
     SIZE(qk_model_t), FIELD(qk_model_t, n_layers), FIELD(qk_model_t, dim), FIELD(qk_model_t, n_heads),
     FIELD(qk_model_t, n_kv_heads), FIELD(qk_model_t, head_dim), FIELD(qk_model_t, hidden),
     FIELD(qk_model_t, max_seq), FIELD(qk_model_t, rows), FIELD(qk_model_t, eps), FIELD(qk_model_t, rope),

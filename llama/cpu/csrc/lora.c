@@ -186,14 +186,7 @@ __attribute__((target(AVX512))) static void hb_avx512v(const float *const *hs, u
 static const lora_ops_t lora_ops_avx512 = {xa_avx512v, hb_avx512v};
 #endif
 
-static const lora_ops_t *lora_ops_for(int isa) {
-#if QK_X86
-    if (isa >= ISA_AVX512_VNNI) return &lora_ops_avx512;
-    if (isa == ISA_AVX2) return &lora_ops_avx2;
-#endif
-    (void)isa;
-    return &lora_ops_scalar;
-}
+static const lora_ops_t *lora_ops_for(int isa) { return QK_PICK_ISA(isa, lora_ops_scalar, lora_ops_avx2, lora_ops_avx512); }
 
 typedef struct {
     const lora_ops_t *ops;

@@ -1,0 +1,118 @@
+"""The KV cache in 8 bits (`kv_dtype="int8"`): the paged pool of kv_cache.py with int8 keys and values.
+
+Each (position, KV head) vector of head_dim values is stored as int8 codes with one bfloat16 scale, absmax
+symmetric: s = bf16(max|x| / 127), q = round(x / s) (ties to even), x ~ q * s. A position costs head_dim + 2
+bytes per head instead of 2 * head_dim: 0.52x of bfloat16 at head_dim 64, 0.51x at 128.
+
+Why a scale per position and not one per block: a block's positions arrive one decode step at a time, so a
+block-wide scale must grow as they come and re-round the codes already stored. Those codes would then depend on
+the order the positions were written in (a re-prefill after preemption, a chunked prefill or a prefix hit writes
+the same positions in other groups than decoding did), and a preempted request could no longer continue with the
+tokens it would have had. Per-position codes depend on the position's values only, so every path stores the same
+bytes; the scale costs 2 bytes per 64 or 128.
+
+Every attention path reads what the pool stores: decoding and chunks gather and dequantize (`read`), the fused C
+step dequantizes in its attention loop (cpu/csrc/decode.c), and a ragged prefill, which attends over its own new
+keys without reading the pool, attends over their stored values (`write` returns them), so a prompt's logits
+are the same whether it was prefilled whole, in chunks or after a prefix hit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+KV_DTYPES = ("int8",)  # besides None / "auto": the model's own dtype
+QMAX = 127
+SCALE_DTYPE = torch.bfloat16
+
+
+def check_kv_dtype(kv_dtype: Union[str, None]) -> Optional[str]:
+    """kv_dtype: None or "auto" (the model's dtype, returned as None) or "int8"; ValueError naming anything else."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return None
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'auto' (the model's dtype) or one of {list(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+def position_bytes(head_dim: int, dtype: torch.dtype, kv_dtype: Optional[str]) -> int:
+    """Bytes of one position's key (or value) in one KV head: head_dim values of the model's dtype, or in int8
+    head_dim codes and a bfloat16 scale."""
+    if check_kv_dtype(kv_dtype) is None:
+        return head_dim * dtype.itemsize
+    return head_dim + SCALE_DTYPE.itemsize
+
+
+def quantize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (same shape) and bfloat16 scales (x.shape[:-1]) of x's last-axis vectors."""
+    x32 = x.float()
+    scale = (x32.abs().amax(-1) / QMAX).to(SCALE_DTYPE)
+    s32 = scale.float()
+    safe = torch.where(s32 == 0, torch.ones_like(s32), s32)  # an all-zero vector: codes 0, whatever the scale
+    codes = torch.round(x32 / safe.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes * scale in `dtype` (the product of a 7-bit code and a bfloat16 scale is exact in float32, so this is
+    float32's product rounded once to dtype)."""
+    return codes.to(dtype) * scale.to(dtype).unsqueeze(-1)
+
+
+class KVPoolInt8(nn.Module):
+    """One layer's keys and values as KVPool lays them out, (blocks, kv_heads, block_size, head_dim), in int8
+    codes, with scales (blocks, kv_heads, block_size) beside them; reads give `dtype` (the model's)."""
+
+    def __init__(self, blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 scratch: object = None) -> None:
+        super().__init__()  # (scratch: KVPool's gather buffers; this pool's reads dequantize into fresh tensors)
+        self.dtype = dtype
+        shape = (blocks, n_kv_heads, block_size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("k_scale", torch.zeros(shape[:3], dtype=SCALE_DTYPE), persistent=False)
+        self.register_buffer("v_scale", torch.zeros(shape[:3], dtype=SCALE_DTYPE), persistent=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (..., H, D) quantized at flat pool positions `slots`; returns what was stored, dequantized
+        (k and v as every later read sees them)."""
+        heads, dim = k.shape[-2:]
+        flat = slots.reshape(-1)
+        block, offset = flat // self.block_size, flat % self.block_size
+        stored = []
+        for codes_pool, scale_pool, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            codes, scale = quantize(x)
+            codes_pool[block, :, offset] = codes.reshape(-1, heads, dim)
+            scale_pool[block, :, offset] = scale.reshape(-1, heads)
+            stored.append(dequantize(codes, scale, x.dtype))
+        return stored[0], stored[1]
+
+    def read(self, blocks: torch.Tensor, window: int, reuse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of each row's first `window` positions from its blocks (B, n), dequantized, as
+        (B, H, window, D) in the model's dtype."""
+        bsz, n = blocks.shape
+        flat = blocks.reshape(-1)
+        heads, size, dim = self.k.shape[1:]
+
+        def gather(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            # codes * scale written straight into the (B, H, n, size, D) layout: one pass that dequantizes and
+            # reorders (2.3x faster than reordering the codes, then converting, then scaling); the same numbers
+            # as `dequantize` (the int8 code converts exactly, the product is rounded once).
+            c = codes.index_select(0, flat).view(bsz, n, heads, size, dim).transpose(1, 2)
+            s = scale.index_select(0, flat).view(bsz, n, heads, size).transpose(1, 2).to(self.dtype)
+            out = torch.empty((bsz, heads, n, size, dim), dtype=self.dtype, device=codes.device)
+            torch.mul(c, s.unsqueeze(-1), out=out)
+            return out.view(bsz, heads, n * size, dim)[:, :, :window]
+        return gather(self.k, self.k_scale), gather(self.v, self.v_scale)
+
+    def copy_block(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks src[i] into dst[i], codes and scales (copy on write of a shared block)."""
+        for buf in (self.k, self.v, self.k_scale, self.v_scale):
+            buf[dst] = buf[src]
