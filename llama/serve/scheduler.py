@@ -182,10 +182,10 @@ class Scheduler:
         return len(victims)
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
-        """Block until no request runs or waits (True), or the timeout passes (False)."""
+        """Block until no request is admitted (in a step under way too), runs or waits (True), or the timeout passes."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._running and not self._preempted and not self._waiting
-                                       and not self._ending, timeout)
+            return self._cond.wait_for(lambda: not (self._running or self._preempted or self._waiting or self._ending
+                                                    or (self._admitted and self.failure is None)), timeout)
 
     def wait_until_running(self, n: int, timeout: Optional[float] = None) -> bool:
         """Block until at least n rows are busy (True), or the timeout passes (False)."""
