@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-
-from .kv_int8 import position_bytes
 
 BLOCK_SIZE = 16  # positions per block, the same for every batch (deterministic mode relies on it)
 NULL_BLOCK = 0
@@ -64,48 +62,60 @@ class KVPool(nn.Module):
         self.k[block, :, offset] = k.reshape(-1, heads, dim)
         self.v[block, :, offset] = v.reshape(-1, heads, dim)
 
+    def index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The (block, head) pieces (B, H, n) that hold rows' blocks (B, n) in SDPA's (row, head, position) order."""
+        heads = self.k.shape[1]
+        return blocks.unsqueeze(1) * heads + torch.arange(heads, device=blocks.device).view(1, heads, 1)
+
+    def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False):
+        """Keys and values of `pieces` (a flat `index`, B x H x n) as (B, H, window, D): one index_select per
+        tensor lands them in SDPA's layout with no second copy. reuse: gather into the model's scratch buffers
+        (valid until the next reuse=True read of any of its layers): a fresh tensor of 100 MB per step and layer
+        is mapped and zeroed page by page by the allocator, which cost more than the gather itself."""
+        heads, size, dim = self.k.shape[1:]
+        n = pieces.numel() // (bsz * heads)
+
+        def one(pool: torch.Tensor, name: str) -> torch.Tensor:
+            flat = pool.view(-1, size, dim)
+            got = torch.index_select(flat, 0, pieces, out=self.scratch.take(name, (pieces.numel(), size, dim), pool))\
+                if reusing(self.scratch, reuse) else flat.index_select(0, pieces)
+            return got.view(bsz, heads, n * size, dim)[:, :, :window]
+        return one(self.k, "k"), one(self.v, "v")
+
     def read(self, blocks: torch.Tensor, window: int, reuse: bool = False):
         """Keys and values of each row's first `window` positions, its blocks (B, n) gathered whole, as
-        (B, H, window, D). One index_select per tensor, of (block, head) pieces in (row, head, block) order, lands
-        them in SDPA's layout with no second copy. reuse: gather into the model's scratch buffers (valid until
-        the next reuse=True read of any of its layers): a fresh tensor of 100 MB per step and layer is mapped
-        and zeroed page by page by the allocator, which cost more than the gather itself."""
-        bsz, n = blocks.shape
-        heads, size, dim = self.k.shape[1:]
-        pieces = (blocks.unsqueeze(1) * heads + torch.arange(heads, device=blocks.device).view(1, heads, 1))
-        pieces = pieces.reshape(-1)
-        bufs = self.scratch.take(pieces.numel(), self.k) if reuse and self.scratch is not None and \
-            not torch.compiler.is_compiling() else (None, None)
-
-        def gather(pool: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-            got = torch.index_select(pool.view(-1, size, dim), 0, pieces, out=out) if out is not None else \
-                pool.view(-1, size, dim).index_select(0, pieces)
-            return got.view(bsz, heads, n * size, dim)[:, :, :window]
-        return gather(self.k, bufs[0]), gather(self.v, bufs[1])
+        (B, H, window, D) in the pool's dtype (see `gather`)."""
+        return self.gather(self.index(blocks).reshape(-1), blocks.shape[0], window, reuse)
 
     def copy_block(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy whole blocks src[i] into dst[i] (copy on write of a shared, partly filled block)."""
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
+        """Copy whole blocks src[i] into dst[i], every buffer (copy on write of a shared, partly filled block)."""
+        for buf in self.buffers():
+            buf[dst] = buf[src]
 
 
 class GatherScratch:
-    """Two buffers (keys, values) that KVPool.read gathers into, reused from step to step and shared by a model's
-    layers (they attend one after another); they grow by half again when a read needs more."""
+    """Named buffers that the pools' reads gather (and dequantize) into, reused from step to step and shared by
+    a model's layers (they attend one after another); each grows by half again when a read needs more."""
 
     def __init__(self) -> None:
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
+        self.buffers: Dict[str, torch.Tensor] = {}
 
-    def take(self, pieces: int, like: torch.Tensor):
-        """Two (pieces, block_size, head_dim) tensors of `like`'s dtype and device."""
-        shape = like.shape[2:]
-        if self.k is None or self.k.shape[0] < pieces or self.k.dtype != like.dtype or self.k.device != like.device:
-            grown = max(pieces, pieces * 3 // 2 if self.k is not None else pieces)
-            self.k = self.v = None  # (the old buffers go first)
-            self.k = torch.empty((grown, *shape), dtype=like.dtype, device=like.device)
-            self.v = torch.empty_like(self.k)
-        return self.k[:pieces], self.v[:pieces]
+    def take(self, name: str, shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None
+             ) -> torch.Tensor:
+        """Buffer `name` as a tensor of `shape`, of `dtype` (default: like's) on like's device."""
+        dtype = like.dtype if dtype is None else dtype
+        count = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < count or buf.dtype != dtype or buf.device != like.device:
+            grown = count if buf is None else max(count, count * 3 // 2)
+            self.buffers.pop(name, None)  # (the old buffer goes first)
+            buf = self.buffers[name] = torch.empty(grown, dtype=dtype, device=like.device)
+        return buf[:count].view(*shape)
+
+
+def reusing(scratch: Optional[GatherScratch], reuse: bool) -> bool:
+    """Whether a read gathers into `scratch` (not while torch.compile traces: it needs fresh tensors)."""
+    return reuse and scratch is not None and not torch.compiler.is_compiling()
 
 
 class BlockTables(nn.Module):
@@ -180,6 +190,8 @@ def pool_bytes_per_block(n_layers: int, kv_heads: int, head_dim: int, dtype: tor
                          block_size: int = BLOCK_SIZE, kv_dtype: Optional[str] = None) -> int:
     """Bytes one block takes on one process: keys and values of block_size positions in every layer, in the
     model's dtype or, with kv_dtype "int8", as int8 codes and their scales (kv_int8.py)."""
+    from .kv_int8 import position_bytes  # (kv_int8's pool builds on this module's)
+
     return 2 * n_layers * kv_heads * block_size * position_bytes(head_dim, dtype, kv_dtype)
 
 

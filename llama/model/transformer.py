@@ -20,6 +20,7 @@ from .args import (  # noqa: F401  (the names this module always had)
     PRESETS, ArchSpec, ModelArgs, RopeScaling, check_positive_int, count_parameters, memory_per_process)
 from .kv_cache import BLOCK_SIZE, BlockTables, GatherScratch, KVPool, Packed, Rows, blocks_for
 from .kv_int8 import KVPoolInt8, check_kv_dtype
+from .paged_attention import attend_token
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelLinear, RowParallelLinear, fuse_columns, \
     fused_sizes, model_parallel_world
 
@@ -133,14 +134,14 @@ class Attention(nn.Module):
             rows = [Rows(where.slots[b:b + 1], where.blocks[b:b + 1, :blocks_for(n)], n, where.mask[b:b + 1, :, :n])
                     for b, n in enumerate(where.alone)]
             return torch.cat([self._over_cache(q[b:b + 1], row) for b, row in enumerate(rows)])
-        keys, values = self.cache.read(where.blocks, where.window, reuse=True)
         if seqlen > 1:  # (SDPA's own grouped-query form: the same numbers as repeating K/V n_rep times, uncopied)
+            keys, values = self.cache.read(where.blocks, where.window, reuse=True)
             return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=where.mask.unsqueeze(1),
                                                   enable_gqa=self.n_rep > 1).transpose(1, 2)
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask.unsqueeze(1))
+        out = attend_token(q, self.cache, where.blocks, where.window, where.mask[:, 0])
         return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
 
 
