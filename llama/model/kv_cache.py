@@ -167,6 +167,7 @@ class Rows:
     window: int
     mask: torch.Tensor
     alone: Optional[List[int]] = None  # deterministic decoding: row b attends by itself over its alone[b] positions
+    pieces: Optional[tuple] = None  # a long decode step's pieces, planned once for every layer (paged_attention)
 
     @classmethod
     def at(cls, tables: BlockTables, positions: torch.Tensor, window: int, first: int = 0) -> "Rows":

@@ -33,29 +33,43 @@ def in_pieces(q: torch.Tensor, window: int) -> bool:
     return window > PIECE and q.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def attend_token(q: torch.Tensor, pool, blocks: torch.Tensor, window: int, mask: torch.Tensor) -> torch.Tensor:
+def attend_token(q: torch.Tensor, pool, where) -> torch.Tensor:
     """q (B, KV, n_rep, D): each row's one token, its query heads grouped by the KV head they read, over the row's
-    first `window` positions in `pool`, held by its blocks (B, n), visible where mask (B, window) is True.
-    Returns (B, KV, n_rep, D)."""
-    if not in_pieces(q, window):
-        keys, values = pool.read(blocks, window, reuse=True)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None])
-    bsz, n = blocks.shape
-    per = PIECE // pool.block_size
-    count = -(-n // per)
-    # Every piece the same shape: the table padded with the null block, the mask with masked positions.
-    table = F.pad(blocks, (0, count * per - n)).view(bsz, count, per).transpose(0, 1)
-    index = pool.index(table.reshape(count * bsz, per)).view(count, -1)  # piece c: (B, H, per) in SDPA's order
-    visible = F.pad(mask, (0, count * PIECE - window)).view(bsz, count, PIECE)
-    additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    first `where.window` positions in `pool`, held by its blocks where.blocks (B, n), visible where where.mask
+    (B, 1, window) is True. Returns (B, KV, n_rep, D)."""
+    if not in_pieces(q, where.window):
+        keys, values = pool.read(where.blocks, where.window, reuse=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask.unsqueeze(1))
+    index, additive, seen = _plan(pool, where, q.dtype)
+    count, bsz = index.shape[0], q.shape[0]
     outs = q.new_empty((count, *q.shape))
     lses = torch.empty((count, *q.shape[:3]), dtype=torch.float32, device=q.device)
     for c in range(count):
         keys, values = pool.gather(index[c], bsz, PIECE, reuse=True)
         outs[c], lses[c] = _flash(q, keys, values, additive[:, c, None, None])
     # A piece with no visible position (a short row beside a long one) reports a log-sum-exp of 0: weigh it 0.
-    seen = visible.any(-1).t().view(count, bsz, 1, 1)
-    lses = lses.masked_fill(~seen, float("-inf"))
+    lses.masked_fill_(~seen, float("-inf"))
     weights = (lses - lses.amax(0)).exp_()  # position 0 is always visible: the top is finite
     merged = (outs.float() * weights.unsqueeze(-1)).sum(0) / weights.sum(0).unsqueeze(-1)
     return merged.to(q.dtype)
+
+
+def _plan(pool, where, dtype: torch.dtype):
+    """The pieces of a step, the same for every layer (kept on `where`): each piece's (block, head) index (count,
+    B x H x per) in SDPA's order, the additive mask (B, count, PIECE) and whether a row sees any of a piece's
+    positions (count, B, 1, 1). Every piece has the same shape: the tables padded with the null block, the mask
+    with masked positions."""
+    cached = getattr(where, "pieces", None)
+    if cached is not None and cached[0] == pool.k.shape[1] and cached[1] == dtype:
+        return cached[2:]
+    blocks, window = where.blocks, where.window
+    bsz, n = blocks.shape
+    per = PIECE // pool.block_size
+    count = -(-n // per)
+    table = F.pad(blocks, (0, count * per - n)).view(bsz, count, per).transpose(0, 1)
+    index = pool.index(table.reshape(count * bsz, per)).view(count, -1)
+    visible = F.pad(where.mask[:, 0], (0, count * PIECE - window)).view(bsz, count, PIECE)
+    additive = torch.where(visible, 0.0, float("-inf")).to(dtype)
+    seen = visible.any(-1).t().view(count, bsz, 1, 1)
+    where.pieces = (pool.k.shape[1], dtype, index, additive, seen)
+    return index, additive, seen

@@ -141,7 +141,7 @@ class Attention(nn.Module):
         # One token per row: query head h reads KV head h // n_rep, so grouping a KV head's n_rep query heads
         # along the sequence axis serves them in one call without copying K/V n_rep times.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        out = attend_token(q, self.cache, where.blocks, where.window, where.mask[:, 0])
+        out = attend_token(q, self.cache, where)
         return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
 
 
