@@ -89,27 +89,39 @@ class KVPoolInt8(KVPool):
             stored.append(dequantize(codes, scale, x.dtype))
         return stored[0], stored[1]
 
+    def gather_codes(self, pieces: torch.Tensor, reuse: bool = False):
+        """The codes (count, size, D) int8 and scales (count, size) bfloat16 of `pieces` (a flat `index`), for
+        keys and for values: ((k codes, k scales), (v codes, v scales)), into the scratch buffers with `reuse`."""
+        size, dim = self.k.shape[2:]
+        count = pieces.numel()
+        scratch = self.scratch if reusing(self.scratch, reuse) else None
+
+        def one(codes: torch.Tensor, scale: torch.Tensor, name: str):
+            out_c = None if scratch is None else scratch.take(name + "8", (count, size, dim), codes)
+            out_s = None if scratch is None else scratch.take(name + "s", (count, size), scale)
+            return (torch.index_select(codes.view(-1, size, dim), 0, pieces, out=out_c),
+                    torch.index_select(scale.view(-1, size), 0, pieces, out=out_s))
+        return one(self.k, self.k_scale, "k"), one(self.v, self.v_scale, "v")
+
+    def scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch buffer of like's shape in `dtype` (a fresh tensor where there are no scratch buffers, or
+        while torch.compile traces)."""
+        if reusing(self.scratch, True):
+            return self.scratch.take(name, like.shape, like, dtype)
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+
     def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `pieces` (a flat `index`, B x H x n), dequantized, as (B, H, window, D) in the
-        model's dtype. Codes and scales are gathered in SDPA's layout (int8 and bfloat16: about half the bytes
-        of a bfloat16 gather), then one multiplication writes codes * scale, the same numbers as `dequantize`
-        (the code converts exactly, the product is rounded once), into the model's scratch buffers with
-        `reuse` (a fresh tensor per layer and step costs its pages; the int8 reads were 0.77-0.90x of
-        bfloat16's when they allocated theirs)."""
+        model's dtype: codes and scales gathered in SDPA's layout, then one multiplication writes codes * scale,
+        the same numbers as `dequantize` (the code converts exactly, the product is rounded once), into the
+        scratch buffers with `reuse`. (Decoding reads the codes in float32 instead: paged_attention.py.)"""
         heads, size, dim = self.k.shape[1:]
-        count, n = pieces.numel(), pieces.numel() // (bsz * heads)
-        scratch = self.scratch if reusing(self.scratch, reuse) else None
-
-        def buffer(name: str, shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
-            return None if scratch is None else scratch.take(name, shape, self.k, dtype)
-
-        def one(codes: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-            c = torch.index_select(codes.view(-1, size, dim), 0, pieces, out=buffer(name + "8", (count, size, dim),
-                                                                                     torch.int8))
-            s = torch.index_select(scale.view(-1, size), 0, pieces, out=buffer(name + "s", (count, size),
-                                                                               SCALE_DTYPE)).to(self.dtype)
-            out = torch.mul(c, s.unsqueeze(-1), out=buffer(name, (count, size, dim), self.dtype)) \
-                if scratch is not None else torch.mul(c, s.unsqueeze(-1))
-            return out.view(bsz, heads, n * size, dim)[:, :, :window]
-        return one(self.k, self.k_scale, "k"), one(self.v, self.v_scale, "v")
+        n = pieces.numel() // (bsz * heads)
+        out = []
+        for name, (codes, scale) in zip("kv", self.gather_codes(pieces, reuse)):
+            scale = scale.to(self.dtype).unsqueeze(-1)
+            got = torch.mul(codes, scale, out=self.scratch_like(name, codes, self.dtype)) if reuse else \
+                torch.mul(codes, scale)
+            out.append(got.view(bsz, heads, n * size, dim)[:, :, :window])
+        return out[0], out[1]
