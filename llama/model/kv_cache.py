@@ -67,13 +67,21 @@ class KVPool(nn.Module):
         heads = self.k.shape[1]
         return blocks.unsqueeze(1) * heads + torch.arange(heads, device=blocks.device).view(1, heads, 1)
 
-    def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False):
+    @property
+    def attend_dtype(self) -> torch.dtype:
+        """The dtype decoding attends in (paged_attention.py): the pool's own."""
+        return self.k.dtype
+
+    def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False,
+               dtype: Optional[torch.dtype] = None):
         """Keys and values of `pieces` (a flat `index`, B x H x n) as (B, H, window, D): one index_select per
         tensor lands them in SDPA's layout with no second copy. reuse: gather into the model's scratch buffers
         (valid until the next reuse=True read of any of its layers): a fresh tensor of 100 MB per step and layer
         is mapped and zeroed page by page by the allocator, which cost more than the gather itself."""
         heads, size, dim = self.k.shape[1:]
         n = pieces.numel() // (bsz * heads)
+        if dtype not in (None, self.k.dtype):
+            raise ValueError(f"a {self.k.dtype} pool reads as itself, not {dtype}")
 
         def one(pool: torch.Tensor, name: str) -> torch.Tensor:
             flat = pool.view(-1, size, dim)
@@ -82,10 +90,10 @@ class KVPool(nn.Module):
             return got.view(bsz, heads, n * size, dim)[:, :, :window]
         return one(self.k, "k"), one(self.v, "v")
 
-    def read(self, blocks: torch.Tensor, window: int, reuse: bool = False):
+    def read(self, blocks: torch.Tensor, window: int, reuse: bool = False, dtype: Optional[torch.dtype] = None):
         """Keys and values of each row's first `window` positions, its blocks (B, n) gathered whole, as
-        (B, H, window, D) in the pool's dtype (see `gather`)."""
-        return self.gather(self.index(blocks).reshape(-1), blocks.shape[0], window, reuse)
+        (B, H, window, D) in the pool's reading dtype or `dtype` (see `gather`)."""
+        return self.gather(self.index(blocks).reshape(-1), blocks.shape[0], window, reuse, dtype)
 
     def copy_block(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole blocks src[i] into dst[i], every buffer (copy on write of a shared, partly filled block)."""

@@ -103,25 +103,31 @@ class KVPoolInt8(KVPool):
                     torch.index_select(scale.view(-1, size), 0, pieces, out=out_s))
         return one(self.k, self.k_scale, "k"), one(self.v, self.v_scale, "v")
 
-    def scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A scratch buffer of like's shape in `dtype` (a fresh tensor where there are no scratch buffers, or
-        while torch.compile traces)."""
-        if reusing(self.scratch, True):
-            return self.scratch.take(name, like.shape, like, dtype)
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-
-    def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `pieces` (a flat `index`, B x H x n), dequantized, as (B, H, window, D) in the
-        model's dtype: codes and scales gathered in SDPA's layout, then one multiplication writes codes * scale,
-        the same numbers as `dequantize` (the code converts exactly, the product is rounded once), into the
-        scratch buffers with `reuse`. (Decoding reads the codes in float32 instead: paged_attention.py.)"""
+    def gather(self, pieces: torch.Tensor, bsz: int, window: int, reuse: bool = False,
+               dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `pieces` (a flat `index`, B x H x n), dequantized, as (B, H, window, D) in `dtype`
+        (default: the model's): the codes and scales gathered in SDPA's layout, then codes * scale written into
+        the scratch buffers with `reuse`, the same numbers as `dequantize`. In float32 (what decoding attends in,
+        `attend_dtype`) the product is exact and is computed as a conversion and an in-place scaling: a mixed
+        int8 x bfloat16 multiplication, or any bfloat16 result, costs 3-8x more per element on a CPU."""
         heads, size, dim = self.k.shape[1:]
-        n = pieces.numel() // (bsz * heads)
+        n, dtype = pieces.numel() // (bsz * heads), dtype or self.dtype
         out = []
         for name, (codes, scale) in zip("kv", self.gather_codes(pieces, reuse)):
-            scale = scale.to(self.dtype).unsqueeze(-1)
-            got = torch.mul(codes, scale, out=self.scratch_like(name, codes, self.dtype)) if reuse else \
-                torch.mul(codes, scale)
+            buf = self._scratch(name + "-" + str(dtype), codes, dtype, reuse)
+            if dtype == torch.float32:
+                got = buf.copy_(codes).mul_(scale.float().unsqueeze(-1))
+            else:
+                got = torch.mul(codes, scale.to(dtype).unsqueeze(-1), out=buf)
             out.append(got.view(bsz, heads, n * size, dim)[:, :, :window])
         return out[0], out[1]
+
+    @property
+    def attend_dtype(self) -> torch.dtype:
+        """The dtype decoding attends in: float32 (the stored values exactly, and faster to produce)."""
+        return torch.float32
+
+    def _scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+        if reusing(self.scratch, reuse):
+            return self.scratch.take(name, like.shape, like, dtype)
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
