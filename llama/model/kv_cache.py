@@ -54,8 +54,9 @@ class KVPool(nn.Module):
     def block_size(self) -> int:
         return self.k.shape[2]
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (..., H, D) at flat pool positions `slots` (block * block_size + offset; same leading shape)."""
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = True) -> None:
+        """Store k, v (..., H, D) at flat pool positions `slots` (block * block_size + offset; same leading shape).
+        (stored: a pool that changes the values, int8's, returns them when asked; this one keeps them as given.)"""
         heads, dim = k.shape[-2:]
         flat = slots.reshape(-1)
         block, offset = flat // self.block_size, flat % self.block_size

@@ -75,19 +75,21 @@ class KVPoolInt8(KVPool):
         self.register_buffer("k_scale", torch.zeros(shape, dtype=SCALE_DTYPE), persistent=False)
         self.register_buffer("v_scale", torch.zeros(shape, dtype=SCALE_DTYPE), persistent=False)
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (..., H, D) quantized at flat pool positions `slots`; returns what was stored, dequantized
-        (k and v as every later read sees them)."""
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = True
+              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Store k, v (..., H, D) quantized at flat pool positions `slots` (both quantized in one pass); with
+        `stored`, returns what was stored, dequantized (k and v as every later read sees them)."""
         heads, dim = k.shape[-2:]
         flat = slots.reshape(-1)
         block, offset = flat // self.block_size, flat % self.block_size
-        stored = []
-        for codes_pool, scale_pool, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            codes, scale = quantize(x)
-            codes_pool[block, :, offset] = codes.reshape(-1, heads, dim)
-            scale_pool[block, :, offset] = scale.reshape(-1, heads)
-            stored.append(dequantize(codes, scale, x.dtype))
-        return stored[0], stored[1]
+        codes, scale = quantize(torch.stack([k, v]))
+        for at, (codes_pool, scale_pool) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
+            codes_pool[block, :, offset] = codes[at].reshape(-1, heads, dim)
+            scale_pool[block, :, offset] = scale[at].reshape(-1, heads)
+        if not stored:
+            return None
+        both = dequantize(codes, scale, k.dtype)
+        return both[0], both[1]
 
     def gather_codes(self, pieces: torch.Tensor, reuse: bool = False):
         """The codes (count, size, D) int8 and scales (count, size) bfloat16 of `pieces` (a flat `index`), for

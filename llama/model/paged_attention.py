@@ -46,6 +46,8 @@ def attend_token(q: torch.Tensor, pool, where) -> torch.Tensor:
     if whole or q.device.type != "cpu" or torch.compiler.is_compiling():
         keys, values = pool.read(where.blocks, window, reuse=True, dtype=dtype)
         return F.scaled_dot_product_attention(qa, keys, values, attn_mask=where.mask.unsqueeze(1)).to(q.dtype)
+    blocks = where.blocks.shape[1]
+    per = -(-blocks // -(-blocks // per))  # as many pieces, of even sizes (no piece of a few positions)
     spans, indices = _pieces(pool, where, per)
     additive = torch.where(where.mask[:, 0], 0.0, float("-inf")).to(dtype)[:, None, None]
     outs = qa.new_empty((len(spans), *q.shape))

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         if where is None:  # no cache (training): the call's own tokens, causally
             out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
-            stored = self.cache.write(where.slots, k, v)
+            stored = self.cache.write(where.slots, k, v, stored=isinstance(where, Packed))
             if stored is not None:  # int8 KV: attend over what the pool keeps, as every later step will
                 k, v = stored
             out = self._within_segments(q, k, v, where.segments) if isinstance(where, Packed) else \
