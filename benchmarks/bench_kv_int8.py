@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +32,7 @@ from llama.model.kv_cache import layer_block_bytes, pool_bytes_per_block  # noqa
 from llama.model.kv_int8 import KVPoolInt8  # noqa: E402
 
 from bench_paged import model_at  # noqa: E402
+from common import add_run_options, apply_run_options, timed  # noqa: E402
 
 SHAPES = {"1.1B": PRESETS["1.1B"], "Llama-3.1-8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8)}
 
@@ -82,11 +82,9 @@ def decode_part(opts) -> dict:
                             layer.attention.cache = pool
                         tokens = torch.full((b,), 5)
                         step(tokens, [n] * b)
-                        start = time.perf_counter()
-                        for _ in range(opts.steps):
-                            step(tokens, [n] * b)
+                        seconds = timed(lambda: [step(tokens, [n] * b) for _ in range(opts.steps)])
                         if rep:
-                            rates[(kv, n, b)].append(b * opts.steps / (time.perf_counter() - start))
+                            rates[(kv, n, b)].append(b * opts.steps / seconds)
     out = {"path": path, "steps_per_run": opts.steps, "runs": opts.repeat}
     for n in contexts:
         for b in batches:
@@ -154,13 +152,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--docs", type=int, default=0, help="loss: the first N documents (0: all)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count (quicker runs)")
+    add_run_options(parser)
     opts = parser.parse_args()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    if opts.layers:
-        PRESETS[opts.shape] = {**PRESETS[opts.shape], "n_layers": opts.layers}
+    apply_run_options(opts, PRESETS)
     part = {"memory": memory_part, "decode": decode_part, "loss": loss_part}[opts.part]
     about = {"shape": opts.shape, "quantize": opts.quantize} if opts.part == "decode" else {}
     print(json.dumps({"part": opts.part, **about, **part(opts)}))

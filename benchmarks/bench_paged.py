@@ -31,6 +31,8 @@ from llama import Llama, ModelArgs, Tokenizer, Transformer, cpu, quant, quantize
 from llama.decode_step import DecodeStep  # noqa: E402
 from llama.model import PRESETS  # noqa: E402
 
+from common import add_run_options, apply_run_options, timed  # noqa: E402
+
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
 
 
@@ -104,11 +106,7 @@ def long_part(opts) -> dict:
     for n in contexts:  # the positions below n hold zeros: the cost does not depend on their values
         with torch.inference_mode():
             step(token, [n])
-            times = []
-            for _ in range(opts.repeat):
-                start = time.perf_counter()
-                step(token, [n])
-                times.append(time.perf_counter() - start)
+            times = [timed(lambda: step(token, [n])) for _ in range(opts.repeat)]
         out[f"context_{n}_tok_s"] = round(1 / statistics.median(times), 2)
     return out
 
@@ -177,13 +175,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count (quicker runs)")
+    add_run_options(parser)
     opts = parser.parse_args()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    if opts.layers:
-        PRESETS[opts.shape] = {**PRESETS[opts.shape], "n_layers": opts.layers}
+    apply_run_options(opts, PRESETS)
     part = {"concurrency": concurrency_part, "decode": decode_part, "long": long_part, "prefix": prefix_part}
     result = {"part": opts.part, "shape": opts.shape, "quantize": opts.quantize, "tree": str(Path(llama.__file__).parent.parent),
               **part[opts.part](opts)}

@@ -41,3 +41,17 @@ def paired(a: Callable[[], float], b: Callable[[], float], pairs: int) -> Dict[s
     return {"a": round(statistics.median(x for x, _ in runs), 2), "b": round(statistics.median(y for _, y in runs), 2),
             "ratio": round(statistics.median(x / y for x, y in runs), 2),
             "each_pair": [round(x / y, 2) for x, y in runs]}
+
+
+def add_run_options(parser) -> None:
+    """--threads and --layers, which every model benchmark takes (see `apply_run_options`)."""
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count (quicker runs)")
+
+
+def apply_run_options(opts, presets: Dict[str, dict]) -> None:
+    """Set torch's thread count (--threads) and cut the chosen shape (--shape) to --layers layers in `presets`."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.layers:
+        presets[opts.shape] = {**presets[opts.shape], "n_layers": opts.layers}

@@ -146,3 +146,49 @@ def run_program(*argv: str, timeout: float = 120, stdin: Optional[str] = None) -
 def program_help(*argv: str) -> subprocess.CompletedProcess:
     """`python ARGV --help`, run once per test process: several files read the same programs' help."""
     return run_program(*argv, "--help", timeout=300)
+
+
+# --- decode steps against a float32 model (test_fused_decode.py, test_kv_int8.py) ------------------------------
+
+
+def scatter_blocks(model, lengths: Sequence[int], kv_dtype: Optional[str] = None) -> None:
+    """A pool with each row's blocks scattered in reverse order over it (as an engine's tables end up), sized for
+    rows of `lengths` positions."""
+    per_row = [-(-n // 16) for n in lengths]
+    model.setup_cache(torch.device("cpu"), model.layers[0].attention_norm.weight.dtype, blocks=2 + sum(per_row) + 3,
+                      kv_dtype=kv_dtype)
+    free = list(range(2 + sum(per_row) + 2, 1, -1))  # blocks counted down, skipping 0 (null) and 1
+    for row, n in enumerate(per_row):
+        model.assign_blocks(row, 0, [free.pop(0) for _ in range(n)])
+
+
+def decode_against_float32(fused, plain, exact, prompts: Sequence[Sequence[int]], steps: int):
+    """Prefill `prompts` into the models of two decode steps (the fused C step and the layer-by-layer one) and a
+    float32 model, then decode `steps` tokens (the float32 model's greedy choices) through all three. Asserts
+    the two steps agree to bfloat16 rounding at every step; returns their summed relative errors against float32
+    ({"fused": .., "plain": ..}), and the next tokens and positions."""
+    errors = {"fused": 0.0, "plain": 0.0}
+    with torch.inference_mode():
+        for model in (fused.model, plain.model, exact):
+            model.prefill(prompts)
+        tokens, positions = torch.arange(1, len(prompts) + 1), [len(p) for p in prompts]
+        for _ in range(steps):
+            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
+            a, b = fused(tokens, positions), plain(tokens, positions)
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == ref.shape
+            assert (a - b).norm() <= 0.05 * b.norm()  # the two agree to bfloat16 rounding
+            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
+            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
+            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+    return errors, tokens, positions
+
+
+def assert_same_cached_keys(x_model, y_model, lengths: Sequence[int]) -> None:
+    """Both models' pools hold the same keys and values (to bfloat16 rounding) for each row's first lengths[row]
+    positions, read through x_model's tables."""
+    with torch.inference_mode():
+        for x, y in zip(x_model.layers, y_model.layers):
+            for row, length in enumerate(lengths):
+                blocks = x_model.tables.blocks(row, 1, length)
+                for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
+                    assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import require_kernels
+from helpers import assert_same_cached_keys, decode_against_float32, require_kernels, scatter_blocks
 from llama import cpu, qkernels, quant, quantize
 from llama.model.decode_step import DecodeStep
 from llama.model.fused_decode import MAX_ROWS, FusedDecode, why_not
@@ -77,25 +77,9 @@ def test_fused_steps_are_as_close_to_float32_as_the_layer_by_layer_steps(precisi
     fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
     assert fused.fused is not None and plain.fused is None
     prompts = [[5, 17, 3, 40, 2, 9, 11], [7, 7, 1], [60, 2, 33, 4, 8]]
-    errors = {"fused": 0.0, "plain": 0.0}
-    with torch.inference_mode():
-        for model in (fused_model, plain_model, exact):
-            model.prefill(prompts)
-        tokens, positions = torch.tensor([1, 2, 3]), [len(p) for p in prompts]
-        for _ in range(8):
-            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
-            a, b = fused(tokens, positions), plain(tokens, positions)
-            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (3, 96)
-            assert (a - b).norm() <= 0.05 * b.norm()  # the two agree to bfloat16 rounding through 2 layers
-            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
-            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
-            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+    errors, _, positions = decode_against_float32(fused, plain, exact, prompts, 8)
     assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
-    for x, y in zip(fused_model.layers, plain_model.layers):  # the cache rows hold the same keys and values
-        for row, length in enumerate(positions):
-            blocks = fused_model.tables.blocks(row, 1, length)  # the row's blocks in the pool, by its table
-            for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
-                assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
+    assert_same_cached_keys(fused_model, plain_model, positions)  # the cache rows hold the same keys and values
 
 
 def test_rows_longer_than_a_piece_are_attended_in_pieces_merged_in_order():
@@ -105,31 +89,12 @@ def test_rows_longer_than_a_piece_are_attended_in_pieces_merged_in_order():
     fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 96, (2500,), generator=g).tolist(), [7, 7, 1]]
+    errors, tokens, positions = decode_against_float32(fused, plain, exact, prompts, 4)
     with torch.inference_mode():
-        for model in (fused_model, plain_model, exact):
-            model.prefill(prompts)
-        tokens, positions = torch.tensor([1, 2]), [len(p) for p in prompts]
-        errors = {"fused": 0.0, "plain": 0.0}
-        for _ in range(4):
-            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
-            a, b = fused(tokens, positions), plain(tokens, positions)
-            assert (a - b).norm() <= 0.05 * b.norm()
-            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
-            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
-            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
         alone = fused(tokens[:1], positions[:1])
         both = fused(tokens, positions)
     assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
     assert torch.equal(alone[0], both[0])
-
-
-def _scattered(model: Transformer, lengths) -> None:
-    """A pool with each row's blocks scattered in reverse order over it (as an engine's tables end up)."""
-    per_row = [-(-n // 16) for n in lengths]
-    model.setup_cache(CPU, model.layers[0].attention_norm.weight.dtype, blocks=2 + sum(per_row) + 3)
-    free = list(range(2 + sum(per_row) + 2, 1, -1))  # blocks counted down, skipping 0 (null) and 1
-    for row, n in enumerate(per_row):
-        model.assign_blocks(row, 0, [free.pop(0) for _ in range(n)])
 
 
 @pytest.mark.parametrize("precision", ["int8"])
@@ -140,7 +105,7 @@ def test_the_fused_step_reads_each_rows_scattered_blocks(precision):
     fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
     with torch.inference_mode():
         for model in (fused_model, plain_model):
-            _scattered(model, lengths)
+            scatter_blocks(model, lengths)
             model.prefill(prompts)
         tokens, positions = torch.tensor([1, 2, 3]), [len(p) for p in prompts]
         for _ in range(5):

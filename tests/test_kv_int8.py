@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TOKENIZER, make_checkpoint
+from helpers import TOKENIZER, assert_same_cached_keys, decode_against_float32, make_checkpoint, scatter_blocks
 from llama import Llama
 from llama.checkpoint import random_state
 from llama.engine import Request, SamplingParams
@@ -17,7 +17,7 @@ from llama.model.kv_cache import BLOCK_SIZE, layer_block_bytes, pool_bytes_per_b
 from llama.model.kv_int8 import KVPoolInt8, check_kv_dtype, quantize
 
 from test_engine import SHAPE, Collect, prompts
-from test_paged import PARAMS, answer
+from test_paged import PARAMS, answer, build as build_paged, ckpt  # noqa: F401  (ckpt: a fixture)
 
 PER_BLOCK_INT8 = pool_bytes_per_block(SHAPE.n_layers, SHAPE.kv_heads, SHAPE.head_dim, torch.float32,
                                       kv_dtype="int8")
@@ -82,17 +82,9 @@ def test_int8_blocks_take_about_half_the_bytes():
 # --- through the engine ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    state = random_state(SHAPE, seed=23)
-    state["output.weight"] = state["output.weight"] * 12
-    return make_checkpoint(tmp_path_factory.mktemp("kv_int8"), SHAPE, state=state)
-
-
 def build(ckpt, blocks=None, **options) -> Llama:
-    gib = None if blocks is None else (blocks + 1) * PER_BLOCK_INT8 / 2 ** 30
-    return Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=128, max_batch_size=6, device="cpu", dtype="float32",
-                       kv_cache_gib=gib, kv_dtype="int8", **options)
+    """test_paged's model (its checkpoint: the `ckpt` fixture) with an int8 pool of `blocks` blocks."""
+    return build_paged(ckpt, blocks, per_block=PER_BLOCK_INT8, kv_dtype="int8", **options)
 
 
 def test_the_same_gib_holds_about_twice_the_tokens_and_the_start_line_says_int8(ckpt, capsys):
@@ -180,34 +172,13 @@ def test_the_fused_step_reads_and_writes_int8_kv_as_the_pytorch_path_does():
 
     fused_model, plain_model, exact = _build("int8"), _build("int8"), _reference("int8")
     prompts_ = [list(range(3, 40)), [7, 7, 1], list(range(50, 70))]
-    lengths = [len(p) + 8 for p in prompts_]
     for model in (fused_model, plain_model):  # an int8 pool, each row's blocks scattered in reverse order
-        per_row = [-(-n // 16) for n in lengths]
-        model.setup_cache(torch.device("cpu"), torch.bfloat16, blocks=2 + sum(per_row) + 3, kv_dtype="int8")
-        free = list(range(2 + sum(per_row) + 2, 1, -1))
-        for row, n in enumerate(per_row):
-            model.assign_blocks(row, 0, [free.pop(0) for _ in range(n)])
+        scatter_blocks(model, [len(p) + 8 for p in prompts_], kv_dtype="int8")
     fused, plain = DecodeStep(fused_model, compiled=False), DecodeStep(plain_model, compiled=False, fused=False)
     assert fused.fused is not None and plain.fused is None
-    errors = {"fused": 0.0, "plain": 0.0}
-    with torch.inference_mode():
-        for model in (fused_model, plain_model, exact):
-            model.prefill(prompts_)
-        tokens, positions = torch.tensor([1, 2, 3]), [len(p) for p in prompts_]
-        for _ in range(8):
-            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
-            a, b = fused(tokens, positions), plain(tokens, positions)
-            assert (a - b).norm() <= 0.05 * b.norm()
-            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
-            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
-            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
+    errors, _, positions = decode_against_float32(fused, plain, exact, prompts_, 8)
     assert 0 < errors["fused"] <= 1.25 * errors["plain"], errors
-    for x, y in zip(fused_model.layers, plain_model.layers):  # the C code stored the keys the PyTorch path did
-        for row, length in enumerate(positions):
-            blocks = fused_model.tables.blocks(row, 1, length)
-            for a, b in zip(x.attention.cache.read(blocks, length), y.attention.cache.read(blocks, length)):
-                assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
-
+    assert_same_cached_keys(fused_model, plain_model, positions)  # the C code stored the keys the PyTorch path did
 
 
 def test_int8_rows_longer_than_a_piece_are_attended_in_pieces_on_every_instruction_set():
@@ -225,18 +196,8 @@ def test_int8_rows_longer_than_a_piece_are_attended_in_pieces_on_every_instructi
     assert fused.fused is not None and plain.fused is None
     g = torch.Generator().manual_seed(5)
     prompts_ = [torch.randint(0, 96, (2500,), generator=g).tolist(), [7, 7, 1]]
-    errors = {"fused": 0.0, "plain": 0.0}
+    errors, tokens, positions = decode_against_float32(fused, plain, exact, prompts_, 3)
     with torch.inference_mode():
-        for model in (fused_model, plain_model, exact):
-            model.prefill(prompts_)
-        tokens, positions = torch.tensor([1, 2]), [len(p) for p in prompts_]
-        for _ in range(3):
-            ref = exact.decode(tokens, torch.tensor(positions), max(positions) + 1)
-            a, b = fused(tokens, positions), plain(tokens, positions)
-            assert (a - b).norm() <= 0.05 * b.norm()
-            errors["fused"] += (a - ref).norm().item() / ref.norm().item()
-            errors["plain"] += (b - ref).norm().item() / ref.norm().item()
-            tokens, positions = ref.argmax(-1), [p + 1 for p in positions]
         alone = fused(tokens[:1], positions[:1])
         both = fused(tokens, positions)
         step, outs = FusedDecode(fused_model), {}

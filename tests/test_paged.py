@@ -26,8 +26,9 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("paged"), SHAPE, state=state)
 
 
-def build(ckpt, blocks=None, **options) -> Llama:
-    gib = None if blocks is None else (blocks + 1) * PER_BLOCK / 2 ** 30
+def build(ckpt, blocks=None, per_block: int = PER_BLOCK, **options) -> Llama:
+    """The checkpoint's model on a pool of `blocks` blocks of per_block bytes (None: the default size)."""
+    gib = None if blocks is None else (blocks + 1) * per_block / 2 ** 30
     return Llama.build(str(ckpt), str(TOKENIZER), max_seq_len=128, max_batch_size=6, device="cpu", dtype="float32",
                        kv_cache_gib=gib, **options)
 
