@@ -3,8 +3,8 @@
 Up to PIECE positions, a step gathers the rows' blocks (kv_cache.KVPool.gather) and runs SDPA over them, the row
 cache's arithmetic. Beyond, gathering the whole context copied it once per layer and step (100 MB per layer at
 100k positions of the 1.1B shape), which SDPA then read back from memory: that copy made the paged PyTorch path
-0.6x of the row cache at 100k. Longer rows are attended in pieces instead (PIECE positions of one row; fewer
-when several rows share a piece): each piece's blocks are gathered into the same small scratch buffers, which stay in the CPU's cache while SDPA reads them, and the
+0.6x of the row cache at 100k. Longer rows are attended in pieces of PIECE positions instead: each piece's blocks are
+gathered into the same small scratch buffers, which stay in the CPU's cache while SDPA reads them, and the
 pieces' results are merged in order with their log-sum-exps (the running softmax that decode.c's pieces use
 too), so the pool is read from memory once per step.
 
@@ -12,8 +12,8 @@ An int8 pool (kv_int8.py) is attended in float32 (its `attend_dtype`): its codes
 there, as decode.c computes them, and on a CPU converting int8 to float32 and scaling in place costs a third of
 a bfloat16 dequantization, whose pass over every element had made int8 KV decode 0.77-0.92x of bfloat16 KV.
 
-Pieces start at fixed positions whatever the batch holds, so a row attended alone (deterministic mode) depends on
-its own positions only; a shorter row's pieces past its end are fully masked and weigh exactly 0.
+The pieces are cut from the step's window (the longest row) in even sizes, so a row attended alone (deterministic
+mode) depends on its own length only; a shorter row's pieces past its end are fully masked and weigh exactly 0.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 PIECE = 4096  # positions of one row per piece (a multiple of the block size)
-PIECE_ELEMENTS = 2 ** 20  # keys (of every row and head) per piece: 2 MiB in bfloat16, 4 MiB in float32
+PIECE_ELEMENTS = 2 ** 20  # an int8 pool's pieces: key elements of every row and head (4 MiB in float32)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +38,12 @@ def attend_token(q: torch.Tensor, pool, where) -> torch.Tensor:
     (B, 1, window) is True. Returns (B, KV, n_rep, D) in q's dtype."""
     window, dtype = where.window, pool.attend_dtype
     bsz, heads, _, dim = q.shape
-    per = max(1, PIECE_ELEMENTS // (bsz * heads * pool.block_size * dim))  # blocks per piece
-    # A pool read as itself takes up to PIECE positions in one call (the row cache's arithmetic); a converted one
-    # (int8) whatever fits in one piece.
-    whole = window <= (PIECE if dtype == pool.k.dtype else per * pool.block_size)
+    # A pool read as itself: pieces of PIECE positions whatever the batch (up to PIECE, one call: the row cache's
+    # arithmetic). A converted one (int8, read in float32): pieces of PIECE_ELEMENTS keys over all rows, since
+    # float32 copies of a batch's PIECE positions would no longer stay in the CPU's cache.
+    per = PIECE // pool.block_size if dtype == pool.k.dtype else \
+        max(1, PIECE_ELEMENTS // (bsz * heads * pool.block_size * dim))  # blocks per piece
+    whole = window <= per * pool.block_size
     qa = q.to(dtype)
     if whole or q.device.type != "cpu" or torch.compiler.is_compiling():
         keys, values = pool.read(where.blocks, window, reuse=True, dtype=dtype)
