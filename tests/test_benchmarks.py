@@ -99,8 +99,8 @@ def test_bench_decode_against_transformers_needs_no_pytest(tmp_path):
     pytest.importorskip("transformers")
     (tmp_path / "pytest.py").write_text("raise ImportError('no pytest in this environment')\n")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1",
-                          "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1", "--threads", "1",
-                          "--batches", "1", "--hf", "--pairs", "1"],
+                          "--dim", "256", "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1",
+                          "--threads", "1", "--batches", "1", "--hf", "--pairs", "1"],
                          env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
