@@ -5,8 +5,11 @@ server process imports torch, then forks a child per run: the child takes the ru
 folder and environment as the interpreter would set them, gets fresh stdin/stdout/stderr files, runs the script,
 module or code as `__main__` (so the project's own modules are imported in the child, with anything they print),
 and exits with the status Python would give (SystemExit's code; 1 and the traceback for an uncaught exception).
-Tests of what only a real interpreter start shows (signals, a closed pipe at start-up, runpy's own warnings,
-torchrun) start real processes instead."""
+For shell commands (README's bash blocks), install_python writes a `python` that hands its argv, folder,
+environment and its own standard streams (the descriptors, over a Unix socket) to such a server, which forks a
+child per run, several at once for a pipeline, and answers the exit status. torchrun's launcher runs this way too;
+its workers are new interpreters. Tests of what only a real interpreter start shows (signals, a closed pipe at
+start-up, runpy's own warnings) start real processes instead."""
 
 from __future__ import annotations
 
