@@ -21,8 +21,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def _carries(value, folder: str) -> bool:
-    """Whether a call argument is the checkpoint's data on its way: the folder or a file in it, what the reader
-    made of it (an object holding shards), a state dict of the weights, or the model they went into."""
+    """Whether a call argument is the checkpoint's data on its way: the folder or a file in it, an object naming
+    the folder (a BuildConfig, what is on disk), what the reader made of it (an object holding shards), a state
+    dict of the weights, or the model they went into."""
     import torch
 
     if isinstance(value, (str, Path)):
@@ -33,6 +34,11 @@ def _carries(value, folder: str) -> bool:
         return "tok_embeddings.weight" in value and isinstance(value["tok_embeddings.weight"], torch.Tensor)
     if isinstance(value, torch.nn.Module):
         return hasattr(value, "tok_embeddings")
+    if isinstance(value, type):
+        return False
+    where = [getattr(value, name, None) for name in ("ckpt_dir", "folder")]  # a BuildConfig, what is on disk
+    if any(isinstance(w, (str, Path)) and str(w).startswith(folder) for w in where):
+        return True
     return any(hasattr(value, name) for name in ("shards", "checkpoint"))
 
 
@@ -51,7 +57,9 @@ def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) ->
             return None
         if frame.f_code.co_name == "__init__" and type(frame.f_locals.get("self")).__name__ == "Llama":
             handed.append(True)
-            route.append(frame.f_globals["__name__"].removeprefix("llama."))
+            name = frame.f_globals["__name__"].removeprefix("llama.")
+            if route[-1:] != [name]:
+                route.append(name)
             return None
         level, f = 0, frame
         while f is not None and f.f_code.co_name != "build":

@@ -58,22 +58,22 @@ def register(family: Family, detect_first: bool = True) -> Family:
     return family
 
 
-def hf_spec(config: Mapping[str, Any], where: str) -> HFSpec:
+def hf_spec(config: Mapping[str, Any]) -> HFSpec:
     """The Hugging Face layout a config.json is in (its `architectures`, else its `model_type`), among the
-    families' (Family.hf); a ValueError naming the field when no family reads it."""
+    families' (Family.hf); a ValueError naming the field when no family reads it (the caller names the file)."""
     specs = {f.hf.architecture: f.hf for f in FAMILIES.values()}
     types = {s.model_type: s for s in specs.values()}
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and len(archs) == 1 and archs[0] in specs):
-        raise _unsupported("architectures", archs, sorted(specs), where)
+        raise _unsupported("architectures", archs, sorted(specs))
     spec = specs[archs[0]] if archs is not None else types.get(config.get("model_type", "llama"))
     if spec is None or config.get("model_type", spec.model_type) != spec.model_type:
-        raise _unsupported("model_type", config.get("model_type"), sorted(types), where)
+        raise _unsupported("model_type", config.get("model_type"), sorted(types))
     return spec
 
 
-def _unsupported(field: str, value: Any, known: List[str], where: str) -> ValueError:
-    return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: only {known} (the families' "
+def _unsupported(field: str, value: Any, known: List[str]) -> ValueError:
+    return ValueError(f"{field} = {json.dumps(value)} is not supported: only {known} (the families' "
                       "Hugging Face architectures) are")
 
 

@@ -32,13 +32,14 @@ class HFSpec:
     top_names: Mapping[str, str] = field(default_factory=lambda: {
         "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"})
 
-    def arch_from_config(self, config: Mapping[str, Any], where: str) -> ArchSpec:
-        """The ArchSpec a config.json asks for (each option key true or false; absent: false)."""
+    def arch_from_config(self, config: Mapping[str, Any]) -> ArchSpec:
+        """The ArchSpec a config.json asks for (each option key true or false; absent: false; a ValueError naming
+        the key otherwise, the caller names the file)."""
         given = {}
         for key, option in self.arch_keys.items():
             value = config.get(key)
             if value not in (None, False, True):
-                raise ValueError(f"{where}: {key} = {value!r} is not supported: it must be true or false")
+                raise ValueError(f"{key} = {value!r} is not supported: it must be true or false")
             given[option] = bool(value)
         return ArchSpec(**given)
 
