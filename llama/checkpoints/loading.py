@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -126,8 +126,7 @@ def load(config: Any, tokenizer: BaseTokenizer, check: Optional[Callable[[ModelA
                    compile=False if c.speculative is not None else c.compile, deterministic=c.deterministic)
     runtime = distributed.setup(planned.model_parallel_size, planned.device)
     torch.manual_seed(c.seed)
-    announce(found, family, args, planned)
-    headers = _headers_check(found, family, args, tokenizer, c.family)
+    headers = _headers_check(found, family, args, tokenizer, c.family, announcement(found, family, args, planned))
     model = load_model(found, args, planned, runtime.model_parallel_rank, headers, adapter,
                        kv_cache_gib=c.kv_cache_gib, kv_dtype=check_kv_dtype(c.kv_dtype))
     distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
@@ -156,11 +155,8 @@ def _model(found: Files, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_s
     arch = found.arch if found.arch is not None or requested is not None else ArchSpec()  # Meta's: none
     detected = families.detect(tokenizer, params, requested, arch)
     vocab = params.get("vocab_size", -1)
-    if vocab not in (-1, tokenizer.n_words):
-        raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
-                         f"{found.folder!r} says vocab_size {vocab}: they do not belong together")
-    args = ModelArgs.from_params(params, arch=found.arch or detected.arch, vocab_size=tokenizer.n_words,
-                                 max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    args = ModelArgs.from_params(params, arch=found.arch or detected.arch, max_seq_len=max_seq_len,
+                                 max_batch_size=max_batch_size, vocab_size=tokenizer.n_words if vocab == -1 else vocab)
     if lora is not None and found.quantization is not None:
         raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {found.folder!r}: load "
                          "its bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
@@ -168,12 +164,13 @@ def _model(found: Files, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_s
 
 
 def _headers_check(found: Files, family: Family, args: ModelArgs, tokenizer: BaseTokenizer,
-                   requested: Optional[str]) -> Check:
+                   requested: Optional[str], announce: Sequence[str] = ()) -> Check:
     """What the weights' headers must say, checked by the reader between reading them and the weights: the
-    embedding rows of the tokenizer, the architecture options of the model planned."""
+    embedding rows of the tokenizer, the architecture options of the model planned. Then the lines `announce`
+    are printed: the load is announced once nothing is left to check."""
 
     def check(arch: ArchSpec, vocab_rows: int) -> None:
-        if vocab_rows != tokenizer.n_words:
+        if args.vocab_size != tokenizer.n_words or vocab_rows != tokenizer.n_words:
             raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
                              f"{found.folder!r} has {vocab_rows} embedding rows (params.json vocab_size "
                              f"{found.params.get('vocab_size', -1)}): they do not belong together")
@@ -181,6 +178,8 @@ def _headers_check(found: Files, family: Family, args: ModelArgs, tokenizer: Bas
             fits = families.detect(tokenizer, found.params, requested, arch)
             raise ValueError(f"the weights in {found.folder!r} have {arch.describe()}: {fits.title}'s, not "
                              f"{family.title}'s as the other files say; pass family={fits.name!r}")
+        for line in announce:
+            distributed.print0(line)
 
     return check
 
@@ -224,22 +223,21 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     return replace(result, scheme=scheme)
 
 
-def announce(found: Files, family: Optional[Family], args: ModelArgs, plan: Plan) -> None:
-    """One line before the weights are read: what loads where, and the memory it takes per process."""
+def announcement(found: Files, family: Optional[Family], args: ModelArgs, plan: Plan) -> List[str]:
+    """What to say before the weights are read: what loads where, the memory it takes per process, and the
+    plan's note, if any."""
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
     kind = ""
     if plan.scheme is not None:
         weights = quantize.weight_bytes(args, plan.scheme, None, plan.dtype, plan.model_parallel_size)
         kind = f"{plan.scheme.name} " + ("(quantized at load) " if found.quantization is None else "")
     title = f"{family.title}: " if family is not None else ""
-    distributed.print0(
+    return [
         f"{title}Loading {len(found.files)} shard(s) from {found.folder} into {plan.model_parallel_size} "
         f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + at most {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} full contexts of "
-        f"{args.max_seq_len} tokens, paged)")
-    if plan.note:
-        distributed.print0(plan.note)
+        f"{args.max_seq_len} tokens, paged)"] + ([plan.note] if plan.note else [])
 
 
 def load_model(found: Files, args: ModelArgs, plan: Plan, rank: int, check: Check,
