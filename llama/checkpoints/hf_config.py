@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
@@ -133,34 +133,21 @@ def _params(config: Mapping[str, Any]) -> Dict[str, Any]:
         if not isinstance(rope, dict):
             raise bad(field, rope, "it must be an object")
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "llama3":
-            params.update(_scaled_rope_params(rope, bad, field))
+        owner = None if kind == "default" else families.rope_family(kind)
+        if owner is not None:
+            try:
+                params.update(owner.rope_from_hf(rope))
+            except ValueError as err:
+                raise bad(field, rope, str(err)) from None
         elif kind != "default":
-            raise bad(field, rope, "only rope_type 'default' (plain rotary embeddings) and 'llama3' (Llama 3.1's "
-                                   "scaling) are")
+            known = [f"{f.hf_rope_type!r} ({f.title}'s scaling)" for f in families.FAMILIES.values() if f.hf_rope_type]
+            raise bad(field, rope, f"only rope_type 'default' (plain rotary embeddings) and {', '.join(known)} are")
         rope_theta = rope.get("rope_theta", rope_theta)
     params["rope_theta"] = rope_theta
     if n_kv_heads != n_heads:
         params["n_kv_heads"] = n_kv_heads
     params.update(_ffn_params(dim, positive_int("intermediate_size")))
     ModelArgs.from_params(params)
-    return params
-
-
-_SCALED_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
-                     "high_freq_factor": "rope_high_freq_factor",
-                     "original_max_position_embeddings": "rope_old_context_len"}
-
-
-def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError], field: str) -> Dict[str, Any]:
-    """params.json keys for a config's rope_type 'llama3' (Llama 3.1's scaling); a factor that is not given is
-    not guessed."""
-    params: Dict[str, Any] = {"use_scaled_rope": True}
-    for hf_key, meta_key in _SCALED_ROPE_KEYS.items():
-        value = rope.get(hf_key)
-        if value is None:
-            raise bad(field, rope, f"rope_type 'llama3' needs {hf_key}")
-        params[meta_key] = value
     return params
 
 
@@ -172,10 +159,8 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
     read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
-    scaling = args.rope_scaling
-    rope_scaling = None if scaling is None else {
-        "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-        "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
+    scaling = args.rope_scaling  # the family whose scaling it is writes it (Llama 3's rope_type 'llama3')
+    rope_scaling = None if scaling is None else families.rope_family().rope_to_hf(scaling)  # type: ignore[union-attr]
     return {
         **spec.config_of(args.arch),
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,

@@ -72,6 +72,13 @@ def hf_spec(config: Mapping[str, Any]) -> HFSpec:
     return spec
 
 
+def rope_family(rope_type: Optional[str] = None) -> Optional[Family]:
+    """The family whose RoPE scaling config.json calls `rope_type` (Family.hf_rope_type); None: the first family
+    with a scaling. None when no family has it."""
+    return next((f for f in FAMILIES.values() if f.hf_rope_type is not None and rope_type in (None, f.hf_rope_type)),
+                None)
+
+
 def _unsupported(field: str, value: Any, known: List[str]) -> ValueError:
     return ValueError(f"{field} = {json.dumps(value)} is not supported: only {known} (the families' "
                       "Hugging Face architectures) are")
@@ -126,5 +133,5 @@ def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
                      "SentencePiece one, and only Llama 3.1 and later use_scaled_rope)")
 
 
-__all__ = ["Family", "HFSpec", "hf_spec", "arch_options", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
+__all__ = ["Family", "HFSpec", "hf_spec", "arch_options", "rope_family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
            "CODELLAMA", "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]

@@ -74,6 +74,7 @@ class Family:
     moderation: bool = False  # Llama Guard's classification
     arch: ArchSpec = ArchSpec()  # the architecture options its models have (the Llama models: none)
     hf: HFSpec = LLAMA_HF  # its Hugging Face config keys and weight names
+    hf_rope_type: Optional[str] = None  # config.json's rope_type of its RoPE scaling (Llama 3.1's: 'llama3')
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.title}>"
@@ -121,6 +122,15 @@ class Family:
         return self.check_tokenizer(tokenizer) is None and self.check_params(params) is None
 
     # --- Hugging Face's layout ------------------------------------------------------------------------------
+
+    def rope_from_hf(self, rope: Mapping[str, Any]) -> Dict[str, Any]:
+        """params.json's keys for config.json's rope_scaling entry of `hf_rope_type` (a ValueError saying what it
+        lacks)."""
+        raise ValueError(f"{self.title} has no RoPE scaling")
+
+    def rope_to_hf(self, scaling: RopeScaling) -> Dict[str, Any]:
+        """config.json's rope_scaling entry for a model of this family with the RoPE scaling `scaling`."""
+        raise ValueError(f"{self.title} has no RoPE scaling")
 
     def hf_eos_ids(self, tokenizer: BaseTokenizer) -> List[int]:
         return list(self.stop_ids(tokenizer))
