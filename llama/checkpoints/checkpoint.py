@@ -23,7 +23,7 @@ from ..model.args import ArchSpec
 from .layout import (  # noqa: F401  (the names this module always had)
     ModelLayout, check_model_parallel_size, model_layout, random_state, rope_freqs, split_dim, state_shapes,
     valid_model_parallel_sizes)
-from .source import Files, describe, find_shards, layout_of, read_json_object, read_params  # noqa: F401  (as below)
+from .source import READERS, Files, describe, find_shards, layout_of, read_json_object, read_params  # noqa: F401  (as below)
 from .writing import atomic_save, ensure_empty_destination, split_state, write_checkpoint  # noqa: F401  (as above)
 
 PathLike = Union[str, os.PathLike]
@@ -238,6 +238,7 @@ def _copy_slice(out: Dict[str, torch.Tensor], key: str, piece: torch.Tensor, pat
 
 
 READER = MetaReader()
+READERS[READER.layout] = READER
 
 
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:

@@ -25,7 +25,7 @@ from .checkpoint import Check, CheckpointInfo, PathLike, Reader, _Read, rope_fre
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
     _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, config_from_args, hf_layout, _params,
     params_from_config)
-from .source import INDEX, Files, describe, with_files  # noqa: F401  (INDEX: as above)
+from .source import INDEX, READERS, Files, describe, with_files  # noqa: F401  (INDEX: as above)
 from .source import find_weight_files as _find_weight_files, read_config as _read_config  # noqa: F401  (as above)
 from ..families.base import LLAMA_HF, HFSpec
 from ..model.transformer import ModelArgs
@@ -224,6 +224,7 @@ def _rank_slice(handle: Any, key: str, name: str, args: ModelArgs, rank: int, wo
 
 
 READER = HFReader()
+READERS[READER.layout] = READER
 is_hf_checkpoint = READER.claims  # a directory in Hugging Face's layout
 
 

@@ -143,11 +143,12 @@ def layout_of(ckpt_dir: PathLike) -> str:
     return "hf" if not (folder / PARAMS).exists() and (folder / CONFIG).is_file() else "meta"
 
 
+READERS: Dict[str, "Reader"] = {}  # layout -> its reader; checkpoint.py and hf.py add theirs (they import this)
+
+
 def reader_for(layout: str) -> "Reader":
     """The reader of a layout ("meta": checkpoint.py's, "hf": hf.py's)."""
-    from . import checkpoint, hf  # they read what this module finds: imported here, not at the top
-
-    return hf.READER if layout == "hf" else checkpoint.READER
+    return READERS[layout]
 
 
 # --- what is on disk ---------------------------------------------------------------------------------------
