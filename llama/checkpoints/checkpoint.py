@@ -23,7 +23,8 @@ from ..model.args import ArchSpec
 from .layout import (  # noqa: F401  (the names this module always had)
     ModelLayout, check_model_parallel_size, model_layout, random_state, rope_freqs, split_dim, state_shapes,
     valid_model_parallel_sizes)
-from .source import READERS, Files, describe, find_shards, layout_of, read_json_object, read_params  # noqa: F401  (as below)
+from .source import (  # noqa: F401  (find_shards, read_json_object, read_params: the names this module always had)
+    READERS, Files, describe, find_shards, layout_of, read_json_object, read_params)
 from .writing import atomic_save, ensure_empty_destination, split_state, write_checkpoint  # noqa: F401  (as above)
 
 PathLike = Union[str, os.PathLike]
@@ -78,12 +79,11 @@ class Reader:
     checkpoint's (it says how its entries split). Each layout's reader implements them in its own module."""
 
     layout = ""  # "meta" or "hf": for messages
+    marker = ""  # the file that marks the layout
 
     def claims(self, ckpt_dir: PathLike) -> bool:
         """Whether `ckpt_dir` is in this reader's layout (source.layout_of)."""
         return (Path(ckpt_dir) / self.marker).exists() and layout_of(ckpt_dir) == self.layout
-
-    marker = ""  # the file that marks the layout
 
     def inspect(self, ckpt_dir: PathLike) -> "CheckpointInfo":
         """What the folder holds, its weights' headers included (no weight is read)."""

@@ -107,9 +107,10 @@ class LoadedModel:
 
 def load(config: Any, tokenizer: BaseTokenizer, check: Optional[Callable[[ModelArgs], Any]] = None) -> LoadedModel:
     """Load a `BuildConfig`'s checkpoint (llama/builder.py) into this process's share of a model-parallel
-    Transformer, read with `tokenizer` (the config's tokenizer_path's), asking each module once, in the order the data travels: the folder's files (source.py, which
-    converts a config.json through hf_config.py), the family, the plan of the run, then the layout's reader
-    (its weights' headers checked, then this rank's tensors), the LoRA adapter, the quantization, and the model.
+    Transformer, read with `tokenizer` (the config's tokenizer_path's), asking each module once, in the order the
+    data travels: the folder's files (source.py, which converts a config.json through hf_config.py), the family,
+    the plan of the run, then the layout's reader (its weights' headers checked, then this rank's tensors), the
+    LoRA adapter, the quantization, and the model.
     Everything the arguments and the small files say is checked before any process group is joined; what the
     weights' headers say, before any weight is read. `check(args)`: the caller's own checks of the model (its
     LoRA adapters), before anything loads; its result is the LoadedModel's `checked`."""
@@ -155,8 +156,9 @@ def _model(found: Files, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_s
     arch = found.arch if found.arch is not None or requested is not None else ArchSpec()  # Meta's: none
     detected = families.detect(tokenizer, params, requested, arch)
     vocab = params.get("vocab_size", -1)
-    args = ModelArgs.from_params(params, arch=found.arch or detected.arch, max_seq_len=max_seq_len,
-                                 max_batch_size=max_batch_size, vocab_size=tokenizer.n_words if vocab == -1 else vocab)
+    args = ModelArgs.from_params(params, arch=detected.arch if found.arch is None else found.arch,
+                                 max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                                 vocab_size=tokenizer.n_words if vocab == -1 else vocab)
     if lora is not None and found.quantization is not None:
         raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {found.folder!r}: load "
                          "its bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
