@@ -49,7 +49,7 @@ class BuildConfig:
     fast: bool = True
     # A PEFT LoRA adapter folder, merged into the weights as they load (the fast path for one adapter); or
     # {name: folder, ...}, adapters kept beside the unmerged base and chosen per request (`lora=name`;
-    # llama/engine/lora_slots.py): at most `max_loras` (default: all) in memory at once, of rank up to
+    # llama/checkpoints/lora_slots.py): at most `max_loras` (default: all) in memory at once, of rank up to
     # `max_lora_rank` (default: the largest given).
     lora: Union[str, Mapping[str, str], None] = None
     max_loras: Optional[int] = None

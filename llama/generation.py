@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDi
 
 from . import builder, families
 from .builder import BuildConfig
-from .checkpoints import loading
-from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, lora_slots
+from .checkpoints import loading, lora_slots
+from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
 from .engine.speculative import ModelDrafter, NgramDrafter, Speculation
 from .families import Family, Moderation
