@@ -24,6 +24,7 @@
 #endif
 
 #define TILE 4     /* output rows stored interleaved and computed together */
+#define QK_INTERNAL __attribute__((visibility("hidden")))  /* a function one source file gives another */
 #define MAX_THREADS 64
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
