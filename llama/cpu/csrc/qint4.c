@@ -5,6 +5,10 @@
 
 #include "qlinear.h"
 
+#ifndef AVX2_ROWS
+#define AVX2_ROWS 4  /* AVX2: rows of x from which the half panels take 4 rows at a time */
+#endif
+
 /* int4 panels [p0, p1) for activation row m. */
 static void panels_scalar(const job_t *j, int64_t m, int64_t p0, int64_t p1) {
     const int64_t K = j->K, group = j->group, ng = K / group;
@@ -85,6 +89,66 @@ __attribute__((target(AVX2))) static void panels_avx2(const job_t *j, int64_t m,
     }
 }
 
+/* The compiler reassociates integer sums: left alone it computed a block's 32 products first, spilling most to
+ * the stack, then added them as a tree. An empty asm that reads and writes v keeps each row's sum in a register. */
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+
+/* Many activation rows (prefill): one half panel (8 rows, h = 0 or 1) against R rows of x m0.. (R <= 4), each
+ * quad's codes unpacked once for all R (15 of the 16 vector registers: R integer and R float sums, the codes and
+ * the mask). The half's 32 bytes of each quad line serve R rows, where panels_avx2 unpacks them per row. */
+__attribute__((target(AVX2))) static inline __attribute__((always_inline)) void half_rows_avx2(
+        const job_t *j, int64_t p, int h, int64_t m0, const int R) {
+    const act_t *a = j->a;
+    const int64_t K = j->K, group = j->group, ng = K / group, nb = K / BLOCK;
+    const uint8_t *gp = j->w + p * int4_panel_bytes(K, group);
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++, gp += int4_group_bytes(group)) {
+        const __m256 s = bf16x8_avx2(gp + 16 * h);
+        const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, bf16x8_avx2(gp + 32 + 16 * h));
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(zz, _mm256_set1_ps(a->gsum[(m0 + r) * ng + g]), acc[r]);
+        for (int64_t b = 0; b < group / BLOCK; b++) {
+            const uint8_t *qp = gp + 64 + b * 256 + 32 * h;
+            const int64_t k0 = g * group + b * BLOCK;
+            __m256i d[4];
+            for (int r = 0; r < R; r++) d[r] = _mm256_setzero_si256();
+            for (int q = 0; q < 4; q++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qp + 64 * q));
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = a->q + (m0 + r) * K + k0 + 8 * q;
+                    d[r] = _mm256_add_epi16(d[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(x))));
+                    d[r] = _mm256_add_epi16(d[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(x + 4))));
+                    KEEP_IN_REGISTER(d[r]);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 bs = _mm256_mul_ps(s, _mm256_set1_ps(a->scale[(m0 + r) * nb + k0 / BLOCK]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[r], ones)), bs, acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[r]);
+        for (int i = 0; i < 8; i++) store(j, m0 + r, p * PANEL + 8 * h + i, out[i]);
+    }
+}
+
+/* Panels [p0, p1) against every activation row, 4 rows at a time. */
+__attribute__((target(AVX2))) static void panels_rows_avx2(const job_t *j, int64_t p0, int64_t p1) {
+    const int64_t M = j->a->M;
+    for (int64_t p = p0; p < p1; p++)
+        for (int h = 0; h < 2; h++) {
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4) half_rows_avx2(j, p, h, m, 4);
+            if (M - m == 3) half_rows_avx2(j, p, h, m, 3);
+            if (M - m == 2) half_rows_avx2(j, p, h, m, 2);
+            if (M - m == 1) half_rows_avx2(j, p, h, m, 1);
+        }
+}
+
 /* 16 bfloat16 values at p as floats. */
 __attribute__((target(AVX512))) static inline __m512 bf16x16(const void *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -141,6 +205,10 @@ void qk_int4_panels(const job_t *j, int64_t p0, int64_t p1) {
 #if QK_X86
     if (j->isa == ISA_AVX512_VNNI) {
         panels_avx512(j, p0, p1);
+        return;
+    }
+    if (j->isa == ISA_AVX2 && j->a->M >= AVX2_ROWS) {
+        panels_rows_avx2(j, p0, p1);
         return;
     }
 #endif
