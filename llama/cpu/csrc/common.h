@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(QK_PORTABLE)  /* -DQK_PORTABLE: as on ARM (tests) */
 #define QK_X86 1
 #include <immintrin.h>
 #else
