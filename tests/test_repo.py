@@ -73,6 +73,15 @@ def test_no_module_over_400_lines_and_no_class_over_250():
     assert big_classes == BIG_CLASSES, f"now small enough, remove from BIG_CLASSES: {sorted(BIG_CLASSES - big_classes)}"
 
 
+def test_no_c_file_over_400_lines():
+    """The C kernels are rooms too (llama/cpu/csrc): every .c and .h file under llama/ at most 400 lines."""
+    sources = sorted([*(ROOT / "llama").rglob("*.c"), *(ROOT / "llama").rglob("*.h")])
+    assert sources, "no C sources found under llama/"
+    big = {path.relative_to(ROOT).as_posix(): n for path in sources
+           if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not big, f"C files over {MAX_MODULE_LINES} lines: {big}"
+
+
 def test_serve_never_imports_the_programs():
     """llama/serve/ is a library wing: the programs (llama/programs/) sit above it, never below. Its __main__.py,
     the shim that `python -m llama.serve` runs, only calls the program."""
