@@ -133,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1.1B", choices=sorted(PRESETS))
     parser.add_argument("--n_layers", type=int, help="override the layer count (70B layer shapes, a few layers)")
+    parser.add_argument("--dim", type=int, help="override the model dim (tests: a tiny model of the same form)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: what Llama.build's dtype=None picks here")
     parser.add_argument("--decode_tokens", type=int, default=32)
@@ -163,12 +164,14 @@ def main() -> None:
     shape = dict(PRESETS[opts.shape])
     if opts.n_layers:
         shape["n_layers"] = opts.n_layers
+    if opts.dim:
+        shape["dim"] = opts.dim
     args = ModelArgs(**shape, max_batch_size=8, max_seq_len=opts.prompt_len + opts.decode_tokens + 8)
     compiled = default_compile(device, {"auto": None, "yes": True, "no": False}[opts.compile])
     if opts.quantize:
         compare_quantized(opts, args, device, dtype, compiled)
         return
-    progress(f"building random {opts.shape} weights ({args.n_layers} layers, {dtype}) on {device}")
+    progress(f"building random {opts.shape} weights ({args.n_layers} layers, dim {args.dim}, {dtype}) on {device}")
     model = random_model(args, device, dtype)
     hf = None
     if opts.hf or opts.hf_static:  # the same weights in the Hugging Face layout, converted before ours are packed

@@ -47,6 +47,7 @@ _MOVED = {
     "llama.chat_format": "llama.families.chat_format",
     "llama.cli": "llama.programs.cli",
     "llama.chat": "llama.programs.terminal_chat",
+    "llama.engine.lora_slots": "llama.checkpoints.lora_slots",
 }
 
 

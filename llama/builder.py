@@ -1,5 +1,5 @@
-"""What `Llama.build` loads and how: `BuildConfig` (its options, each checked once, when the config is made) and
-`assemble` (the loading and assembly: tokenizer, chat template, checkpoint, plan, model, speculation).
+"""What `Llama.build` loads and how: `BuildConfig`, its options, each checked once, when the config is made
+(the load itself is llama/checkpoints/loading.py's `load`).
 
 `Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, **options)` makes a BuildConfig of its
 arguments; `Llama.build(config=BuildConfig(...))` takes one ready-made (keyword arguments beside it replace its
@@ -11,8 +11,6 @@ family against the checkpoint) is checked as they are read, still before any wei
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -20,17 +18,10 @@ import torch
 
 from . import families
 from .checkpoints import loading
-from .engine import lora_slots
 from .engine.prefix_cache import check_flags as check_prefix_cache
-from .engine.speculative import ModelDrafter, NgramDrafter, Speculation, check_choice
-from .families import Family
-from .families.templates import ChatTemplate, from_checkpoint, load as load_template
-from .model import distributed
+from .engine.speculative import NgramDrafter, Speculation, check_choice
 from .model.kv_cache import check_gib as check_kv_gib
 from .model.kv_int8 import check_kv_dtype
-from .model.transformer import Transformer
-from .tokenizer import Tokenizer
-from .tokenizers import BaseTokenizer
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class BuildConfig:
     fast: bool = True
     # A PEFT LoRA adapter folder, merged into the weights as they load (the fast path for one adapter); or
     # {name: folder, ...}, adapters kept beside the unmerged base and chosen per request (`lora=name`;
-    # llama/engine/lora_slots.py): at most `max_loras` (default: all) in memory at once, of rank up to
+    # llama/checkpoints/lora_slots.py): at most `max_loras` (default: all) in memory at once, of rank up to
     # `max_lora_rank` (default: the largest given).
     lora: Union[str, Mapping[str, str], None] = None
     max_loras: Optional[int] = None
@@ -143,52 +134,3 @@ def config_from(args: Sequence[Any], config: Optional[BuildConfig], options: Dic
         return dataclasses.replace(config, **options) if options else config
     except TypeError as err:
         raise TypeError(str(err).replace("BuildConfig.__init__()", "Llama.build()")) from None
-
-
-@dataclass
-class Built:
-    """What `assemble` made, for `Llama`'s constructor."""
-
-    model: Transformer
-    tokenizer: BaseTokenizer
-    family: Optional[Family]
-    compile: bool
-    deterministic: bool
-    speculation: Optional[Speculation]
-    template: Optional[ChatTemplate]
-
-
-def assemble(config: BuildConfig) -> Built:
-    """Load `config`'s checkpoint into this process's share of a model-parallel Transformer (on every process of
-    a torchrun group, or alone): everything that can be checked is checked before the first weight loads."""
-    start = time.perf_counter()
-    c = config
-    tokenizer = Tokenizer(c.tokenizer_path)
-    found = load_template(c.chat_template) if c.chat_template is not None else from_checkpoint(c.ckpt_dir)
-    template = ChatTemplate(found[0], tokenizer, found[1]) if found else None  # compiled before the load
-    merged = c.lora if c.lora is None or isinstance(c.lora, (str, os.PathLike)) else None
-    source, args = loading.inspect(c.ckpt_dir, tokenizer, c.max_seq_len, c.max_batch_size, merged, c.family)
-    many = None if merged is not None or c.lora is None else \
-        lora_slots.check(c.lora, args, c.max_loras, c.max_lora_rank)
-    if c.speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
-        loading.inspect(c.speculative, tokenizer, c.max_seq_len, c.max_batch_size)
-    compile = False if c.speculative is not None else c.compile
-    plan = loading.plan(args, c.model_parallel_size, c.device, c.dtype, c.fast, c.quantize, c.group_size,
-                        source.checkpoint.scheme, compile=compile, deterministic=c.deterministic)
-    runtime = distributed.setup(plan.model_parallel_size, plan.device)
-    torch.manual_seed(c.seed)
-    loading.announce(source, args, plan)
-    model = loading.load_model(source, args, plan, runtime.model_parallel_rank, kv_cache_gib=c.kv_cache_gib,
-                               kv_dtype=check_kv_dtype(c.kv_dtype))
-    if many is not None:
-        lora_slots.install(model, c.lora, *many, runtime.model_parallel_rank, plan.model_parallel_size)
-    distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-    speculation = None
-    if c.speculative == "ngram":
-        speculation = Speculation(NgramDrafter(), c.num_draft_tokens)
-    elif c.speculative is not None:
-        speculation = Speculation(ModelDrafter(assemble(c.draft()).model), c.num_draft_tokens)
-    if speculation is not None:
-        distributed.print0(f"Speculative decoding: {speculation.drafter.name}, up to {c.num_draft_tokens} "
-                           "drafts per step")
-    return Built(model, tokenizer, source.family, plan.compile, plan.deterministic, speculation, template)

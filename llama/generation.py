@@ -1,28 +1,33 @@
 """Llama: build a model-parallel generator from a checkpoint, then complete text and dialogs, fill in code and
 moderate conversations.
 
-`Llama.build` reads its options as a `BuildConfig` and loads through llama/builder.py; token generation over the
-engine (`generate`, `stream_generate`, the engine's requests) is `TokenGenerator`'s (llama/token_generator.py).
+`Llama.build` reads its options as a `BuildConfig` (llama/builder.py) and loads through the one `load` of
+llama/checkpoints/loading.py; token generation over the engine (`generate`, `stream_generate`, the engine's
+requests) is `TokenGenerator`'s (llama/token_generator.py).
 This module adds what speaks text: prompts and dialogs in the family's formats, answers decoded, tool calls read.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 from . import builder, families
 from .builder import BuildConfig
+from .checkpoints import loading, lora_slots
 from .engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .engine.sampler import sample_top_p  # noqa: F401  (the released reference's public helper)
-from .engine.speculative import Speculation
+from .engine.speculative import ModelDrafter, NgramDrafter, Speculation
 from .families import Family, Moderation
 from .families.chat_format import UNSAFE_ERROR, Dialog, Message, validate_dialog
 from .families.codellama import decode_infill, infilling_prompt
 from .families.prompting import ChatPrompts
 from .families.templates import ChatTemplate
 from .families.tools import assistant_message, check_tools, has_tool_messages
+from .model import distributed
 from .model.transformer import Transformer
 from .token_generator import TokenGenerator
+from .tokenizer import Tokenizer
 from .tokenizers import BaseTokenizer
 
 
@@ -64,11 +69,11 @@ class Llama(TokenGenerator):
         A bad option is a ValueError naming it before any loading.
         """
         config = builder.config_from(args, config, options)
-        built = builder.assemble(config)
-        return Llama(built.model, built.tokenizer, seed=config.seed, compile=built.compile,
-                     deterministic=built.deterministic, family=built.family, speculation=built.speculation,
-                     prefix_cache=config.prefix_cache, prefix_cache_gib=config.prefix_cache_gib,
-                     chat_template=built.template)
+        loaded = _load(config)
+        return Llama(loaded.model, loaded.tokenizer, seed=config.seed, compile=loaded.plan.compile,
+                     deterministic=loaded.plan.deterministic, family=loaded.family,
+                     speculation=_speculation(config, loaded.tokenizer), prefix_cache=config.prefix_cache,
+                     prefix_cache_gib=config.prefix_cache_gib, chat_template=loaded.template)
 
     def __init__(self, model: Transformer, tokenizer: BaseTokenizer, seed: int = 1, compile: bool = False,
                  deterministic: bool = False, family: Union[Family, str, None] = None,
@@ -264,3 +269,25 @@ class Llama(TokenGenerator):
         self._check_prompts([prompt], names=["the moderation prompt"])
         (tokens,), _ = self.generate([prompt], min(max_gen_len, self.max_seq_len - len(prompt)), temperature=0.0)
         return self.family.parse(self.tokenizer.decode(tokens), categories)
+
+
+def _load(config: BuildConfig, tokenizer: Optional[BaseTokenizer] = None) -> loading.LoadedModel:
+    """`config`'s model through checkpoints/loading.py's one load, with its adapters kept beside the weights
+    (lora={name: folder}: checked before the load, installed after it)."""
+    tokenizer = Tokenizer(config.tokenizer_path) if tokenizer is None else tokenizer
+    many = config.lora is not None and not isinstance(config.lora, (str, os.PathLike))
+    check = (lambda args: lora_slots.check(config.lora, args, config.max_loras, config.max_lora_rank)) if many \
+        else None
+    loaded = loading.load(config, tokenizer, check)
+    if many:
+        lora_slots.install(loaded.model, config.lora, *loaded.checked, loaded.rank, loaded.plan.model_parallel_size)
+    return loaded
+
+
+def _speculation(config: BuildConfig, tokenizer: BaseTokenizer) -> Optional[Speculation]:
+    """speculative="ngram" or a draft checkpoint's model (built as `config.draft()` says), announced."""
+    if config.speculative is None:
+        return None
+    drafter = NgramDrafter() if config.speculative == "ngram" else ModelDrafter(_load(config.draft(), tokenizer).model)
+    distributed.print0(f"Speculative decoding: {drafter.name}, up to {config.num_draft_tokens} drafts per step")
+    return Speculation(drafter, config.num_draft_tokens)

@@ -5,7 +5,7 @@ sys.settrace, keeping the module of every function called within llama/ up to --
 itself. Consecutive calls in one module are one stay; a return is a stay in a module already left. The route
 is what issue 34 measures ("at most 7 rooms with no return to a room already left").
 
-    PYTHONPATH=$PWD python scripts/loading_route.py [--hf] [--depth 2]
+    PYTHONPATH=$PWD python scripts/loading_route.py [--hf] [--quantize int8] [--lora] [--depth 2]
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def _carries(value, folder: str) -> bool:
-    """Whether a call argument is the checkpoint's data on its way: the folder or a file in it, what the reader
-    made of it (an object holding shards), a state dict of the weights, or the model they went into."""
+    """Whether a call argument is the checkpoint's data on its way: the folder or a file in it, an object naming
+    the folder (a BuildConfig, what is on disk), what the reader made of it (an object holding shards), a state
+    dict of the weights, or the model they went into."""
     import torch
 
     if isinstance(value, (str, Path)):
@@ -33,10 +34,15 @@ def _carries(value, folder: str) -> bool:
         return "tok_embeddings.weight" in value and isinstance(value["tok_embeddings.weight"], torch.Tensor)
     if isinstance(value, torch.nn.Module):
         return hasattr(value, "tok_embeddings")
+    if isinstance(value, type):
+        return False
+    where = [getattr(value, name, None) for name in ("ckpt_dir", "folder")]  # a BuildConfig, what is on disk
+    if any(isinstance(w, (str, Path)) and str(w).startswith(folder) for w in where):
+        return True
     return any(hasattr(value, name) for name in ("shards", "checkpoint"))
 
 
-def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) -> List[str]:
+def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False, **options) -> List[str]:
     """The modules (without the 'llama.' prefix) of the calls within llama/ that the checkpoint's data passes
     through while Llama.build runs, until the loaded model reaches Llama.__init__: calls taking it (see
     `_carries`), at most `depth` frames below build."""
@@ -51,7 +57,9 @@ def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) ->
             return None
         if frame.f_code.co_name == "__init__" and type(frame.f_locals.get("self")).__name__ == "Llama":
             handed.append(True)
-            route.append(frame.f_globals["__name__"].removeprefix("llama."))
+            name = frame.f_globals["__name__"].removeprefix("llama.")
+            if route[-1:] != [name]:
+                route.append(name)
             return None
         level, f = 0, frame
         while f is not None and f.f_code.co_name != "build":
@@ -71,7 +79,7 @@ def trace_build(ckpt: Path, tokenizer: Path, depth: int, calls: bool = False) ->
 
     sys.settrace(tracer)
     try:
-        Llama.build(str(ckpt), str(tokenizer), max_seq_len=64, max_batch_size=1, device="cpu")
+        Llama.build(str(ckpt), str(tokenizer), max_seq_len=64, max_batch_size=1, device="cpu", **options)
     finally:
         sys.settrace(None)
     return route
@@ -96,11 +104,36 @@ def summary(route: List[str]) -> str:
             f"{list(PLAN)} asked more than once: {asked or 'none'}\n  " + " -> ".join(route))
 
 
+def write_adapter(folder: Path, args, r: int = 2) -> Path:
+    """A random PEFT LoRA adapter of rank `r` on every layer's q_proj and v_proj (adapter_config.json and
+    adapter_model.safetensors, as PEFT saves them)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]}))
+    out = {"q_proj": args.n_heads * args.head_dim, "v_proj": args.kv_heads * args.head_dim}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(args.n_layers):
+        for module, rows in out.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(r, args.dim, generator=gen) * 0.01
+            tensors[f"{name}.lora_B.weight"] = torch.randn(rows, r, generator=gen) * 0.01
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", action="store_true", help="a Hugging Face layout checkpoint")
     parser.add_argument("--calls", action="store_true", help="print each call on the route, indented by depth")
     parser.add_argument("--depth", type=int, default=99, help="frames below Llama.build to follow (1: its own calls)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="quantize the weights at load")
+    parser.add_argument("--lora", action="store_true", help="merge a small random LoRA adapter at load")
     options = parser.parse_args()
     from helpers import MHA, TOKENIZER, make_checkpoint
 
@@ -111,8 +144,11 @@ def main() -> None:
 
             meta_to_hf(ckpt, Path(tmp) / "hf", tokenizer_path=TOKENIZER)
             ckpt = Path(tmp) / "hf"
-        trace_build(ckpt, TOKENIZER, options.depth)  # first build: imports, caches
-        print(summary(trace_build(ckpt, TOKENIZER, options.depth, options.calls)))
+        extra = {"quantize": options.quantize} if options.quantize else {}
+        if options.lora:
+            extra["lora"] = str(write_adapter(Path(tmp) / "adapter", MHA))
+        trace_build(ckpt, TOKENIZER, options.depth, **extra)  # first build: imports, caches
+        print(summary(trace_build(ckpt, TOKENIZER, options.depth, options.calls, **extra)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -49,11 +48,13 @@ def run_torchrun(script: Path, args: Sequence[str], nproc: int, timeout: int = 3
                  extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """Launch `torchrun --nproc_per_node nproc script args` on this machine and return the finished process.
 
-    With no `extra` launcher flags, --standalone picks a free local port, so tests may run side by side."""
+    With no `extra` launcher flags, --standalone picks a free local port, so tests may run side by side. The
+    launcher is a fork of a process that has imported torch (tests/forked.py); its workers are new interpreters."""
+    from forked import run_python
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *(extra or ["--standalone"]),
-           str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *(extra or ["--standalone"]),
+                      str(script), *args, cwd=ROOT, env=env, timeout=timeout)
 
 
 def hf_llama_tokenizer(sp, **options):

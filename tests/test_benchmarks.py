@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from forked import run_python
 from helpers import ROOT
 from llama import cpu
 
@@ -59,10 +60,10 @@ def test_bench_core_stopped_midway_removes_its_checkpoint(tmp_path, sig):
 
 
 def test_bench_decode_reports_the_path_that_ran():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1",
-                          "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1", "--threads", "1"],
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
-                         check=True)
+    out = run_python(str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1", "--decode_tokens", "2",
+                     "--prompt_len", "8", "--repeat", "1", "--threads", "1", cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)  # forked (tests/forked.py)
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["packed_linear_modules"].endswith(" of 5")
     assert {"linear_kernels", "cpu", "cpu_flags", "aten_capability", "omp_wait_policy"} <= set(result)
@@ -70,11 +71,10 @@ def test_bench_decode_reports_the_path_that_ran():
 
 
 def test_bench_cpu_reports_each_precision_with_its_kernels_and_bandwidth_share():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--dim", "256", "--n_layers", "1",
-                          "--rounds", "1", "--decode_tokens", "2", "--prompt_len", "40", "--threads", "1",
-                          "--read_gib", "0.125", "--aten"],
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
-                         check=True)
+    out = run_python(str(ROOT / "benchmarks" / "bench_cpu.py"), "--dim", "256", "--n_layers", "1", "--rounds", "1",
+                     "--decode_tokens", "2", "--prompt_len", "40", "--threads", "1", "--read_gib", "0.125", "--aten",
+                     cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)  # forked (tests/forked.py)
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
     own_bf16 = cpu.linear_path(torch.device("cpu"), torch.bfloat16, max_batch=1) == "own-bf16"
     assert list(result["precisions"]) == ["bfloat16", "int8", "int4_g64"] + ["bfloat16_onednn"] * own_bf16 + [
@@ -99,8 +99,8 @@ def test_bench_decode_against_transformers_needs_no_pytest(tmp_path):
     pytest.importorskip("transformers")
     (tmp_path / "pytest.py").write_text("raise ImportError('no pytest in this environment')\n")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--n_layers", "1",
-                          "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1", "--threads", "1",
-                          "--batches", "1", "--hf", "--pairs", "1"],
+                          "--dim", "256", "--decode_tokens", "2", "--prompt_len", "8", "--repeat", "1",
+                          "--threads", "1", "--batches", "1", "--hf", "--pairs", "1"],
                          env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -16,7 +16,8 @@ from helpers import TOKENIZER
 from llama import Tokenizer
 from llama.families import LLAMA3, LLAMA2
 from llama.families.prompting import ChatPrompts
-from llama.families.templates import ChatTemplate, TemplateError, from_checkpoint, load
+from llama.checkpoints.source import chat_template as from_checkpoint
+from llama.families.templates import ChatTemplate, TemplateError, load
 from llama.families.tools import ToolError, check_tool_choice, check_tools, encode_meta, parse
 
 pytest.importorskip("tiktoken")

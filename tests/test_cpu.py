@@ -99,6 +99,9 @@ def test_quantized_prefill_is_integer_with_vnni_and_no_amx():
     assert cpu.quantized_prefill("avx512_vnni", detect(XEON_AVX512)) == "integer"
     assert cpu.quantized_prefill("avx512_vnni", detect(amx)) == "dequantized"  # AMX's bf16 tiles win there
     assert cpu.quantized_prefill("avx2", detect(EPYC_AVX2, capability="AVX2")) == "dequantized"
+    # int4 on AVX2: the panels' kernel, 4 activation rows per unpacked code vector, outruns the dequantized GEMM
+    assert cpu.quantized_prefill("avx2", detect(EPYC_AVX2, capability="AVX2"), kind="int4") == "integer"
+    assert cpu.quantized_prefill("avx512_vnni", detect(amx), kind="int4") == "dequantized"
 
 
 def test_gpu_keeps_plain_linear():

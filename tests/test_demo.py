@@ -7,13 +7,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from forked import run_python
 from helpers import ROOT
 
 DEMO = ROOT / "demo" / "fortune-llama"
@@ -168,9 +168,7 @@ def test_example_scripts_run_with_no_arguments(script):
     path = ROOT / script
     if not path.is_file():
         pytest.skip(f"{script} does not exist yet")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+    proc = run_python(str(path), cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)  # forked.py
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "demo" in line.lower()]
     assert lines and "fortune-llama" in lines[0], proc.stdout[:2000]
@@ -178,10 +176,9 @@ def test_example_scripts_run_with_no_arguments(script):
 
 
 def test_chat_script_runs_the_demo_with_no_arguments():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--temperature", "0", "--max_gen_len", "24"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          input="The secret of success is\n/quit\n")
+    proc = run_python(str(ROOT / "chat.py"), "--temperature", "0", "--max_gen_len", "24", cwd=ROOT,
+                      env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin="The secret of success is\n/quit\n",
+                      timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "demo" in line.lower()]
     assert lines and "fortune-llama" in lines[0], proc.stdout[:2000]
@@ -218,9 +215,10 @@ TINY = ["--vocab_size", "400", "--dim", "32", "--n_layers", "2", "--n_heads", "4
 
 
 def _train(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(SCRIPT), "--corpus", str(corpus), "--out", str(out), *TINY, *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """`python scripts/train_demo.py ...` in a fork of a process that has imported torch (tests/forked.py): the
+    five runs below would otherwise spend a third of their time importing it."""
+    return run_python(str(SCRIPT), "--corpus", str(corpus), "--out", str(out), *TINY, *extra, cwd=ROOT,
+                      env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
 
 
 def test_training_script_end_to_end_is_deterministic(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import hf_worker
+from forked import run_python
 from helpers import GQA, ROOT, SHAPES, TOKENIZER, make_checkpoint
 from llama import Llama, ModelArgs, Tokenizer
 from llama import convert as convert_mod
@@ -388,7 +388,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, meta, hf_dirs, monkeypatch, 
 
 def test_command_line_entry_point(tmp_path, hf_dirs):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "llama", "convert", str(hf_dirs["mha"]), str(tmp_path / "m"),
-                           "--mp", "4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_python("-m", "llama", "convert", str(hf_dirs["mha"]), str(tmp_path / "m"), "--mp", "4", cwd=ROOT,
+                      env=env, timeout=120)  # forked from a process that has imported torch (tests/forked.py)
     assert proc.returncode == 0, proc.stderr
     assert len(find_shards(tmp_path / "m")) == 4 and "[4/4] consolidated.03.pth" in proc.stdout

@@ -31,6 +31,25 @@ def test_the_sources_compile_clean_with_wall_werror(tmp_path):
     assert "-Wall" in kernel_build.CFLAGS
 
 
+def test_the_portable_build_compiles_clean_and_runs(tmp_path):
+    """What a CPU other than x86 compiles (-DQK_PORTABLE: the plain C loops only): clean under -Wall -Werror (the
+    x86 build once hid a constant the portable code used), and it reports no x86 loops."""
+    cc = _compiler()
+    lib = tmp_path / "portable.so"
+    out = subprocess.run(kernel_build.command(cc, str(lib), [*kernel_build.CFLAGS, "-Werror", "-DQK_PORTABLE"]),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    portable = ctypes.CDLL(str(lib))
+    value, names = ctypes.c_int64(), {}
+    portable.qk_constant.restype = ctypes.c_char_p
+    i = 0
+    while (name := portable.qk_constant(ctypes.c_int64(i), ctypes.byref(value))) is not None:
+        names[name.decode()] = value.value
+        i += 1
+    assert names["built.x86"] == 0 and names["abi_version"] == qkernels.ABI_VERSION
+    assert portable.qk_set_cpu(1, 0) != 0  # AVX2 refused: this build has none
+
+
 def test_the_library_reports_what_python_mirrors():
     require_kernels()
     assert qkernels.constant("abi_version") == qkernels.ABI_VERSION

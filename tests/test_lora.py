@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import hf_worker
+from forked import run_python
 from helpers import ROOT, SHAPES, TOKENIZER, make_checkpoint
 from llama import Llama, Tokenizer
 from llama import lora as lora_mod
@@ -229,8 +229,8 @@ def test_example_script_and_chat_take_lora(setup, capsys):
                                  max_gen_len=3, device="cpu", dtype="float32")
     without = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
     assert len(with_lora) == len(without) == 4 and with_lora != without
-    proc = subprocess.run([sys.executable, "chat.py", "--ckpt_dir", str(case["meta"]), "--tokenizer_path",
-                           str(TOKENIZER), "--lora", str(case["meta"] / "no-adapter")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = run_python("chat.py", "--ckpt_dir", str(case["meta"]), "--tokenizer_path", str(TOKENIZER), "--lora",
+                      str(case["meta"] / "no-adapter"), cwd=ROOT, timeout=120,
+                      env=dict(os.environ, PYTHONPATH=str(ROOT)))  # forked (tests/forked.py)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: LoRA adapter directory")

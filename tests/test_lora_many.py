@@ -1,4 +1,4 @@
-"""Many LoRA adapters beside one unmerged base, chosen per request (llama/model/lora_bank.py, engine/lora_slots.py).
+"""Many LoRA adapters beside one unmerged base, chosen per request (llama/model/lora_bank.py, checkpoints/lora_slots.py).
 
 Three PEFT adapters (different ranks and targets) are made by peft on transformers' model of a converted random
 checkpoint. In one batch mixing the three and the base, each row's logits must equal those of the model with that

@@ -60,9 +60,10 @@ def _reference_and_bound(x: torch.Tensor, w: torch.Tensor):
 
 
 SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048), (5, 40, 256), (9, 17, 512), (21, 40, 256),
-          (34, 70, 512)]  # (M, N, K): odd row counts, short rows; 5 and 9 activation rows run the int4 kernel 4
-# rows at a time, then the rest one by one; 9, 21 and 34 rows take int8's GEMM (AVX-512), 4 rows at a time and the
-# rest one by one, its last panel partly padding (N = 17, 40, 70) or absent tiles (40, 70)
+          (34, 70, 512), (7, 33, 256)]  # (M, N, K): odd row counts, short rows; 5, 7 and 9 activation rows run the
+# int4 kernel 4 rows at a time, then the rest (AVX-512: one by one; AVX2: 1 or 3 together); 9, 21 and 34 rows take
+# int8's GEMM (AVX-512), 4 rows at a time and the rest one by one, its last panel partly padding (N = 17, 40, 70)
+# or absent tiles (40, 70)
 
 
 @pytest.mark.parametrize("isa", LEVELS)
@@ -142,7 +143,7 @@ def test_modules_choose_the_kernels_and_prefill_path(mode, group):
         pytest.skip(f"the C kernels do not run here: {qkernels.unavailable() or 'no AVX2'}")
     plain = quantize_weight(_weight(40, 256, 1), mode, group)
     layer = (Int8Linear if mode == "int8" else Int4Linear)(plain, torch.bfloat16)
-    assert layer.path.endswith("/" + isa) and layer.own.prefill == cpu.quantized_prefill(isa)
+    assert layer.path.endswith("/" + isa) and layer.own.prefill == cpu.quantized_prefill(isa, kind=mode)
     for gemm_dtype in {layer.own.gemm_dtype, torch.bfloat16}:  # this CPU's choice, and dequantized tiles
         layer.own.gemm_dtype = gemm_dtype
         for m in (1, quantize.CPU_PREFILL_ROWS - 1, quantize.CPU_PREFILL_ROWS, 40):  # both sides of the switch

@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 import pytest
 
-from forked import run_python
+from forked import install_python, run_python
 from helpers import PROGRAM_ENV, ROOT, program_help
 from llama import cli
 from serve_support import ProcessServer, skip_without
@@ -232,14 +232,15 @@ def test_bash_block_runs_as_written(index, cmds, tmp_path, hf_demo):
         (tmp_path / script).symlink_to(ROOT / script)
     bindir = tmp_path / ".bin"
     bindir.mkdir()
-    # A wrapper, not a symlink: a symlink to a virtualenv's python runs the base interpreter (venv detection reads
-    # pyvenv.cfg beside the path invoked), which has none of the venv's packages.
-    (bindir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
-    (bindir / "python").chmod(0o755)
-    (bindir / "torchrun").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run \"$@\"\n")
+    # `python` runs this interpreter's programs as forks of a process that has imported torch (tests/forked.py),
+    # and torchrun is that `python -m torch.distributed.run` (its workers are new interpreters). Not a symlink: a
+    # symlink to a virtualenv's python runs the base interpreter (venv detection reads pyvenv.cfg beside the path
+    # invoked), which has none of the venv's packages.
+    base = {**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1"}
+    python = shlex.quote(str(install_python(bindir, base)))
+    (bindir / "torchrun").write_text(f"#!/bin/sh\nexec {python} -m torch.distributed.run \"$@\"\n")
     (bindir / "torchrun").chmod(0o755)
-    env = {**__import__("os").environ, **ENV_PYTHONPATH, "OMP_NUM_THREADS": "1",
-           "PATH": f"{bindir}:{__import__('os').environ['PATH']}"}
+    env = {**base, "PATH": f"{bindir}:{__import__('os').environ['PATH']}"}
     for cmd in cmds:
         proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300, stdin=subprocess.DEVNULL)

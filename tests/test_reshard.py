@@ -15,6 +15,7 @@ from typing import Dict, List
 import pytest
 import torch
 
+from forked import run_python
 from helpers import GQA, MHA, ROOT, make_checkpoint
 from llama import reshard as reshard_mod
 from llama.checkpoints.checkpoint import find_shards, random_state, split_state
@@ -36,9 +37,9 @@ def assert_shards_equal(got: List[Dict[str, torch.Tensor]], want: List[Dict[str,
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m llama reshard ARGS`, forked from a process that has imported torch (tests/forked.py)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "llama", "reshard", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_python("-m", "llama", "reshard", *args, cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("args, chain", [(MHA, [4, 2, 1]), (GQA, [2, 1]), (MHA, [1, 1])],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 import torch
 
+from forked import run_python
 from helpers import ROOT, make_checkpoint
 from llama import Llama, ModelArgs
 from llama.engine import Chunk, Engine, Request, SamplingParams
@@ -332,9 +333,9 @@ def test_chat_speculates_with_the_same_answers(tmp_path):
 
 
 def test_the_benchmark_prints_both_sides_and_the_acceptance():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--workloads",
-                          "code-edit", "--tokens", "12", "--pairs", "1", "--threads", "1", "--no_bandwidth"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = run_python(str(ROOT / "benchmarks" / "bench_speculative.py"), "--workloads", "code-edit", "--tokens", "12",
+                     "--pairs", "1", "--threads", "1", "--no_bandwidth", cwd=ROOT, env=dict(os.environ),
+                     timeout=300)  # forked from a process that has imported torch (tests/forked.py)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     row = result["workloads"]["code-edit"]

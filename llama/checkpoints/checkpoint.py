@@ -9,10 +9,8 @@ test fixtures).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,49 +23,14 @@ from ..model.args import ArchSpec
 from .layout import (  # noqa: F401  (the names this module always had)
     ModelLayout, check_model_parallel_size, model_layout, random_state, rope_freqs, split_dim, state_shapes,
     valid_model_parallel_sizes)
+from .source import (  # noqa: F401  (find_shards, read_json_object, read_params: the names this module always had)
+    READERS, Files, describe, find_shards, layout_of, read_json_object, read_params)
 from .writing import atomic_save, ensure_empty_destination, split_state, write_checkpoint  # noqa: F401  (as above)
 
-_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 PathLike = Union[str, os.PathLike]
 
 
-# --- reading -----------------------------------------------------------------------------------------------
-
-
-def find_shards(ckpt_dir: PathLike) -> List[Path]:
-    """consolidated.00.pth ... in order; errors if the folder or the shards are missing or not numbered 0..S-1."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
-    found = {}
-    for path in folder.glob("*.pth"):
-        match = _SHARD_NAME.fullmatch(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    if not found:
-        raise FileNotFoundError(f"no consolidated.NN.pth checkpoint files in {str(folder)!r}")
-    if sorted(found) != list(range(len(found))):
-        raise ValueError(f"checkpoint shards in {str(folder)!r} are not numbered 00..{len(found) - 1:02d}: "
-                         f"found {[found[i].name for i in sorted(found)]}")
-    return [found[i] for i in range(len(found))]
-
-
-def read_json_object(folder: PathLike, name: str) -> Dict[str, Any]:
-    """The JSON object in folder/name (params.json, config.json, adapter_config.json); errors name the file."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{name} not found in {str(Path(folder))!r}")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_params(ckpt_dir: PathLike) -> Dict[str, Any]:
-    return read_json_object(ckpt_dir, "params.json")
+# --- reading ---------------------------------------------------------------------------------------------
 
 
 def open_shard(path: PathLike, mmap: bool = True) -> Dict[str, torch.Tensor]:
@@ -106,34 +69,42 @@ Progress = Callable[[int, int, Path, float], None]
 
 
 class Reader:
-    """The one interface of a layout's reader. `inspect` reads only headers (params, shapes: every error before
-    any weight is read) into a CheckpointInfo; `read` gives, from it, rank `rank` of `world`'s slice of every
-    stored tensor under Meta's names, in Meta's row order, cast to `dtype` (floating entries), on `device`. With mmap=True a slice
-    the files hold as is stays a copy-on-write view of their mapping; mmap=False gives every tensor a buffer of
-    its own, so that a caller replacing tensors one by one (weight packing) frees each as it goes.
-    `progress(i, n, path, seconds)` is called after each file read; `scheme` is a quantized checkpoint's (it
-    says how its entries split)."""
+    """The one interface of a layout's reader. `peek` reads the weights' headers (shapes, the options the stored
+    tensors show: every error before any weight is read) into a CheckpointInfo; `read` gives, from it, rank `rank`
+    of `world`'s slice of every stored tensor under Meta's names, in Meta's row order, cast to `dtype` (floating
+    entries), on `device`; `load` is the two in a row, with the caller's `check` of the headers between them.
+    With mmap=True a slice the files hold as is stays a copy-on-write view of their mapping; mmap=False gives
+    every tensor a buffer of its own, so that a caller replacing tensors one by one (weight packing) frees each as
+    it goes. `progress(i, n, path, seconds)` is called after each file read; `scheme` is a quantized
+    checkpoint's (it says how its entries split). Each layout's reader implements them in its own module."""
 
     layout = ""  # "meta" or "hf": for messages
+    marker = ""  # the file that marks the layout
 
     def claims(self, ckpt_dir: PathLike) -> bool:
-        """Whether `ckpt_dir` is in this reader's layout."""
-        raise NotImplementedError
+        """Whether `ckpt_dir` is in this reader's layout (source.layout_of)."""
+        return (Path(ckpt_dir) / self.marker).exists() and layout_of(ckpt_dir) == self.layout
 
     def inspect(self, ckpt_dir: PathLike) -> "CheckpointInfo":
+        """What the folder holds, its weights' headers included (no weight is read)."""
+        return self.peek(describe(ckpt_dir, self.layout))
+
+    def peek(self, found: Files) -> "CheckpointInfo":
         raise NotImplementedError
 
     def info_of(self, files: List[Path]) -> "CheckpointInfo":
         """What `read` needs of these files (of one checkpoint), when only the files are given."""
         raise NotImplementedError
 
-    def read(self, info: "CheckpointInfo", rank: int, world: int, dtype: Optional[torch.dtype] = None,
-             device: Union[str, torch.device] = "cpu", mmap: bool = True, progress: Optional[Progress] = None,
-             scheme: Optional[quant.Scheme] = None) -> Dict[str, torch.Tensor]:
-        """Rank `rank` of `world`'s slices of the checkpoint `inspect` described (its headers are not read again)."""
-        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-            raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
-        return self._read(info, rank, world, _Read(dtype, device, mmap, progress, scheme))
+    def read(self, info: "CheckpointInfo", rank: int, world: int, **options: Any) -> Dict[str, torch.Tensor]:
+        """Rank `rank` of `world`'s slices of the checkpoint `peek` described (its headers are not read again):
+        `_Read.of`'s options."""
+        raise NotImplementedError
+
+    def load(self, found: Files, rank: int, world: int, check: "Check", **options: Any
+             ) -> Dict[str, torch.Tensor]:
+        """`peek`, `check(arch, vocab_rows)` (the caller's: a ValueError stops the load), then `read`."""
+        raise NotImplementedError
 
     def load_rank_state(self, shards: Sequence[PathLike], rank: int, world: int, **options: Any
                         ) -> Dict[str, torch.Tensor]:
@@ -142,23 +113,31 @@ class Reader:
             raise ValueError(f"no {self.layout} checkpoint files given")
         return self.read(self.info_of([Path(p) for p in shards]), rank, world, **options)
 
-    def _read(self, info: "CheckpointInfo", rank: int, world: int, how: "_Read") -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+
+Check = Callable[[ArchSpec, int], None]  # what a loader checks of the headers: the files' options, embedding rows
 
 
 @dataclass(frozen=True)
 class _Read:
-    """How `Reader.load_rank_state` was asked to read (its keyword arguments)."""
+    """How `Reader.read` was asked to read (its keyword arguments)."""
 
     dtype: Optional[torch.dtype]
     device: Union[str, torch.device]
     mmap: bool
     progress: Optional[Progress]
     scheme: Optional[quant.Scheme]
+    started: float
 
-    def report(self, done: int, total: int, path: Path, started: float) -> None:
-        if self.progress:
-            self.progress(done, total, path, time.perf_counter() - started)
+    @classmethod
+    def of(cls, rank: int, world: int, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+           mmap: bool = True, progress: Optional[Progress] = None, scheme: Optional[quant.Scheme] = None) -> "_Read":
+        """The options of a read by rank `rank` of `world` (a ValueError when that is no valid position)."""
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"rank {rank!r} of {world!r} processes is not a valid position")
+        return cls(dtype, device, mmap, progress, scheme, time.perf_counter())
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 _BIAS_KEYS = {"attention_bias": "layers.0.attention.wq.bias", "mlp_bias": "layers.0.feed_forward.w1.bias"}
@@ -167,47 +146,49 @@ _BIAS_KEYS = {"attention_bias": "layers.0.attention.wq.bias", "mlp_bias": "layer
 class MetaReader(Reader):
     """Meta's layout: consolidated.NN.pth shards beside params.json."""
 
-    layout = "meta"
+    layout, marker = "meta", "params.json"
 
-    def claims(self, ckpt_dir: PathLike) -> bool:
-        return (Path(ckpt_dir) / "params.json").exists()
-
-    def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
-        shards = find_shards(ckpt_dir)
-        params = read_params(ckpt_dir)
-        quantization = params.pop("quantization", None)  # not a model hyper-parameter: kept apart from ModelArgs
-        first = open_shard(shards[0])  # memory-mapped: reading shapes touches no weights
+    def peek(self, found: Files) -> CheckpointInfo:
+        """The first shard's tensors (memory-mapped: reading shapes touches no weights): the embedding rows, a
+        stored output weight or not (tied), the biases."""
+        first = open_shard(found.files[0])
         if "tok_embeddings.weight" not in first:
-            raise ValueError(f"{str(shards[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
+            raise ValueError(f"{str(found.files[0])!r} has no tok_embeddings.weight: not a Llama checkpoint")
         arch = ArchSpec(**{option: key in first for option, key in _BIAS_KEYS.items()})
-        return CheckpointInfo(shards, params, first["tok_embeddings.weight"].shape[0], quantization,
-                              tied="output.weight" not in first, arch=arch)
+        return CheckpointInfo(list(found.files), dict(found.params), first["tok_embeddings.weight"].shape[0],
+                              found.quantization, tied="output.weight" not in first, arch=arch)
 
     def info_of(self, files: List[Path]) -> CheckpointInfo:
         return CheckpointInfo(files, {}, 0)  # reading Meta's shards needs no header
 
-    def _read(self, info: CheckpointInfo, rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
+    def load(self, found: Files, rank: int, world: int, check: Check, **options: Any) -> Dict[str, torch.Tensor]:
+        info = self.peek(found)
+        check(info.arch, info.vocab_rows)
+        return self.read(info, rank, world, **options)
+
+    def read(self, info: CheckpointInfo, rank: int, world: int, **options: Any) -> Dict[str, torch.Tensor]:
         """Shards are memory-mapped. With as many shards as processes the rank's own shard is used as is (on CPU
         in the stored dtype no byte is copied); otherwise only the shards overlapping this rank's share are
         opened, one at a time, and only the slices this rank needs are copied out, so memory stays near this
         rank's share plus one shard's mapping. The caller checks `world` against the model's heads first
         (check_model_parallel_size): here only the split dimensions' sizes are checked."""
-        started = time.perf_counter()
+        how = _Read.of(rank, world, **options)
         files, dtype, device = [Path(p) for p in info.shards], how.dtype, how.device
         if len(files) == world:
             state = open_shard(files[rank], mmap=how.mmap)
             state = {k: v.to(device=device, dtype=_cast_to(v, dtype)) for k, v in state.items()}
             if "output.weight" not in state:
                 state["output.weight"] = tied_output(files, rank, world, dtype, device)
-            how.report(1, 1, files[rank], started)
+            if how.progress:
+                how.progress(1, 1, files[rank], how.seconds())
             return state
-        out = self._gather(files, rank, world, how, started)
+        out = self._gather(files, rank, world, how)
         if "output.weight" not in out:
             out["output.weight"] = tied_output(files, rank, world, dtype, device)
         return out
 
     @staticmethod
-    def _gather(files: List[Path], rank: int, world: int, how: _Read, started: float) -> Dict[str, torch.Tensor]:
+    def _gather(files: List[Path], rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
         """This rank's slices, copied out of the shards that overlap them, one shard at a time."""
         n_src = len(files)
         out: Dict[str, torch.Tensor] = {}
@@ -227,7 +208,8 @@ class MetaReader(Reader):
                 _copy_slice(out, key, piece, path, n_src, src_index, rank, world, how)
             piece = None
             del src  # drop every reference into this shard's mapping before the next one is opened
-            how.report(done, len(needed), path, started)
+            if how.progress:
+                how.progress(done, len(needed), path, how.seconds())
         return out
 
 
@@ -256,6 +238,7 @@ def _copy_slice(out: Dict[str, torch.Tensor], key: str, piece: torch.Tensor, pat
 
 
 READER = MetaReader()
+READERS[READER.layout] = READER
 
 
 def inspect_checkpoint(ckpt_dir: PathLike) -> CheckpointInfo:

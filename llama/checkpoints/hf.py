@@ -15,23 +15,21 @@ How weights are split across ranks is `checkpoint.split_dim`'s table, used here 
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
+from .checkpoint import Check, CheckpointInfo, PathLike, Reader, _Read, rope_freqs, split_dim, state_shapes
 from .hf_config import (  # noqa: F401  (config.json's side, under the names this module always had)
-    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, _read_config, config_from_args, hf_layout,
-    _params, params_from_config)
+    _CONFIG, LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _generation_config, config_from_args, hf_layout, _params,
+    params_from_config)
+from .source import INDEX, READERS, Files, describe, with_files  # noqa: F401  (INDEX: as above)
+from .source import find_weight_files as _find_weight_files, read_config as _read_config  # noqa: F401  (as above)
 from ..families.base import LLAMA_HF, HFSpec
 from ..model.transformer import ModelArgs
 
-INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 OTHER_FILES = _TOKENIZER_FILES + ("generation_config.json",)  # written besides the weights and config.json
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
@@ -117,33 +115,6 @@ def to_hf_state(state: Mapping[str, torch.Tensor], args: ModelArgs, spec: HFSpec
 # --- reading -----------------------------------------------------------------------------------------------
 
 
-def _find_weight_files(ckpt_dir: PathLike) -> List[Path]:
-    """The safetensors files of a Hugging Face directory: those named by model.safetensors.index.json, or
-    model.safetensors alone. Errors name missing files, and say so when only PyTorch .bin weights are there."""
-    folder = Path(ckpt_dir)
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{str(index)!r} is not a safetensors index (no weight_map): {err}") from None
-        missing = [name for name in names if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{str(index)!r} names weight file(s) missing from {str(folder)!r}: {missing}")
-        if not names:
-            raise ValueError(f"{str(index)!r} names no weight files")
-        return [folder / name for name in names]
-    if (folder / _SINGLE).is_file():
-        return [folder / _SINGLE]
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
-    if others:
-        raise FileNotFoundError(f"{str(folder)!r} holds {others} but no {INDEX} saying which weight is where")
-    bins = sorted(p.name for p in folder.glob("*.bin"))
-    hint = f": it holds {bins}; only safetensors weights are read (save with safe_serialization=True)" if bins else ""
-    raise FileNotFoundError(f"no {_SINGLE} or {INDEX} in {str(folder)!r}{hint}")
-
-
 def _safe_open(path: Path):
     from safetensors import safe_open
 
@@ -184,47 +155,33 @@ def _weight_index(files: Sequence[Path], args: ModelArgs, tied: bool = False, sp
     return found
 
 
-def _header(ckpt_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any], ModelArgs, HFSpec]:
-    """config.json, Meta's params for it, the model it describes (architecture options included) and its family
-    layout."""
-    config, where = _read_config(ckpt_dir), f"{Path(ckpt_dir) / _CONFIG}"
-    spec, arch = hf_layout(config, where)
-    params = _params(config, where)
-    return config, params, ModelArgs.from_params(params, arch=arch), spec
-
-
-def _tied(config: Mapping[str, Any]) -> bool:
-    """The output projection is the input embedding (Llama 3.2 1B, 3B); LlamaConfig's default is untied."""
-    return bool(config.get("tie_word_embeddings", False))
-
-
 class HFReader(Reader):
-    """Hugging Face's layout: config.json beside safetensors files. `load_rank_state` reads its config.json for
-    the shapes; the files are memory-mapped and only this rank's slice of each tensor is read; wq and wk are
-    un-permuted slice by slice (whole heads); rope.freqs is added as Meta's shards have it."""
+    """Hugging Face's layout: config.json beside safetensors files (`source.describe` reads config.json). The
+    files are memory-mapped and only this rank's slice of each tensor is read; wq and wk are un-permuted slice by
+    slice (whole heads); rope.freqs is added as Meta's shards have it."""
 
-    layout = "hf"
+    layout, marker = "hf", _CONFIG
 
-    def claims(self, ckpt_dir: PathLike) -> bool:
-        """A config.json and no params.json (Meta's layout has that)."""
-        folder = Path(ckpt_dir)
-        return (folder / _CONFIG).is_file() and not (folder / "params.json").exists()
-
-    def inspect(self, ckpt_dir: PathLike) -> CheckpointInfo:
-        """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files.
-        Only config.json and the files' headers are read; every error comes before any weight is."""
-        return self.info_of(_find_weight_files(ckpt_dir))
+    def peek(self, found: Files) -> CheckpointInfo:
+        """Meta's params (vocab_size concrete), the embedding rows, and as `shards` the safetensors files, their
+        headers checked against config.json (the weight index, kept in the info's header for `read`): every error
+        comes before any weight is read."""
+        args = ModelArgs.from_params(found.params, arch=found.arch)
+        index = _weight_index(found.files, args, bool(found.tied), found.spec or LLAMA_HF)
+        return CheckpointInfo(list(found.files), dict(found.params), found.params["vocab_size"], tied=bool(found.tied),
+                              arch=args.arch, header=(args, index))
 
     def info_of(self, files: List[Path]) -> CheckpointInfo:
-        """config.json beside the files, and the files' headers checked against it (the weight index, kept in
-        the info's header for `read`)."""
-        config, params, args, spec = _header(files[0].parent)
-        index = _weight_index(files, args, _tied(config), spec)
-        return CheckpointInfo(files, params, params["vocab_size"], tied=_tied(config), arch=args.arch,
-                              header=(args, index))
+        """config.json beside the files, and the files' headers checked against it."""
+        return self.peek(with_files(describe(files[0].parent, self.layout), files))
 
-    def _read(self, info: CheckpointInfo, rank: int, world: int, how: _Read) -> Dict[str, torch.Tensor]:
-        started = time.perf_counter()
+    def load(self, found: Files, rank: int, world: int, check: Check, **options: Any) -> Dict[str, torch.Tensor]:
+        info = self.peek(found)
+        check(info.arch, info.vocab_rows)
+        return self.read(info, rank, world, **options)
+
+    def read(self, info: CheckpointInfo, rank: int, world: int, **options: Any) -> Dict[str, torch.Tensor]:
+        how = _Read.of(rank, world, **options)
         files = [Path(p) for p in info.shards]
         args, index = info.header
         index = dict(index)
@@ -236,7 +193,8 @@ class HFReader(Reader):
                 for key, (where, name) in index.items():
                     if where == path:
                         out[key] = _rank_slice(handle, key, name, args, rank, world, how)
-            how.report(done, len(files), path, started)
+            if how.progress:
+                how.progress(done, len(files), path, how.seconds())
         out["rope.freqs"] = rope_freqs(args, how.dtype or out["tok_embeddings.weight"].dtype).to(how.device)
         return out
 
@@ -266,6 +224,7 @@ def _rank_slice(handle: Any, key: str, name: str, args: ModelArgs, rank: int, wo
 
 
 READER = HFReader()
+READERS[READER.layout] = READER
 is_hf_checkpoint = READER.claims  # a directory in Hugging Face's layout
 
 

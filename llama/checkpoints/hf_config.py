@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
 from .. import families
-from .checkpoint import PathLike, read_json_object
 from ..engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..families.base import LLAMA_HF, HFSpec
 from ..model.args import ArchSpec, ModelArgs
@@ -21,14 +20,6 @@ SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float3
 
 
 # --- config.json <-> Meta's params -------------------------------------------------------------------------
-
-
-def _read_config(ckpt_dir: PathLike) -> Dict[str, Any]:
-    """config.json of a Hugging Face directory, as a dict (errors name the file)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist")
-    return read_json_object(folder, _CONFIG)
 
 
 def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
@@ -48,37 +39,64 @@ def _ffn_params(dim: int, hidden: int) -> Dict[str, Any]:
     raise ValueError(f"intermediate_size {hidden} cannot be expressed in params.json for hidden_size {dim}")
 
 
+@contextmanager
+def named(where: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside with the file it is about: the conversions here answer about a config's
+    contents, the code that read the file names it."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def from_config(config: Mapping[str, Any]) -> Tuple[HFSpec, ArchSpec, Dict[str, Any]]:
+    """What a config.json says, checked: its family layout and architecture options (`hf_layout`) and Meta's params
+    for it (`params_from_config`); a ValueError naming the field (the caller names the file, `named`)."""
+    spec, arch = _layout(config)
+    return spec, arch, _params(config)
+
+
 def hf_layout(config: Mapping[str, Any], where: str = _CONFIG) -> Tuple[HFSpec, ArchSpec]:
     """The family layout a config.json is in (families.hf_spec: its architecture) and the architecture options
     it asks for, which some family read through that layout must declare (Family.arch): a ValueError naming the
-    field otherwise."""
-    spec = families.hf_spec(config, where)
-    if config.get("hidden_act", spec.hidden_act) != spec.hidden_act:
-        raise ValueError(f"{where}: hidden_act = {json.dumps(config['hidden_act'])} is not supported: the "
-                         f"{spec.architecture} feed-forward uses {spec.hidden_act}")
-    arch = spec.arch_from_config(config, where)
-    allowed = families.arch_options(spec)
-    if arch not in allowed:
-        key = next((k for k, option in spec.arch_keys.items()
-                    if getattr(arch, option) and not any(getattr(a, option) for a in allowed)), next(iter(spec.arch_keys)))
-        raise ValueError(f"{where}: {key} = {json.dumps(config.get(key))} is not supported: no family read as "
-                         f"{spec.architecture} has {arch.describe()} (theirs: {[a.describe() for a in allowed]})")
-    return spec, arch
+    field otherwise (and the file, `where`)."""
+    with named(where):
+        return _layout(config)
 
 
 def params_from_config(config: Mapping[str, Any], where: str = _CONFIG) -> Dict[str, Any]:
     """Meta's params.json for a Hugging Face Llama config (vocab_size concrete). Anything this model cannot run
     as the config says (rope scaling, tied embeddings, biases no family has, another architecture...) is a
     ValueError naming the field; `where` names the file in messages. The architecture options are `hf_layout`'s."""
-    hf_layout(config, where)
-    return _params(config, where)
+    with named(where):
+        return from_config(config)[2]
 
 
-def _params(config: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """params_from_config's conversion, for a config whose layout `hf_layout` has checked."""
+def tied(config: Mapping[str, Any]) -> bool:
+    """The output projection is the input embedding (Llama 3.2 1B, 3B); LlamaConfig's default is untied."""
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def _layout(config: Mapping[str, Any]) -> Tuple[HFSpec, ArchSpec]:
+    spec = families.hf_spec(config)
+    arch = spec.arch_from_config(config)
+    if config.get("hidden_act", spec.hidden_act) != spec.hidden_act:
+        raise ValueError(f"hidden_act = {json.dumps(config['hidden_act'])} is not supported: the "
+                         f"{spec.architecture} feed-forward uses {spec.hidden_act}")
+    allowed = families.arch_options(spec)
+    if arch not in allowed:
+        key = next((k for k, option in spec.arch_keys.items()
+                    if getattr(arch, option) and not any(getattr(a, option) for a in allowed)), next(iter(spec.arch_keys)))
+        raise ValueError(f"{key} = {json.dumps(config.get(key))} is not supported: no family read as "
+                         f"{spec.architecture} has {arch.describe()} (theirs: {[a.describe() for a in allowed]})")
+    return spec, arch
+
+
+def _params(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """params_from_config's conversion, for a config whose layout `_layout` has checked."""
 
     def bad(field: str, value: Any, why: str) -> ValueError:
-        return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: {why}")
+        return ValueError(f"{field} = {json.dumps(value)} is not supported: {why}")
 
     if config.get("quantization_config"):
         raise bad("quantization_config", config["quantization_config"], "only unquantized weights are read")
@@ -88,9 +106,9 @@ def _params(config: Mapping[str, Any], where: str) -> Dict[str, Any]:
     def positive_int(field: str, default: Any = None) -> int:
         value = config.get(field, default)
         if value is None:
-            raise ValueError(f"{where}: {field} is missing")
+            raise ValueError(f"{field} is missing")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where}: {field} must be a positive integer, got {json.dumps(value)}")
+            raise ValueError(f"{field} must be a positive integer, got {json.dumps(value)}")
         return value
 
     dim, n_heads = positive_int("hidden_size"), positive_int("num_attention_heads")
@@ -115,37 +133,21 @@ def _params(config: Mapping[str, Any], where: str) -> Dict[str, Any]:
         if not isinstance(rope, dict):
             raise bad(field, rope, "it must be an object")
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "llama3":
-            params.update(_scaled_rope_params(rope, bad, field))
+        owner = None if kind == "default" else families.rope_family(kind)
+        if owner is not None:
+            try:
+                params.update(owner.rope_from_hf(rope))
+            except ValueError as err:
+                raise bad(field, rope, str(err)) from None
         elif kind != "default":
-            raise bad(field, rope, "only rope_type 'default' (plain rotary embeddings) and 'llama3' (Llama 3.1's "
-                                   "scaling) are")
+            known = [f"{f.hf_rope_type!r} ({f.title}'s scaling)" for f in families.FAMILIES.values() if f.hf_rope_type]
+            raise bad(field, rope, f"only rope_type 'default' (plain rotary embeddings) and {', '.join(known)} are")
         rope_theta = rope.get("rope_theta", rope_theta)
     params["rope_theta"] = rope_theta
     if n_kv_heads != n_heads:
         params["n_kv_heads"] = n_kv_heads
     params.update(_ffn_params(dim, positive_int("intermediate_size")))
-    try:
-        ModelArgs.from_params(params)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    return params
-
-
-_SCALED_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
-                     "high_freq_factor": "rope_high_freq_factor",
-                     "original_max_position_embeddings": "rope_old_context_len"}
-
-
-def _scaled_rope_params(rope: Mapping[str, Any], bad: Callable[..., ValueError], field: str) -> Dict[str, Any]:
-    """params.json keys for a config's rope_type 'llama3' (Llama 3.1's scaling); a factor that is not given is
-    not guessed."""
-    params: Dict[str, Any] = {"use_scaled_rope": True}
-    for hf_key, meta_key in _SCALED_ROPE_KEYS.items():
-        value = rope.get(hf_key)
-        if value is None:
-            raise bad(field, rope, f"rope_type 'llama3' needs {hf_key}")
-        params[meta_key] = value
+    ModelArgs.from_params(params)
     return params
 
 
@@ -157,10 +159,8 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16, bos_i
     read these). The output weight is always written (tie_word_embeddings false), also for a tied checkpoint."""
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SAFETENSORS_DTYPES]}, got {dtype}")
-    scaling = args.rope_scaling
-    rope_scaling = None if scaling is None else {
-        "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-        "high_freq_factor": scaling.high_freq_factor, "original_max_position_embeddings": scaling.old_context_len}
+    scaling = args.rope_scaling  # the family whose scaling it is writes it (Llama 3's rope_type 'llama3')
+    rope_scaling = None if scaling is None else families.rope_family().rope_to_hf(scaling)  # type: ignore[union-attr]
     return {
         **spec.config_of(args.arch),
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,

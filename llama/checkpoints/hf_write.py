@@ -14,7 +14,8 @@ import torch
 
 from .checkpoint import PathLike, atomic_save, ensure_empty_destination as ensure_no_meta_checkpoint, state_shapes
 from ..families.base import LLAMA_HF, HFSpec
-from .hf import INDEX, MAX_SHARD_BYTES, OTHER_FILES, _SINGLE, hf_name
+from .hf import INDEX, MAX_SHARD_BYTES, OTHER_FILES, hf_name
+from .source import _SINGLE
 from .hf_config import LLAMA2_CONTEXT, SAFETENSORS_DTYPES, _CONFIG, _generation_config, config_from_args
 from ..model.transformer import ModelArgs
 

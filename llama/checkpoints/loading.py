@@ -7,21 +7,25 @@ headers and the arguments is checked before any process group is joined or any w
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import cpu, families, quant
 from ..model import distributed
 from . import quantize
-from .checkpoint import CheckpointInfo, check_model_parallel_size
-from .source import Checkpoint
+from .checkpoint import Check, check_model_parallel_size
+from .source import Files, describe
 from .lora import LoraAdapter, merge_lora, read_adapter
 from ..model.decode_step import default_compile
 from ..model.kv_cache import BLOCK_SIZE, pool_blocks, pool_bytes_per_block
 from ..model.transformer import ModelArgs, Transformer, check_positive_int, memory_per_process
 from ..families import Family
+from ..families.templates import ChatTemplate, load as load_template
+from ..model.args import ArchSpec
+from ..model.kv_int8 import check_kv_dtype
 from ..tokenizers import BaseTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -89,40 +93,97 @@ def check_switches(fast: bool, deterministic: bool) -> None:
 
 
 @dataclass
-class Source:
-    """Where the weights come from: the opened checkpoint (llama/checkpoints/source.py), an optional LoRA adapter to merge
-    in, and the family."""
+class LoadedModel:
+    """What `load` made: this process's share of the model, with what it was read with and decided on."""
 
-    checkpoint: Checkpoint
-    adapter: Optional[LoraAdapter]
-    family: Optional[Family] = None  # detected from the files, or the one asked for
+    model: Transformer
+    tokenizer: BaseTokenizer
+    family: Family
+    plan: Plan
+    rank: int  # this process's place in the model-parallel group
+    template: Optional[ChatTemplate] = None  # the chat template asked for, or the checkpoint's own
+    checked: Any = None  # what the caller's `check` returned
 
-    @property
-    def ckpt_dir(self) -> str:
-        return self.checkpoint.folder
 
-    @property
-    def info(self) -> CheckpointInfo:
-        return self.checkpoint.info
+def load(config: Any, tokenizer: BaseTokenizer, check: Optional[Callable[[ModelArgs], Any]] = None) -> LoadedModel:
+    """Load a `BuildConfig`'s checkpoint (llama/builder.py) into this process's share of a model-parallel
+    Transformer, read with `tokenizer` (the config's tokenizer_path's), asking each module once, in the order the
+    data travels: the folder's files (source.py, which converts a config.json through hf_config.py), the family,
+    the plan of the run, then the layout's reader (its weights' headers checked, then this rank's tensors), the
+    LoRA adapter, the quantization, and the model.
+    Everything the arguments and the small files say is checked before any process group is joined; what the
+    weights' headers say, before any weight is read. `check(args)`: the caller's own checks of the model (its
+    LoRA adapters), before anything loads; its result is the LoadedModel's `checked`."""
+    c, start = config, time.perf_counter()
+    found = describe(c.ckpt_dir)
+    text = load_template(c.chat_template) if c.chat_template is not None else found.template
+    template = ChatTemplate(text[0], tokenizer, text[1]) if text else None  # compiled before the load
+    merged = c.lora if c.lora is None or isinstance(c.lora, (str, os.PathLike)) else None
+    family, args, adapter = _model(found, tokenizer, c.max_seq_len, c.max_batch_size, merged, c.family)
+    checked = check(args) if check is not None else None
+    if c.speculative not in (None, "ngram"):  # a draft checkpoint: its files and vocabulary, before loading
+        inspect(c.speculative, tokenizer, c.max_seq_len, c.max_batch_size)
+    planned = plan(args, c.model_parallel_size, c.device, c.dtype, c.fast, c.quantize, c.group_size, found.scheme,
+                   compile=False if c.speculative is not None else c.compile, deterministic=c.deterministic)
+    runtime = distributed.setup(planned.model_parallel_size, planned.device)
+    torch.manual_seed(c.seed)
+    headers = _headers_check(found, family, args, tokenizer, c.family, announcement(found, family, args, planned))
+    model = load_model(found, args, planned, runtime.model_parallel_rank, headers, adapter,
+                       kv_cache_gib=c.kv_cache_gib, kv_dtype=check_kv_dtype(c.kv_dtype))
+    distributed.print0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
+    return LoadedModel(model, tokenizer, family, planned, runtime.model_parallel_rank, template, checked)
 
 
 def inspect(ckpt_dir: str, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_size: int,
-            lora: Optional[str] = None, family: Optional[str] = None) -> Tuple[Source, ModelArgs]:
-    """The checkpoint's files and shapes (no weight is read), checked against the tokenizer and the adapter;
-    its family detected (or `family` checked against the files)."""
-    ckpt = Checkpoint.open(ckpt_dir)
-    info = ckpt.info
-    found = families.detect(tokenizer, info.params, family, info.arch)
-    args = ckpt.run_args(max_seq_len, max_batch_size)
-    if args.vocab_size != tokenizer.n_words or info.vocab_rows != tokenizer.n_words:
-        raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
-                         f"{ckpt_dir!r} has {info.vocab_rows} embedding rows (params.json vocab_size "
-                         f"{info.params.get('vocab_size', -1)}): they do not belong together")
-    if lora is not None and info.quantization is not None:
-        raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {ckpt_dir!r}: load its "
-                         "bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
-    adapter = read_adapter(lora, args) if lora is not None else None
-    return Source(ckpt, adapter, found), args
+            lora: Optional[str] = None, family: Optional[str] = None) -> Tuple[Files, Family, ModelArgs]:
+    """A checkpoint's files and weights' headers (no weight is read), checked as `load` checks them (a draft
+    model's, before the model it drafts for loads)."""
+    found = describe(ckpt_dir)
+    detected, args, _ = _model(found, tokenizer, max_seq_len, max_batch_size, lora, family)
+    info = found.reader.peek(found)
+    _headers_check(found, detected, args, tokenizer, family)(info.arch, info.vocab_rows)
+    return found, detected, args
+
+
+def _model(found: Files, tokenizer: BaseTokenizer, max_seq_len: int, max_batch_size: int,
+           lora: Optional[str] = None, requested: Optional[str] = None
+           ) -> Tuple[Family, ModelArgs, Optional[LoraAdapter]]:
+    """The family (detected, or `requested` checked against the files), the model's ModelArgs for the run and the
+    LoRA adapter to merge, from the small files: checked against the tokenizer and the adapter. Meta's layout
+    says its architecture options (biases) and embedding rows in the weights alone: until the reader's headers
+    confirm them (`_headers_check`), they are the family's and the tokenizer's."""
+    params = found.params
+    arch = found.arch if found.arch is not None or requested is not None else ArchSpec()  # Meta's: none
+    detected = families.detect(tokenizer, params, requested, arch)
+    vocab = params.get("vocab_size", -1)
+    args = ModelArgs.from_params(params, arch=detected.arch if found.arch is None else found.arch,
+                                 max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                                 vocab_size=tokenizer.n_words if vocab == -1 else vocab)
+    if lora is not None and found.quantization is not None:
+        raise ValueError(f"a LoRA adapter cannot be merged into the quantized weights of {found.folder!r}: load "
+                         "its bfloat16 source with quantize= instead (the adapter is merged, then quantized)")
+    return detected, args, read_adapter(lora, args) if lora is not None else None
+
+
+def _headers_check(found: Files, family: Family, args: ModelArgs, tokenizer: BaseTokenizer,
+                   requested: Optional[str], announce: Sequence[str] = ()) -> Check:
+    """What the weights' headers must say, checked by the reader between reading them and the weights: the
+    embedding rows of the tokenizer, the architecture options of the model planned. Then the lines `announce`
+    are printed: the load is announced once nothing is left to check."""
+
+    def check(arch: ArchSpec, vocab_rows: int) -> None:
+        if args.vocab_size != tokenizer.n_words or vocab_rows != tokenizer.n_words:
+            raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} tokens but the checkpoint in "
+                             f"{found.folder!r} has {vocab_rows} embedding rows (params.json vocab_size "
+                             f"{found.params.get('vocab_size', -1)}): they do not belong together")
+        if arch != args.arch:  # the family's error when it does not fit (or no family does)
+            fits = families.detect(tokenizer, found.params, requested, arch)
+            raise ValueError(f"the weights in {found.folder!r} have {arch.describe()}: {fits.title}'s, not "
+                             f"{family.title}'s as the other files say; pass family={fits.name!r}")
+        for line in announce:
+            distributed.print0(line)
+
+    return check
 
 
 def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fast: bool,
@@ -164,48 +225,50 @@ def plan(args: ModelArgs, model_parallel_size: Optional[int], device, dtype, fas
     return replace(result, scheme=scheme)
 
 
-def announce(source: Source, args: ModelArgs, plan: Plan) -> None:
+def announcement(found: Files, family: Optional[Family], args: ModelArgs, plan: Plan) -> List[str]:
+    """What to say before the weights are read: what loads where, the memory it takes per process, and the
+    plan's note, if any."""
     weights, cache = memory_per_process(args, plan.dtype, plan.model_parallel_size)
     kind = ""
     if plan.scheme is not None:
         weights = quantize.weight_bytes(args, plan.scheme, None, plan.dtype, plan.model_parallel_size)
-        kind = f"{plan.scheme.name} " + ("(quantized at load) " if source.info.quantization is None else "")
-    family = f"{source.family.title}: " if source.family is not None else ""
-    distributed.print0(
-        f"{family}Loading {source.info.n_shards} shard(s) from {source.ckpt_dir} into {plan.model_parallel_size} "
+        kind = f"{plan.scheme.name} " + ("(quantized at load) " if found.quantization is None else "")
+    title = f"{family.title}: " if family is not None else ""
+    return [
+        f"{title}Loading {len(found.files)} shard(s) from {found.folder} into {plan.model_parallel_size} "
         f"process(es) on "
         f"{plan.device.type}, {str(plan.dtype).removeprefix('torch.')}: per process {weights / 2**30:.2f} GiB of "
         f"{kind}weights + at most {cache / 2**30:.2f} GiB of KV cache ({args.max_batch_size} full contexts of "
-        f"{args.max_seq_len} tokens, paged)")
-    if plan.note:
-        distributed.print0(plan.note)
+        f"{args.max_seq_len} tokens, paged)"] + ([plan.note] if plan.note else [])
 
 
-def load_model(source: Source, args: ModelArgs, plan: Plan, rank: int,
-               kv_cache_gib: Optional[float] = None, kv_dtype: Optional[str] = None) -> Transformer:
-    """This rank's share of the model, on its device, weights in place, KV cache allocated: a pool of
+def load_model(found: Files, args: ModelArgs, plan: Plan, rank: int, check: Check,
+               adapter: Optional[LoraAdapter] = None, kv_cache_gib: Optional[float] = None,
+               kv_dtype: Optional[str] = None) -> Transformer:
+    """This rank's share of the model, on its device: the reader's tensors (its headers checked by `check`), the
+    adapter merged, the weights quantized or as stored, prepared, and its KV cache allocated: a pool of
     kv_cache_gib GiB, by default what fits beside the weights (kv_cache.default_gib; with several processes, at
     most max_batch_size full contexts, the same on every rank), storing keys and values in the model's dtype or
     in int8 (kv_dtype, model/kv_int8.py: twice the tokens in the same memory)."""
-    with torch.device("meta"):
-        model = Transformer(args)
     if plan.scheme is not None:
         kernel = quantize.kernel_for_quantize(plan.scheme, plan.device, plan.dtype)
     else:
         kernel = cpu.kernel_for(plan.device, plan.dtype, max_batch=args.max_batch_size) if plan.fast else None
     # Preparing replaces weights by new buffers (fused, packed): on the CPU, read tensors into buffers of their
     # own rather than one shared mapping, so that each original is freed as soon as it is replaced.
-    state = source.checkpoint.load_rank_state(rank, plan.model_parallel_size, dtype=plan.dtype, device=plan.device,
-                                              mmap=not (plan.fast and plan.device.type == "cpu"),
-                                              progress=_report_shard)
-    if source.adapter is not None:
-        merge_lora(state, source.adapter, rank, plan.model_parallel_size, args)
-        _report_lora(source.adapter)
+    stored = found.scheme
+    state = found.reader.load(found, rank, plan.model_parallel_size, check, dtype=plan.dtype, device=plan.device,
+                              mmap=not (plan.fast and plan.device.type == "cpu"), progress=_report_shard,
+                              scheme=stored)
+    if adapter is not None:
+        merge_lora(state, adapter, rank, plan.model_parallel_size, args)
+        _report_lora(adapter)
     state.pop("rope.freqs", None)  # the rotary tables are recomputed in float32 from rope_theta
-    stored = source.checkpoint.scheme
+    with torch.device("meta"):
+        model = Transformer(args)
     if stored is not None:  # its linear layers go in as they are stored: no bfloat16 copy
-        quantize.install(model, quantize.take_quantized(state, stored, source.ckpt_dir), stored, source.ckpt_dir)
-    _check_state(model, state, source.ckpt_dir)
+        quantize.install(model, quantize.take_quantized(state, stored, found.folder), stored, found.folder)
+    _check_state(model, state, found.folder)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     if plan.scheme is not None and stored is None:

@@ -302,14 +302,19 @@ def quantized_isa(cpu: Optional[CpuInfo] = None) -> Optional[str]:
     return "avx2" if best in ("avx512_vnni", "avx2") else None
 
 
-def quantized_prefill(isa: Optional[str], cpu: Optional[CpuInfo] = None) -> str:
-    """How the project's quantized kernels run prefill-sized products here: "integer" (their own AVX-512 VNNI
-    kernels, 8-bit activations against the codes: measured 1.47x (int8) and 1.34x (int4) oneDNN's bfloat16
-    prefill on a Zen 4, whose VNNI does twice the multiply-adds of its bfloat16 dot products) or "dequantized"
-    (weight tiles dequantized for the CPU's float GEMM: with AMX, whose bfloat16 tiles outrun any vector unit,
-    and with AVX2 only)."""
+def quantized_prefill(isa: Optional[str], cpu: Optional[CpuInfo] = None, kind: str = "int8") -> str:
+    """How the project's quantized kernels run prefill-sized products of `kind` ("int8" or "int4") here: "integer"
+    (their own kernels, 8-bit activations against the codes) or "dequantized" (the weight dequantized for a float
+    GEMM). Integer with AVX-512 VNNI and no AMX: measured 1.47x (int8) and 1.34x (int4) oneDNN's bfloat16
+    prefill on a Zen 4, whose VNNI does twice the multiply-adds of its bfloat16 dot products. Integer for int4
+    with AVX2 only: its panels' kernel meets 4 activation rows per unpacked code vector (`vpmaddubsw`, 32
+    multiply-adds an instruction against an FMA's 8), measured 1.3-2.0x the dequantized panels' float GEMM at
+    256 rows (Zen 4 as AVX2, 2026-12-08); int8's AVX2 tiles take one row at a time, so int8 dequantizes there.
+    Dequantized with AMX, whose bfloat16 tiles outrun any vector unit."""
     cpu = info() if cpu is None else cpu
-    return "integer" if isa == "avx512_vnni" and "amx_bf16" not in cpu.flags else "dequantized"
+    if isa == "avx512_vnni" and "amx_bf16" not in cpu.flags:
+        return "integer"
+    return "integer" if isa == "avx2" and kind == "int4" else "dequantized"
 
 
 _NOTED: set = set()

@@ -1,8 +1,10 @@
 """The project's own CPU kernels (llama/cpu/csrc): built at first use, called through ctypes.
 
-- qlinear.c: quantized (int8, int4) linear layers at decoding sizes, and dequantized row tiles for prefill;
+- qlinear.c (with qlinear.h, qint8.c, qint4.c, qgemm.c, qdequant.c): quantized (int8, int4) linear layers at
+  decoding sizes, the int8 GEMM and dequantized rows for prefill;
 - linear16.c: bfloat16 linear layers at decoding sizes with AVX-512 BF16 or AVX2 (llama.cpu's `own-bf16` path);
-- decode.c: a decoding step's layers in one call over those kernels (llama/model/fused_decode.py);
+- decode.c (with decode.h, decode_ops.c, attention.c): a decoding step's layers in one call over those kernels
+  (llama/model/fused_decode.py); lora.c: LoRA adapters inside it;
 - pool.c, common.h: the threads they share, the instruction sets, bfloat16 conversions.
 
 Why a C file of its own: at batch 1 PyTorch's weight-only int8 and int4 CPU operators stream the weights at about

@@ -37,7 +37,7 @@ class Choice:
     done: bool = False
     shown: int = 0  # characters of text handed to the sink (what the stop strings let through)
     entries: List[TokenLogprob] = field(default_factory=list)  # log-probs whose text is not shown yet
-    lora_slot: int = -1  # the bank slot of its LoRA adapter while it holds one (engine/lora_slots.py); -1: base
+    lora_slot: int = -1  # the bank slot of its LoRA adapter while it holds one (checkpoints/lora_slots.py); -1: base
 
     def held(self) -> List[int]:
         """The tokens whose keys and values its blocks hold once prefilled: prompt and answer up to `position`."""

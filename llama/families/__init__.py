@@ -58,22 +58,29 @@ def register(family: Family, detect_first: bool = True) -> Family:
     return family
 
 
-def hf_spec(config: Mapping[str, Any], where: str) -> HFSpec:
+def hf_spec(config: Mapping[str, Any]) -> HFSpec:
     """The Hugging Face layout a config.json is in (its `architectures`, else its `model_type`), among the
-    families' (Family.hf); a ValueError naming the field when no family reads it."""
+    families' (Family.hf); a ValueError naming the field when no family reads it (the caller names the file)."""
     specs = {f.hf.architecture: f.hf for f in FAMILIES.values()}
     types = {s.model_type: s for s in specs.values()}
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and len(archs) == 1 and archs[0] in specs):
-        raise _unsupported("architectures", archs, sorted(specs), where)
+        raise _unsupported("architectures", archs, sorted(specs))
     spec = specs[archs[0]] if archs is not None else types.get(config.get("model_type", "llama"))
     if spec is None or config.get("model_type", spec.model_type) != spec.model_type:
-        raise _unsupported("model_type", config.get("model_type"), sorted(types), where)
+        raise _unsupported("model_type", config.get("model_type"), sorted(types))
     return spec
 
 
-def _unsupported(field: str, value: Any, known: List[str], where: str) -> ValueError:
-    return ValueError(f"{where}: {field} = {json.dumps(value)} is not supported: only {known} (the families' "
+def rope_family(rope_type: Optional[str] = None) -> Optional[Family]:
+    """The family whose RoPE scaling config.json calls `rope_type` (Family.hf_rope_type); None: the first family
+    with a scaling. None when no family has it."""
+    return next((f for f in FAMILIES.values() if f.hf_rope_type is not None and rope_type in (None, f.hf_rope_type)),
+                None)
+
+
+def _unsupported(field: str, value: Any, known: List[str]) -> ValueError:
+    return ValueError(f"{field} = {json.dumps(value)} is not supported: only {known} (the families' "
                       "Hugging Face architectures) are")
 
 
@@ -126,5 +133,5 @@ def detect(tokenizer: BaseTokenizer, params: Optional[Mapping[str, Any]] = None,
                      "SentencePiece one, and only Llama 3.1 and later use_scaled_rope)")
 
 
-__all__ = ["Family", "HFSpec", "hf_spec", "arch_options", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
+__all__ = ["Family", "HFSpec", "hf_spec", "arch_options", "rope_family", "FAMILIES", "NAMES", "LlamaGuard", "Moderation", "detect", "get", "register", "LLAMA2",
            "CODELLAMA", "CODELLAMA70B", "LLAMA3", "LLAMAGUARD1", "LLAMAGUARD2", "LLAMAGUARD3", "LLAMAGUARD3_1B"]

@@ -32,13 +32,14 @@ class HFSpec:
     top_names: Mapping[str, str] = field(default_factory=lambda: {
         "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"})
 
-    def arch_from_config(self, config: Mapping[str, Any], where: str) -> ArchSpec:
-        """The ArchSpec a config.json asks for (each option key true or false; absent: false)."""
+    def arch_from_config(self, config: Mapping[str, Any]) -> ArchSpec:
+        """The ArchSpec a config.json asks for (each option key true or false; absent: false; a ValueError naming
+        the key otherwise, the caller names the file)."""
         given = {}
         for key, option in self.arch_keys.items():
             value = config.get(key)
             if value not in (None, False, True):
-                raise ValueError(f"{where}: {key} = {value!r} is not supported: it must be true or false")
+                raise ValueError(f"{key} = {value!r} is not supported: it must be true or false")
             given[option] = bool(value)
         return ArchSpec(**given)
 
@@ -73,6 +74,7 @@ class Family:
     moderation: bool = False  # Llama Guard's classification
     arch: ArchSpec = ArchSpec()  # the architecture options its models have (the Llama models: none)
     hf: HFSpec = LLAMA_HF  # its Hugging Face config keys and weight names
+    hf_rope_type: Optional[str] = None  # config.json's rope_type of its RoPE scaling (Llama 3.1's: 'llama3')
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.title}>"
@@ -120,6 +122,15 @@ class Family:
         return self.check_tokenizer(tokenizer) is None and self.check_params(params) is None
 
     # --- Hugging Face's layout ------------------------------------------------------------------------------
+
+    def rope_from_hf(self, rope: Mapping[str, Any]) -> Dict[str, Any]:
+        """params.json's keys for config.json's rope_scaling entry of `hf_rope_type` (a ValueError saying what it
+        lacks)."""
+        raise ValueError(f"{self.title} has no RoPE scaling")
+
+    def rope_to_hf(self, scaling: RopeScaling) -> Dict[str, Any]:
+        """config.json's rope_scaling entry for a model of this family with the RoPE scaling `scaling`."""
+        raise ValueError(f"{self.title} has no RoPE scaling")
 
     def hf_eos_ids(self, tokenizer: BaseTokenizer) -> List[int]:
         return list(self.stop_ids(tokenizer))

@@ -20,6 +20,13 @@ from .base import Family
 ROPE_THETA = 500_000.0
 ROPE_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192)
 VOCAB_SIZE = 128256
+# Llama 3.1's RoPE scaling in config.json (transformers' rope_type 'llama3'): its key, RopeScaling's field and
+# params.json's key for each factor
+HF_ROPE_TYPE = "llama3"
+HF_ROPE_KEYS = (("factor", "factor", "rope_scaling_factor"),
+                ("low_freq_factor", "low_freq_factor", "rope_low_freq_factor"),
+                ("high_freq_factor", "high_freq_factor", "rope_high_freq_factor"),
+                ("original_max_position_embeddings", "old_context_len", "rope_old_context_len"))
 
 
 class Llama3ChatFormat(ChatFormat):
@@ -56,8 +63,22 @@ class Llama3(Family):
     rope_theta = ROPE_THETA
     rope_scaling = ROPE_SCALING
 
+    hf_rope_type = HF_ROPE_TYPE
+
     def context_for(self, params: Mapping[str, Any]) -> int:
         return 131072 if params.get("use_scaled_rope") else self.context_length
+
+    def rope_from_hf(self, rope: Mapping[str, Any]) -> Dict[str, Any]:
+        """use_scaled_rope and the four factors; a factor that is not given is not guessed."""
+        params: Dict[str, Any] = {"use_scaled_rope": True}
+        for hf_key, _, meta_key in HF_ROPE_KEYS:
+            if rope.get(hf_key) is None:
+                raise ValueError(f"rope_type {HF_ROPE_TYPE!r} needs {hf_key}")
+            params[meta_key] = rope[hf_key]
+        return params
+
+    def rope_to_hf(self, scaling: RopeScaling) -> Dict[str, Any]:
+        return {"rope_type": HF_ROPE_TYPE, **{hf_key: getattr(scaling, field) for hf_key, field, _ in HF_ROPE_KEYS}}
 
     def chat_format(self, tokenizer: BaseTokenizer) -> ChatFormat:
         return Llama3ChatFormat(tokenizer)

@@ -91,29 +91,6 @@ def load(spec: str) -> Tuple[str, str]:
     return path.read_text(encoding="utf-8"), f"chat template {path.name}"
 
 
-def from_checkpoint(folder: Optional[str]) -> Optional[Tuple[str, str]]:
-    """A Hugging Face checkpoint's own template: chat_template.jinja, or tokenizer_config.json's `chat_template`
-    (a string, or a list of {name, template}: the one named 'default'). None when it has none."""
-    if folder is None:
-        return None
-    root = Path(folder)
-    if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text(encoding="utf-8"), "the checkpoint's chat_template.jinja"
-    config = root / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except ValueError as err:
-        raise ValueError(f"{str(config)!r} is not valid JSON: {err}") from None
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if isinstance(template, str) and template.strip():
-        return template, "the checkpoint's tokenizer_config.json chat_template"
-    return None
-
-
 def _mark(value: Any, pattern: "re.Pattern[str]") -> Any:
     """The caller's strings with every special-token name wrapped in the private-use marks (marks they held
     already are dropped, so they cannot forge one)."""

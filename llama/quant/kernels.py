@@ -57,7 +57,7 @@ def _own_matmul(x: torch.Tensor, packed: torch.Tensor, rscale: Optional[torch.Te
         return _own_matmul(x.float(), packed, rscale, n, kind, group, isa, gemm_dtype).to(x.dtype)
     if gemm_dtype is None or x.shape[0] < CPU_PREFILL_ROWS:
         return qkernels.linear(x, kind, packed, rscale, n, group, isa)
-    if isa == "avx2" and x.dtype == torch.bfloat16:  # the bfloat16 kernel's AVX2 GEMM on dequantized panels
+    if isa == "avx2" and x.dtype == torch.bfloat16:  # int8: the bfloat16 kernel's AVX2 GEMM on dequantized panels
         return qkernels.gemm_quantized(x, kind, packed, rscale, n, group)
     k = x.shape[1]
     xg = x.to(gemm_dtype)
@@ -94,7 +94,7 @@ class _OwnKernel(nn.Module):
         packed, rscale = weight.scheme.own_pack(weight)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("rscale", rscale, persistent=False)
-        self.prefill = cpu.quantized_prefill(isa)
+        self.prefill = cpu.quantized_prefill(isa, kind="int4" if self.kind == qkernels.KINDS["int4"] else "int8")
         # the float GEMM's dtype for dequantized prefill; None: the integer kernels at every size
         self.gemm_dtype = None if self.prefill == "integer" else \
             torch.bfloat16 if cpu.info().native_bf16 else torch.float32

@@ -1,6 +1,6 @@
 """The models a server answers to: GET /v1/models and /v1/models/{name} (the base and its LoRA adapters, as
 vLLM lists them), and the run-time LoRA admin endpoints in vLLM's shape, off unless the server was started with
---enable_lora_loading (llama/engine/lora_slots.py keeps the adapters).
+--enable_lora_loading (llama/checkpoints/lora_slots.py keeps the adapters).
 
     POST /v1/load_lora_adapter    {"lora_name": "sql", "lora_path": "/adapters/sql"}
     POST /v1/unload_lora_adapter  {"lora_name": "sql"}

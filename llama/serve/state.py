@@ -49,7 +49,7 @@ class ServerState:
 
     @property
     def lora_slots(self) -> Optional[Any]:
-        """The adapters served by name (llama/engine/lora_slots.py), or None without LoRA banks."""
+        """The adapters served by name (llama/checkpoints/lora_slots.py), or None without LoRA banks."""
         return getattr(self.engine.generator.model, "lora_slots", None)
 
     async def authorize(self, request: HTTPRequest) -> None:

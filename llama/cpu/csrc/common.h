@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(QK_PORTABLE)  /* -DQK_PORTABLE: as on ARM (tests) */
 #define QK_X86 1
 #include <immintrin.h>
 #else
@@ -24,6 +24,7 @@
 #endif
 
 #define TILE 4     /* output rows stored interleaved and computed together */
+#define QK_INTERNAL __attribute__((visibility("hidden")))  /* a function one source file gives another */
 #define MAX_THREADS 64
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };

@@ -16,6 +16,7 @@
 #define GEMM16_ROWS 16  /* AVX2: rows of x from which the GEMM below runs (measured: the tiles win at 8, it at 32) */
 #endif
 #define GEMM16_R 4
+#define GP 24  /* AVX2's GEMM: weight rows per panel (below) */
 
 const qk_const_t qk_linear16_constants[] = {{"chunk16", CHUNK16}, {NULL, 0}};
 
@@ -190,7 +191,6 @@ __attribute__((target(AVX2))) static void widen16_avx2(const uint16_t *x, int64_
  * meets three vectors of 8 weights, 12 sums in flight (the register blocking of the BLAS kernels), and each panel
  * load serves 4 rows (x, read once per panel, comes from the outer caches). */
 
-#define GP 24
 
 /* Rows m0.. m0 + R - 1 (R = 1 or 4) of x against a panel; named sums (an array of them was kept in memory). */
 __attribute__((target(AVX2))) static inline __attribute__((always_inline)) void gemm16_rows_avx2(

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ..checkpoints.lora import MAX_RANK, factors_for, read_adapter
+from .lora import MAX_RANK, factors_for, read_adapter
 from ..model import lora_bank
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
