@@ -21,13 +21,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 BLOCK_SIZE = 16  # positions per block, the same for every batch (deterministic mode relies on it)
 NULL_BLOCK = 0
+
+
+KV_DTYPES = ("int8",)  # besides None / "auto": the model's own dtype (kv_int8.py: the int8 pool)
+SCALE_DTYPE = torch.bfloat16
+
+
+def check_kv_dtype(kv_dtype: Union[str, None]) -> Optional[str]:
+    """kv_dtype: None or "auto" (the model's dtype, returned as None) or "int8"; ValueError naming anything else."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return None
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'auto' (the model's dtype) or one of {list(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+def position_bytes(head_dim: int, dtype: torch.dtype, kv_dtype: Optional[str]) -> int:
+    """Bytes of one position's key (or value) in one KV head: head_dim values of the model's dtype, or in int8
+    head_dim codes and a bfloat16 scale."""
+    if check_kv_dtype(kv_dtype) is None:
+        return head_dim * dtype.itemsize
+    return head_dim + SCALE_DTYPE.itemsize
 
 
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
@@ -200,8 +221,6 @@ def pool_bytes_per_block(n_layers: int, kv_heads: int, head_dim: int, dtype: tor
                          block_size: int = BLOCK_SIZE, kv_dtype: Optional[str] = None) -> int:
     """Bytes one block takes on one process: keys and values of block_size positions in every layer, in the
     model's dtype or, with kv_dtype "int8", as int8 codes and their scales (kv_int8.py)."""
-    from .kv_int8 import position_bytes  # (kv_int8's pool builds on this module's)
-
     return 2 * n_layers * kv_heads * block_size * position_bytes(head_dim, dtype, kv_dtype)
 
 

@@ -19,32 +19,13 @@ are the same whether it was prefilled whole, in chunks or after a prefix hit.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
-from .kv_cache import GatherScratch, KVPool, reusing
+from .kv_cache import KV_DTYPES, SCALE_DTYPE, GatherScratch, KVPool, check_kv_dtype, position_bytes, reusing  # noqa: F401
 
-KV_DTYPES = ("int8",)  # besides None / "auto": the model's own dtype
 QMAX = 127
-SCALE_DTYPE = torch.bfloat16
-
-
-def check_kv_dtype(kv_dtype: Union[str, None]) -> Optional[str]:
-    """kv_dtype: None or "auto" (the model's dtype, returned as None) or "int8"; ValueError naming anything else."""
-    if kv_dtype is None or kv_dtype == "auto":
-        return None
-    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be 'auto' (the model's dtype) or one of {list(KV_DTYPES)}, got {kv_dtype!r}")
-    return kv_dtype
-
-
-def position_bytes(head_dim: int, dtype: torch.dtype, kv_dtype: Optional[str]) -> int:
-    """Bytes of one position's key (or value) in one KV head: head_dim values of the model's dtype, or in int8
-    head_dim codes and a bfloat16 scale."""
-    if check_kv_dtype(kv_dtype) is None:
-        return head_dim * dtype.itemsize
-    return head_dim + SCALE_DTYPE.itemsize
 
 
 def quantize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
