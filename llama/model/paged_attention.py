@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 PIECE = 4096  # positions of one row per piece (a multiple of the block size)
 PIECE_ELEMENTS = 2 ** 20  # an int8 pool's pieces: key elements of every row and head (4 MiB in float32)
+# SDPA's CPU kernel that also returns the log-sum-exp the merge needs: a private op of PyTorch (2.13 has it); where
+# a build lacks it, every step takes the one-call path.
+_HAS_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +48,7 @@ def attend_token(q: torch.Tensor, pool, where) -> torch.Tensor:
         max(1, PIECE_ELEMENTS // (bsz * heads * pool.block_size * dim))  # blocks per piece
     whole = window <= per * pool.block_size
     qa = q.to(dtype)
-    if whole or q.device.type != "cpu" or torch.compiler.is_compiling():
+    if whole or not _HAS_FLASH or q.device.type != "cpu" or torch.compiler.is_compiling():
         keys, values = pool.read(where.blocks, window, reuse=True, dtype=dtype)
         return F.scaled_dot_product_attention(qa, keys, values, attn_mask=where.mask.unsqueeze(1)).to(q.dtype)
     blocks = where.blocks.shape[1]
