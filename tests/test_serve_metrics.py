@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import httpx
 import pytest
@@ -89,12 +90,23 @@ def test_a_small_pool_preempts_and_every_answer_equals_its_answer_alone(tmp_path
     assert health["running"] == 0 and health["waiting"] == 0 and health["kv_blocks_total"] == 8
 
 
+def _logged(caplog, wanted) -> bool:
+    deadline = time.monotonic() + TIMEOUT
+    while not any(wanted(m) for m in caplog.messages):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_request_id_is_echoed_and_logged(server, caplog):
     caplog.set_level(logging.INFO, logger="llama.serve")
     r = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2},
                    headers={"X-Request-ID": "trace-42.a"}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42.a"
-    assert any("trace-42.a" in m and "/v1/completions -> 200" in m for m in caplog.messages)
+    # The access line is written once the response is sent (its time counts the sending), so the server's thread
+    # may write it a moment after the client has read the answer: wait for it, up to TIMEOUT.
+    assert _logged(caplog, lambda m: "trace-42.a" in m and "/v1/completions -> 200" in m)
     odd = httpx.get(server.url + "/health", headers={"X-Request-ID": "bad id\twith spaces"}, timeout=TIMEOUT)
     made = odd.headers["x-request-id"]
     assert made != "bad id\twith spaces" and len(made) == 32  # a new one: odd text never reaches the log
