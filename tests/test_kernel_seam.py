@@ -105,18 +105,31 @@ def test_the_cache_key_names_the_machine_the_compiler_and_the_flags(monkeypatch)
     assert kernel_build.key(cc) != base
 
 
+def _small_build(tmp_path, seconds: float):
+    """A library of one small C file, compiled through a compiler that takes `seconds` longer: the build's lock,
+    cache and messages are what these tests check, and the real sources' compile (~7 s of CPU) adds nothing."""
+    source = tmp_path / "small.c"
+    source.write_text("int qk_small(void) { return 1; }\n")
+    slow = tmp_path / "slow-cc"
+    slow.write_text(f"#!/bin/sh\nsleep {seconds}\nexec {_compiler()} \"$@\"\n")
+    slow.chmod(0o755)
+    return source, slow
+
+
 def test_processes_started_at_once_compile_once(tmp_path):
-    _compiler()
+    source, slow = _small_build(tmp_path, 1.0)  # a second's compile: the processes meet at the lock
+    cache = tmp_path / "cache"
     # kernel_build is loaded from its file alone (no torch), so the processes reach the lock together.
     code = textwrap.dedent(f"""
-        import importlib.util
+        import importlib.util, pathlib
         spec = importlib.util.spec_from_file_location("kb", {str(ROOT / "llama" / "cpu" / "kernel_build.py")!r})
         kb = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(kb)
+        kb.SOURCES = [pathlib.Path({str(source)!r})]
         print(kb.build())
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
-    env["LLAMA_KERNEL_CACHE"] = str(tmp_path)
+    env["LLAMA_KERNEL_CACHE"], env["CC"] = str(cache), str(slow)
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -124,7 +137,7 @@ def test_processes_started_at_once_compile_once(tmp_path):
     assert len({out.strip() for out, _ in results}) == 1
     messages = [line for _, err in results for line in err.splitlines()]
     assert messages == [f"compiling CPU kernels (once, ~{kernel_build.TYPICAL_SECONDS} s)…"]
-    assert len(list(tmp_path.glob("*.so"))) == 1
+    assert len(list(cache.glob("*.so"))) == 1
 
 
 @pytest.mark.parametrize("rank,said", [("0", True), ("3", False)])

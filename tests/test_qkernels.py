@@ -197,7 +197,16 @@ def test_without_a_compiler_quantized_models_use_pytorch_and_say_so(tmp_path):
 
 
 def test_the_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
+    from llama.cpu import kernel_build
+
     require_kernels()
+    # One small source stands for csrc/ (the caching is the point here, and the real compile takes ~7 s of CPU);
+    # the cache folder holds only what the build leaves there.
+    small = tmp_path / "src" / "small.c"
+    small.parent.mkdir()
+    small.write_text("int qk_small(void) { return 1; }\n")
+    monkeypatch.setattr(kernel_build, "SOURCES", [small])
+    tmp_path = tmp_path / "cache"
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
     first = qkernels.build()
     assert first.parent == tmp_path and first.exists()
