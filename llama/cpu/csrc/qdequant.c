@@ -67,21 +67,13 @@ __attribute__((target(AVX512))) static void dequantize_avx512(const deq_t *d, in
                 }
             continue;
         }
-        const int64_t group = d->group, ip = r % PANEL;
-        const uint8_t *gp = d->w + (r / PANEL) * int4_panel_bytes(K, group);
-        for (int64_t g = 0; g < K / group; g++, gp += int4_group_bytes(group)) {
-            float sf, zf;
-            int4_row_coeffs(gp, ip, &sf, &zf);
+        const int64_t group = d->group;
+        INT4_ROW_WALK(d->w + (r / PANEL) * int4_panel_bytes(K, group), r % PANEL, K, group, {
             const __m512 s = _mm512_set1_ps(sf), z = _mm512_set1_ps(zf);
-            for (int64_t b = 0; b < group / BLOCK; b++) {
-                __m128i codes[2];
-                int4_row_codes32(gp + 64 + b * 256, ip, codes);
-                const int64_t at = n * K + g * group + b * BLOCK;
-                for (int i = 0; i < 2; i++)
-                    put16(d, d->out, at + 16 * i,
-                          _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes[i])), s, z));
-            }
-        }
+            for (int i = 0; i < 2; i++)
+                put16(d, d->out, n * K + at + 16 * i,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes[i])), s, z));
+        });
     }
 }
 
@@ -104,24 +96,17 @@ __attribute__((target(AVX2))) static void fill_row_avx2(const void *ctx, int64_t
             }
         return;
     }
-    const int64_t group = d->group, ip = r % PANEL;
-    const uint8_t *gp = d->w + (r / PANEL) * int4_panel_bytes(K, group);
-    for (int64_t g = 0; g < K / group; g++, gp += int4_group_bytes(group)) {
-        float sf, zf;
-        int4_row_coeffs(gp, ip, &sf, &zf);
+    const int64_t group = d->group;
+    INT4_ROW_WALK(d->w + (r / PANEL) * int4_panel_bytes(K, group), r % PANEL, K, group, {
         const __m256 s = _mm256_set1_ps(sf), z = _mm256_set1_ps(zf);
-        for (int64_t b = 0; b < group / BLOCK; b++) {
-            __m128i codes[2];
-            int4_row_codes32(gp + 64 + b * 256, ip, codes);
-            float *o = out + g * group + b * BLOCK;
-            for (int i = 0; i < 2; i++) {
-                const __m256 first = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes[i]));
-                const __m256 second = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes[i], 8)));
-                _mm256_storeu_ps(o + 16 * i, _mm256_fmadd_ps(first, s, z));
-                _mm256_storeu_ps(o + 16 * i + 8, _mm256_fmadd_ps(second, s, z));
-            }
+        float *o = out + at;
+        for (int i = 0; i < 2; i++) {
+            const __m256 first = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes[i]));
+            const __m256 second = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes[i], 8)));
+            _mm256_storeu_ps(o + 16 * i, _mm256_fmadd_ps(first, s, z));
+            _mm256_storeu_ps(o + 16 * i + 8, _mm256_fmadd_ps(second, s, z));
         }
-    }
+    });
 }
 #endif
 

@@ -54,6 +54,25 @@ static inline void int4_row_codes32(const uint8_t *qp, int64_t ip, __m128i codes
     codes[0] = _mm_unpacklo_epi32(l, h);
     codes[1] = _mm_unpackhi_epi32(l, h);
 }
+
+/* Row ip of the int4 panel at pp (K inputs in groups of `group`), one block of 32 inputs at a time: the body (the
+ * macro's last argument) sees the group's coefficients `sf`, `zf` (int4_row_coeffs), the block's 32 codes `codes`
+ * (int4_row_codes32) and its first input `at`. A macro, so that the body's vectors compile in the target of the
+ * function that uses it (the AVX-512 dequantizer, the AVX2 row fill). */
+#define INT4_ROW_WALK(pp, ip, K, group, ...)                                                      \
+    do {                                                                                          \
+        const uint8_t *gp_ = (pp);                                                                \
+        for (int64_t g_ = 0; g_ < (K) / (group); g_++, gp_ += int4_group_bytes(group)) {          \
+            float sf, zf;                                                                         \
+            int4_row_coeffs(gp_, (ip), &sf, &zf);                                                 \
+            for (int64_t b_ = 0; b_ < (group) / BLOCK; b_++) {                                    \
+                __m128i codes[2];                                                                 \
+                int4_row_codes32(gp_ + 64 + b_ * 256, (ip), codes);                               \
+                const int64_t at = g_ * (group) + b_ * BLOCK;                                     \
+                __VA_ARGS__                                                                       \
+            }                                                                                     \
+        }                                                                                         \
+    } while (0)
 #endif
 
 /* --- the activations, quantized once per call (qlinear.c) ---------------------------------------------------- */
