@@ -86,6 +86,14 @@ __attribute__((target(AVX512))) static inline void store_bf16x16(uint16_t *out, 
     u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
+
+/* The sum of 8 floats (the AVX2 kernels' dot products end here). */
+__attribute__((target(AVX2))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 #endif
 
 /* The pool (pool.c): fn(ctx, part, parts) for part 0..parts-1, the caller's thread running part 0. */

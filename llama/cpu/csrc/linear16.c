@@ -64,13 +64,6 @@ static void tiles16_scalar(const job16_t *j, int64_t m, int64_t t0, int64_t t1) 
 }
 
 #if QK_X86
-__attribute__((target(AVX2))) static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 __attribute__((target(AVX512BF16))) static void tiles16_avx512(const job16_t *j, int64_t m, int64_t t0, int64_t t1) {
     const int64_t K = j->K, nc = K / CHUNK16;
     const uint16_t *x = j->x + m * K;
@@ -159,10 +152,10 @@ __attribute__((target(AVX2))) static inline __attribute__((always_inline)) void 
     }
     for (int i = 0; i < TILE && t * TILE + i < j->N; i++) {
         if (R == 1) {
-            j->out[m * j->N + t * TILE + i] = f32_to_bf16(hsum8(_mm256_add_ps(a[i], b[i])));
+            j->out[m * j->N + t * TILE + i] = f32_to_bf16(hsum256(_mm256_add_ps(a[i], b[i])));
         } else {
-            j->out[m * j->N + t * TILE + i] = f32_to_bf16(hsum8(a[i]));
-            j->out[(m + 1) * j->N + t * TILE + i] = f32_to_bf16(hsum8(b[i]));
+            j->out[m * j->N + t * TILE + i] = f32_to_bf16(hsum256(a[i]));
+            j->out[(m + 1) * j->N + t * TILE + i] = f32_to_bf16(hsum256(b[i]));
         }
     }
 }

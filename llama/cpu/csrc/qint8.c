@@ -23,13 +23,6 @@ static void tiles_scalar(const job_t *j, int64_t m, int64_t t0, int64_t t1) {
 }
 
 #if QK_X86
-__attribute__((target(AVX2))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* One 32-input block of int8 weights against the activations: 8 lanes of integer sums. */
 __attribute__((target(AVX2))) static inline __m256 dot8_avx2(const int8_t *w, __m256i x, __m256i ax, __m256i ones) {
     __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), x);
