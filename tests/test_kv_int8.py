@@ -11,13 +11,12 @@ import torch
 from helpers import TOKENIZER, assert_same_cached_keys, decode_against_float32, make_checkpoint, scatter_blocks
 from llama import Llama
 from llama.checkpoint import random_state
-from llama.engine import Request, SamplingParams
 from llama.model import ModelArgs, Transformer
 from llama.model.kv_cache import BLOCK_SIZE, layer_block_bytes, pool_bytes_per_block
 from llama.model.kv_int8 import KVPoolInt8, check_kv_dtype, quantize
 
-from test_engine import SHAPE, Collect, prompts
-from test_paged import PARAMS, answer, build as build_paged, ckpt  # noqa: F401  (ckpt: a fixture)
+from test_engine import SHAPE, prompts
+from test_paged import build as build_paged, check_preempted_answers, ckpt  # noqa: F401  (ckpt: a fixture)
 
 PER_BLOCK_INT8 = pool_bytes_per_block(SHAPE.n_layers, SHAPE.kv_heads, SHAPE.head_dim, torch.float32,
                                       kv_dtype="int8")
@@ -101,15 +100,7 @@ def test_the_same_gib_holds_about_twice_the_tokens_and_the_start_line_says_int8(
 
 @pytest.mark.parametrize("prefix_cache", [False, True], ids=["plain", "prefix-cache"])
 def test_preempted_int8_requests_continue_with_the_tokens_they_would_have_had_alone(ckpt, prefix_cache):
-    roomy = build(ckpt, prefix_cache=False)
-    small = build(ckpt, blocks=14, prefix_cache=prefix_cache)  # 224 positions for 6 requests of up to ~80
-    ps = prompts(6, seed=4)
-    params = [PARAMS[i % 3] for i in range(6)]
-    engine, got = answer(small, [Request(p, q, Collect(), id=str(i)) for i, (p, q) in enumerate(zip(ps, params))])
-    assert engine.preemptions > 0 and engine.failure is None
-    for p, q, tokens in zip(ps, params, got):
-        _, (alone,) = answer(roomy, [Request(p, q, Collect())])
-        assert tokens == alone and all(len(t) == q.max_tokens for t in tokens)
+    check_preempted_answers(build(ckpt, blocks=14, prefix_cache=prefix_cache), build(ckpt, prefix_cache=False))
 
 
 # The bound on |log p(int8 KV) - log p(transformers, float32)| per token, on this random model (measured: max

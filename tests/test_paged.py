@@ -52,7 +52,12 @@ PARAMS = [SamplingParams(max_tokens=40, temperature=0, stop_token_ids=()),
 
 @pytest.mark.parametrize("prefix_cache", [False, True], ids=["plain", "prefix-cache"])
 def test_preempted_requests_continue_with_the_tokens_they_would_have_had_alone(ckpt, roomy, prefix_cache):
-    small = build(ckpt, blocks=14, prefix_cache=prefix_cache)  # 224 positions for 6 requests of up to ~80
+    check_preempted_answers(build(ckpt, blocks=14, prefix_cache=prefix_cache), roomy)
+
+
+def check_preempted_answers(small: Llama, roomy: Llama) -> None:
+    """6 requests on `small`'s pool (14 blocks: 224 positions for 6 requests of up to ~80) preempt each other and
+    still give each the tokens it gets alone on `roomy`; then every block is given back."""
     ps = prompts(6, seed=4)
     params = [PARAMS[i % 3] for i in range(6)]
     engine, got = answer(small, [Request(p, q, Collect(), id=str(i)) for i, (p, q) in enumerate(zip(ps, params))])
@@ -60,7 +65,8 @@ def test_preempted_requests_continue_with_the_tokens_they_would_have_had_alone(c
     for p, q, tokens in zip(ps, params, got):
         _, (alone,) = answer(roomy, [Request(p, q, Collect())])
         assert tokens == alone and all(len(t) == q.max_tokens for t in tokens)
-    assert small.engine.pool.in_use == (small.prefix_cache.in_use if prefix_cache else 0)  # all given back
+    cached = small.prefix_cache.in_use if small.prefix_cache is not None else 0
+    assert small.engine.pool.in_use == cached  # all given back
 
 
 def test_a_prefix_hit_and_n_choices_share_blocks_without_copying_full_ones(ckpt):

@@ -66,6 +66,14 @@ SHAPES = [(1, 1, 64), (1, 5, 128), (3, 37, 320), (2, 96, 2048), (5, 40, 256), (9
 # or absent tiles (40, 70)
 
 
+def _packed(plain, mode: str, n: int, group):
+    """A quantized weight in the kernels' layout: (bits, packed weight, per-row scales or None for int4)."""
+    if mode == "int8":
+        rscale = plain.scales.float()
+        return 8, qkernels.pack_int8(plain.qweight), torch.cat([rscale, rscale.new_zeros(-n % 4)])
+    return 4, qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group), None
+
+
 @pytest.mark.parametrize("isa", LEVELS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
@@ -76,20 +84,15 @@ def test_kernel_is_within_the_activation_rounding_of_the_exact_product(isa, thre
             continue
         plain = quantize_weight(_weight(n, k, seed), mode, group)
         x = _activations(m, k, seed)
-        if mode == "int8":
-            packed, rscale = qkernels.pack_int8(plain.qweight), plain.scales.float()
-            rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
-            got = qkernels.linear(x.float(), 8, packed, rscale, n, 0, isa, threads)
-        else:
-            packed = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group)
-            got = qkernels.linear(x.float(), 4, packed, None, n, group, isa, threads)
+        bits, packed, rscale = _packed(plain, mode, n, group)
+        got = qkernels.linear(x.float(), bits, packed, rscale, n, group or 0, isa, threads)
         exact, bound = _reference_and_bound(x.float(), plain.dequantize())
         err = (got.double() - exact).abs()
         assert got.shape == (m, n) and bool((err <= bound).all()), \
             (m, n, k, float((err - bound).max()), float(bound.max()))
         assert float(err.max()) > 0 or k == 64  # the activations really are rounded (not an exact path)
-        bf16 = qkernels.linear(x, 8 if mode == "int8" else 4, packed, rscale if mode == "int8" else None, n,
-                               group or 0, isa, threads)  # bfloat16 in and out: the same, rounded once more
+        # bfloat16 in and out: the same, rounded once more
+        bf16 = qkernels.linear(x, bits, packed, rscale, n, group or 0, isa, threads)
         assert bf16.dtype == torch.bfloat16
         assert bool(((bf16.double() - exact).abs() <= bound + exact.abs() * 2 ** -8).all())
 
@@ -100,11 +103,7 @@ def test_dequantize_gives_the_plain_forms_weights(isa, mode, group):
     _runnable(isa)
     n, k = 37, 256
     plain = quantize_weight(_weight(n, k, 3), mode, group)
-    if mode == "int8":
-        packed, rscale, kind = qkernels.pack_int8(plain.qweight), plain.scales.float(), 8
-        rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
-    else:
-        packed, rscale, kind = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group), None, 4
+    kind, packed, rscale = _packed(plain, mode, n, group)
     rows = slice(3, 30)
     got = qkernels.dequantize(kind, packed, rscale, k, group or 0, rows, torch.float32, isa, threads=2)
     assert torch.equal(got, plain.dequantize()[rows])
@@ -123,13 +122,8 @@ def test_avx2_prefill_gemm_matches_the_float64_product(threads, mode, group):
             continue
         plain = quantize_weight(_weight(n, k, seed), mode, group)
         x = _activations(m, k, seed)
-        if mode == "int8":
-            packed, rscale = qkernels.pack_int8(plain.qweight), plain.scales.float()
-            rscale = torch.cat([rscale, rscale.new_zeros(-n % 4)])
-            got = qkernels.gemm_quantized(x, 8, packed, rscale, n, 0, threads)
-        else:
-            packed = qkernels.pack_int4(plain.qweight, plain.scales, plain.zeros, group)
-            got = qkernels.gemm_quantized(x, 4, packed, None, n, group, threads)
+        bits, packed, rscale = _packed(plain, mode, n, group)
+        got = qkernels.gemm_quantized(x, bits, packed, rscale, n, group or 0, threads)
         exact = x.double() @ plain.dequantize().double().t()
         tol = exact.abs() * 2 ** -8 + 1e-5 * (x.double().abs() @ plain.dequantize().double().abs().t()) + 1e-6
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
