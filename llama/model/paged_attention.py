@@ -18,7 +18,7 @@ mode) depends on its own length only; a shorter row's pieces past its end are fu
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,30 +53,33 @@ def attend_token(q: torch.Tensor, pool, where) -> torch.Tensor:
         return F.scaled_dot_product_attention(qa, keys, values, attn_mask=where.mask.unsqueeze(1)).to(q.dtype)
     blocks = where.blocks.shape[1]
     per = -(-blocks // -(-blocks // per))  # as many pieces, of even sizes (no piece of a few positions)
-    spans, indices = _pieces(pool, where, per)
-    additive = torch.where(where.mask[:, 0], 0.0, float("-inf")).to(dtype)[:, None, None]
+    spans, indices, additive, seen = _pieces(pool, where, per, dtype)
     outs = qa.new_empty((len(spans), *q.shape))
     lses = torch.empty((len(spans), *q.shape[:3]), dtype=torch.float32, device=q.device)
     for c, ((start, end), index) in enumerate(zip(spans, indices)):
         keys, values = pool.gather(index, bsz, end - start, reuse=True, dtype=dtype)
         outs[c], lses[c] = _flash(qa, keys, values, additive[..., start:end])
-    # A piece with no visible position (a short row beside a long one) reports a log-sum-exp of 0: weigh it 0.
-    seen = torch.stack([where.mask[:, 0, start:end].any(-1) for start, end in spans]).view(len(spans), bsz, 1, 1)
-    lses.masked_fill_(~seen, float("-inf"))
+    lses.masked_fill_(~seen, float("-inf"))  # a piece a row sees nothing of weighs 0 (see _pieces)
     weights = (lses - lses.amax(0)).exp_()  # position 0 is always visible: the top is finite
     merged = (outs.float() * weights.unsqueeze(-1)).sum(0) / weights.sum(0).unsqueeze(-1)
     return merged.to(q.dtype)
 
 
-def _pieces(pool, where, per: int) -> Tuple[List[Tuple[int, int]], List[torch.Tensor]]:
-    """A step's pieces of `per` blocks: each one's positions (start, end) within the window and its (block, head)
-    index (B x H x blocks, flat) in SDPA's order; the same for every layer, so kept on `where`."""
+def _pieces(pool, where, per: int, dtype: torch.dtype):
+    """A step's pieces of `per` blocks, the same for every layer, so planned once and kept on `where`: each one's
+    positions (start, end) within the window, its (block, head) index (B x H x blocks, flat) in SDPA's order, the
+    additive mask (B, 1, 1, window) of `dtype`, and which rows see any of each piece (pieces, B, 1, 1): a piece with
+    no visible position (a short row beside a long one) reports a log-sum-exp of 0, so it must be weighed out."""
+    key = (pool.k.shape[1], per, dtype)
     cached = getattr(where, "pieces", None)
-    if cached is not None and cached[0] == (pool.k.shape[1], per):
-        return cached[1], cached[2]
+    if cached is not None and cached[0] == key:
+        return cached[1:]
     index = pool.index(where.blocks)  # (B, H, n)
     size, n, window = pool.block_size, where.blocks.shape[1], where.window
     spans = [(a * size, min(window, (a + per) * size)) for a in range(0, n, per)]
     indices = [index[:, :, a:a + per].reshape(-1) for a in range(0, n, per)]
-    where.pieces = ((pool.k.shape[1], per), spans, indices)
-    return spans, indices
+    visible = where.mask[:, 0]
+    additive = torch.where(visible, 0.0, float("-inf")).to(dtype)[:, None, None]
+    seen = torch.stack([visible[:, start:end].any(-1) for start, end in spans]).view(len(spans), -1, 1, 1)
+    where.pieces = (key, spans, indices, additive, seen)
+    return where.pieces[1:]
